@@ -1,0 +1,415 @@
+//! The KVS client: routes keys to shards, batches, and never waits without a deadline.
+//!
+//! A [`Client`] asks the node it is given for its shard layout, builds the same ring, and sends
+//! each key straight to its shard over a DEALER socket per shard. A multi-key call sends one
+//! request per shard at once and waits for all of them. Every wait is bounded by
+//! [`ClientConfig::timeout`]; an unanswered request is retried, on a fresh socket (so a reply
+//! that arrives late can never be mistaken for the next one's), up to
+//! [`ClientConfig::attempts`] times. Retrying is always safe: every write is a lattice merge,
+//! and [`Client::increment`] sends totals, not deltas.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hashbrown::HashMap;
+use squall_lattices::{Counter, LatticeValue, Lww, Timestamp, WriterId};
+use squall_proto::{
+    decode_response, encode_request, Key, KeyError, Request, RequestId, Response, Topology,
+};
+
+use crate::ring::Ring;
+use crate::{zmq_context, zmq_err, Error, Result};
+
+/// How a client waits and retries.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// How long to wait for one attempt's answer (default 2 s).
+    pub timeout: Duration,
+    /// How many times a request is sent before giving up (default 3), so a call fails after at
+    /// most about `attempts × timeout`.
+    pub attempts: u32,
+    /// The writer id stamped on this client's writes (default: random).
+    pub writer: WriterId,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(2),
+            attempts: 3,
+            writer: rand::random(),
+        }
+    }
+}
+
+struct Layout {
+    topology: Topology,
+    ring: Ring,
+    sockets: Vec<Option<zmq::Socket>>,
+}
+
+/// A connection to one storage node. Owns ZeroMQ sockets, so it is `Send` but not `Sync`: give
+/// each thread its own (they are cheap: every client shares the process's ZeroMQ context).
+pub struct Client {
+    seed: String,
+    config: ClientConfig,
+    context: zmq::Context,
+    layout: Option<Layout>,
+    next_id: RequestId,
+    last_time: u64,
+    /// This writer's own contribution to each counter it has incremented.
+    counters: HashMap<Key, Counter>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("seed", &self.seed)
+            .field("writer", &self.config.writer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects to the node at `address` (a ZeroMQ endpoint such as `tcp://127.0.0.1:7100`)
+    /// and fetches its layout.
+    pub fn connect(address: &str, config: ClientConfig) -> Result<Self> {
+        let mut client = Self {
+            seed: address.to_string(),
+            config,
+            context: zmq_context(),
+            layout: None,
+            next_id: rand::random::<u32>() as u64,
+            last_time: 0,
+            counters: HashMap::new(),
+        };
+        client.refresh()?;
+        Ok(client)
+    }
+
+    /// The writer id stamped on this client's writes.
+    pub fn writer(&self) -> WriterId {
+        self.config.writer
+    }
+
+    /// The node's layout, as last fetched.
+    pub fn topology(&self) -> Option<&Topology> {
+        self.layout.as_ref().map(|l| &l.topology)
+    }
+
+    /// Reads a key: `None` if it was never written.
+    pub fn get(&mut self, key: &str) -> Result<Option<LatticeValue>> {
+        let mut values = self.get_many(&[key.to_string()])?;
+        Ok(values.pop().flatten())
+    }
+
+    /// Reads several keys at once (one request per shard, in parallel), in order.
+    pub fn get_many(&mut self, keys: &[Key]) -> Result<Vec<Option<LatticeValue>>> {
+        let results = self.routed(
+            keys.len(),
+            |i| keys[i].as_str(),
+            |indices| Request::Get {
+                keys: indices.iter().map(|&i| keys[i].clone()).collect(),
+            },
+        )?;
+        results
+            .into_iter()
+            .zip(keys)
+            .map(|(result, key)| match result {
+                Slot::Value(value) => Ok(value),
+                Slot::Failed(source) => Err(Error::Key {
+                    key: key.clone(),
+                    error: source,
+                }),
+                Slot::Written => Err(Error::UnexpectedResponse("a PUT answer to a GET".into())),
+            })
+            .collect()
+    }
+
+    /// Merges `value` into `key`. Fails with [`Error::Key`] if the key holds another lattice
+    /// type (the stored value is then unchanged).
+    pub fn put(&mut self, key: &str, value: LatticeValue) -> Result<()> {
+        let key = key.to_string();
+        let mut results = self.put_many(vec![(key.clone(), value)])?;
+        match results.pop() {
+            Some(Ok(())) => Ok(()),
+            Some(Err(error)) => Err(Error::Key { key, error }),
+            None => Err(Error::UnexpectedResponse("no result for the key".into())),
+        }
+    }
+
+    /// Merges several values at once; returns one result per entry, in order.
+    pub fn put_many(
+        &mut self,
+        entries: Vec<(Key, LatticeValue)>,
+    ) -> Result<Vec<Result<(), KeyError>>> {
+        let results = self.routed(
+            entries.len(),
+            |i| entries[i].0.as_str(),
+            |indices| Request::Put {
+                entries: indices.iter().map(|&i| entries[i].clone()).collect(),
+            },
+        )?;
+        Ok(results
+            .into_iter()
+            .map(|slot| match slot {
+                Slot::Written => Ok(()),
+                Slot::Failed(e) => Err(e),
+                Slot::Value(_) => Err(KeyError::NotDurable {
+                    reason: "a GET answer to a PUT".into(),
+                }),
+            })
+            .collect())
+    }
+
+    /// Writes `value` as a last-writer-wins register stamped with this client's clock, which
+    /// never goes backwards even if the system clock does.
+    pub fn put_lww(&mut self, key: &str, value: impl Into<Bytes>) -> Result<()> {
+        let now = Timestamp::now(self.config.writer);
+        let time = now.time.max(self.last_time + 1);
+        self.last_time = time;
+        let value = LatticeValue::Lww(Lww::new(
+            Timestamp::new(time, self.config.writer),
+            value.into(),
+        ));
+        self.put(key, value)
+    }
+
+    /// Adds `delta` to a counter. Sends this writer's running totals for the key, so a retry
+    /// or a duplicate delivery counts once.
+    pub fn increment(&mut self, key: &str, delta: i64) -> Result<()> {
+        let writer = self.config.writer;
+        let contribution = self.counters.entry(key.to_string()).or_default();
+        contribution.add(writer, delta);
+        let value = LatticeValue::Counter(contribution.clone());
+        self.put(key, value)
+    }
+
+    /// Fetches the node's layout again (after it restarted with another shard count, say).
+    pub fn refresh(&mut self) -> Result<()> {
+        let endpoints = [self.seed.clone()];
+        let mut sockets = [None];
+        let mut responses = round_trip(
+            &self.context,
+            &self.config,
+            &mut self.next_id,
+            &endpoints,
+            &mut sockets,
+            &[(0, Request::Topology)],
+        )?;
+        let topology = match responses.pop() {
+            Some(Response::Topology(topology)) => topology,
+            Some(Response::Error(e)) => return Err(Error::Request(e)),
+            other => {
+                return Err(Error::UnexpectedResponse(format!(
+                    "expected the topology, got {other:?}"
+                )))
+            }
+        };
+        if topology.shards.is_empty() {
+            return Err(Error::UnexpectedResponse("the node has no shards".into()));
+        }
+        let ring = Ring::new(topology.shards.len(), topology.virtual_nodes);
+        let sockets = topology.shards.iter().map(|_| None).collect();
+        self.layout = Some(Layout {
+            topology,
+            ring,
+            sockets,
+        });
+        Ok(())
+    }
+
+    /// Splits `count` keys by shard, sends one request per shard (built by `build` from the
+    /// keys' indices) all at once, and returns one slot per key, in order. Refreshes the
+    /// layout and retries once if a shard says a key is not its own.
+    fn routed<'k>(
+        &mut self,
+        count: usize,
+        key_of: impl Fn(usize) -> &'k str,
+        build: impl Fn(&[usize]) -> Request,
+    ) -> Result<Vec<Slot>> {
+        for round in 0..2 {
+            if self.layout.is_none() {
+                self.refresh()?;
+            }
+            let Some(layout) = self.layout.as_mut() else {
+                return Err(Error::UnexpectedResponse("no layout".into()));
+            };
+            let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); layout.ring.shards()];
+            for i in 0..count {
+                by_shard[layout.ring.owner(key_of(i)) as usize].push(i);
+            }
+            let requests: Vec<(usize, Request)> = by_shard
+                .iter()
+                .enumerate()
+                .filter(|(_, indices)| !indices.is_empty())
+                .map(|(shard, indices)| (shard, build(indices)))
+                .collect();
+            let responses = round_trip(
+                &self.context,
+                &self.config,
+                &mut self.next_id,
+                &layout.topology.shards,
+                &mut layout.sockets,
+                &requests,
+            )?;
+            let mut slots: Vec<Option<Slot>> = (0..count).map(|_| None).collect();
+            let mut stale = false;
+            for ((shard, _), response) in requests.iter().zip(responses) {
+                let indices = &by_shard[*shard];
+                let results: Vec<Slot> = match response {
+                    Response::Get(values) => values
+                        .into_iter()
+                        .map(|v| v.map_or_else(Slot::Failed, Slot::Value))
+                        .collect(),
+                    Response::Put(results) => results
+                        .into_iter()
+                        .map(|r| r.map_or_else(Slot::Failed, |()| Slot::Written))
+                        .collect(),
+                    Response::Error(e) => return Err(Error::Request(e)),
+                    Response::Topology(_) => {
+                        return Err(Error::UnexpectedResponse("a topology answer".into()))
+                    }
+                };
+                if results.len() != indices.len() {
+                    return Err(Error::UnexpectedResponse(format!(
+                        "{} results for {} keys",
+                        results.len(),
+                        indices.len()
+                    )));
+                }
+                for (&i, slot) in indices.iter().zip(results) {
+                    stale |= matches!(slot, Slot::Failed(KeyError::WrongShard { .. }));
+                    slots[i] = Some(slot);
+                }
+            }
+            if stale && round == 0 {
+                tracing::debug!("layout is stale; refreshing");
+                self.refresh()?;
+                continue;
+            }
+            return slots
+                .into_iter()
+                .map(|s| s.ok_or_else(|| Error::UnexpectedResponse("a key got no answer".into())))
+                .collect();
+        }
+        Err(Error::UnexpectedResponse(
+            "the layout keeps changing".into(),
+        ))
+    }
+}
+
+fn open_socket(context: &zmq::Context, endpoint: &str) -> Result<zmq::Socket> {
+    let socket = context.socket(zmq::DEALER).map_err(zmq_err("socket"))?;
+    socket.set_linger(0).map_err(zmq_err("set linger"))?;
+    socket.connect(endpoint).map_err(zmq_err("connect"))?;
+    Ok(socket)
+}
+
+/// Sends `requests` (each to the socket of its target index, opened on demand) all at once and
+/// waits for every answer. Unanswered requests are resent on fresh sockets, up to
+/// `config.attempts` times, each attempt bounded by `config.timeout`.
+fn round_trip(
+    context: &zmq::Context,
+    config: &ClientConfig,
+    next_id: &mut RequestId,
+    endpoints: &[String],
+    sockets: &mut [Option<zmq::Socket>],
+    requests: &[(usize, Request)],
+) -> Result<Vec<Response>> {
+    let started = Instant::now();
+    let mut responses: Vec<Option<Response>> = requests.iter().map(|_| None).collect();
+    let mut ids: Vec<RequestId> = vec![0; requests.len()];
+    let attempts = config.attempts.max(1);
+    for attempt in 1..=attempts {
+        for (slot, (target, request)) in requests.iter().enumerate() {
+            if responses[slot].is_some() {
+                continue;
+            }
+            if attempt > 1 {
+                // Lazy pirate: a fresh socket, so a late answer to the lost attempt cannot
+                // arrive, and nothing queued for a dead peer is resent.
+                sockets[*target] = None;
+            }
+            if sockets[*target].is_none() {
+                sockets[*target] = Some(open_socket(context, &endpoints[*target])?);
+            }
+            *next_id = next_id.wrapping_add(1);
+            ids[slot] = *next_id;
+            let frame = encode_request(*next_id, request)?;
+            if let Some(socket) = &sockets[*target] {
+                match socket.send(frame, zmq::DONTWAIT) {
+                    Ok(()) | Err(zmq::Error::EAGAIN) => {}
+                    Err(e) => {
+                        return Err(Error::Zmq {
+                            op: "send",
+                            cause: e,
+                        })
+                    }
+                }
+            }
+        }
+        let deadline = Instant::now() + config.timeout;
+        loop {
+            let waiting: Vec<usize> = (0..requests.len())
+                .filter(|&slot| responses[slot].is_none())
+                .collect();
+            if waiting.is_empty() {
+                return Ok(responses.into_iter().flatten().collect());
+            }
+            let Some(remaining) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            let mut targets: Vec<usize> = waiting.iter().map(|&slot| requests[slot].0).collect();
+            targets.dedup();
+            let mut items: Vec<zmq::PollItem> = targets
+                .iter()
+                .filter_map(|&t| sockets[t].as_ref().map(|s| s.as_poll_item(zmq::POLLIN)))
+                .collect();
+            let ready = zmq::poll(&mut items, remaining.as_millis().max(1) as i64)
+                .map_err(zmq_err("poll"))?;
+            if ready == 0 {
+                continue;
+            }
+            let readable: Vec<usize> = targets
+                .iter()
+                .zip(&items)
+                .filter(|(_, item)| item.is_readable())
+                .map(|(&t, _)| t)
+                .collect();
+            drop(items);
+            for target in readable {
+                let Some(socket) = &sockets[target] else {
+                    continue;
+                };
+                while let Ok(reply) = socket.recv_bytes(zmq::DONTWAIT) {
+                    let (id, response) = decode_response(&reply)?;
+                    if let Some(slot) = (0..requests.len()).find(|&s| {
+                        ids[s] == id && requests[s].0 == target && responses[s].is_none()
+                    }) {
+                        responses[slot] = Some(response);
+                    }
+                }
+            }
+        }
+        tracing::debug!(attempt, "requests timed out");
+    }
+    let endpoint = requests
+        .iter()
+        .zip(&responses)
+        .find(|(_, r)| r.is_none())
+        .map(|((t, _), _)| endpoints[*t].clone())
+        .unwrap_or_default();
+    Err(Error::Timeout {
+        endpoint,
+        attempts,
+        waited: started.elapsed(),
+    })
+}
+
+/// One key's outcome.
+enum Slot {
+    Value(Option<LatticeValue>),
+    Written,
+    Failed(KeyError),
+}

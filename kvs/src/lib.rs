@@ -1,0 +1,119 @@
+//! Squall's key-value store, in the manner of Anna.
+//!
+//! A storage node runs one **shard per thread**. Each shard owns the keys that the node's
+//! consistent-hash ring assigns to it, in a map no other thread touches, behind its own ZeroMQ
+//! socket: there is no lock shared between shards and no hop between threads on the request
+//! path. Clients fetch the node's layout once and route every key straight to its shard.
+//!
+//! Every value is a lattice ([`squall_lattices::LatticeValue`]) and every PUT is merged into the
+//! stored value, so retries, duplicates and reordering are harmless. A PUT of another lattice
+//! type than the stored one is refused with a typed error and changes nothing.
+//!
+//! With a data directory, each shard keeps a write-ahead log (group commit: one write and, by
+//! default, one `fdatasync` per batch of requests, before any reply of the batch is sent) and
+//! compacts it into snapshots. Because records are lattice merges, recovery is simply "merge
+//! every record found", in any order, any number of times; a torn tail is cut at the first bad
+//! checksum. The log is written here rather than taken from a storage crate for that reason:
+//! an embedded B-tree or LSM (redb, fjall, rocksdb) would add a read-modify-write or a
+//! merge-operator layer to every put and its own page or compaction machinery, while the memory
+//! tier already serves every read.
+//!
+//! # Layout
+//! - [`config`]: [`Config`], the node's settings, and [`FsyncPolicy`].
+//! - [`ring`]: the consistent-hash ring that maps keys to shards.
+//! - [`log`]: the per-shard write-ahead log, snapshots and recovery.
+//! - [`shard`]: a shard's request loop.
+//! - [`node`]: starting and stopping a node ([`Node`]).
+//! - [`client`]: [`Client`], with deadlines, retries and shard routing.
+//!
+//! # Dependencies
+//! `zmq` (0.9, linking the system libzmq: a 2.5 s build instead of 70 s of compiling libzmq)
+//! for transport; `rmp-serde` through `squall-proto` for messages; `hashbrown` for the shard
+//! maps; `xxhash-rust` (xxh3) for ring hashing, because the ring must hash identically in every
+//! process and release, which std's randomly keyed hasher does not; `crc32fast` for log record
+//! checksums.
+
+pub mod client;
+pub mod config;
+pub mod log;
+pub mod node;
+pub mod ring;
+pub mod shard;
+
+pub use client::{Client, ClientConfig};
+pub use config::{Config, FsyncPolicy};
+pub use node::Node;
+pub use squall_proto::{Key, KeyError, RequestError};
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What can go wrong in the store and its client.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A ZeroMQ call failed.
+    #[error("zeromq {op} failed: {cause}")]
+    Zmq {
+        /// What was being done.
+        op: &'static str,
+        /// ZeroMQ's error.
+        cause: zmq::Error,
+    },
+    /// No answer arrived within the deadline, after every retry.
+    #[error("no answer from {endpoint} after {attempts} attempts in {waited:?}")]
+    Timeout {
+        /// The shard endpoint asked.
+        endpoint: String,
+        /// How many times the request was sent.
+        attempts: u32,
+        /// How long the client waited in all.
+        waited: Duration,
+    },
+    /// The node rejected the whole request.
+    #[error("request rejected: {0}")]
+    Request(#[from] RequestError),
+    /// One key of a request failed.
+    #[error("key {key:?}: {error}")]
+    Key {
+        /// The key.
+        key: Key,
+        /// Why.
+        error: KeyError,
+    },
+    /// A message could not be encoded or decoded.
+    #[error(transparent)]
+    Protocol(#[from] squall_proto::Error),
+    /// The node answered with something that does not fit the request.
+    #[error("unexpected response: {0}")]
+    UnexpectedResponse(String),
+    /// A file of the data directory could not be read or written.
+    #[error("{path}: {cause}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating system's error.
+        cause: std::io::Error,
+    },
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// The result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) fn zmq_err(op: &'static str) -> impl FnOnce(zmq::Error) -> Error {
+    move |cause| Error::Zmq { op, cause }
+}
+
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.into();
+    move |cause| Error::Io { path, cause }
+}
+
+/// The ZeroMQ context shared by every client and node of this process (one I/O thread for all
+/// their sockets, created on first use).
+pub fn zmq_context() -> zmq::Context {
+    static CONTEXT: std::sync::OnceLock<zmq::Context> = std::sync::OnceLock::new();
+    CONTEXT.get_or_init(zmq::Context::new).clone()
+}

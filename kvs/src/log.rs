@@ -1,0 +1,487 @@
+//! A shard's write-ahead log, its snapshots, and recovery.
+//!
+//! Files in a shard's directory:
+//! - `wal-<seq>.log`: log segments. A segment is only ever appended to by the process that
+//!   created it; every start opens a new one, so a torn tail left by a crash is never written
+//!   after.
+//! - `snapshot-<seq>.snap`: the shard's whole state as of the end of segment `<seq>`, written
+//!   to a temporary file, synced, then renamed into place.
+//!
+//! Both hold the same records: `[len: u32 LE][crc32: u32 LE][MessagePack (key, value)]`.
+//!
+//! Recovery merges every record of every file it finds. Records are lattice merges, so order
+//! and duplicates do not matter: a crash at any point of a compaction (old segments not yet
+//! deleted, a snapshot already written) recovers the same state. Reading a file stops at the
+//! first record whose length or checksum is wrong (a torn write), and says how much it skipped.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use hashbrown::HashMap;
+use squall_lattices::{Lattice, LatticeValue};
+use squall_proto::Key;
+
+use crate::{io_err, Error, FsyncPolicy, Result};
+
+const RECORD_HEADER: usize = 8;
+/// Upper bound on one record, far above any accepted request, to reject corrupt lengths.
+const MAX_RECORD: usize = 1 << 30;
+
+/// A shard's open log. Owned by its shard thread; not shared.
+#[derive(Debug)]
+pub struct ShardLog {
+    dir: PathBuf,
+    file: File,
+    seq: u64,
+    /// Records appended since the last successful commit.
+    pending: Vec<u8>,
+    /// Bytes of the current segment known to be written.
+    written: u64,
+    /// Bytes in segments since the last snapshot.
+    log_bytes: u64,
+    snapshot_bytes: u64,
+    compact_after: u64,
+    fsync: FsyncPolicy,
+    last_sync: Instant,
+    unsynced: bool,
+}
+
+/// What [`recover`] found in a shard directory.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Every key's merged value.
+    pub entries: HashMap<Key, LatticeValue>,
+    /// Records read.
+    pub records: u64,
+    /// Bytes skipped after torn or corrupt records.
+    pub skipped_bytes: u64,
+    /// The files that were read.
+    pub files: Vec<PathBuf>,
+    /// The highest segment or snapshot sequence number seen.
+    pub max_seq: u64,
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("wal-{seq:016x}.log"))
+}
+
+fn snapshot_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("snapshot-{seq:016x}.snap"))
+}
+
+enum FileKind {
+    Segment,
+    Snapshot,
+    Temporary,
+}
+
+fn parse_name(name: &str) -> Option<(FileKind, u64)> {
+    let (kind, hex) = if let Some(rest) = name.strip_prefix("wal-") {
+        (FileKind::Segment, rest.strip_suffix(".log")?)
+    } else if let Some(rest) = name.strip_prefix("snapshot-") {
+        match rest.strip_suffix(".snap") {
+            Some(hex) => (FileKind::Snapshot, hex),
+            None => (FileKind::Temporary, rest.strip_suffix(".tmp")?),
+        }
+    } else {
+        return None;
+    };
+    u64::from_str_radix(hex, 16).ok().map(|seq| (kind, seq))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Appends one record for `(key, value)` to `buffer`.
+fn encode_record(buffer: &mut Vec<u8>, key: &str, value: &LatticeValue) -> Result<()> {
+    let start = buffer.len();
+    buffer.extend_from_slice(&[0u8; RECORD_HEADER]);
+    if let Err(e) = rmp_serde::encode::write(buffer, &(key, value)) {
+        buffer.truncate(start);
+        return Err(squall_proto::Error::Encode(e.to_string()).into());
+    }
+    let payload = &buffer[start + RECORD_HEADER..];
+    let len = u32::try_from(payload.len())
+        .map_err(|_| Error::Config(format!("record of {} bytes is too large", payload.len())))?;
+    let crc = crc32fast::hash(payload);
+    buffer[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    buffer[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+/// Calls `each` for every intact record of `bytes`; returns the length of the intact prefix.
+fn decode_records(bytes: &[u8], mut each: impl FnMut(Key, LatticeValue)) -> usize {
+    let mut offset = 0;
+    while bytes.len() - offset >= RECORD_HEADER {
+        let header = &bytes[offset..offset + RECORD_HEADER];
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let start = offset + RECORD_HEADER;
+        if len > MAX_RECORD || bytes.len() - start < len {
+            break;
+        }
+        let payload = &bytes[start..start + len];
+        if crc32fast::hash(payload) != crc {
+            break;
+        }
+        match rmp_serde::from_slice::<(Key, LatticeValue)>(payload) {
+            Ok((key, value)) => each(key, value),
+            Err(_) => break,
+        }
+        offset = start + len;
+    }
+    offset
+}
+
+/// Reads every log segment and snapshot in `dir` and merges their records. Segments already
+/// covered by a newer snapshot are skipped (and deleted, with leftover temporary files).
+pub fn recover(dir: &Path) -> Result<Recovered> {
+    let mut recovered = Recovered::default();
+    if !dir.exists() {
+        return Ok(recovered);
+    }
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        if let Some((kind, seq)) = name.to_str().and_then(parse_name) {
+            files.push((kind, seq, entry.path()));
+        }
+    }
+    let newest_snapshot = files
+        .iter()
+        .filter(|(kind, _, _)| matches!(kind, FileKind::Snapshot))
+        .map(|(_, seq, _)| *seq)
+        .max();
+    for (kind, seq, path) in files {
+        let obsolete = match kind {
+            FileKind::Temporary => true,
+            FileKind::Snapshot => Some(seq) < newest_snapshot,
+            FileKind::Segment => newest_snapshot.is_some_and(|s| seq <= s),
+        };
+        if obsolete {
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            continue;
+        }
+        recovered.max_seq = recovered.max_seq.max(seq);
+        let mut bytes = Vec::new();
+        File::open(&path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(io_err(&path))?;
+        let entries = &mut recovered.entries;
+        let mut records = 0;
+        let intact = decode_records(&bytes, |key, value| {
+            records += 1;
+            match entries.entry(key) {
+                hashbrown::hash_map::Entry::Occupied(mut slot) => {
+                    slot.get_mut().merge(value);
+                }
+                hashbrown::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(value);
+                }
+            }
+        });
+        recovered.records += records;
+        let skipped = (bytes.len() - intact) as u64;
+        if skipped > 0 {
+            tracing::warn!(
+                file = %path.display(),
+                skipped_bytes = skipped,
+                "log file ends in a torn or corrupt record; recovered the intact prefix"
+            );
+        }
+        recovered.skipped_bytes += skipped;
+        recovered.files.push(path);
+    }
+    Ok(recovered)
+}
+
+impl ShardLog {
+    /// Opens a new segment in `dir` numbered after `after_seq` (the highest sequence number
+    /// recovered there), creating the directory if needed.
+    pub fn open(
+        dir: &Path,
+        after_seq: u64,
+        fsync: FsyncPolicy,
+        compact_after: u64,
+    ) -> Result<Self> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let seq = after_seq + 1;
+        let file = Self::create_segment(dir, seq)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            file,
+            seq,
+            pending: Vec::with_capacity(64 << 10),
+            written: 0,
+            log_bytes: 0,
+            snapshot_bytes: 0,
+            compact_after,
+            fsync,
+            last_sync: Instant::now(),
+            unsynced: false,
+        })
+    }
+
+    fn create_segment(dir: &Path, seq: u64) -> Result<File> {
+        let path = segment_path(dir, seq);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        sync_dir(dir)?;
+        Ok(file)
+    }
+
+    /// A position in the pending records, for [`ShardLog::rewind`].
+    pub fn mark(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Drops the records appended since `mark`.
+    pub fn rewind(&mut self, mark: usize) {
+        self.pending.truncate(mark);
+    }
+
+    /// Appends a record; it becomes durable at the next successful [`ShardLog::commit`].
+    pub fn append(&mut self, key: &str, value: &LatticeValue) -> Result<()> {
+        encode_record(&mut self.pending, key, value)
+    }
+
+    /// Whether records are waiting for a commit.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Writes the pending records and, under [`FsyncPolicy::Always`], syncs them. On failure the
+    /// segment is cut back to its last good length and the records stay pending, so a later
+    /// commit retries them and nothing is acknowledged that is not in the log.
+    pub fn commit(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let path = segment_path(&self.dir, self.seq);
+        let result = self.file.write_all(&self.pending).and_then(|()| {
+            if self.fsync == FsyncPolicy::Always {
+                self.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        match result {
+            Ok(()) => {
+                self.written += self.pending.len() as u64;
+                self.log_bytes += self.pending.len() as u64;
+                self.pending.clear();
+                self.unsynced = self.fsync != FsyncPolicy::Always;
+                Ok(())
+            }
+            Err(source) => {
+                // A partial write would leave garbage that recovery stops at, hiding every
+                // later record: cut it off before anything else is appended.
+                let _ = self.file.set_len(self.written);
+                Err(Error::Io {
+                    path,
+                    cause: source,
+                })
+            }
+        }
+    }
+
+    /// Syncs the log if the [`FsyncPolicy::Interval`] has elapsed since the last sync.
+    pub fn tick(&mut self) -> Result<()> {
+        if let FsyncPolicy::Interval(every) = self.fsync {
+            if self.unsynced && self.last_sync.elapsed() >= every {
+                self.file
+                    .sync_data()
+                    .map_err(io_err(segment_path(&self.dir, self.seq)))?;
+                self.unsynced = false;
+                self.last_sync = Instant::now();
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the log has outgrown both the compaction threshold and the last snapshot.
+    pub fn needs_compaction(&self) -> bool {
+        self.log_bytes > self.compact_after && self.log_bytes > self.snapshot_bytes
+    }
+
+    /// Writes a snapshot of `entries` (the shard's whole state, which includes every committed
+    /// record) and starts a new segment. Returns the files the snapshot makes obsolete; delete
+    /// them with [`remove_files`] once it is safe (at once, unless several shards are being
+    /// rewritten together).
+    pub fn snapshot<'a>(
+        &mut self,
+        entries: impl Iterator<Item = (&'a Key, &'a LatticeValue)>,
+    ) -> Result<Vec<PathBuf>> {
+        self.commit()?;
+        let covered = self.seq;
+        // New writes go to a fresh segment; the snapshot covers everything up to `covered`.
+        self.file = Self::create_segment(&self.dir, covered + 1)?;
+        self.seq = covered + 1;
+        self.written = 0;
+        self.log_bytes = 0;
+
+        let final_path = snapshot_path(&self.dir, covered);
+        let temp_path = final_path.with_extension("tmp");
+        let mut buffer = Vec::with_capacity(1 << 20);
+        let mut file = File::create(&temp_path).map_err(io_err(&temp_path))?;
+        let mut total = 0u64;
+        for (key, value) in entries {
+            encode_record(&mut buffer, key, value)?;
+            if buffer.len() >= 1 << 20 {
+                file.write_all(&buffer).map_err(io_err(&temp_path))?;
+                total += buffer.len() as u64;
+                buffer.clear();
+            }
+        }
+        file.write_all(&buffer).map_err(io_err(&temp_path))?;
+        total += buffer.len() as u64;
+        file.sync_all().map_err(io_err(&temp_path))?;
+        fs::rename(&temp_path, &final_path).map_err(io_err(&final_path))?;
+        sync_dir(&self.dir)?;
+        self.snapshot_bytes = total;
+
+        let mut obsolete = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
+            let entry = entry.map_err(io_err(&self.dir))?;
+            let stale = match entry.file_name().to_str().and_then(parse_name) {
+                Some((FileKind::Segment, seq)) => seq <= covered,
+                Some((FileKind::Snapshot, seq)) => seq < covered,
+                Some((FileKind::Temporary, _)) | None => false,
+            };
+            if stale {
+                obsolete.push(entry.path());
+            }
+        }
+        Ok(obsolete)
+    }
+
+    /// The shard directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Deletes files made obsolete by a snapshot.
+pub fn remove_files(files: &[PathBuf]) -> Result<()> {
+    for path in files {
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::Io {
+                    path: path.clone(),
+                    cause: e,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use squall_lattices::{Counter, Lww, Timestamp};
+
+    use super::*;
+
+    fn lww(time: u64, value: &'static [u8]) -> LatticeValue {
+        LatticeValue::Lww(Lww::new(Timestamp::new(time, 1), Bytes::from_static(value)))
+    }
+
+    #[test]
+    fn committed_records_are_recovered_and_merged() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = ShardLog::open(dir.path(), 0, FsyncPolicy::Always, 1 << 20).unwrap();
+        log.append("a", &lww(1, b"one")).unwrap();
+        log.append("a", &lww(2, b"two")).unwrap();
+        log.append("c", &LatticeValue::Counter(Counter::of(9, 5)))
+            .unwrap();
+        log.commit().unwrap();
+        drop(log);
+        let recovered = recover(dir.path()).unwrap();
+        assert_eq!(recovered.records, 3);
+        assert_eq!(recovered.entries["a"], lww(2, b"two"));
+        assert_eq!(recovered.entries.len(), 2);
+    }
+
+    #[test]
+    fn rewound_and_uncommitted_records_are_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = ShardLog::open(dir.path(), 0, FsyncPolicy::Never, 1 << 20).unwrap();
+        let mark = log.mark();
+        log.append("gone", &lww(1, b"x")).unwrap();
+        log.rewind(mark);
+        log.commit().unwrap();
+        log.append("never-committed", &lww(1, b"x")).unwrap();
+        drop(log);
+        assert!(recover(dir.path()).unwrap().entries.is_empty());
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_at_the_last_intact_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = ShardLog::open(dir.path(), 0, FsyncPolicy::Always, 1 << 20).unwrap();
+        log.append("a", &lww(1, b"one")).unwrap();
+        log.commit().unwrap();
+        log.append("b", &lww(1, b"two")).unwrap();
+        log.commit().unwrap();
+        drop(log);
+        let path = segment_path(dir.path(), 1);
+        let len = fs::metadata(&path).unwrap().len();
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(len - 3).unwrap();
+        let recovered = recover(dir.path()).unwrap();
+        assert_eq!(recovered.entries.len(), 1);
+        assert!(recovered.entries.contains_key("a"));
+        assert!(recovered.skipped_bytes > 0);
+    }
+
+    #[test]
+    fn a_flipped_bit_is_caught_by_the_checksum() {
+        let mut buffer = Vec::new();
+        encode_record(&mut buffer, "k", &lww(1, b"value")).unwrap();
+        let last = buffer.len() - 1;
+        buffer[last] ^= 0x40;
+        assert_eq!(
+            decode_records(&buffer, |_, _| panic!("corrupt record decoded")),
+            0
+        );
+    }
+
+    #[test]
+    fn snapshot_replaces_old_segments_and_recovery_sees_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = ShardLog::open(dir.path(), 0, FsyncPolicy::Always, 0).unwrap();
+        let mut state = HashMap::new();
+        for i in 0..100u64 {
+            let key = format!("k{}", i % 10);
+            let value = lww(i, b"v");
+            log.append(&key, &value).unwrap();
+            state.insert(key, value);
+        }
+        log.commit().unwrap();
+        assert!(log.needs_compaction());
+        let obsolete = log.snapshot(state.iter()).unwrap();
+        assert_eq!(obsolete, vec![segment_path(dir.path(), 1)]);
+        // A crash before the obsolete segment is deleted recovers the same state.
+        assert_eq!(recover(dir.path()).unwrap().entries, state);
+        remove_files(&obsolete).unwrap();
+        log.append("after", &lww(500, b"new")).unwrap();
+        log.commit().unwrap();
+        drop(log);
+        let recovered = recover(dir.path()).unwrap();
+        assert_eq!(recovered.entries.len(), 11);
+        assert_eq!(recovered.entries["k3"], state["k3"]);
+        assert_eq!(recovered.max_seq, 2);
+    }
+}

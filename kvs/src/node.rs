@@ -1,0 +1,242 @@
+//! Starting and stopping a storage node.
+//!
+//! [`Node::start`] binds one ROUTER socket per shard, recovers the data directory, and spawns
+//! the shard threads. Recovery reads every shard directory and re-homes keys by the current
+//! ring, so a node restarted with another shard count keeps all its data: each shard then
+//! writes a fresh snapshot, and only once all of them are durable are the old files removed.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use hashbrown::HashMap;
+use squall_lattices::{Lattice, LatticeValue};
+use squall_proto::{Key, Topology};
+
+use crate::log::{recover, remove_files, ShardLog};
+use crate::ring::Ring;
+use crate::shard::Shard;
+use crate::{io_err, zmq_err, Config, Error, Result};
+
+/// A running storage node: its shard threads and their sockets. One per process in
+/// production, several in tests. Dropping it stops the shards and waits for them.
+#[derive(Debug)]
+pub struct Node {
+    topology: Arc<Topology>,
+    shutdown: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    keys: usize,
+}
+
+fn shard_dir(data_dir: &Path, index: usize) -> PathBuf {
+    data_dir.join(format!("shard-{index}"))
+}
+
+/// Shard directories present in `data_dir`, by index.
+fn existing_shard_dirs(data_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut dirs = Vec::new();
+    if !data_dir.exists() {
+        return Ok(dirs);
+    }
+    for entry in std::fs::read_dir(data_dir).map_err(io_err(data_dir))? {
+        let entry = entry.map_err(io_err(data_dir))?;
+        let index = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("shard-"))
+            .and_then(|n| n.parse::<usize>().ok());
+        if let Some(index) = index {
+            dirs.push((index, entry.path()));
+        }
+    }
+    Ok(dirs)
+}
+
+impl Node {
+    /// Binds, recovers and starts a node. Returns once every shard is accepting requests.
+    pub fn start(config: Config) -> Result<Node> {
+        config.validate()?;
+        let config = Arc::new(config);
+        let context = zmq::Context::new();
+        let mut sockets = Vec::with_capacity(config.shards);
+        let mut endpoints = Vec::with_capacity(config.shards);
+        for index in 0..config.shards {
+            let socket = context.socket(zmq::ROUTER).map_err(zmq_err("socket"))?;
+            socket.set_linger(0).map_err(zmq_err("set linger"))?;
+            let hard_limit =
+                i64::try_from(config.max_request_bytes.saturating_mul(4)).unwrap_or(i64::MAX);
+            socket
+                .set_maxmsgsize(hard_limit)
+                .map_err(zmq_err("set maxmsgsize"))?;
+            let endpoint = if config.port == 0 {
+                format!("tcp://{}:*", config.host)
+            } else {
+                format!("tcp://{}:{}", config.host, usize::from(config.port) + index)
+            };
+            socket.bind(&endpoint).map_err(zmq_err("bind"))?;
+            let bound = socket
+                .get_last_endpoint()
+                .map_err(zmq_err("get endpoint"))?
+                .map_err(|_| Error::Config("bound endpoint is not UTF-8".into()))?;
+            sockets.push(socket);
+            endpoints.push(bound);
+        }
+        let ring = Arc::new(Ring::new(config.shards, config.virtual_nodes));
+        let topology = Arc::new(Topology {
+            incarnation: rand::random(),
+            shards: endpoints,
+            virtual_nodes: config.virtual_nodes,
+        });
+
+        let (stores, logs) = match &config.data_dir {
+            Some(dir) => Self::recover(dir, &config, &ring)?,
+            None => (
+                (0..config.shards).map(|_| HashMap::new()).collect(),
+                (0..config.shards).map(|_| None).collect(),
+            ),
+        };
+        let keys = stores.iter().map(HashMap::len).sum();
+
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::with_capacity(config.shards);
+        for (index, ((socket, store), log)) in sockets.into_iter().zip(stores).zip(logs).enumerate()
+        {
+            let shard = Shard {
+                index: index as u32,
+                socket,
+                store,
+                log,
+                ring: ring.clone(),
+                topology: topology.clone(),
+                config: config.clone(),
+                shutdown: shutdown.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("squall-shard-{index}"))
+                .spawn(move || shard.run())
+                .map_err(io_err("spawning a shard thread"))?;
+            threads.push(thread);
+        }
+        tracing::info!(
+            shards = config.shards,
+            keys,
+            address = %topology.shards[0],
+            data_dir = ?config.data_dir,
+            fsync = ?config.fsync,
+            "storage node started"
+        );
+        Ok(Node {
+            topology,
+            shutdown,
+            threads,
+            keys,
+        })
+    }
+
+    /// Loads every shard directory, assigns keys to shards by `ring`, and opens a log per
+    /// shard. Rewrites the directories if keys are not where the ring puts them.
+    #[allow(clippy::type_complexity)]
+    fn recover(
+        data_dir: &Path,
+        config: &Config,
+        ring: &Ring,
+    ) -> Result<(Vec<HashMap<Key, LatticeValue>>, Vec<Option<ShardLog>>)> {
+        std::fs::create_dir_all(data_dir).map_err(io_err(data_dir))?;
+        let mut stores: Vec<HashMap<Key, LatticeValue>> =
+            (0..config.shards).map(|_| HashMap::new()).collect();
+        let mut max_seq = vec![0u64; config.shards];
+        let mut misplaced = false;
+        let mut stale_dirs = Vec::new();
+        let (mut records, mut skipped) = (0u64, 0u64);
+        for (index, dir) in existing_shard_dirs(data_dir)? {
+            let recovered = recover(&dir)?;
+            records += recovered.records;
+            skipped += recovered.skipped_bytes;
+            if index < config.shards {
+                max_seq[index] = recovered.max_seq;
+            } else {
+                stale_dirs.push(dir);
+                misplaced |= !recovered.files.is_empty();
+            }
+            for (key, value) in recovered.entries {
+                let owner = ring.owner(&key) as usize;
+                misplaced |= owner != index;
+                match stores[owner].entry(key) {
+                    hashbrown::hash_map::Entry::Occupied(mut slot) => {
+                        slot.get_mut().merge(value);
+                    }
+                    hashbrown::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(value);
+                    }
+                }
+            }
+        }
+        let mut logs = Vec::with_capacity(config.shards);
+        for (index, seq) in max_seq.iter().enumerate() {
+            logs.push(ShardLog::open(
+                &shard_dir(data_dir, index),
+                *seq,
+                config.fsync,
+                config.compact_after_bytes,
+            )?);
+        }
+        if misplaced {
+            tracing::info!("shard layout changed since the last run; rewriting shard directories");
+            let mut obsolete = Vec::new();
+            for (log, store) in logs.iter_mut().zip(&stores) {
+                obsolete.extend(log.snapshot(store.iter())?);
+            }
+            remove_files(&obsolete)?;
+            for dir in stale_dirs {
+                std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+            }
+        }
+        tracing::info!(
+            records,
+            skipped_bytes = skipped,
+            "recovered the data directory"
+        );
+        Ok((stores, logs.into_iter().map(Some).collect()))
+    }
+
+    /// The address clients connect to (shard 0's endpoint; it answers topology requests).
+    pub fn address(&self) -> &str {
+        &self.topology.shards[0]
+    }
+
+    /// The node's shard layout.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// How many keys the node held when it started (recovered from its data directory).
+    pub fn recovered_keys(&self) -> usize {
+        self.keys
+    }
+
+    /// Whether every shard thread is still running.
+    pub fn is_running(&self) -> bool {
+        self.threads.iter().all(|t| !t.is_finished())
+    }
+
+    /// Stops the shards after their current batch and waits for them.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shutdown.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                tracing::error!("a shard thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

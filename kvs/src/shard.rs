@@ -1,0 +1,356 @@
+//! A shard: one thread, one socket, one map, one log.
+//!
+//! The loop takes up to `max_batch` requests from its socket, applies them to its map (reads
+//! and lattice merges), appends every write that changed something to its log, commits the log
+//! once for the whole batch (group commit), and only then sends the batch's replies, reads
+//! included, so no client ever sees a value that a crash could take back.
+//!
+//! Bad frames never stop the loop: each gets an error reply (ZeroMQ's ROUTER socket always
+//! knows the sender), and a frame that is not even addressed sensibly is dropped with a warning.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hashbrown::HashMap;
+use squall_lattices::{Lattice, LatticeValue};
+use squall_proto::{
+    decode_request, encode_response, peek_id, Key, KeyError, Request, RequestError, RequestId,
+    Response, Topology,
+};
+
+use crate::log::{remove_files, ShardLog};
+use crate::ring::Ring;
+use crate::Config;
+
+/// How long the loop sleeps in `poll` when idle: the bound on shutdown and fsync-interval lag.
+const IDLE_POLL: Duration = Duration::from_millis(20);
+
+/// A reply waiting for the batch's commit.
+enum Outgoing {
+    /// Fully encoded.
+    Ready(Vec<u8>),
+    /// A PUT's results, final only once the commit's outcome is known.
+    Put {
+        id: RequestId,
+        results: Vec<Result<(), KeyError>>,
+    },
+}
+
+struct Envelope {
+    identity: zmq::Message,
+    /// Whether the sender is a REQ socket, whose replies need an empty delimiter frame.
+    delimited: bool,
+    reply: Outgoing,
+}
+
+/// A running shard's state. Owned by its thread.
+pub(crate) struct Shard {
+    pub(crate) index: u32,
+    pub(crate) socket: zmq::Socket,
+    pub(crate) store: HashMap<Key, LatticeValue>,
+    pub(crate) log: Option<ShardLog>,
+    pub(crate) ring: Arc<Ring>,
+    pub(crate) topology: Arc<Topology>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) shutdown: Arc<AtomicBool>,
+}
+
+impl Shard {
+    /// Serves until the shutdown flag is set, then commits what is pending.
+    pub(crate) fn run(mut self) {
+        let mut outbox: Vec<Envelope> = Vec::with_capacity(self.config.max_batch);
+        while !self.shutdown.load(Ordering::Relaxed) {
+            match self.socket.poll(zmq::POLLIN, IDLE_POLL.as_millis() as i64) {
+                Ok(0) => {}
+                Ok(_) => self.take_batch(&mut outbox),
+                Err(zmq::Error::EINTR) => {}
+                Err(e) => {
+                    tracing::error!(shard = self.index, cause = %e, "polling the shard socket failed");
+                    std::thread::sleep(IDLE_POLL);
+                }
+            }
+            self.commit_and_reply(&mut outbox);
+            self.maintain();
+        }
+        if let Some(log) = &mut self.log {
+            if let Err(e) = log.commit() {
+                tracing::error!(shard = self.index, cause = %e, "final log commit failed");
+            }
+        }
+        tracing::debug!(shard = self.index, "shard stopped");
+    }
+
+    fn take_batch(&mut self, outbox: &mut Vec<Envelope>) {
+        for _ in 0..self.config.max_batch {
+            let identity = match self.socket.recv_msg(zmq::DONTWAIT) {
+                Ok(identity) => identity,
+                Err(zmq::Error::EAGAIN) => break,
+                Err(e) => {
+                    tracing::warn!(shard = self.index, cause = %e, "receive failed");
+                    break;
+                }
+            };
+            let mut frames = Vec::with_capacity(2);
+            while self.socket.get_rcvmore().unwrap_or(false) {
+                match self.socket.recv_msg(0) {
+                    Ok(frame) => frames.push(frame),
+                    Err(e) => {
+                        tracing::warn!(shard = self.index, cause = %e, "receive failed mid-message");
+                        break;
+                    }
+                }
+            }
+            if let Some(envelope) = self.handle(identity, frames) {
+                outbox.push(envelope);
+            }
+        }
+    }
+
+    /// Turns one message into the reply to send after the commit.
+    fn handle(&mut self, identity: zmq::Message, frames: Vec<zmq::Message>) -> Option<Envelope> {
+        let (delimited, payload) = match frames.as_slice() {
+            [payload] => (false, &payload[..]),
+            [delimiter, payload] if delimiter.is_empty() => (true, &payload[..]),
+            [] => {
+                tracing::warn!(shard = self.index, "dropped a message with no body");
+                return None;
+            }
+            _ => {
+                tracing::warn!(
+                    shard = self.index,
+                    frames = frames.len(),
+                    "malformed envelope"
+                );
+                let reply = error_reply(
+                    0,
+                    RequestError::Malformed {
+                        reason: format!("expected one frame, got {}", frames.len()),
+                    },
+                );
+                return Some(Envelope {
+                    identity,
+                    delimited: false,
+                    reply,
+                });
+            }
+        };
+        let reply = self.handle_payload(payload);
+        Some(Envelope {
+            identity,
+            delimited,
+            reply,
+        })
+    }
+
+    fn handle_payload(&mut self, payload: &[u8]) -> Outgoing {
+        let id = peek_id(payload).unwrap_or(0);
+        if payload.len() > self.config.max_request_bytes {
+            tracing::warn!(
+                shard = self.index,
+                size = payload.len(),
+                "request too large"
+            );
+            return error_reply(
+                id,
+                RequestError::TooLarge {
+                    size: payload.len(),
+                    limit: self.config.max_request_bytes,
+                },
+            );
+        }
+        let (id, request) = match decode_request(payload) {
+            Ok(decoded) => decoded,
+            Err(squall_proto::Error::UnsupportedVersion { got }) => {
+                tracing::warn!(
+                    shard = self.index,
+                    version = got,
+                    "unsupported protocol version"
+                );
+                return error_reply(
+                    id,
+                    RequestError::UnsupportedVersion {
+                        got,
+                        supported: squall_proto::VERSION,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::warn!(shard = self.index, cause = %e, "malformed request");
+                return error_reply(
+                    id,
+                    RequestError::Malformed {
+                        reason: e.to_string(),
+                    },
+                );
+            }
+        };
+        let keys = match &request {
+            Request::Get { keys } => keys.len(),
+            Request::Put { entries } => entries.len(),
+            Request::Topology => 0,
+        };
+        if keys > self.config.max_keys_per_request {
+            return error_reply(
+                id,
+                RequestError::TooManyKeys {
+                    count: keys,
+                    limit: self.config.max_keys_per_request,
+                },
+            );
+        }
+        match request {
+            Request::Get { keys } => {
+                let values = keys.iter().map(|key| self.get(key)).collect();
+                encode(id, &Response::Get(values))
+            }
+            Request::Put { entries } => Outgoing::Put {
+                id,
+                results: entries
+                    .into_iter()
+                    .map(|(key, value)| self.put(key, value))
+                    .collect(),
+            },
+            Request::Topology => encode(id, &Response::Topology((*self.topology).clone())),
+        }
+    }
+
+    fn owns(&self, key: &str) -> Result<(), KeyError> {
+        let owner = self.ring.owner(key);
+        if owner == self.index {
+            Ok(())
+        } else {
+            Err(KeyError::WrongShard { owner })
+        }
+    }
+
+    fn get(&self, key: &str) -> Result<Option<LatticeValue>, KeyError> {
+        self.owns(key)?;
+        Ok(self.store.get(key).cloned())
+    }
+
+    /// Merges one write. The record is appended before the merge (the value moves into the
+    /// map) and taken back if the merge changed nothing.
+    fn put(&mut self, key: Key, value: LatticeValue) -> Result<(), KeyError> {
+        self.owns(&key)?;
+        let not_durable = |e: crate::Error| KeyError::NotDurable {
+            reason: e.to_string(),
+        };
+        match self.store.get_mut(&key) {
+            Some(stored) => {
+                stored.check_mergeable(&value)?;
+                match &mut self.log {
+                    Some(log) => {
+                        let mark = log.mark();
+                        log.append(&key, &value).map_err(not_durable)?;
+                        if !stored.merge(value) {
+                            log.rewind(mark);
+                        }
+                    }
+                    None => {
+                        stored.merge(value);
+                    }
+                }
+            }
+            None => {
+                if let Some(log) = &mut self.log {
+                    log.append(&key, &value).map_err(not_durable)?;
+                }
+                self.store.insert(key, value);
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits the batch's log records, then sends every reply of the batch.
+    fn commit_and_reply(&mut self, outbox: &mut Vec<Envelope>) {
+        if outbox.is_empty() {
+            return;
+        }
+        let committed = match &mut self.log {
+            Some(log) => log.commit().map_err(|e| {
+                tracing::error!(shard = self.index, cause = %e, "log commit failed; writes not acknowledged");
+                e.to_string()
+            }),
+            None => Ok(()),
+        };
+        for envelope in outbox.drain(..) {
+            let frame = match envelope.reply {
+                Outgoing::Ready(frame) => frame,
+                Outgoing::Put { id, results } => {
+                    let results = match &committed {
+                        Ok(()) => results,
+                        Err(reason) => results
+                            .into_iter()
+                            .map(|r| {
+                                r.and(Err(KeyError::NotDurable {
+                                    reason: reason.clone(),
+                                }))
+                            })
+                            .collect(),
+                    };
+                    match encode(id, &Response::Put(results)) {
+                        Outgoing::Ready(frame) => frame,
+                        Outgoing::Put { .. } => continue,
+                    }
+                }
+            };
+            let sent = self
+                .socket
+                .send(envelope.identity, zmq::SNDMORE)
+                .and_then(|()| {
+                    if envelope.delimited {
+                        self.socket.send(&[][..], zmq::SNDMORE)
+                    } else {
+                        Ok(())
+                    }
+                })
+                .and_then(|()| self.socket.send(frame, 0));
+            if let Err(e) = sent {
+                tracing::debug!(shard = self.index, cause = %e, "reply not sent (client gone?)");
+            }
+        }
+    }
+
+    /// Periodic work between batches: interval fsync and compaction.
+    fn maintain(&mut self) {
+        let Some(log) = &mut self.log else {
+            return;
+        };
+        if let Err(e) = log.tick() {
+            tracing::error!(shard = self.index, cause = %e, "periodic log sync failed");
+        }
+        if log.needs_compaction() {
+            let started = std::time::Instant::now();
+            match log
+                .snapshot(self.store.iter())
+                .and_then(|old| remove_files(&old))
+            {
+                Ok(()) => tracing::info!(
+                    shard = self.index,
+                    keys = self.store.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "compacted the log into a snapshot"
+                ),
+                Err(e) => tracing::error!(shard = self.index, cause = %e, "compaction failed"),
+            }
+        }
+    }
+}
+
+fn encode(id: RequestId, response: &Response) -> Outgoing {
+    match encode_response(id, response) {
+        Ok(frame) => Outgoing::Ready(frame),
+        Err(e) => {
+            tracing::error!(cause = %e, "could not encode a response");
+            let fallback = Response::Error(RequestError::Malformed {
+                reason: format!("response could not be encoded: {e}"),
+            });
+            Outgoing::Ready(encode_response(id, &fallback).unwrap_or_default())
+        }
+    }
+}
+
+fn error_reply(id: RequestId, error: RequestError) -> Outgoing {
+    encode(id, &Response::Error(error))
+}

@@ -1,0 +1,290 @@
+//! Squall's wire protocol between KVS clients and storage nodes.
+//!
+//! Every message is one ZeroMQ frame: a fixed 12-byte header followed by a MessagePack body.
+//!
+//! ```text
+//!  0      2          4                      12
+//!  +------+----------+----------------------+------------------------------+
+//!  | "SQ" | version  | request id (u64, BE) | MessagePack body (rmp-serde) |
+//!  +------+----------+----------------------+------------------------------+
+//! ```
+//!
+//! The header is binary and fixed so that a node can answer a message it cannot decode (wrong
+//! version, garbage body) with an error that carries the request's id, and so that a future
+//! version can change the body freely. Bodies are MessagePack through `serde` + `rmp-serde`:
+//! compact, schema-light, and fast to decode; payload bytes travel as MessagePack binary.
+//!
+//! Decoding never trusts its input: lengths are bounded by the frame, nesting depth is capped
+//! ([`MAX_DEPTH`]), and every failure is a typed [`Error`].
+//!
+//! # Layout
+//! - [`Request`], [`Response`] and their parts: what travels.
+//! - [`encode_request`], [`decode_request`], [`encode_response`], [`decode_response`]: the codec.
+
+use serde::{Deserialize, Serialize};
+use squall_lattices::{LatticeValue, TypeMismatch};
+
+/// The first two bytes of every frame.
+pub const MAGIC: [u8; 2] = *b"SQ";
+/// The protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// Bytes before the body: magic, version, request id.
+pub const HEADER_LEN: usize = 12;
+/// The deepest nesting a body may have (nested maps, clocks); deeper bodies are rejected
+/// rather than risking the decoder's stack.
+pub const MAX_DEPTH: usize = 64;
+
+/// A key of the store.
+pub type Key = String;
+/// Chosen by the client, echoed in the response; unique among a client's outstanding requests.
+pub type RequestId = u64;
+
+/// What a client asks of a storage node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Read keys. Every key must be owned by the shard the request is sent to.
+    Get {
+        /// The keys, answered in the same order.
+        keys: Vec<Key>,
+    },
+    /// Merge values into keys. Every key must be owned by the shard the request is sent to.
+    Put {
+        /// Keys and the values to merge into them, answered in the same order.
+        entries: Vec<(Key, LatticeValue)>,
+    },
+    /// Ask for the node's shard layout, so a client can route keys itself.
+    Topology,
+}
+
+/// A storage node's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// One result per requested key: the value, `None` if the key is absent, or an error.
+    Get(Vec<Result<Option<LatticeValue>, KeyError>>),
+    /// One result per written key. `Ok` means merged and durable per the node's fsync policy.
+    Put(Vec<Result<(), KeyError>>),
+    /// The node's shard layout.
+    Topology(Topology),
+    /// The whole request failed.
+    Error(RequestError),
+}
+
+/// How a node splits its keys among shards, each with its own socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Topology {
+    /// Changes whenever the node restarts; lets clients notice a new layout.
+    pub incarnation: u64,
+    /// One ZeroMQ endpoint per shard, indexed by shard number.
+    pub shards: Vec<String>,
+    /// Virtual nodes per shard on the node's consistent-hash ring.
+    pub virtual_nodes: u32,
+}
+
+/// Why one key of a request failed; the other keys are unaffected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum KeyError {
+    /// The written value's lattice type differs from the stored one; the stored value is
+    /// unchanged.
+    #[error(transparent)]
+    TypeMismatch(#[from] TypeMismatch),
+    /// The key belongs to another shard; the client's layout is stale.
+    #[error("key belongs to shard {owner}")]
+    WrongShard {
+        /// The shard that owns the key.
+        owner: u32,
+    },
+    /// The write could not be made durable (the log failed); it may or may not survive a
+    /// restart, and retrying it is safe.
+    #[error("write not durable: {reason}")]
+    NotDurable {
+        /// What the log reported.
+        reason: String,
+    },
+}
+
+/// Why a whole request failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RequestError {
+    /// The frame could not be decoded.
+    #[error("malformed request: {reason}")]
+    Malformed {
+        /// What the decoder reported.
+        reason: String,
+    },
+    /// The frame's protocol version is not this node's.
+    #[error("unsupported protocol version {got} (this node speaks {supported})")]
+    UnsupportedVersion {
+        /// The version in the frame.
+        got: u16,
+        /// The version the node speaks.
+        supported: u16,
+    },
+    /// The frame exceeds the node's request size limit.
+    #[error("request of {size} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// The frame's size.
+        size: usize,
+        /// The node's limit.
+        limit: usize,
+    },
+    /// The request has more keys than the node accepts in one batch.
+    #[error("request has {count} keys; the limit is {limit}")]
+    TooManyKeys {
+        /// The number of keys.
+        count: usize,
+        /// The node's limit.
+        limit: usize,
+    },
+}
+
+/// A frame that could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// Shorter than the header.
+    #[error("frame of {len} bytes is shorter than the {HEADER_LEN}-byte header")]
+    TooShort {
+        /// The frame's length.
+        len: usize,
+    },
+    /// Does not start with [`MAGIC`].
+    #[error("frame does not start with the Squall magic bytes")]
+    BadMagic,
+    /// Another protocol version.
+    #[error("unsupported protocol version {got}")]
+    UnsupportedVersion {
+        /// The version in the frame.
+        got: u16,
+    },
+    /// The body is not a valid message.
+    #[error("undecodable body: {0}")]
+    Body(String),
+    /// A message could not be encoded (a value serde cannot represent).
+    #[error("unencodable message: {0}")]
+    Encode(String),
+}
+
+/// The result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The request id in a frame's header, if the header is intact (used to answer frames whose
+/// body is bad).
+pub fn peek_id(frame: &[u8]) -> Option<RequestId> {
+    if frame.len() < HEADER_LEN || frame[0..2] != MAGIC {
+        return None;
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&frame[4..12]);
+    Some(u64::from_be_bytes(id))
+}
+
+fn encode<T: Serialize>(id: RequestId, body: &T) -> Result<Vec<u8>> {
+    let mut frame = Vec::with_capacity(64);
+    frame.extend_from_slice(&MAGIC);
+    frame.extend_from_slice(&VERSION.to_be_bytes());
+    frame.extend_from_slice(&id.to_be_bytes());
+    rmp_serde::encode::write(&mut frame, body).map_err(|e| Error::Encode(e.to_string()))?;
+    Ok(frame)
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<(RequestId, T)> {
+    if frame.len() < HEADER_LEN {
+        return Err(Error::TooShort { len: frame.len() });
+    }
+    if frame[0..2] != MAGIC {
+        return Err(Error::BadMagic);
+    }
+    let version = u16::from_be_bytes([frame[2], frame[3]]);
+    if version != VERSION {
+        return Err(Error::UnsupportedVersion { got: version });
+    }
+    let id = peek_id(frame).ok_or(Error::BadMagic)?;
+    let mut rest = &frame[HEADER_LEN..];
+    let mut deserializer = rmp_serde::Deserializer::new(&mut rest);
+    deserializer.set_max_depth(MAX_DEPTH);
+    let message = T::deserialize(&mut deserializer).map_err(|e| Error::Body(e.to_string()))?;
+    drop(deserializer);
+    if !rest.is_empty() {
+        return Err(Error::Body("trailing bytes after the message".into()));
+    }
+    Ok((id, message))
+}
+
+/// Encodes a request frame.
+pub fn encode_request(id: RequestId, request: &Request) -> Result<Vec<u8>> {
+    encode(id, request)
+}
+
+/// Decodes a request frame.
+pub fn decode_request(frame: &[u8]) -> Result<(RequestId, Request)> {
+    decode(frame)
+}
+
+/// Encodes a response frame.
+pub fn encode_response(id: RequestId, response: &Response) -> Result<Vec<u8>> {
+    encode(id, response)
+}
+
+/// Decodes a response frame.
+pub fn decode_response(frame: &[u8]) -> Result<(RequestId, Response)> {
+    decode(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use squall_lattices::testing::lattice_value;
+
+    use super::*;
+
+    fn request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            proptest::collection::vec(".{0,8}", 0..4).prop_map(|keys| Request::Get { keys }),
+            proptest::collection::vec((".{0,8}", lattice_value()), 0..4)
+                .prop_map(|entries| Request::Put { entries }),
+            Just(Request::Topology),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip(id in any::<u64>(), request in request()) {
+            let frame = encode_request(id, &request).expect("encode");
+            prop_assert_eq!(peek_id(&frame), Some(id));
+            prop_assert_eq!(decode_request(&frame).expect("decode"), (id, request));
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_request(&bytes);
+            let _ = decode_response(&bytes);
+        }
+
+        #[test]
+        fn truncated_frames_are_errors(request in request(), cut in any::<prop::sample::Index>()) {
+            let frame = encode_request(7, &request).expect("encode");
+            let cut = cut.index(frame.len());
+            prop_assert!(decode_request(&frame[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn wrong_version_is_reported_with_its_number() {
+        let mut frame = encode_request(1, &Request::Topology).expect("encode");
+        frame[2..4].copy_from_slice(&9u16.to_be_bytes());
+        assert_eq!(
+            decode_request(&frame),
+            Err(Error::UnsupportedVersion { got: 9 })
+        );
+        assert_eq!(peek_id(&frame), Some(1));
+    }
+
+    #[test]
+    fn deep_nesting_is_rejected_not_a_crash() {
+        // A body of 100k nested one-element arrays.
+        let mut frame = encode_request(5, &Request::Topology).expect("encode");
+        frame.truncate(HEADER_LEN);
+        frame.extend(std::iter::repeat_n(0x91u8, 100_000));
+        frame.push(0xc0);
+        assert!(matches!(decode_request(&frame), Err(Error::Body(_))));
+    }
+}

@@ -1,0 +1,8 @@
+//! Multi-process tests: real `squall` processes on loopback, talked to over real sockets.
+//!
+//! One test binary (one link) with a module per topic; `support` spawns and stops nodes.
+
+mod cli;
+mod crash;
+mod garbage;
+mod support;

@@ -1,0 +1,127 @@
+//! Spawning `squall` processes for tests: OS-assigned ports, a temporary directory each,
+//! `READY addr=...` awaited with a deadline, logs kept in a file and shown on failure, and the
+//! process stopped on drop.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// How long a node may take to print READY (recovery of a large log included).
+const READY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The `squall` binary built for these tests.
+pub fn squall() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_squall"))
+}
+
+/// A running `squall kvs` process.
+pub struct NodeProcess {
+    child: Option<Child>,
+    /// The address clients connect to.
+    pub addr: String,
+    log: PathBuf,
+}
+
+impl NodeProcess {
+    /// Starts `squall kvs` on port 0 with `args`, logging to `log_dir`, and waits for READY.
+    pub fn start(log_dir: &Path, args: &[&str]) -> NodeProcess {
+        let log = log_dir.join(format!("node-{}.log", rand::random::<u32>()));
+        let log_file = std::fs::File::create(&log).expect("create node log");
+        let mut child = squall()
+            .args(["kvs", "--host", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .expect("spawn squall kvs");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.strip_prefix("READY addr=") {
+                    let addr = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let mut node = NodeProcess {
+            child: Some(child),
+            addr: String::new(),
+            log,
+        };
+        match rx.recv_timeout(READY_DEADLINE) {
+            Ok(addr) => node.addr = addr,
+            Err(_) => panic!(
+                "node did not print READY in time; its log:\n{}",
+                node.log_text()
+            ),
+        }
+        node
+    }
+
+    /// The node's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().expect("node is running").id() as i32)
+    }
+
+    /// SIGKILL: the process gets no chance to flush or clean up.
+    pub fn kill_hard(&mut self) {
+        kill(self.pid(), Signal::SIGKILL).expect("SIGKILL");
+        if let Some(mut child) = self.child.take() {
+            child.wait().expect("reap killed node");
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if the node has not exited within the deadline. Returns whether it
+    /// exited cleanly by itself.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        for _ in 0..100 {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// Whether the process is still alive.
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- node log ({}) ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
