@@ -1,1 +1,191 @@
-//! x
+//! Squall's benchmark support: closed-loop load generation, latency histograms, process CPU
+//! accounting, and tables that put each figure next to an anchor measured in the same run.
+//!
+//! Machines are shared and noisy, so every harness alternates the system under test and its
+//! anchor over several rounds and reports medians across rounds and ratios between them, never
+//! a lone number.
+//!
+//! # Dependencies
+//! `hdrhistogram` records latencies (microsecond resolution, constant memory, mergeable across
+//! threads and rounds); `criterion` drives the micro-benchmarks in `benches/`.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// The outcome of one closed-loop run: every client issues its next operation as soon as the
+/// previous one is answered.
+#[derive(Debug, Clone)]
+pub struct LoadResult {
+    /// Operations completed in the measured window.
+    pub ops: u64,
+    /// Failed operations in the measured window.
+    pub errors: u64,
+    /// The measured window.
+    pub elapsed: Duration,
+    /// Latency of every successful operation, in microseconds.
+    pub latency_us: Histogram<u64>,
+}
+
+impl LoadResult {
+    /// Operations per second.
+    pub fn throughput(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Runs `clients` threads, each with a connection made by `connect(client_index)` and an
+/// operation run by `op(connection, iteration)`, for `warmup` (not measured) then `duration`.
+pub fn closed_loop<C, Connect, Op>(
+    clients: usize,
+    warmup: Duration,
+    duration: Duration,
+    connect: Connect,
+    op: Op,
+) -> anyhow::Result<LoadResult>
+where
+    Connect: Fn(usize) -> anyhow::Result<C> + Sync,
+    Op: Fn(&mut C, u64) -> anyhow::Result<()> + Sync,
+{
+    let measuring = AtomicBool::new(false);
+    let stop = AtomicBool::new(false);
+    let ready = Barrier::new(clients + 1);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..clients)
+            .map(|index| {
+                let (connect, op, measuring, stop, ready) =
+                    (&connect, &op, &measuring, &stop, &ready);
+                scope.spawn(move || -> anyhow::Result<(u64, u64, Histogram<u64>)> {
+                    let connection = connect(index);
+                    ready.wait();
+                    let mut connection = connection?;
+                    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+                    let (mut ops, mut errors) = (0u64, 0u64);
+                    let mut iteration = (index as u64) << 40;
+                    while !stop.load(Ordering::Relaxed) {
+                        let started = Instant::now();
+                        let outcome = op(&mut connection, iteration);
+                        iteration += 1;
+                        if measuring.load(Ordering::Relaxed) {
+                            match outcome {
+                                Ok(()) => {
+                                    ops += 1;
+                                    histogram
+                                        .saturating_record(started.elapsed().as_micros() as u64);
+                                }
+                                Err(_) => errors += 1,
+                            }
+                        }
+                    }
+                    Ok((ops, errors, histogram))
+                })
+            })
+            .collect();
+        ready.wait();
+        std::thread::sleep(warmup);
+        measuring.store(true, Ordering::Relaxed);
+        let started = Instant::now();
+        std::thread::sleep(duration);
+        measuring.store(false, Ordering::Relaxed);
+        let elapsed = started.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        let mut result = LoadResult {
+            ops: 0,
+            errors: 0,
+            elapsed,
+            latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        };
+        for worker in workers {
+            let (ops, errors, histogram) = worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
+            result.ops += ops;
+            result.errors += errors;
+            result.latency_us.add(histogram)?;
+        }
+        Ok(result)
+    })
+}
+
+/// The median of `values` (the mean of the middle two for an even count); 0 when empty.
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
+pub fn process_cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| anyhow::anyhow!("unexpected /proc stat format"))?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<u64> {
+        Ok(fields
+            .get(i)
+            .ok_or_else(|| anyhow::anyhow!("short /proc stat"))?
+            .parse()?)
+    };
+    // `after_name` starts at field 3 (state), so field 14 is index 11.
+    let total = ticks(11)? + ticks(12)?;
+    let hz = clock_ticks_per_second();
+    Ok(Duration::from_secs_f64(total as f64 / hz))
+}
+
+fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+    }
+
+    #[test]
+    fn closed_loop_counts_operations_and_errors() {
+        let result = closed_loop(
+            2,
+            Duration::from_millis(10),
+            Duration::from_millis(50),
+            |_| Ok(()),
+            |_, i| {
+                if i % 2 == 0 {
+                    Ok(())
+                } else {
+                    anyhow::bail!("odd")
+                }
+            },
+        )
+        .expect("run");
+        assert!(result.ops > 0 && result.errors > 0);
+        assert_eq!(result.latency_us.len(), result.ops);
+    }
+
+    #[test]
+    fn reads_this_process_cpu_time() {
+        let spent = process_cpu_time(std::process::id()).expect("cpu time");
+        assert!(spent < Duration::from_secs(3600));
+    }
+}
