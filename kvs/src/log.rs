@@ -9,6 +9,13 @@
 //!
 //! Both hold the same records: `[len: u32 LE][crc32: u32 LE][MessagePack (key, value)]`.
 //!
+//! Segments are extended with zeros a mebibyte at a time ahead of the records, and records are
+//! written in place. An append that grows the file makes every `fdatasync` commit the
+//! file-system journal too (the size changed), and the shards' logs then queue behind each
+//! other's journal commits: measured on ext4 here, 4–10 ms stalls several times a second under
+//! load. Writing into blocks that already exist makes most syncs a pure data flush. A zero
+//! header marks the end of a segment's records.
+//!
 //! Recovery merges every record of every file it finds. Records are lattice merges, so order
 //! and duplicates do not matter: a crash at any point of a compaction (old segments not yet
 //! deleted, a snapshot already written) recovers the same state. Reading a file stops at the
@@ -16,6 +23,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -26,6 +34,8 @@ use squall_proto::Key;
 use crate::{io_err, Error, FsyncPolicy, Result};
 
 const RECORD_HEADER: usize = 8;
+/// How far ahead of the records a segment is extended with zeros.
+const PREALLOCATE: u64 = 1 << 20;
 /// Upper bound on one record, far above any accepted request, to reject corrupt lengths.
 const MAX_RECORD: usize = 1 << 30;
 
@@ -37,8 +47,10 @@ pub struct ShardLog {
     seq: u64,
     /// Records appended since the last successful commit.
     pending: Vec<u8>,
-    /// Bytes of the current segment known to be written.
+    /// Bytes of records in the current segment known to be written.
     written: u64,
+    /// Bytes of the current segment that exist on disk (records, then zeros).
+    allocated: u64,
     /// Bytes in segments since the last snapshot.
     log_bytes: u64,
     snapshot_bytes: u64,
@@ -114,13 +126,20 @@ fn encode_record(buffer: &mut Vec<u8>, key: &str, value: &LatticeValue) -> Resul
     Ok(())
 }
 
-/// Calls `each` for every intact record of `bytes`; returns the length of the intact prefix.
+/// Calls `each` for every intact record of `bytes`; returns the length of the intact prefix,
+/// counting a zero-filled tail (preallocated space) as intact.
 fn decode_records(bytes: &[u8], mut each: impl FnMut(Key, LatticeValue)) -> usize {
     let mut offset = 0;
     while bytes.len() - offset >= RECORD_HEADER {
         let header = &bytes[offset..offset + RECORD_HEADER];
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if len == 0 {
+            if bytes[offset..].iter().all(|&b| b == 0) {
+                return bytes.len();
+            }
+            break;
+        }
         let start = offset + RECORD_HEADER;
         if len > MAX_RECORD || bytes.len() - start < len {
             break;
@@ -219,6 +238,7 @@ impl ShardLog {
             seq,
             pending: Vec::with_capacity(64 << 10),
             written: 0,
+            allocated: 0,
             log_bytes: 0,
             snapshot_bytes: 0,
             compact_after,
@@ -232,7 +252,8 @@ impl ShardLog {
         let path = segment_path(dir, seq);
         let file = OpenOptions::new()
             .create(true)
-            .append(true)
+            .truncate(false)
+            .write(true)
             .open(&path)
             .map_err(io_err(&path))?;
         sync_dir(dir)?;
@@ -260,20 +281,24 @@ impl ShardLog {
     }
 
     /// Writes the pending records and, under [`FsyncPolicy::Always`], syncs them. On failure the
-    /// segment is cut back to its last good length and the records stay pending, so a later
-    /// commit retries them and nothing is acknowledged that is not in the log.
+    /// records stay pending and the next commit writes them again at the same offset (over
+    /// whatever part was written), so nothing is acknowledged that is not in the log.
     pub fn commit(&mut self) -> Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
         let path = segment_path(&self.dir, self.seq);
-        let result = self.file.write_all(&self.pending).and_then(|()| {
-            if self.fsync == FsyncPolicy::Always {
-                self.file.sync_data()
-            } else {
-                Ok(())
-            }
-        });
+        let end = self.written + self.pending.len() as u64;
+        let result = self
+            .preallocate(end)
+            .and_then(|()| self.file.write_all_at(&self.pending, self.written))
+            .and_then(|()| {
+                if self.fsync == FsyncPolicy::Always {
+                    self.file.sync_data()
+                } else {
+                    Ok(())
+                }
+            });
         match result {
             Ok(()) => {
                 self.written += self.pending.len() as u64;
@@ -282,16 +307,23 @@ impl ShardLog {
                 self.unsynced = self.fsync != FsyncPolicy::Always;
                 Ok(())
             }
-            Err(source) => {
-                // A partial write would leave garbage that recovery stops at, hiding every
-                // later record: cut it off before anything else is appended.
-                let _ = self.file.set_len(self.written);
-                Err(Error::Io {
-                    path,
-                    cause: source,
-                })
-            }
+            Err(source) => Err(Error::Io {
+                path,
+                cause: source,
+            }),
         }
+    }
+
+    /// Extends the segment with zeros, a mebibyte at a time, until it holds `end` bytes.
+    fn preallocate(&mut self, end: u64) -> std::io::Result<()> {
+        if end <= self.allocated {
+            return Ok(());
+        }
+        let target = end.div_ceil(PREALLOCATE) * PREALLOCATE;
+        let zeros = vec![0u8; (target - self.allocated) as usize];
+        self.file.write_all_at(&zeros, self.allocated)?;
+        self.allocated = target;
+        Ok(())
     }
 
     /// Syncs the log if the [`FsyncPolicy::Interval`] has elapsed since the last sync.
@@ -327,6 +359,7 @@ impl ShardLog {
         self.file = Self::create_segment(&self.dir, covered + 1)?;
         self.seq = covered + 1;
         self.written = 0;
+        self.allocated = 0;
         self.log_bytes = 0;
 
         let final_path = snapshot_path(&self.dir, covered);
@@ -436,14 +469,43 @@ mod tests {
         log.append("b", &lww(1, b"two")).unwrap();
         log.commit().unwrap();
         drop(log);
+        // Tear the second record: zero its last three bytes, as a crash mid-write would.
         let path = segment_path(dir.path(), 1);
-        let len = fs::metadata(&path).unwrap().len();
+        let mut first = Vec::new();
+        encode_record(&mut first, "a", &lww(1, b"one")).unwrap();
+        let mut second = Vec::new();
+        encode_record(&mut second, "b", &lww(1, b"two")).unwrap();
         let file = OpenOptions::new().write(true).open(&path).unwrap();
-        file.set_len(len - 3).unwrap();
+        let end = (first.len() + second.len()) as u64;
+        file.write_all_at(&[0, 0, 0], end - 3).unwrap();
         let recovered = recover(dir.path()).unwrap();
         assert_eq!(recovered.entries.len(), 1);
         assert!(recovered.entries.contains_key("a"));
         assert!(recovered.skipped_bytes > 0);
+    }
+
+    #[test]
+    fn the_preallocated_tail_is_not_reported_as_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = ShardLog::open(dir.path(), 0, FsyncPolicy::Always, 1 << 30).unwrap();
+        for i in 0..5_000u64 {
+            log.append(&format!("k{i}"), &lww(i, b"some value"))
+                .unwrap();
+            if i % 100 == 0 {
+                log.commit().unwrap();
+            }
+        }
+        log.commit().unwrap();
+        drop(log);
+        let len = fs::metadata(segment_path(dir.path(), 1)).unwrap().len();
+        assert_eq!(
+            len % PREALLOCATE,
+            0,
+            "segments grow in whole preallocation steps"
+        );
+        let recovered = recover(dir.path()).unwrap();
+        assert_eq!(recovered.entries.len(), 5_000);
+        assert_eq!(recovered.skipped_bytes, 0);
     }
 
     #[test]
