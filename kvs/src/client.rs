@@ -1,10 +1,10 @@
 //! The KVS client: routes keys to shards, batches, and never waits without a deadline.
 //!
 //! A [`Client`] asks the node it is given for its shard layout, builds the same ring, and sends
-//! each key straight to its shard over a DEALER socket per shard. A multi-key call sends one
-//! request per shard at once and waits for all of them. Every wait is bounded by
-//! [`ClientConfig::timeout`]; an unanswered request is retried, on a fresh socket (so a reply
-//! that arrives late can never be mistaken for the next one's), up to
+//! each key straight to its shard over one ZeroMQ connection per shard. A
+//! multi-key call sends one request per shard at once and then collects the answers. Every wait
+//! is bounded by [`ClientConfig::timeout`]; an unanswered request is retried, on a fresh
+//! connection (so a reply that arrives late can never be mistaken for the next one's), up to
 //! [`ClientConfig::attempts`] times. Retrying is always safe: every write is a lattice merge,
 //! and [`Client::increment`] sends totals, not deltas.
 
@@ -18,7 +18,11 @@ use squall_proto::{
 };
 
 use crate::ring::Ring;
-use crate::{zmq_context, zmq_err, Error, Result};
+use crate::zmtp::Connection;
+use crate::{Error, Result};
+
+/// Pause between attempts when a node refused or dropped the connection.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// How a client waits and retries.
 #[derive(Debug, Clone)]
@@ -45,15 +49,14 @@ impl Default for ClientConfig {
 struct Layout {
     topology: Topology,
     ring: Ring,
-    sockets: Vec<Option<zmq::Socket>>,
+    connections: Vec<Option<Connection>>,
 }
 
-/// A connection to one storage node. Owns ZeroMQ sockets, so it is `Send` but not `Sync`: give
-/// each thread its own (they are cheap: every client shares the process's ZeroMQ context).
+/// A connection to one storage node: one TCP connection per shard, opened on first use, and
+/// no background thread. `Send` but not `Sync`: give each thread its own.
 pub struct Client {
     seed: String,
     config: ClientConfig,
-    context: zmq::Context,
     layout: Option<Layout>,
     next_id: RequestId,
     last_time: u64,
@@ -77,7 +80,6 @@ impl Client {
         let mut client = Self {
             seed: address.to_string(),
             config,
-            context: zmq_context(),
             layout: None,
             next_id: rand::random::<u32>() as u64,
             last_time: 0,
@@ -188,13 +190,12 @@ impl Client {
     /// Fetches the node's layout again (after it restarted with another shard count, say).
     pub fn refresh(&mut self) -> Result<()> {
         let endpoints = [self.seed.clone()];
-        let mut sockets = [None];
+        let mut connections = [None];
         let mut responses = round_trip(
-            &self.context,
             &self.config,
             &mut self.next_id,
             &endpoints,
-            &mut sockets,
+            &mut connections,
             &[(0, Request::Topology)],
         )?;
         let topology = match responses.pop() {
@@ -210,11 +211,11 @@ impl Client {
             return Err(Error::UnexpectedResponse("the node has no shards".into()));
         }
         let ring = Ring::new(topology.shards.len(), topology.virtual_nodes);
-        let sockets = topology.shards.iter().map(|_| None).collect();
+        let connections = topology.shards.iter().map(|_| None).collect();
         self.layout = Some(Layout {
             topology,
             ring,
-            sockets,
+            connections,
         });
         Ok(())
     }
@@ -246,11 +247,10 @@ impl Client {
                 .map(|(shard, indices)| (shard, build(indices)))
                 .collect();
             let responses = round_trip(
-                &self.context,
                 &self.config,
                 &mut self.next_id,
                 &layout.topology.shards,
-                &mut layout.sockets,
+                &mut layout.connections,
                 &requests,
             )?;
             let mut slots: Vec<Option<Slot>> = (0..count).map(|_| None).collect();
@@ -299,100 +299,79 @@ impl Client {
     }
 }
 
-fn open_socket(context: &zmq::Context, endpoint: &str) -> Result<zmq::Socket> {
-    let socket = context.socket(zmq::DEALER).map_err(zmq_err("socket"))?;
-    socket.set_linger(0).map_err(zmq_err("set linger"))?;
-    socket.connect(endpoint).map_err(zmq_err("connect"))?;
-    Ok(socket)
-}
-
-/// Sends `requests` (each to the socket of its target index, opened on demand) all at once and
-/// waits for every answer. Unanswered requests are resent on fresh sockets, up to
+/// Sends `requests` (each on the connection of its target index, opened on demand) all at
+/// once and waits for every answer. Unanswered requests are resent on fresh connections, up to
 /// `config.attempts` times, each attempt bounded by `config.timeout`.
 fn round_trip(
-    context: &zmq::Context,
     config: &ClientConfig,
     next_id: &mut RequestId,
     endpoints: &[String],
-    sockets: &mut [Option<zmq::Socket>],
+    connections: &mut [Option<Connection>],
     requests: &[(usize, Request)],
 ) -> Result<Vec<Response>> {
     let started = Instant::now();
     let mut responses: Vec<Option<Response>> = requests.iter().map(|_| None).collect();
-    let mut ids: Vec<RequestId> = vec![0; requests.len()];
     let attempts = config.attempts.max(1);
+    let mut last_error = String::new();
     for attempt in 1..=attempts {
+        let deadline = Instant::now() + config.timeout;
+        let mut sent: Vec<(usize, RequestId)> = Vec::with_capacity(requests.len());
         for (slot, (target, request)) in requests.iter().enumerate() {
             if responses[slot].is_some() {
                 continue;
             }
-            if attempt > 1 {
-                // Lazy pirate: a fresh socket, so a late answer to the lost attempt cannot
-                // arrive, and nothing queued for a dead peer is resent.
-                sockets[*target] = None;
-            }
-            if sockets[*target].is_none() {
-                sockets[*target] = Some(open_socket(context, &endpoints[*target])?);
-            }
             *next_id = next_id.wrapping_add(1);
-            ids[slot] = *next_id;
             let frame = encode_request(*next_id, request)?;
-            if let Some(socket) = &sockets[*target] {
-                match socket.send(frame, zmq::DONTWAIT) {
-                    Ok(()) | Err(zmq::Error::EAGAIN) => {}
-                    Err(e) => {
-                        return Err(Error::Zmq {
-                            op: "send",
-                            cause: e,
-                        })
-                    }
+            let endpoint = &endpoints[*target];
+            let outcome = match connections[*target].take() {
+                Some(connection) => Ok(connection),
+                None => Connection::connect(endpoint, deadline),
+            }
+            .and_then(|mut connection| connection.send(&frame, deadline).map(|()| connection));
+            match outcome {
+                Ok(connection) => {
+                    connections[*target] = Some(connection);
+                    sent.push((slot, *next_id));
                 }
+                Err(e) => last_error = format!("{endpoint}: {e}"),
             }
         }
-        let deadline = Instant::now() + config.timeout;
-        loop {
-            let waiting: Vec<usize> = (0..requests.len())
-                .filter(|&slot| responses[slot].is_none())
-                .collect();
-            if waiting.is_empty() {
-                return Ok(responses.into_iter().flatten().collect());
-            }
-            let Some(remaining) = deadline.checked_duration_since(Instant::now()) else {
-                break;
-            };
-            let mut targets: Vec<usize> = waiting.iter().map(|&slot| requests[slot].0).collect();
-            targets.dedup();
-            let mut items: Vec<zmq::PollItem> = targets
-                .iter()
-                .filter_map(|&t| sockets[t].as_ref().map(|s| s.as_poll_item(zmq::POLLIN)))
-                .collect();
-            let ready = zmq::poll(&mut items, remaining.as_millis().max(1) as i64)
-                .map_err(zmq_err("poll"))?;
-            if ready == 0 {
+        for (slot, id) in sent {
+            let target = requests[slot].0;
+            let Some(connection) = connections[target].as_mut() else {
                 continue;
-            }
-            let readable: Vec<usize> = targets
-                .iter()
-                .zip(&items)
-                .filter(|(_, item)| item.is_readable())
-                .map(|(&t, _)| t)
-                .collect();
-            drop(items);
-            for target in readable {
-                let Some(socket) = &sockets[target] else {
-                    continue;
-                };
-                while let Ok(reply) = socket.recv_bytes(zmq::DONTWAIT) {
-                    let (id, response) = decode_response(&reply)?;
-                    if let Some(slot) = (0..requests.len()).find(|&s| {
-                        ids[s] == id && requests[s].0 == target && responses[s].is_none()
-                    }) {
-                        responses[slot] = Some(response);
+            };
+            // One request is outstanding per connection, so the next message is its answer;
+            // after any error the connection is dropped (lazy pirate), so a late answer to a
+            // lost attempt can never be read as the answer to the next one.
+            match connection.recv(deadline) {
+                Ok(reply) => {
+                    let (reply_id, response) = decode_response(&reply)?;
+                    if reply_id != id {
+                        connections[target] = None;
+                        return Err(Error::UnexpectedResponse(format!(
+                            "answer to request {reply_id} while waiting for {id}"
+                        )));
                     }
+                    responses[slot] = Some(response);
+                }
+                Err(e) => {
+                    last_error = format!("{}: {e}", endpoints[target]);
+                    connections[target] = None;
                 }
             }
         }
-        tracing::debug!(attempt, "requests timed out");
+        if responses.iter().all(Option::is_some) {
+            return Ok(responses.into_iter().flatten().collect());
+        }
+        tracing::debug!(attempt, error = %last_error, "request attempt failed");
+        if attempt < attempts {
+            // A node that refuses connections is likely restarting: give it a moment, within
+            // the attempt's own budget.
+            if let Some(rest) = deadline.checked_duration_since(Instant::now()) {
+                std::thread::sleep(rest.min(RETRY_PAUSE));
+            }
+        }
     }
     let endpoint = requests
         .iter()
@@ -404,6 +383,7 @@ fn round_trip(
         endpoint,
         attempts,
         waited: started.elapsed(),
+        last_error,
     })
 }
 

@@ -25,10 +25,12 @@
 //! - [`shard`]: a shard's request loop.
 //! - [`node`]: starting and stopping a node ([`Node`]).
 //! - [`client`]: [`Client`], with deadlines, retries and shard routing.
+//! - `zmtp`: the client's ZeroMQ connections, which need no I/O thread.
 //!
 //! # Dependencies
 //! `zmq` (0.9, linking the system libzmq: a 2.5 s build instead of 70 s of compiling libzmq)
-//! for transport; `rmp-serde` through `squall-proto` for messages; `hashbrown` for the shard
+//! for the node's sockets (the client speaks the same ZeroMQ wire protocol without libzmq's
+//! I/O thread, see the `zmtp` module); `rmp-serde` through `squall-proto` for messages; `hashbrown` for the shard
 //! maps; `xxhash-rust` (xxh3) for ring hashing, because the ring must hash identically in every
 //! process and release, which std's randomly keyed hasher does not; `crc32fast` for log record
 //! checksums.
@@ -39,6 +41,7 @@ pub mod log;
 pub mod node;
 pub mod ring;
 pub mod shard;
+pub(crate) mod zmtp;
 
 pub use client::{Client, ClientConfig};
 pub use config::{Config, FsyncPolicy};
@@ -60,14 +63,18 @@ pub enum Error {
         cause: zmq::Error,
     },
     /// No answer arrived within the deadline, after every retry.
-    #[error("no answer from {endpoint} after {attempts} attempts in {waited:?}")]
+    #[error(
+        "no answer from {endpoint} after {attempts} attempts in {waited:?} (last: {last_error})"
+    )]
     Timeout {
         /// The shard endpoint asked.
         endpoint: String,
-        /// How many times the request was sent.
+        /// How many times the request was tried.
         attempts: u32,
         /// How long the client waited in all.
         waited: Duration,
+        /// What the last attempt ran into (timeout, connection refused, ...).
+        last_error: String,
     },
     /// The node rejected the whole request.
     #[error("request rejected: {0}")]
@@ -109,11 +116,4 @@ pub(crate) fn zmq_err(op: &'static str) -> impl FnOnce(zmq::Error) -> Error {
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.into();
     move |cause| Error::Io { path, cause }
-}
-
-/// The ZeroMQ context shared by every client and node of this process (one I/O thread for all
-/// their sockets, created on first use).
-pub fn zmq_context() -> zmq::Context {
-    static CONTEXT: std::sync::OnceLock<zmq::Context> = std::sync::OnceLock::new();
-    CONTEXT.get_or_init(zmq::Context::new).clone()
 }

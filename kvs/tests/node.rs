@@ -149,9 +149,7 @@ fn a_key_sent_to_the_wrong_shard_is_refused() {
         .map(|i| format!("key{i}"))
         .find(|k| ring.owner(k) == 1)
         .expect("some key lands on shard 1");
-    let socket = squall_kvs::zmq_context()
-        .socket(zmq::DEALER)
-        .expect("socket");
+    let socket = zmq::Context::new().socket(zmq::DEALER).expect("socket");
     socket.connect(&topology.shards[0]).expect("connect");
     let frame = encode_request(
         9,

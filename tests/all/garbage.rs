@@ -13,9 +13,7 @@ use crate::support::NodeProcess;
 const LIMIT: usize = 64 << 10;
 
 fn raw_socket(endpoint: &str) -> zmq::Socket {
-    let socket = squall_kvs::zmq_context()
-        .socket(zmq::DEALER)
-        .expect("socket");
+    let socket = zmq::Context::new().socket(zmq::DEALER).expect("socket");
     socket.set_linger(0).expect("linger");
     socket.connect(endpoint).expect("connect");
     socket
