@@ -58,11 +58,14 @@ impl Node {
     pub fn start(config: Config) -> Result<Node> {
         config.validate()?;
         let config = Arc::new(config);
-        let context = zmq::Context::new();
         let mut sockets = Vec::with_capacity(config.shards);
         let mut endpoints = Vec::with_capacity(config.shards);
         for index in 0..config.shards {
-            let socket = context.socket(zmq::ROUTER).map_err(zmq_err("socket"))?;
+            // A context per shard gives each shard its own ZeroMQ I/O thread: shared nothing
+            // down to the network, and no single I/O thread for the whole node to queue on.
+            let socket = zmq::Context::new()
+                .socket(zmq::ROUTER)
+                .map_err(zmq_err("socket"))?;
             socket.set_linger(0).map_err(zmq_err("set linger"))?;
             let hard_limit =
                 i64::try_from(config.max_request_bytes.saturating_mul(4)).unwrap_or(i64::MAX);
