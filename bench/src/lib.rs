@@ -111,6 +111,10 @@ where
 }
 
 /// The median of `values` (the mean of the middle two for an even count); 0 when empty.
+///
+/// ```
+/// assert_eq!(squall_bench::median(&[9.0, 1.0, 5.0]), 5.0);
+/// ```
 pub fn median(values: &[f64]) -> f64 {
     let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
     sorted.sort_by(f64::total_cmp);

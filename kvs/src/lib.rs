@@ -27,6 +27,24 @@
 //! - [`client`]: [`Client`], with deadlines, retries and shard routing.
 //! - `zmtp`: the client's ZeroMQ connections, which need no I/O thread.
 //!
+//! # Example
+//! ```
+//! use squall_kvs::{Client, ClientConfig, Config, Node};
+//! use squall_lattices::LatticeValue;
+//!
+//! // A two-shard node on an OS-assigned loopback port, memory only.
+//! let node = Node::start(Config { shards: 2, ..Config::default() })?;
+//! let mut client = Client::connect(node.address(), ClientConfig::default())?;
+//! client.put_lww("greeting", "hello")?;
+//! client.increment("visits", 3)?;
+//! client.increment("visits", 2)?;
+//! match client.get("visits")? {
+//!     Some(LatticeValue::Counter(visits)) => assert_eq!(visits.value(), 5),
+//!     other => panic!("unexpected {other:?}"),
+//! }
+//! # Ok::<(), squall_kvs::Error>(())
+//! ```
+//!
 //! # Dependencies
 //! `zmq` (0.9, linking the system libzmq: a 2.5 s build instead of 70 s of compiling libzmq)
 //! for the node's sockets (the client speaks the same ZeroMQ wire protocol without libzmq's

@@ -20,6 +20,17 @@
 //! # Layout
 //! - [`Request`], [`Response`] and their parts: what travels.
 //! - [`encode_request`], [`decode_request`], [`encode_response`], [`decode_response`]: the codec.
+//!
+//! # Example
+//! ```
+//! use squall_proto::{decode_request, encode_request, peek_id, Request};
+//!
+//! let request = Request::Get { keys: vec!["user:42".to_string()] };
+//! let frame = encode_request(7, &request).unwrap();
+//! assert_eq!(peek_id(&frame), Some(7));
+//! assert_eq!(decode_request(&frame).unwrap(), (7, request));
+//! assert!(decode_request(&frame[..5]).is_err()); // truncated: an error, never a panic
+//! ```
 
 use serde::{Deserialize, Serialize};
 use squall_lattices::{LatticeValue, TypeMismatch};
