@@ -62,11 +62,12 @@ enum KvCommand {
 }
 
 pub fn run(args: KvArgs) -> anyhow::Result<ExitCode> {
-    if !(args.timeout.is_finite() && args.timeout > 0.0) {
-        bail!("--timeout must be a positive number of seconds");
-    }
+    let timeout = Duration::try_from_secs_f64(args.timeout)
+        .ok()
+        .filter(|t| !t.is_zero() && *t <= Duration::from_secs(86_400))
+        .context("--timeout must be a number of seconds between 0 and 86400")?;
     let config = ClientConfig {
-        timeout: Duration::from_secs_f64(args.timeout),
+        timeout,
         ..ClientConfig::default()
     };
     let mut client = Client::connect(&args.addr, config)

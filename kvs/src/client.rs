@@ -23,14 +23,20 @@ use crate::{Error, Result};
 
 /// Pause between attempts when a node refused or dropped the connection.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// The longest timeout honoured (longer ones are cut to this).
+const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
+/// Shards and virtual nodes accepted in a node's layout: a bound on the ring a client builds.
+const MAX_SHARDS: usize = 4096;
+const MAX_VIRTUAL_NODES: u32 = 65_536;
 
 /// How a client waits and retries.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// How long to wait for one attempt's answer (default 2 s).
+    /// How long to wait for one attempt's answer (default 2 s; at most a day).
     pub timeout: Duration,
-    /// How many times a request is sent before giving up (default 3), so a call fails after at
-    /// most about `attempts × timeout`.
+    /// How many times a request is sent before giving up (default 3). One round trip fails
+    /// after at most `attempts × timeout`; a call whose layout turns out stale refreshes it
+    /// and tries again once, so it can take up to four times that.
     pub attempts: u32,
     /// The writer id stamped on this client's writes (default: random).
     pub writer: WriterId,
@@ -152,16 +158,14 @@ impl Client {
                 entries: indices.iter().map(|&i| entries[i].clone()).collect(),
             },
         )?;
-        Ok(results
+        results
             .into_iter()
             .map(|slot| match slot {
-                Slot::Written => Ok(()),
-                Slot::Failed(e) => Err(e),
-                Slot::Value(_) => Err(KeyError::NotDurable {
-                    reason: "a GET answer to a PUT".into(),
-                }),
+                Slot::Written => Ok(Ok(())),
+                Slot::Failed(e) => Ok(Err(e)),
+                Slot::Value(_) => Err(Error::UnexpectedResponse("a GET answer to a PUT".into())),
             })
-            .collect())
+            .collect()
     }
 
     /// Writes `value` as a last-writer-wins register stamped with this client's clock, which
@@ -178,7 +182,9 @@ impl Client {
     }
 
     /// Adds `delta` to a counter. Sends this writer's running totals for the key, so a retry
-    /// or a duplicate delivery counts once.
+    /// or a duplicate delivery counts once. The delta is recorded before it is sent: if the
+    /// call fails, do not add it again; it is carried by this client's next write of the key
+    /// (or by calling `increment(key, 0)`).
     pub fn increment(&mut self, key: &str, delta: i64) -> Result<()> {
         let writer = self.config.writer;
         let contribution = self.counters.entry(key.to_string()).or_default();
@@ -207,8 +213,16 @@ impl Client {
                 )))
             }
         };
-        if topology.shards.is_empty() {
-            return Err(Error::UnexpectedResponse("the node has no shards".into()));
+        if topology.shards.is_empty()
+            || topology.shards.len() > MAX_SHARDS
+            || topology.virtual_nodes == 0
+            || topology.virtual_nodes > MAX_VIRTUAL_NODES
+        {
+            return Err(Error::UnexpectedResponse(format!(
+                "implausible layout: {} shards of {} virtual nodes",
+                topology.shards.len(),
+                topology.virtual_nodes
+            )));
         }
         let ring = Ring::new(topology.shards.len(), topology.virtual_nodes);
         let connections = topology.shards.iter().map(|_| None).collect();
@@ -313,15 +327,21 @@ fn round_trip(
     let mut responses: Vec<Option<Response>> = requests.iter().map(|_| None).collect();
     let attempts = config.attempts.max(1);
     let mut last_error = String::new();
+    let timeout = config.timeout.min(MAX_TIMEOUT);
     for attempt in 1..=attempts {
-        let deadline = Instant::now() + config.timeout;
-        let mut sent: Vec<(usize, RequestId)> = Vec::with_capacity(requests.len());
-        for (slot, (target, request)) in requests.iter().enumerate() {
-            if responses[slot].is_some() {
-                continue;
+        let deadline = Instant::now() + timeout;
+        // Encode everything first, so that no error can interrupt the exchange once a request
+        // is on the wire.
+        let mut frames = Vec::with_capacity(requests.len());
+        for (slot, (_, request)) in requests.iter().enumerate() {
+            if responses[slot].is_none() {
+                *next_id = next_id.wrapping_add(1);
+                frames.push((slot, *next_id, encode_request(*next_id, request)?));
             }
-            *next_id = next_id.wrapping_add(1);
-            let frame = encode_request(*next_id, request)?;
+        }
+        let mut sent: Vec<(usize, RequestId)> = Vec::with_capacity(frames.len());
+        for (slot, id, frame) in frames {
+            let target = &requests[slot].0;
             let endpoint = &endpoints[*target];
             let outcome = match connections[*target].take() {
                 Some(connection) => Ok(connection),
@@ -331,35 +351,45 @@ fn round_trip(
             match outcome {
                 Ok(connection) => {
                     connections[*target] = Some(connection);
-                    sent.push((slot, *next_id));
+                    sent.push((slot, id));
                 }
                 Err(e) => last_error = format!("{endpoint}: {e}"),
             }
         }
+        // One request is outstanding per connection, so the next message is its answer. After
+        // any error the connection is dropped (lazy pirate), so a late answer to a lost attempt
+        // can never be read as the answer to another request; every sent request is read (or
+        // its connection dropped) before an error is returned.
+        let mut fatal = None;
         for (slot, id) in sent {
             let target = requests[slot].0;
             let Some(connection) = connections[target].as_mut() else {
                 continue;
             };
-            // One request is outstanding per connection, so the next message is its answer;
-            // after any error the connection is dropped (lazy pirate), so a late answer to a
-            // lost attempt can never be read as the answer to the next one.
-            match connection.recv(deadline) {
-                Ok(reply) => {
-                    let (reply_id, response) = decode_response(&reply)?;
-                    if reply_id != id {
-                        connections[target] = None;
-                        return Err(Error::UnexpectedResponse(format!(
-                            "answer to request {reply_id} while waiting for {id}"
-                        )));
-                    }
-                    responses[slot] = Some(response);
-                }
+            let decoded = match connection.recv(deadline) {
+                Ok(reply) => decode_response(&reply).map_err(Error::from),
                 Err(e) => {
                     last_error = format!("{}: {e}", endpoints[target]);
                     connections[target] = None;
+                    continue;
+                }
+            };
+            match decoded {
+                Ok((reply_id, response)) if reply_id == id => responses[slot] = Some(response),
+                Ok((reply_id, _)) => {
+                    connections[target] = None;
+                    fatal = Some(Error::UnexpectedResponse(format!(
+                        "answer to request {reply_id} while waiting for {id}"
+                    )));
+                }
+                Err(e) => {
+                    connections[target] = None;
+                    fatal = Some(e);
                 }
             }
+        }
+        if let Some(error) = fatal {
+            return Err(error);
         }
         if responses.iter().all(Option::is_some) {
             return Ok(responses.into_iter().flatten().collect());

@@ -122,6 +122,14 @@ pub enum Error {
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// Something exceeds a size limit.
+    #[error("{what} is too large ({size} bytes)")]
+    TooLarge {
+        /// What was too large.
+        what: String,
+        /// Its size.
+        size: usize,
+    },
 }
 
 /// The result type of this crate.

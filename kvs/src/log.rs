@@ -16,9 +16,12 @@
 //! load. Writing into blocks that already exist makes most syncs a pure data flush. A zero
 //! header marks the end of a segment's records.
 //!
-//! Recovery merges every record of every file it finds. Records are lattice merges, so order
-//! and duplicates do not matter: a crash at any point of a compaction (old segments not yet
-//! deleted, a snapshot already written) recovers the same state. Reading a file stops at the
+//! Recovery merges every record of every file it finds, and deletes nothing but unfinished
+//! temporary snapshots. Records are lattice merges, so order and duplicates do not matter: a
+//! crash at any point of a compaction (old segments not yet deleted, a snapshot already
+//! written), or of a node-wide re-layout in which some shards have written their new snapshot
+//! and others have not, recovers the same state. Files a snapshot made obsolete are deleted
+//! only by the writer, once that snapshot (and, in a re-layout, every shard's) is durable. Reading a file stops at the
 //! first record whose length or checksum is wrong (a torn write), and says how much it skipped.
 
 use std::fs::{self, File, OpenOptions};
@@ -36,8 +39,6 @@ use crate::{io_err, Error, FsyncPolicy, Result};
 const RECORD_HEADER: usize = 8;
 /// How far ahead of the records a segment is extended with zeros.
 const PREALLOCATE: u64 = 1 << 20;
-/// Upper bound on one record, far above any accepted request, to reject corrupt lengths.
-const MAX_RECORD: usize = 1 << 30;
 
 /// A shard's open log. Owned by its shard thread; not shared.
 #[derive(Debug)]
@@ -73,6 +74,10 @@ pub struct Recovered {
     pub files: Vec<PathBuf>,
     /// The highest segment or snapshot sequence number seen.
     pub max_seq: u64,
+    /// Bytes of log segments found (they count toward the next compaction).
+    pub segment_bytes: u64,
+    /// Bytes of the newest snapshot found.
+    pub snapshot_bytes: u64,
 }
 
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
@@ -103,13 +108,14 @@ fn parse_name(name: &str) -> Option<(FileKind, u64)> {
     u64::from_str_radix(hex, 16).ok().map(|seq| (kind, seq))
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
+/// Makes a directory's entries (files created, renamed or deleted in it) durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))
 }
 
-/// Appends one record for `(key, value)` to `buffer`.
+/// Appends one record for `(key, value)` to `buffer`, or leaves `buffer` as it was.
 fn encode_record(buffer: &mut Vec<u8>, key: &str, value: &LatticeValue) -> Result<()> {
     let start = buffer.len();
     buffer.extend_from_slice(&[0u8; RECORD_HEADER]);
@@ -117,9 +123,15 @@ fn encode_record(buffer: &mut Vec<u8>, key: &str, value: &LatticeValue) -> Resul
         buffer.truncate(start);
         return Err(squall_proto::Error::Encode(e.to_string()).into());
     }
+    let payload_len = buffer.len() - start - RECORD_HEADER;
+    let Ok(len) = u32::try_from(payload_len) else {
+        buffer.truncate(start);
+        return Err(Error::TooLarge {
+            what: format!("the value of key {key:?}"),
+            size: payload_len,
+        });
+    };
     let payload = &buffer[start + RECORD_HEADER..];
-    let len = u32::try_from(payload.len())
-        .map_err(|_| Error::Config(format!("record of {} bytes is too large", payload.len())))?;
     let crc = crc32fast::hash(payload);
     buffer[start..start + 4].copy_from_slice(&len.to_le_bytes());
     buffer[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
@@ -141,7 +153,7 @@ fn decode_records(bytes: &[u8], mut each: impl FnMut(Key, LatticeValue)) -> usiz
             break;
         }
         let start = offset + RECORD_HEADER;
-        if len > MAX_RECORD || bytes.len() - start < len {
+        if bytes.len() - start < len {
             break;
         }
         let payload = &bytes[start..start + len];
@@ -157,8 +169,8 @@ fn decode_records(bytes: &[u8], mut each: impl FnMut(Key, LatticeValue)) -> usiz
     offset
 }
 
-/// Reads every log segment and snapshot in `dir` and merges their records. Segments already
-/// covered by a newer snapshot are skipped (and deleted, with leftover temporary files).
+/// Reads every log segment and snapshot in `dir` and merges their records. Deletes only
+/// leftover temporary snapshots.
 pub fn recover(dir: &Path) -> Result<Recovered> {
     let mut recovered = Recovered::default();
     if !dir.exists() {
@@ -172,18 +184,9 @@ pub fn recover(dir: &Path) -> Result<Recovered> {
             files.push((kind, seq, entry.path()));
         }
     }
-    let newest_snapshot = files
-        .iter()
-        .filter(|(kind, _, _)| matches!(kind, FileKind::Snapshot))
-        .map(|(_, seq, _)| *seq)
-        .max();
+    let mut newest_snapshot = None;
     for (kind, seq, path) in files {
-        let obsolete = match kind {
-            FileKind::Temporary => true,
-            FileKind::Snapshot => Some(seq) < newest_snapshot,
-            FileKind::Segment => newest_snapshot.is_some_and(|s| seq <= s),
-        };
-        if obsolete {
+        if let FileKind::Temporary = kind {
             fs::remove_file(&path).map_err(io_err(&path))?;
             continue;
         }
@@ -192,6 +195,14 @@ pub fn recover(dir: &Path) -> Result<Recovered> {
         File::open(&path)
             .and_then(|mut f| f.read_to_end(&mut bytes))
             .map_err(io_err(&path))?;
+        match kind {
+            FileKind::Segment => recovered.segment_bytes += bytes.len() as u64,
+            _ if newest_snapshot < Some(seq) => {
+                newest_snapshot = Some(seq);
+                recovered.snapshot_bytes = bytes.len() as u64;
+            }
+            _ => {}
+        }
         let entries = &mut recovered.entries;
         let mut records = 0;
         let intact = decode_records(&bytes, |key, value| {
@@ -221,16 +232,21 @@ pub fn recover(dir: &Path) -> Result<Recovered> {
 }
 
 impl ShardLog {
-    /// Opens a new segment in `dir` numbered after `after_seq` (the highest sequence number
-    /// recovered there), creating the directory if needed.
+    /// Opens a new segment in `dir` numbered after what [`recover`] found there (nothing, for
+    /// a new directory), creating the directory if needed.
     pub fn open(
         dir: &Path,
-        after_seq: u64,
+        recovered: &Recovered,
         fsync: FsyncPolicy,
         compact_after: u64,
     ) -> Result<Self> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let seq = after_seq + 1;
+        if !dir.exists() {
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent)?;
+            }
+        }
+        let seq = recovered.max_seq + 1;
         let file = Self::create_segment(dir, seq)?;
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -239,8 +255,8 @@ impl ShardLog {
             pending: Vec::with_capacity(64 << 10),
             written: 0,
             allocated: 0,
-            log_bytes: 0,
-            snapshot_bytes: 0,
+            log_bytes: recovered.segment_bytes,
+            snapshot_bytes: recovered.snapshot_bytes,
             compact_after,
             fsync,
             last_sync: Instant::now(),
@@ -275,9 +291,9 @@ impl ShardLog {
         encode_record(&mut self.pending, key, value)
     }
 
-    /// Whether records are waiting for a commit.
-    pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
+    /// Bytes of records waiting for a commit (they pile up while commits fail).
+    pub fn pending_bytes(&self) -> usize {
+        self.pending.len()
     }
 
     /// Writes the pending records and, under [`FsyncPolicy::Always`], syncs them. On failure the
@@ -434,7 +450,13 @@ mod tests {
     #[test]
     fn committed_records_are_recovered_and_merged() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = ShardLog::open(dir.path(), 0, FsyncPolicy::Always, 1 << 20).unwrap();
+        let mut log = ShardLog::open(
+            dir.path(),
+            &Recovered::default(),
+            FsyncPolicy::Always,
+            1 << 20,
+        )
+        .unwrap();
         log.append("a", &lww(1, b"one")).unwrap();
         log.append("a", &lww(2, b"two")).unwrap();
         log.append("c", &LatticeValue::Counter(Counter::of(9, 5)))
@@ -450,7 +472,13 @@ mod tests {
     #[test]
     fn rewound_and_uncommitted_records_are_not_written() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = ShardLog::open(dir.path(), 0, FsyncPolicy::Never, 1 << 20).unwrap();
+        let mut log = ShardLog::open(
+            dir.path(),
+            &Recovered::default(),
+            FsyncPolicy::Never,
+            1 << 20,
+        )
+        .unwrap();
         let mark = log.mark();
         log.append("gone", &lww(1, b"x")).unwrap();
         log.rewind(mark);
@@ -463,7 +491,13 @@ mod tests {
     #[test]
     fn a_torn_tail_is_cut_at_the_last_intact_record() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = ShardLog::open(dir.path(), 0, FsyncPolicy::Always, 1 << 20).unwrap();
+        let mut log = ShardLog::open(
+            dir.path(),
+            &Recovered::default(),
+            FsyncPolicy::Always,
+            1 << 20,
+        )
+        .unwrap();
         log.append("a", &lww(1, b"one")).unwrap();
         log.commit().unwrap();
         log.append("b", &lww(1, b"two")).unwrap();
@@ -487,7 +521,13 @@ mod tests {
     #[test]
     fn the_preallocated_tail_is_not_reported_as_damage() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = ShardLog::open(dir.path(), 0, FsyncPolicy::Always, 1 << 30).unwrap();
+        let mut log = ShardLog::open(
+            dir.path(),
+            &Recovered::default(),
+            FsyncPolicy::Always,
+            1 << 30,
+        )
+        .unwrap();
         for i in 0..5_000u64 {
             log.append(&format!("k{i}"), &lww(i, b"some value"))
                 .unwrap();
@@ -509,6 +549,30 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_commit_keeps_its_records_for_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = ShardLog::open(
+            dir.path(),
+            &Recovered::default(),
+            FsyncPolicy::Always,
+            1 << 30,
+        )
+        .unwrap();
+        let segment = std::mem::replace(
+            &mut log.file,
+            OpenOptions::new().write(true).open("/dev/full").unwrap(),
+        );
+        log.append("k", &lww(1, b"v")).unwrap();
+        assert!(log.commit().is_err(), "a full disk must fail the commit");
+        assert!(log.pending_bytes() > 0);
+        log.file = segment;
+        log.commit().unwrap();
+        assert_eq!(log.pending_bytes(), 0);
+        drop(log);
+        assert_eq!(recover(dir.path()).unwrap().entries["k"], lww(1, b"v"));
+    }
+
+    #[test]
     fn a_flipped_bit_is_caught_by_the_checksum() {
         let mut buffer = Vec::new();
         encode_record(&mut buffer, "k", &lww(1, b"value")).unwrap();
@@ -523,7 +587,8 @@ mod tests {
     #[test]
     fn snapshot_replaces_old_segments_and_recovery_sees_both() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = ShardLog::open(dir.path(), 0, FsyncPolicy::Always, 0).unwrap();
+        let mut log =
+            ShardLog::open(dir.path(), &Recovered::default(), FsyncPolicy::Always, 0).unwrap();
         let mut state = HashMap::new();
         for i in 0..100u64 {
             let key = format!("k{}", i % 10);
@@ -535,8 +600,10 @@ mod tests {
         assert!(log.needs_compaction());
         let obsolete = log.snapshot(state.iter()).unwrap();
         assert_eq!(obsolete, vec![segment_path(dir.path(), 1)]);
-        // A crash before the obsolete segment is deleted recovers the same state.
+        // A crash before the obsolete segment is deleted recovers the same state, and recovery
+        // deletes nothing.
         assert_eq!(recover(dir.path()).unwrap().entries, state);
+        assert!(obsolete.iter().all(|p| p.exists()));
         remove_files(&obsolete).unwrap();
         log.append("after", &lww(500, b"new")).unwrap();
         log.commit().unwrap();

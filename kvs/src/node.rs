@@ -14,7 +14,7 @@ use hashbrown::HashMap;
 use squall_lattices::{Lattice, LatticeValue};
 use squall_proto::{Key, Topology};
 
-use crate::log::{recover, remove_files, ShardLog};
+use crate::log::{recover, remove_files, Recovered, ShardLog};
 use crate::ring::Ring;
 use crate::shard::Shard;
 use crate::{io_err, zmq_err, Config, Error, Result};
@@ -145,24 +145,30 @@ impl Node {
         config: &Config,
         ring: &Ring,
     ) -> Result<(Vec<HashMap<Key, LatticeValue>>, Vec<Option<ShardLog>>)> {
-        std::fs::create_dir_all(data_dir).map_err(io_err(data_dir))?;
+        if !data_dir.exists() {
+            std::fs::create_dir_all(data_dir).map_err(io_err(data_dir))?;
+            if let Some(parent) = data_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                crate::log::sync_dir(parent)?;
+            }
+        }
         let mut stores: Vec<HashMap<Key, LatticeValue>> =
             (0..config.shards).map(|_| HashMap::new()).collect();
-        let mut max_seq = vec![0u64; config.shards];
+        let mut found: Vec<Recovered> = (0..config.shards).map(|_| Recovered::default()).collect();
         let mut misplaced = false;
         let mut stale_dirs = Vec::new();
         let (mut records, mut skipped) = (0u64, 0u64);
         for (index, dir) in existing_shard_dirs(data_dir)? {
-            let recovered = recover(&dir)?;
+            let mut recovered = recover(&dir)?;
             records += recovered.records;
             skipped += recovered.skipped_bytes;
+            let entries = std::mem::take(&mut recovered.entries);
             if index < config.shards {
-                max_seq[index] = recovered.max_seq;
+                found[index] = recovered;
             } else {
                 stale_dirs.push(dir);
                 misplaced |= !recovered.files.is_empty();
             }
-            for (key, value) in recovered.entries {
+            for (key, value) in entries {
                 let owner = ring.owner(&key) as usize;
                 misplaced |= owner != index;
                 match stores[owner].entry(key) {
@@ -176,15 +182,17 @@ impl Node {
             }
         }
         let mut logs = Vec::with_capacity(config.shards);
-        for (index, seq) in max_seq.iter().enumerate() {
+        for (index, recovered) in found.iter().enumerate() {
             logs.push(ShardLog::open(
                 &shard_dir(data_dir, index),
-                *seq,
+                recovered,
                 config.fsync,
                 config.compact_after_bytes,
             )?);
         }
         if misplaced {
+            // Every shard writes its snapshot before any old file goes: until then a crash
+            // leaves the old files, and the next start reads (and re-homes) everything again.
             tracing::info!("shard layout changed since the last run; rewriting shard directories");
             let mut obsolete = Vec::new();
             for (log, store) in logs.iter_mut().zip(&stores) {

@@ -3,7 +3,10 @@
 //! The loop takes up to `max_batch` requests from its socket, applies them to its map (reads
 //! and lattice merges), appends every write that changed something to its log, commits the log
 //! once for the whole batch (group commit), and only then sends the batch's replies, reads
-//! included, so no client ever sees a value that a crash could take back.
+//! included, so no client ever sees a value that a crash could take back. If the commit fails
+//! (disk full, I/O error), no reply of the batch reports success, reads included: the map may
+//! hold merges that are not yet durable. The records stay pending and every later batch retries
+//! them; while they exceed [`MAX_PENDING_BYTES`], new writes are refused before they are merged.
 //!
 //! Bad frames never stop the loop: each gets an error reply (ZeroMQ's ROUTER socket always
 //! knows the sender), and a frame that is not even addressed sensibly is dropped with a warning.
@@ -26,11 +29,22 @@ use crate::Config;
 /// How long the loop sleeps in `poll` when idle: the bound on shutdown and fsync-interval lag.
 const IDLE_POLL: Duration = Duration::from_millis(20);
 
+/// Uncommitted log bytes beyond which new writes are refused (only reached while commits fail).
+pub const MAX_PENDING_BYTES: usize = 64 << 20;
+
+/// Request bytes one batch may take in, whatever `max_batch` says, to bound a shard's memory.
+const MAX_BATCH_BYTES: usize = 64 << 20;
+
 /// A reply waiting for the batch's commit.
 enum Outgoing {
-    /// Fully encoded.
+    /// Independent of the commit (errors, topology): fully encoded.
     Ready(Vec<u8>),
-    /// A PUT's results, final only once the commit's outcome is known.
+    /// A GET's values: sent only if the commit succeeds.
+    Get {
+        id: RequestId,
+        values: Vec<Result<Option<LatticeValue>, KeyError>>,
+    },
+    /// A PUT's results: each `Ok` becomes `NotDurable` if the commit fails.
     Put {
         id: RequestId,
         results: Vec<Result<(), KeyError>>,
@@ -82,7 +96,11 @@ impl Shard {
     }
 
     fn take_batch(&mut self, outbox: &mut Vec<Envelope>) {
+        let mut bytes = 0;
         for _ in 0..self.config.max_batch {
+            if bytes > MAX_BATCH_BYTES {
+                break;
+            }
             let identity = match self.socket.recv_msg(zmq::DONTWAIT) {
                 Ok(identity) => identity,
                 Err(zmq::Error::EAGAIN) => break,
@@ -94,7 +112,10 @@ impl Shard {
             let mut frames = Vec::with_capacity(2);
             while self.socket.get_rcvmore().unwrap_or(false) {
                 match self.socket.recv_msg(0) {
-                    Ok(frame) => frames.push(frame),
+                    Ok(frame) => {
+                        bytes += frame.len();
+                        frames.push(frame);
+                    }
                     Err(e) => {
                         tracing::warn!(shard = self.index, cause = %e, "receive failed mid-message");
                         break;
@@ -200,10 +221,10 @@ impl Shard {
             );
         }
         match request {
-            Request::Get { keys } => {
-                let values = keys.iter().map(|key| self.get(key)).collect();
-                encode(id, &Response::Get(values))
-            }
+            Request::Get { keys } => Outgoing::Get {
+                id,
+                values: keys.iter().map(|key| self.get(key)).collect(),
+            },
             Request::Put { entries } => Outgoing::Put {
                 id,
                 results: entries
@@ -211,7 +232,9 @@ impl Shard {
                     .map(|(key, value)| self.put(key, value))
                     .collect(),
             },
-            Request::Topology => encode(id, &Response::Topology((*self.topology).clone())),
+            Request::Topology => {
+                Outgoing::Ready(encode(id, &Response::Topology((*self.topology).clone())))
+            }
         }
     }
 
@@ -236,6 +259,13 @@ impl Shard {
         let not_durable = |e: crate::Error| KeyError::NotDurable {
             reason: e.to_string(),
         };
+        if let Some(log) = &self.log {
+            if log.pending_bytes() > MAX_PENDING_BYTES {
+                return Err(KeyError::NotDurable {
+                    reason: "the log is failing; writes are refused until it recovers".into(),
+                });
+            }
+        }
         match self.store.get_mut(&key) {
             Some(stored) => {
                 stored.check_mergeable(&value)?;
@@ -275,24 +305,26 @@ impl Shard {
             None => Ok(()),
         };
         for envelope in outbox.drain(..) {
-            let frame = match envelope.reply {
-                Outgoing::Ready(frame) => frame,
-                Outgoing::Put { id, results } => {
-                    let results = match &committed {
-                        Ok(()) => results,
-                        Err(reason) => results
-                            .into_iter()
-                            .map(|r| {
-                                r.and(Err(KeyError::NotDurable {
-                                    reason: reason.clone(),
-                                }))
-                            })
-                            .collect(),
-                    };
-                    match encode(id, &Response::Put(results)) {
-                        Outgoing::Ready(frame) => frame,
-                        Outgoing::Put { .. } => continue,
-                    }
+            let frame = match (envelope.reply, &committed) {
+                (Outgoing::Ready(frame), _) => frame,
+                (Outgoing::Get { id, values }, Ok(())) => encode(id, &Response::Get(values)),
+                (Outgoing::Get { id, .. }, Err(reason)) => encode(
+                    id,
+                    &Response::Error(RequestError::Unavailable {
+                        reason: reason.clone(),
+                    }),
+                ),
+                (Outgoing::Put { id, results }, Ok(())) => encode(id, &Response::Put(results)),
+                (Outgoing::Put { id, results }, Err(reason)) => {
+                    let failed = results
+                        .into_iter()
+                        .map(|r| {
+                            r.and(Err(KeyError::NotDurable {
+                                reason: reason.clone(),
+                            }))
+                        })
+                        .collect();
+                    encode(id, &Response::Put(failed))
                 }
             };
             let sent = self
@@ -338,19 +370,16 @@ impl Shard {
     }
 }
 
-fn encode(id: RequestId, response: &Response) -> Outgoing {
-    match encode_response(id, response) {
-        Ok(frame) => Outgoing::Ready(frame),
-        Err(e) => {
-            tracing::error!(cause = %e, "could not encode a response");
-            let fallback = Response::Error(RequestError::Malformed {
-                reason: format!("response could not be encoded: {e}"),
-            });
-            Outgoing::Ready(encode_response(id, &fallback).unwrap_or_default())
-        }
-    }
+fn encode(id: RequestId, response: &Response) -> Vec<u8> {
+    encode_response(id, response).unwrap_or_else(|e| {
+        tracing::error!(cause = %e, "could not encode a response");
+        let fallback = Response::Error(RequestError::Malformed {
+            reason: format!("response could not be encoded: {e}"),
+        });
+        encode_response(id, &fallback).unwrap_or_default()
+    })
 }
 
 fn error_reply(id: RequestId, error: RequestError) -> Outgoing {
-    encode(id, &Response::Error(error))
+    Outgoing::Ready(encode(id, &Response::Error(error)))
 }

@@ -148,8 +148,15 @@ impl Connection {
         if size > MAX_FRAME {
             return Err(invalid(format!("frame of {size} bytes is too large")));
         }
-        let mut body = vec![0u8; size as usize];
-        self.read_exact(&mut body, deadline)?;
+        // Grow the buffer as bytes arrive rather than trusting the declared size up front.
+        let size = size as usize;
+        let mut body = Vec::with_capacity(size.min(64 << 10));
+        while body.len() < size {
+            let start = body.len();
+            let chunk = (size - start).min(1 << 20);
+            body.resize(start + chunk, 0);
+            self.read_exact(&mut body[start..], deadline)?;
+        }
         Ok((flags, body))
     }
 

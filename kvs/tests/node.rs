@@ -298,3 +298,41 @@ fn a_client_gives_up_after_its_deadline_when_the_node_is_gone() {
         other => panic!("expected a timeout, got {other:?}"),
     }
 }
+
+#[test]
+fn a_crash_in_the_middle_of_a_relayout_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let expected = {
+        let node = Node::start(config(2, Some(dir.path()))).expect("start");
+        write_keys(&mut client(&node), 500)
+    };
+    // Re-lay out to three shards by hand and "crash" after shard 0's new snapshot, before the
+    // other shards write theirs and before any old file is deleted: shard 0's directory then
+    // holds a snapshot without the keys that move away, next to the old segments that have them.
+    let shard0 = dir.path().join("shard-0");
+    let recovered = squall_kvs::log::recover(&shard0).expect("recover");
+    let ring = squall_kvs::ring::Ring::new(3, Config::default().virtual_nodes);
+    let kept: Vec<(String, LatticeValue)> = recovered
+        .entries
+        .iter()
+        .filter(|(key, _)| ring.owner(key) == 0)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert!(
+        kept.len() < recovered.entries.len(),
+        "some keys must move away from shard 0"
+    );
+    let mut log =
+        squall_kvs::log::ShardLog::open(&shard0, &recovered, FsyncPolicy::Always, 1 << 30)
+            .expect("open");
+    log.snapshot(kept.iter().map(|(k, v)| (k, v)))
+        .expect("snapshot");
+    drop(log);
+
+    let node = Node::start(config(3, Some(dir.path()))).expect("restart");
+    assert_eq!(node.recovered_keys(), expected.len());
+    read_all(&mut client(&node), &expected);
+    drop(node);
+    let node = Node::start(config(3, Some(dir.path()))).expect("restart again");
+    read_all(&mut client(&node), &expected);
+}

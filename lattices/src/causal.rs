@@ -33,11 +33,33 @@ pub struct CausalVersion<T, D> {
 /// A causal multi-value register. The empty register is the bottom element.
 ///
 /// Versions are kept sorted and mutually concurrent (an antichain), so equal values compare
-/// equal. Cloning costs one copy of every version.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// equal; decoding normalises whatever it is given the same way, so a value from the wire is
+/// always canonical. Cloning costs one copy of every version.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
 pub struct Causal<T, D> {
     versions: Vec<CausalVersion<T, D>>,
+}
+
+/// The most versions a decoded causal value may carry. Concurrent siblings beyond this many
+/// mean a writer is misbehaving; refusing them bounds the quadratic normalisation.
+pub const MAX_DECODED_VERSIONS: usize = 1024;
+
+impl<'de, T, D> Deserialize<'de> for Causal<T, D>
+where
+    T: Deserialize<'de> + Ord,
+    D: Deserialize<'de> + Ord,
+{
+    fn deserialize<De: serde::Deserializer<'de>>(deserializer: De) -> Result<Self, De::Error> {
+        let versions = Vec::<CausalVersion<T, D>>::deserialize(deserializer)?;
+        if versions.len() > MAX_DECODED_VERSIONS {
+            return Err(serde::de::Error::custom(format!(
+                "causal value with {} versions (at most {MAX_DECODED_VERSIONS})",
+                versions.len()
+            )));
+        }
+        Ok(Self::from_versions(versions))
+    }
 }
 
 /// A vector clock plus the set of concurrent values (Anna's `SINGLE_CAUSAL`).
@@ -168,6 +190,34 @@ mod tests {
         let right = a.join(b.join(c));
         assert_eq!(left, right);
         assert_eq!(left.values().copied().collect::<Vec<_>>(), ["c", "b"]);
+    }
+
+    #[test]
+    fn decoding_normalises_any_version_list() {
+        let older = CausalVersion {
+            clock: clock(&[(1, 1)]),
+            dependencies: (),
+            value: "old".to_string(),
+        };
+        let newer = CausalVersion {
+            clock: clock(&[(1, 2)]),
+            dependencies: (),
+            value: "new".to_string(),
+        };
+        // Unsorted, duplicated and dominated: what a careless or hostile writer might send.
+        let raw = vec![newer.clone(), older, newer.clone()];
+        let bytes = rmp_serde::to_vec(&raw).expect("encode");
+        let decoded: SingleKeyCausal<String> = rmp_serde::from_slice(&bytes).expect("decode");
+        assert_eq!(decoded, SingleKeyCausal::from_versions([newer]));
+        let too_many: Vec<_> = (0..=MAX_DECODED_VERSIONS as u64)
+            .map(|w| CausalVersion {
+                clock: clock(&[(w, 1)]),
+                dependencies: (),
+                value: String::new(),
+            })
+            .collect();
+        let bytes = rmp_serde::to_vec(&too_many).expect("encode");
+        assert!(rmp_serde::from_slice::<SingleKeyCausal<String>>(&bytes).is_err());
     }
 
     #[test]

@@ -1,25 +1,25 @@
 //! A counter that stays correct when an increment is retried.
 //!
-//! The representation is a PN-counter (`crdts::PNCounter`): per writer, the total of its
-//! increments and the total of its decrements, merged by max. A write carries the writer's
+//! A PN-counter: per writer, the total of its increments and the total of its decrements, each
+//! kept in a [`VectorClock`] (so merged by pointwise max). A write carries the writer's
 //! *totals*, not a delta, so delivering the same write twice (a client retry, a replayed log
 //! record, a gossip duplicate) counts once. A writer therefore remembers its own totals (see
 //! [`Counter::add`]); a stateless writer uses a fresh [`WriterId`] per increment.
+//!
+//! `crdts::PNCounter` has this shape but keeps its per-writer totals private, so a writer's
+//! total cannot be read to guard against overflow (its `inc_many` overflows a `u64`), decoded
+//! values cannot be normalised, and a merge cannot tell whether it changed anything without
+//! cloning the whole counter. Two vector clocks (`crdts::VClock` underneath) give all three.
 
-use crdts::{CmRDT, CvRDT, PNCounter};
 use serde::{Deserialize, Serialize};
 
-use crate::{Lattice, WriterId};
+use crate::{Lattice, VectorClock, WriterId};
 
 /// A PN-counter keyed by writer. The empty counter (value 0) is the bottom element.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Counter(PNCounter<WriterId>);
-
-impl Default for Counter {
-    fn default() -> Self {
-        Self(PNCounter::new())
-    }
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Counter {
+    increments: VectorClock,
+    decrements: VectorClock,
 }
 
 impl Counter {
@@ -28,19 +28,16 @@ impl Counter {
         Self::default()
     }
 
-    /// Adds `delta` on behalf of `writer`, raising that writer's increment or decrement total.
-    /// The result, sent as a write, merges idempotently.
+    /// Adds `delta` on behalf of `writer`, raising that writer's increment or decrement total
+    /// (saturating at `u64::MAX`). The result, sent as a write, merges idempotently.
     pub fn add(&mut self, writer: WriterId, delta: i64) {
-        let steps = delta.unsigned_abs();
-        if steps == 0 {
-            return;
-        }
-        let op = if delta > 0 {
-            self.0.inc_many(writer, steps)
+        let totals = if delta >= 0 {
+            &mut self.increments
         } else {
-            self.0.dec_many(writer, steps)
+            &mut self.decrements
         };
-        self.0.apply(op);
+        let total = totals.get(writer).saturating_add(delta.unsigned_abs());
+        totals.observe(writer, total);
     }
 
     /// A counter holding only `writer`'s contribution of `delta`: what a stateless writer sends.
@@ -50,21 +47,44 @@ impl Counter {
         counter
     }
 
-    /// The counter's value: the sum of all increments minus all decrements, saturated to `i128`.
+    /// The counter's value: the sum of all increments minus all decrements.
     pub fn value(&self) -> i128 {
-        let value = self.0.read();
-        i128::try_from(&value).unwrap_or(if value.sign() == num_bigint::Sign::Minus {
-            i128::MIN
-        } else {
-            i128::MAX
-        })
+        let sum = |totals: &VectorClock| totals.iter().map(|(_, n)| i128::from(n)).sum::<i128>();
+        // At most 2^64 writers of at most 2^64 each cannot overflow i128 in practice; saturate
+        // anyway rather than wrap.
+        sum(&self.increments).saturating_sub(sum(&self.decrements))
     }
 }
 
 impl Lattice for Counter {
     fn merge(&mut self, other: Self) -> bool {
-        let before = self.clone();
-        self.0.merge(other.0);
-        *self != before
+        let up = self.increments.merge(other.increments);
+        let down = self.decrements.merge(other.decrements);
+        up || down
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retried_writes_count_once() {
+        let mut stored = Counter::new();
+        let write = Counter::of(1, 5);
+        stored.merge(write.clone());
+        stored.merge(write);
+        assert_eq!(stored.value(), 5);
+    }
+
+    #[test]
+    fn totals_saturate_instead_of_wrapping() {
+        let mut counter = Counter::new();
+        counter.add(1, i64::MAX);
+        counter.add(1, i64::MAX);
+        counter.add(1, i64::MAX);
+        assert_eq!(counter.value(), i128::from(u64::MAX));
+        counter.add(1, -3);
+        assert_eq!(counter.value(), i128::from(u64::MAX) - 3);
     }
 }

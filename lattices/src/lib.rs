@@ -19,14 +19,15 @@
 //! - [`value`]: [`LatticeValue`], the dynamically typed value the KVS stores and ships.
 //!
 //! # Why `crdts` only in part
-//! The `crdts` crate supplies [`VectorClock`]'s representation (`crdts::VClock`) and
-//! [`Counter`]'s (`crdts::PNCounter`), where its types fit exactly. Its `LWWReg` is not used
-//! because it treats two writes with the same marker and different values as a validation
-//! error instead of ordering them deterministically, which breaks commutativity for us; its
-//! `GSet` exposes its elements only by cloning the whole set, which a store serving reads
-//! cannot afford; its `MVReg` keeps a causal context shaped for its own ops, not the
-//! clock-plus-dependencies versions that Cloudburst's causal modes ship. Those three are written
-//! here, each in a few lines, and all are checked by the same property tests.
+//! The `crdts` crate supplies the representation of [`VectorClock`] (`crdts::VClock`), on
+//! which [`Counter`] also builds. Four of its types are not used, each for a reason:
+//! `PNCounter` hides its per-writer totals, so it cannot be guarded against overflow or merged
+//! without a clone (see [`counter`]); `LWWReg` treats two writes with the same marker and
+//! different values as a validation error instead of ordering them deterministically, which
+//! breaks commutativity for us; `GSet` exposes its elements only by cloning the whole set,
+//! which a store serving reads cannot afford; `MVReg` keeps a causal context shaped for its
+//! own ops, not the clock-plus-dependencies versions that Cloudburst's causal modes ship. Their
+//! replacements here are a few lines each, checked by the same property tests.
 //!
 //! # Example
 //! ```

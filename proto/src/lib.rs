@@ -138,6 +138,12 @@ pub enum RequestError {
         /// The node's limit.
         limit: usize,
     },
+    /// The node cannot serve the request now (its log is failing); retrying later is safe.
+    #[error("node unavailable: {reason}")]
+    Unavailable {
+        /// What went wrong.
+        reason: String,
+    },
     /// The request has more keys than the node accepts in one batch.
     #[error("request has {count} keys; the limit is {limit}")]
     TooManyKeys {
@@ -208,7 +214,9 @@ fn decode<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<(RequestId, T)> 
     if version != VERSION {
         return Err(Error::UnsupportedVersion { got: version });
     }
-    let id = peek_id(frame).ok_or(Error::BadMagic)?;
+    let id = u64::from_be_bytes([
+        frame[4], frame[5], frame[6], frame[7], frame[8], frame[9], frame[10], frame[11],
+    ]);
     let mut rest = &frame[HEADER_LEN..];
     let mut deserializer = rmp_serde::Deserializer::new(&mut rest);
     deserializer.set_max_depth(MAX_DEPTH);
@@ -270,6 +278,16 @@ mod tests {
             let _ = decode_response(&bytes);
         }
 
+        /// Random bodies behind a valid header, so the MessagePack decoder itself is exercised.
+        #[test]
+        fn garbage_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut frame = encode_request(3, &Request::Topology).expect("encode");
+            frame.truncate(HEADER_LEN);
+            frame.extend_from_slice(&body);
+            let _ = decode_request(&frame);
+            let _ = decode_response(&frame);
+        }
+
         #[test]
         fn truncated_frames_are_errors(request in request(), cut in any::<prop::sample::Index>()) {
             let frame = encode_request(7, &request).expect("encode");
@@ -291,11 +309,38 @@ mod tests {
 
     #[test]
     fn deep_nesting_is_rejected_not_a_crash() {
-        // A body of 100k nested one-element arrays.
-        let mut frame = encode_request(5, &Request::Topology).expect("encode");
-        frame.truncate(HEADER_LEN);
-        frame.extend(std::iter::repeat_n(0x91u8, 100_000));
-        frame.push(0xc0);
-        assert!(matches!(decode_request(&frame), Err(Error::Body(_))));
+        use squall_lattices::{LatticeValue, MapLattice, Max};
+        // Maps nested 200 deep: legal to encode, refused by the depth limit when decoding.
+        let mut value = LatticeValue::Max(Max(1));
+        for _ in 0..200 {
+            value = LatticeValue::Map(MapLattice::from_iter([(
+                bytes::Bytes::from_static(b"f"),
+                value,
+            )]));
+        }
+        let request = Request::Put {
+            entries: vec![("deep".to_string(), value)],
+        };
+        let frame = encode_request(5, &request).expect("encode");
+        match decode_request(&frame) {
+            Err(Error::Body(reason)) => assert!(reason.contains("depth"), "{reason}"),
+            other => panic!("expected a depth error, got {other:?}"),
+        }
+        // Just under the limit still decodes.
+        let mut shallow = LatticeValue::Max(Max(1));
+        for _ in 0..10 {
+            shallow = LatticeValue::Map(MapLattice::from_iter([(
+                bytes::Bytes::from_static(b"f"),
+                shallow,
+            )]));
+        }
+        let frame = encode_request(
+            6,
+            &Request::Put {
+                entries: vec![("ok".into(), shallow)],
+            },
+        )
+        .expect("encode");
+        assert!(decode_request(&frame).is_ok());
     }
 }

@@ -73,6 +73,34 @@ fn put_and_get_every_cli_type() {
     stdout(&kv(a, &["put", "user", "lang=en", "--type", "map"]));
     assert_eq!(stdout(&kv(a, &["get", "user"])), "lang=en\nname=ada\n");
 
+    stdout(&kv(a, &["put", "low", "3", "--type", "min"]));
+    stdout(&kv(a, &["put", "low", "-4", "--type", "min"]));
+    assert_eq!(stdout(&kv(a, &["get", "low"])), "-4\n");
+
+    stdout(&kv(a, &["put", "seen", "false", "--type", "bool"]));
+    assert_eq!(stdout(&kv(a, &["get", "seen"])), "false\n");
+    stdout(&kv(a, &["put", "seen", "true", "--type", "bool"]));
+    stdout(&kv(a, &["put", "seen", "false", "--type", "bool"]));
+    assert_eq!(stdout(&kv(a, &["get", "seen"])), "true\n");
+
+    for element in ["pear", "apple", "fig"] {
+        stdout(&kv(a, &["put", "fruit", element, "--type", "ordered-set"]));
+    }
+    assert_eq!(stdout(&kv(a, &["get", "fruit"])), "apple\nfig\npear\n");
+
+    // `-` reads the value from standard input, bytes as they are.
+    let mut put = squall()
+        .args(["kv", "--addr", a, "put", "blob", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let blob: Vec<u8> = (0..=255u8).collect();
+    std::io::Write::write_all(&mut put.stdin.take().expect("stdin"), &blob).expect("write stdin");
+    assert!(put.wait().expect("wait").success());
+    let got = kv(a, &["get", "blob"]);
+    assert!(got.status.success());
+    assert_eq!(got.stdout, blob);
+
     stdout(&kv(a, &["put", "doc", "v1", "--type", "single-causal"]));
     stdout(&kv(a, &["put", "doc", "v2", "--type", "single-causal"]));
     assert_eq!(stdout(&kv(a, &["get", "doc"])), "v2\n");
