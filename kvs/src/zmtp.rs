@@ -21,11 +21,17 @@ const FLAG_COMMAND: u8 = 0x04;
 /// Largest reply accepted (a corrupt length must not allocate gigabytes).
 const MAX_FRAME: u64 = 1 << 30;
 
+/// Socket timeouts are set in steps of this much, so that consecutive requests with similar
+/// deadlines do not each pay a `setsockopt`.
+const TIMEOUT_STEP: Duration = Duration::from_millis(10);
+
 /// One TCP connection to a ROUTER socket. Not thread-safe; one outstanding request at a time.
 pub(crate) struct Connection {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
     buffer: Vec<u8>,
+    read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
 }
 
 fn invalid(message: impl Into<String>) -> io::Error {
@@ -42,6 +48,32 @@ fn remaining(deadline: Instant) -> io::Result<Duration> {
         .checked_duration_since(Instant::now())
         .filter(|d| !d.is_zero())
         .ok_or_else(timed_out)
+}
+
+/// A socket timeout that never outlasts `deadline`: the remaining time rounded down to a
+/// [`TIMEOUT_STEP`] (or the exact remaining time, when less than a step is left).
+fn socket_timeout(deadline: Instant) -> io::Result<Duration> {
+    let left = remaining(deadline)?;
+    let steps = (left.as_nanos() / TIMEOUT_STEP.as_nanos()).min(u32::MAX as u128) as u32;
+    Ok(if steps == 0 {
+        left
+    } else {
+        TIMEOUT_STEP * steps
+    })
+}
+
+/// Sets a socket timeout through `set` unless `current` already holds it.
+fn update_timeout(
+    current: &mut Option<Duration>,
+    deadline: Instant,
+    set: impl FnOnce(Option<Duration>) -> io::Result<()>,
+) -> io::Result<()> {
+    let wanted = socket_timeout(deadline)?;
+    if *current != Some(wanted) {
+        set(Some(wanted))?;
+        *current = Some(wanted);
+    }
+    Ok(())
 }
 
 impl Connection {
@@ -61,6 +93,8 @@ impl Connection {
             reader: BufReader::with_capacity(16 << 10, stream.try_clone()?),
             writer: stream,
             buffer: Vec::with_capacity(1024),
+            read_timeout: None,
+            write_timeout: None,
         };
         connection.handshake(deadline)?;
         Ok(connection)
@@ -86,7 +120,10 @@ impl Connection {
         self.buffer.extend_from_slice(&greeting);
         push_frame_header(&mut self.buffer, FLAG_COMMAND, ready.len());
         self.buffer.extend_from_slice(&ready);
-        self.writer.set_write_timeout(Some(remaining(deadline)?))?;
+        let writer = &self.writer;
+        update_timeout(&mut self.write_timeout, deadline, |t| {
+            writer.set_write_timeout(t)
+        })?;
         self.writer.write_all(&self.buffer)?;
 
         let mut peer = [0u8; 64];
@@ -114,7 +151,10 @@ impl Connection {
         self.buffer.clear();
         push_frame_header(&mut self.buffer, 0, payload.len());
         self.buffer.extend_from_slice(payload);
-        self.writer.set_write_timeout(Some(remaining(deadline)?))?;
+        let writer = &self.writer;
+        update_timeout(&mut self.write_timeout, deadline, |t| {
+            writer.set_write_timeout(t)
+        })?;
         self.writer.write_all(&self.buffer)
     }
 
@@ -165,21 +205,24 @@ impl Connection {
     fn read_exact(&mut self, mut out: &mut [u8], deadline: Instant) -> io::Result<()> {
         while !out.is_empty() {
             if self.reader.buffer().is_empty() {
-                self.reader
-                    .get_ref()
-                    .set_read_timeout(Some(remaining(deadline)?))?;
+                let stream = self.reader.get_ref();
+                update_timeout(&mut self.read_timeout, deadline, |t| {
+                    stream.set_read_timeout(t)
+                })?;
             }
             match self.reader.read(out) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => out = &mut out[n..],
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The socket timeout is rounded down, so it can fire before the deadline: the
+                // next pass re-arms it with what is left, or reports the deadline as passed.
                 Err(e)
                     if matches!(
                         e.kind(),
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
-                    return Err(timed_out())
+                    remaining(deadline)?;
                 }
                 Err(e) => return Err(e),
             }
