@@ -10,11 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use hashbrown::HashMap;
-use squall_lattices::{Lattice, LatticeValue};
-use squall_proto::{Key, Topology};
+use squall_lattices::Lattice;
+use squall_proto::Topology;
 
-use crate::log::{recover, remove_files, Recovered, ShardLog};
+use crate::log::{recover, remove_files, Recovered, ShardLog, Store};
 use crate::ring::Ring;
 use crate::shard::Shard;
 use crate::{io_err, zmq_err, Config, Error, Result};
@@ -95,11 +94,11 @@ impl Node {
         let (stores, logs) = match &config.data_dir {
             Some(dir) => Self::recover(dir, &config, &ring)?,
             None => (
-                (0..config.shards).map(|_| HashMap::new()).collect(),
+                (0..config.shards).map(|_| Store::new()).collect(),
                 (0..config.shards).map(|_| None).collect(),
             ),
         };
-        let keys = stores.iter().map(HashMap::len).sum();
+        let keys = stores.iter().map(Store::len).sum();
 
         let shutdown = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::with_capacity(config.shards);
@@ -114,6 +113,7 @@ impl Node {
                 topology: topology.clone(),
                 config: config.clone(),
                 shutdown: shutdown.clone(),
+                snapshot: None,
             };
             let thread = std::thread::Builder::new()
                 .name(format!("squall-shard-{index}"))
@@ -144,15 +144,14 @@ impl Node {
         data_dir: &Path,
         config: &Config,
         ring: &Ring,
-    ) -> Result<(Vec<HashMap<Key, LatticeValue>>, Vec<Option<ShardLog>>)> {
+    ) -> Result<(Vec<Store>, Vec<Option<ShardLog>>)> {
         if !data_dir.exists() {
             std::fs::create_dir_all(data_dir).map_err(io_err(data_dir))?;
             if let Some(parent) = data_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
                 crate::log::sync_dir(parent)?;
             }
         }
-        let mut stores: Vec<HashMap<Key, LatticeValue>> =
-            (0..config.shards).map(|_| HashMap::new()).collect();
+        let mut stores: Vec<Store> = (0..config.shards).map(|_| Store::new()).collect();
         let mut found: Vec<Recovered> = (0..config.shards).map(|_| Recovered::default()).collect();
         let mut misplaced = false;
         let mut stale_dirs = Vec::new();
@@ -172,10 +171,10 @@ impl Node {
                 let owner = ring.owner(&key) as usize;
                 misplaced |= owner != index;
                 match stores[owner].entry(key) {
-                    hashbrown::hash_map::Entry::Occupied(mut slot) => {
+                    std::collections::btree_map::Entry::Occupied(mut slot) => {
                         slot.get_mut().merge(value);
                     }
-                    hashbrown::hash_map::Entry::Vacant(slot) => {
+                    std::collections::btree_map::Entry::Vacant(slot) => {
                         slot.insert(value);
                     }
                 }
@@ -196,7 +195,7 @@ impl Node {
             tracing::info!("shard layout changed since the last run; rewriting shard directories");
             let mut obsolete = Vec::new();
             for (log, store) in logs.iter_mut().zip(&stores) {
-                obsolete.extend(log.snapshot(store.iter())?);
+                obsolete.extend(log.snapshot(store)?);
             }
             remove_files(&obsolete)?;
             for dir in stale_dirs {

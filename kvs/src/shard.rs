@@ -15,14 +15,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hashbrown::HashMap;
 use squall_lattices::{Lattice, LatticeValue};
 use squall_proto::{
     decode_request, encode_response, peek_id, Key, KeyError, Request, RequestError, RequestId,
     Response, Topology,
 };
 
-use crate::log::{remove_files, ShardLog};
+use crate::log::{remove_files, ShardLog, Snapshot, Store};
 use crate::ring::Ring;
 use crate::Config;
 
@@ -34,6 +33,10 @@ pub const MAX_PENDING_BYTES: usize = 64 << 20;
 
 /// Request bytes one batch may take in, whatever `max_batch` says, to bound a shard's memory.
 const MAX_BATCH_BYTES: usize = 64 << 20;
+
+/// Snapshot bytes written between two batches: bounds the pause a compaction adds to a batch
+/// (about a millisecond), however large the shard.
+const SNAPSHOT_SLICE_BYTES: usize = 1 << 20;
 
 /// A reply waiting for the batch's commit.
 enum Outgoing {
@@ -62,12 +65,14 @@ struct Envelope {
 pub(crate) struct Shard {
     pub(crate) index: u32,
     pub(crate) socket: zmq::Socket,
-    pub(crate) store: HashMap<Key, LatticeValue>,
+    pub(crate) store: Store,
     pub(crate) log: Option<ShardLog>,
     pub(crate) ring: Arc<Ring>,
     pub(crate) topology: Arc<Topology>,
     pub(crate) config: Arc<Config>,
     pub(crate) shutdown: Arc<AtomicBool>,
+    /// A snapshot being written between batches, if one is under way.
+    pub(crate) snapshot: Option<Snapshot>,
 }
 
 impl Shard {
@@ -75,7 +80,13 @@ impl Shard {
     pub(crate) fn run(mut self) {
         let mut outbox: Vec<Envelope> = Vec::with_capacity(self.config.max_batch);
         while !self.shutdown.load(Ordering::Relaxed) {
-            match self.socket.poll(zmq::POLLIN, IDLE_POLL.as_millis() as i64) {
+            // While a snapshot is under way, an idle shard keeps writing it instead of sleeping.
+            let wait = if self.snapshot.is_some() {
+                0
+            } else {
+                IDLE_POLL.as_millis() as i64
+            };
+            match self.socket.poll(zmq::POLLIN, wait) {
                 Ok(0) => {}
                 Ok(_) => self.take_batch(&mut outbox),
                 Err(zmq::Error::EINTR) => {}
@@ -344,7 +355,7 @@ impl Shard {
         }
     }
 
-    /// Periodic work between batches: interval fsync and compaction.
+    /// Periodic work between batches: interval fsync, and compaction one slice at a time.
     fn maintain(&mut self) {
         let Some(log) = &mut self.log else {
             return;
@@ -352,19 +363,37 @@ impl Shard {
         if let Err(e) = log.tick() {
             tracing::error!(shard = self.index, cause = %e, "periodic log sync failed");
         }
-        if log.needs_compaction() {
-            let started = std::time::Instant::now();
-            match log
-                .snapshot(self.store.iter())
-                .and_then(|old| remove_files(&old))
-            {
-                Ok(()) => tracing::info!(
-                    shard = self.index,
-                    keys = self.store.len(),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "compacted the log into a snapshot"
-                ),
-                Err(e) => tracing::error!(shard = self.index, cause = %e, "compaction failed"),
+        if self.snapshot.is_none() && log.needs_compaction() {
+            match log.begin_snapshot() {
+                Ok(snapshot) => self.snapshot = Some(snapshot),
+                Err(e) => {
+                    tracing::error!(shard = self.index, cause = %e, "could not start a snapshot")
+                }
+            }
+        }
+        let Some(snapshot) = &mut self.snapshot else {
+            return;
+        };
+        match log.write_snapshot_slice(snapshot, &self.store, SNAPSHOT_SLICE_BYTES) {
+            Ok(false) => {}
+            Ok(true) => {
+                let finished = self.snapshot.take().map(|s| log.finish_snapshot(s));
+                match finished.map(|r| r.and_then(|old| remove_files(&old))) {
+                    Some(Ok(())) => tracing::info!(
+                        shard = self.index,
+                        keys = self.store.len(),
+                        "compacted the log into a snapshot"
+                    ),
+                    Some(Err(e)) => {
+                        tracing::error!(shard = self.index, cause = %e, "compaction failed")
+                    }
+                    None => {}
+                }
+            }
+            Err(e) => {
+                // The partial temporary file is deleted by the next recovery; the log goes on.
+                tracing::error!(shard = self.index, cause = %e, "snapshot failed");
+                self.snapshot = None;
             }
         }
     }

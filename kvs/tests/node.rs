@@ -312,7 +312,7 @@ fn a_crash_in_the_middle_of_a_relayout_loses_nothing() {
     let shard0 = dir.path().join("shard-0");
     let recovered = squall_kvs::log::recover(&shard0).expect("recover");
     let ring = squall_kvs::ring::Ring::new(3, Config::default().virtual_nodes);
-    let kept: Vec<(String, LatticeValue)> = recovered
+    let kept: squall_kvs::log::Store = recovered
         .entries
         .iter()
         .filter(|(key, _)| ring.owner(key) == 0)
@@ -325,8 +325,7 @@ fn a_crash_in_the_middle_of_a_relayout_loses_nothing() {
     let mut log =
         squall_kvs::log::ShardLog::open(&shard0, &recovered, FsyncPolicy::Always, 1 << 30)
             .expect("open");
-    log.snapshot(kept.iter().map(|(k, v)| (k, v)))
-        .expect("snapshot");
+    log.snapshot(&kept).expect("snapshot");
     drop(log);
 
     let node = Node::start(config(3, Some(dir.path()))).expect("restart");
