@@ -626,18 +626,17 @@ mod tests {
             ShardLog::open(dir.path(), &Recovered::default(), FsyncPolicy::Never, 0).unwrap();
         let mut store = Store::new();
         // What the shard does for a write: log it, merge it.
-        let write =
-            |log: &mut ShardLog, store: &mut Store, key: String, value: LatticeValue| {
-                log.append(&key, &value).unwrap();
-                match store.entry(key) {
-                    btree_map::Entry::Occupied(mut slot) => {
-                        slot.get_mut().merge(value);
-                    }
-                    btree_map::Entry::Vacant(slot) => {
-                        slot.insert(value);
-                    }
+        let write = |log: &mut ShardLog, store: &mut Store, key: String, value: LatticeValue| {
+            log.append(&key, &value).unwrap();
+            match store.entry(key) {
+                btree_map::Entry::Occupied(mut slot) => {
+                    slot.get_mut().merge(value);
                 }
-            };
+                btree_map::Entry::Vacant(slot) => {
+                    slot.insert(value);
+                }
+            }
+        };
         for i in 0..2_000u64 {
             write(&mut log, &mut store, format!("k{i:05}"), lww(i, b"first"));
         }
