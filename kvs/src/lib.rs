@@ -2,8 +2,8 @@
 //!
 //! A storage node runs one **shard per thread**. Each shard owns the keys that the node's
 //! consistent-hash ring assigns to it, in a map no other thread touches, behind its own ZeroMQ
-//! socket: there is no lock shared between shards and no hop between threads on the request
-//! path. Clients fetch the node's layout once and route every key straight to its shard.
+//! socket with its own ZeroMQ I/O thread: no lock and no queue is shared between shards.
+//! Clients fetch the node's layout once and route every key straight to its shard.
 //!
 //! Every value is a lattice ([`squall_lattices::LatticeValue`]) and every PUT is merged into the
 //! stored value, so retries, duplicates and reordering are harmless. A PUT of another lattice
@@ -46,12 +46,15 @@
 //! ```
 //!
 //! # Dependencies
-//! `zmq` (0.9, linking the system libzmq: a 2.5 s build instead of 70 s of compiling libzmq)
-//! for the node's sockets (the client speaks the same ZeroMQ wire protocol without libzmq's
-//! I/O thread, see the `zmtp` module); `rmp-serde` through `squall-proto` for messages; `hashbrown` for the shard
-//! maps; `xxhash-rust` (xxh3) for ring hashing, because the ring must hash identically in every
-//! process and release, which std's randomly keyed hasher does not; `crc32fast` for log record
-//! checksums.
+//! - `zmq` 0.9 for the node's sockets. It links Debian's libzmq (`libzmq3-dev`, a 2.5 s
+//!   build), where 0.10 compiles libzmq from source on every clean build (about 70 s).
+//! - No ZeroMQ library in the client: it speaks the same wire protocol itself, without
+//!   libzmq's I/O thread (see the `zmtp` module for why and what that saved).
+//! - `rmp-serde`, through `squall-proto`, for messages.
+//! - `xxhash-rust` (xxh3) for ring hashing: the ring must hash identically in every process
+//!   and release, which std's randomly keyed hasher does not.
+//! - `crc32fast` for log record checksums.
+//! - `hashbrown` for the client's per-key counter totals.
 
 pub mod client;
 pub mod config;
