@@ -514,6 +514,10 @@ mod tests {
 
     use super::*;
 
+    fn fresh_log(dir: &Path, fsync: FsyncPolicy, compact_after: u64) -> ShardLog {
+        ShardLog::open(dir, &Recovered::default(), fsync, compact_after).unwrap()
+    }
+
     fn lww(time: u64, value: &'static [u8]) -> LatticeValue {
         LatticeValue::Lww(Lww::new(Timestamp::new(time, 1), Bytes::from_static(value)))
     }
@@ -521,13 +525,7 @@ mod tests {
     #[test]
     fn committed_records_are_recovered_and_merged() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = ShardLog::open(
-            dir.path(),
-            &Recovered::default(),
-            FsyncPolicy::Always,
-            1 << 20,
-        )
-        .unwrap();
+        let mut log = fresh_log(dir.path(), FsyncPolicy::Always, 1 << 20);
         log.append("a", &lww(1, b"one")).unwrap();
         log.append("a", &lww(2, b"two")).unwrap();
         log.append("c", &LatticeValue::Counter(Counter::of(9, 5)))
@@ -543,13 +541,7 @@ mod tests {
     #[test]
     fn rewound_and_uncommitted_records_are_not_written() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = ShardLog::open(
-            dir.path(),
-            &Recovered::default(),
-            FsyncPolicy::Never,
-            1 << 20,
-        )
-        .unwrap();
+        let mut log = fresh_log(dir.path(), FsyncPolicy::Never, 1 << 20);
         let mark = log.mark();
         log.append("gone", &lww(1, b"x")).unwrap();
         log.rewind(mark);
@@ -562,13 +554,7 @@ mod tests {
     #[test]
     fn a_torn_tail_is_cut_at_the_last_intact_record() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = ShardLog::open(
-            dir.path(),
-            &Recovered::default(),
-            FsyncPolicy::Always,
-            1 << 20,
-        )
-        .unwrap();
+        let mut log = fresh_log(dir.path(), FsyncPolicy::Always, 1 << 20);
         log.append("a", &lww(1, b"one")).unwrap();
         log.commit().unwrap();
         log.append("b", &lww(1, b"two")).unwrap();
@@ -592,13 +578,7 @@ mod tests {
     #[test]
     fn the_preallocated_tail_is_not_reported_as_damage() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = ShardLog::open(
-            dir.path(),
-            &Recovered::default(),
-            FsyncPolicy::Always,
-            1 << 30,
-        )
-        .unwrap();
+        let mut log = fresh_log(dir.path(), FsyncPolicy::Always, 1 << 30);
         for i in 0..5_000u64 {
             log.append(&format!("k{i}"), &lww(i, b"some value"))
                 .unwrap();
@@ -622,8 +602,7 @@ mod tests {
     #[test]
     fn a_snapshot_written_in_slices_while_the_store_changes_recovers_the_final_state() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log =
-            ShardLog::open(dir.path(), &Recovered::default(), FsyncPolicy::Never, 0).unwrap();
+        let mut log = fresh_log(dir.path(), FsyncPolicy::Never, 0);
         let mut store = Store::new();
         // What the shard does for a write: log it, merge it.
         let write = |log: &mut ShardLog, store: &mut Store, key: String, value: LatticeValue| {
@@ -680,13 +659,7 @@ mod tests {
     #[test]
     fn a_failed_commit_keeps_its_records_for_the_next_one() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = ShardLog::open(
-            dir.path(),
-            &Recovered::default(),
-            FsyncPolicy::Always,
-            1 << 30,
-        )
-        .unwrap();
+        let mut log = fresh_log(dir.path(), FsyncPolicy::Always, 1 << 30);
         let segment = std::mem::replace(
             &mut log.file,
             OpenOptions::new().write(true).open("/dev/full").unwrap(),
@@ -716,8 +689,7 @@ mod tests {
     #[test]
     fn snapshot_replaces_old_segments_and_recovery_sees_both() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log =
-            ShardLog::open(dir.path(), &Recovered::default(), FsyncPolicy::Always, 0).unwrap();
+        let mut log = fresh_log(dir.path(), FsyncPolicy::Always, 0);
         let mut state = Store::new();
         for i in 0..100u64 {
             let key = format!("k{}", i % 10);
