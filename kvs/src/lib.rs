@@ -83,6 +83,14 @@ pub enum Error {
         /// ZeroMQ's error.
         cause: zmq::Error,
     },
+    /// A shard could not listen on its address (in use, or not a local address).
+    #[error("cannot listen on {endpoint}: {cause}")]
+    Bind {
+        /// The ZeroMQ endpoint.
+        endpoint: String,
+        /// ZeroMQ's error.
+        cause: zmq::Error,
+    },
     /// No answer arrived within the deadline, after every retry.
     #[error(
         "no answer from {endpoint} after {attempts} attempts in {waited:?} (last: {last_error})"

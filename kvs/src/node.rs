@@ -76,7 +76,10 @@ impl Node {
             } else {
                 format!("tcp://{}:{}", config.host, usize::from(config.port) + index)
             };
-            socket.bind(&endpoint).map_err(zmq_err("bind"))?;
+            socket.bind(&endpoint).map_err(|cause| Error::Bind {
+                endpoint: endpoint.clone(),
+                cause,
+            })?;
             let bound = socket
                 .get_last_endpoint()
                 .map_err(zmq_err("get endpoint"))?

@@ -154,3 +154,19 @@ fn a_client_of_a_dead_address_fails_within_its_deadline() {
     // Three attempts of 0.2 s: the bound is generous, the point is that it returns at all.
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }
+
+#[test]
+fn a_node_on_a_taken_port_names_the_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    let output = squall()
+        .args(["kvs", "--port", &port, "--shards", "1"])
+        .output()
+        .expect("run squall kvs");
+    assert!(!output.status.success());
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        message.contains(&format!("cannot listen on tcp://127.0.0.1:{port}")),
+        "{message}"
+    );
+}
