@@ -70,7 +70,7 @@ pub struct Config {
     /// recovery time and write amplification (at most about 2x).
     pub compact_after_bytes: u64,
     /// Largest request frame answered; larger ones get a `TooLarge` error (default 16 MiB).
-    /// Frames over four times this are dropped by ZeroMQ before they are read, closing the
+    /// Frames more than 1 MiB over it are dropped by ZeroMQ before they are read, closing the
     /// sender's connection, so a flood of huge frames cannot exhaust memory.
     pub max_request_bytes: usize,
     /// Most keys in one request (default 10 000).

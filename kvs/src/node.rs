@@ -28,6 +28,11 @@ pub struct Node {
     keys: usize,
 }
 
+/// Messages ZeroMQ queues per connection before it stops reading from it (back-pressure). A
+/// client of this crate has one request in flight per connection; 64 leaves room for
+/// pipelining clients.
+const PEER_QUEUE: i32 = 64;
+
 fn shard_dir(data_dir: &Path, index: usize) -> PathBuf {
     data_dir.join(format!("shard-{index}"))
 }
@@ -66,11 +71,18 @@ impl Node {
                 .socket(zmq::ROUTER)
                 .map_err(zmq_err("socket"))?;
             socket.set_linger(0).map_err(zmq_err("set linger"))?;
+            // Frames a little over the limit still get a `TooLarge` reply; ZeroMQ drops larger
+            // ones (closing the sender's connection) before they are read. With at most
+            // `PEER_QUEUE` messages queued per connection, one peer can hold at most about
+            // `PEER_QUEUE × (max_request_bytes + 1 MiB)` of the node's memory.
             let hard_limit =
-                i64::try_from(config.max_request_bytes.saturating_mul(4)).unwrap_or(i64::MAX);
+                i64::try_from(config.max_request_bytes.saturating_add(1 << 20)).unwrap_or(i64::MAX);
             socket
                 .set_maxmsgsize(hard_limit)
                 .map_err(zmq_err("set maxmsgsize"))?;
+            socket
+                .set_rcvhwm(PEER_QUEUE)
+                .map_err(zmq_err("set rcvhwm"))?;
             let endpoint = if config.port == 0 {
                 format!("tcp://{}:*", config.host)
             } else {
