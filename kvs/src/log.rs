@@ -71,6 +71,8 @@ pub struct ShardLog {
 #[derive(Debug)]
 pub struct Snapshot {
     covered: u64,
+    /// Log bytes the snapshot makes obsolete once finished.
+    covered_log_bytes: u64,
     final_path: PathBuf,
     temp_path: PathBuf,
     file: File,
@@ -79,6 +81,14 @@ pub struct Snapshot {
     cursor: Option<Key>,
     bytes: u64,
     done: bool,
+}
+
+impl Drop for Snapshot {
+    /// A snapshot dropped before it was renamed into place (failed, or the shard stopped)
+    /// leaves no temporary file behind.
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.temp_path);
+    }
 }
 
 /// What [`recover`] found in a shard directory.
@@ -90,13 +100,16 @@ pub struct Recovered {
     pub records: u64,
     /// Bytes skipped after torn or corrupt records.
     pub skipped_bytes: u64,
+    /// Records whose checksum held but whose content did not decode (written by another
+    /// version, say); skipped, and reported as errors.
+    pub undecodable: u64,
     /// The files that were read.
     pub files: Vec<PathBuf>,
     /// The highest segment or snapshot sequence number seen.
     pub max_seq: u64,
-    /// Bytes of log segments found (they count toward the next compaction).
+    /// Bytes of records in the log segments found (they count toward the next compaction).
     pub segment_bytes: u64,
-    /// Bytes of the newest snapshot found.
+    /// Bytes of records in the newest snapshot found.
     pub snapshot_bytes: u64,
 }
 
@@ -158,22 +171,30 @@ fn encode_record(buffer: &mut Vec<u8>, key: &str, value: &LatticeValue) -> Resul
     Ok(())
 }
 
-/// Calls `each` for every intact record of `bytes`; returns the length of the intact prefix,
-/// counting a zero-filled tail (preallocated space) as intact.
-fn decode_records(bytes: &[u8], mut each: impl FnMut(Key, LatticeValue)) -> usize {
+/// How far [`decode_records`] got through a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Decoded {
+    /// Where the last intact record ends.
+    records_end: usize,
+    /// Bytes after `records_end` that are not preallocated zeros (a torn or corrupt tail).
+    damaged: usize,
+    /// Records whose checksum held but whose content did not decode; each was skipped.
+    undecodable: usize,
+}
+
+/// Calls `each` for every intact record of `bytes`. Stops at a record whose length or checksum
+/// is wrong (a torn write: nothing after it can be framed), and skips, but counts, a record
+/// whose checksum holds but whose content does not decode (it was framed, so the next record
+/// can still be found).
+fn decode_records(bytes: &[u8], mut each: impl FnMut(Key, LatticeValue)) -> Decoded {
     let mut offset = 0;
+    let mut undecodable = 0;
     while bytes.len() - offset >= RECORD_HEADER {
         let header = &bytes[offset..offset + RECORD_HEADER];
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if len == 0 {
-            if bytes[offset..].iter().all(|&b| b == 0) {
-                return bytes.len();
-            }
-            break;
-        }
         let start = offset + RECORD_HEADER;
-        if bytes.len() - start < len {
+        if len == 0 || bytes.len() - start < len {
             break;
         }
         let payload = &bytes[start..start + len];
@@ -182,11 +203,20 @@ fn decode_records(bytes: &[u8], mut each: impl FnMut(Key, LatticeValue)) -> usiz
         }
         match rmp_serde::from_slice::<(Key, LatticeValue)>(payload) {
             Ok((key, value)) => each(key, value),
-            Err(_) => break,
+            Err(_) => undecodable += 1,
         }
         offset = start + len;
     }
-    offset
+    let damaged = if bytes[offset..].iter().all(|&b| b == 0) {
+        0
+    } else {
+        bytes.len() - offset
+    };
+    Decoded {
+        records_end: offset,
+        damaged,
+        undecodable,
+    }
 }
 
 /// Reads every log segment and snapshot in `dir` and merges their records. Deletes only
@@ -215,17 +245,9 @@ pub fn recover(dir: &Path) -> Result<Recovered> {
         File::open(&path)
             .and_then(|mut f| f.read_to_end(&mut bytes))
             .map_err(io_err(&path))?;
-        match kind {
-            FileKind::Segment => recovered.segment_bytes += bytes.len() as u64,
-            _ if newest_snapshot < Some(seq) => {
-                newest_snapshot = Some(seq);
-                recovered.snapshot_bytes = bytes.len() as u64;
-            }
-            _ => {}
-        }
         let entries = &mut recovered.entries;
         let mut records = 0;
-        let intact = decode_records(&bytes, |key, value| {
+        let decoded = decode_records(&bytes, |key, value| {
             records += 1;
             match entries.entry(key) {
                 btree_map::Entry::Occupied(mut slot) => {
@@ -237,15 +259,31 @@ pub fn recover(dir: &Path) -> Result<Recovered> {
             }
         });
         recovered.records += records;
-        let skipped = (bytes.len() - intact) as u64;
-        if skipped > 0 {
+        let records_end = decoded.records_end as u64;
+        match kind {
+            FileKind::Segment => recovered.segment_bytes += records_end,
+            _ if newest_snapshot < Some(seq) => {
+                newest_snapshot = Some(seq);
+                recovered.snapshot_bytes = records_end;
+            }
+            _ => {}
+        }
+        if decoded.damaged > 0 {
             tracing::warn!(
                 file = %path.display(),
-                skipped_bytes = skipped,
+                skipped_bytes = decoded.damaged,
                 "log file ends in a torn or corrupt record; recovered the intact prefix"
             );
         }
-        recovered.skipped_bytes += skipped;
+        if decoded.undecodable > 0 {
+            tracing::error!(
+                file = %path.display(),
+                records = decoded.undecodable,
+                "records with valid checksums could not be decoded and were skipped"
+            );
+        }
+        recovered.skipped_bytes += decoded.damaged as u64;
+        recovered.undecodable += decoded.undecodable as u64;
         recovered.files.push(path);
     }
     Ok(recovered)
@@ -376,7 +414,8 @@ impl ShardLog {
         Ok(())
     }
 
-    /// Whether the log has outgrown both the compaction threshold and the last snapshot.
+    /// Whether the log has outgrown both the compaction threshold and the last snapshot (the
+    /// shard does not ask while a snapshot is under way).
     pub fn needs_compaction(&self) -> bool {
         self.log_bytes > self.compact_after && self.log_bytes > self.snapshot_bytes
     }
@@ -390,17 +429,25 @@ impl ShardLog {
     /// segments anyway. That is why no copy of the store is needed.
     pub fn begin_snapshot(&mut self) -> Result<Snapshot> {
         self.commit()?;
+        if self.unsynced {
+            // The old segment is never synced by `tick` again: honour the interval now.
+            self.file
+                .sync_data()
+                .map_err(io_err(segment_path(&self.dir, self.seq)))?;
+            self.unsynced = false;
+            self.last_sync = Instant::now();
+        }
         let covered = self.seq;
         self.file = Self::create_segment(&self.dir, covered + 1)?;
         self.seq = covered + 1;
         self.written = 0;
         self.allocated = 0;
-        self.log_bytes = 0;
         let final_path = snapshot_path(&self.dir, covered);
         let temp_path = final_path.with_extension("tmp");
         let file = File::create(&temp_path).map_err(io_err(&temp_path))?;
         Ok(Snapshot {
             covered,
+            covered_log_bytes: self.log_bytes,
             final_path,
             temp_path,
             file,
@@ -462,6 +509,8 @@ impl ShardLog {
             .map_err(io_err(&snapshot.final_path))?;
         sync_dir(&self.dir)?;
         self.snapshot_bytes = snapshot.bytes;
+        // Only the segments written since the snapshot began still count toward the next one.
+        self.log_bytes = self.log_bytes.saturating_sub(snapshot.covered_log_bytes);
         let mut obsolete = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
             let entry = entry.map_err(io_err(&self.dir))?;
@@ -675,13 +724,31 @@ mod tests {
     }
 
     #[test]
+    fn an_undecodable_record_is_skipped_and_the_rest_still_read() {
+        let mut buffer = Vec::new();
+        encode_record(&mut buffer, "a", &lww(1, b"one")).unwrap();
+        // A well-framed record (length and checksum right) whose content is not a record.
+        let payload = [0xc1u8]; // a byte MessagePack never uses
+        buffer.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        buffer.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        buffer.extend_from_slice(&payload);
+        encode_record(&mut buffer, "b", &lww(2, b"two")).unwrap();
+        let mut keys = Vec::new();
+        let decoded = decode_records(&buffer, |key, _| keys.push(key));
+        assert_eq!(keys, ["a", "b"]);
+        assert_eq!(decoded.undecodable, 1);
+        assert_eq!(decoded.records_end, buffer.len());
+        assert_eq!(decoded.damaged, 0);
+    }
+
+    #[test]
     fn a_flipped_bit_is_caught_by_the_checksum() {
         let mut buffer = Vec::new();
         encode_record(&mut buffer, "k", &lww(1, b"value")).unwrap();
         let last = buffer.len() - 1;
         buffer[last] ^= 0x40;
         assert_eq!(
-            decode_records(&buffer, |_, _| panic!("corrupt record decoded")),
+            decode_records(&buffer, |_, _| panic!("corrupt record decoded")).records_end,
             0
         );
     }

@@ -29,9 +29,9 @@ pub struct Node {
 }
 
 /// Messages ZeroMQ queues per connection before it stops reading from it (back-pressure). A
-/// client of this crate has one request in flight per connection; 64 leaves room for
-/// pipelining clients.
-const PEER_QUEUE: i32 = 64;
+/// client of this crate has one request in flight per connection; 16 leaves room for
+/// pipelining clients. The bound is per connection: the number of connections is not limited.
+const PEER_QUEUE: i32 = 16;
 
 fn shard_dir(data_dir: &Path, index: usize) -> PathBuf {
     data_dir.join(format!("shard-{index}"))
@@ -129,6 +129,7 @@ impl Node {
                 config: config.clone(),
                 shutdown: shutdown.clone(),
                 snapshot: None,
+                snapshot_not_before: None,
             };
             let thread = std::thread::Builder::new()
                 .name(format!("squall-shard-{index}"))

@@ -13,7 +13,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use squall_lattices::{Lattice, LatticeValue};
 use squall_proto::{
@@ -37,6 +37,9 @@ const MAX_BATCH_BYTES: usize = 64 << 20;
 /// Snapshot bytes written between two batches: bounds the pause a compaction adds to a batch
 /// (about a millisecond), however large the shard.
 const SNAPSHOT_SLICE_BYTES: usize = 1 << 20;
+
+/// How long a shard waits before trying again after a snapshot failed (a full disk, say).
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(10);
 
 /// A reply waiting for the batch's commit.
 enum Outgoing {
@@ -73,6 +76,8 @@ pub(crate) struct Shard {
     pub(crate) shutdown: Arc<AtomicBool>,
     /// A snapshot being written between batches, if one is under way.
     pub(crate) snapshot: Option<Snapshot>,
+    /// No new snapshot is started before this (set after a failure).
+    pub(crate) snapshot_not_before: Option<Instant>,
 }
 
 impl Shard {
@@ -280,6 +285,10 @@ impl Shard {
         match self.store.get_mut(&key) {
             Some(stored) => {
                 stored.check_mergeable(&value)?;
+                if value.may_exceed_limits() {
+                    // Causal siblings accumulate: refuse a merge the store could not read back.
+                    stored.clone().join(value.clone()).check_limits()?;
+                }
                 match &mut self.log {
                     Some(log) => {
                         let mark = log.mark();
@@ -363,11 +372,13 @@ impl Shard {
         if let Err(e) = log.tick() {
             tracing::error!(shard = self.index, cause = %e, "periodic log sync failed");
         }
-        if self.snapshot.is_none() && log.needs_compaction() {
+        let may_start = self.snapshot_not_before.is_none_or(|t| Instant::now() >= t);
+        if self.snapshot.is_none() && may_start && log.needs_compaction() {
             match log.begin_snapshot() {
                 Ok(snapshot) => self.snapshot = Some(snapshot),
                 Err(e) => {
-                    tracing::error!(shard = self.index, cause = %e, "could not start a snapshot")
+                    tracing::error!(shard = self.index, cause = %e, "could not start a snapshot");
+                    self.snapshot_not_before = Some(Instant::now() + SNAPSHOT_RETRY);
                 }
             }
         }
@@ -385,15 +396,17 @@ impl Shard {
                         "compacted the log into a snapshot"
                     ),
                     Some(Err(e)) => {
-                        tracing::error!(shard = self.index, cause = %e, "compaction failed")
+                        tracing::error!(shard = self.index, cause = %e, "compaction failed");
+                        self.snapshot_not_before = Some(Instant::now() + SNAPSHOT_RETRY);
                     }
                     None => {}
                 }
             }
             Err(e) => {
-                // The partial temporary file is deleted by the next recovery; the log goes on.
+                // Dropping the snapshot deletes its temporary file; the log goes on.
                 tracing::error!(shard = self.index, cause = %e, "snapshot failed");
                 self.snapshot = None;
+                self.snapshot_not_before = Some(Instant::now() + SNAPSHOT_RETRY);
             }
         }
     }

@@ -122,11 +122,7 @@ impl Connection {
         self.buffer.extend_from_slice(&greeting);
         push_frame_header(&mut self.buffer, FLAG_COMMAND, ready.len());
         self.buffer.extend_from_slice(&ready);
-        let writer = &self.writer;
-        update_timeout(&mut self.write_timeout, deadline, |t| {
-            writer.set_write_timeout(t)
-        })?;
-        self.writer.write_all(&self.buffer)?;
+        self.write_buffer(deadline)?;
 
         let mut peer = [0u8; 64];
         self.read_exact(&mut peer, deadline)?;
@@ -153,11 +149,34 @@ impl Connection {
         self.buffer.clear();
         push_frame_header(&mut self.buffer, 0, payload.len());
         self.buffer.extend_from_slice(payload);
-        let writer = &self.writer;
-        update_timeout(&mut self.write_timeout, deadline, |t| {
-            writer.set_write_timeout(t)
-        })?;
-        self.writer.write_all(&self.buffer)
+        self.write_buffer(deadline)
+    }
+
+    /// Writes `self.buffer` before `deadline`. The kernel restarts a socket timeout on every
+    /// partial write, so the timeout is re-armed with what is left before each one.
+    fn write_buffer(&mut self, deadline: Instant) -> io::Result<()> {
+        let mut written = 0;
+        while written < self.buffer.len() {
+            let writer = &self.writer;
+            update_timeout(&mut self.write_timeout, deadline, |t| {
+                writer.set_write_timeout(t)
+            })?;
+            match (&self.writer).write(&self.buffer[written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    remaining(deadline)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Receives one single-frame message, skipping commands, before `deadline`.

@@ -335,3 +335,43 @@ fn a_crash_in_the_middle_of_a_relayout_loses_nothing() {
     let node = Node::start(config(3, Some(dir.path()))).expect("restart again");
     read_all(&mut client(&node), &expected);
 }
+
+#[test]
+fn a_write_that_would_exceed_the_sibling_limit_is_refused_and_the_value_survives() {
+    use squall_lattices::causal::MAX_VERSIONS;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(config(1, Some(dir.path()))).expect("start");
+    let mut client = client(&node);
+    // Each writer's version is concurrent with every other: siblings accumulate.
+    let version = |writer: u64| {
+        LatticeValue::SingleCausal(SingleKeyCausal::with_version(
+            VectorClock::from_iter([(writer, 1)]),
+            (),
+            Bytes::from(format!("from {writer}")),
+        ))
+    };
+    for writer in 0..MAX_VERSIONS as u64 {
+        client
+            .put("doc", version(writer))
+            .expect("within the limit");
+    }
+    match client.put("doc", version(MAX_VERSIONS as u64)) {
+        Err(Error::Key {
+            error: KeyError::LimitExceeded(_),
+            ..
+        }) => {}
+        other => panic!("expected the sibling limit, got {other:?}"),
+    }
+    let siblings = |value: Option<LatticeValue>| match value {
+        Some(LatticeValue::SingleCausal(v)) => v.versions().len(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(siblings(client.get("doc").expect("get")), MAX_VERSIONS);
+    drop(client);
+    drop(node);
+    let node = Node::start(config(1, Some(dir.path()))).expect("restart");
+    assert_eq!(
+        siblings(self::client(&node).get("doc").expect("get")),
+        MAX_VERSIONS
+    );
+}

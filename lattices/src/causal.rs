@@ -41,9 +41,11 @@ pub struct Causal<T, D> {
     versions: Vec<CausalVersion<T, D>>,
 }
 
-/// The most versions a decoded causal value may carry. Concurrent siblings beyond this many
-/// mean a writer is misbehaving; refusing them bounds the quadratic normalisation.
-pub const MAX_DECODED_VERSIONS: usize = 1024;
+/// The most versions a causal value may carry. Concurrent siblings beyond this many mean
+/// writers are misbehaving (Riak warns at 25); refusing them on decoding bounds the quadratic
+/// normalisation, and stores refuse writes whose merge would exceed it (see
+/// [`crate::LatticeValue::check_limits`]), so every stored value can be decoded again.
+pub const MAX_VERSIONS: usize = 256;
 
 impl<'de, T, D> Deserialize<'de> for Causal<T, D>
 where
@@ -52,9 +54,9 @@ where
 {
     fn deserialize<De: serde::Deserializer<'de>>(deserializer: De) -> Result<Self, De::Error> {
         let versions = Vec::<CausalVersion<T, D>>::deserialize(deserializer)?;
-        if versions.len() > MAX_DECODED_VERSIONS {
+        if versions.len() > MAX_VERSIONS {
             return Err(serde::de::Error::custom(format!(
-                "causal value with {} versions (at most {MAX_DECODED_VERSIONS})",
+                "causal value with {} versions (at most {MAX_VERSIONS})",
                 versions.len()
             )));
         }
@@ -209,7 +211,7 @@ mod tests {
         let bytes = rmp_serde::to_vec(&raw).expect("encode");
         let decoded: SingleKeyCausal<String> = rmp_serde::from_slice(&bytes).expect("decode");
         assert_eq!(decoded, SingleKeyCausal::from_versions([newer]));
-        let too_many: Vec<_> = (0..=MAX_DECODED_VERSIONS as u64)
+        let too_many: Vec<_> = (0..=MAX_VERSIONS as u64)
             .map(|w| CausalVersion {
                 clock: clock(&[(w, 1)]),
                 dependencies: (),

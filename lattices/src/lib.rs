@@ -58,7 +58,7 @@ pub use lww::{Lww, Timestamp};
 pub use map::MapLattice;
 pub use order::{BoolLattice, Max, Min, Priority};
 pub use set::{OrderedSetLattice, SetLattice};
-pub use value::{LatticeType, LatticeValue, TypeMismatch};
+pub use value::{LatticeType, LatticeValue, LimitExceeded, TypeMismatch};
 
 /// Identifies a writer (a client, an executor, a session) in timestamps, vector clocks and
 /// counters. Writers pick a random one; 64 bits make collisions negligible.

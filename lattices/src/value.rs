@@ -11,6 +11,7 @@ use bytes::Bytes;
 use ordered_float::OrderedFloat;
 use serde::{Deserialize, Serialize};
 
+use crate::causal::MAX_VERSIONS;
 use crate::{
     BoolLattice, Counter, Lattice, Lww, MapLattice, Max, Min, MultiKeyCausal, OrderedSetLattice,
     Priority, SetLattice, SingleKeyCausal,
@@ -127,6 +128,14 @@ impl FromStr for LatticeType {
     }
 }
 
+/// A value over a size limit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum LimitExceeded {
+    /// A causal value would carry this many concurrent versions.
+    #[error("a causal value would carry {0} concurrent versions (at most {MAX_VERSIONS})")]
+    Versions(usize),
+}
+
 /// A write whose lattice type differs from the stored one (possibly inside a map field).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[error("lattice type mismatch: stored {stored}, written {written}")]
@@ -172,6 +181,32 @@ impl LatticeValue {
                 stored: self.lattice_type(),
                 written: other.lattice_type(),
             }),
+        }
+    }
+
+    /// Checks that the value respects the limits every decoder enforces (at most
+    /// [`crate::causal::MAX_VERSIONS`] versions per causal value, nested maps included), so a
+    /// store never keeps a value it could not read back.
+    pub fn check_limits(&self) -> Result<(), LimitExceeded> {
+        match self {
+            LatticeValue::SingleCausal(v) if v.versions().len() > MAX_VERSIONS => {
+                Err(LimitExceeded::Versions(v.versions().len()))
+            }
+            LatticeValue::MultiCausal(v) if v.versions().len() > MAX_VERSIONS => {
+                Err(LimitExceeded::Versions(v.versions().len()))
+            }
+            LatticeValue::Map(map) => map.0.values().try_for_each(LatticeValue::check_limits),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether merging into this value could break [`LatticeValue::check_limits`] (it holds
+    /// causal values, whose siblings accumulate).
+    pub fn may_exceed_limits(&self) -> bool {
+        match self {
+            LatticeValue::SingleCausal(_) | LatticeValue::MultiCausal(_) => true,
+            LatticeValue::Map(map) => map.0.values().any(LatticeValue::may_exceed_limits),
+            _ => false,
         }
     }
 

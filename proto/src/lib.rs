@@ -98,6 +98,9 @@ pub enum KeyError {
     /// unchanged.
     #[error(transparent)]
     TypeMismatch(#[from] TypeMismatch),
+    /// The merged value would exceed a size limit; the stored value is unchanged.
+    #[error(transparent)]
+    LimitExceeded(#[from] squall_lattices::LimitExceeded),
     /// The key belongs to another shard; the client's layout is stale.
     #[error("key belongs to shard {owner}")]
     WrongShard {
