@@ -161,19 +161,9 @@ impl Connection {
             update_timeout(&mut self.write_timeout, deadline, |t| {
                 writer.set_write_timeout(t)
             })?;
-            match (&self.writer).write(&self.buffer[written..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    remaining(deadline)?;
-                }
-                Err(e) => return Err(e),
+            let result = (&self.writer).write(&self.buffer[written..]);
+            if let Some(n) = progress(result, deadline, io::ErrorKind::WriteZero)? {
+                written += n;
             }
         }
         Ok(())
@@ -231,24 +221,36 @@ impl Connection {
                     stream.set_read_timeout(t)
                 })?;
             }
-            match self.reader.read(out) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => out = &mut out[n..],
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // The socket timeout is rounded down, so it can fire before the deadline: the
-                // next pass re-arms it with what is left, or reports the deadline as passed.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    remaining(deadline)?;
-                }
-                Err(e) => return Err(e),
+            let result = self.reader.read(out);
+            if let Some(n) = progress(result, deadline, io::ErrorKind::UnexpectedEof)? {
+                out = &mut out[n..];
             }
         }
         Ok(())
+    }
+}
+
+/// Interprets one `read` or `write` on a socket whose timeout is rounded down: `Some(n)` bytes
+/// moved, `None` to try again (interrupted, or the timeout fired before the deadline), or an
+/// error (`closed` when the peer closed the connection, or the deadline passed).
+fn progress(
+    result: io::Result<usize>,
+    deadline: Instant,
+    closed: io::ErrorKind,
+) -> io::Result<Option<usize>> {
+    match result {
+        Ok(0) => Err(closed.into()),
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            remaining(deadline).map(|_| None)
+        }
+        Err(e) => Err(e),
     }
 }
 
