@@ -532,11 +532,6 @@ impl ShardLog {
         while !self.write_snapshot_slice(&mut snapshot, store, 1 << 20)? {}
         self.finish_snapshot(snapshot)
     }
-
-    /// The shard directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
 }
 
 /// Deletes files made obsolete by a snapshot.

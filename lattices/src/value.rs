@@ -215,41 +215,6 @@ impl LatticeValue {
         self.check_mergeable(&other)?;
         Ok(self.merge(other))
     }
-
-    /// A rough count of the bytes the value occupies, for statistics and limits.
-    pub fn approximate_size(&self) -> usize {
-        const CLOCK_ENTRY: usize = 16;
-        match self {
-            LatticeValue::Lww(v) => 24 + v.value.len(),
-            LatticeValue::Set(v) => v.0.iter().map(|e| 16 + e.len()).sum(),
-            LatticeValue::OrderedSet(v) => v.0.iter().map(|e| 16 + e.len()).sum(),
-            LatticeValue::Max(_) | LatticeValue::Min(_) | LatticeValue::Bool(_) => 8,
-            LatticeValue::Counter(_) => 32,
-            LatticeValue::Priority(v) => 8 + v.value.len(),
-            LatticeValue::Map(v) => {
-                v.0.iter()
-                    .map(|(k, v)| k.len() + v.approximate_size())
-                    .sum()
-            }
-            LatticeValue::SingleCausal(v) => v
-                .versions()
-                .iter()
-                .map(|v| v.value.len() + CLOCK_ENTRY * v.clock.iter().count())
-                .sum(),
-            LatticeValue::MultiCausal(v) => v
-                .versions()
-                .iter()
-                .map(|v| {
-                    let deps: usize = v
-                        .dependencies
-                        .iter()
-                        .map(|(k, c)| k.len() + CLOCK_ENTRY * c.iter().count())
-                        .sum();
-                    v.value.len() + CLOCK_ENTRY * v.clock.iter().count() + deps
-                })
-                .sum(),
-        }
-    }
 }
 
 /// Values of the same type merge as that type. Values of different types (which the store
