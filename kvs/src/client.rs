@@ -68,6 +68,27 @@ pub struct Client {
     last_time: u64,
     /// This writer's own contribution to each counter it has incremented.
     counters: HashMap<Key, Counter>,
+    /// Sessions reported by the shards in the last routed call (subscriptions only).
+    sessions: Vec<ShardSession>,
+}
+
+/// A shard's session for a subscriber (see [`Response::Subscribed`]): when it changes, the
+/// shard forgot the subscriber and pushes may have been missed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardSession {
+    /// The shard's endpoint.
+    pub shard: String,
+    /// The session number.
+    pub session: u64,
+}
+
+/// What [`Client::subscribe`] returns.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    /// The keys' values, in order, as [`Client::get_many`] returns them.
+    pub values: Vec<Option<LatticeValue>>,
+    /// The session of every shard that answered.
+    pub sessions: Vec<ShardSession>,
 }
 
 impl std::fmt::Debug for Client {
@@ -90,6 +111,7 @@ impl Client {
             next_id: rand::random::<u32>() as u64,
             last_time: 0,
             counters: HashMap::new(),
+            sessions: Vec::new(),
         };
         client.refresh()?;
         Ok(client)
@@ -166,6 +188,101 @@ impl Client {
                 Slot::Value(_) => Err(Error::UnexpectedResponse("a GET answer to a PUT".into())),
             })
             .collect()
+    }
+
+    /// Reads `keys` and asks their shards to push every later change of them to `subscriber`,
+    /// a ZeroMQ endpoint on which the caller has bound a PULL socket (see
+    /// [`crate::subscription`]). Also renews the subscriber's lease on those shards.
+    pub fn subscribe(&mut self, subscriber: &str, keys: &[Key]) -> Result<Subscription> {
+        let results = self.routed(
+            keys.len(),
+            |i| keys[i].as_str(),
+            |indices| Request::Subscribe {
+                subscriber: subscriber.to_string(),
+                keys: indices.iter().map(|&i| keys[i].clone()).collect(),
+            },
+        )?;
+        let values = results
+            .into_iter()
+            .zip(keys)
+            .map(|(result, key)| match result {
+                Slot::Value(value) => Ok(value),
+                Slot::Failed(source) => Err(Error::Key {
+                    key: key.clone(),
+                    error: source,
+                }),
+                Slot::Written => Err(Error::UnexpectedResponse(
+                    "a PUT answer to a SUBSCRIBE".into(),
+                )),
+            })
+            .collect::<Result<_>>()?;
+        Ok(Subscription {
+            values,
+            sessions: std::mem::take(&mut self.sessions),
+        })
+    }
+
+    /// Renews `subscriber`'s lease on every shard of the node and returns their sessions.
+    pub fn renew(&mut self, subscriber: &str) -> Result<Vec<ShardSession>> {
+        if self.layout.is_none() {
+            self.refresh()?;
+        }
+        let Some(layout) = self.layout.as_mut() else {
+            return Err(Error::UnexpectedResponse("no layout".into()));
+        };
+        let requests: Vec<(usize, Request)> = (0..layout.topology.shards.len())
+            .map(|shard| {
+                (
+                    shard,
+                    Request::Subscribe {
+                        subscriber: subscriber.to_string(),
+                        keys: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        let responses = round_trip(
+            &self.config,
+            &mut self.next_id,
+            &layout.topology.shards,
+            &mut layout.connections,
+            &requests,
+        )?;
+        responses
+            .into_iter()
+            .zip(&layout.topology.shards)
+            .map(|(response, shard)| match response {
+                Response::Subscribed { session, .. } => Ok(ShardSession {
+                    shard: shard.clone(),
+                    session,
+                }),
+                Response::Error(e) => Err(Error::Request(e)),
+                other => Err(Error::UnexpectedResponse(format!(
+                    "expected a subscription, got {other:?}"
+                ))),
+            })
+            .collect()
+    }
+
+    /// Stops the pushes of `keys` to `subscriber`.
+    pub fn unsubscribe(&mut self, subscriber: &str, keys: &[Key]) -> Result<()> {
+        let results = self.routed(
+            keys.len(),
+            |i| keys[i].as_str(),
+            |indices| Request::Unsubscribe {
+                subscriber: subscriber.to_string(),
+                keys: indices.iter().map(|&i| keys[i].clone()).collect(),
+            },
+        )?;
+        for (slot, key) in results.into_iter().zip(keys) {
+            if let Slot::Failed(error) = slot {
+                return Err(Error::Key {
+                    key: key.clone(),
+                    error,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Writes `value` as a last-writer-wins register stamped with this client's clock, which
@@ -269,6 +386,7 @@ impl Client {
             )?;
             let mut slots: Vec<Option<Slot>> = (0..count).map(|_| None).collect();
             let mut stale = false;
+            self.sessions.clear();
             for ((shard, _), response) in requests.iter().zip(responses) {
                 let indices = &by_shard[*shard];
                 let results: Vec<Slot> = match response {
@@ -276,13 +394,25 @@ impl Client {
                         .into_iter()
                         .map(|v| v.map_or_else(Slot::Failed, Slot::Value))
                         .collect(),
-                    Response::Put(results) => results
+                    Response::Put(results) | Response::Unsubscribed(results) => results
                         .into_iter()
                         .map(|r| r.map_or_else(Slot::Failed, |()| Slot::Written))
                         .collect(),
+                    Response::Subscribed { values, session } => {
+                        self.sessions.push(ShardSession {
+                            shard: layout.topology.shards[*shard].clone(),
+                            session,
+                        });
+                        values
+                            .into_iter()
+                            .map(|v| v.map_or_else(Slot::Failed, Slot::Value))
+                            .collect()
+                    }
                     Response::Error(e) => return Err(Error::Request(e)),
-                    Response::Topology(_) => {
-                        return Err(Error::UnexpectedResponse("a topology answer".into()))
+                    Response::Topology(_) | Response::Notify { .. } => {
+                        return Err(Error::UnexpectedResponse(format!(
+                            "an unexpected answer: {response:?}"
+                        )))
                     }
                 };
                 if results.len() != indices.len() {

@@ -23,6 +23,7 @@
 //! - [`ring`]: the consistent-hash ring that maps keys to shards.
 //! - [`log`]: the per-shard write-ahead log, snapshots and recovery.
 //! - [`shard`]: a shard's request loop.
+//! - [`subscription`]: pushing changes of watched keys to executors' caches.
 //! - [`node`]: starting and stopping a node ([`Node`]).
 //! - [`client`]: [`Client`], with deadlines, retries and shard routing.
 //! - `zmtp`: the client's ZeroMQ connections, which need no I/O thread.
@@ -62,9 +63,10 @@ pub mod log;
 pub mod node;
 pub mod ring;
 pub mod shard;
+pub mod subscription;
 pub(crate) mod zmtp;
 
-pub use client::{Client, ClientConfig};
+pub use client::{Client, ClientConfig, ShardSession, Subscription};
 pub use config::{Config, FsyncPolicy};
 pub use node::Node;
 pub use squall_proto::{Key, KeyError, RequestError};

@@ -16,6 +16,7 @@ use squall_proto::Topology;
 use crate::log::{recover, remove_files, Recovered, ShardLog, Store};
 use crate::ring::Ring;
 use crate::shard::Shard;
+use crate::subscription::Subscriptions;
 use crate::{io_err, zmq_err, Config, Error, Result};
 
 /// A running storage node: its shard threads and their sockets. One per process in
@@ -67,9 +68,8 @@ impl Node {
         for index in 0..config.shards {
             // A context per shard gives each shard its own ZeroMQ I/O thread: shared nothing
             // down to the network, and no single I/O thread for the whole node to queue on.
-            let socket = zmq::Context::new()
-                .socket(zmq::ROUTER)
-                .map_err(zmq_err("socket"))?;
+            let context = zmq::Context::new();
+            let socket = context.socket(zmq::ROUTER).map_err(zmq_err("socket"))?;
             socket.set_linger(0).map_err(zmq_err("set linger"))?;
             // Frames a little over the limit still get a `TooLarge` reply; ZeroMQ drops larger
             // ones (closing the sender's connection) before they are read. With at most
@@ -96,7 +96,7 @@ impl Node {
                 .get_last_endpoint()
                 .map_err(zmq_err("get endpoint"))?
                 .map_err(|_| Error::Config("bound endpoint is not UTF-8".into()))?;
-            sockets.push(socket);
+            sockets.push((context, socket));
             endpoints.push(bound);
         }
         let ring = Arc::new(Ring::new(config.shards, config.virtual_nodes));
@@ -117,7 +117,8 @@ impl Node {
 
         let shutdown = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::with_capacity(config.shards);
-        for (index, ((socket, store), log)) in sockets.into_iter().zip(stores).zip(logs).enumerate()
+        for (index, (((context, socket), store), log)) in
+            sockets.into_iter().zip(stores).zip(logs).enumerate()
         {
             let shard = Shard {
                 index: index as u32,
@@ -130,6 +131,7 @@ impl Node {
                 shutdown: shutdown.clone(),
                 snapshot: None,
                 snapshot_not_before: None,
+                subscriptions: Subscriptions::new(context),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("squall-shard-{index}"))

@@ -23,6 +23,7 @@ use squall_proto::{
 
 use crate::log::{remove_files, ShardLog, Snapshot, Store};
 use crate::ring::Ring;
+use crate::subscription::Subscriptions;
 use crate::Config;
 
 /// How long the loop sleeps in `poll` when idle: the bound on shutdown and fsync-interval lag.
@@ -55,6 +56,12 @@ enum Outgoing {
         id: RequestId,
         results: Vec<Result<(), KeyError>>,
     },
+    /// A SUBSCRIBE's values: sent only if the commit succeeds, like a GET's.
+    Subscribed {
+        id: RequestId,
+        values: Vec<Result<Option<LatticeValue>, KeyError>>,
+        session: u64,
+    },
 }
 
 struct Envelope {
@@ -78,6 +85,8 @@ pub(crate) struct Shard {
     pub(crate) snapshot: Option<Snapshot>,
     /// No new snapshot is started before this (set after a failure).
     pub(crate) snapshot_not_before: Option<Instant>,
+    /// Caches watching this shard's keys.
+    pub(crate) subscriptions: Subscriptions,
 }
 
 impl Shard {
@@ -226,6 +235,7 @@ impl Shard {
             Request::Get { keys } => keys.len(),
             Request::Put { entries } => entries.len(),
             Request::Topology => 0,
+            Request::Subscribe { keys, .. } | Request::Unsubscribe { keys, .. } => keys.len(),
         };
         if keys > self.config.max_keys_per_request {
             return error_reply(
@@ -250,6 +260,41 @@ impl Shard {
             },
             Request::Topology => {
                 Outgoing::Ready(encode(id, &Response::Topology((*self.topology).clone())))
+            }
+            Request::Subscribe { subscriber, keys } => {
+                let values: Vec<_> = keys.iter().map(|key| self.get(key)).collect();
+                let owned = keys
+                    .into_iter()
+                    .zip(&values)
+                    .filter(|(_, v)| v.is_ok())
+                    .map(|(k, _)| k);
+                match self.subscriptions.subscribe(&subscriber, owned) {
+                    Ok(session) => Outgoing::Subscribed {
+                        id,
+                        values,
+                        session,
+                    },
+                    Err(e) => {
+                        tracing::warn!(shard = self.index, cause = %e, "subscription refused");
+                        error_reply(
+                            id,
+                            RequestError::Malformed {
+                                reason: e.to_string(),
+                            },
+                        )
+                    }
+                }
+            }
+            Request::Unsubscribe { subscriber, keys } => {
+                let results = keys
+                    .iter()
+                    .map(|key| {
+                        self.owns(key)?;
+                        self.subscriptions.unsubscribe(&subscriber, key);
+                        Ok(())
+                    })
+                    .collect();
+                Outgoing::Ready(encode(id, &Response::Unsubscribed(results)))
             }
         }
     }
@@ -293,12 +338,16 @@ impl Shard {
                     Some(log) => {
                         let mark = log.mark();
                         log.append(&key, &value).map_err(not_durable)?;
-                        if !stored.merge(value) {
+                        if stored.merge(value) {
+                            self.subscriptions.touched(&key);
+                        } else {
                             log.rewind(mark);
                         }
                     }
                     None => {
-                        stored.merge(value);
+                        if stored.merge(value) {
+                            self.subscriptions.touched(&key);
+                        }
                     }
                 }
             }
@@ -306,6 +355,7 @@ impl Shard {
                 if let Some(log) = &mut self.log {
                     log.append(&key, &value).map_err(not_durable)?;
                 }
+                self.subscriptions.touched(&key);
                 self.store.insert(key, value);
             }
         }
@@ -324,6 +374,9 @@ impl Shard {
             }),
             None => Ok(()),
         };
+        if committed.is_ok() {
+            self.subscriptions.push(&self.store, self.index);
+        }
         for envelope in outbox.drain(..) {
             let frame = match (envelope.reply, &committed) {
                 (Outgoing::Ready(frame), _) => frame,
@@ -335,6 +388,20 @@ impl Shard {
                     }),
                 ),
                 (Outgoing::Put { id, results }, Ok(())) => encode(id, &Response::Put(results)),
+                (
+                    Outgoing::Subscribed {
+                        id,
+                        values,
+                        session,
+                    },
+                    Ok(()),
+                ) => encode(id, &Response::Subscribed { values, session }),
+                (Outgoing::Subscribed { id, .. }, Err(reason)) => encode(
+                    id,
+                    &Response::Error(RequestError::Unavailable {
+                        reason: reason.clone(),
+                    }),
+                ),
                 (Outgoing::Put { id, results }, Err(reason)) => {
                     let failed = results
                         .into_iter()
@@ -366,6 +433,7 @@ impl Shard {
 
     /// Periodic work between batches: interval fsync, and compaction one slice at a time.
     fn maintain(&mut self) {
+        self.subscriptions.expire(self.index);
         let Some(log) = &mut self.log else {
             return;
         };

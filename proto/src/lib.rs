@@ -65,6 +65,23 @@ pub enum Request {
     },
     /// Ask for the node's shard layout, so a client can route keys itself.
     Topology,
+    /// Read keys, as [`Request::Get`], and from now on push every change of them to
+    /// `subscriber` (a ZeroMQ endpoint the subscriber has bound a PULL socket on) as
+    /// [`Response::Notify`]. Also renews the subscriber's lease on this shard (keys may be empty
+    /// for a plain renewal); a subscriber not renewed within the lease is forgotten.
+    Subscribe {
+        /// Where changes are pushed.
+        subscriber: String,
+        /// The keys to read and watch. Every key must be owned by the shard.
+        keys: Vec<Key>,
+    },
+    /// Stop pushing changes of these keys to `subscriber` (it evicted them from its cache).
+    Unsubscribe {
+        /// The endpoint given in [`Request::Subscribe`].
+        subscriber: String,
+        /// The keys no longer watched.
+        keys: Vec<Key>,
+    },
 }
 
 /// A storage node's answer.
@@ -76,6 +93,26 @@ pub enum Response {
     Put(Vec<Result<(), KeyError>>),
     /// The node's shard layout.
     Topology(Topology),
+    /// The answer to [`Request::Subscribe`]: the keys' values as for a GET, and the shard's
+    /// session for this subscriber. The session changes whenever the shard forgot the
+    /// subscriber (a restart, an expired lease, or pushes it had to drop): changes may then
+    /// have been missed, and the subscriber must treat what it holds from this shard as stale.
+    Subscribed {
+        /// One result per requested key, as in [`Response::Get`].
+        values: Vec<Result<Option<LatticeValue>, KeyError>>,
+        /// The shard's session for this subscriber.
+        session: u64,
+    },
+    /// The answer to [`Request::Unsubscribe`]: one result per key.
+    Unsubscribed(Vec<Result<(), KeyError>>),
+    /// Pushed by a shard to a subscriber (request id 0), never a reply: the current merged
+    /// values of watched keys that changed, and the session they belong to.
+    Notify {
+        /// The shard's session for this subscriber (as in [`Response::Subscribed`]).
+        session: u64,
+        /// Changed keys and their values after the merge.
+        updates: Vec<(Key, LatticeValue)>,
+    },
     /// The whole request failed.
     Error(RequestError),
 }
@@ -264,6 +301,10 @@ mod tests {
             proptest::collection::vec((".{0,8}", lattice_value()), 0..4)
                 .prop_map(|entries| Request::Put { entries }),
             Just(Request::Topology),
+            (".{0,8}", proptest::collection::vec(".{0,8}", 0..4))
+                .prop_map(|(subscriber, keys)| Request::Subscribe { subscriber, keys }),
+            (".{0,8}", proptest::collection::vec(".{0,8}", 0..4))
+                .prop_map(|(subscriber, keys)| Request::Unsubscribe { subscriber, keys }),
         ]
     }
 

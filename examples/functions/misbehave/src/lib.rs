@@ -1,0 +1,63 @@
+//! `misbehave`: does what its input asks, most of it bad, so Squall's tests can check that an
+//! executor survives each case. Inputs:
+//! - `ok`: answers `ok`; `echo:TEXT` answers TEXT.
+//! - `trap`: panics (a trap).
+//! - `loop`: never returns.
+//! - `oom`: allocates memory until none is left.
+//! - `huge:N`: answers N bytes.
+//! - `stack`: recurses until the stack overflows.
+//! - `recurse:NAME`: calls the function NAME with the same input, forever.
+//! - `print`: writes to stdout and stderr, then answers `printed`.
+//! - `state:KEY=VALUE`: writes VALUE to KEY, reads it back, answers it.
+//! - `fail`: returns an error.
+
+use std::hint::black_box;
+
+fn handle(input: &[u8]) -> Result<Vec<u8>, String> {
+    let text = std::str::from_utf8(input).map_err(|e| e.to_string())?;
+    let (verb, arg) = text.split_once(':').unwrap_or((text, ""));
+    match verb {
+        "ok" => Ok(b"ok".to_vec()),
+        "echo" => Ok(arg.as_bytes().to_vec()),
+        "trap" => panic!("asked to trap"),
+        "loop" => {
+            let mut i: u64 = 0;
+            loop {
+                i = black_box(i.wrapping_add(1));
+            }
+        }
+        "oom" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 1 << 20]);
+                black_box(&hoard);
+            }
+        }
+        "huge" => {
+            let n: usize = arg.parse().map_err(|e| format!("bad size: {e}"))?;
+            Ok(vec![b'x'; n])
+        }
+        "stack" => Ok(deep(black_box(0)).to_string().into_bytes()),
+        "recurse" => squall_sdk::call(arg, input).map_err(|e| e.to_string()),
+        "print" => {
+            println!("hello from stdout");
+            eprintln!("hello from stderr");
+            Ok(b"printed".to_vec())
+        }
+        "state" => {
+            let (key, value) = arg.split_once('=').ok_or("expected state:KEY=VALUE")?;
+            squall_sdk::state::put_bytes(key, value.as_bytes()).map_err(|e| e.to_string())?;
+            let read = squall_sdk::state::get_bytes(key).map_err(|e| e.to_string())?;
+            read.ok_or_else(|| "written value not found".to_string())
+        }
+        "fail" => Err("asked to fail".into()),
+        other => Err(format!("unknown request {other:?}")),
+    }
+}
+
+fn deep(n: u64) -> u64 {
+    let frame = black_box([n; 64]);
+    deep(frame[3] + 1) + frame[7]
+}
+
+squall_sdk::handler!(handle);

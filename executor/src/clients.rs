@@ -1,0 +1,100 @@
+//! Blocking KVS clients, lent to async code.
+//!
+//! [`squall_kvs::Client`] is blocking and `Send` but not `Sync` (one per thread). The pool
+//! keeps idle clients and runs each use on tokio's blocking threads, so a call waiting for the
+//! store never stalls the runtime's workers; a client that failed is dropped (its connections
+//! may hold a late answer) and a fresh one is made on the next use.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use squall_kvs::{Client, ClientConfig};
+
+use crate::{Error, Result};
+
+/// Idle clients kept; more may exist while many calls wait on the store.
+const MAX_IDLE: usize = 16;
+
+/// A pool of clients of one storage node. Cheap to clone; thread-safe.
+#[derive(Clone)]
+pub struct ClientPool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    address: String,
+    config: ClientConfig,
+    idle: Mutex<Vec<Client>>,
+}
+
+impl std::fmt::Debug for ClientPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientPool")
+            .field("address", &self.inner.address)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientPool {
+    /// A pool of clients of the node at `address`; connects one client now, so a wrong
+    /// address fails here.
+    pub fn connect(address: &str, timeout: Duration) -> Result<Self> {
+        let config = ClientConfig {
+            timeout,
+            attempts: 2,
+            ..ClientConfig::default()
+        };
+        let first = Client::connect(address, config.clone())?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                address: address.to_string(),
+                config,
+                idle: Mutex::new(vec![first]),
+            }),
+        })
+    }
+
+    /// The storage node's address.
+    pub fn address(&self) -> &str {
+        &self.inner.address
+    }
+
+    /// Runs `f` with a client on the calling thread (which may block).
+    pub fn with_blocking<T>(
+        &self,
+        f: impl FnOnce(&mut Client) -> squall_kvs::Result<T>,
+    ) -> Result<T> {
+        let taken = self.inner.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let mut client = match taken {
+            Some(client) => client,
+            None => Client::connect(&self.inner.address, self.inner.config.clone())?,
+        };
+        let result = f(&mut client);
+        let healthy = match &result {
+            Ok(_) => true,
+            // A per-key refusal leaves the connection in a clean state.
+            Err(squall_kvs::Error::Key { .. }) => true,
+            Err(_) => false,
+        };
+        if healthy {
+            if let Ok(mut idle) = self.inner.idle.lock() {
+                if idle.len() < MAX_IDLE {
+                    idle.push(client);
+                }
+            }
+        }
+        Ok(result?)
+    }
+
+    /// Runs `f` with a client on one of tokio's blocking threads.
+    pub async fn with<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Client) -> squall_kvs::Result<T> + Send + 'static,
+    {
+        let pool = self.clone();
+        tokio::task::spawn_blocking(move || pool.with_blocking(f))
+            .await
+            .map_err(|e| Error::Internal(format!("a store request panicked: {e}")))?
+    }
+}

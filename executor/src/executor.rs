@@ -1,0 +1,603 @@
+//! The executor: compiles, keeps warm, and calls functions.
+//!
+//! Costs and lifetimes, from long to short:
+//! - one wasmtime [`Engine`] per executor, with the pooling allocator (instance slots,
+//!   memories and tables reserved up front, so instantiating is a few microseconds) and epoch
+//!   interruption (a ticker thread advances the epoch; a store past its deadline traps);
+//! - one compiled component and `HandlerPre` (imports resolved, exports type-checked) per
+//!   distinct code, shared by every version and name that has that code;
+//! - per function version, a small pool of warm instances (a store plus an instance that
+//!   already served a call), used when the function allows reuse;
+//! - per call without a warm instance, a fresh `Store` instantiated from the `HandlerPre`.
+//!
+//! A call finds its function's newest version through the colocated cache, which the store
+//! keeps fresh by push: registering a new version anywhere reaches every executor that holds
+//! the name, without polling.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
+use squall_lattices::{Counter, WriterId};
+use squall_proto::Key;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+use crate::cache::{Cache, CacheStats, Consistency};
+use crate::clients::ClientPool;
+use crate::config::{Config, Limits};
+use crate::host::{log_output, CallContext, CallState, Handler, HandlerPre, Limiter};
+use crate::registry::{function_key, FunctionRecord, Registry};
+use crate::{Error, Result};
+
+/// Options of one call.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallOptions {
+    /// How the call sees the store (default [`Consistency::Lww`]).
+    pub consistency: Consistency,
+    /// A deadline shorter than the function's own, if the caller has one.
+    pub timeout: Option<Duration>,
+}
+
+/// Counters of an executor's calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExecutorStats {
+    /// Calls served by a warm instance.
+    pub warm_starts: u64,
+    /// Calls that instantiated a fresh instance.
+    pub cold_starts: u64,
+    /// Components compiled (or loaded from the code cache).
+    pub compilations: u64,
+    /// Components whose machine code came from the on-disk code cache.
+    pub code_cache_hits: u64,
+    /// Components compiled because the code cache did not have them.
+    pub code_cache_misses: u64,
+    /// The colocated cache's counters.
+    pub cache: CacheStats,
+}
+
+/// A compiled component, ready to instantiate.
+struct Compiled {
+    pre: HandlerPre<CallState>,
+}
+
+/// A function version this executor has loaded.
+struct Loaded {
+    record: FunctionRecord,
+    limits: Limits,
+    compiled: Arc<Compiled>,
+    /// The cache generation of the function's registry key when this was resolved.
+    generation: u64,
+    warm: Mutex<Vec<Warm>>,
+}
+
+/// An instance that served a call and may serve another.
+struct Warm {
+    store: Store<CallState>,
+    handler: Handler,
+    uses: u64,
+}
+
+/// The shared state behind an [`Executor`].
+pub(crate) struct Inner {
+    engine: Engine,
+    code_cache: Option<wasmtime::Cache>,
+    linker: Linker<CallState>,
+    config: Config,
+    cache: Cache,
+    registry: Registry,
+    loaded: Mutex<HashMap<String, Arc<Loaded>>>,
+    compiled: Mutex<HashMap<String, Arc<Compiled>>>,
+    pub(crate) writer: WriterId,
+    pub(crate) last_time: AtomicU64,
+    pub(crate) counters: Mutex<HashMap<Key, Counter>>,
+    warm_starts: AtomicU64,
+    cold_starts: AtomicU64,
+    compilations: AtomicU64,
+    stop: Arc<AtomicBool>,
+    ticker: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Runs functions. One per node; cheap to clone; thread-safe. Calls are `async` and must run
+/// inside a tokio runtime (store reads that miss use its blocking pool).
+#[derive(Clone)]
+pub struct Executor {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("cache", &self.inner.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Executor {
+    /// Starts an executor over the storage node at `kvs` (a ZeroMQ endpoint): builds the
+    /// engine, connects to the store, binds the cache's update socket and starts the epoch
+    /// ticker.
+    pub fn start(config: Config, kvs: &str) -> Result<Self> {
+        let (engine, code_cache) = build_engine(&config)?;
+        let mut linker = Linker::<CallState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| Error::Setup(format!("linking WASI: {e}")))?;
+        Handler::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |state| state)
+            .map_err(|e| Error::Setup(format!("linking the handler world: {e}")))?;
+        let kvs = ClientPool::connect(kvs, config.kvs_timeout)?;
+        let cache = Cache::start(kvs.clone(), config.cache.clone())?;
+        let registry = Registry::new(kvs, cache.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            let tick = config.epoch_tick.max(Duration::from_millis(1));
+            std::thread::Builder::new()
+                .name("squall-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(tick);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(|e| Error::Setup(format!("epoch thread: {e}")))?
+        };
+        tracing::info!(
+            max_instances = config.max_instances,
+            cache_bytes = config.cache.capacity_bytes,
+            code_cache = ?config.code_cache_dir,
+            "executor started"
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                engine,
+                code_cache,
+                linker,
+                config,
+                cache,
+                registry,
+                loaded: Mutex::new(HashMap::new()),
+                compiled: Mutex::new(HashMap::new()),
+                writer: rand::random(),
+                last_time: AtomicU64::new(0),
+                counters: Mutex::new(HashMap::new()),
+                warm_starts: AtomicU64::new(0),
+                cold_starts: AtomicU64::new(0),
+                compilations: AtomicU64::new(0),
+                stop,
+                ticker: Mutex::new(Some(ticker)),
+            }),
+        })
+    }
+
+    /// Checks that `code` is a component of the handler world, then stores it as the next
+    /// version of `name`. `limits` default to the executor's and are capped by its maximum.
+    pub async fn register(
+        &self,
+        name: &str,
+        code: Vec<u8>,
+        limits: Option<Limits>,
+    ) -> Result<FunctionRecord> {
+        crate::registry::validate_name(name)?;
+        let limits = limits
+            .unwrap_or(self.inner.config.default_limits)
+            .capped(&self.inner.config.max_limits);
+        let sha256 = crate::registry::sha256_hex(&code);
+        self.inner.compile(&sha256, &code).await?;
+        self.inner.registry.store(name, code, limits).await
+    }
+
+    /// Calls the newest version of `name` with `input`.
+    pub async fn call(&self, name: &str, input: &[u8], options: CallOptions) -> Result<Vec<u8>> {
+        let timeout = options
+            .timeout
+            .unwrap_or(self.inner.config.max_limits.timeout());
+        let deadline = Instant::now() + timeout;
+        run(
+            self.inner.clone(),
+            name.to_string(),
+            input.to_vec(),
+            0,
+            deadline,
+            options.consistency,
+        )
+        .await
+    }
+
+    /// The registry this executor reads.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// The colocated cache.
+    pub fn cache(&self) -> &Cache {
+        &self.inner.cache
+    }
+
+    /// Counters of the executor's work.
+    pub fn stats(&self) -> ExecutorStats {
+        ExecutorStats {
+            warm_starts: self.inner.warm_starts.load(Ordering::Relaxed),
+            cold_starts: self.inner.cold_starts.load(Ordering::Relaxed),
+            compilations: self.inner.compilations.load(Ordering::Relaxed),
+            code_cache_hits: self
+                .inner
+                .code_cache
+                .as_ref()
+                .map_or(0, |c| c.cache_hits() as u64),
+            code_cache_misses: self
+                .inner
+                .code_cache
+                .as_ref()
+                .map_or(0, |c| c.cache_misses() as u64),
+            cache: self.inner.cache.stats(),
+        }
+    }
+
+    /// The engine (for embedding and benchmarks).
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Ok(mut slot) = self.ticker.lock() {
+            if let Some(thread) = slot.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+/// Builds the engine: Cranelift, component model, async, epoch interruption, pooling
+/// allocator sized by the config, and the on-disk code cache if configured.
+fn build_engine(config: &Config) -> Result<(Engine, Option<wasmtime::Cache>)> {
+    let mut wasm = wasmtime::Config::new();
+    wasm.wasm_component_model(true)
+        .epoch_interruption(true)
+        .parallel_compilation(true);
+    let instances = config.max_instances.max(1);
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(instances)
+        .total_core_instances(instances.saturating_mul(8))
+        .total_memories(instances.saturating_mul(2))
+        .total_tables(instances.saturating_mul(8))
+        .total_stacks(instances)
+        .max_core_instances_per_component(32)
+        .max_memories_per_component(8)
+        .max_tables_per_component(32)
+        .max_memory_size(usize::try_from(config.max_limits.memory_bytes).unwrap_or(usize::MAX))
+        .table_elements(usize::try_from(config.max_limits.table_elements).unwrap_or(usize::MAX))
+        // Keep the first pages of each memory resident between uses: a reused slot then
+        // does not fault them in again.
+        .linear_memory_keep_resident(1 << 20)
+        .table_keep_resident(64 << 10);
+    wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    let mut code_cache = None;
+    if let Some(dir) = &config.code_cache_dir {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Setup(format!("code cache {}: {e}", dir.display())))?;
+        let mut cache = wasmtime::CacheConfig::new();
+        cache.with_directory(dir);
+        let cache = wasmtime::Cache::new(cache)
+            .map_err(|e| Error::Setup(format!("code cache {}: {e}", dir.display())))?;
+        code_cache = Some(cache.clone());
+        wasm.cache(Some(cache));
+    }
+    let engine = Engine::new(&wasm).map_err(|e| Error::Setup(format!("wasmtime engine: {e}")))?;
+    Ok((engine, code_cache))
+}
+
+impl Inner {
+    /// Compiles `code` (or loads it from the code cache) and checks it against the handler
+    /// world; shared by all functions with the same code.
+    async fn compile(self: &Arc<Self>, sha256: &str, code: &[u8]) -> Result<Arc<Compiled>> {
+        if let Some(compiled) = self.lock_compiled().get(sha256) {
+            return Ok(compiled.clone());
+        }
+        let inner = self.clone();
+        let code = code.to_vec();
+        // Compilation is CPU-heavy (tens of milliseconds or more): off the async workers.
+        let compiled = tokio::task::spawn_blocking(move || {
+            let component =
+                Component::new(&inner.engine, &code).map_err(|e| Error::InvalidComponent {
+                    reason: format!("{e:#}"),
+                })?;
+            inner.compilations.fetch_add(1, Ordering::Relaxed);
+            let pre = inner
+                .linker
+                .instantiate_pre(&component)
+                .map_err(|e| Error::WrongWorld {
+                    reason: format!("{e:#}"),
+                })?;
+            let pre = HandlerPre::new(pre).map_err(|e| Error::WrongWorld {
+                reason: format!("{e:#}"),
+            })?;
+            Ok::<_, Error>(Arc::new(Compiled { pre }))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("compilation panicked: {e}")))??;
+        self.lock_compiled()
+            .insert(sha256.to_string(), compiled.clone());
+        Ok(compiled)
+    }
+
+    fn lock_compiled(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Compiled>>> {
+        self.compiled.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_loaded(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Loaded>>> {
+        self.loaded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The newest version of `name`, loaded. Cheap when nothing changed: the registry key's
+    /// cache generation still matches.
+    async fn resolve(self: &Arc<Self>, name: &str) -> Result<Arc<Loaded>> {
+        let key = function_key(name);
+        let current = self.lock_loaded().get(name).cloned();
+        if let Some(loaded) = &current {
+            if self.cache.generation(&key) == Some(loaded.generation) {
+                return Ok(loaded.clone());
+            }
+        }
+        let record = self
+            .registry
+            .newest(name)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                name: name.to_string(),
+            })?;
+        // Read after the fetch: a push that lands in between makes the next call resolve
+        // again, never miss the change.
+        let generation = self.cache.generation(&key).unwrap_or(0);
+        if let Some(loaded) = current {
+            if loaded.record == record {
+                let refreshed = Arc::new(Loaded {
+                    record,
+                    limits: loaded.limits,
+                    compiled: loaded.compiled.clone(),
+                    generation,
+                    warm: Mutex::new(std::mem::take(
+                        &mut *loaded.warm.lock().unwrap_or_else(|p| p.into_inner()),
+                    )),
+                });
+                self.lock_loaded()
+                    .insert(name.to_string(), refreshed.clone());
+                return Ok(refreshed);
+            }
+        }
+        let held = self.lock_compiled().get(&record.sha256).cloned();
+        let compiled = match held {
+            Some(compiled) => compiled,
+            None => {
+                let code = self.registry.code(&record).await?;
+                self.compile(&record.sha256, &code)
+                    .await
+                    .map_err(|e| Error::CorruptCode {
+                        name: record.name.clone(),
+                        version: record.version,
+                        reason: e.to_string(),
+                    })?
+            }
+        };
+        tracing::debug!(function = name, version = record.version, "function loaded");
+        let loaded = Arc::new(Loaded {
+            limits: record.limits.capped(&self.config.max_limits),
+            record,
+            compiled,
+            generation,
+            warm: Mutex::new(Vec::new()),
+        });
+        self.lock_loaded().insert(name.to_string(), loaded.clone());
+        Ok(loaded)
+    }
+
+    /// A warm instance of `loaded`, or a fresh one.
+    async fn instance(
+        self: &Arc<Self>,
+        loaded: &Loaded,
+        call: CallContext,
+        epoch_ticks: u64,
+    ) -> Result<(Store<CallState>, Handler, u64)> {
+        let limiter = Limiter {
+            memory_bytes: usize::try_from(loaded.limits.memory_bytes).unwrap_or(usize::MAX),
+            table_elements: usize::try_from(loaded.limits.table_elements).unwrap_or(usize::MAX),
+            hit: false,
+        };
+        let warm = if loaded.limits.reuse_instances {
+            loaded.warm.lock().unwrap_or_else(|p| p.into_inner()).pop()
+        } else {
+            None
+        };
+        if let Some(mut warm) = warm {
+            self.warm_starts.fetch_add(1, Ordering::Relaxed);
+            let state = warm.store.data_mut();
+            state.call = call;
+            state.limiter = limiter;
+            warm.store.set_epoch_deadline(epoch_ticks);
+            return Ok((warm.store, warm.handler, warm.uses));
+        }
+        self.cold_starts.fetch_add(1, Ordering::Relaxed);
+        let state = CallState::new(call, limiter, self.config.max_guest_output_bytes);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(epoch_ticks);
+        let handler = loaded
+            .compiled
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| {
+                if e.is::<wasmtime::PoolConcurrencyLimitError>() {
+                    Error::NoCapacity {
+                        reason: format!("{e:#}"),
+                    }
+                } else {
+                    Error::Trap {
+                        function: loaded.record.name.clone(),
+                        trap: format!("instantiation failed: {e:#}"),
+                    }
+                }
+            })?;
+        Ok((store, handler, 0))
+    }
+}
+
+/// Calls the newest version of `name`: the body of [`Executor::call`] and of a guest's
+/// nested calls.
+pub(crate) async fn run(
+    inner: Arc<Inner>,
+    name: String,
+    input: Vec<u8>,
+    depth: u32,
+    deadline: Instant,
+    consistency: Consistency,
+) -> Result<Vec<u8>> {
+    if depth > inner.config.max_call_depth {
+        return Err(Error::CallDepthExceeded {
+            function: name,
+            limit: inner.config.max_call_depth,
+        });
+    }
+    let started = Instant::now();
+    let loaded = match tokio::time::timeout(
+        deadline.saturating_duration_since(started),
+        inner.resolve(&name),
+    )
+    .await
+    {
+        Ok(resolved) => resolved?,
+        Err(_) => {
+            return Err(Error::Timeout {
+                function: name,
+                deadline: deadline.saturating_duration_since(started),
+            })
+        }
+    };
+    let limits = loaded.limits;
+    if input.len() as u64 > limits.max_input_bytes {
+        return Err(Error::InputTooLarge {
+            size: input.len() as u64,
+            limit: limits.max_input_bytes,
+        });
+    }
+    let deadline = deadline.min(started + limits.timeout());
+    let budget = deadline.saturating_duration_since(started);
+    let function: Arc<str> = Arc::from(name.as_str());
+    let call = CallContext {
+        executor: Arc::downgrade(&inner),
+        function: function.clone(),
+        deadline,
+        depth,
+        session: inner.cache.session(consistency),
+        fatal: None,
+    };
+    let tick = inner.config.epoch_tick.max(Duration::from_millis(1));
+    let ticks = deadline
+        .saturating_duration_since(Instant::now())
+        .as_micros()
+        .div_ceil(tick.as_micros())
+        .max(1);
+    let ticks = u64::try_from(ticks).unwrap_or(u64::MAX);
+    let (mut store, handler, uses) = inner.instance(&loaded, call, ticks).await?;
+    // The epoch stops a guest that computes; this outer bound also covers host waits (and is
+    // a little later, so a spinning guest is reported by its trap).
+    let outcome = tokio::time::timeout(
+        deadline.saturating_duration_since(Instant::now()) + tick * 4,
+        handler.call_handle(&mut store, &input),
+    )
+    .await;
+    let state = store.data_mut();
+    log_output(&function, "stdout", &state.stdout);
+    log_output(&function, "stderr", &state.stderr);
+    let fatal = state.call.fatal.take();
+    let memory_hit = state.limiter.hit;
+    let result = match outcome {
+        Err(_) => Err(Error::Timeout {
+            function: name.clone(),
+            deadline: budget,
+        }),
+        Ok(Err(error)) => Err(classify(error, fatal, memory_hit, &name, &limits, budget)),
+        Ok(Ok(Err(message))) => Err(Error::Failed {
+            function: name.clone(),
+            message,
+        }),
+        Ok(Ok(Ok(output))) if output.len() as u64 > limits.max_output_bytes => {
+            Err(Error::OutputTooLarge {
+                function: name.clone(),
+                size: output.len() as u64,
+                limit: limits.max_output_bytes,
+            })
+        }
+        Ok(Ok(Ok(output))) => Ok(output),
+    };
+    // An instance that trapped, timed out or hit a limit is dropped; one that returned
+    // (an output or an error of its own) may serve again.
+    let reusable = match &result {
+        Ok(_) | Err(Error::Failed { .. }) | Err(Error::OutputTooLarge { .. }) => {
+            limits.reuse_instances && uses + 1 < inner.config.max_reuses && !memory_hit
+        }
+        _ => false,
+    };
+    if reusable {
+        let mut warm = loaded.warm.lock().unwrap_or_else(|p| p.into_inner());
+        if warm.len() < inner.config.warm_per_function {
+            warm.push(Warm {
+                store,
+                handler,
+                uses: uses + 1,
+            });
+        }
+    }
+    match &result {
+        Err(
+            e @ (Error::Trap { .. }
+            | Error::Timeout { .. }
+            | Error::OutOfMemory { .. }
+            | Error::OutputTooLarge { .. }),
+        ) if depth == 0 => tracing::warn!(function = %name, cause = %e, "call failed"),
+        Err(e) => tracing::debug!(function = %name, depth, cause = %e, "call failed"),
+        Ok(output) => tracing::trace!(function = %name, depth, bytes = output.len(), "call done"),
+    }
+    result
+}
+
+/// Turns a wasmtime error from a call into the executor's error.
+fn classify(
+    error: wasmtime::Error,
+    fatal: Option<Error>,
+    memory_hit: bool,
+    name: &str,
+    limits: &Limits,
+    budget: Duration,
+) -> Error {
+    if let Some(fatal) = fatal {
+        return fatal;
+    }
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => Error::Timeout {
+            function: name.to_string(),
+            deadline: budget,
+        },
+        _ if memory_hit => Error::OutOfMemory {
+            function: name.to_string(),
+            limit: limits.memory_bytes,
+        },
+        Some(trap) => {
+            tracing::debug!(function = name, backtrace = %format!("{error:#}"), "guest trapped");
+            Error::Trap {
+                function: name.to_string(),
+                trap: trap.to_string(),
+            }
+        }
+        None => Error::Trap {
+            function: name.to_string(),
+            trap: error.to_string(),
+        },
+    }
+}

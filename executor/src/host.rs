@@ -1,0 +1,503 @@
+//! The host side of the function interface: what a guest's imports do.
+//!
+//! Each store holds a [`CallState`]: the WASI context (no files, no sockets, no environment;
+//! stdout and stderr go to [`GuestOutput`] buffers that the executor writes to its log after
+//! each call), the resource limiter, and the [`CallContext`] of the call being served (the
+//! function, its deadline, its depth in a chain of calls, and its session of the cache).
+//!
+//! Host functions that wait (state reads that miss, writes, nested calls) never wait past the
+//! call's deadline. A nested call that times out or goes too deep ends the calling guest with
+//! a trap whose cause is kept in [`CallContext::fatal`], so the error the caller finally sees
+//! is the original one, not "the caller trapped".
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use squall_lattices::{Counter, LatticeType, LatticeValue, Lww, Timestamp};
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, Result as WasmResult};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::cache::Session;
+use crate::executor::Inner;
+use crate::Error;
+
+/// The host bindings of the handler world, generated from `sdk/wit/world.wit`.
+mod bindings {
+    #![allow(missing_docs)]
+    wasmtime::component::bindgen!({
+        path: "../sdk/wit",
+        world: "handler",
+        imports: { default: async | trappable },
+        exports: { default: async },
+    });
+}
+
+use bindings::squall;
+pub use bindings::squall::function::invoke::CallError;
+pub use bindings::squall::function::log::Level;
+pub use bindings::squall::function::state::{Lattice, LatticeType as WitLatticeType, StateError};
+pub use bindings::{Handler, HandlerPre};
+
+/// The data of one store: one instance's host state.
+pub struct CallState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    /// Enforces the function's memory and table limits.
+    pub limiter: Limiter,
+    /// The call being served.
+    pub call: CallContext,
+    /// The guest's stdout.
+    pub stdout: GuestOutput,
+    /// The guest's stderr.
+    pub stderr: GuestOutput,
+}
+
+/// What the host knows of the call an instance is serving.
+pub struct CallContext {
+    /// The executor (weak: a warm instance must not keep its executor alive).
+    pub executor: Weak<Inner>,
+    /// The function's name.
+    pub function: Arc<str>,
+    /// When the call must be over.
+    pub deadline: Instant,
+    /// 0 for a call from outside, one more for each nested call.
+    pub depth: u32,
+    /// The call's view of the cache.
+    pub session: Session,
+    /// Set when a host function ends the guest because of an error that must reach the
+    /// caller as it is (a nested timeout, a too-deep chain).
+    pub fatal: Option<Error>,
+}
+
+impl CallState {
+    /// Fresh host state for a new store.
+    pub fn new(call: CallContext, limiter: Limiter, output_capacity: usize) -> Self {
+        let stdout = GuestOutput::new(output_capacity);
+        let stderr = GuestOutput::new(output_capacity);
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            limiter,
+            call,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn remaining(&self) -> std::time::Duration {
+        self.call.deadline.saturating_duration_since(Instant::now())
+    }
+}
+
+/// Runs a store operation within what is left of the call's deadline.
+async fn bounded<T>(
+    remaining: std::time::Duration,
+    op: impl std::future::Future<Output = crate::Result<T>>,
+) -> Result<T, StateError> {
+    {
+        match tokio::time::timeout(remaining, op).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(state_error(e)),
+            Err(_) => Err(StateError::Unavailable(
+                "the call's deadline passed while waiting for the store".into(),
+            )),
+        }
+    }
+}
+
+impl CallState {
+    fn executor(&self) -> WasmResult<Arc<Inner>> {
+        self.call
+            .executor
+            .upgrade()
+            .ok_or_else(|| wasmtime::Error::msg("the executor is shutting down"))
+    }
+}
+
+impl WasiView for CallState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+fn state_error(e: Error) -> StateError {
+    match e {
+        Error::Kvs(squall_kvs::Error::Key {
+            error: squall_kvs::KeyError::TypeMismatch(m),
+            ..
+        }) => StateError::TypeMismatch(m.to_string()),
+        Error::Kvs(squall_kvs::Error::Key { error, .. }) => StateError::Invalid(error.to_string()),
+        Error::Kvs(other) => StateError::Unavailable(other.to_string()),
+        Error::BadValue { reason, .. } => StateError::Invalid(reason),
+        other => StateError::Unavailable(other.to_string()),
+    }
+}
+
+fn decode_lattice(value: &Lattice) -> Result<LatticeValue, StateError> {
+    let decoded: LatticeValue = rmp_serde::from_slice(&value.encoded)
+        .map_err(|e| StateError::Invalid(format!("undecodable lattice value: {e}")))?;
+    if to_wit_type(decoded.lattice_type()) != value.kind {
+        return Err(StateError::Invalid(format!(
+            "the value is a {}, not the declared type",
+            decoded.lattice_type().name()
+        )));
+    }
+    decoded
+        .check_limits()
+        .map_err(|e| StateError::Invalid(e.to_string()))?;
+    Ok(decoded)
+}
+
+fn encode_lattice(value: &LatticeValue) -> Result<Lattice, StateError> {
+    Ok(Lattice {
+        kind: to_wit_type(value.lattice_type()),
+        encoded: rmp_serde::to_vec(value)
+            .map_err(|e| StateError::Invalid(format!("cannot encode the value: {e}")))?,
+    })
+}
+
+fn to_wit_type(t: LatticeType) -> WitLatticeType {
+    use WitLatticeType as W;
+    match t {
+        LatticeType::Lww => W::Lww,
+        LatticeType::Set => W::Set,
+        LatticeType::OrderedSet => W::OrderedSet,
+        LatticeType::Max => W::Max,
+        LatticeType::Min => W::Min,
+        LatticeType::Bool => W::Bool,
+        LatticeType::Counter => W::Counter,
+        LatticeType::Priority => W::Priority,
+        LatticeType::Map => W::Map,
+        LatticeType::SingleCausal => W::SingleCausal,
+        LatticeType::MultiCausal => W::MultiCausal,
+    }
+}
+
+fn mismatch(key: &str, found: &LatticeValue, wanted: LatticeType) -> StateError {
+    StateError::TypeMismatch(format!(
+        "key {key:?} holds a {}, not a {}",
+        found.lattice_type().name(),
+        wanted.name()
+    ))
+}
+
+impl squall::function::state::Host for CallState {
+    async fn get(&mut self, key: String) -> WasmResult<Result<Option<Lattice>, StateError>> {
+        let read = bounded(self.remaining(), self.call.session.get(&key)).await;
+        Ok(read.and_then(|value| value.as_ref().map(encode_lattice).transpose()))
+    }
+
+    async fn merge(&mut self, key: String, value: Lattice) -> WasmResult<Result<(), StateError>> {
+        let value = match decode_lattice(&value) {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        };
+        let written = bounded(self.remaining(), self.call.session.merge(&key, value)).await;
+        Ok(written.map(|_| ()))
+    }
+
+    async fn get_bytes(&mut self, key: String) -> WasmResult<Result<Option<Vec<u8>>, StateError>> {
+        let read = bounded(self.remaining(), self.call.session.get(&key)).await;
+        Ok(read.and_then(|value| match value {
+            None => Ok(None),
+            Some(LatticeValue::Lww(register)) => Ok(Some(register.value.to_vec())),
+            Some(other) => Err(mismatch(&key, &other, LatticeType::Lww)),
+        }))
+    }
+
+    async fn put_bytes(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+    ) -> WasmResult<Result<(), StateError>> {
+        let executor = self.executor()?;
+        let register = LatticeValue::Lww(Lww::new(executor.timestamp(), value.into()));
+        let written = bounded(self.remaining(), self.call.session.merge(&key, register)).await;
+        Ok(written.map(|_| ()))
+    }
+
+    async fn add(&mut self, key: String, delta: i64) -> WasmResult<Result<i64, StateError>> {
+        let executor = self.executor()?;
+        let contribution = executor.contribute(&key, delta);
+        let remaining = self.remaining();
+        let written = bounded(
+            remaining,
+            self.call
+                .session
+                .merge(&key, LatticeValue::Counter(contribution)),
+        )
+        .await;
+        Ok(written.and_then(|merged| match merged {
+            LatticeValue::Counter(counter) => Ok(saturate(&counter)),
+            other => Err(mismatch(&key, &other, LatticeType::Counter)),
+        }))
+    }
+}
+
+fn saturate(counter: &Counter) -> i64 {
+    let value = counter.value();
+    i64::try_from(value).unwrap_or(if value < 0 { i64::MIN } else { i64::MAX })
+}
+
+impl squall::function::invoke::Host for CallState {
+    async fn call(
+        &mut self,
+        name: String,
+        input: Vec<u8>,
+    ) -> WasmResult<Result<Vec<u8>, CallError>> {
+        let executor = self.executor()?;
+        let depth = self.call.depth + 1;
+        let deadline = self.call.deadline;
+        let mode = self.call.session.mode();
+        let nested = Box::pin(crate::executor::run(
+            executor, name, input, depth, deadline, mode,
+        ))
+        .await;
+        match nested {
+            Ok(output) => Ok(Ok(output)),
+            Err(Error::NotFound { name }) => Ok(Err(CallError::NotFound(name))),
+            Err(Error::Failed { function, message }) => {
+                Ok(Err(CallError::Failed(format!("{function}: {message}"))))
+            }
+            Err(Error::InvalidName { name, reason }) => {
+                Ok(Err(CallError::NotFound(format!("{name} ({reason})"))))
+            }
+            Err(fatal) => {
+                let message = fatal.to_string();
+                self.call.fatal = Some(fatal);
+                Err(wasmtime::Error::msg(message))
+            }
+        }
+    }
+}
+
+impl squall::function::log::Host for CallState {
+    async fn log(&mut self, level: Level, message: String) -> WasmResult<()> {
+        let function = &*self.call.function;
+        let message: String = message.chars().take(4096).collect();
+        match level {
+            Level::Trace => tracing::trace!(target: "squall::guest", function, "{message}"),
+            Level::Debug => tracing::debug!(target: "squall::guest", function, "{message}"),
+            Level::Info => tracing::info!(target: "squall::guest", function, "{message}"),
+            Level::Warn => tracing::warn!(target: "squall::guest", function, "{message}"),
+            Level::Error => tracing::error!(target: "squall::guest", function, "{message}"),
+        }
+        Ok(())
+    }
+}
+
+/// Limits memories and tables of one store, and remembers whether a limit was hit (so a trap
+/// that follows can be reported as running out of memory).
+#[derive(Debug, Clone)]
+pub struct Limiter {
+    /// Bytes each linear memory may grow to.
+    pub memory_bytes: usize,
+    /// Elements each table may grow to.
+    pub table_elements: usize,
+    /// Set when a growth was refused.
+    pub hit: bool,
+}
+
+/// Instances, tables and memories one store may hold: a component of the handler world built
+/// by Rust has a handful of each.
+const MAX_INSTANCES: usize = 32;
+const MAX_TABLES: usize = 32;
+const MAX_MEMORIES: usize = 8;
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> WasmResult<bool> {
+        if desired > self.memory_bytes {
+            self.hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> WasmResult<bool> {
+        if desired > self.table_elements {
+            self.hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+}
+
+/// A guest's stdout or stderr: a bounded buffer the executor drains into its log after each
+/// call. Writes beyond the capacity are dropped (and counted), never an error, so a chatty
+/// guest cannot fail because of its logging.
+#[derive(Debug, Clone)]
+pub struct GuestOutput {
+    inner: Arc<Mutex<OutputBuffer>>,
+}
+
+#[derive(Debug)]
+struct OutputBuffer {
+    bytes: Vec<u8>,
+    capacity: usize,
+    dropped: usize,
+}
+
+impl GuestOutput {
+    fn new(capacity: usize) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(OutputBuffer {
+                bytes: Vec::new(),
+                capacity,
+                dropped: 0,
+            })),
+        }
+    }
+
+    fn append(&self, data: &[u8]) {
+        let mut buffer = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let room = buffer.capacity.saturating_sub(buffer.bytes.len());
+        let kept = data.len().min(room);
+        buffer.bytes.extend_from_slice(&data[..kept]);
+        buffer.dropped += data.len() - kept;
+    }
+
+    /// Takes what was written since the last call, and how many bytes were dropped.
+    pub fn take(&self) -> (Vec<u8>, usize) {
+        let mut buffer = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let dropped = std::mem::take(&mut buffer.dropped);
+        (std::mem::take(&mut buffer.bytes), dropped)
+    }
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+}
+
+impl OutputStream for GuestOutput {
+    fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        self.append(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        Ok(64 << 10)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for GuestOutput {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for GuestOutput {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.append(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Writes a guest's captured output to the log, one event per line.
+pub fn log_output(function: &str, stream: &'static str, output: &GuestOutput) {
+    let (bytes, dropped) = output.take();
+    if !bytes.is_empty() {
+        for line in String::from_utf8_lossy(&bytes).lines() {
+            tracing::info!(target: "squall::guest", function, stream, "{line}");
+        }
+    }
+    if dropped > 0 {
+        tracing::warn!(target: "squall::guest", function, stream, dropped, "guest output beyond the buffer was dropped");
+    }
+}
+
+impl Inner {
+    /// A timestamp for an LWW write by this executor, never behind the previous one.
+    pub(crate) fn timestamp(&self) -> Timestamp {
+        let now = Timestamp::now(self.writer).time;
+        let mut last = self.last_time.load(std::sync::atomic::Ordering::Relaxed);
+        loop {
+            let next = now.max(last + 1);
+            match self.last_time.compare_exchange_weak(
+                last,
+                next,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            ) {
+                Ok(_) => return Timestamp::new(next, self.writer),
+                Err(actual) => last = actual,
+            }
+        }
+    }
+
+    /// Adds `delta` to this executor's contribution to a counter and returns the whole
+    /// contribution (what is merged: retry-safe, since it carries totals, not deltas).
+    pub(crate) fn contribute(&self, key: &str, delta: i64) -> Counter {
+        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let contribution = counters.entry(key.to_string()).or_default();
+        contribution.add(self.writer, delta);
+        contribution.clone()
+    }
+}

@@ -1,0 +1,353 @@
+//! The function registry, kept in the KVS so any executor can load any function and nothing
+//! is lost when one restarts.
+//!
+//! Keys (all lattices, so concurrent writers merge rather than overwrite):
+//! - `squall/functions`: the set of registered names.
+//! - `squall/fn/{name}`: a map from version number (zero-padded, so it sorts) to the
+//!   version's [`FunctionRecord`] as an LWW register.
+//! - `squall/code/{sha256}`: the code's manifest (size and chunk count) and
+//!   `squall/code/{sha256}/{i}`: its bytes in chunks of [`CHUNK_BYTES`], content-addressed, so
+//!   registering the same code twice stores it once. Chunks are written before the manifest
+//!   and the manifest before the version entry, so a version that can be seen can be loaded.
+//!
+//! Registering a name again adds the next version; calls go to the newest. Two registrations
+//! of one name at the same instant may pick the same number; the later timestamp wins it.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use squall_lattices::{LatticeValue, Lww, MapLattice, SetLattice, Timestamp};
+
+use crate::cache::Cache;
+use crate::clients::ClientPool;
+use crate::config::Limits;
+use crate::{Error, Result};
+
+/// The key of the set of registered names.
+pub const NAMES_KEY: &str = "squall/functions";
+
+/// Code is stored in chunks of this size, well under a storage node's request limit.
+pub const CHUNK_BYTES: usize = 4 << 20;
+
+/// The longest function name.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// One registered version of a function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionRecord {
+    /// The function's name.
+    pub name: String,
+    /// 1 for the first registration, then one more each time.
+    pub version: u64,
+    /// SHA-256 of the component, in hex: the code's address in the store.
+    pub sha256: String,
+    /// The component's size in bytes.
+    pub size: u64,
+    /// The limits its calls run under.
+    pub limits: Limits,
+    /// When it was registered (milliseconds since the Unix epoch).
+    pub registered_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    size: u64,
+    chunks: u32,
+}
+
+/// The key holding a function's versions.
+pub fn function_key(name: &str) -> String {
+    format!("squall/fn/{name}")
+}
+
+fn code_key(sha256: &str) -> String {
+    format!("squall/code/{sha256}")
+}
+
+fn chunk_key(sha256: &str, index: u32) -> String {
+    format!("squall/code/{sha256}/{index}")
+}
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Checks that a name can be a key and a URL path segment: 1 to 128 characters of ASCII
+/// letters, digits, `-`, `_` and `.`.
+pub fn validate_name(name: &str) -> Result<()> {
+    let invalid = |reason| {
+        Err(Error::InvalidName {
+            name: name.chars().take(MAX_NAME_LEN + 8).collect(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return invalid("empty");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return invalid("longer than 128 characters");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return invalid("only ASCII letters, digits, '-', '_' and '.' are allowed");
+    }
+    Ok(())
+}
+
+/// Reads and writes the registry. Cheap to clone; thread-safe.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    kvs: ClientPool,
+    cache: Cache,
+}
+
+impl Registry {
+    /// A registry over the store behind `kvs`, reading versions through `cache` (so an
+    /// executor learns of a new version by push, without asking).
+    pub fn new(kvs: ClientPool, cache: Cache) -> Self {
+        Self { kvs, cache }
+    }
+
+    /// Stores `code` as the next version of `name`. The caller has validated the code.
+    pub async fn store(&self, name: &str, code: Vec<u8>, limits: Limits) -> Result<FunctionRecord> {
+        validate_name(name)?;
+        let sha256 = sha256_hex(&code);
+        let size = code.len() as u64;
+        let key = function_key(name);
+        let record = {
+            let sha256 = sha256.clone();
+            let name = name.to_string();
+            self.kvs
+                .with(move |client| {
+                    // Content-addressed chunks and manifest: every writer writes the same
+                    // value with the same timestamp, so storing twice changes nothing.
+                    let fixed = Timestamp { time: 0, writer: 0 };
+                    let chunks: Vec<(String, LatticeValue)> = code
+                        .chunks(CHUNK_BYTES)
+                        .enumerate()
+                        .map(|(i, chunk)| {
+                            (
+                                chunk_key(&sha256, i as u32),
+                                LatticeValue::Lww(Lww::new(
+                                    fixed,
+                                    bytes::Bytes::copy_from_slice(chunk),
+                                )),
+                            )
+                        })
+                        .collect();
+                    let count = chunks.len() as u32;
+                    for (chunk_key, value) in chunks {
+                        client.put(&chunk_key, value)?;
+                    }
+                    let manifest = rmp_serde::to_vec(&Manifest {
+                        size,
+                        chunks: count,
+                    })
+                    .map_err(|e| squall_kvs::Error::Config(format!("encoding a manifest: {e}")))?;
+                    client.put(
+                        &code_key(&sha256),
+                        LatticeValue::Lww(Lww::new(fixed, manifest.into())),
+                    )?;
+                    let current = client.get(&key)?;
+                    let next = match &current {
+                        Some(value) => versions_of(&key, value)
+                            .map_err(|e| squall_kvs::Error::Config(e.to_string()))?
+                            .last()
+                            .map_or(1, |r| r.version + 1),
+                        None => 1,
+                    };
+                    let record = FunctionRecord {
+                        name: name.clone(),
+                        version: next,
+                        sha256: sha256.clone(),
+                        size,
+                        limits,
+                        registered_ms: Timestamp::now(0).time / 1000,
+                    };
+                    let encoded = rmp_serde::to_vec(&record).map_err(|e| {
+                        squall_kvs::Error::Config(format!("encoding a record: {e}"))
+                    })?;
+                    let entry = MapLattice::from_iter([(
+                        bytes::Bytes::from(format!("{next:020}")),
+                        LatticeValue::Lww(Lww::new(
+                            Timestamp::now(client.writer()),
+                            encoded.into(),
+                        )),
+                    )]);
+                    client.put(&key, LatticeValue::Map(entry))?;
+                    let names = SetLattice::from_iter([bytes::Bytes::from(name.clone())]);
+                    client.put(NAMES_KEY, LatticeValue::Set(names))?;
+                    Ok(record)
+                })
+                .await?
+        };
+        tracing::info!(
+            function = %record.name,
+            version = record.version,
+            sha256 = %record.sha256,
+            size = record.size,
+            "function registered"
+        );
+        Ok(record)
+    }
+
+    /// The newest version of `name`, read through the cache; `None` if never registered.
+    pub async fn newest(&self, name: &str) -> Result<Option<FunctionRecord>> {
+        validate_name(name)?;
+        let key = function_key(name);
+        match self.cache.get(&key).await? {
+            None => Ok(None),
+            Some(value) => Ok(versions_of(&key, &value)?.pop()),
+        }
+    }
+
+    /// Every version of `name`, oldest first.
+    pub async fn versions(&self, name: &str) -> Result<Vec<FunctionRecord>> {
+        validate_name(name)?;
+        let key = function_key(name);
+        match self.cache.get(&key).await? {
+            None => Ok(Vec::new()),
+            Some(value) => versions_of(&key, &value),
+        }
+    }
+
+    /// The registered names, sorted.
+    pub async fn names(&self) -> Result<Vec<String>> {
+        let value = self.kvs.with(|client| client.get(NAMES_KEY)).await?;
+        let mut names: Vec<String> = match value {
+            None => Vec::new(),
+            Some(LatticeValue::Set(set)) => set
+                .0
+                .iter()
+                .filter_map(|n| std::str::from_utf8(n).ok().map(str::to_string))
+                .collect(),
+            Some(other) => {
+                return Err(Error::BadValue {
+                    key: NAMES_KEY.into(),
+                    reason: format!("expected a set, found {}", other.lattice_type().name()),
+                })
+            }
+        };
+        names.sort();
+        Ok(names)
+    }
+
+    /// The code of a version, checked against its hash.
+    pub async fn code(&self, record: &FunctionRecord) -> Result<Vec<u8>> {
+        let corrupt = |reason: String| Error::CorruptCode {
+            name: record.name.clone(),
+            version: record.version,
+            reason,
+        };
+        let sha256 = record.sha256.clone();
+        let fetched = self
+            .kvs
+            .with(move |client| {
+                let manifest = client.get(&code_key(&sha256))?;
+                let Some(LatticeValue::Lww(manifest)) = manifest else {
+                    return Ok(Err("manifest missing or not an LWW value".to_string()));
+                };
+                let manifest: Manifest = match rmp_serde::from_slice(&manifest.value) {
+                    Ok(m) => m,
+                    Err(e) => return Ok(Err(format!("undecodable manifest: {e}"))),
+                };
+                let mut code = Vec::with_capacity(manifest.size.min(1 << 30) as usize);
+                for i in 0..manifest.chunks {
+                    match client.get(&chunk_key(&sha256, i))? {
+                        Some(LatticeValue::Lww(chunk)) => code.extend_from_slice(&chunk.value),
+                        _ => return Ok(Err(format!("chunk {i} missing"))),
+                    }
+                }
+                Ok(Ok(code))
+            })
+            .await?
+            .map_err(corrupt)?;
+        let actual = sha256_hex(&fetched);
+        if actual != record.sha256 {
+            return Err(corrupt(format!("content hash is {actual}")));
+        }
+        Ok(fetched)
+    }
+}
+
+/// Decodes the versions held in a function's key, oldest first.
+fn versions_of(key: &str, value: &LatticeValue) -> Result<Vec<FunctionRecord>> {
+    let bad = |reason: String| Error::BadValue {
+        key: key.to_string(),
+        reason,
+    };
+    let LatticeValue::Map(map) = value else {
+        return Err(bad(format!(
+            "expected a map, found {}",
+            value.lattice_type().name()
+        )));
+    };
+    let mut records = Vec::with_capacity(map.0.len());
+    for entry in map.0.values() {
+        let LatticeValue::Lww(register) = entry else {
+            return Err(bad("a version entry is not an LWW register".into()));
+        };
+        let record: FunctionRecord = rmp_serde::from_slice(&register.value)
+            .map_err(|e| bad(format!("undecodable version record: {e}")))?;
+        records.push(record);
+    }
+    records.sort_by_key(|r| r.version);
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("incr").is_ok());
+        assert!(validate_name("a.b-c_9").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("with space").is_err());
+        assert!(validate_name("slash/no").is_err());
+        assert!(validate_name(&"x".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn sha256_is_lowercase_hex() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn versions_sort_and_bad_values_are_errors() {
+        let record = |version| FunctionRecord {
+            name: "f".into(),
+            version,
+            sha256: "00".into(),
+            size: 1,
+            limits: Limits::default(),
+            registered_ms: 0,
+        };
+        let map = MapLattice::from_iter([2u64, 1, 10].map(|v| {
+            (
+                bytes::Bytes::from(format!("{v:020}")),
+                LatticeValue::Lww(Lww::new(
+                    Timestamp { time: v, writer: 1 },
+                    rmp_serde::to_vec(&record(v)).expect("encode").into(),
+                )),
+            )
+        }));
+        let versions = versions_of("k", &LatticeValue::Map(map)).expect("decode");
+        assert_eq!(
+            versions.iter().map(|r| r.version).collect::<Vec<_>>(),
+            [1, 2, 10]
+        );
+        let wrong = LatticeValue::Set(SetLattice::default());
+        assert!(matches!(
+            versions_of("k", &wrong),
+            Err(Error::BadValue { .. })
+        ));
+    }
+}
