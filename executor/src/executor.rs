@@ -185,7 +185,10 @@ impl Executor {
             .unwrap_or(self.inner.config.default_limits)
             .capped(&self.inner.config.max_limits);
         let sha256 = crate::registry::sha256_hex(&code);
-        self.inner.compile(&sha256, &code).await?;
+        if let Err(e) = self.inner.compile(&sha256, &code).await {
+            tracing::warn!(function = name, size = code.len(), cause = %e, "registration refused");
+            return Err(e);
+        }
         self.inner.registry.store(name, code, limits).await
     }
 
@@ -555,13 +558,13 @@ pub(crate) async fn run(
         }
     }
     match &result {
-        Err(
-            e @ (Error::Trap { .. }
-            | Error::Timeout { .. }
-            | Error::OutOfMemory { .. }
-            | Error::OutputTooLarge { .. }),
-        ) if depth == 0 => tracing::warn!(function = %name, cause = %e, "call failed"),
-        Err(e) => tracing::debug!(function = %name, depth, cause = %e, "call failed"),
+        // A guest's own error is an answer, not an incident; everything else is logged once,
+        // by the outermost call (nested ones return it to their caller).
+        Err(e @ (Error::Failed { .. } | Error::NotFound { .. })) => {
+            tracing::debug!(function = %name, depth, cause = %e, "call failed")
+        }
+        Err(e) if depth == 0 => tracing::warn!(function = %name, cause = %e, "call failed"),
+        Err(e) => tracing::debug!(function = %name, depth, cause = %e, "nested call failed"),
         Ok(output) => tracing::trace!(function = %name, depth, bytes = output.len(), "call done"),
     }
     result

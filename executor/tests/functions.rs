@@ -271,3 +271,58 @@ async fn concurrent_calls_share_the_executor() {
         task.await.expect("task");
     }
 }
+
+/// A writer for the log subscriber that keeps everything in memory.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A single-threaded runtime, so the thread-local log subscriber sees the call's events.
+#[tokio::test(flavor = "current_thread")]
+async fn guest_stdout_stderr_and_failures_go_to_the_log_once() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let node = node();
+    let executor = executor(&node);
+    executor
+        .register("misbehave", guest("misbehave"), None)
+        .await
+        .expect("register");
+    assert_eq!(
+        call(&executor, "misbehave", "print").await.expect("print"),
+        "printed"
+    );
+    assert!(call(&executor, "misbehave", "recurse:misbehave")
+        .await
+        .is_err());
+    let log = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf-8");
+    for expected in [
+        "hello from stdout",
+        "hello from stderr",
+        "stream=\"stdout\"",
+        "function=\"misbehave\"",
+    ] {
+        assert!(
+            log.contains(expected),
+            "{expected:?} not in the log:\n{log}"
+        );
+    }
+    // Nine nested calls failed, but the failure is logged once, where the caller gets it.
+    assert_eq!(log.matches("call failed").count(), 1, "{log}");
+}

@@ -375,3 +375,56 @@ fn a_write_that_would_exceed_the_sibling_limit_is_refused_and_the_value_survives
         MAX_VERSIONS
     );
 }
+
+#[test]
+fn subscribers_get_pushes_of_watched_keys_only() {
+    let node = Node::start(config(2, None)).expect("start");
+    let context = zmq::Context::new();
+    let pull = context.socket(zmq::PULL).expect("socket");
+    pull.bind("tcp://127.0.0.1:*").expect("bind");
+    pull.set_rcvtimeo(5_000).expect("timeout");
+    let endpoint = pull.get_last_endpoint().expect("endpoint").expect("utf-8");
+    let mut client = client(&node);
+    client.put("watched", lww(1, "a")).expect("put");
+    let subscription = client
+        .subscribe(&endpoint, &["watched".to_string(), "absent".to_string()])
+        .expect("subscribe");
+    assert_eq!(subscription.values, vec![Some(lww(1, "a")), None]);
+    assert!(!subscription.sessions.is_empty());
+    // A write to an unwatched key is not pushed; writes to watched ones are, merged.
+    client.put("other", lww(1, "x")).expect("put");
+    client.put("watched", lww(2, "b")).expect("put");
+    client.put("absent", lww(3, "c")).expect("put");
+    let mut seen = std::collections::BTreeMap::new();
+    while seen.len() < 2 {
+        let frame = pull.recv_bytes(0).expect("a push within 5 s");
+        match squall_proto::decode_response(&frame).expect("decode") {
+            (0, squall_proto::Response::Notify { updates, session }) => {
+                assert!(subscription.sessions.iter().any(|s| s.session == session));
+                for (key, value) in updates {
+                    seen.insert(key, value);
+                }
+            }
+            other => panic!("unexpected message {other:?}"),
+        }
+    }
+    assert_eq!(seen["watched"], lww(2, "b"));
+    assert_eq!(seen["absent"], lww(3, "c"));
+    assert!(!seen.contains_key("other"));
+    // Renewal keeps the sessions; unsubscribing stops the pushes.
+    let renewed = client.renew(&endpoint).expect("renew");
+    for s in &subscription.sessions {
+        assert!(renewed.contains(s), "{s:?} not in {renewed:?}");
+    }
+    client
+        .unsubscribe(&endpoint, &["watched".to_string(), "absent".to_string()])
+        .expect("unsubscribe");
+    client.put("watched", lww(4, "d")).expect("put");
+    pull.set_rcvtimeo(300).expect("timeout");
+    assert!(pull.recv_bytes(0).is_err(), "pushed after unsubscribing");
+    // A subscriber endpoint that is not an address is refused, and the node keeps serving.
+    assert!(client
+        .subscribe("not an endpoint", &["k".to_string()])
+        .is_err());
+    assert_eq!(client.get("watched").expect("get"), Some(lww(4, "d")));
+}

@@ -1,0 +1,152 @@
+//! The colocated cache against a real storage node on loopback: fills, pushes, eviction,
+//! and recovery when the node forgets the cache.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use squall_executor::{CacheConfig, Config, Executor};
+use squall_kvs::{Client, ClientConfig, Node};
+use squall_lattices::{LatticeValue, Lww, Timestamp};
+
+fn lww(time: u64, value: &str) -> LatticeValue {
+    LatticeValue::Lww(Lww::new(
+        Timestamp::new(time, 1),
+        Bytes::from(value.to_string()),
+    ))
+}
+
+fn client(node: &Node) -> Client {
+    Client::connect(node.address(), ClientConfig::default()).expect("client")
+}
+
+fn with_cache(node: &Node, cache: CacheConfig) -> Executor {
+    Executor::start(
+        Config {
+            cache,
+            ..Config::default()
+        },
+        node.address(),
+    )
+    .expect("executor")
+}
+
+/// Reads `key` through the cache until it holds `expected`, within a deadline.
+async fn eventually(executor: &Executor, key: &str, expected: &LatticeValue) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let held = executor.cache().get(key).await.expect("get");
+        if held.as_ref() == Some(expected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{key} still {held:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_pushes_changes_of_held_keys_to_the_cache() {
+    let node = Node::start(squall_kvs::Config {
+        shards: 2,
+        ..squall_kvs::Config::default()
+    })
+    .expect("node");
+    let executor = with_cache(&node, CacheConfig::default());
+    let mut writer = client(&node);
+    writer.put("k", lww(1, "one")).expect("put");
+    let cache = executor.cache();
+    assert_eq!(cache.get("k").await.expect("get"), Some(lww(1, "one")));
+    assert_eq!(cache.get("absent").await.expect("get"), None);
+    assert_eq!(cache.stats().misses, 2);
+    // Another writer changes both keys; the node pushes them; the cache never asks again.
+    writer.put("k", lww(2, "two")).expect("put");
+    writer.put("absent", lww(1, "now here")).expect("put");
+    eventually(&executor, "k", &lww(2, "two")).await;
+    eventually(&executor, "absent", &lww(1, "now here")).await;
+    let stats = cache.stats();
+    assert_eq!(stats.misses, 2, "{stats:?}");
+    assert!(stats.pushes >= 2, "{stats:?}");
+    // An older write merges away: the cache never goes back.
+    writer.put("k", lww(1, "stale")).expect("put");
+    assert_eq!(cache.get("k").await.expect("get"), Some(lww(2, "two")));
+    // Writes through the cache reach the store and merge there.
+    let merged = cache.merge("k", lww(3, "three")).await.expect("merge");
+    assert_eq!(merged, lww(3, "three"));
+    assert_eq!(writer.get("k").expect("get"), Some(lww(3, "three")));
+    // A mismatched type is refused by the store, and the cached value stays.
+    let counter = LatticeValue::Counter(squall_lattices::Counter::default());
+    assert!(cache.merge("k", counter).await.is_err());
+    assert_eq!(cache.get("k").await.expect("get"), Some(lww(3, "three")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_stays_within_its_capacity() {
+    let node = Node::start(squall_kvs::Config::default()).expect("node");
+    let executor = with_cache(
+        &node,
+        CacheConfig {
+            capacity_bytes: 16 << 10,
+            renew_interval: Duration::from_millis(100),
+            ..CacheConfig::default()
+        },
+    );
+    let mut writer = client(&node);
+    let big = "x".repeat(1024);
+    for i in 0..64 {
+        writer.put(&format!("key/{i}"), lww(1, &big)).expect("put");
+    }
+    for i in 0..64 {
+        let value = executor
+            .cache()
+            .get(&format!("key/{i}"))
+            .await
+            .expect("get");
+        assert_eq!(value, Some(lww(1, &big)));
+    }
+    let (keys, bytes) = executor.cache().occupancy();
+    assert!(bytes <= 16 << 10, "{keys} keys, {bytes} bytes");
+    assert!(executor.cache().stats().evictions >= 48);
+    // Evicted keys are read again from the store, correctly.
+    assert_eq!(
+        executor.cache().get("key/0").await.expect("get"),
+        Some(lww(1, &big))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_that_forgot_the_cache_makes_it_refill() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let config = squall_kvs::Config {
+        shards: 1,
+        data_dir: Some(data.path().to_path_buf()),
+        ..squall_kvs::Config::default()
+    };
+    let node = Node::start(config.clone()).expect("node");
+    let port: u16 = node
+        .address()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let executor = with_cache(
+        &node,
+        CacheConfig {
+            renew_interval: Duration::from_millis(100),
+            ..CacheConfig::default()
+        },
+    );
+    client(&node).put("k", lww(1, "before")).expect("put");
+    assert_eq!(
+        executor.cache().get("k").await.expect("get"),
+        Some(lww(1, "before"))
+    );
+    node.shutdown();
+    // The node comes back on the same port with its data but without its subscriptions; a
+    // write made now is not pushed, so only the session check can bring it to the cache.
+    let node = Node::start(squall_kvs::Config { port, ..config }).expect("restart");
+    client(&node).put("k", lww(2, "after")).expect("put");
+    eventually(&executor, "k", &lww(2, "after")).await;
+    assert!(executor.cache().stats().resyncs >= 1);
+}
