@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use lru::LruCache;
 use squall_kvs::ShardSession;
 use squall_lattices::{Lattice, LatticeValue};
@@ -34,8 +34,17 @@ use crate::{Error, Result};
 /// How long the update thread waits for a push before doing its periodic work.
 const POLL: Duration = Duration::from_millis(100);
 
-/// Bytes counted per entry besides its value, so that many tiny keys are bounded too.
+/// Bytes counted per entry besides its key and value, so that many tiny keys are bounded too.
 const ENTRY_OVERHEAD: usize = 64;
+
+/// Keys unsubscribed per request (a storage node takes at most 10 000 keys per request).
+const UNSUBSCRIBE_BATCH: usize = 1000;
+
+/// Pushes applied per pass of the update thread before it checks its periodic work.
+const DRAIN_BATCH: usize = 1024;
+
+/// Largest push message accepted on the update socket.
+const MAX_PUSH_BYTES: i64 = 64 << 20;
 
 /// The consistency a call asks for.
 #[non_exhaustive]
@@ -77,7 +86,7 @@ struct Entries {
     /// The last session each shard reported.
     sessions: HashMap<String, u64>,
     /// Evicted keys still to unsubscribe.
-    evicted: Vec<Key>,
+    evicted: HashSet<Key>,
 }
 
 struct Inner {
@@ -116,6 +125,11 @@ impl Cache {
         let setup = |what: &str, e: zmq::Error| Error::Setup(format!("cache socket {what}: {e}"));
         let socket = context.socket(zmq::PULL).map_err(|e| setup("create", e))?;
         socket.set_linger(0).map_err(|e| setup("linger", e))?;
+        // Bounds what a peer of this socket can make the executor allocate.
+        socket
+            .set_maxmsgsize(MAX_PUSH_BYTES)
+            .map_err(|e| setup("maxmsgsize", e))?;
+        socket.set_rcvhwm(10_000).map_err(|e| setup("rcvhwm", e))?;
         socket
             .bind(&format!("tcp://{}:*", config.bind_host))
             .map_err(|e| setup("bind", e))?;
@@ -130,7 +144,7 @@ impl Cache {
                 bytes: 0,
                 next_generation: 1,
                 sessions: HashMap::new(),
-                evicted: Vec::new(),
+                evicted: HashSet::new(),
             }),
             kvs,
             endpoint,
@@ -169,9 +183,15 @@ impl Cache {
 
     /// Reads a key: from the cache if held, else from the store (subscribing to it).
     pub async fn get(&self, key: &str) -> Result<Option<LatticeValue>> {
-        if let Some(value) = self.lookup(key) {
+        Ok(self.get_versioned(key).await?.0)
+    }
+
+    /// Reads a key as [`Cache::get`] does, with the entry's generation read under the same
+    /// lock (see [`Cache::generation`]).
+    pub async fn get_versioned(&self, key: &str) -> Result<(Option<LatticeValue>, u64)> {
+        if let Some(held) = self.lookup(key) {
             self.inner.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(value);
+            return Ok(held);
         }
         self.inner.misses.fetch_add(1, Ordering::Relaxed);
         self.reserve(key);
@@ -185,7 +205,9 @@ impl Cache {
         let mut entries = self.entries();
         self.note_sessions(&mut entries, &subscription.sessions);
         let value = subscription.values.into_iter().next().flatten();
-        Ok(self.absorb(&mut entries, key, value, true))
+        let merged = self.absorb(&mut entries, key, value, true);
+        let generation = entries.lru.peek(key).map_or(0, |e| e.generation);
+        Ok((merged, generation))
     }
 
     /// Merges `value` into `key` in the store, then into the cache; returns the merged value
@@ -254,10 +276,10 @@ impl Cache {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn lookup(&self, key: &str) -> Option<Option<LatticeValue>> {
+    fn lookup(&self, key: &str) -> Option<(Option<LatticeValue>, u64)> {
         let mut entries = self.entries();
         match entries.lru.get(key) {
-            Some(entry) if entry.filled => Some(entry.value.clone()),
+            Some(entry) if entry.filled => Some((entry.value.clone(), entry.generation)),
             _ => None,
         }
     }
@@ -265,17 +287,21 @@ impl Cache {
     /// Inserts an unfilled entry, so pushes that race with the first fetch are kept.
     fn reserve(&self, key: &str) {
         let mut entries = self.entries();
+        // Held again: no longer to unsubscribe. (If its unsubscription is already on the
+        // wire, the update thread subscribes it again once that is done.)
+        entries.evicted.remove(key);
         if !entries.lru.contains(key) {
+            let size = ENTRY_OVERHEAD + key.len();
             entries.lru.push(
                 key.to_string(),
                 Entry {
                     value: None,
-                    size: ENTRY_OVERHEAD,
+                    size,
                     generation: 0,
                     filled: false,
                 },
             );
-            entries.bytes += ENTRY_OVERHEAD;
+            entries.bytes += size;
         }
     }
 
@@ -312,13 +338,13 @@ impl Cache {
                 };
                 if changed || (fill && !entry.filled) {
                     entry.generation = generation;
-                    entry.size = size_of(entry.value.as_ref());
+                    entry.size = key.len() + size_of(entry.value.as_ref());
                 }
                 entry.filled |= fill;
                 (old, entry.size, entry.value.clone())
             }
             None => {
-                let size = size_of(value.as_ref());
+                let size = key.len() + size_of(value.as_ref());
                 entries.lru.push(
                     key.to_string(),
                     Entry {
@@ -336,14 +362,24 @@ impl Cache {
         merged
     }
 
+    /// Evicts least recently used entries until within capacity. Entries whose first fetch
+    /// is in flight stay (pushes racing with the fetch must find them).
     fn evict(&self, entries: &mut Entries) {
+        let mut pending = Vec::new();
         while entries.bytes > self.inner.config.capacity_bytes && entries.lru.len() > 1 {
             let Some((key, entry)) = entries.lru.pop_lru() else {
                 break;
             };
+            if !entry.filled {
+                pending.push((key, entry));
+                continue;
+            }
             entries.bytes = entries.bytes.saturating_sub(entry.size);
-            entries.evicted.push(key);
+            entries.evicted.insert(key);
             self.inner.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        for (key, entry) in pending {
+            entries.lru.push(key, entry);
         }
     }
 
@@ -359,8 +395,18 @@ impl Cache {
         }
         if forgotten {
             tracing::warn!("a storage shard forgot this cache's subscriptions; dropping the cache");
-            entries.lru.clear();
-            entries.bytes = 0;
+            // Entries whose first fetch is in flight stay: that fetch is answered under the
+            // new session, and pushes racing with it must find them.
+            let mut pending = Vec::new();
+            while let Some((key, entry)) = entries.lru.pop_lru() {
+                if !entry.filled {
+                    pending.push((key, entry));
+                }
+            }
+            entries.bytes = pending.iter().map(|(_, e)| e.size).sum();
+            for (key, entry) in pending {
+                entries.lru.push(key, entry);
+            }
             entries.evicted.clear();
             self.inner.resyncs.fetch_add(1, Ordering::Relaxed);
         }
@@ -378,14 +424,60 @@ impl Cache {
 
     /// Renews the subscriptions and unsubscribes evicted keys (blocking; update thread only).
     fn maintain(&self) {
-        let evicted = std::mem::take(&mut self.entries().evicted);
+        let evicted: Vec<Key> = self.entries().evicted.drain().collect();
         let endpoint = self.inner.endpoint.clone();
-        let renewed = self.inner.kvs.with_blocking(|client| {
-            if !evicted.is_empty() {
-                client.unsubscribe(&endpoint, &evicted)?;
+        for batch in evicted.chunks(UNSUBSCRIBE_BATCH) {
+            let unsubscribed = self
+                .inner
+                .kvs
+                .with_blocking(|client| client.unsubscribe(&endpoint, batch));
+            if let Err(e) = unsubscribed {
+                // Harmless: the node keeps pushing keys that are no longer held (they are
+                // ignored) until the next attempt.
+                tracing::debug!(cause = %e, "unsubscribing evicted keys failed; will retry");
+                self.entries().evicted.extend(batch.iter().cloned());
             }
-            client.renew(&endpoint)
-        });
+        }
+        // Keys read again while their unsubscription was on the wire were subscribed before it
+        // reached the node and are no longer watched: subscribe them again, now that it is done.
+        let again: Vec<Key> = {
+            let entries = self.entries();
+            evicted
+                .into_iter()
+                .filter(|k| entries.lru.contains(k) && !entries.evicted.contains(k))
+                .collect()
+        };
+        for batch in again.chunks(UNSUBSCRIBE_BATCH) {
+            match self
+                .inner
+                .kvs
+                .with_blocking(|client| client.subscribe(&endpoint, batch))
+            {
+                Ok(subscription) => {
+                    let mut entries = self.entries();
+                    self.note_sessions(&mut entries, &subscription.sessions);
+                    for (key, value) in batch.iter().zip(subscription.values) {
+                        if entries.lru.contains(key) {
+                            self.absorb(&mut entries, key, value, false);
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Not watched and cannot be: drop them, so the next read fetches afresh.
+                    tracing::debug!(cause = %e, "resubscribing re-read keys failed; dropping them");
+                    let mut entries = self.entries();
+                    for key in batch {
+                        if let Some(entry) = entries.lru.pop(key) {
+                            entries.bytes = entries.bytes.saturating_sub(entry.size);
+                        }
+                    }
+                }
+            }
+        }
+        let renewed = self
+            .inner
+            .kvs
+            .with_blocking(|client| client.renew(&endpoint));
         match renewed {
             Ok(sessions) => {
                 let mut entries = self.entries();
@@ -413,11 +505,15 @@ impl Drop for Inner {
 /// The update thread: applies pushes as they arrive and renews subscriptions periodically.
 fn updates(socket: zmq::Socket, cache: std::sync::Weak<Inner>, stop: Arc<AtomicBool>) {
     let mut last_renewal = Instant::now();
+
     while !stop.load(Ordering::Relaxed) {
         match socket.poll(zmq::POLLIN, POLL.as_millis() as i64) {
             Ok(0) | Err(zmq::Error::EINTR) => {}
             Ok(_) => {
-                while let Ok(frame) = socket.recv_bytes(zmq::DONTWAIT) {
+                for _ in 0..DRAIN_BATCH {
+                    let Ok(frame) = socket.recv_bytes(zmq::DONTWAIT) else {
+                        break;
+                    };
                     let Some(inner) = cache.upgrade() else { return };
                     match decode_response(&frame) {
                         Ok((_, Response::Notify { updates, .. })) => {

@@ -14,7 +14,7 @@
 //! keeps fresh by push: registering a new version anywhere reaches every executor that holds
 //! the name, without polling.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -23,7 +23,9 @@ use hashbrown::HashMap;
 use squall_lattices::{Counter, WriterId};
 use squall_proto::Key;
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime::{
+    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline,
+};
 
 use crate::cache::{Cache, CacheStats, Consistency};
 use crate::clients::ClientPool;
@@ -78,6 +80,23 @@ struct Warm {
     store: Store<CallState>,
     handler: Handler,
     uses: u64,
+    _slot: WarmSlot,
+}
+
+/// Counts a warm instance in [`Inner::warm_total`] for as long as it is kept.
+struct WarmSlot(Arc<AtomicUsize>);
+
+impl WarmSlot {
+    fn new(total: &Arc<AtomicUsize>) -> Self {
+        total.fetch_add(1, Ordering::Relaxed);
+        Self(total.clone())
+    }
+}
+
+impl Drop for WarmSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The shared state behind an [`Executor`].
@@ -94,6 +113,8 @@ pub(crate) struct Inner {
     pub(crate) last_time: AtomicU64,
     pub(crate) counters: Mutex<HashMap<Key, Counter>>,
     warm_starts: AtomicU64,
+    /// Warm instances kept, over all functions.
+    warm_total: Arc<AtomicUsize>,
     cold_starts: AtomicU64,
     compilations: AtomicU64,
     stop: Arc<AtomicBool>,
@@ -164,6 +185,7 @@ impl Executor {
                 last_time: AtomicU64::new(0),
                 counters: Mutex::new(HashMap::new()),
                 warm_starts: AtomicU64::new(0),
+                warm_total: Arc::new(AtomicUsize::new(0)),
                 cold_starts: AtomicU64::new(0),
                 compilations: AtomicU64::new(0),
                 stop,
@@ -194,9 +216,8 @@ impl Executor {
 
     /// Calls the newest version of `name` with `input`.
     pub async fn call(&self, name: &str, input: &[u8], options: CallOptions) -> Result<Vec<u8>> {
-        let timeout = options
-            .timeout
-            .unwrap_or(self.inner.config.max_limits.timeout());
+        let max = self.inner.config.max_limits.timeout();
+        let timeout = options.timeout.unwrap_or(max).min(max);
         let deadline = Instant::now() + timeout;
         run(
             self.inner.clone(),
@@ -347,16 +368,12 @@ impl Inner {
                 return Ok(loaded.clone());
             }
         }
-        let record = self
-            .registry
-            .newest(name)
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                name: name.to_string(),
-            })?;
-        // Read after the fetch: a push that lands in between makes the next call resolve
-        // again, never miss the change.
-        let generation = self.cache.generation(&key).unwrap_or(0);
+        // The record and the generation it was read at come from one look at the cache, so a
+        // push that lands later changes the generation and the next call resolves again.
+        let (record, generation) = self.registry.newest_versioned(name).await?;
+        let record = record.ok_or_else(|| Error::NotFound {
+            name: name.to_string(),
+        })?;
         if let Some(loaded) = current {
             if loaded.record == record {
                 let refreshed = Arc::new(Loaded {
@@ -368,8 +385,7 @@ impl Inner {
                         &mut *loaded.warm.lock().unwrap_or_else(|p| p.into_inner()),
                     )),
                 });
-                self.lock_loaded()
-                    .insert(name.to_string(), refreshed.clone());
+                self.install(name, refreshed.clone());
                 return Ok(refreshed);
             }
         }
@@ -395,8 +411,20 @@ impl Inner {
             generation,
             warm: Mutex::new(Vec::new()),
         });
-        self.lock_loaded().insert(name.to_string(), loaded.clone());
+        self.install(name, loaded.clone());
         Ok(loaded)
+    }
+
+    /// Records a resolved version, unless a concurrent resolution already recorded a newer
+    /// one (a later cache generation).
+    fn install(&self, name: &str, loaded: Arc<Loaded>) {
+        let mut table = self.lock_loaded();
+        match table.get(name) {
+            Some(held) if held.generation > loaded.generation => {}
+            _ => {
+                table.insert(name.to_string(), loaded);
+            }
+        }
     }
 
     /// A warm instance of `loaded`, or a fresh one.
@@ -404,7 +432,6 @@ impl Inner {
         self: &Arc<Self>,
         loaded: &Loaded,
         call: CallContext,
-        epoch_ticks: u64,
     ) -> Result<(Store<CallState>, Handler, u64)> {
         let limiter = Limiter {
             memory_bytes: usize::try_from(loaded.limits.memory_bytes).unwrap_or(usize::MAX),
@@ -421,33 +448,58 @@ impl Inner {
             let state = warm.store.data_mut();
             state.call = call;
             state.limiter = limiter;
-            warm.store.set_epoch_deadline(epoch_ticks);
+            warm.store.set_epoch_deadline(1);
             return Ok((warm.store, warm.handler, warm.uses));
         }
         self.cold_starts.fetch_add(1, Ordering::Relaxed);
         let state = CallState::new(call, limiter, self.config.max_guest_output_bytes);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(epoch_ticks);
-        let handler = loaded
-            .compiled
-            .pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| {
-                if e.is::<wasmtime::PoolConcurrencyLimitError>() {
-                    Error::NoCapacity {
+        // At every epoch tick a running guest yields to the runtime (so a computing guest
+        // cannot hold a worker thread) and, once past its deadline, is interrupted.
+        store.epoch_deadline_callback(|ctx| {
+            if Instant::now() >= ctx.data().call.deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        store.set_epoch_deadline(1);
+        let handler = match loaded.compiled.pre.instantiate_async(&mut store).await {
+            Ok(handler) => handler,
+            Err(e) if e.is::<wasmtime::PoolConcurrencyLimitError>() => {
+                // Warm instances hold pool slots: give them back and try once more.
+                let freed = self.drop_warm();
+                tracing::debug!(freed, "instance pool full; dropped warm instances");
+                loaded
+                    .compiled
+                    .pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(|e| Error::NoCapacity {
                         reason: format!("{e:#}"),
-                    }
-                } else {
-                    Error::Trap {
-                        function: loaded.record.name.clone(),
-                        trap: format!("instantiation failed: {e:#}"),
-                    }
-                }
-            })?;
+                    })?
+            }
+            Err(e) => {
+                return Err(Error::Trap {
+                    function: loaded.record.name.clone(),
+                    trap: format!("instantiation failed: {e:#}"),
+                })
+            }
+        };
         Ok((store, handler, 0))
+    }
+
+    /// Drops every warm instance (freeing their pool slots); returns how many.
+    fn drop_warm(&self) -> usize {
+        let loaded: Vec<Arc<Loaded>> = self.lock_loaded().values().cloned().collect();
+        let mut freed = 0;
+        for function in loaded {
+            let dropped =
+                std::mem::take(&mut *function.warm.lock().unwrap_or_else(|p| p.into_inner()));
+            freed += dropped.len();
+        }
+        freed
     }
 }
 
@@ -501,13 +553,7 @@ pub(crate) async fn run(
         fatal: None,
     };
     let tick = inner.config.epoch_tick.max(Duration::from_millis(1));
-    let ticks = deadline
-        .saturating_duration_since(Instant::now())
-        .as_micros()
-        .div_ceil(tick.as_micros())
-        .max(1);
-    let ticks = u64::try_from(ticks).unwrap_or(u64::MAX);
-    let (mut store, handler, uses) = inner.instance(&loaded, call, ticks).await?;
+    let (mut store, handler, uses) = inner.instance(&loaded, call).await?;
     // The epoch stops a guest that computes; this outer bound also covers host waits (and is
     // a little later, so a spinning guest is reported by its trap).
     let outcome = tokio::time::timeout(
@@ -547,13 +593,17 @@ pub(crate) async fn run(
         }
         _ => false,
     };
-    if reusable {
+    // Warm instances hold pool slots: at most half the pool is kept warm, so fresh
+    // instances (functions that do not reuse, nested calls) always find room.
+    let warm_cap = (inner.config.max_instances as usize / 2).max(1);
+    if reusable && inner.warm_total.load(Ordering::Relaxed) < warm_cap {
         let mut warm = loaded.warm.lock().unwrap_or_else(|p| p.into_inner());
         if warm.len() < inner.config.warm_per_function {
             warm.push(Warm {
                 store,
                 handler,
                 uses: uses + 1,
+                _slot: WarmSlot::new(&inner.warm_total),
             });
         }
     }

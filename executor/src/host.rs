@@ -196,11 +196,17 @@ fn mismatch(key: &str, found: &LatticeValue, wanted: LatticeType) -> StateError 
 
 impl squall::function::state::Host for CallState {
     async fn get(&mut self, key: String) -> WasmResult<Result<Option<Lattice>, StateError>> {
+        if let Err(e) = check_key(&key) {
+            return Ok(Err(e));
+        }
         let read = bounded(self.remaining(), self.call.session.get(&key)).await;
         Ok(read.and_then(|value| value.as_ref().map(encode_lattice).transpose()))
     }
 
     async fn merge(&mut self, key: String, value: Lattice) -> WasmResult<Result<(), StateError>> {
+        if let Err(e) = check_key(&key) {
+            return Ok(Err(e));
+        }
         let value = match decode_lattice(&value) {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
@@ -210,6 +216,9 @@ impl squall::function::state::Host for CallState {
     }
 
     async fn get_bytes(&mut self, key: String) -> WasmResult<Result<Option<Vec<u8>>, StateError>> {
+        if let Err(e) = check_key(&key) {
+            return Ok(Err(e));
+        }
         let read = bounded(self.remaining(), self.call.session.get(&key)).await;
         Ok(read.and_then(|value| match value {
             None => Ok(None),
@@ -223,6 +232,9 @@ impl squall::function::state::Host for CallState {
         key: String,
         value: Vec<u8>,
     ) -> WasmResult<Result<(), StateError>> {
+        if let Err(e) = check_key(&key) {
+            return Ok(Err(e));
+        }
         let executor = self.executor()?;
         let register = LatticeValue::Lww(Lww::new(executor.timestamp(), value.into()));
         let written = bounded(self.remaining(), self.call.session.merge(&key, register)).await;
@@ -230,6 +242,9 @@ impl squall::function::state::Host for CallState {
     }
 
     async fn add(&mut self, key: String, delta: i64) -> WasmResult<Result<i64, StateError>> {
+        if let Err(e) = check_key(&key) {
+            return Ok(Err(e));
+        }
         let executor = self.executor()?;
         let contribution = executor.contribute(&key, delta);
         let remaining = self.remaining();
@@ -245,6 +260,20 @@ impl squall::function::state::Host for CallState {
             other => Err(mismatch(&key, &other, LatticeType::Counter)),
         }))
     }
+}
+
+/// The longest key a function may use: keys are held in caches and shard maps, so a guest
+/// must not be able to make them arbitrarily large.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+fn check_key(key: &str) -> Result<(), StateError> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(StateError::Invalid(format!(
+            "keys must be 1 to {MAX_KEY_BYTES} bytes long, not {}",
+            key.len()
+        )));
+    }
+    Ok(())
 }
 
 fn saturate(counter: &Counter) -> i64 {

@@ -204,6 +204,17 @@ impl Registry {
         }
     }
 
+    /// The newest version of `name` and the cache generation of the registry key it was
+    /// read from (0 if the name was never registered).
+    pub async fn newest_versioned(&self, name: &str) -> Result<(Option<FunctionRecord>, u64)> {
+        validate_name(name)?;
+        let key = function_key(name);
+        match self.cache.get_versioned(&key).await? {
+            (None, generation) => Ok((None, generation)),
+            (Some(value), generation) => Ok((versions_of(&key, &value)?.pop(), generation)),
+        }
+    }
+
     /// Every version of `name`, oldest first.
     pub async fn versions(&self, name: &str) -> Result<Vec<FunctionRecord>> {
         validate_name(name)?;

@@ -326,3 +326,45 @@ async fn guest_stdout_stderr_and_failures_go_to_the_log_once() {
     // Nine nested calls failed, but the failure is logged once, where the caller gets it.
     assert_eq!(log.matches("call failed").count(), 1, "{log}");
 }
+
+/// One runtime thread: a guest spinning in a loop must still let other calls run on it.
+#[tokio::test(flavor = "current_thread")]
+async fn a_spinning_guest_does_not_hold_the_runtime() {
+    let node = node();
+    let executor = executor(&node);
+    let limits = Limits {
+        timeout_ms: 3_000,
+        ..Limits::default()
+    };
+    executor
+        .register("misbehave", guest("misbehave"), Some(limits))
+        .await
+        .expect("register");
+    executor
+        .register("incr", guest("incr"), None)
+        .await
+        .expect("register");
+    let spinning = {
+        let executor = executor.clone();
+        tokio::spawn(async move { call(&executor, "misbehave", "loop").await })
+    };
+    // Let the spinning call start, then call another function on the same thread.
+    tokio::task::yield_now().await;
+    assert_eq!(call(&executor, "incr", "1").await.expect("incr"), "2");
+    assert!(
+        !spinning.is_finished(),
+        "the loop ended before its deadline"
+    );
+    match spinning.await.expect("task") {
+        Err(Error::Timeout { function, .. }) => assert_eq!(function, "misbehave"),
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    // Keys are bounded: a guest cannot make caches and shards hold huge keys.
+    let long_key = format!("state:{}=v", "k".repeat(2000));
+    match call(&executor, "misbehave", &long_key).await {
+        Err(Error::Failed { message, .. }) => {
+            assert!(message.contains("keys must be"), "{message}")
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+}

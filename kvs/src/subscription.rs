@@ -29,8 +29,11 @@ pub const LEASE: Duration = Duration::from_secs(30);
 /// Push messages queued per subscriber before it counts as unable to keep up.
 pub const PUSH_QUEUE: i32 = 1024;
 
-/// Most subscribers one shard remembers; beyond it, the one with the oldest lease goes.
+/// Most subscribers one shard remembers; new ones are refused beyond it until leases expire.
 const MAX_SUBSCRIBERS: usize = 1024;
+
+/// Most keys one subscriber may watch on one shard.
+pub const MAX_KEYS_PER_SUBSCRIBER: usize = 1_000_000;
 
 /// Longest subscriber endpoint accepted.
 const MAX_ENDPOINT_LEN: usize = 256;
@@ -38,9 +41,13 @@ const MAX_ENDPOINT_LEN: usize = 256;
 /// Why a subscription was refused.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SubscribeError {
-    /// The endpoint is not a `tcp://` or `ipc://` address of sane length.
+    /// The endpoint is not a `tcp://` address of sane length.
     #[error("invalid subscriber endpoint {0:?}")]
     Endpoint(String),
+    /// The shard already serves as many subscribers, or this subscriber watches as many keys,
+    /// as it allows.
+    #[error("subscription limit reached: {0}")]
+    Full(&'static str),
     /// ZeroMQ would not create or connect the push socket.
     #[error("cannot connect to subscriber {endpoint}: {cause}")]
     Connect { endpoint: String, cause: zmq::Error },
@@ -82,21 +89,14 @@ impl Subscriptions {
         endpoint: &str,
         keys: impl IntoIterator<Item = Key>,
     ) -> Result<u64, SubscribeError> {
-        if endpoint.len() > MAX_ENDPOINT_LEN
-            || !(endpoint.starts_with("tcp://") || endpoint.starts_with("ipc://"))
-        {
+        // TCP only: a client must not make the shard connect to local IPC sockets.
+        if endpoint.len() > MAX_ENDPOINT_LEN || !endpoint.starts_with("tcp://") {
             return Err(SubscribeError::Endpoint(endpoint.to_string()));
         }
         if !self.subscribers.contains_key(endpoint) {
+            // Refuse rather than evict: evicting would let anyone push real subscribers out.
             if self.subscribers.len() >= MAX_SUBSCRIBERS {
-                let oldest = self
-                    .subscribers
-                    .iter()
-                    .min_by_key(|(_, s)| s.expires)
-                    .map(|(e, _)| e.clone());
-                if let Some(oldest) = oldest {
-                    self.forget(&oldest);
-                }
+                return Err(SubscribeError::Full("too many subscribers"));
             }
             let connect = |cause| SubscribeError::Connect {
                 endpoint: endpoint.to_string(),
@@ -121,6 +121,9 @@ impl Subscriptions {
         };
         subscriber.expires = Instant::now() + LEASE;
         for key in keys {
+            if subscriber.keys.len() >= MAX_KEYS_PER_SUBSCRIBER {
+                return Err(SubscribeError::Full("too many keys for one subscriber"));
+            }
             if subscriber.keys.insert(key.clone()) {
                 self.watchers
                     .entry(key)

@@ -55,6 +55,7 @@ fn handle(input: &[u8]) -> Result<Vec<u8>, String> {
     }
 }
 
+#[allow(unconditional_recursion)] // on purpose: it recurses until the stack overflows
 fn deep(n: u64) -> u64 {
     let frame = black_box([n; 64]);
     deep(frame[3] + 1) + frame[7]
