@@ -23,6 +23,18 @@ fn executor_with(node: &Node, config: Config) -> Executor {
     Executor::start(config, node.address()).expect("start an executor")
 }
 
+/// Registers the test guest `misbehave` under `limits`, and `incr` with the defaults.
+async fn register_misbehave_and_incr(executor: &Executor, limits: Limits) {
+    executor
+        .register("misbehave", guest("misbehave"), Some(limits))
+        .await
+        .expect("register misbehave");
+    executor
+        .register("incr", guest("incr"), None)
+        .await
+        .expect("register incr");
+}
+
 async fn call(executor: &Executor, name: &str, input: &str) -> Result<String, Error> {
     executor
         .call(name, input.as_bytes(), CallOptions::default())
@@ -178,14 +190,7 @@ async fn misbehaving_guests_get_typed_errors_within_the_deadline() {
         max_output_bytes: 1 << 20,
         ..Limits::default()
     };
-    executor
-        .register("misbehave", guest("misbehave"), Some(limits))
-        .await
-        .expect("register");
-    executor
-        .register("incr", guest("incr"), None)
-        .await
-        .expect("register");
+    register_misbehave_and_incr(&executor, limits).await;
     let deadline = Duration::from_millis(limits.timeout_ms) + Duration::from_secs(2);
     type Expected = fn(&Error) -> bool;
     let cases: Vec<(String, Expected)> = vec![
@@ -336,14 +341,7 @@ async fn a_spinning_guest_does_not_hold_the_runtime() {
         timeout_ms: 3_000,
         ..Limits::default()
     };
-    executor
-        .register("misbehave", guest("misbehave"), Some(limits))
-        .await
-        .expect("register");
-    executor
-        .register("incr", guest("incr"), None)
-        .await
-        .expect("register");
+    register_misbehave_and_incr(&executor, limits).await;
     let spinning = {
         let executor = executor.clone();
         tokio::spawn(async move { call(&executor, "misbehave", "loop").await })

@@ -142,18 +142,7 @@ impl Client {
                 keys: indices.iter().map(|&i| keys[i].clone()).collect(),
             },
         )?;
-        results
-            .into_iter()
-            .zip(keys)
-            .map(|(result, key)| match result {
-                Slot::Value(value) => Ok(value),
-                Slot::Failed(source) => Err(Error::Key {
-                    key: key.clone(),
-                    error: source,
-                }),
-                Slot::Written => Err(Error::UnexpectedResponse("a PUT answer to a GET".into())),
-            })
-            .collect()
+        values_of(results, keys)
     }
 
     /// Merges `value` into `key`. Fails with [`Error::Key`] if the key holds another lattice
@@ -202,22 +191,8 @@ impl Client {
                 keys: indices.iter().map(|&i| keys[i].clone()).collect(),
             },
         )?;
-        let values = results
-            .into_iter()
-            .zip(keys)
-            .map(|(result, key)| match result {
-                Slot::Value(value) => Ok(value),
-                Slot::Failed(source) => Err(Error::Key {
-                    key: key.clone(),
-                    error: source,
-                }),
-                Slot::Written => Err(Error::UnexpectedResponse(
-                    "a PUT answer to a SUBSCRIBE".into(),
-                )),
-            })
-            .collect::<Result<_>>()?;
         Ok(Subscription {
-            values,
+            values: values_of(results, keys)?,
             sessions: std::mem::take(&mut self.sessions),
         })
     }
@@ -545,6 +520,24 @@ fn round_trip(
         waited: started.elapsed(),
         last_error,
     })
+}
+
+/// The values of a read (GET or SUBSCRIBE), in key order; the first failed key is the error.
+fn values_of(results: Vec<Slot>, keys: &[Key]) -> Result<Vec<Option<LatticeValue>>> {
+    results
+        .into_iter()
+        .zip(keys)
+        .map(|(result, key)| match result {
+            Slot::Value(value) => Ok(value),
+            Slot::Failed(source) => Err(Error::Key {
+                key: key.clone(),
+                error: source,
+            }),
+            Slot::Written => Err(Error::UnexpectedResponse(
+                "a write's answer to a read".into(),
+            )),
+        })
+        .collect()
 }
 
 /// One key's outcome.
