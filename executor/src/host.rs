@@ -266,11 +266,20 @@ impl squall::function::state::Host for CallState {
 /// must not be able to make them arbitrarily large.
 pub const MAX_KEY_BYTES: usize = 1024;
 
+/// Keys under this prefix are Squall's own (the function registry and its code): functions
+/// can neither read nor write them, so one function cannot replace another's code.
+pub const RESERVED_PREFIX: &str = "squall/";
+
 fn check_key(key: &str) -> Result<(), StateError> {
     if key.is_empty() || key.len() > MAX_KEY_BYTES {
         return Err(StateError::Invalid(format!(
             "keys must be 1 to {MAX_KEY_BYTES} bytes long, not {}",
             key.len()
+        )));
+    }
+    if key.starts_with(RESERVED_PREFIX) {
+        return Err(StateError::Invalid(format!(
+            "keys under {RESERVED_PREFIX:?} are reserved for Squall itself"
         )));
     }
     Ok(())

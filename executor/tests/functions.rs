@@ -365,4 +365,9 @@ async fn a_spinning_guest_does_not_hold_the_runtime() {
         }
         other => panic!("expected Failed, got {other:?}"),
     }
+    // Squall's own keys (the registry, the code) are out of a function's reach.
+    match call(&executor, "misbehave", "state:squall/fn/incr=x").await {
+        Err(Error::Failed { message, .. }) => assert!(message.contains("reserved"), "{message}"),
+        other => panic!("expected Failed, got {other:?}"),
+    }
 }
