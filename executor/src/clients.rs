@@ -54,11 +54,6 @@ impl ClientPool {
         })
     }
 
-    /// The storage node's address.
-    pub fn address(&self) -> &str {
-        &self.inner.address
-    }
-
     /// Runs `f` with a client on the calling thread (which may block).
     pub fn with_blocking<T>(
         &self,

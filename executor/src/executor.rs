@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
-use squall_lattices::{Counter, WriterId};
+use squall_lattices::{Counter, Timestamp, WriterId};
 use squall_proto::Key;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{
@@ -109,9 +109,9 @@ pub(crate) struct Inner {
     registry: Registry,
     loaded: Mutex<HashMap<String, Arc<Loaded>>>,
     compiled: Mutex<HashMap<String, Arc<Compiled>>>,
-    pub(crate) writer: WriterId,
-    pub(crate) last_time: AtomicU64,
-    pub(crate) counters: Mutex<HashMap<Key, Counter>>,
+    writer: WriterId,
+    last_time: AtomicU64,
+    counters: Mutex<HashMap<Key, Counter>>,
     warm_starts: AtomicU64,
     /// Warm instances kept, over all functions.
     warm_total: Arc<AtomicUsize>,
@@ -654,5 +654,34 @@ fn classify(
             function: name.to_string(),
             trap: error.to_string(),
         },
+    }
+}
+
+impl Inner {
+    /// A timestamp for an LWW write by this executor, never behind the previous one.
+    pub(crate) fn timestamp(&self) -> Timestamp {
+        let now = Timestamp::now(self.writer).time;
+        let mut last = self.last_time.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(last + 1);
+            match self.last_time.compare_exchange_weak(
+                last,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Timestamp::new(next, self.writer),
+                Err(actual) => last = actual,
+            }
+        }
+    }
+
+    /// Adds `delta` to this executor's contribution to a counter and returns the whole
+    /// contribution (what is merged: retry-safe, since it carries totals, not deltas).
+    pub(crate) fn contribute(&self, key: &str, delta: i64) -> Counter {
+        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let contribution = counters.entry(key.to_string()).or_default();
+        contribution.add(self.writer, delta);
+        contribution.clone()
     }
 }

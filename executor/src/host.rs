@@ -13,7 +13,7 @@
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
-use squall_lattices::{Counter, LatticeType, LatticeValue, Lww, Timestamp};
+use squall_lattices::{Counter, LatticeType, LatticeValue, Lww};
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Result as WasmResult};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -508,34 +508,5 @@ pub fn log_output(function: &str, stream: &'static str, output: &GuestOutput) {
     }
     if dropped > 0 {
         tracing::warn!(target: "squall::guest", function, stream, dropped, "guest output beyond the buffer was dropped");
-    }
-}
-
-impl Inner {
-    /// A timestamp for an LWW write by this executor, never behind the previous one.
-    pub(crate) fn timestamp(&self) -> Timestamp {
-        let now = Timestamp::now(self.writer).time;
-        let mut last = self.last_time.load(std::sync::atomic::Ordering::Relaxed);
-        loop {
-            let next = now.max(last + 1);
-            match self.last_time.compare_exchange_weak(
-                last,
-                next,
-                std::sync::atomic::Ordering::Relaxed,
-                std::sync::atomic::Ordering::Relaxed,
-            ) {
-                Ok(_) => return Timestamp::new(next, self.writer),
-                Err(actual) => last = actual,
-            }
-        }
-    }
-
-    /// Adds `delta` to this executor's contribution to a counter and returns the whole
-    /// contribution (what is merged: retry-safe, since it carries totals, not deltas).
-    pub(crate) fn contribute(&self, key: &str, delta: i64) -> Counter {
-        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        let contribution = counters.entry(key.to_string()).or_default();
-        contribution.add(self.writer, delta);
-        contribution.clone()
     }
 }

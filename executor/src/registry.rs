@@ -196,12 +196,7 @@ impl Registry {
 
     /// The newest version of `name`, read through the cache; `None` if never registered.
     pub async fn newest(&self, name: &str) -> Result<Option<FunctionRecord>> {
-        validate_name(name)?;
-        let key = function_key(name);
-        match self.cache.get(&key).await? {
-            None => Ok(None),
-            Some(value) => Ok(versions_of(&key, &value)?.pop()),
-        }
+        Ok(self.newest_versioned(name).await?.0)
     }
 
     /// The newest version of `name` and the cache generation of the registry key it was
