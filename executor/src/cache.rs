@@ -261,6 +261,19 @@ impl Cache {
         }
     }
 
+    /// Up to `limit` of the keys held, most recently used first (schedulers place calls by
+    /// them).
+    pub fn keys(&self, limit: usize) -> Vec<Key> {
+        let entries = self.entries();
+        entries
+            .lru
+            .iter()
+            .filter(|(_, e)| e.filled)
+            .take(limit)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     /// Keys held and the bytes they count for.
     pub fn occupancy(&self) -> (usize, usize) {
         let entries = self.entries();

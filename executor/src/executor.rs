@@ -230,6 +230,66 @@ impl Executor {
         .await
     }
 
+    /// Makes sure `name` has an instance ready, compiling and instantiating it if needed, so
+    /// its next call starts warm. A function that does not reuse instances is only compiled.
+    pub async fn warm(&self, name: &str) -> Result<()> {
+        let inner = &self.inner;
+        let loaded = inner.resolve(name).await?;
+        let ready = !loaded
+            .warm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        if ready
+            || !loaded.limits.reuse_instances
+            || inner.warm_total.load(Ordering::Relaxed) >= inner.warm_cap()
+        {
+            return Ok(());
+        }
+        let call = CallContext {
+            executor: Arc::downgrade(inner),
+            function: Arc::from(name),
+            deadline: Instant::now() + loaded.limits.timeout(),
+            depth: 0,
+            session: inner.cache.session(Consistency::Lww),
+            fatal: None,
+        };
+        let (store, handler, uses) = inner.instance(&loaded, call).await?;
+        let mut warm = loaded.warm.lock().unwrap_or_else(|p| p.into_inner());
+        if warm.len() < inner.config.warm_per_function {
+            warm.push(Warm {
+                store,
+                handler,
+                uses,
+                _slot: WarmSlot::new(&inner.warm_total),
+            });
+        }
+        Ok(())
+    }
+
+    /// The functions whose next call starts warm: an instance is ready, or (for functions
+    /// that never reuse instances) the code is compiled.
+    pub fn warm_functions(&self) -> Vec<String> {
+        self.inner
+            .lock_loaded()
+            .iter()
+            .filter(|(_, loaded)| {
+                !loaded.limits.reuse_instances
+                    || !loaded
+                        .warm
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .is_empty()
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
     /// The registry this executor reads.
     pub fn registry(&self) -> &Registry {
         &self.inner.registry
@@ -492,6 +552,12 @@ impl Inner {
         Ok((store, handler, 0))
     }
 
+    /// Warm instances kept at most, over all functions: half the pool, so fresh instances
+    /// (functions that do not reuse, nested calls) always find room.
+    fn warm_cap(&self) -> usize {
+        (self.config.max_instances as usize / 2).max(1)
+    }
+
     /// Drops every warm instance (freeing their pool slots); returns how many.
     fn drop_warm(&self) -> usize {
         let loaded: Vec<Arc<Loaded>> = self.lock_loaded().values().cloned().collect();
@@ -595,10 +661,8 @@ pub(crate) async fn run(
         }
         _ => false,
     };
-    // Warm instances hold pool slots: at most half the pool is kept warm, so fresh
-    // instances (functions that do not reuse, nested calls) always find room.
-    let warm_cap = (inner.config.max_instances as usize / 2).max(1);
-    if reusable && inner.warm_total.load(Ordering::Relaxed) < warm_cap {
+    // Warm instances hold pool slots: at most `warm_cap` are kept.
+    if reusable && inner.warm_total.load(Ordering::Relaxed) < inner.warm_cap() {
         let mut warm = loaded.warm.lock().unwrap_or_else(|p| p.into_inner());
         if warm.len() < inner.config.warm_per_function {
             warm.push(Warm {

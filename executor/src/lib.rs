@@ -16,6 +16,8 @@
 //! # Layout
 //! - [`config`]: [`Config`] and the per-function [`Limits`].
 //! - [`executor`]: [`Executor`]: the engine, loading, warm instances, the call path.
+//! - [`node`]: [`ExecutorNode`]: the executor on the call fabric (plans, steps, outputs
+//!   handed to the next step's executor, heartbeats to schedulers).
 //! - `host`: what the guest's imports do (state, nested calls, logging, captured stdio).
 //! - [`registry`]: functions and their versions in the store.
 //! - [`cache`]: the colocated cache and the per-call [`cache::Session`].
@@ -38,6 +40,7 @@ pub mod config;
 mod error;
 pub mod executor;
 mod host;
+pub mod node;
 pub mod registry;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -46,4 +49,5 @@ pub use cache::{Cache, CacheStats, Consistency};
 pub use config::{CacheConfig, Config, Limits};
 pub use error::{Error, Result};
 pub use executor::{CallOptions, Executor, ExecutorStats};
+pub use node::{ExecutorNode, NodeConfig};
 pub use registry::{FunctionRecord, Registry};

@@ -10,8 +10,11 @@
 //!   registering the same code twice stores it once. Chunks are written before the manifest
 //!   and the manifest before the version entry, so a version that can be seen can be loaded.
 //!
-//! Registering a name again adds the next version; calls go to the newest. Two registrations
-//! of one name at the same instant may pick the same number; the later timestamp wins it.
+//! Registering a name again adds the next version; calls go to the newest. Deleting a name adds
+//! a version that is a tombstone (a grow-only lattice cannot forget an entry): while the newest
+//! version is a tombstone the name is not found, and registering it again starts a new version
+//! after the tombstone. Two registrations of one name at the same instant may pick the same
+//! number; the later timestamp wins it.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -46,6 +49,9 @@ pub struct FunctionRecord {
     pub limits: Limits,
     /// When it was registered (milliseconds since the Unix epoch).
     pub registered_ms: u64,
+    /// A tombstone: the function was deleted at this version (no code).
+    #[serde(default)]
+    pub deleted: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -101,14 +107,33 @@ pub fn validate_name(name: &str) -> Result<()> {
 #[derive(Debug, Clone)]
 pub struct Registry {
     kvs: ClientPool,
-    cache: Cache,
+    cache: Option<Cache>,
 }
 
 impl Registry {
     /// A registry over the store behind `kvs`, reading versions through `cache` (so an
     /// executor learns of a new version by push, without asking).
     pub fn new(kvs: ClientPool, cache: Cache) -> Self {
-        Self { kvs, cache }
+        Self {
+            kvs,
+            cache: Some(cache),
+        }
+    }
+
+    /// A registry that reads the store directly (for control-plane readers such as the
+    /// gateway, which list and describe functions but do not call them).
+    pub fn direct(kvs: ClientPool) -> Self {
+        Self { kvs, cache: None }
+    }
+
+    async fn read(&self, key: &str) -> Result<(Option<LatticeValue>, u64)> {
+        match &self.cache {
+            Some(cache) => cache.get_versioned(key).await,
+            None => {
+                let owned = key.to_string();
+                Ok((self.kvs.with(move |c| c.get(&owned)).await?, 0))
+            }
+        }
     }
 
     /// Stores `code` as the next version of `name`. The caller has validated the code.
@@ -151,33 +176,15 @@ impl Registry {
                         &code_key(&sha256),
                         LatticeValue::Lww(Lww::new(fixed, manifest.into())),
                     )?;
-                    let current = client.get(&key)?;
-                    let next = match &current {
-                        Some(value) => versions_of(&key, value)
-                            .map_err(|e| squall_kvs::Error::Config(e.to_string()))?
-                            .last()
-                            .map_or(1, |r| r.version + 1),
-                        None => 1,
-                    };
-                    let record = FunctionRecord {
+                    let record = put_version(client, &key, |version| FunctionRecord {
                         name: name.clone(),
-                        version: next,
+                        version,
                         sha256: sha256.clone(),
                         size,
                         limits,
                         registered_ms: Timestamp::now(0).time / 1000,
-                    };
-                    let encoded = rmp_serde::to_vec(&record).map_err(|e| {
-                        squall_kvs::Error::Config(format!("encoding a record: {e}"))
+                        deleted: false,
                     })?;
-                    let entry = MapLattice::from_iter([(
-                        bytes::Bytes::from(format!("{next:020}")),
-                        LatticeValue::Lww(Lww::new(
-                            Timestamp::now(client.writer()),
-                            encoded.into(),
-                        )),
-                    )]);
-                    client.put(&key, LatticeValue::Map(entry))?;
                     let names = SetLattice::from_iter([bytes::Bytes::from(name.clone())]);
                     client.put(NAMES_KEY, LatticeValue::Set(names))?;
                     Ok(record)
@@ -204,20 +211,75 @@ impl Registry {
     pub async fn newest_versioned(&self, name: &str) -> Result<(Option<FunctionRecord>, u64)> {
         validate_name(name)?;
         let key = function_key(name);
-        match self.cache.get_versioned(&key).await? {
+        match self.read(&key).await? {
             (None, generation) => Ok((None, generation)),
-            (Some(value), generation) => Ok((versions_of(&key, &value)?.pop(), generation)),
+            (Some(value), generation) => Ok((
+                versions_of(&key, &value)?.pop().filter(|r| !r.deleted),
+                generation,
+            )),
         }
     }
 
-    /// Every version of `name`, oldest first.
+    /// The versions of `name` since it was last deleted, oldest first; empty if it is deleted
+    /// or was never registered.
     pub async fn versions(&self, name: &str) -> Result<Vec<FunctionRecord>> {
         validate_name(name)?;
         let key = function_key(name);
-        match self.cache.get(&key).await? {
+        match self.read(&key).await?.0 {
             None => Ok(Vec::new()),
-            Some(value) => versions_of(&key, &value),
+            Some(value) => Ok(live_versions(versions_of(&key, &value)?)),
         }
+    }
+
+    /// The newest version of every function that is not deleted, by name.
+    pub async fn list(&self) -> Result<Vec<FunctionRecord>> {
+        let names = self.names().await?;
+        let keys: Vec<String> = names.iter().map(|n| function_key(n)).collect();
+        let values = self.kvs.with(move |c| c.get_many(&keys)).await?;
+        let mut newest = Vec::new();
+        for (name, value) in names.iter().zip(values) {
+            if let Some(value) = value {
+                let key = function_key(name);
+                if let Some(record) = versions_of(&key, &value)?.pop().filter(|r| !r.deleted) {
+                    newest.push(record);
+                }
+            }
+        }
+        Ok(newest)
+    }
+
+    /// Deletes `name` by adding a tombstone version; `false` if it was not registered (or
+    /// already deleted). Executors stop calling it as soon as the store pushes the change.
+    pub async fn delete(&self, name: &str) -> Result<bool> {
+        validate_name(name)?;
+        let key = function_key(name);
+        let name = name.to_string();
+        let deleted = self
+            .kvs
+            .with(move |client| {
+                let live = match client.get(&key)? {
+                    Some(value) => versions_of(&key, &value)
+                        .map_err(|e| squall_kvs::Error::Config(e.to_string()))?
+                        .last()
+                        .is_some_and(|r| !r.deleted),
+                    None => false,
+                };
+                if !live {
+                    return Ok(false);
+                }
+                put_version(client, &key, |version| FunctionRecord {
+                    name: name.clone(),
+                    version,
+                    sha256: String::new(),
+                    size: 0,
+                    limits: Limits::default(),
+                    registered_ms: Timestamp::now(0).time / 1000,
+                    deleted: true,
+                })?;
+                Ok(true)
+            })
+            .await?;
+        Ok(deleted)
     }
 
     /// The registered names, sorted.
@@ -279,6 +341,38 @@ impl Registry {
     }
 }
 
+/// Adds the next version of the function at `key`, made by `make` from its number.
+fn put_version(
+    client: &mut squall_kvs::Client,
+    key: &str,
+    make: impl FnOnce(u64) -> FunctionRecord,
+) -> squall_kvs::Result<FunctionRecord> {
+    let next = match client.get(key)? {
+        Some(value) => versions_of(key, &value)
+            .map_err(|e| squall_kvs::Error::Config(e.to_string()))?
+            .last()
+            .map_or(1, |r| r.version + 1),
+        None => 1,
+    };
+    let record = make(next);
+    let encoded = rmp_serde::to_vec(&record)
+        .map_err(|e| squall_kvs::Error::Config(format!("encoding a record: {e}")))?;
+    let entry = MapLattice::from_iter([(
+        bytes::Bytes::from(format!("{next:020}")),
+        LatticeValue::Lww(Lww::new(Timestamp::now(client.writer()), encoded.into())),
+    )]);
+    client.put(key, LatticeValue::Map(entry))?;
+    Ok(record)
+}
+
+/// The versions after the last tombstone (none if the newest is one).
+fn live_versions(mut records: Vec<FunctionRecord>) -> Vec<FunctionRecord> {
+    match records.iter().rposition(|r| r.deleted) {
+        Some(last) => records.split_off(last + 1),
+        None => records,
+    }
+}
+
 /// Decodes the versions held in a function's key, oldest first.
 fn versions_of(key: &str, value: &LatticeValue) -> Result<Vec<FunctionRecord>> {
     let bad = |reason: String| Error::BadValue {
@@ -335,6 +429,7 @@ mod tests {
             size: 1,
             limits: Limits::default(),
             registered_ms: 0,
+            deleted: version == 2,
         };
         let map = MapLattice::from_iter([2u64, 1, 10].map(|v| {
             (
@@ -350,6 +445,10 @@ mod tests {
             versions.iter().map(|r| r.version).collect::<Vec<_>>(),
             [1, 2, 10]
         );
+        // Version 2 is a tombstone: only what came after it is live.
+        let live = live_versions(versions.clone());
+        assert_eq!(live.iter().map(|r| r.version).collect::<Vec<_>>(), [10]);
+        assert!(live_versions(versions[..2].to_vec()).is_empty());
         let wrong = LatticeValue::Set(SetLattice::default());
         assert!(matches!(
             versions_of("k", &wrong),

@@ -18,6 +18,8 @@
 //! ([`MAX_DEPTH`]), and every failure is a typed [`Error`].
 //!
 //! # Layout
+//! - [`call`]: the call fabric's messages (gateway, scheduler, executor), same framing.
+//! - [`fabric`]: the mailboxes and sockets those messages travel on (ZeroMQ PUSH/PULL).
 //! - [`Request`], [`Response`] and their parts: what travels.
 //! - [`encode_request`], [`decode_request`], [`encode_response`], [`decode_response`]: the codec.
 //!
@@ -31,6 +33,9 @@
 //! assert_eq!(decode_request(&frame).unwrap(), (7, request));
 //! assert!(decode_request(&frame[..5]).is_err()); // truncated: an error, never a panic
 //! ```
+
+pub mod call;
+pub mod fabric;
 
 use serde::{Deserialize, Serialize};
 use squall_lattices::{LatticeValue, TypeMismatch};
@@ -234,7 +239,7 @@ pub fn peek_id(frame: &[u8]) -> Option<RequestId> {
     Some(u64::from_be_bytes(id))
 }
 
-fn encode<T: Serialize>(id: RequestId, body: &T) -> Result<Vec<u8>> {
+pub(crate) fn encode<T: Serialize>(id: RequestId, body: &T) -> Result<Vec<u8>> {
     let mut frame = Vec::with_capacity(64);
     frame.extend_from_slice(&MAGIC);
     frame.extend_from_slice(&VERSION.to_be_bytes());
@@ -243,7 +248,7 @@ fn encode<T: Serialize>(id: RequestId, body: &T) -> Result<Vec<u8>> {
     Ok(frame)
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<(RequestId, T)> {
+pub(crate) fn decode<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<(RequestId, T)> {
     if frame.len() < HEADER_LEN {
         return Err(Error::TooShort { len: frame.len() });
     }

@@ -83,6 +83,16 @@ where
         .map_err(|e| format!("cannot parse input {:?}: {e}", text.trim()))
 }
 
+/// Splits the input of a step with several predecessors in a DAG into their outputs, in the
+/// order of the DAG's edges. Such a step receives them as one MessagePack array of binaries;
+/// anything else is an error.
+pub fn inputs(input: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let parts: Vec<bytes::Bytes> = rmp_serde::from_slice(input).map_err(|e| {
+        format!("input is not a list of inputs (a MessagePack array of binaries): {e}")
+    })?;
+    Ok(parts.into_iter().map(|b| b.to_vec()).collect())
+}
+
 /// Calls the newest version of the function registered as `name`.
 ///
 /// Returns the function's output, or why it failed. Traps, timeouts and too-deep call chains
@@ -244,5 +254,24 @@ mod tests {
         let err = text::<i64>(b"forty").expect_err("not a number");
         assert!(err.contains("forty"), "{err}");
         assert!(text::<i64>(&[0xff]).is_err());
+    }
+
+    #[test]
+    fn inputs_decode_what_executors_send_and_reject_the_rest() {
+        // Executors encode a fan-in's inputs as rmp-serde does a Vec<Bytes>.
+        for parts in [
+            vec![],
+            vec![b"4".to_vec(), b"9".to_vec()],
+            vec![vec![7u8; 70_000]; 17],
+        ] {
+            let wire: Vec<bytes::Bytes> = parts.iter().cloned().map(bytes::Bytes::from).collect();
+            let encoded = rmp_serde::to_vec(&wire).expect("encodes");
+            assert_eq!(inputs(&encoded), Ok(parts));
+            if encoded.len() > 1 {
+                assert!(inputs(&encoded[..encoded.len() - 1]).is_err());
+            }
+        }
+        assert!(inputs(b"3").is_err());
+        assert!(inputs(&[0x91, 0x01]).is_err());
     }
 }

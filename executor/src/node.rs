@@ -1,0 +1,501 @@
+//! An executor on the call fabric: takes plans from schedulers, runs its steps, and hands each
+//! output straight to the executor of the next step.
+//!
+//! A step runs once its plan has arrived and every predecessor's output has (in any order:
+//! outputs that arrive before their plan wait for it, for a bounded time). A step with one
+//! predecessor takes its output as input; a step with several takes their outputs as one
+//! MessagePack array of binaries, in the DAG's edge order. A source takes the call's input.
+//!
+//! The sink reports to the scheduler: its output for a synchronous call, or, for an
+//! asynchronous one, after it has written the output to the call's result key. A failing step
+//! reports its failure, named by its function, so the call fails at once rather than at its
+//! deadline.
+//!
+//! Several times a second the node tells every scheduler it knows how it is
+//! ([`ExecutorStatus`]): its load, the functions it serves and has warm, and the keys its
+//! cache holds, which is what placement decides by.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hashbrown::HashMap;
+use squall_lattices::{LatticeValue, Lww, Timestamp};
+use squall_proto::call::{
+    CallId, CallResult, ExecutorStatus, Failure, FailureCode, FunctionVersion, LimitsRequest,
+    Message, Outcome, Plan, StepIndex,
+};
+use squall_proto::fabric::{Fabric, Mailbox};
+use tokio::task::JoinHandle;
+
+use crate::clients::ClientPool;
+use crate::{CallOptions, Consistency, Error, Executor};
+
+/// Keys of the cache reported in each heartbeat, at most.
+const MAX_REPORTED_KEYS: usize = 1024;
+
+/// Steps waiting for inputs, at most; outputs beyond it are dropped (their calls time out).
+const MAX_PENDING: usize = 100_000;
+
+/// How long an output waits for the plan it belongs to.
+const ORPHAN_WAIT: Duration = Duration::from_secs(30);
+
+/// How an executor node takes part in the fabric.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Its id, for logs and placement reports.
+    pub id: String,
+    /// The schedulers it reports to.
+    pub schedulers: Vec<String>,
+    /// The functions it serves; empty: all.
+    pub serves: Vec<String>,
+    /// Steps it runs at once before schedulers count it as busy.
+    pub capacity: u32,
+    /// How often it reports to the schedulers.
+    pub heartbeat: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            id: format!("executor-{:08x}", rand::random::<u32>()),
+            schedulers: Vec::new(),
+            serves: Vec::new(),
+            capacity: 64,
+            heartbeat: Duration::from_millis(100),
+        }
+    }
+}
+
+/// A running executor node. Dropping it stops it.
+#[derive(Debug)]
+pub struct ExecutorNode {
+    addr: String,
+    id: String,
+    task: JoinHandle<()>,
+}
+
+impl ExecutorNode {
+    /// Starts serving `mailbox` with `executor`; `results` writes asynchronous calls' results.
+    /// Must be called inside a tokio runtime.
+    pub fn start(
+        executor: Executor,
+        mailbox: Mailbox,
+        results: ClientPool,
+        config: NodeConfig,
+    ) -> Self {
+        let addr = mailbox.addr().to_string();
+        let id = config.id.clone();
+        let shared = Arc::new(Shared {
+            executor,
+            fabric: mailbox.fabric().clone(),
+            addr: addr.clone(),
+            results,
+            config,
+            running: AtomicU32::new(0),
+            steps: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        });
+        tracing::info!(id = %id, addr = %addr, schedulers = ?shared.config.schedulers, "executor node serving");
+        let task = tokio::spawn(serve(shared, mailbox));
+        Self { addr, id, task }
+    }
+
+    /// Its mailbox's address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Its id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Drop for ExecutorNode {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Shared {
+    executor: Executor,
+    fabric: Arc<Fabric>,
+    addr: String,
+    results: ClientPool,
+    config: NodeConfig,
+    running: AtomicU32,
+    steps: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// A step waiting for its plan or its inputs.
+struct Pending {
+    plan: Option<Arc<Plan>>,
+    deadline: Instant,
+    arrived: Vec<(StepIndex, Bytes)>,
+}
+
+async fn serve(shared: Arc<Shared>, mut mailbox: Mailbox) {
+    let mut pending: HashMap<(CallId, StepIndex), Pending> = HashMap::new();
+    let mut beat = tokio::time::interval(shared.config.heartbeat);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            message = mailbox.recv() => {
+                let Some(message) = message else { return };
+                handle(&shared, &mut pending, message);
+            }
+            _ = beat.tick() => {
+                heartbeat(&shared);
+                let now = Instant::now();
+                pending.retain(|(call, step), p| {
+                    let keep = p.deadline > now;
+                    if !keep {
+                        tracing::debug!(call, step, "step expired waiting for its inputs");
+                    }
+                    keep
+                });
+            }
+        }
+    }
+}
+
+fn handle(
+    shared: &Arc<Shared>,
+    pending: &mut HashMap<(CallId, StepIndex), Pending>,
+    message: Message,
+) {
+    match message {
+        Message::Schedule { plan, input } => {
+            let deadline = Instant::now() + Duration::from_millis(plan.timeout_ms);
+            for step in plan.steps_on(&shared.addr).collect::<Vec<_>>() {
+                let spec = &plan.steps[step as usize];
+                if spec.inputs.is_empty() {
+                    spawn_step(shared, plan.clone(), step, input.clone(), deadline);
+                    continue;
+                }
+                let entry = pending.entry((plan.call, step)).or_insert_with(|| Pending {
+                    plan: None,
+                    deadline,
+                    arrived: Vec::new(),
+                });
+                entry.plan = Some(plan.clone());
+                entry.deadline = deadline;
+                try_start(shared, pending, (plan.call, step));
+            }
+        }
+        Message::Output {
+            call,
+            step,
+            from,
+            data,
+        } => {
+            if pending.len() >= MAX_PENDING && !pending.contains_key(&(call, step)) {
+                tracing::warn!(call, step, "too many steps waiting; an output was dropped");
+                return;
+            }
+            let entry = pending.entry((call, step)).or_insert_with(|| Pending {
+                plan: None,
+                deadline: Instant::now() + ORPHAN_WAIT,
+                arrived: Vec::new(),
+            });
+            if !entry.arrived.iter().any(|(f, _)| *f == from) {
+                entry.arrived.push((from, data));
+            }
+            try_start(shared, pending, (call, step));
+        }
+        Message::Register {
+            request,
+            reply_to,
+            name,
+            code,
+            limits,
+        } => {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let result = register(&shared.executor, &name, code, limits).await;
+                if let Err(e) = shared
+                    .fabric
+                    .send(&reply_to, Message::Registered { request, result })
+                {
+                    tracing::warn!(to = %reply_to, cause = %e, "registration answer not sent");
+                }
+            });
+        }
+        Message::Warm { function } => {
+            let executor = shared.executor.clone();
+            tokio::spawn(async move {
+                if let Err(e) = executor.warm(&function).await {
+                    tracing::debug!(function = %function, cause = %e, "could not warm");
+                }
+            });
+        }
+        other => tracing::warn!(
+            message = other.kind(),
+            "message not meant for an executor dropped"
+        ),
+    }
+}
+
+/// Starts the step if its plan and all its inputs are there.
+fn try_start(
+    shared: &Arc<Shared>,
+    pending: &mut HashMap<(CallId, StepIndex), Pending>,
+    key: (CallId, StepIndex),
+) {
+    let Some(entry) = pending.get(&key) else {
+        return;
+    };
+    let Some(plan) = &entry.plan else { return };
+    let Some(spec) = plan.steps.get(key.1 as usize) else {
+        pending.remove(&key);
+        return;
+    };
+    if !spec
+        .inputs
+        .iter()
+        .all(|i| entry.arrived.iter().any(|(from, _)| from == i))
+    {
+        return;
+    }
+    let Some(entry) = pending.remove(&key) else {
+        return;
+    };
+    let Some(plan) = entry.plan else { return };
+    let spec = &plan.steps[key.1 as usize];
+    let input = if spec.inputs.len() == 1 {
+        entry
+            .arrived
+            .into_iter()
+            .next()
+            .map(|(_, d)| d)
+            .unwrap_or_default()
+    } else {
+        let mut arrived = entry.arrived;
+        let ordered: Vec<Bytes> = spec
+            .inputs
+            .iter()
+            .filter_map(|i| {
+                let at = arrived.iter().position(|(from, _)| from == i)?;
+                Some(arrived.swap_remove(at).1)
+            })
+            .collect();
+        match rmp_serde::to_vec(&ordered) {
+            Ok(encoded) => Bytes::from(encoded),
+            Err(e) => {
+                report(
+                    shared,
+                    &plan,
+                    Err(Failure {
+                        code: FailureCode::Internal,
+                        message: format!("encoding the inputs: {e}"),
+                        step: Some(spec.function.clone()),
+                    }),
+                );
+                return;
+            }
+        }
+    };
+    let deadline = entry.deadline;
+    spawn_step(shared, plan, key.1, input, deadline);
+}
+
+fn spawn_step(
+    shared: &Arc<Shared>,
+    plan: Arc<Plan>,
+    step: StepIndex,
+    input: Bytes,
+    deadline: Instant,
+) {
+    let shared = shared.clone();
+    tokio::spawn(async move { run_step(shared, plan, step, input, deadline).await });
+}
+
+async fn run_step(
+    shared: Arc<Shared>,
+    plan: Arc<Plan>,
+    step: StepIndex,
+    input: Bytes,
+    deadline: Instant,
+) {
+    let spec = &plan.steps[step as usize];
+    let failed = |code, message: String| Failure {
+        code,
+        message,
+        step: Some(spec.function.clone()),
+    };
+    let consistency = match plan.consistency.as_str() {
+        "" | "lww" => Consistency::Lww,
+        other => {
+            let message = format!("unknown consistency mode {other:?}");
+            report(
+                &shared,
+                &plan,
+                Err(failed(FailureCode::BadRequest, message)),
+            );
+            return;
+        }
+    };
+    shared.running.fetch_add(1, Ordering::Relaxed);
+    let options = CallOptions {
+        consistency,
+        timeout: Some(deadline.saturating_duration_since(Instant::now())),
+    };
+    let result = shared.executor.call(&spec.function, &input, options).await;
+    shared.running.fetch_sub(1, Ordering::Relaxed);
+    shared.steps.fetch_add(1, Ordering::Relaxed);
+    let output = match result {
+        Ok(output) => Bytes::from(output),
+        Err(e) => {
+            shared.failures.fetch_add(1, Ordering::Relaxed);
+            let message = match &e {
+                Error::Failed { message, .. } => message.clone(),
+                other => other.to_string(),
+            };
+            report(&shared, &plan, Err(failed(failure_code(&e), message)));
+            return;
+        }
+    };
+    if spec.outputs.is_empty() {
+        let outcome = match &plan.result_key {
+            None => Ok(Outcome::Output(output)),
+            Some(key) => store_result(&shared.results, key, CallResult::Succeeded(output))
+                .await
+                .map(|()| Outcome::Stored)
+                .map_err(|e| failed(FailureCode::Unavailable, e)),
+        };
+        report(&shared, &plan, outcome);
+        return;
+    }
+    for &next in &spec.outputs {
+        let Some(to) = plan.steps.get(next as usize) else {
+            continue;
+        };
+        let message = Message::Output {
+            call: plan.call,
+            step: next,
+            from: step,
+            data: output.clone(),
+        };
+        if let Err(e) = shared.fabric.send(&to.executor, message) {
+            let message = format!(
+                "handing the output to {} ({}): {e}",
+                to.function, to.executor
+            );
+            report(
+                &shared,
+                &plan,
+                Err(failed(FailureCode::Unavailable, message)),
+            );
+            return;
+        }
+    }
+}
+
+/// Writes an asynchronous call's outcome to its result key (see [`CallResult::rank`]).
+pub async fn store_result(kvs: &ClientPool, key: &str, result: CallResult) -> Result<(), String> {
+    let encoded = result.encode().map_err(|e| e.to_string())?;
+    let value = LatticeValue::Lww(Lww::new(
+        Timestamp::new(result.rank(), rand::random()),
+        encoded.into(),
+    ));
+    let key = key.to_string();
+    kvs.with(move |client| client.put(&key, value))
+        .await
+        .map_err(|e| format!("writing the result: {e}"))
+}
+
+fn report(shared: &Shared, plan: &Plan, outcome: Result<Outcome, Failure>) {
+    let message = Message::Done {
+        call: plan.call,
+        outcome,
+    };
+    if let Err(e) = shared.fabric.send(&plan.report_to, message) {
+        tracing::warn!(call = plan.call, to = %plan.report_to, cause = %e, "outcome not reported");
+    }
+}
+
+async fn register(
+    executor: &Executor,
+    name: &str,
+    code: Bytes,
+    asked: LimitsRequest,
+) -> Result<FunctionVersion, Failure> {
+    let limits = (asked != LimitsRequest::default()).then(|| {
+        let mut limits = executor.config().default_limits;
+        if let Some(ms) = asked.timeout_ms {
+            limits.timeout_ms = ms;
+        }
+        if let Some(bytes) = asked.memory_bytes {
+            limits.memory_bytes = bytes;
+        }
+        if let Some(reuse) = asked.reuse_instances {
+            limits.reuse_instances = reuse;
+        }
+        limits
+    });
+    match executor.register(name, code.to_vec(), limits).await {
+        Ok(record) => {
+            // The registering executor has just compiled it: keep an instance ready too.
+            if let Err(e) = executor.warm(name).await {
+                tracing::debug!(function = name, cause = %e, "could not warm after registering");
+            }
+            Ok(FunctionVersion {
+                name: record.name,
+                version: record.version,
+                sha256: record.sha256,
+                size: record.size,
+            })
+        }
+        Err(e) => Err(Failure::new(failure_code(&e), e.to_string())),
+    }
+}
+
+fn heartbeat(shared: &Shared) {
+    let stats = shared.executor.stats();
+    let status = ExecutorStatus {
+        id: shared.config.id.clone(),
+        addr: shared.addr.clone(),
+        capacity: shared.config.capacity,
+        running: shared.running.load(Ordering::Relaxed),
+        serves: shared.config.serves.clone(),
+        warm: shared.executor.warm_functions(),
+        keys: shared.executor.cache().keys(MAX_REPORTED_KEYS),
+        steps: shared.steps.load(Ordering::Relaxed),
+        failures: shared.failures.load(Ordering::Relaxed),
+        warm_starts: stats.warm_starts,
+        cold_starts: stats.cold_starts,
+        cache_hits: stats.cache.hits,
+        cache_misses: stats.cache.misses,
+    };
+    for scheduler in &shared.config.schedulers {
+        if let Err(e) = shared
+            .fabric
+            .send(scheduler, Message::Heartbeat(status.clone()))
+        {
+            tracing::debug!(to = %scheduler, cause = %e, "heartbeat not sent");
+        }
+    }
+}
+
+/// The kind of failure an executor error is, as callers see it.
+pub fn failure_code(error: &Error) -> FailureCode {
+    match error {
+        Error::NotFound { .. } => FailureCode::NotFound,
+        Error::InvalidName { .. } => FailureCode::BadRequest,
+        Error::InvalidComponent { .. } | Error::WrongWorld { .. } => FailureCode::InvalidComponent,
+        Error::Trap { .. } | Error::CallDepthExceeded { .. } => FailureCode::Trap,
+        Error::Timeout { .. } => FailureCode::Timeout,
+        Error::OutOfMemory { .. } => FailureCode::OutOfMemory,
+        Error::InputTooLarge { .. } | Error::OutputTooLarge { .. } => FailureCode::TooLarge,
+        Error::NoCapacity { .. } => FailureCode::NoCapacity,
+        Error::Failed { .. } => FailureCode::FunctionFailed,
+        Error::Kvs(_) => FailureCode::Unavailable,
+        Error::CorruptCode { .. }
+        | Error::BadValue { .. }
+        | Error::Setup(_)
+        | Error::Internal(_) => FailureCode::Internal,
+    }
+}

@@ -1,0 +1,473 @@
+//! Messages of the call fabric: what gateways, schedulers and executors send each other to
+//! register functions and run calls and DAGs.
+//!
+//! A call runs as a [`Plan`]: the scheduler places every step on an executor, sends each
+//! executor involved the plan ([`Message::Schedule`], carrying the call's input for the steps
+//! without predecessors), and steps hand their outputs straight to the executor of each next
+//! step ([`Message::Output`]: the fast path, no storage node in between). The executor that runs
+//! the sink reports to the scheduler ([`Message::Done`]), with the output for a synchronous call,
+//! or after writing it to the call's result key for an asynchronous one. A step that fails
+//! reports its failure the same way, so the caller learns which step failed and why.
+//!
+//! Budgets travel as remaining milliseconds, not wall-clock instants, so nodes need not agree
+//! on the time.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Identifies one call among a scheduler's calls (random, so schedulers need not coordinate).
+pub type CallId = u64;
+/// A step's index in its plan.
+pub type StepIndex = u16;
+
+/// How a running call is laid out over executors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The call.
+    pub call: CallId,
+    /// What was invoked (a function's or a DAG's name), for errors and logs.
+    pub name: String,
+    /// The steps; a function call is a plan of one step.
+    pub steps: Vec<PlanStep>,
+    /// Milliseconds the call had left when the plan was sent.
+    pub timeout_ms: u64,
+    /// The consistency mode the call's functions run under (`lww`).
+    pub consistency: String,
+    /// The mailbox that learns the outcome (the scheduler's).
+    pub report_to: String,
+    /// For an asynchronous call, the store key the sink writes a [`CallResult`] to.
+    pub result_key: Option<String>,
+}
+
+/// One step of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanStep {
+    /// The function it runs.
+    pub function: String,
+    /// The mailbox of the executor that runs it.
+    pub executor: String,
+    /// The steps whose outputs it takes, in the DAG's edge order. Empty: it takes the call's
+    /// input. Several: it takes their outputs as one MessagePack array of binaries.
+    pub inputs: Vec<StepIndex>,
+    /// The steps its output goes to. Empty: it is the sink.
+    pub outputs: Vec<StepIndex>,
+}
+
+impl Plan {
+    /// The indices of the steps placed on `executor`.
+    pub fn steps_on<'a>(&'a self, executor: &'a str) -> impl Iterator<Item = StepIndex> + 'a {
+        self.steps
+            .iter()
+            .enumerate()
+            .filter(move |(_, s)| s.executor == executor)
+            .map(|(i, _)| i as StepIndex)
+    }
+}
+
+/// What a caller invokes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Target {
+    /// A function, by name (its newest version).
+    Function(String),
+    /// A registered DAG, by name.
+    Dag(String),
+}
+
+impl Target {
+    /// The function's or DAG's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Target::Function(name) | Target::Dag(name) => name,
+        }
+    }
+}
+
+/// How an invocation should run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvokeOptions {
+    /// Consistency mode (`lww` is the default and the only mode so far).
+    pub consistency: String,
+    /// Deadline of the whole call, in milliseconds (the scheduler's default if `None`).
+    pub timeout_ms: Option<u64>,
+    /// Store keys the call will read: the scheduler prefers executors whose caches hold them.
+    pub keys: Vec<String>,
+    /// For an asynchronous call, where the result goes.
+    pub result_key: Option<String>,
+}
+
+/// Limits asked for at registration; unset ones take the executor's defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitsRequest {
+    /// Deadline of one call, in milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Linear memory, in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Whether instances may serve more than one call.
+    pub reuse_instances: Option<bool>,
+}
+
+/// A registered function version, as the fabric reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionVersion {
+    /// The function's name.
+    pub name: String,
+    /// Its version number.
+    pub version: u64,
+    /// SHA-256 of the component, in hex.
+    pub sha256: String,
+    /// The component's size in bytes.
+    pub size: u64,
+}
+
+/// Why a call or a registration failed; [`FailureCode`] says what kind of failure it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{}{message}", step.as_ref().map(|s| format!("step {s}: ")).unwrap_or_default())]
+pub struct Failure {
+    /// The kind of failure.
+    pub code: FailureCode,
+    /// What happened, for people.
+    pub message: String,
+    /// The step (function) that failed, when one did.
+    pub step: Option<String>,
+}
+
+impl Failure {
+    /// A failure not tied to a step.
+    pub fn new(code: FailureCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            step: None,
+        }
+    }
+}
+
+/// The kinds of failure a caller can tell apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FailureCode {
+    /// No such function, DAG or result.
+    NotFound,
+    /// The request itself is wrong (a bad name, a malformed DAG, an unknown mode).
+    BadRequest,
+    /// The code is not a component of the handler world.
+    InvalidComponent,
+    /// An input, output or body is over its limit.
+    TooLarge,
+    /// The function returned an error of its own.
+    FunctionFailed,
+    /// The function trapped (or nested too deeply).
+    Trap,
+    /// The call ran out of time.
+    Timeout,
+    /// The function ran out of memory.
+    OutOfMemory,
+    /// No executor can take the call now.
+    NoCapacity,
+    /// An executor stopped answering while it held the call.
+    ExecutorLost,
+    /// A component the call needs (the store, the scheduler) did not answer.
+    Unavailable,
+    /// A bug or an unexpected state.
+    Internal,
+}
+
+impl FailureCode {
+    /// The code's name in the HTTP API's error bodies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureCode::NotFound => "not_found",
+            FailureCode::BadRequest => "bad_request",
+            FailureCode::InvalidComponent => "invalid_component",
+            FailureCode::TooLarge => "too_large",
+            FailureCode::FunctionFailed => "function_failed",
+            FailureCode::Trap => "trap",
+            FailureCode::Timeout => "timeout",
+            FailureCode::OutOfMemory => "out_of_memory",
+            FailureCode::NoCapacity => "no_capacity",
+            FailureCode::ExecutorLost => "executor_lost",
+            FailureCode::Unavailable => "unavailable",
+            FailureCode::Internal => "internal",
+        }
+    }
+}
+
+/// What a finished step reports to the scheduler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The sink's output (synchronous calls).
+    Output(Bytes),
+    /// The sink wrote its output to the call's result key (asynchronous calls).
+    Stored,
+}
+
+/// The outcome of a call, as stored under an asynchronous call's result key.
+///
+/// Stored as an LWW register whose timestamp is the record's [`CallResult::rank`], not a clock
+/// reading: a finished record always supersedes `Running`, wherever and whenever it was
+/// written, and a success supersedes a failure reported for the same call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CallResult {
+    /// Accepted and not finished.
+    Running,
+    /// Finished with this output.
+    Succeeded(Bytes),
+    /// Failed.
+    Failed(Failure),
+}
+
+impl CallResult {
+    /// The LWW timestamp this record is stored at.
+    pub fn rank(&self) -> u64 {
+        match self {
+            CallResult::Running => 1,
+            CallResult::Failed(_) => 2,
+            CallResult::Succeeded(_) => 3,
+        }
+    }
+
+    /// The record as stored (MessagePack).
+    pub fn encode(&self) -> crate::Result<Vec<u8>> {
+        rmp_serde::to_vec(self).map_err(|e| crate::Error::Encode(e.to_string()))
+    }
+
+    /// A stored record.
+    pub fn decode(bytes: &[u8]) -> crate::Result<Self> {
+        rmp_serde::from_slice(bytes).map_err(|e| crate::Error::Body(e.to_string()))
+    }
+}
+
+/// The store key of an asynchronous call's result.
+pub fn result_key(id: &str) -> String {
+    format!("squall/results/{id}")
+}
+
+/// What a finished invocation returns to its caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invocation {
+    /// The sink's output (`None` for an asynchronous call, whose output is in the store).
+    pub output: Option<Bytes>,
+    /// Where each step ran: (function, executor id), in plan order.
+    pub placement: Vec<(String, String)>,
+}
+
+/// What an executor tells schedulers about itself, several times a second.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutorStatus {
+    /// Its id (stable for the process's life).
+    pub id: String,
+    /// Its mailbox.
+    pub addr: String,
+    /// Steps it runs at once before it counts as busy.
+    pub capacity: u32,
+    /// Steps running now.
+    pub running: u32,
+    /// The functions it serves; empty: all.
+    pub serves: Vec<String>,
+    /// Functions with an instance ready to run.
+    pub warm: Vec<String>,
+    /// Store keys its cache holds (up to a bound).
+    pub keys: Vec<String>,
+    /// Steps run since it started.
+    pub steps: u64,
+    /// Steps that failed.
+    pub failures: u64,
+    /// Calls served by a warm instance.
+    pub warm_starts: u64,
+    /// Calls that instantiated a fresh instance.
+    pub cold_starts: u64,
+    /// Cache reads served locally.
+    pub cache_hits: u64,
+    /// Cache reads that went to the store.
+    pub cache_misses: u64,
+}
+
+/// One message of the fabric.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Scheduler to executor: run this plan's steps that are placed on you; `input` is the
+    /// call's input, for the steps without predecessors.
+    Schedule {
+        /// The plan.
+        plan: Arc<Plan>,
+        /// The call's input.
+        input: Bytes,
+    },
+    /// Executor to executor: a step's output, for one of the next steps.
+    Output {
+        /// The call.
+        call: CallId,
+        /// The step that takes it.
+        step: StepIndex,
+        /// The step that produced it.
+        from: StepIndex,
+        /// The output.
+        data: Bytes,
+    },
+    /// Executor to scheduler: a call finished at its sink, or one of its steps failed.
+    Done {
+        /// The call.
+        call: CallId,
+        /// What happened.
+        outcome: Result<Outcome, Failure>,
+    },
+    /// Executor to schedulers: how it is.
+    Heartbeat(ExecutorStatus),
+    /// Scheduler to executor: keep an instance of this function ready.
+    Warm {
+        /// The function.
+        function: String,
+    },
+    /// Gateway to scheduler, forwarded to an executor: check and store a function.
+    Register {
+        /// Echoed in the answer.
+        request: u64,
+        /// Where the answer goes.
+        reply_to: String,
+        /// The function's name.
+        name: String,
+        /// The component.
+        code: Bytes,
+        /// Limits for its calls.
+        limits: LimitsRequest,
+    },
+    /// Executor to gateway: the registration's outcome.
+    Registered {
+        /// The request answered.
+        request: u64,
+        /// The new version, or why there is none.
+        result: Result<FunctionVersion, Failure>,
+    },
+    /// Gateway to scheduler: run a function or DAG.
+    Invoke {
+        /// Echoed in the answer.
+        request: u64,
+        /// Where the answer goes; `None` for an asynchronous call (nobody waits).
+        reply_to: Option<String>,
+        /// What to run.
+        target: Target,
+        /// The input.
+        input: Bytes,
+        /// How.
+        options: InvokeOptions,
+    },
+    /// Scheduler to gateway: the invocation's outcome.
+    Invoked {
+        /// The request answered.
+        request: u64,
+        /// The output, or why there is none.
+        result: Result<Invocation, Failure>,
+    },
+    /// Gateway to scheduler: which executors are there?
+    Status {
+        /// Echoed in the answer.
+        request: u64,
+        /// Where the answer goes.
+        reply_to: String,
+    },
+    /// Scheduler to gateway: the executors it knows, alive ones only.
+    StatusReport {
+        /// The request answered.
+        request: u64,
+        /// Their last heartbeats.
+        executors: Vec<ExecutorStatus>,
+    },
+}
+
+impl Message {
+    /// The message's kind, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Schedule { .. } => "schedule",
+            Message::Output { .. } => "output",
+            Message::Done { .. } => "done",
+            Message::Heartbeat(_) => "heartbeat",
+            Message::Warm { .. } => "warm",
+            Message::Register { .. } => "register",
+            Message::Registered { .. } => "registered",
+            Message::Invoke { .. } => "invoke",
+            Message::Invoked { .. } => "invoked",
+            Message::Status { .. } => "status",
+            Message::StatusReport { .. } => "status-report",
+        }
+    }
+}
+
+/// Encodes a fabric message as one frame (the same header as storage requests, id 0).
+pub fn encode_message(message: &Message) -> crate::Result<Vec<u8>> {
+    crate::encode(0, message)
+}
+
+/// Decodes a fabric frame; never panics on bad input.
+pub fn decode_message(frame: &[u8]) -> crate::Result<Message> {
+    crate::decode(frame).map(|(_, message)| message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_garbage_is_an_error() {
+        let plan = Arc::new(Plan {
+            call: 7,
+            name: "sq_incr".into(),
+            steps: vec![
+                PlanStep {
+                    function: "incr".into(),
+                    executor: "tcp://127.0.0.1:1".into(),
+                    inputs: vec![],
+                    outputs: vec![1],
+                },
+                PlanStep {
+                    function: "square".into(),
+                    executor: "tcp://127.0.0.1:2".into(),
+                    inputs: vec![0],
+                    outputs: vec![],
+                },
+            ],
+            timeout_ms: 1000,
+            consistency: "lww".into(),
+            report_to: "tcp://127.0.0.1:3".into(),
+            result_key: None,
+        });
+        assert_eq!(plan.steps_on("tcp://127.0.0.1:2").collect::<Vec<_>>(), [1]);
+        let messages = [
+            Message::Schedule {
+                plan,
+                input: Bytes::from_static(b"3"),
+            },
+            Message::Done {
+                call: 7,
+                outcome: Err(Failure {
+                    code: FailureCode::Trap,
+                    message: "unreachable".into(),
+                    step: Some("incr".into()),
+                }),
+            },
+            Message::Heartbeat(ExecutorStatus {
+                id: "e1".into(),
+                keys: vec!["k".into()],
+                ..ExecutorStatus::default()
+            }),
+        ];
+        for message in messages {
+            let frame = encode_message(&message).expect("encodes");
+            assert_eq!(decode_message(&frame).expect("decodes"), message);
+            assert!(decode_message(&frame[..frame.len() - 1]).is_err());
+        }
+        assert!(decode_message(b"SQ\x00\x01garbage!garbage").is_err());
+    }
+
+    #[test]
+    fn finished_results_outrank_running_and_success_outranks_failure() {
+        let failed = CallResult::Failed(Failure::new(FailureCode::Timeout, "late"));
+        let ok = CallResult::Succeeded(Bytes::from_static(b"16"));
+        assert!(CallResult::Running.rank() < failed.rank());
+        assert!(failed.rank() < ok.rank());
+        let encoded = ok.encode().expect("encodes");
+        assert_eq!(CallResult::decode(&encoded).expect("decodes"), ok);
+        assert!(CallResult::decode(b"\xc1").is_err());
+    }
+}

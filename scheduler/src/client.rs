@@ -1,0 +1,225 @@
+//! The gateway's side of the fabric: sends invocations, registrations and status queries to
+//! schedulers and waits (with a deadline) for their answers on its own mailbox.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hashbrown::HashMap;
+use squall_proto::call::{
+    ExecutorStatus, Failure, FailureCode, FunctionVersion, Invocation, InvokeOptions,
+    LimitsRequest, Message, Target,
+};
+use squall_proto::fabric::{Fabric, Mailbox};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+type Waiting = Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>>;
+
+/// Talks to schedulers. Cheap to share; thread-safe. Dropping it closes its mailbox.
+#[derive(Debug)]
+pub struct SchedulerClient {
+    fabric: Arc<Fabric>,
+    addr: String,
+    schedulers: Vec<String>,
+    next_scheduler: AtomicUsize,
+    next_request: AtomicU64,
+    waiting: Waiting,
+    task: JoinHandle<()>,
+}
+
+impl SchedulerClient {
+    /// A client answering on `mailbox`, sending to `schedulers` in turn. Must be called
+    /// inside a tokio runtime.
+    pub fn start(mut mailbox: Mailbox, schedulers: Vec<String>) -> Self {
+        let waiting: Waiting = Arc::default();
+        let fabric = mailbox.fabric().clone();
+        let addr = mailbox.addr().to_string();
+        let task = {
+            let waiting = waiting.clone();
+            tokio::spawn(async move {
+                while let Some(message) = mailbox.recv().await {
+                    let request = match &message {
+                        Message::Invoked { request, .. }
+                        | Message::Registered { request, .. }
+                        | Message::StatusReport { request, .. } => *request,
+                        other => {
+                            tracing::warn!(
+                                message = other.kind(),
+                                "message not meant for a gateway dropped"
+                            );
+                            continue;
+                        }
+                    };
+                    let waiter = waiting
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&request);
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.send(message);
+                    }
+                }
+            })
+        };
+        Self {
+            fabric,
+            addr,
+            schedulers,
+            next_scheduler: AtomicUsize::new(0),
+            next_request: AtomicU64::new(rand::random::<u32>() as u64),
+            waiting,
+            task,
+        }
+    }
+
+    /// The schedulers it sends to.
+    pub fn schedulers(&self) -> &[String] {
+        &self.schedulers
+    }
+
+    fn scheduler(&self) -> Result<&str, Failure> {
+        if self.schedulers.is_empty() {
+            return Err(Failure::new(
+                FailureCode::Unavailable,
+                "no scheduler configured",
+            ));
+        }
+        let i = self.next_scheduler.fetch_add(1, Ordering::Relaxed) % self.schedulers.len();
+        Ok(&self.schedulers[i])
+    }
+
+    /// Sends what `build` makes (given the request id and the reply address) and waits up to
+    /// `wait` for the answer.
+    async fn request(
+        &self,
+        wait: Duration,
+        build: impl FnOnce(u64, String) -> Message,
+    ) -> Result<Message, Failure> {
+        let to = self.scheduler()?.to_string();
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(request, sender);
+        let forget = || {
+            self.waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&request);
+        };
+        if let Err(e) = self.fabric.send(&to, build(request, self.addr.clone())) {
+            forget();
+            return Err(Failure::new(FailureCode::Unavailable, e.to_string()));
+        }
+        match tokio::time::timeout(wait, receiver).await {
+            Ok(Ok(message)) => Ok(message),
+            Ok(Err(_)) => Err(Failure::new(
+                FailureCode::Internal,
+                "the gateway's mailbox closed",
+            )),
+            Err(_) => {
+                forget();
+                Err(Failure::new(
+                    FailureCode::Unavailable,
+                    format!("scheduler {to} did not answer within {wait:?}"),
+                ))
+            }
+        }
+    }
+
+    /// Runs `target` and waits for its output. `wait` bounds the wait (the call's deadline
+    /// plus a margin for the scheduler's own report).
+    pub async fn invoke(
+        &self,
+        target: Target,
+        input: Bytes,
+        options: InvokeOptions,
+        wait: Duration,
+    ) -> Result<Invocation, Failure> {
+        let answer = self
+            .request(wait, |request, reply_to| Message::Invoke {
+                request,
+                reply_to: Some(reply_to),
+                target,
+                input,
+                options,
+            })
+            .await?;
+        match answer {
+            Message::Invoked { result, .. } => result,
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Starts `target` without waiting; its outcome goes to `options.result_key`.
+    pub fn invoke_detached(
+        &self,
+        target: Target,
+        input: Bytes,
+        options: InvokeOptions,
+    ) -> Result<(), Failure> {
+        let to = self.scheduler()?;
+        let message = Message::Invoke {
+            request: self.next_request.fetch_add(1, Ordering::Relaxed),
+            reply_to: None,
+            target,
+            input,
+            options,
+        };
+        self.fabric
+            .send(to, message)
+            .map_err(|e| Failure::new(FailureCode::Unavailable, e.to_string()))
+    }
+
+    /// Registers a function through an executor (which checks the code by compiling it).
+    pub async fn register(
+        &self,
+        name: &str,
+        code: Bytes,
+        limits: LimitsRequest,
+        wait: Duration,
+    ) -> Result<FunctionVersion, Failure> {
+        let answer = self
+            .request(wait, |request, reply_to| Message::Register {
+                request,
+                reply_to,
+                name: name.to_string(),
+                code,
+                limits,
+            })
+            .await?;
+        match answer {
+            Message::Registered { result, .. } => result,
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The executors a scheduler knows.
+    pub async fn status(&self, wait: Duration) -> Result<Vec<ExecutorStatus>, Failure> {
+        let answer = self
+            .request(wait, |request, reply_to| Message::Status {
+                request,
+                reply_to,
+            })
+            .await?;
+        match answer {
+            Message::StatusReport { executors, .. } => Ok(executors),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+fn unexpected(message: &Message) -> Failure {
+    Failure::new(
+        FailureCode::Internal,
+        format!("unexpected answer: {}", message.kind()),
+    )
+}
+
+impl Drop for SchedulerClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

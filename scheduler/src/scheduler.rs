@@ -1,0 +1,587 @@
+//! The scheduler: takes invocations, places their steps, sends the plans, and answers the
+//! caller when the sink (or a failing step) reports.
+//!
+//! It keeps no state that must survive it: DAGs are read from the store (through a cache the
+//! store keeps fresh by push), executors announce themselves by heartbeat, and the calls in
+//! flight are only needed to answer their callers. Any number of schedulers can run; a gateway
+//! may use any of them.
+//!
+//! Every wait has a deadline. A call whose deadline passes fails with `timeout`; a call
+//! holding steps on an executor that stops sending heartbeats fails with `executor_lost` as
+//! soon as the executor is declared gone (well before the call's own deadline), and the
+//! executor is no longer placed on. Every registered function is kept warm on at least one
+//! executor.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hashbrown::{HashMap, HashSet};
+use squall_executor::clients::ClientPool;
+use squall_executor::node::store_result;
+use squall_executor::Registry;
+use squall_proto::call::{
+    CallId, CallResult, ExecutorStatus, Failure, FailureCode, Invocation, InvokeOptions, Message,
+    Outcome, Plan, Target,
+};
+use squall_proto::fabric::{Fabric, Mailbox};
+use tokio::task::JoinHandle;
+
+use crate::dag::{DagRegistry, Shape};
+use crate::placement::{choose, Candidate};
+
+/// How a scheduler behaves.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// An executor without a heartbeat for this long is gone.
+    pub heartbeat_timeout: Duration,
+    /// A call's deadline unless the caller sets one.
+    pub default_timeout: Duration,
+    /// The longest deadline a caller may set.
+    pub max_timeout: Duration,
+    /// How often it checks that every function is warm somewhere.
+    pub warm_interval: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_timeout: Duration::from_secs(1),
+            default_timeout: Duration::from_secs(30),
+            max_timeout: Duration::from_secs(300),
+            warm_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Extra time after a call's deadline before the scheduler fails it itself (the executor
+/// running it reports its own timeout first).
+const DEADLINE_GRACE: Duration = Duration::from_millis(250);
+
+/// How long before asking again to warm a function that is still not warm anywhere.
+const WARM_RETRY: Duration = Duration::from_secs(5);
+
+/// A running scheduler. Dropping it stops it.
+#[derive(Debug)]
+pub struct Scheduler {
+    addr: String,
+    task: JoinHandle<()>,
+}
+
+impl Scheduler {
+    /// Starts serving `mailbox`. `kvs` reads functions and writes failed asynchronous
+    /// results; `dags` resolves DAG names. Must be called inside a tokio runtime.
+    pub fn start(
+        mailbox: Mailbox,
+        kvs: ClientPool,
+        dags: DagRegistry,
+        config: SchedulerConfig,
+    ) -> Self {
+        let addr = mailbox.addr().to_string();
+        let shared = Arc::new(Shared {
+            fabric: mailbox.fabric().clone(),
+            addr: addr.clone(),
+            functions: Registry::direct(kvs.clone()),
+            kvs,
+            dags,
+            config,
+            state: Mutex::new(State::default()),
+        });
+        tracing::info!(addr = %addr, "scheduler serving");
+        let task = tokio::spawn(serve(shared, mailbox));
+        Self { addr, task }
+    }
+
+    /// Its mailbox's address (executors send heartbeats here, gateways send invocations).
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Shared {
+    fabric: Arc<Fabric>,
+    addr: String,
+    kvs: ClientPool,
+    functions: Registry,
+    dags: DagRegistry,
+    config: SchedulerConfig,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    executors: HashMap<String, Known>,
+    calls: HashMap<CallId, Tracked>,
+    warm_asked: HashMap<String, Instant>,
+}
+
+/// An executor, as its heartbeats describe it.
+struct Known {
+    status: ExecutorStatus,
+    keys: HashSet<String>,
+    seen: Instant,
+    dispatched: u32,
+}
+
+/// A call in flight.
+struct Tracked {
+    name: String,
+    request: u64,
+    reply_to: Option<String>,
+    result_key: Option<String>,
+    deadline: Instant,
+    /// The executor of each step (addresses, one entry per step).
+    executors: Vec<String>,
+    placement: Vec<(String, String)>,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+async fn serve(shared: Arc<Shared>, mut mailbox: Mailbox) {
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut warm = tokio::time::interval(shared.config.warm_interval);
+    warm.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            message = mailbox.recv() => {
+                let Some(message) = message else { return };
+                handle(&shared, message);
+            }
+            _ = tick.tick() => expire(&shared),
+            _ = warm.tick() => {
+                let shared = shared.clone();
+                tokio::spawn(async move { keep_warm(&shared).await });
+            }
+        }
+    }
+}
+
+fn handle(shared: &Arc<Shared>, message: Message) {
+    match message {
+        Message::Heartbeat(status) => {
+            let mut state = shared.state();
+            let keys = status.keys.iter().cloned().collect();
+            match state.executors.get_mut(&status.addr) {
+                Some(known) => {
+                    known.status = status;
+                    known.keys = keys;
+                    known.seen = Instant::now();
+                }
+                None => {
+                    tracing::info!(id = %status.id, addr = %status.addr, serves = ?status.serves, "executor joined");
+                    state.executors.insert(
+                        status.addr.clone(),
+                        Known {
+                            status,
+                            keys,
+                            seen: Instant::now(),
+                            dispatched: 0,
+                        },
+                    );
+                }
+            }
+        }
+        Message::Invoke {
+            request,
+            reply_to,
+            target,
+            input,
+            options,
+        } => {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                if let Err(failure) =
+                    invoke(&shared, request, reply_to.clone(), &target, input, &options).await
+                {
+                    let tracked = Tracked {
+                        name: target.name().to_string(),
+                        request,
+                        reply_to,
+                        result_key: options.result_key,
+                        deadline: Instant::now(),
+                        executors: Vec::new(),
+                        placement: Vec::new(),
+                    };
+                    finish(&shared, tracked, Err(failure));
+                }
+            });
+        }
+        Message::Done { call, outcome } => {
+            let tracked = untrack(shared, call);
+            match tracked {
+                Some(tracked) => finish(shared, tracked, outcome),
+                // A second failure of a call that already failed, or a call given up on.
+                None => tracing::debug!(call, "outcome of a call no longer tracked"),
+            }
+        }
+        Message::Register {
+            request,
+            reply_to,
+            name,
+            code,
+            limits,
+        } => {
+            let to = {
+                let state = shared.state();
+                let candidates = candidates(&state);
+                choose(&candidates, &name, &[], &[]).map(|i| candidates[i].status.addr.clone())
+            };
+            let forwarded = match to {
+                Some(to) => shared
+                    .fabric
+                    .send(
+                        &to,
+                        Message::Register {
+                            request,
+                            reply_to: reply_to.clone(),
+                            name,
+                            code,
+                            limits,
+                        },
+                    )
+                    .map_err(|e| Failure::new(FailureCode::Unavailable, e.to_string())),
+                None => Err(Failure::new(
+                    FailureCode::NoCapacity,
+                    "no executor has joined this scheduler",
+                )),
+            };
+            if let Err(failure) = forwarded {
+                reply(
+                    shared,
+                    &reply_to,
+                    Message::Registered {
+                        request,
+                        result: Err(failure),
+                    },
+                );
+            }
+        }
+        Message::Status { request, reply_to } => {
+            let executors = shared
+                .state()
+                .executors
+                .values()
+                .map(|k| k.status.clone())
+                .collect();
+            reply(
+                shared,
+                &reply_to,
+                Message::StatusReport { request, executors },
+            );
+        }
+        other => {
+            tracing::warn!(
+                message = other.kind(),
+                "message not meant for a scheduler dropped"
+            )
+        }
+    }
+}
+
+fn candidates(state: &State) -> Vec<Candidate<'_>> {
+    state
+        .executors
+        .values()
+        .map(|k| Candidate {
+            status: &k.status,
+            keys: &k.keys,
+            dispatched: k.dispatched,
+        })
+        .collect()
+}
+
+/// Stops tracking a call; `None` if it was not tracked (already answered).
+fn untrack(shared: &Shared, call: CallId) -> Option<Tracked> {
+    let mut state = shared.state();
+    let tracked = state.calls.remove(&call)?;
+    undispatch(&mut state, &tracked.executors);
+    Some(tracked)
+}
+
+fn undispatch(state: &mut State, executors: &[String]) {
+    for addr in executors {
+        if let Some(known) = state.executors.get_mut(addr) {
+            known.dispatched = known.dispatched.saturating_sub(1);
+        }
+    }
+}
+
+/// Resolves, places and starts a call.
+async fn invoke(
+    shared: &Arc<Shared>,
+    request: u64,
+    reply_to: Option<String>,
+    target: &Target,
+    input: Bytes,
+    options: &InvokeOptions,
+) -> Result<(), Failure> {
+    match options.consistency.as_str() {
+        "" | "lww" => {}
+        other => {
+            return Err(Failure::new(
+                FailureCode::BadRequest,
+                format!("unknown consistency mode {other:?} (supported: lww)"),
+            ))
+        }
+    }
+    let timeout = options
+        .timeout_ms
+        .map_or(shared.config.default_timeout, Duration::from_millis)
+        .min(shared.config.max_timeout);
+    let started = Instant::now();
+    let mut shape = match target {
+        Target::Function(name) => {
+            squall_executor::registry::validate_name(name)
+                .map_err(|e| Failure::new(FailureCode::BadRequest, e.to_string()))?;
+            Shape::single(name)
+        }
+        Target::Dag(name) => {
+            let record = shared.dags.get(name).await.map_err(|e| e.failure())?;
+            let record = record.ok_or_else(|| {
+                Failure::new(
+                    FailureCode::NotFound,
+                    format!("DAG {name:?} is not registered"),
+                )
+            })?;
+            Shape::of(&record.spec).map_err(|e| e.failure())?
+        }
+    };
+    let call: CallId = rand::random();
+    let (executors, placement) = {
+        let mut state = shared.state();
+        let mut chosen: Vec<String> = Vec::with_capacity(shape.steps.len());
+        let mut placement = Vec::with_capacity(shape.steps.len());
+        for step in &mut shape.steps {
+            let candidates = candidates(&state);
+            let near: Vec<&str> = step
+                .inputs
+                .iter()
+                .filter_map(|&i| chosen.get(i as usize).map(String::as_str))
+                .collect();
+            let Some(index) = choose(&candidates, &step.function, &options.keys, &near) else {
+                let reason = if state.executors.is_empty() {
+                    "no executor has joined this scheduler".to_string()
+                } else {
+                    format!("no executor serves function {:?}", step.function)
+                };
+                return Err(Failure {
+                    code: FailureCode::NoCapacity,
+                    message: reason,
+                    step: Some(step.function.clone()),
+                });
+            };
+            let addr = candidates[index].status.addr.clone();
+            placement.push((step.function.clone(), candidates[index].status.id.clone()));
+            step.executor = addr.clone();
+            chosen.push(addr);
+        }
+        for addr in &chosen {
+            if let Some(known) = state.executors.get_mut(addr) {
+                known.dispatched += 1;
+            }
+        }
+        let deadline = started + timeout;
+        state.calls.insert(
+            call,
+            Tracked {
+                name: target.name().to_string(),
+                request,
+                reply_to,
+                result_key: options.result_key.clone(),
+                deadline,
+                executors: chosen.clone(),
+                placement: placement.clone(),
+            },
+        );
+        (chosen, placement)
+    };
+    let plan = Arc::new(Plan {
+        call,
+        name: target.name().to_string(),
+        steps: shape.steps,
+        timeout_ms: timeout
+            .saturating_sub(started.elapsed())
+            .as_millis()
+            .try_into()
+            .unwrap_or(u64::MAX),
+        consistency: options.consistency.clone(),
+        report_to: shared.addr.clone(),
+        result_key: options.result_key.clone(),
+    });
+    tracing::trace!(call, name = %plan.name, ?placement, "call placed");
+    let mut sent: HashSet<&str> = HashSet::new();
+    for addr in &executors {
+        if !sent.insert(addr.as_str()) {
+            continue;
+        }
+        let message = Message::Schedule {
+            plan: plan.clone(),
+            input: input.clone(),
+        };
+        if let Err(e) = shared.fabric.send(addr, message) {
+            let tracked = untrack(shared, call);
+            if let Some(tracked) = tracked {
+                let failure =
+                    Failure::new(FailureCode::Unavailable, format!("sending the plan: {e}"));
+                finish(shared, tracked, Err(failure));
+            }
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Answers the caller of a finished call (and stores an asynchronous call's failure).
+fn finish(shared: &Arc<Shared>, tracked: Tracked, outcome: Result<Outcome, Failure>) {
+    if let Err(failure) = &outcome {
+        tracing::debug!(name = %tracked.name, code = failure.code.as_str(), %failure, "call failed");
+        if let Some(key) = tracked.result_key.clone() {
+            let kvs = shared.kvs.clone();
+            let failure = failure.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store_result(&kvs, &key, CallResult::Failed(failure)).await {
+                    tracing::warn!(key = %key, cause = %e, "failure of an asynchronous call not stored");
+                }
+            });
+        }
+    }
+    let Some(reply_to) = tracked.reply_to else {
+        return;
+    };
+    let result = outcome.map(|outcome| Invocation {
+        output: match outcome {
+            Outcome::Output(output) => Some(output),
+            Outcome::Stored => None,
+        },
+        placement: tracked.placement,
+    });
+    reply(
+        shared,
+        &reply_to,
+        Message::Invoked {
+            request: tracked.request,
+            result,
+        },
+    );
+}
+
+fn reply(shared: &Shared, to: &str, message: Message) {
+    if let Err(e) = shared.fabric.send(to, message) {
+        tracing::warn!(to, cause = %e, "answer not sent");
+    }
+}
+
+/// Fails calls past their deadline and calls on executors that stopped sending heartbeats.
+fn expire(shared: &Arc<Shared>) {
+    let now = Instant::now();
+    let mut failed = Vec::new();
+    {
+        let mut state = shared.state();
+        let timeout = shared.config.heartbeat_timeout;
+        let gone: Vec<(String, String)> = state
+            .executors
+            .iter()
+            .filter(|(_, k)| now.duration_since(k.seen) > timeout)
+            .map(|(addr, k)| (addr.clone(), k.status.id.clone()))
+            .collect();
+        for (addr, id) in &gone {
+            tracing::warn!(id = %id, addr = %addr, "executor stopped sending heartbeats; it is no longer placed on");
+            state.executors.remove(addr);
+        }
+        let mut ended: Vec<(CallId, Failure)> = Vec::new();
+        for (call, tracked) in &state.calls {
+            if let Some((addr, id)) = gone.iter().find(|(a, _)| tracked.executors.contains(a)) {
+                let step = tracked
+                    .executors
+                    .iter()
+                    .position(|a| a == addr)
+                    .and_then(|i| tracked.placement.get(i))
+                    .map(|(f, _)| f.clone());
+                ended.push((
+                    *call,
+                    Failure {
+                        code: FailureCode::ExecutorLost,
+                        message: format!(
+                            "executor {id} ({addr}) stopped answering while it held the call"
+                        ),
+                        step,
+                    },
+                ));
+            } else if now > tracked.deadline + DEADLINE_GRACE {
+                ended.push((
+                    *call,
+                    Failure::new(
+                        FailureCode::Timeout,
+                        format!("{} did not finish before its deadline", tracked.name),
+                    ),
+                ));
+            }
+        }
+        for (call, failure) in ended {
+            if let Some(tracked) = state.calls.remove(&call) {
+                undispatch(&mut state, &tracked.executors);
+                failed.push((tracked, failure));
+            }
+        }
+    }
+    for (tracked, failure) in failed {
+        finish(shared, tracked, Err(failure));
+    }
+}
+
+/// Asks an executor to warm every function that is warm nowhere.
+async fn keep_warm(shared: &Arc<Shared>) {
+    if shared.state().executors.is_empty() {
+        return;
+    }
+    let functions = match shared.functions.list().await {
+        Ok(functions) => functions,
+        Err(e) => {
+            tracing::debug!(cause = %e, "listing functions to keep warm");
+            return;
+        }
+    };
+    let now = Instant::now();
+    let mut state = shared.state();
+    let mut asks = Vec::new();
+    for function in functions {
+        let name = function.name;
+        let warm_somewhere = state
+            .executors
+            .values()
+            .any(|k| k.status.warm.contains(&name));
+        let asked_recently = state
+            .warm_asked
+            .get(&name)
+            .is_some_and(|at| now.duration_since(*at) < WARM_RETRY);
+        if warm_somewhere || asked_recently {
+            continue;
+        }
+        let candidates = candidates(&state);
+        if let Some(index) = choose(&candidates, &name, &[], &[]) {
+            asks.push((candidates[index].status.addr.clone(), name.clone()));
+            state.warm_asked.insert(name, now);
+        }
+    }
+    state
+        .warm_asked
+        .retain(|_, at| now.duration_since(*at) < WARM_RETRY);
+    drop(state);
+    for (addr, function) in asks {
+        tracing::debug!(function = %function, executor = %addr, "warming");
+        if let Err(e) = shared.fabric.send(&addr, Message::Warm { function }) {
+            tracing::debug!(executor = %addr, cause = %e, "warm request not sent");
+        }
+    }
+}
