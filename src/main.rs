@@ -1,11 +1,23 @@
 //! `squall`: the command-line entry point of Squall.
 //!
-//! - `squall kvs`: run a storage node (prints `READY addr=...` once it accepts requests).
-//! - `squall kv get|put`: read and write keys of a running node.
+//! - `squall up`: everything in one process (store, scheduler, executors, HTTP gateway).
+//! - `squall kvs`, `squall scheduler`, `squall executor`, `squall gateway`: one role per
+//!   process, over the call fabric (each prints `READY ...` once it serves).
+//! - `squall fn`, `squall dag`, `squall call`: register and call functions through a gateway.
+//! - `squall kv get|put`: read and write keys of a running storage node.
 //!
-//! Every flag can also be set through a `SQUALL_*` environment variable.
+//! Every flag can also be set through a `SQUALL_*` environment variable, or in `squall.toml`
+//! (see `config`).
+//!
+//! Why these dependencies: `clap` (flags, `SQUALL_*` variables), `toml` (`squall.toml`),
+//! `ureq` (a small blocking HTTP client for the commands that talk to a gateway; no TLS, the
+//! gateway serves plain HTTP), `serde_json` (the gateway's JSON), `axum` (serving the gateway),
+//! `ctrlc` (SIGINT and SIGTERM).
 
+mod config;
+mod http;
 mod kv;
+mod roles;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,12 +31,29 @@ use squall_kvs::{Config, FsyncPolicy, Node};
 #[derive(Debug, Parser)]
 #[command(name = "squall", version, about)]
 struct Cli {
+    /// Settings file (default: ./squall.toml if it exists).
+    #[arg(long, global = true, env = "SQUALL_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start store, scheduler, executors and HTTP gateway in one process.
+    Up(roles::UpArgs),
+    /// Register, list and delete functions (through a gateway).
+    Fn(http::FnArgs),
+    /// Create, list, delete and call DAGs (through a gateway).
+    Dag(http::DagArgs),
+    /// Call a function and print its output (through a gateway).
+    Call(http::CallCommand),
+    /// Run an executor that joins schedulers.
+    Executor(roles::ExecutorArgs),
+    /// Run a scheduler.
+    Scheduler(roles::SchedulerArgs),
+    /// Run an HTTP gateway in front of schedulers.
+    Gateway(roles::GatewayArgs),
     /// Run a storage node until SIGINT or SIGTERM.
     Kvs(KvsArgs),
     /// Read or write keys of a running storage node.
@@ -57,7 +86,7 @@ struct KvsArgs {
     max_request_bytes: Option<usize>,
 }
 
-fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
+pub(crate) fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
     s.parse().map_err(|e: squall_kvs::Error| e.to_string())
 }
 
@@ -112,8 +141,41 @@ fn run_kvs(args: KvsArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Err(e) = config::apply(&args) {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    let cli = Cli::parse_from(args);
     let result = match cli.command {
+        Command::Up(args) => {
+            init_tracing("info");
+            roles::up(args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Executor(args) => {
+            init_tracing("info");
+            roles::executor(args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Scheduler(args) => {
+            init_tracing("info");
+            roles::scheduler(args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Gateway(args) => {
+            init_tracing("info");
+            roles::gateway(args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Fn(args) => {
+            init_tracing("warn");
+            http::run_fn(args)
+        }
+        Command::Dag(args) => {
+            init_tracing("warn");
+            http::run_dag(args)
+        }
+        Command::Call(args) => {
+            init_tracing("warn");
+            http::run_call(args)
+        }
         Command::Kvs(args) => {
             init_tracing("info");
             run_kvs(args).map(|()| ExitCode::SUCCESS)

@@ -33,7 +33,7 @@ pub fn dag_key(name: &str) -> String {
 }
 
 /// A DAG as its author writes it: `{"functions":["g","f"],"edges":[["g","f"]]}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DagSpec {
     /// Its functions, each once.
@@ -41,6 +41,7 @@ pub struct DagSpec {
     /// Its edges, `[from, to]`; the order of the edges into a function is the order of its
     /// inputs.
     #[serde(default)]
+    #[schema(value_type = Vec<Vec<String>>)]
     pub edges: Vec<(String, String)>,
 }
 

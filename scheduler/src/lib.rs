@@ -12,15 +12,25 @@
 //! - [`placement`]: which executor runs a step.
 //! - [`scheduler`]: [`Scheduler`]: the node that takes invocations and tracks calls.
 //! - [`client`]: [`SchedulerClient`]: how a gateway talks to schedulers.
+//! - [`gateway`]: the HTTP API (axum), its errors, token check and OpenAPI document.
+//! - `metrics`: the gateway's Prometheus metrics.
 //!
 //! # Why these dependencies
 //! - `squall-executor`: the function registry and the store client pool it already has, so
 //!   functions and DAGs are read the same way.
 //! - `tokio`: the scheduler is async (one task per invocation being placed); `hashbrown` for
 //!   its tables; `rmp-serde` for DAG records in the store, like every other record.
+//! - `axum` (on tokio and hyper): the gateway's HTTP server, the most used Rust web framework,
+//!   with typed extractors and body limits; `serde_json` for its JSON.
+//! - `utoipa`: the OpenAPI document generated from the handlers' annotations, so it cannot
+//!   drift from the code.
+//! - `prometheus-client`: the Prometheus project's own Rust client, for `/metrics`.
+//! - `uuid`: ids of asynchronous results (random, not guessable).
 
 pub mod client;
 pub mod dag;
+pub mod gateway;
+mod metrics;
 pub mod placement;
 pub mod scheduler;
 

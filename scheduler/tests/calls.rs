@@ -41,7 +41,7 @@ impl Cluster {
         let cache = Cache::start(kvs.clone(), CacheConfig::default()).expect("cache");
         let dags = DagRegistry::new(kvs.clone(), Some(cache));
         let config = SchedulerConfig {
-            heartbeat_timeout: Duration::from_millis(500),
+            heartbeat_timeout: Duration::from_secs(2),
             ..SchedulerConfig::default()
         };
         let mailbox = fabric.bind("127.0.0.1", 0).expect("scheduler mailbox");

@@ -5,4 +5,5 @@
 mod cli;
 mod crash;
 mod garbage;
+mod gateway;
 mod support;

@@ -2,6 +2,7 @@
 //! `READY addr=...` awaited with a deadline, logs kept in a file and shown on failure, and the
 //! process stopped on drop.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,52 +23,74 @@ pub fn squall() -> Command {
 /// A running `squall kvs` process.
 pub struct NodeProcess {
     child: Option<Child>,
-    /// The address clients connect to.
+    /// The address clients connect to (storage nodes).
     pub addr: String,
+    fields: HashMap<String, String>,
     log: PathBuf,
 }
 
 impl NodeProcess {
     /// Starts `squall kvs` on port 0 with `args`, logging to `log_dir`, and waits for READY.
     pub fn start(log_dir: &Path, args: &[&str]) -> NodeProcess {
-        let log = log_dir.join(format!("node-{}.log", rand::random::<u32>()));
+        let mut full = vec!["kvs", "--host", "127.0.0.1", "--port", "0"];
+        full.extend_from_slice(args);
+        let mut node = NodeProcess::spawn(log_dir, &full);
+        node.addr = node.field("addr");
+        node
+    }
+
+    /// Starts `squall` with `args` (a subcommand and its flags), logging to `log_dir`, and
+    /// waits for its `READY key=value ...` line.
+    pub fn spawn(log_dir: &Path, args: &[&str]) -> NodeProcess {
+        let log = log_dir.join(format!("{}-{}.log", args[0], rand::random::<u32>()));
         let log_file = std::fs::File::create(&log).expect("create node log");
         let mut child = squall()
-            .args(["kvs", "--host", "127.0.0.1", "--port", "0"])
             .args(args)
             .env("RUST_LOG", "info")
+            .env_remove("SQUALL_TOKEN")
+            .current_dir(log_dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
             .spawn()
-            .expect("spawn squall kvs");
+            .expect("spawn squall");
         let stdout = child.stdout.take().expect("stdout is piped");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.strip_prefix("READY addr=") {
-                    let addr = rest
+                if let Some(rest) = line.strip_prefix("READY ") {
+                    let fields: HashMap<String, String> = rest
                         .split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_string();
-                    let _ = tx.send(addr);
+                        .filter_map(|kv| kv.split_once('='))
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect();
+                    let _ = tx.send(fields);
                 }
             }
         });
         let mut node = NodeProcess {
             child: Some(child),
             addr: String::new(),
+            fields: HashMap::new(),
             log,
         };
         match rx.recv_timeout(READY_DEADLINE) {
-            Ok(addr) => node.addr = addr,
+            Ok(fields) => node.fields = fields,
             Err(_) => panic!(
-                "node did not print READY in time; its log:\n{}",
+                "squall {} did not print READY in time; its log:\n{}",
+                args[0],
                 node.log_text()
             ),
         }
         node
+    }
+
+    /// A field of the READY line.
+    pub fn field(&self, key: &str) -> String {
+        self.fields
+            .get(key)
+            .unwrap_or_else(|| panic!("READY line has no {key}: {:?}", self.fields))
+            .clone()
     }
 
     /// The node's log so far.

@@ -1,0 +1,291 @@
+//! f(g(x)) = square(incr(x)) over HTTP with keep-alive, end to end: latency (one client,
+//! p50/p99) and throughput (several clients), for
+//! (a) `squall up` (everything in one process), and
+//! (b) `squall up --executors 0` plus two `squall executor` processes, one serving `incr` and
+//!     one `square`, so every call crosses executor processes;
+//! against, in the same run, an HTTP echo server on the same stack (axum on tokio, a process of
+//! its own) as the floor. Setups alternate over rounds; the table reports medians over rounds
+//! and ratios to the floor.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use squall_bench::{closed_loop, median, LoadResult};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// The `squall` binary (built with `--release`).
+    #[arg(long, default_value = "target/release/squall")]
+    squall: PathBuf,
+    /// Rounds; each runs every setup once.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Seconds measured per run.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Clients of the throughput runs.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Serve HTTP echo and nothing else (how the harness starts its floor).
+    #[arg(long, hide = true)]
+    echo_server: bool,
+}
+
+/// A spawned process, killed on drop.
+struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns `program args` and returns it with the fields of its READY line.
+fn spawn(program: &PathBuf, args: &[&str]) -> anyhow::Result<(Spawned, Vec<(String, String)>)> {
+    let mut child = Command::new(program)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let child = Spawned(child);
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        let Some(line) = lines.next() else {
+            bail!("{} {args:?} exited before READY", program.display());
+        };
+        if let Some(rest) = line?.strip_prefix("READY ") {
+            let fields = rest
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            // Keep draining stdout so the process never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return Ok((child, fields));
+        }
+    }
+}
+
+fn field(fields: &[(String, String)], key: &str) -> anyhow::Result<String> {
+    fields
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .with_context(|| format!("READY line without {key}"))
+}
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .max_idle_connections_per_host(4)
+        .build()
+}
+
+fn post(agent: &ureq::Agent, url: &str, body: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let response = agent.post(url).send_bytes(body)?;
+    let mut out = Vec::new();
+    response.into_reader().read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// One system under test: its processes and the URL to POST `3` to.
+struct Setup {
+    name: &'static str,
+    url: String,
+    expect: &'static [u8],
+    _processes: Vec<Spawned>,
+}
+
+fn register(base: &str, dag: bool) -> anyhow::Result<()> {
+    let agent = agent();
+    for name in ["incr", "square"] {
+        agent
+            .put(&format!("{base}/v1/functions/{name}"))
+            .send_bytes(&squall_executor::testing::guest(name))
+            .with_context(|| format!("registering {name}"))?;
+    }
+    if dag {
+        agent
+            .put(&format!("{base}/v1/dags/sq_incr"))
+            .send_string(r#"{"functions":["incr","square"],"edges":[["incr","square"]]}"#)
+            .context("creating the DAG")?;
+    }
+    Ok(())
+}
+
+fn embedded(
+    squall: &PathBuf,
+    executors: &str,
+) -> anyhow::Result<(Spawned, String, String, String)> {
+    let (up, fields) = spawn(
+        squall,
+        &[
+            "up",
+            "--in-memory",
+            "--http-port",
+            "0",
+            "--kvs-port",
+            "0",
+            "--scheduler-port",
+            "0",
+            "--executors",
+            executors,
+        ],
+    )?;
+    Ok((
+        up,
+        field(&fields, "http")?,
+        field(&fields, "kvs")?,
+        field(&fields, "scheduler")?,
+    ))
+}
+
+fn setups(args: &Args) -> anyhow::Result<Vec<Setup>> {
+    let me = std::env::current_exe()?;
+    let (echo, fields) = spawn(&me, &["--echo-server"])?;
+    let echo = Setup {
+        name: "HTTP echo (floor)",
+        url: format!("{}/echo", field(&fields, "http")?),
+        expect: b"3",
+        _processes: vec![echo],
+    };
+    let (up, base, _, _) = embedded(&args.squall, "1")?;
+    register(&base, true)?;
+    let one = Setup {
+        name: "(a) squall up",
+        url: format!("{base}/v1/dags/sq_incr/invoke"),
+        expect: b"16",
+        _processes: vec![up],
+    };
+    let (up, base, kvs, scheduler) = embedded(&args.squall, "0")?;
+    let mut processes = vec![up];
+    for serves in ["incr", "square"] {
+        let (executor, _) = spawn(
+            &args.squall,
+            &[
+                "executor",
+                "--kvs",
+                &kvs,
+                "--scheduler",
+                &scheduler,
+                "--serves",
+                serves,
+            ],
+        )?;
+        processes.push(executor);
+    }
+    // Wait until both executors have joined.
+    let agent = agent();
+    for _ in 0..500 {
+        let listed = agent
+            .get(&format!("{base}/v1/executors"))
+            .call()?
+            .into_string()?;
+        if listed.matches("\"id\"").count() == 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    register(&base, true)?;
+    let two = Setup {
+        name: "(b) two executor processes",
+        url: format!("{base}/v1/dags/sq_incr/invoke"),
+        expect: b"16",
+        _processes: processes,
+    };
+    Ok(vec![echo, one, two])
+}
+
+fn run(setup: &Setup, clients: usize, seconds: f64) -> anyhow::Result<LoadResult> {
+    closed_loop(
+        clients,
+        Duration::from_millis(300),
+        Duration::from_secs_f64(seconds),
+        |_| Ok(agent()),
+        |agent, _| {
+            let out = post(agent, &setup.url, b"3")?;
+            if out != setup.expect {
+                bail!("unexpected answer {:?}", String::from_utf8_lossy(&out));
+            }
+            Ok(())
+        },
+    )
+}
+
+fn echo_server() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        println!("READY http=http://{}", listener.local_addr()?);
+        let app = axum::Router::new().route(
+            "/echo",
+            axum::routing::post(|body: axum::body::Bytes| async move { body }),
+        );
+        axum::serve(listener, app).await?;
+        Ok(())
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.echo_server {
+        return echo_server();
+    }
+    let setups = setups(&args)?;
+    let n = setups.len();
+    let (mut p50, mut p99, mut ops) = (vec![vec![]; n], vec![vec![]; n], vec![vec![]; n]);
+    for round in 0..args.rounds {
+        for (i, setup) in setups.iter().enumerate() {
+            let latency = run(setup, 1, args.seconds)?;
+            let load = run(setup, args.clients, args.seconds)?;
+            if latency.errors + load.errors > 0 {
+                bail!(
+                    "{}: {} failed requests",
+                    setup.name,
+                    latency.errors + load.errors
+                );
+            }
+            p50[i].push(latency.latency_us.value_at_quantile(0.5) as f64);
+            p99[i].push(latency.latency_us.value_at_quantile(0.99) as f64);
+            ops[i].push(load.throughput());
+            eprintln!(
+                "round {round} {}: p50 {} µs, p99 {} µs, {:.0} req/s",
+                setup.name,
+                latency.latency_us.value_at_quantile(0.5),
+                latency.latency_us.value_at_quantile(0.99),
+                load.throughput()
+            );
+        }
+    }
+    println!(
+        "f(g(x)) = square(incr(x)) over HTTP keep-alive; medians of {} rounds, {} s each; throughput with {} clients",
+        args.rounds, args.seconds, args.clients
+    );
+    println!();
+    println!("| setup | p50 (µs) | p99 (µs) | p50 vs floor | req/s | req/s vs floor |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let floor = (median(&p50[0]), median(&ops[0]));
+    for (i, setup) in setups.iter().enumerate() {
+        let (m50, m99, mops) = (median(&p50[i]), median(&p99[i]), median(&ops[i]));
+        println!(
+            "| {} | {:.0} | {:.0} | {:.2}x | {:.0} | {:.2}x |",
+            setup.name,
+            m50,
+            m99,
+            m50 / floor.0,
+            mops,
+            mops / floor.1
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,905 @@
+//! The HTTP gateway: Squall's public API, versioned under `/v1`.
+//!
+//! Control endpoints speak JSON; function input and output are raw bytes. Every error is
+//! `{"error":{"code":...,"message":...}}` (plus `"step"` when a DAG step failed) with a fitting
+//! status. With a token configured, every mutating request (PUT, POST, DELETE) must carry
+//! `Authorization: Bearer <token>`. The OpenAPI document of this API is generated from these
+//! handlers (`utoipa`) and served at `/v1/openapi.json`.
+//!
+//! The gateway keeps no call state of its own: invocations go to a scheduler over the fabric
+//! ([`SchedulerClient`]), functions and DAGs are read from and written to the store, and
+//! asynchronous results are read from their result keys.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use squall_executor::clients::ClientPool;
+use squall_executor::registry::validate_name;
+use squall_executor::{FunctionRecord, Registry};
+use squall_lattices::{LatticeValue, Lww, Max, Min, SetLattice, Timestamp};
+use squall_proto::call::{
+    result_key, CallResult, Failure, FailureCode, InvokeOptions, LimitsRequest, Target,
+};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+use crate::metrics::Metrics;
+use crate::{DagRecord, DagRegistry, DagSpec, SchedulerClient};
+
+/// How the gateway behaves.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Required as a bearer token on mutating requests, if set.
+    pub token: Option<String>,
+    /// Largest request body (a function's component is the largest).
+    pub max_body_bytes: usize,
+    /// How long a registration may take (the executor compiles the component).
+    pub register_timeout: Duration,
+    /// A call's deadline unless the request sets one (`?timeout_ms=`).
+    pub default_timeout: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            token: None,
+            max_body_bytes: 64 << 20,
+            register_timeout: Duration::from_secs(300),
+            default_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the handlers share.
+pub struct Gateway {
+    client: SchedulerClient,
+    functions: Registry,
+    dags: DagRegistry,
+    kvs: ClientPool,
+    metrics: Metrics,
+    config: GatewayConfig,
+    writer: u64,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// A gateway over the store behind `kvs`, sending calls through `client`.
+    pub fn new(client: SchedulerClient, kvs: ClientPool, config: GatewayConfig) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            functions: Registry::direct(kvs.clone()),
+            dags: DagRegistry::new(kvs.clone(), None),
+            kvs,
+            metrics: Metrics::new(),
+            config,
+            writer: rand::random(),
+        })
+    }
+
+    /// The HTTP routes.
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/healthz", get(healthz))
+            .route("/metrics", get(metrics))
+            .route("/v1/openapi.json", get(openapi))
+            .route("/v1/executors", get(executors))
+            .route("/v1/functions", get(list_functions))
+            .route(
+                "/v1/functions/{name}",
+                put(register_function)
+                    .get(get_function)
+                    .delete(delete_function),
+            )
+            .route("/v1/functions/{name}/invoke", post(invoke_function))
+            .route("/v1/dags", get(list_dags))
+            .route(
+                "/v1/dags/{name}",
+                put(put_dag).get(get_dag).delete(delete_dag),
+            )
+            .route("/v1/dags/{name}/invoke", post(invoke_dag))
+            .route("/v1/results/{id}", get(get_result))
+            .route("/v1/kv/{*key}", get(get_kv).put(put_kv))
+            .fallback(|| async {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+            })
+            .method_not_allowed_fallback(|| async {
+                ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    "this endpoint does not take that method",
+                )
+            })
+            .layer(middleware::from_fn_with_state(self.clone(), authorize))
+            .layer(DefaultBodyLimit::max(self.config.max_body_bytes))
+            .with_state(self.clone())
+    }
+}
+
+/// An error as the API returns it.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+/// `{"error": {...}}`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// A stable code: `not_found`, `bad_request`, `unauthorized`, `too_large`,
+    /// `invalid_component`, `function_failed`, `trap`, `timeout`, `out_of_memory`,
+    /// `no_capacity`, `executor_lost`, `unavailable`, `internal`.
+    pub code: String,
+    /// For people.
+    pub message: String,
+    /// The DAG step (function) that failed, if one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ErrorBody {
+                error: ErrorDetail {
+                    code: code.to_string(),
+                    message: message.into(),
+                    step: None,
+                },
+            },
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+}
+
+/// The HTTP status of each kind of failure.
+pub fn status_of(code: FailureCode) -> StatusCode {
+    match code {
+        FailureCode::NotFound => StatusCode::NOT_FOUND,
+        FailureCode::BadRequest => StatusCode::BAD_REQUEST,
+        FailureCode::InvalidComponent => StatusCode::UNPROCESSABLE_ENTITY,
+        FailureCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        FailureCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        FailureCode::NoCapacity | FailureCode::ExecutorLost | FailureCode::Unavailable => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        FailureCode::FunctionFailed
+        | FailureCode::Trap
+        | FailureCode::OutOfMemory
+        | FailureCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<Failure> for ApiError {
+    fn from(failure: Failure) -> Self {
+        Self {
+            status: status_of(failure.code),
+            body: ErrorBody {
+                error: ErrorDetail {
+                    code: failure.code.as_str().to_string(),
+                    message: failure.message,
+                    step: failure.step,
+                },
+            },
+        }
+    }
+}
+
+impl From<crate::Error> for ApiError {
+    fn from(error: crate::Error) -> Self {
+        error.failure().into()
+    }
+}
+
+impl From<squall_executor::Error> for ApiError {
+    fn from(error: squall_executor::Error) -> Self {
+        Failure::new(
+            squall_executor::node::failure_code(&error),
+            error.to_string(),
+        )
+        .into()
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        let status = rejection.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "too_large"
+        } else {
+            "bad_request"
+        };
+        Self::new(status, code, rejection.body_text())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Refuses mutating requests without the token, when one is set.
+async fn authorize(State(gateway): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
+    let mutating = !matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
+    if let (true, Some(token)) = (mutating, &gateway.config.token) {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|given| same(given.as_bytes(), token.as_bytes())) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this endpoint needs `Authorization: Bearer <token>` with the gateway's token",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Compares in time independent of where the inputs differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `GET /healthz` answer.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+    /// Executors the scheduler knows.
+    pub executors: usize,
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, body = Health), (status = 503, body = ErrorBody)))]
+async fn healthz(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<Health>> {
+    let executors = gateway.client.status(Duration::from_secs(2)).await?;
+    Ok(Json(Health {
+        status: "ok".into(),
+        executors: executors.len(),
+    }))
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
+    let executors = gateway
+        .client
+        .status(Duration::from_secs(2))
+        .await
+        .unwrap_or_default();
+    let text = gateway.metrics.render(&executors);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "operations",
+    responses((status = 200, description = "This API's OpenAPI document")))]
+async fn openapi() -> Response {
+    Json(ApiDoc::openapi()).into_response()
+}
+
+/// An executor, as `GET /v1/executors` lists it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ExecutorInfo {
+    /// Its id.
+    pub id: String,
+    /// Its mailbox.
+    pub addr: String,
+    /// Steps running now.
+    pub running: u32,
+    /// Steps it takes before it counts as busy.
+    pub capacity: u32,
+    /// Functions it serves (empty: all).
+    pub serves: Vec<String>,
+    /// Functions warm there.
+    pub warm: Vec<String>,
+    /// Steps run.
+    pub steps: u64,
+    /// Steps failed.
+    pub failures: u64,
+}
+
+#[utoipa::path(get, path = "/v1/executors", tag = "operations",
+    responses((status = 200, body = Vec<ExecutorInfo>), (status = 503, body = ErrorBody)))]
+async fn executors(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<Vec<ExecutorInfo>>> {
+    let mut executors: Vec<ExecutorInfo> = gateway
+        .client
+        .status(Duration::from_secs(2))
+        .await?
+        .into_iter()
+        .map(|s| ExecutorInfo {
+            id: s.id,
+            addr: s.addr,
+            running: s.running,
+            capacity: s.capacity,
+            serves: s.serves,
+            warm: s.warm,
+            steps: s.steps,
+            failures: s.failures,
+        })
+        .collect();
+    executors.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(Json(executors))
+}
+
+/// A function version.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct FunctionInfo {
+    /// Its name.
+    pub name: String,
+    /// Its version.
+    pub version: u64,
+    /// SHA-256 of its component, hex.
+    pub sha256: String,
+    /// Its component's size in bytes.
+    pub size: u64,
+    /// When it was registered (ms since the Unix epoch; 0 if not known).
+    pub registered_ms: u64,
+}
+
+impl From<FunctionRecord> for FunctionInfo {
+    fn from(r: FunctionRecord) -> Self {
+        Self {
+            name: r.name,
+            version: r.version,
+            sha256: r.sha256,
+            size: r.size,
+            registered_ms: r.registered_ms,
+        }
+    }
+}
+
+/// A function and its versions.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct FunctionDetail {
+    /// Its name.
+    pub name: String,
+    /// Its versions since it was last deleted, oldest first.
+    pub versions: Vec<FunctionInfo>,
+}
+
+/// Limits of a function's calls, set at registration.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RegisterParams {
+    /// Deadline of one call, in milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Linear memory limit, in MiB.
+    pub memory_mb: Option<u64>,
+    /// Whether an instance may serve more than one call (default true).
+    pub reuse: Option<bool>,
+}
+
+fn checked_name(name: &str) -> ApiResult<()> {
+    validate_name(name).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+#[utoipa::path(put, path = "/v1/functions/{name}", tag = "functions",
+    params(("name" = String, Path, description = "Function name"), RegisterParams),
+    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The component"),
+    responses((status = 201, body = FunctionInfo), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn register_function(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    Query(params): Query<RegisterParams>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<FunctionInfo>)> {
+    checked_name(&name)?;
+    let code = body?;
+    if code.is_empty() {
+        return Err(ApiError::bad_request(
+            "the body must be the function's component",
+        ));
+    }
+    let limits = LimitsRequest {
+        timeout_ms: params.timeout_ms,
+        memory_bytes: params.memory_mb.map(|mb| mb.saturating_mul(1 << 20)),
+        reuse_instances: params.reuse,
+    };
+    let version = gateway
+        .client
+        .register(&name, code, limits, gateway.config.register_timeout)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(FunctionInfo {
+            name: version.name,
+            version: version.version,
+            sha256: version.sha256,
+            size: version.size,
+            registered_ms: squall_lattices::Timestamp::now(0).time / 1000,
+        }),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/functions", tag = "functions",
+    responses((status = 200, body = Vec<FunctionInfo>)))]
+async fn list_functions(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<Vec<FunctionInfo>>> {
+    let list = gateway.functions.list().await?;
+    Ok(Json(list.into_iter().map(FunctionInfo::from).collect()))
+}
+
+#[utoipa::path(get, path = "/v1/functions/{name}", tag = "functions",
+    params(("name" = String, Path, description = "Function name")),
+    responses((status = 200, body = FunctionDetail), (status = 404, body = ErrorBody)))]
+async fn get_function(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<FunctionDetail>> {
+    checked_name(&name)?;
+    let versions = gateway.functions.versions(&name).await?;
+    if versions.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "function {name:?} is not registered"
+        )));
+    }
+    Ok(Json(FunctionDetail {
+        name,
+        versions: versions.into_iter().map(FunctionInfo::from).collect(),
+    }))
+}
+
+#[utoipa::path(delete, path = "/v1/functions/{name}", tag = "functions",
+    params(("name" = String, Path, description = "Function name")),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn delete_function(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    checked_name(&name)?;
+    if gateway.functions.delete(&name).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!(
+            "function {name:?} is not registered"
+        )))
+    }
+}
+
+/// How to invoke.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct InvokeParams {
+    /// Answer 202 with a result id at once; fetch the output from `/v1/results/{id}`.
+    #[serde(rename = "async")]
+    pub asynchronous: Option<bool>,
+    /// The call's deadline in milliseconds.
+    pub timeout_ms: Option<u64>,
+}
+
+/// The answer to an asynchronous invocation.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Accepted {
+    /// The result's id.
+    pub id: String,
+    /// Where the result will be.
+    pub result: String,
+}
+
+/// The header naming the consistency mode of a call (`lww`, the default).
+pub const CONSISTENCY_HEADER: &str = "squall-consistency";
+/// The header listing store keys a call will read (comma-separated), for placement.
+pub const KEYS_HEADER: &str = "squall-keys";
+/// The response header telling where each step ran: `function@executor,...`.
+pub const PLACEMENT_HEADER: &str = "squall-placement";
+
+#[utoipa::path(post, path = "/v1/functions/{name}/invoke", tag = "calls",
+    params(("name" = String, Path, description = "Function name"), InvokeParams,
+        ("squall-consistency" = Option<String>, Header, description = "Consistency mode: lww (default)"),
+        ("squall-keys" = Option<String>, Header, description = "Store keys the call reads, comma-separated")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, description = "The function's output", content_type = "application/octet-stream"),
+        (status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 500, body = ErrorBody),
+        (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
+async fn invoke_function(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    Query(params): Query<InvokeParams>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    checked_name(&name)?;
+    invoke(&gateway, Target::Function(name), params, &headers, body?).await
+}
+
+#[utoipa::path(post, path = "/v1/dags/{name}/invoke", tag = "calls",
+    params(("name" = String, Path, description = "DAG name"), InvokeParams,
+        ("squall-consistency" = Option<String>, Header, description = "Consistency mode: lww (default)"),
+        ("squall-keys" = Option<String>, Header, description = "Store keys the call reads, comma-separated")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, description = "The sink's output", content_type = "application/octet-stream"),
+        (status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 500, body = ErrorBody),
+        (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
+async fn invoke_dag(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    Query(params): Query<InvokeParams>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    checked_name(&name)?;
+    invoke(&gateway, Target::Dag(name), params, &headers, body?).await
+}
+
+async fn invoke(
+    gateway: &Gateway,
+    target: Target,
+    params: InvokeParams,
+    headers: &HeaderMap,
+    input: Bytes,
+) -> ApiResult<Response> {
+    let text = |name: &str| -> ApiResult<Option<String>> {
+        headers
+            .get(name)
+            .map(|v| {
+                v.to_str()
+                    .map(|s| s.trim().to_string())
+                    .map_err(|_| ApiError::bad_request(format!("header {name} is not text")))
+            })
+            .transpose()
+    };
+    let consistency = text(CONSISTENCY_HEADER)?.unwrap_or_else(|| "lww".into());
+    if consistency != "lww" {
+        return Err(ApiError::bad_request(format!(
+            "unknown consistency mode {consistency:?} (supported: lww)"
+        )));
+    }
+    let keys = text(KEYS_HEADER)?
+        .map(|k| {
+            k.split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let timeout = params
+        .timeout_ms
+        .map_or(gateway.config.default_timeout, Duration::from_millis);
+    let mut options = InvokeOptions {
+        consistency,
+        timeout_ms: Some(timeout.as_millis().try_into().unwrap_or(u64::MAX)),
+        keys,
+        result_key: None,
+    };
+    let kind = match &target {
+        Target::Function(_) => "function",
+        Target::Dag(_) => "dag",
+    };
+    let name = target.name().to_string();
+    if params.asynchronous.unwrap_or(false) {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let key = result_key(&id);
+        squall_executor::node::store_result(&gateway.kvs, &key, CallResult::Running)
+            .await
+            .map_err(|e| Failure::new(FailureCode::Unavailable, e))?;
+        options.result_key = Some(key);
+        gateway.client.invoke_detached(target, input, options)?;
+        gateway.metrics.accepted(kind, &name);
+        let result = format!("/v1/results/{id}");
+        return Ok((StatusCode::ACCEPTED, Json(Accepted { id, result })).into_response());
+    }
+    let started = Instant::now();
+    // The scheduler answers by the deadline; the margin covers its report.
+    let wait = timeout + Duration::from_secs(2);
+    let outcome = gateway.client.invoke(target, input, options, wait).await;
+    gateway.metrics.observe(
+        kind,
+        &name,
+        started.elapsed(),
+        outcome.as_ref().err().map(|f| f.code),
+    );
+    let invocation = outcome?;
+    let placement: Vec<String> = invocation
+        .placement
+        .iter()
+        .map(|(function, executor)| format!("{function}@{executor}"))
+        .collect();
+    let mut response = invocation.output.unwrap_or_default().into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(value) = HeaderValue::from_str(&placement.join(",")) {
+        headers.insert(PLACEMENT_HEADER, value);
+    }
+    Ok(response)
+}
+
+/// A DAG, as registered.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DagInfo {
+    /// Its name.
+    pub name: String,
+    /// Its version.
+    pub version: u64,
+    /// Its functions.
+    pub functions: Vec<String>,
+    /// Its edges, `[from, to]`.
+    #[schema(value_type = Vec<Vec<String>>)]
+    pub edges: Vec<(String, String)>,
+    /// When it was registered (ms since the Unix epoch).
+    pub registered_ms: u64,
+}
+
+impl From<DagRecord> for DagInfo {
+    fn from(r: DagRecord) -> Self {
+        Self {
+            name: r.name,
+            version: r.version,
+            functions: r.spec.functions,
+            edges: r.spec.edges,
+            registered_ms: r.registered_ms,
+        }
+    }
+}
+
+#[utoipa::path(put, path = "/v1/dags/{name}", tag = "dags",
+    params(("name" = String, Path, description = "DAG name")),
+    request_body(content = DagSpec, content_type = "application/json"),
+    responses((status = 201, body = DagInfo), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+async fn put_dag(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<DagInfo>)> {
+    checked_name(&name)?;
+    let spec: DagSpec = serde_json::from_slice(&body?).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body must be a DAG, {{\"functions\":[...],\"edges\":[[from,to],...]}}: {e}"
+        ))
+    })?;
+    let record = gateway.dags.store(&name, spec).await?;
+    Ok((StatusCode::CREATED, Json(record.into())))
+}
+
+#[utoipa::path(get, path = "/v1/dags", tag = "dags", responses((status = 200, body = Vec<DagInfo>)))]
+async fn list_dags(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<Vec<DagInfo>>> {
+    let list = gateway.dags.list().await?;
+    Ok(Json(list.into_iter().map(DagInfo::from).collect()))
+}
+
+#[utoipa::path(get, path = "/v1/dags/{name}", tag = "dags",
+    params(("name" = String, Path, description = "DAG name")),
+    responses((status = 200, body = DagInfo), (status = 404, body = ErrorBody)))]
+async fn get_dag(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<DagInfo>> {
+    checked_name(&name)?;
+    match gateway.dags.get(&name).await? {
+        Some(record) => Ok(Json(record.into())),
+        None => Err(ApiError::not_found(format!(
+            "DAG {name:?} is not registered"
+        ))),
+    }
+}
+
+#[utoipa::path(delete, path = "/v1/dags/{name}", tag = "dags",
+    params(("name" = String, Path, description = "DAG name")),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn delete_dag(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    checked_name(&name)?;
+    if gateway.dags.delete(&name).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!(
+            "DAG {name:?} is not registered"
+        )))
+    }
+}
+
+/// A result that is not ready.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Running {
+    /// `running`.
+    pub status: String,
+}
+
+#[utoipa::path(get, path = "/v1/results/{id}", tag = "calls",
+    params(("id" = String, Path, description = "The id an asynchronous invocation returned")),
+    responses((status = 200, description = "The output", content_type = "application/octet-stream"),
+        (status = 202, body = Running), (status = 404, body = ErrorBody), (status = 500, body = ErrorBody)))]
+async fn get_result(
+    State(gateway): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(ApiError::not_found(format!("no result {id:?}")));
+    }
+    let key = result_key(&id);
+    let value = gateway.kvs.with(move |c| c.get(&key)).await?;
+    let Some(LatticeValue::Lww(register)) = value else {
+        return Err(ApiError::not_found(format!("no result {id:?}")));
+    };
+    let result = CallResult::decode(&register.value)
+        .map_err(|e| Failure::new(FailureCode::Internal, format!("result record: {e}")))?;
+    match result {
+        CallResult::Running => Ok((
+            StatusCode::ACCEPTED,
+            Json(Running {
+                status: "running".into(),
+            }),
+        )
+            .into_response()),
+        CallResult::Succeeded(output) => {
+            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], output).into_response())
+        }
+        CallResult::Failed(failure) => Err(failure.into()),
+    }
+}
+
+/// The lattice type of a key written over HTTP.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct KvParams {
+    /// `lww` (default: the body is the value), `set` (adds the body as an element), `max` or
+    /// `min` (the body is an integer).
+    #[serde(rename = "type")]
+    pub lattice: Option<String>,
+}
+
+const RESERVED_PREFIX: &str = "squall/";
+
+fn checked_key(key: &str) -> ApiResult<()> {
+    if key.is_empty() || key.len() > 1024 {
+        return Err(ApiError::bad_request("a key has 1 to 1024 bytes"));
+    }
+    Ok(())
+}
+
+#[utoipa::path(get, path = "/v1/kv/{key}", tag = "kv",
+    params(("key" = String, Path, description = "The key (may contain '/')")),
+    responses((status = 200, description = "lww: the bytes; set: a JSON array of strings; max/min: the number"),
+        (status = 404, body = ErrorBody)))]
+async fn get_kv(
+    State(gateway): State<Arc<Gateway>>,
+    Path(key): Path<String>,
+) -> ApiResult<Response> {
+    checked_key(&key)?;
+    let owned = key.clone();
+    let value = gateway.kvs.with(move |c| c.get(&owned)).await?;
+    let Some(value) = value else {
+        return Err(ApiError::not_found(format!("key {key:?} does not exist")));
+    };
+    let kind = value.lattice_type().name();
+    let mut response = match value {
+        LatticeValue::Lww(register) => register.value.into_response(),
+        LatticeValue::Set(set) => Json(
+            set.0
+                .iter()
+                .map(|e| String::from_utf8_lossy(e).into_owned())
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        LatticeValue::Max(Max(n)) | LatticeValue::Min(Min(n)) => n.to_string().into_response(),
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "key {key:?} holds a {kind} value; read it with `squall kv get`"
+            )))
+        }
+    };
+    if let Ok(kind) = HeaderValue::from_str(kind) {
+        response.headers_mut().insert("squall-lattice", kind);
+    }
+    Ok(response)
+}
+
+#[utoipa::path(put, path = "/v1/kv/{key}", tag = "kv",
+    params(("key" = String, Path, description = "The key (may contain '/')"), KvParams),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+async fn put_kv(
+    State(gateway): State<Arc<Gateway>>,
+    Path(key): Path<String>,
+    Query(params): Query<KvParams>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<StatusCode> {
+    checked_key(&key)?;
+    if key.starts_with(RESERVED_PREFIX) {
+        return Err(ApiError::bad_request(format!(
+            "keys under {RESERVED_PREFIX} belong to Squall"
+        )));
+    }
+    let body = body?;
+    let integer = || -> ApiResult<i64> {
+        std::str::from_utf8(&body)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .ok_or_else(|| ApiError::bad_request("the body must be an integer"))
+    };
+    let value = match params.lattice.as_deref().unwrap_or("lww") {
+        "lww" => LatticeValue::Lww(Lww::new(Timestamp::now(gateway.writer), body.clone())),
+        "set" => LatticeValue::Set(SetLattice::from_iter([body.clone()])),
+        "max" => LatticeValue::Max(Max(integer()?)),
+        "min" => LatticeValue::Min(Min(integer()?)),
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "type {other:?} is not written over HTTP (lww, set, max, min); use `squall kv put`"
+            )))
+        }
+    };
+    gateway.kvs.with(move |c| c.put(&key, value)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The OpenAPI document, generated from the handlers above.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Squall", description = "Stateful functions and DAGs of functions over a lattice key-value store"),
+    paths(healthz, metrics, openapi, executors, register_function, list_functions, get_function,
+        delete_function, invoke_function, invoke_dag, put_dag, list_dags, get_dag, delete_dag,
+        get_result, get_kv, put_kv),
+    components(schemas(ErrorBody, ErrorDetail, Health, ExecutorInfo, FunctionInfo, FunctionDetail,
+        Accepted, DagInfo, DagSpec, Running)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "token",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}

@@ -1,0 +1,383 @@
+//! The HTTP API end to end: `squall up` in one process, and the roles as separate processes
+//! (store, scheduler, gateway, two executors), driven over real loopback HTTP with the example
+//! guests.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use squall_executor::testing::guest;
+
+use crate::support::NodeProcess;
+
+const TOKEN: &str = "s3cret";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// An HTTP answer: status, the placement header, body.
+struct Answer {
+    status: u16,
+    placement: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    fn error_code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error code in {}", self.text()))
+            .to_string()
+    }
+}
+
+fn http(method: &str, url: &str, token: Option<&str>, body: &[u8]) -> Answer {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(120))
+        .build();
+    let mut request = agent.request(method, url);
+    if let Some(token) = token {
+        request = request.set("Authorization", &format!("Bearer {token}"));
+    }
+    let response = match request.send_bytes(body) {
+        Ok(response) => response,
+        Err(ureq::Error::Status(_, response)) => response,
+        Err(e) => panic!("{method} {url}: {e}"),
+    };
+    let status = response.status();
+    let placement = response
+        .header("squall-placement")
+        .unwrap_or_default()
+        .to_string();
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(&mut response.into_reader(), &mut body).expect("read body");
+    Answer {
+        status,
+        placement,
+        body,
+    }
+}
+
+fn register(base: &str, name: &str, query: &str) {
+    let answer = http(
+        "PUT",
+        &format!("{base}/v1/functions/{name}{query}"),
+        Some(TOKEN),
+        &guest(name),
+    );
+    assert_eq!(answer.status, 201, "register {name}: {}", answer.text());
+    assert_eq!(answer.json()["name"], name);
+}
+
+fn put_dag(base: &str, name: &str, spec: &str) -> Answer {
+    http(
+        "PUT",
+        &format!("{base}/v1/dags/{name}"),
+        Some(TOKEN),
+        spec.as_bytes(),
+    )
+}
+
+fn invoke(base: &str, path: &str, input: &str) -> Answer {
+    http(
+        "POST",
+        &format!("{base}{path}"),
+        Some(TOKEN),
+        input.as_bytes(),
+    )
+}
+
+#[test]
+fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = NodeProcess::spawn(
+        dir.path(),
+        &[
+            "up",
+            "--in-memory",
+            "--http-port",
+            "0",
+            "--kvs-port",
+            "0",
+            "--scheduler-port",
+            "0",
+            "--token",
+            TOKEN,
+        ],
+    );
+    let base = up.field("http");
+    for name in ["incr", "square", "join", "misbehave"] {
+        register(&base, name, "");
+    }
+    // The token guards every mutating request.
+    let refused = http(
+        "PUT",
+        &format!("{base}/v1/functions/incr"),
+        None,
+        &guest("incr"),
+    );
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.error_code(), "unauthorized");
+    let wrong = http(
+        "POST",
+        &format!("{base}/v1/functions/incr/invoke"),
+        Some("nope"),
+        b"1",
+    );
+    assert_eq!(wrong.status, 401);
+
+    let created = put_dag(
+        &base,
+        "sq_incr",
+        r#"{"functions":["incr","square"],"edges":[["incr","square"]]}"#,
+    );
+    assert_eq!(created.status, 201, "{}", created.text());
+    let answer = invoke(&base, "/v1/dags/sq_incr/invoke", "3");
+    assert_eq!((answer.status, answer.text().as_str()), (200, "16"));
+    assert_eq!(answer.placement, "incr@executor-0,square@executor-0");
+    assert_eq!(
+        invoke(&base, "/v1/functions/incr/invoke", "41").text(),
+        "42"
+    );
+
+    // Fan-out and fan-in, inputs in edge order.
+    let fan = r#"{"functions":["misbehave","incr","square","join"],
+        "edges":[["misbehave","incr"],["misbehave","square"],["square","join"],["incr","join"]]}"#;
+    assert_eq!(put_dag(&base, "fan", fan).status, 201);
+    assert_eq!(invoke(&base, "/v1/dags/fan/invoke", "echo:3").text(), "9,4");
+
+    // Asynchronous: 202 with an id, then the result.
+    let accepted = invoke(&base, "/v1/dags/sq_incr/invoke?async=true", "4");
+    assert_eq!(accepted.status, 202, "{}", accepted.text());
+    let id = accepted.json()["id"].as_str().expect("an id").to_string();
+    let until = Instant::now() + WAIT;
+    loop {
+        let result = http("GET", &format!("{base}/v1/results/{id}"), None, b"");
+        if result.status == 200 {
+            assert_eq!(result.text(), "25");
+            break;
+        }
+        assert_eq!(result.status, 202, "{}", result.text());
+        assert!(
+            Instant::now() < until,
+            "the asynchronous call never finished"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        http("GET", &format!("{base}/v1/results/0123abcd"), None, b"").status,
+        404
+    );
+
+    // Failures, with fitting codes.
+    let missing = invoke(&base, "/v1/functions/nope/invoke", "1");
+    assert_eq!(
+        (missing.status, missing.error_code().as_str()),
+        (404, "not_found")
+    );
+    let trap = invoke(&base, "/v1/dags/fan/invoke", "trap");
+    assert_eq!((trap.status, trap.error_code().as_str()), (500, "trap"));
+    assert_eq!(trap.json()["error"]["step"], "misbehave");
+    for bad in [
+        r#"{"functions":["incr","square"],"edges":[["incr","square"],["square","incr"]]}"#,
+        r#"{"functions":["incr","nope"],"edges":[["incr","nope"]]}"#,
+        r#"{"functions":["incr"],"edges":[["incr","square"]]}"#,
+        r#"{"functions":"incr"}"#,
+        "not json",
+    ] {
+        let answer = put_dag(&base, "bad", bad);
+        assert_eq!(
+            (answer.status, answer.error_code().as_str()),
+            (400, "bad_request"),
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        http("GET", &format!("{base}/v1/dags/bad"), None, b"").status,
+        404
+    );
+    let huge = vec![b'x'; 65 << 20];
+    let too_large = http(
+        "POST",
+        &format!("{base}/v1/functions/incr/invoke"),
+        Some(TOKEN),
+        &huge,
+    );
+    assert_eq!(
+        (too_large.status, too_large.error_code().as_str()),
+        (413, "too_large")
+    );
+    let not_wasm = http(
+        "PUT",
+        &format!("{base}/v1/functions/junk"),
+        Some(TOKEN),
+        b"junk",
+    );
+    assert_eq!(
+        (not_wasm.status, not_wasm.error_code().as_str()),
+        (422, "invalid_component")
+    );
+
+    // Listing and deleting.
+    let listed = http("GET", &format!("{base}/v1/functions"), None, b"").json();
+    assert_eq!(listed.as_array().map(Vec::len), Some(4), "{listed}");
+    assert_eq!(
+        http(
+            "DELETE",
+            &format!("{base}/v1/functions/join"),
+            Some(TOKEN),
+            b""
+        )
+        .status,
+        204
+    );
+    assert_eq!(
+        http("GET", &format!("{base}/v1/functions/join"), None, b"").status,
+        404
+    );
+    assert_eq!(invoke(&base, "/v1/functions/join/invoke", "").status, 404);
+    assert_eq!(
+        http("DELETE", &format!("{base}/v1/dags/fan"), Some(TOKEN), b"").status,
+        204
+    );
+    assert_eq!(invoke(&base, "/v1/dags/fan/invoke", "1").status, 404);
+
+    // Keys, health, metrics, the API's own description.
+    assert_eq!(
+        http("PUT", &format!("{base}/v1/kv/users/1"), Some(TOKEN), b"ada").status,
+        204
+    );
+    assert_eq!(
+        http("GET", &format!("{base}/v1/kv/users/1"), None, b"").text(),
+        "ada"
+    );
+    assert_eq!(
+        http("PUT", &format!("{base}/v1/kv/squall/x"), Some(TOKEN), b"1").status,
+        400
+    );
+    assert_eq!(
+        http("GET", &format!("{base}/healthz"), None, b"").json()["executors"],
+        1
+    );
+    let metrics = http("GET", &format!("{base}/metrics"), None, b"").text();
+    assert!(
+        metrics.contains(r#"squall_calls_total{kind="dag",name="sq_incr",outcome="ok"} 1"#),
+        "{metrics}"
+    );
+    let openapi = http("GET", &format!("{base}/v1/openapi.json"), None, b"").json();
+    assert!(openapi["paths"]["/v1/dags/{name}/invoke"]["post"].is_object());
+}
+
+#[test]
+fn dags_cross_executor_processes_and_a_killed_executor_fails_its_call_early() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kvs = NodeProcess::start(dir.path(), &[]);
+    let scheduler = NodeProcess::spawn(
+        dir.path(),
+        &["scheduler", "--port", "0", "--kvs", &kvs.addr],
+    );
+    let sched = scheduler.field("addr");
+    let gateway = NodeProcess::spawn(
+        dir.path(),
+        &[
+            "gateway",
+            "--http-port",
+            "0",
+            "--kvs",
+            &kvs.addr,
+            "--scheduler",
+            &sched,
+            "--token",
+            TOKEN,
+        ],
+    );
+    let base = gateway.field("http");
+    let mut executors: Vec<NodeProcess> = [("e1", "incr,misbehave"), ("e2", "square,misbehave")]
+        .iter()
+        .map(|(id, serves)| {
+            NodeProcess::spawn(
+                dir.path(),
+                &[
+                    "executor",
+                    "--kvs",
+                    &kvs.addr,
+                    "--scheduler",
+                    &sched,
+                    "--id",
+                    id,
+                    "--serves",
+                    serves,
+                ],
+            )
+        })
+        .collect();
+    let until = Instant::now() + WAIT;
+    while http("GET", &format!("{base}/v1/executors"), None, b"")
+        .json()
+        .as_array()
+        .map(Vec::len)
+        != Some(2)
+    {
+        assert!(Instant::now() < until, "executors did not join");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    register(&base, "incr", "");
+    register(&base, "square", "");
+    register(&base, "misbehave", "?timeout_ms=60000");
+    let created = put_dag(
+        &base,
+        "sq_incr",
+        r#"{"functions":["incr","square"],"edges":[["incr","square"]]}"#,
+    );
+    assert_eq!(created.status, 201, "{}", created.text());
+    let answer = invoke(&base, "/v1/dags/sq_incr/invoke", "3");
+    assert_eq!((answer.status, answer.text().as_str()), (200, "16"));
+    assert_eq!(answer.placement, "incr@e1,square@e2");
+
+    // A call that would run for a minute; kill the executor running it.
+    let looping = {
+        let base = base.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let answer = invoke(
+                &base,
+                "/v1/functions/misbehave/invoke?timeout_ms=60000",
+                "loop",
+            );
+            (answer, started.elapsed())
+        })
+    };
+    let until = Instant::now() + WAIT;
+    let busy = loop {
+        let listed = http("GET", &format!("{base}/v1/executors"), None, b"").json();
+        let busy = listed.as_array().into_iter().flatten().find_map(|e| {
+            (e["running"].as_u64() > Some(0))
+                .then(|| e["id"].as_str().unwrap_or_default().to_string())
+        });
+        if let Some(busy) = busy {
+            break busy;
+        }
+        assert!(Instant::now() < until, "the looping call never started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let victim = if busy == "e1" { 0 } else { 1 };
+    executors[victim].kill_hard();
+    let (answer, took) = looping.join().expect("the caller");
+    assert_eq!(
+        (answer.status, answer.error_code().as_str()),
+        (503, "executor_lost"),
+        "{}",
+        answer.text()
+    );
+    assert!(took < Duration::from_secs(30), "failed only after {took:?}");
+    let survivor = if victim == 0 { "e2" } else { "e1" };
+    let next = invoke(&base, "/v1/functions/misbehave/invoke", "ok");
+    assert_eq!((next.status, next.text().as_str()), (200, "ok"));
+    assert_eq!(next.placement, format!("misbehave@{survivor}"));
+}
