@@ -3,7 +3,7 @@
 //! fabric (ZeroMQ). Each prints one `READY key=value ...` line on standard output once it
 //! serves, and runs until SIGINT or SIGTERM.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,11 +27,62 @@ pub const DEFAULT_HTTP_PORT: u16 = 8080;
 /// How long a store request may take before it is retried or fails.
 const KVS_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The host sockets bind to.
 #[derive(Debug, Args)]
-pub struct UpArgs {
+struct Host {
     /// Host every socket binds to.
     #[arg(long, env = "SQUALL_HOST", default_value = "127.0.0.1")]
     host: String,
+}
+
+/// The storage node a role reads and writes.
+#[derive(Debug, Args)]
+struct Store {
+    /// The storage node.
+    #[arg(long, env = "SQUALL_KVS_ADDR", default_value_t = format!("tcp://127.0.0.1:{DEFAULT_KVS_PORT}"))]
+    kvs: String,
+}
+
+impl Store {
+    fn connect(&self) -> anyhow::Result<ClientPool> {
+        ClientPool::connect(&self.kvs, KVS_TIMEOUT)
+            .with_context(|| format!("connecting to the store at {}", self.kvs))
+    }
+}
+
+/// The schedulers a role talks to.
+#[derive(Debug, Args)]
+struct Schedulers {
+    /// Schedulers to join or send calls to, in turn (repeat or separate with commas).
+    #[arg(
+        long = "scheduler",
+        env = "SQUALL_SCHEDULERS",
+        value_delimiter = ',',
+        default_value = "tcp://127.0.0.1:7300"
+    )]
+    schedulers: Vec<String>,
+}
+
+/// The gateway's bearer token.
+#[derive(Debug, Args)]
+struct Token {
+    /// Bearer token required on every mutating HTTP request.
+    #[arg(long, env = "SQUALL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+/// Steps an executor runs at once.
+#[derive(Debug, Args)]
+struct Capacity {
+    /// Steps each executor runs at once before schedulers count it as busy.
+    #[arg(long, env = "SQUALL_EXECUTOR_CAPACITY", default_value_t = 64)]
+    capacity: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    host: Host,
     /// The HTTP gateway's port (0: the OS picks).
     #[arg(long, env = "SQUALL_HTTP_PORT", default_value_t = DEFAULT_HTTP_PORT)]
     http_port: u16,
@@ -57,39 +108,28 @@ pub struct UpArgs {
     /// When the store's log is synced: always, never, or an interval such as 1000ms.
     #[arg(long, env = "SQUALL_KVS_FSYNC", default_value = "always", value_parser = crate::parse_fsync)]
     fsync: FsyncPolicy,
-    /// Bearer token required on every mutating HTTP request.
-    #[arg(long, env = "SQUALL_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// Steps each executor runs at once before the scheduler counts it as busy.
-    #[arg(long, env = "SQUALL_EXECUTOR_CAPACITY", default_value_t = 64)]
-    capacity: u32,
+    #[command(flatten)]
+    token: Token,
+    #[command(flatten)]
+    capacity: Capacity,
 }
 
 #[derive(Debug, Args)]
 pub struct ExecutorArgs {
-    /// Host its mailbox binds to.
-    #[arg(long, env = "SQUALL_HOST", default_value = "127.0.0.1")]
-    host: String,
+    #[command(flatten)]
+    host: Host,
     /// Its mailbox's port (0: the OS picks).
     #[arg(long, env = "SQUALL_EXECUTOR_PORT", default_value_t = 0)]
     port: u16,
-    /// The storage node.
-    #[arg(long, env = "SQUALL_KVS_ADDR", default_value_t = format!("tcp://127.0.0.1:{DEFAULT_KVS_PORT}"))]
-    kvs: String,
-    /// Schedulers to join (repeat or separate with commas).
-    #[arg(
-        long = "scheduler",
-        env = "SQUALL_SCHEDULERS",
-        value_delimiter = ',',
-        default_value = "tcp://127.0.0.1:7300"
-    )]
-    schedulers: Vec<String>,
+    #[command(flatten)]
+    store: Store,
+    #[command(flatten)]
+    schedulers: Schedulers,
     /// Serve only these functions (repeat or separate with commas; default: all).
     #[arg(long = "serves", env = "SQUALL_EXECUTOR_SERVES", value_delimiter = ',')]
     serves: Vec<String>,
-    /// Steps it runs at once before schedulers count it as busy.
-    #[arg(long, env = "SQUALL_EXECUTOR_CAPACITY", default_value_t = 64)]
-    capacity: u32,
+    #[command(flatten)]
+    capacity: Capacity,
     /// Its id (default: random).
     #[arg(long, env = "SQUALL_EXECUTOR_ID")]
     id: Option<String>,
@@ -100,39 +140,28 @@ pub struct ExecutorArgs {
 
 #[derive(Debug, Args)]
 pub struct SchedulerArgs {
-    /// Host its mailbox binds to.
-    #[arg(long, env = "SQUALL_HOST", default_value = "127.0.0.1")]
-    host: String,
+    #[command(flatten)]
+    host: Host,
     /// Its mailbox's port (0: the OS picks).
     #[arg(long, env = "SQUALL_SCHEDULER_PORT", default_value_t = DEFAULT_SCHEDULER_PORT)]
     port: u16,
-    /// The storage node.
-    #[arg(long, env = "SQUALL_KVS_ADDR", default_value_t = format!("tcp://127.0.0.1:{DEFAULT_KVS_PORT}"))]
-    kvs: String,
+    #[command(flatten)]
+    store: Store,
 }
 
 #[derive(Debug, Args)]
 pub struct GatewayArgs {
-    /// Host to bind.
-    #[arg(long, env = "SQUALL_HOST", default_value = "127.0.0.1")]
-    host: String,
+    #[command(flatten)]
+    host: Host,
     /// HTTP port (0: the OS picks).
     #[arg(long, env = "SQUALL_HTTP_PORT", default_value_t = DEFAULT_HTTP_PORT)]
     http_port: u16,
-    /// The storage node.
-    #[arg(long, env = "SQUALL_KVS_ADDR", default_value_t = format!("tcp://127.0.0.1:{DEFAULT_KVS_PORT}"))]
-    kvs: String,
-    /// Schedulers to send calls to, in turn (repeat or separate with commas).
-    #[arg(
-        long = "scheduler",
-        env = "SQUALL_SCHEDULERS",
-        value_delimiter = ',',
-        default_value = "tcp://127.0.0.1:7300"
-    )]
-    schedulers: Vec<String>,
-    /// Bearer token required on every mutating request.
-    #[arg(long, env = "SQUALL_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    #[command(flatten)]
+    store: Store,
+    #[command(flatten)]
+    schedulers: Schedulers,
+    #[command(flatten)]
+    token: Token,
 }
 
 /// A tokio runtime and a signal that fires on SIGINT or SIGTERM.
@@ -179,11 +208,35 @@ fn start_executor(
     Ok(ExecutorNode::start(executor, mailbox, pool.clone(), node))
 }
 
+/// Waits until the scheduler `client` talks to knows `n` executors.
+async fn joined(client: &SchedulerClient, n: usize) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let known = client.status(Duration::from_secs(1)).await.map(|e| e.len());
+        if known.as_ref().is_ok_and(|k| *k >= n) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("the scheduler did not see this process's {n} executors join: {known:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
+}
+
 pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let defaults = squall_kvs::Config::default();
-    let data_dir = (!args.in_memory).then(|| args.data_dir.clone());
+    // Absolute, so the summary says exactly where the data is.
+    let data_dir = if args.in_memory {
+        None
+    } else {
+        Some(absolute(&args.data_dir)?)
+    };
     let kvs_config = squall_kvs::Config {
-        host: args.host.clone(),
+        host: args.host.host.clone(),
         port: args.kvs_port,
         shards: args.kvs_shards.unwrap_or(defaults.shards),
         data_dir: data_dir.as_ref().map(|d| d.join("kvs")),
@@ -198,7 +251,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         let cache = Cache::start(pool.clone(), CacheConfig::default())?;
         let scheduler = Scheduler::start(
             fabric
-                .bind(&args.host, args.scheduler_port)
+                .bind(&args.host.host, args.scheduler_port)
                 .context("binding the scheduler's mailbox")?,
             pool.clone(),
             DagRegistry::new(pool.clone(), Some(cache)),
@@ -213,14 +266,14 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             let node_config = NodeConfig {
                 id: format!("executor-{i}"),
                 schedulers: vec![scheduler.addr().to_string()],
-                capacity: args.capacity,
+                capacity: args.capacity.capacity,
                 ..NodeConfig::default()
             };
             executors.push(start_executor(
                 &fabric,
                 node.address(),
                 &pool,
-                &args.host,
+                &args.host.host,
                 0,
                 config,
                 node_config,
@@ -228,19 +281,22 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         }
         let client = SchedulerClient::start(
             fabric
-                .bind(&args.host, 0)
+                .bind(&args.host.host, 0)
                 .context("binding the gateway's mailbox")?,
             vec![scheduler.addr().to_string()],
         );
+        // Serve once the scheduler knows this process's executors: a registration or call
+        // right after READY must find them.
+        joined(&client, executors.len()).await?;
         let gateway = Gateway::new(
             client,
             pool,
             GatewayConfig {
-                token: args.token.clone(),
+                token: args.token.token.clone(),
                 ..GatewayConfig::default()
             },
         );
-        let (url, server) = serve_http(&args.host, args.http_port, gateway).await?;
+        let (url, server) = serve_http(&args.host.host, args.http_port, gateway).await?;
         eprintln!("squall up");
         eprintln!("  gateway     {url}");
         eprintln!(
@@ -258,7 +314,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         }
         eprintln!(
             "  token       {}",
-            if args.token.is_some() {
+            if args.token.token.is_some() {
                 "required on mutating requests"
             } else {
                 "none"
@@ -286,16 +342,15 @@ pub fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
     let (runtime, stop) = runtime()?;
     runtime.block_on(async {
         let fabric = Fabric::new();
-        let pool = ClientPool::connect(&args.kvs, KVS_TIMEOUT)
-            .with_context(|| format!("connecting to the store at {}", args.kvs))?;
+        let pool = args.store.connect()?;
         let config = squall_executor::Config {
             code_cache_dir: args.code_cache_dir.clone(),
             ..squall_executor::Config::default()
         };
         let node_config = NodeConfig {
-            schedulers: args.schedulers.clone(),
+            schedulers: args.schedulers.schedulers.clone(),
             serves: args.serves.clone(),
-            capacity: args.capacity,
+            capacity: args.capacity.capacity,
             ..NodeConfig::default()
         };
         let node_config = match &args.id {
@@ -307,9 +362,9 @@ pub fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
         };
         let node = start_executor(
             &fabric,
-            &args.kvs,
+            &args.store.kvs,
             &pool,
-            &args.host,
+            &args.host.host,
             args.port,
             config,
             node_config,
@@ -325,12 +380,11 @@ pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
     let (runtime, stop) = runtime()?;
     runtime.block_on(async {
         let fabric = Fabric::new();
-        let pool = ClientPool::connect(&args.kvs, KVS_TIMEOUT)
-            .with_context(|| format!("connecting to the store at {}", args.kvs))?;
+        let pool = args.store.connect()?;
         let cache = Cache::start(pool.clone(), CacheConfig::default())?;
         let scheduler = Scheduler::start(
             fabric
-                .bind(&args.host, args.port)
+                .bind(&args.host.host, args.port)
                 .context("binding the scheduler's mailbox")?,
             pool.clone(),
             DagRegistry::new(pool, Some(cache)),
@@ -347,23 +401,22 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let (runtime, stop) = runtime()?;
     runtime.block_on(async {
         let fabric = Fabric::new();
-        let pool = ClientPool::connect(&args.kvs, KVS_TIMEOUT)
-            .with_context(|| format!("connecting to the store at {}", args.kvs))?;
+        let pool = args.store.connect()?;
         let client = SchedulerClient::start(
             fabric
-                .bind(&args.host, 0)
+                .bind(&args.host.host, 0)
                 .context("binding the gateway's mailbox")?,
-            args.schedulers.clone(),
+            args.schedulers.schedulers.clone(),
         );
         let gateway = Gateway::new(
             client,
             pool,
             GatewayConfig {
-                token: args.token.clone(),
+                token: args.token.token.clone(),
                 ..GatewayConfig::default()
             },
         );
-        let (url, server) = serve_http(&args.host, args.http_port, gateway).await?;
+        let (url, server) = serve_http(&args.host.host, args.http_port, gateway).await?;
         println!("READY http={url}");
         tokio::select! {
             _ = stop.notified() => tracing::info!("shutting down"),

@@ -239,6 +239,15 @@ impl Cache {
         })
     }
 
+    /// Makes the next read of `key` go to the store (and keeps the subscription): for a key
+    /// just written elsewhere, whose push may still be on its way, when the reader must see
+    /// the write (the registry's records: a function deleted or replaced, a DAG changed).
+    pub fn refresh(&self, key: &str) {
+        if let Some(entry) = self.entries().lru.peek_mut(key) {
+            entry.filled = false;
+        }
+    }
+
     /// The generation of a held key: it changes whenever the cached value changes. `None` if
     /// the key is not held.
     pub fn generation(&self, key: &str) -> Option<u64> {

@@ -254,7 +254,7 @@ impl Executor {
             session: inner.cache.session(Consistency::Lww),
             fatal: None,
         };
-        let (store, handler, uses) = inner.instance(&loaded, call).await?;
+        let (store, handler, uses) = inner.instance(&loaded, call, false).await?;
         let mut warm = loaded.warm.lock().unwrap_or_else(|p| p.into_inner());
         if warm.len() < inner.config.warm_per_function {
             warm.push(Warm {
@@ -268,11 +268,16 @@ impl Executor {
     }
 
     /// The functions whose next call starts warm: an instance is ready, or (for functions
-    /// that never reuse instances) the code is compiled.
+    /// that never reuse instances) the code is compiled. A function whose record changed
+    /// since it was loaded (a new version, or deleted) is not counted until it is loaded again.
     pub fn warm_functions(&self) -> Vec<String> {
+        let cache = &self.inner.cache;
         self.inner
             .lock_loaded()
             .iter()
+            .filter(|(name, loaded)| {
+                cache.generation(&function_key(name)) == Some(loaded.generation)
+            })
             .filter(|(_, loaded)| {
                 !loaded.limits.reuse_instances
                     || !loaded
@@ -365,10 +370,14 @@ fn build_engine(config: &Config) -> Result<(Engine, Option<wasmtime::Cache>)> {
     wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     let mut code_cache = None;
     if let Some(dir) = &config.code_cache_dir {
-        std::fs::create_dir_all(dir)
+        // wasmtime's cache wants an absolute path; a relative one is taken from the working
+        // directory, as everywhere else.
+        let dir = std::path::absolute(dir)
+            .map_err(|e| Error::Setup(format!("code cache {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
             .map_err(|e| Error::Setup(format!("code cache {}: {e}", dir.display())))?;
         let mut cache = wasmtime::CacheConfig::new();
-        cache.with_directory(dir);
+        cache.with_directory(dir.clone());
         let cache = wasmtime::Cache::new(cache)
             .map_err(|e| Error::Setup(format!("code cache {}: {e}", dir.display())))?;
         code_cache = Some(cache.clone());
@@ -433,9 +442,15 @@ impl Inner {
         // The record and the generation it was read at come from one look at the cache, so a
         // push that lands later changes the generation and the next call resolves again.
         let (record, generation) = self.registry.newest_versioned(name).await?;
-        let record = record.ok_or_else(|| Error::NotFound {
-            name: name.to_string(),
-        })?;
+        let Some(record) = record else {
+            // Deleted (or never registered): forget what was loaded, warm instances included.
+            if current.is_some() {
+                self.lock_loaded().remove(name);
+            }
+            return Err(Error::NotFound {
+                name: name.to_string(),
+            });
+        };
         if let Some(loaded) = current {
             if loaded.record == record {
                 let refreshed = Arc::new(Loaded {
@@ -489,11 +504,14 @@ impl Inner {
         }
     }
 
-    /// A warm instance of `loaded`, or a fresh one.
+    /// A warm instance of `loaded`, or a fresh one. With `evict`, a full pool gives back the
+    /// warm instances' slots to make room (a call must run); without, a full pool is an error
+    /// (warming must not throw away other functions' warm instances).
     async fn instance(
         self: &Arc<Self>,
         loaded: &Loaded,
         call: CallContext,
+        evict: bool,
     ) -> Result<(Store<CallState>, Handler, u64)> {
         let limiter = Limiter {
             memory_bytes: usize::try_from(loaded.limits.memory_bytes).unwrap_or(usize::MAX),
@@ -529,7 +547,7 @@ impl Inner {
         store.set_epoch_deadline(1);
         let handler = match loaded.compiled.pre.instantiate_async(&mut store).await {
             Ok(handler) => handler,
-            Err(e) if e.is::<wasmtime::PoolConcurrencyLimitError>() => {
+            Err(e) if evict && e.is::<wasmtime::PoolConcurrencyLimitError>() => {
                 // Warm instances hold pool slots: give them back and try once more.
                 let freed = self.drop_warm();
                 tracing::debug!(freed, "instance pool full; dropped warm instances");
@@ -621,7 +639,7 @@ pub(crate) async fn run(
         fatal: None,
     };
     let tick = inner.config.epoch_tick.max(Duration::from_millis(1));
-    let (mut store, handler, uses) = inner.instance(&loaded, call).await?;
+    let (mut store, handler, uses) = inner.instance(&loaded, call, true).await?;
     // The epoch stops a guest that computes; this outer bound also covers host waits (and is
     // a little later, so a spinning guest is reported by its trap).
     let outcome = tokio::time::timeout(

@@ -9,7 +9,11 @@
 //! The sink reports to the scheduler: its output for a synchronous call, or, for an
 //! asynchronous one, after it has written the output to the call's result key. A failing step
 //! reports its failure, named by its function, so the call fails at once rather than at its
-//! deadline.
+//! deadline; the scheduler then cancels the call on its other executors, which drop the steps
+//! still waiting for inputs (and the call's late outputs).
+//!
+//! Plans come from the network: one naming steps it does not have is refused before any of it
+//! runs, and an output is taken only from a step the plan lists as an input.
 //!
 //! Several times a second the node tells every scheduler it knows how it is
 //! ([`ExecutorStatus`]): its load, the functions it serves and has warm, and the keys its
@@ -24,7 +28,7 @@ use hashbrown::HashMap;
 use squall_lattices::{LatticeValue, Lww, Timestamp};
 use squall_proto::call::{
     CallId, CallResult, ExecutorStatus, Failure, FailureCode, FunctionVersion, LimitsRequest,
-    Message, Outcome, Plan, StepIndex,
+    Message, Outcome, Plan, StepIndex, MAX_STEPS,
 };
 use squall_proto::fabric::{Fabric, Mailbox};
 use tokio::task::JoinHandle;
@@ -137,38 +141,55 @@ struct Pending {
     arrived: Vec<(StepIndex, Bytes)>,
 }
 
+/// Steps waiting for their plan or inputs, and calls that have ended (their late outputs are
+/// dropped rather than kept waiting).
+#[derive(Default)]
+struct Waiting {
+    steps: HashMap<(CallId, StepIndex), Pending>,
+    ended: HashMap<CallId, Instant>,
+}
+
 async fn serve(shared: Arc<Shared>, mut mailbox: Mailbox) {
-    let mut pending: HashMap<(CallId, StepIndex), Pending> = HashMap::new();
+    let mut waiting = Waiting::default();
     let mut beat = tokio::time::interval(shared.config.heartbeat);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             message = mailbox.recv() => {
                 let Some(message) = message else { return };
-                handle(&shared, &mut pending, message);
+                handle(&shared, &mut waiting, message);
             }
             _ = beat.tick() => {
-                heartbeat(&shared);
+                heartbeat(&shared, waiting.steps.len());
                 let now = Instant::now();
-                pending.retain(|(call, step), p| {
+                waiting.steps.retain(|(call, step), p| {
                     let keep = p.deadline > now;
                     if !keep {
                         tracing::debug!(call, step, "step expired waiting for its inputs");
                     }
                     keep
                 });
+                waiting.ended.retain(|_, until| *until > now);
             }
         }
     }
 }
 
-fn handle(
-    shared: &Arc<Shared>,
-    pending: &mut HashMap<(CallId, StepIndex), Pending>,
-    message: Message,
-) {
+fn handle(shared: &Arc<Shared>, waiting: &mut Waiting, message: Message) {
     match message {
         Message::Schedule { plan, input } => {
+            if let Err(problem) = plan.check() {
+                tracing::warn!(call = plan.call, %problem, "malformed plan refused");
+                report(
+                    shared,
+                    &plan,
+                    Err(Failure::new(FailureCode::BadRequest, problem)),
+                );
+                return;
+            }
+            if waiting.ended.contains_key(&plan.call) {
+                return;
+            }
             let deadline = Instant::now() + Duration::from_millis(plan.timeout_ms);
             for step in plan.steps_on(&shared.addr).collect::<Vec<_>>() {
                 let spec = &plan.steps[step as usize];
@@ -176,14 +197,19 @@ fn handle(
                     spawn_step(shared, plan.clone(), step, input.clone(), deadline);
                     continue;
                 }
-                let entry = pending.entry((plan.call, step)).or_insert_with(|| Pending {
-                    plan: None,
-                    deadline,
-                    arrived: Vec::new(),
-                });
+                let entry = waiting
+                    .steps
+                    .entry((plan.call, step))
+                    .or_insert_with(|| Pending {
+                        plan: None,
+                        deadline,
+                        arrived: Vec::new(),
+                    });
+                // Outputs that came first, from steps that are not this step's inputs, go.
+                entry.arrived.retain(|(from, _)| spec.inputs.contains(from));
                 entry.plan = Some(plan.clone());
                 entry.deadline = deadline;
-                try_start(shared, pending, (plan.call, step));
+                try_start(shared, &mut waiting.steps, (plan.call, step));
             }
         }
         Message::Output {
@@ -192,19 +218,46 @@ fn handle(
             from,
             data,
         } => {
-            if pending.len() >= MAX_PENDING && !pending.contains_key(&(call, step)) {
+            if waiting.ended.contains_key(&call) {
+                return;
+            }
+            let steps = &mut waiting.steps;
+            if steps.len() >= MAX_PENDING && !steps.contains_key(&(call, step)) {
                 tracing::warn!(call, step, "too many steps waiting; an output was dropped");
                 return;
             }
-            let entry = pending.entry((call, step)).or_insert_with(|| Pending {
+            let entry = steps.entry((call, step)).or_insert_with(|| Pending {
                 plan: None,
                 deadline: Instant::now() + ORPHAN_WAIT,
                 arrived: Vec::new(),
             });
-            if !entry.arrived.iter().any(|(f, _)| *f == from) {
+            let expected = match &entry.plan {
+                Some(plan) => plan
+                    .steps
+                    .get(usize::from(step))
+                    .is_some_and(|spec| spec.inputs.contains(&from)),
+                None => entry.arrived.len() < MAX_STEPS,
+            };
+            if !expected {
+                tracing::debug!(
+                    call,
+                    step,
+                    from,
+                    "output from a step that is not an input dropped"
+                );
+            } else if !entry.arrived.iter().any(|(f, _)| *f == from) {
                 entry.arrived.push((from, data));
             }
-            try_start(shared, pending, (call, step));
+            try_start(shared, steps, (call, step));
+        }
+        Message::Refresh { keys } => {
+            for key in &keys {
+                shared.executor.cache().refresh(key);
+            }
+        }
+        Message::Cancel { call } => {
+            waiting.steps.retain(|(c, _), _| *c != call);
+            waiting.ended.insert(call, Instant::now() + ORPHAN_WAIT);
         }
         Message::Register {
             request,
@@ -265,11 +318,11 @@ fn try_start(
     };
     let Some(plan) = entry.plan else { return };
     let spec = &plan.steps[key.1 as usize];
-    let input = if spec.inputs.len() == 1 {
+    let input = if let [only] = spec.inputs[..] {
         entry
             .arrived
             .into_iter()
-            .next()
+            .find(|(from, _)| *from == only)
             .map(|(_, d)| d)
             .unwrap_or_default()
     } else {
@@ -453,13 +506,14 @@ async fn register(
     }
 }
 
-fn heartbeat(shared: &Shared) {
+fn heartbeat(shared: &Shared, waiting: usize) {
     let stats = shared.executor.stats();
     let status = ExecutorStatus {
         id: shared.config.id.clone(),
         addr: shared.addr.clone(),
         capacity: shared.config.capacity,
         running: shared.running.load(Ordering::Relaxed),
+        waiting: u32::try_from(waiting).unwrap_or(u32::MAX),
         serves: shared.config.serves.clone(),
         warm: shared.executor.warm_functions(),
         keys: shared.executor.cache().keys(MAX_REPORTED_KEYS),

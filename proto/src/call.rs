@@ -22,6 +22,9 @@ pub type CallId = u64;
 /// A step's index in its plan.
 pub type StepIndex = u16;
 
+/// The most steps a plan (and so a DAG) has.
+pub const MAX_STEPS: usize = 256;
+
 /// How a running call is laid out over executors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
@@ -63,6 +66,27 @@ impl Plan {
             .enumerate()
             .filter(move |(_, s)| s.executor == executor)
             .map(|(i, _)| i as StepIndex)
+    }
+
+    /// Checks what an executor relies on before running any of the plan: at most
+    /// [`MAX_STEPS`] steps, and every input and output naming a step of the plan.
+    pub fn check(&self) -> Result<(), String> {
+        if self.steps.len() > MAX_STEPS {
+            return Err(format!(
+                "a plan has at most {MAX_STEPS} steps, this one has {}",
+                self.steps.len()
+            ));
+        }
+        let in_range = |i: &StepIndex| usize::from(*i) < self.steps.len();
+        for (index, step) in self.steps.iter().enumerate() {
+            if !step.inputs.iter().all(in_range) || !step.outputs.iter().all(in_range) {
+                return Err(format!(
+                    "step {index} ({}) names a step the plan does not have",
+                    step.function
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -263,6 +287,9 @@ pub struct ExecutorStatus {
     pub capacity: u32,
     /// Steps running now.
     pub running: u32,
+    /// Steps placed on it that wait for their plan or their inputs.
+    #[serde(default)]
+    pub waiting: u32,
     /// The functions it serves; empty: all.
     pub serves: Vec<String>,
     /// Functions with an instance ready to run.
@@ -311,6 +338,21 @@ pub enum Message {
         call: CallId,
         /// What happened.
         outcome: Result<Outcome, Failure>,
+    },
+    /// Scheduler to executor: the call has ended (one of its steps failed, or its deadline
+    /// passed); drop its steps still waiting for inputs.
+    Cancel {
+        /// The call.
+        call: CallId,
+    },
+    /// Gateway to schedulers, and scheduler to its executors: these registry keys (a
+    /// function's or a DAG's record) were just written; read them from the store next time
+    /// rather than wait for the store's push. Sent before the write is acknowledged to the
+    /// user, and ahead of any later call on the same connection, so a call made after a
+    /// registration or deletion sees it.
+    Refresh {
+        /// The keys written.
+        keys: Vec<String>,
     },
     /// Executor to schedulers: how it is.
     Heartbeat(ExecutorStatus),
@@ -382,6 +424,8 @@ impl Message {
             Message::Schedule { .. } => "schedule",
             Message::Output { .. } => "output",
             Message::Done { .. } => "done",
+            Message::Cancel { .. } => "cancel",
+            Message::Refresh { .. } => "refresh",
             Message::Heartbeat(_) => "heartbeat",
             Message::Warm { .. } => "warm",
             Message::Register { .. } => "register",
@@ -433,10 +477,21 @@ mod tests {
             result_key: None,
         });
         assert_eq!(plan.steps_on("tcp://127.0.0.1:2").collect::<Vec<_>>(), [1]);
+        assert_eq!(plan.check(), Ok(()));
+        let mut dangling = (*plan).clone();
+        dangling.steps[0].outputs = vec![2];
+        assert!(dangling.check().is_err());
+        let mut huge = (*plan).clone();
+        huge.steps = vec![plan.steps[0].clone(); MAX_STEPS + 1];
+        assert!(huge.check().is_err());
         let messages = [
             Message::Schedule {
                 plan,
                 input: Bytes::from_static(b"3"),
+            },
+            Message::Cancel { call: 7 },
+            Message::Refresh {
+                keys: vec!["squall/fn/incr".into()],
             },
             Message::Done {
                 call: 7,

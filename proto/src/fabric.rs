@@ -12,8 +12,8 @@
 //! while executors in other processes still reach it through the same addresses.
 //!
 //! A frame that does not decode is logged and dropped; it never stops a mailbox. Sends never
-//! block: a peer that is gone or far behind makes [`Fabric::send`] fail (`Busy`) once its queue
-//! is full, and the callers' deadlines cover messages queued to a peer that died.
+//! block: a peer that is gone or far behind, in another process or this one, makes
+//! [`Fabric::send`] fail (`Busy`) once its queue of 10,000 messages is full, and the callers' deadlines cover messages queued to a peer that died.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -56,7 +56,7 @@ pub enum FabricError {
 /// The process's side of the fabric. Cheap to share; thread-safe.
 pub struct Fabric {
     context: zmq::Context,
-    local: RwLock<HashMap<String, mpsc::UnboundedSender<Message>>>,
+    local: RwLock<HashMap<String, mpsc::Sender<Message>>>,
     peers: Mutex<HashMap<String, Arc<Mutex<zmq::Socket>>>>,
 }
 
@@ -103,7 +103,7 @@ impl Fabric {
             .get_last_endpoint()
             .map_err(fail("endpoint"))?
             .unwrap_or(endpoint);
-        let (sender, receiver) = mpsc::unbounded_channel();
+        let (sender, receiver) = mpsc::channel(SEND_QUEUE as usize);
         self.local
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -139,10 +139,13 @@ impl Fabric {
             .get(to)
             .cloned();
         if let Some(sender) = local {
-            // A closed channel means the mailbox is being dropped: like a dead peer, the
-            // message is lost and the sender's deadline covers it.
-            let _ = sender.send(message);
-            return Ok(());
+            return match sender.try_send(message) {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::TrySendError::Full(_)) => Err(FabricError::Busy(to.to_string())),
+                // A closed channel means the mailbox is being dropped: like a dead peer, the
+                // message is lost and the sender's deadline covers it.
+                Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+            };
         }
         let frame = encode_message(&message)?;
         let socket = self.peer(to)?;
@@ -155,6 +158,14 @@ impl Fabric {
                 source,
             }),
         }
+    }
+
+    /// Closes the socket to a peer that is gone (the next send to it connects afresh).
+    pub fn forget(&self, to: &str) {
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(to);
     }
 
     fn peer(&self, to: &str) -> Result<Arc<Mutex<zmq::Socket>>, FabricError> {
@@ -185,7 +196,7 @@ impl Fabric {
 /// Reads frames until told to stop or until the mailbox's owner is gone.
 fn read_frames(
     socket: zmq::Socket,
-    sender: mpsc::UnboundedSender<Message>,
+    sender: mpsc::Sender<Message>,
     stop: Arc<AtomicBool>,
     addr: &str,
 ) {
@@ -199,8 +210,9 @@ fn read_frames(
             }
         };
         match decode_message(&frame) {
+            // A full channel holds this thread back, and ZeroMQ's queue then the senders'.
             Ok(message) => {
-                if sender.send(message).is_err() {
+                if sender.blocking_send(message).is_err() {
                     return;
                 }
             }
@@ -214,7 +226,7 @@ fn read_frames(
 /// A component's inbox. Dropping it unbinds the address.
 pub struct Mailbox {
     addr: String,
-    receiver: mpsc::UnboundedReceiver<Message>,
+    receiver: mpsc::Receiver<Message>,
     fabric: Arc<Fabric>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -279,15 +291,21 @@ mod tests {
         // Same process: through the channel.
         here.send(inbox.addr(), heartbeat("local")).expect("sends");
         assert_eq!(inbox.recv().await, Some(heartbeat("local")));
-        // Another fabric (as another process would): over the socket. Garbage first.
-        let raw = there.context.socket(zmq::PUSH).expect("socket");
-        raw.connect(inbox.addr()).expect("connects");
-        raw.send(&b"not a frame"[..], 0).expect("sends garbage");
+        // Another fabric (as another process would): over the socket.
         there
             .send(inbox.addr(), heartbeat("remote"))
             .expect("sends");
         let got = tokio::time::timeout(Duration::from_secs(5), inbox.recv()).await;
         assert_eq!(got.expect("in time"), Some(heartbeat("remote")));
+        // Garbage on a connection is dropped, and the frame after it on the same connection
+        // still arrives.
+        let raw = there.context.socket(zmq::PUSH).expect("socket");
+        raw.connect(inbox.addr()).expect("connects");
+        raw.send(&b"not a frame"[..], 0).expect("sends garbage");
+        let valid = encode_message(&heartbeat("after garbage")).expect("encodes");
+        raw.send(valid, 0).expect("sends");
+        let got = tokio::time::timeout(Duration::from_secs(5), inbox.recv()).await;
+        assert_eq!(got.expect("in time"), Some(heartbeat("after garbage")));
         assert!(there.send("ipc:///tmp/x", heartbeat("x")).is_err());
     }
 }

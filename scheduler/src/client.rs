@@ -103,14 +103,13 @@ impl SchedulerClient {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(request, sender);
-        let forget = || {
-            self.waiting
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&request);
+        // Forgets the request however this ends, the caller giving up (dropping this future,
+        // as an HTTP client hanging up does) included.
+        let _forget = Forget {
+            waiting: &self.waiting,
+            request,
         };
         if let Err(e) = self.fabric.send(&to, build(request, self.addr.clone())) {
-            forget();
             return Err(Failure::new(FailureCode::Unavailable, e.to_string()));
         }
         match tokio::time::timeout(wait, receiver).await {
@@ -119,13 +118,10 @@ impl SchedulerClient {
                 FailureCode::Internal,
                 "the gateway's mailbox closed",
             )),
-            Err(_) => {
-                forget();
-                Err(Failure::new(
-                    FailureCode::Unavailable,
-                    format!("scheduler {to} did not answer within {wait:?}"),
-                ))
-            }
+            Err(_) => Err(Failure::new(
+                FailureCode::Unavailable,
+                format!("scheduler {to} did not answer within {wait:?}"),
+            )),
         }
     }
 
@@ -173,6 +169,19 @@ impl SchedulerClient {
             .map_err(|e| Failure::new(FailureCode::Unavailable, e.to_string()))
     }
 
+    /// Tells every scheduler (and through them their executors) that these registry keys
+    /// were just written ([`Message::Refresh`]). Call after the write, before answering the
+    /// user. A scheduler that cannot be reached is logged and skipped: its cache still learns
+    /// of the write by the store's push, a moment later.
+    pub fn refresh(&self, keys: Vec<String>) {
+        for scheduler in &self.schedulers {
+            let message = Message::Refresh { keys: keys.clone() };
+            if let Err(e) = self.fabric.send(scheduler, message) {
+                tracing::warn!(scheduler = %scheduler, cause = %e, "refresh not sent");
+            }
+        }
+    }
+
     /// Registers a function through an executor (which checks the code by compiling it).
     pub async fn register(
         &self,
@@ -208,6 +217,21 @@ impl SchedulerClient {
             Message::StatusReport { executors, .. } => Ok(executors),
             other => Err(unexpected(&other)),
         }
+    }
+}
+
+/// Removes a request's waiter when dropped.
+struct Forget<'a> {
+    waiting: &'a Waiting,
+    request: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.request);
     }
 }
 

@@ -17,15 +17,12 @@ use squall_executor::clients::ClientPool;
 use squall_executor::registry::validate_name;
 use squall_executor::{Cache, Registry};
 use squall_lattices::{LatticeValue, Lww, SetLattice, Timestamp};
-use squall_proto::call::{PlanStep, StepIndex};
+use squall_proto::call::{PlanStep, StepIndex, MAX_STEPS};
 
 use crate::{Error, Result};
 
 /// The key of the set of DAG names.
 pub const DAG_NAMES_KEY: &str = "squall/dags";
-
-/// The most steps a DAG may have.
-pub const MAX_STEPS: usize = 256;
 
 /// The key of a DAG's record.
 pub fn dag_key(name: &str) -> String {
@@ -262,6 +259,13 @@ impl DagRegistry {
         self.write(&record).await?;
         tracing::info!(dag = name, "DAG deleted");
         Ok(true)
+    }
+
+    /// Makes the next cached read of `key` go to the store (see [`Cache::refresh`]).
+    pub fn refresh(&self, key: &str) {
+        if let Some(cache) = &self.cache {
+            cache.refresh(key);
+        }
     }
 
     async fn read(&self, name: &str, cached: bool) -> Result<Option<DagRecord>> {

@@ -9,6 +9,12 @@
 //! The gateway keeps no call state of its own: invocations go to a scheduler over the fabric
 //! ([`SchedulerClient`]), functions and DAGs are read from and written to the store, and
 //! asynchronous results are read from their result keys.
+//!
+//! A call sees every registration and deletion answered before it was made: after writing a
+//! function's or DAG's record, and before answering, the gateway tells its schedulers to read
+//! that record from the store next time, and they tell their executors
+//! ([`squall_proto::call::Message::Refresh`]), ahead of any later call on the same connections.
+//! Caches elsewhere learn of the change by the store's push.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +29,7 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use squall_executor::clients::ClientPool;
-use squall_executor::registry::validate_name;
+use squall_executor::registry::{function_key, validate_name};
 use squall_executor::{FunctionRecord, Registry};
 use squall_lattices::{LatticeValue, Lww, Max, Min, SetLattice, Timestamp};
 use squall_proto::call::{
@@ -31,6 +37,7 @@ use squall_proto::call::{
 };
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
+use crate::dag::dag_key;
 use crate::metrics::Metrics;
 use crate::{DagRecord, DagRegistry, DagSpec, SchedulerClient};
 
@@ -336,6 +343,8 @@ pub struct ExecutorInfo {
     pub addr: String,
     /// Steps running now.
     pub running: u32,
+    /// Steps waiting for their inputs.
+    pub waiting: u32,
     /// Steps it takes before it counts as busy.
     pub capacity: u32,
     /// Functions it serves (empty: all).
@@ -360,6 +369,7 @@ async fn executors(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<Vec<Ex
             id: s.id,
             addr: s.addr,
             running: s.running,
+            waiting: s.waiting,
             capacity: s.capacity,
             serves: s.serves,
             warm: s.warm,
@@ -450,6 +460,7 @@ async fn register_function(
         .client
         .register(&name, code, limits, gateway.config.register_timeout)
         .await?;
+    gateway.client.refresh(vec![function_key(&name)]);
     Ok((
         StatusCode::CREATED,
         Json(FunctionInfo {
@@ -497,11 +508,18 @@ async fn delete_function(
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
     checked_name(&name)?;
-    if gateway.functions.delete(&name).await? {
+    let existed = gateway.functions.delete(&name).await?;
+    gateway.client.refresh(vec![function_key(&name)]);
+    deleted(existed, "function", &name)
+}
+
+/// The answer to a DELETE: 204, or 404 if there was nothing to delete.
+fn deleted(existed: bool, what: &str, name: &str) -> ApiResult<StatusCode> {
+    if existed {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(format!(
-            "function {name:?} is not registered"
+            "{what} {name:?} is not registered"
         )))
     }
 }
@@ -701,6 +719,7 @@ async fn put_dag(
         ))
     })?;
     let record = gateway.dags.store(&name, spec).await?;
+    gateway.client.refresh(vec![dag_key(&name)]);
     Ok((StatusCode::CREATED, Json(record.into())))
 }
 
@@ -734,13 +753,9 @@ async fn delete_dag(
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
     checked_name(&name)?;
-    if gateway.dags.delete(&name).await? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::not_found(format!(
-            "DAG {name:?} is not registered"
-        )))
-    }
+    let existed = gateway.dags.delete(&name).await?;
+    gateway.client.refresh(vec![dag_key(&name)]);
+    deleted(existed, "DAG", &name)
 }
 
 /// A result that is not ready.

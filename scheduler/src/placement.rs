@@ -1,8 +1,10 @@
 //! Placement: which executor runs a step.
 //!
 //! Among the executors that serve the function, in order of importance:
-//! 1. one that is not busy (its running plus dispatched steps below its capacity); if all are
-//!    busy, the least loaded of them (the call is not refused: executors queue);
+//! 1. one that is not busy: its load (the larger of the steps it last reported running and
+//!    the steps this scheduler has placed on it and not seen finish) is below its capacity.
+//!    If all are busy, the least loaded of them, whatever else holds (the call is not
+//!    refused: executors queue);
 //! 2. the most of the call's keys in its cache (data locality: the reads are local);
 //! 3. the most predecessors of the step placed on it (outputs stay in one process);
 //! 4. the function warm there (no instantiation);
@@ -56,8 +58,11 @@ pub fn choose(
             let colocated = near.iter().filter(|a| **a == c.status.addr).count();
             let warm = c.status.warm.iter().any(|f| f == function);
             let load_permille = u64::from(c.load()) * 1000 / u64::from(c.status.capacity.max(1));
+            // Among busy executors, load decides first; among free ones, it decides last.
+            let busy_load = if c.busy() { load_permille } else { 0 };
             (
                 !c.busy(),
+                std::cmp::Reverse(busy_load),
                 local,
                 colocated,
                 warm,
@@ -136,20 +141,21 @@ mod tests {
         assert_eq!(choose(&candidates, "f", &[], &["a"]), Some(1));
         assert_eq!(choose(&candidates, "other", &[], &[]), Some(2));
         assert_eq!(choose(&candidates[2..], "f", &[], &[]), None);
-        // All busy: the least loaded still takes it.
-        let busy_b = Candidate {
-            status: &b,
-            keys: &none,
-            dispatched: 9,
-        };
+        // All busy: the least loaded takes it, even though the other is warm and holds its
+        // predecessor.
+        let cold = status("cold", 4, &[], &[]);
         let all_busy = [
             Candidate {
                 status: &a,
                 keys: &none,
+                dispatched: 9,
+            },
+            Candidate {
+                status: &cold,
+                keys: &none,
                 dispatched: 0,
             },
-            busy_b,
         ];
-        assert_eq!(choose(&all_busy, "f", &[], &[]), Some(0));
+        assert_eq!(choose(&all_busy, "f", &[], &["a"]), Some(1));
     }
 }

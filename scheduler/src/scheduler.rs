@@ -9,9 +9,16 @@
 //! Every wait has a deadline. A call whose deadline passes fails with `timeout`; a call
 //! holding steps on an executor that stops sending heartbeats fails with `executor_lost` as
 //! soon as the executor is declared gone (well before the call's own deadline), and the
-//! executor is no longer placed on. Every registered function is kept warm on at least one
-//! executor.
+//! executor is no longer placed on. An executor that comes back on the same address under a
+//! new id has lost its steps too, and its calls fail the same way. Steps finishing are not
+//! reported to the scheduler (that would add a message per step to the fast path), so a lost
+//! executor fails its calls even when its own steps of them had already run.
+//!
+//! When a call fails, its executors are told ([`Message::Cancel`]) so steps waiting for an
+//! input that will never come are dropped at once. Every registered function is kept warm on
+//! at least one executor.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -86,6 +93,7 @@ impl Scheduler {
             dags,
             config,
             state: Mutex::new(State::default()),
+            warming: AtomicBool::new(false),
         });
         tracing::info!(addr = %addr, "scheduler serving");
         let task = tokio::spawn(serve(shared, mailbox));
@@ -112,6 +120,8 @@ struct Shared {
     dags: DagRegistry,
     config: SchedulerConfig,
     state: Mutex<State>,
+    /// A keep-warm round is running.
+    warming: AtomicBool,
 }
 
 #[derive(Default)]
@@ -131,6 +141,7 @@ struct Known {
 
 /// A call in flight.
 struct Tracked {
+    call: CallId,
     name: String,
     request: u64,
     reply_to: Option<String>,
@@ -159,9 +170,16 @@ async fn serve(shared: Arc<Shared>, mut mailbox: Mailbox) {
                 handle(&shared, message);
             }
             _ = tick.tick() => expire(&shared),
+            // One round at a time: a slow store must not pile rounds up.
             _ = warm.tick() => {
+                if shared.warming.swap(true, Ordering::AcqRel) {
+                    continue;
+                }
                 let shared = shared.clone();
-                tokio::spawn(async move { keep_warm(&shared).await });
+                tokio::spawn(async move {
+                    keep_warm(&shared).await;
+                    shared.warming.store(false, Ordering::Release);
+                });
             }
         }
     }
@@ -172,6 +190,22 @@ fn handle(shared: &Arc<Shared>, message: Message) {
         Message::Heartbeat(status) => {
             let mut state = shared.state();
             let keys = status.keys.iter().cloned().collect();
+            let restarted = state
+                .executors
+                .get(&status.addr)
+                .filter(|known| known.status.id != status.id)
+                .map(|known| known.status.id.clone());
+            if let Some(old) = restarted {
+                // A new executor on a gone one's address: the old one's steps are lost.
+                tracing::warn!(old = %old, new = %status.id, addr = %status.addr, "executor restarted");
+                state.executors.remove(&status.addr);
+                let failed = fail_calls_on(&mut state, &[(status.addr.clone(), old)], "restarted");
+                drop(state);
+                for (tracked, failure) in failed {
+                    finish(shared, tracked, Err(failure));
+                }
+                state = shared.state();
+            }
             match state.executors.get_mut(&status.addr) {
                 Some(known) => {
                     known.status = status;
@@ -204,7 +238,9 @@ fn handle(shared: &Arc<Shared>, message: Message) {
                 if let Err(failure) =
                     invoke(&shared, request, reply_to.clone(), &target, input, &options).await
                 {
+                    // Never placed: no executor to cancel on.
                     let tracked = Tracked {
+                        call: 0,
                         name: target.name().to_string(),
                         request,
                         reply_to,
@@ -235,10 +271,12 @@ fn handle(shared: &Arc<Shared>, message: Message) {
             let to = {
                 let state = shared.state();
                 let candidates = candidates(&state);
-                choose(&candidates, &name, &[], &[]).map(|i| candidates[i].status.addr.clone())
+                choose(&candidates, &name, &[], &[])
+                    .map(|i| candidates[i].status.addr.clone())
+                    .ok_or_else(|| no_executor(&state, &name))
             };
             let forwarded = match to {
-                Some(to) => shared
+                Ok(to) => shared
                     .fabric
                     .send(
                         &to,
@@ -251,10 +289,7 @@ fn handle(shared: &Arc<Shared>, message: Message) {
                         },
                     )
                     .map_err(|e| Failure::new(FailureCode::Unavailable, e.to_string())),
-                None => Err(Failure::new(
-                    FailureCode::NoCapacity,
-                    "no executor has joined this scheduler",
-                )),
+                Err(reason) => Err(Failure::new(FailureCode::NoCapacity, reason)),
             };
             if let Err(failure) = forwarded {
                 reply(
@@ -265,6 +300,19 @@ fn handle(shared: &Arc<Shared>, message: Message) {
                         result: Err(failure),
                     },
                 );
+            }
+        }
+        Message::Refresh { keys } => {
+            for key in &keys {
+                shared.dags.refresh(key);
+            }
+            // To every executor, ahead of any plan this scheduler sends it later.
+            let executors: Vec<String> = shared.state().executors.keys().cloned().collect();
+            for addr in executors {
+                let message = Message::Refresh { keys: keys.clone() };
+                if let Err(e) = shared.fabric.send(&addr, message) {
+                    tracing::debug!(executor = %addr, cause = %e, "refresh not sent");
+                }
             }
         }
         Message::Status { request, reply_to } => {
@@ -299,6 +347,15 @@ fn candidates(state: &State) -> Vec<Candidate<'_>> {
             dispatched: k.dispatched,
         })
         .collect()
+}
+
+/// Why no executor can run `function`.
+fn no_executor(state: &State, function: &str) -> String {
+    if state.executors.is_empty() {
+        "no executor has joined this scheduler".to_string()
+    } else {
+        format!("no executor serves function {function:?}")
+    }
 }
 
 /// Stops tracking a call; `None` if it was not tracked (already answered).
@@ -370,31 +427,29 @@ async fn invoke(
                 .filter_map(|&i| chosen.get(i as usize).map(String::as_str))
                 .collect();
             let Some(index) = choose(&candidates, &step.function, &options.keys, &near) else {
-                let reason = if state.executors.is_empty() {
-                    "no executor has joined this scheduler".to_string()
-                } else {
-                    format!("no executor serves function {:?}", step.function)
-                };
+                let message = no_executor(&state, &step.function);
+                // Steps placed so far count no more.
+                undispatch(&mut state, &chosen);
                 return Err(Failure {
                     code: FailureCode::NoCapacity,
-                    message: reason,
+                    message,
                     step: Some(step.function.clone()),
                 });
             };
             let addr = candidates[index].status.addr.clone();
             placement.push((step.function.clone(), candidates[index].status.id.clone()));
-            step.executor = addr.clone();
-            chosen.push(addr);
-        }
-        for addr in &chosen {
-            if let Some(known) = state.executors.get_mut(addr) {
+            // Counted at once, so the next step of this DAG sees the load it adds.
+            if let Some(known) = state.executors.get_mut(&addr) {
                 known.dispatched += 1;
             }
+            step.executor = addr.clone();
+            chosen.push(addr);
         }
         let deadline = started + timeout;
         state.calls.insert(
             call,
             Tracked {
+                call,
                 name: target.name().to_string(),
                 request,
                 reply_to,
@@ -446,6 +501,7 @@ async fn invoke(
 fn finish(shared: &Arc<Shared>, tracked: Tracked, outcome: Result<Outcome, Failure>) {
     if let Err(failure) = &outcome {
         tracing::debug!(name = %tracked.name, code = failure.code.as_str(), %failure, "call failed");
+        cancel(shared, &tracked);
         if let Some(key) = tracked.result_key.clone() {
             let kvs = shared.kvs.clone();
             let failure = failure.clone();
@@ -476,17 +532,68 @@ fn finish(shared: &Arc<Shared>, tracked: Tracked, outcome: Result<Outcome, Failu
     );
 }
 
+/// Tells a failed call's executors to drop its steps still waiting for inputs.
+fn cancel(shared: &Shared, tracked: &Tracked) {
+    let mut told: HashSet<&str> = HashSet::new();
+    for addr in &tracked.executors {
+        if told.insert(addr.as_str()) {
+            if let Err(e) = shared
+                .fabric
+                .send(addr, Message::Cancel { call: tracked.call })
+            {
+                tracing::debug!(executor = %addr, cause = %e, "cancel not sent");
+            }
+        }
+    }
+}
+
 fn reply(shared: &Shared, to: &str, message: Message) {
     if let Err(e) = shared.fabric.send(to, message) {
         tracing::warn!(to, cause = %e, "answer not sent");
     }
 }
 
+/// Stops tracking the calls holding steps on the `lost` executors (address, id), and says
+/// why each fails.
+fn fail_calls_on(
+    state: &mut State,
+    lost: &[(String, String)],
+    what: &str,
+) -> Vec<(Tracked, Failure)> {
+    if lost.is_empty() {
+        return Vec::new();
+    }
+    let hit: Vec<(CallId, Failure)> = state
+        .calls
+        .iter()
+        .filter_map(|(call, tracked)| {
+            let (at, (addr, id)) = tracked
+                .executors
+                .iter()
+                .enumerate()
+                .find_map(|(i, a)| lost.iter().find(|(addr, _)| addr == a).map(|l| (i, l)))?;
+            let failure = Failure {
+                code: FailureCode::ExecutorLost,
+                message: format!("executor {id} ({addr}) {what} while it held the call"),
+                step: tracked.placement.get(at).map(|(f, _)| f.clone()),
+            };
+            Some((*call, failure))
+        })
+        .collect();
+    let mut failed = Vec::with_capacity(hit.len());
+    for (call, failure) in hit {
+        if let Some(tracked) = state.calls.remove(&call) {
+            undispatch(state, &tracked.executors);
+            failed.push((tracked, failure));
+        }
+    }
+    failed
+}
+
 /// Fails calls past their deadline and calls on executors that stopped sending heartbeats.
 fn expire(shared: &Arc<Shared>) {
     let now = Instant::now();
-    let mut failed = Vec::new();
-    {
+    let failed = {
         let mut state = shared.state();
         let timeout = shared.config.heartbeat_timeout;
         let gone: Vec<(String, String)> = state
@@ -498,43 +605,27 @@ fn expire(shared: &Arc<Shared>) {
         for (addr, id) in &gone {
             tracing::warn!(id = %id, addr = %addr, "executor stopped sending heartbeats; it is no longer placed on");
             state.executors.remove(addr);
+            shared.fabric.forget(addr);
         }
-        let mut ended: Vec<(CallId, Failure)> = Vec::new();
-        for (call, tracked) in &state.calls {
-            if let Some((addr, id)) = gone.iter().find(|(a, _)| tracked.executors.contains(a)) {
-                let step = tracked
-                    .executors
-                    .iter()
-                    .position(|a| a == addr)
-                    .and_then(|i| tracked.placement.get(i))
-                    .map(|(f, _)| f.clone());
-                ended.push((
-                    *call,
-                    Failure {
-                        code: FailureCode::ExecutorLost,
-                        message: format!(
-                            "executor {id} ({addr}) stopped answering while it held the call"
-                        ),
-                        step,
-                    },
-                ));
-            } else if now > tracked.deadline + DEADLINE_GRACE {
-                ended.push((
-                    *call,
-                    Failure::new(
-                        FailureCode::Timeout,
-                        format!("{} did not finish before its deadline", tracked.name),
-                    ),
-                ));
-            }
-        }
-        for (call, failure) in ended {
+        let mut failed = fail_calls_on(&mut state, &gone, "stopped answering");
+        let late: Vec<CallId> = state
+            .calls
+            .iter()
+            .filter(|(_, tracked)| now > tracked.deadline + DEADLINE_GRACE)
+            .map(|(call, _)| *call)
+            .collect();
+        for call in late {
             if let Some(tracked) = state.calls.remove(&call) {
                 undispatch(&mut state, &tracked.executors);
+                let failure = Failure::new(
+                    FailureCode::Timeout,
+                    format!("{} did not finish before its deadline", tracked.name),
+                );
                 failed.push((tracked, failure));
             }
         }
-    }
+        failed
+    };
     for (tracked, failure) in failed {
         finish(shared, tracked, Err(failure));
     }

@@ -177,6 +177,38 @@ async fn dags_compose_fan_in_and_report_failures() {
     let failure = cluster.call(dag("fan"), "trap").await.expect_err("trap");
     assert_eq!(failure.code, FailureCode::Trap);
     assert_eq!(failure.step.as_deref(), Some("misbehave"));
+    // A failing branch cancels the rest of the call: the fan-in step that waits for the failed
+    // branch's output is dropped at once, not at the call's 30 s deadline.
+    cluster
+        .dag(
+            "half",
+            &["misbehave", "incr", "join"],
+            &[
+                ("misbehave", "incr"),
+                ("incr", "join"),
+                ("misbehave", "join"),
+            ],
+        )
+        .await;
+    let failure = cluster
+        .call(dag("half"), "echo:x")
+        .await
+        .expect_err("incr fails on x");
+    assert_eq!(failure.step.as_deref(), Some("incr"));
+    // Heartbeats from before the call say nothing: wait for some sent after it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let known = cluster.client.status(WAIT).await.expect("status");
+        if known.iter().all(|s| s.waiting == 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the fan-in step still waits: {known:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let failure = cluster
         .call(dag("sq_incr"), "x")
         .await

@@ -246,7 +246,8 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
         http("DELETE", &format!("{base}/v1/dags/fan"), Some(TOKEN), b"").status,
         204
     );
-    assert_eq!(invoke(&base, "/v1/dags/fan/invoke", "1").status, 404);
+    let gone = invoke(&base, "/v1/dags/fan/invoke", "1");
+    assert_eq!(gone.status, 404, "{}", gone.text());
 
     // Keys, health, metrics, the API's own description.
     assert_eq!(

@@ -3,6 +3,7 @@
 //! One test binary (one link) with a module per topic; `support` spawns and stops nodes.
 
 mod cli;
+mod commands;
 mod crash;
 mod garbage;
 mod gateway;
