@@ -1,5 +1,5 @@
-//! The commands that talk to a running gateway over HTTP: `squall fn`, `squall dag` and
-//! `squall call`. Errors from the gateway are shown as its JSON error says
+//! The commands that talk to a running gateway over HTTP: `squall fn`, `squall model`,
+//! `squall dag` and `squall call`. Errors from the gateway are shown as its JSON error says
 //! (`code: message`), and the exit code is non-zero.
 
 use std::io::{Read, Write};
@@ -50,6 +50,32 @@ enum FnCommand {
     /// Delete a function.
     Rm {
         /// The function's name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(subcommand)]
+    command: ModelCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// Register an ONNX model as the next version of NAME (functions load it by this name).
+    Register {
+        /// The model's name.
+        name: String,
+        /// The model (`.onnx`).
+        file: std::path::PathBuf,
+    },
+    /// List models (newest versions).
+    Ls,
+    /// Delete a model.
+    Rm {
+        /// The model's name.
         name: String,
     },
 }
@@ -213,8 +239,6 @@ pub fn run_fn(args: FnArgs) -> anyhow::Result<ExitCode> {
             timeout_ms,
             memory_mb,
         } => {
-            let code =
-                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let mut query = Vec::new();
             if let Some(ms) = timeout_ms {
                 query.push(format!("timeout_ms={ms}"));
@@ -222,45 +246,78 @@ pub fn run_fn(args: FnArgs) -> anyhow::Result<ExitCode> {
             if let Some(mb) = memory_mb {
                 query.push(format!("memory_mb={mb}"));
             }
-            let mut path = format!("/v1/functions/{name}");
-            if !query.is_empty() {
-                path = format!("{path}?{}", query.join("&"));
-            }
-            let body = send(
-                c,
-                request(c, "PUT", &path)
-                    .set("Content-Type", "application/wasm")
-                    .send_bytes(&code),
-            )?;
-            let info = json(&body)?;
-            println!(
-                "registered {} version {} (sha256 {}, {} bytes)",
-                info["name"].as_str().unwrap_or(&name),
-                info["version"],
-                info["sha256"].as_str().unwrap_or("?"),
-                info["size"]
-            );
+            let query = if query.is_empty() {
+                String::new()
+            } else {
+                format!("?{}", query.join("&"))
+            };
+            register(c, "functions", &name, &file, "application/wasm", &query)
         }
-        FnCommand::Ls => {
-            let body = send(c, request(c, "GET", "/v1/functions").call())?;
-            for f in json(&body)?.as_array().into_iter().flatten() {
-                println!(
-                    "{}\tv{}\t{} bytes\t{}",
-                    f["name"].as_str().unwrap_or("?"),
-                    f["version"],
-                    f["size"],
-                    f["sha256"].as_str().unwrap_or("?")
-                );
-            }
-        }
-        FnCommand::Rm { name } => {
-            send(
-                c,
-                request(c, "DELETE", &format!("/v1/functions/{name}")).call(),
-            )?;
-            println!("deleted {name}");
-        }
+        FnCommand::Ls => list(c, "functions"),
+        FnCommand::Rm { name } => remove(c, "functions", &name),
     }
+}
+
+pub fn run_model(args: ModelArgs) -> anyhow::Result<ExitCode> {
+    let c = &args.connection;
+    match args.command {
+        ModelCommand::Register { name, file } => {
+            register(c, "models", &name, &file, "application/octet-stream", "")
+        }
+        ModelCommand::Ls => list(c, "models"),
+        ModelCommand::Rm { name } => remove(c, "models", &name),
+    }
+}
+
+/// `PUT /v1/{kind}/{name}` with the file's bytes.
+fn register(
+    c: &Connection,
+    kind: &str,
+    name: &str,
+    file: &std::path::Path,
+    content_type: &str,
+    query: &str,
+) -> anyhow::Result<ExitCode> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let body = send(
+        c,
+        request(c, "PUT", &format!("/v1/{kind}/{name}{query}"))
+            .set("Content-Type", content_type)
+            .send_bytes(&bytes),
+    )?;
+    let info = json(&body)?;
+    println!(
+        "registered {} version {} (sha256 {}, {} bytes)",
+        info["name"].as_str().unwrap_or(name),
+        info["version"],
+        info["sha256"].as_str().unwrap_or("?"),
+        info["size"]
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `GET /v1/{kind}`, a line each.
+fn list(c: &Connection, kind: &str) -> anyhow::Result<ExitCode> {
+    let body = send(c, request(c, "GET", &format!("/v1/{kind}")).call())?;
+    for f in json(&body)?.as_array().into_iter().flatten() {
+        println!(
+            "{}\tv{}\t{} bytes\t{}",
+            f["name"].as_str().unwrap_or("?"),
+            f["version"],
+            f["size"],
+            f["sha256"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `DELETE /v1/{kind}/{name}`.
+fn remove(c: &Connection, kind: &str, name: &str) -> anyhow::Result<ExitCode> {
+    send(
+        c,
+        request(c, "DELETE", &format!("/v1/{kind}/{name}")).call(),
+    )?;
+    println!("deleted {name}");
     Ok(ExitCode::SUCCESS)
 }
 

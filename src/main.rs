@@ -46,6 +46,8 @@ enum Command {
     Fn(http::FnArgs),
     /// Create, list, delete and call DAGs (through a gateway).
     Dag(http::DagArgs),
+    /// Register, list and delete models that functions run with wasi:nn (through a gateway).
+    Model(http::ModelArgs),
     /// Call a function and print its output (through a gateway).
     Call(http::CallCommand),
     /// Run an executor that joins schedulers.
@@ -171,6 +173,10 @@ fn main() -> ExitCode {
         Command::Dag(args) => {
             init_tracing("warn");
             http::run_dag(args)
+        }
+        Command::Model(args) => {
+            init_tracing("warn");
+            http::run_model(args)
         }
         Command::Call(args) => {
             init_tracing("warn");

@@ -9,11 +9,14 @@
 //! `hdrhistogram` records latencies (microsecond resolution, constant memory, mergeable across
 //! threads and rounds); `criterion` drives the micro-benchmarks in `benches/`.
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
+use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 
 /// The outcome of one closed-loop run: every client issues its next operation as soon as the
@@ -108,6 +111,68 @@ where
         }
         Ok(result)
     })
+}
+
+/// `squall up` on OS-assigned ports, in memory: the arguments every harness starts it with.
+pub const SQUALL_UP: [&str; 8] = [
+    "up",
+    "--in-memory",
+    "--http-port",
+    "0",
+    "--kvs-port",
+    "0",
+    "--scheduler-port",
+    "0",
+];
+
+/// A spawned process, killed on drop.
+#[derive(Debug)]
+pub struct Spawned(pub Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns `program args` and returns it with the `key=value` fields of the `READY` line it
+/// prints once it serves (as every Squall role does).
+pub fn spawn(program: &Path, args: &[&str]) -> anyhow::Result<(Spawned, Vec<(String, String)>)> {
+    let mut child = Command::new(program)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let child = Spawned(child);
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        let Some(line) = lines.next() else {
+            bail!("{} {args:?} exited before READY", program.display());
+        };
+        if let Some(rest) = line?.strip_prefix("READY ") {
+            let fields = rest
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            // Keep draining stdout so the process never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return Ok((child, fields));
+        }
+    }
+}
+
+/// The value of `key` among a READY line's fields.
+pub fn field(fields: &[(String, String)], key: &str) -> anyhow::Result<String> {
+    fields
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .with_context(|| format!("READY line without {key}"))
 }
 
 /// The median of `values` (the mean of the middle two for an even count); 0 when empty.

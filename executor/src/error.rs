@@ -44,6 +44,20 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// No model of that name is registered.
+    #[error("model {name:?} is not registered")]
+    ModelNotFound {
+        /// The name asked for.
+        name: String,
+    },
+    /// The bytes are not a model the inference backend can load.
+    #[error("model {name:?} cannot be loaded: {reason}")]
+    InvalidModel {
+        /// The model's name.
+        name: String,
+        /// What the backend reported.
+        reason: String,
+    },
     /// The guest trapped (a panic, an out-of-bounds access, a stack overflow, ...).
     #[error("function {function:?} trapped: {trap}")]
     Trap {

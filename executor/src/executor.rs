@@ -31,6 +31,7 @@ use crate::cache::{Cache, CacheStats, Consistency};
 use crate::clients::ClientPool;
 use crate::config::{Config, Limits};
 use crate::host::{log_output, CallContext, CallState, Handler, HandlerPre, Limiter};
+use crate::nn::Models;
 use crate::registry::{function_key, FunctionRecord, Registry};
 use crate::{Error, Result};
 
@@ -107,6 +108,7 @@ pub(crate) struct Inner {
     config: Config,
     cache: Cache,
     registry: Registry,
+    pub(crate) models: Models,
     loaded: Mutex<HashMap<String, Arc<Loaded>>>,
     compiled: Mutex<HashMap<String, Arc<Compiled>>>,
     writer: WriterId,
@@ -150,6 +152,7 @@ impl Executor {
         let kvs = ClientPool::connect(kvs, config.kvs_timeout)?;
         let cache = Cache::start(kvs.clone(), config.cache.clone())?;
         let registry = Registry::new(kvs, cache.clone());
+        let models = Models::new(registry.models(), cache.clone());
         let stop = Arc::new(AtomicBool::new(false));
         let ticker = {
             let engine = engine.clone();
@@ -179,6 +182,7 @@ impl Executor {
                 config,
                 cache,
                 registry,
+                models,
                 loaded: Mutex::new(HashMap::new()),
                 compiled: Mutex::new(HashMap::new()),
                 writer: rand::random(),
@@ -212,6 +216,17 @@ impl Executor {
             return Err(e);
         }
         self.inner.registry.store(name, code, limits).await
+    }
+
+    /// Checks that `onnx` is a model this executor can run, stores it as the next version of
+    /// model `name`, and keeps it loaded for the functions that use it (`wasi:nn`).
+    pub async fn register_model(&self, name: &str, onnx: Vec<u8>) -> Result<FunctionRecord> {
+        self.inner.models.register(name, onnx).await
+    }
+
+    /// The models this executor serves to `wasi:nn`.
+    pub fn models(&self) -> &Models {
+        &self.inner.models
     }
 
     /// Calls the newest version of `name` with `input`.

@@ -25,13 +25,19 @@ use crate::executor::Inner;
 use crate::Error;
 
 /// The host bindings of the handler world, generated from `sdk/wit/world.wit`.
-mod bindings {
+pub(crate) mod bindings {
     #![allow(missing_docs)]
     wasmtime::component::bindgen!({
         path: "../sdk/wit",
         world: "handler",
         imports: { default: async | trappable },
         exports: { default: async },
+        with: {
+            "wasi:nn/graph.graph": crate::nn::Graph,
+            "wasi:nn/tensor.tensor": crate::nn::Tensor,
+            "wasi:nn/inference.graph-execution-context": crate::nn::ExecutionContext,
+            "wasi:nn/errors.error": crate::nn::NnError,
+        },
     });
 }
 
@@ -44,7 +50,9 @@ pub use bindings::{Handler, HandlerPre};
 /// The data of one store: one instance's host state.
 pub struct CallState {
     wasi: WasiCtx,
-    table: ResourceTable,
+    pub(crate) table: ResourceTable,
+    /// Bytes of `wasi:nn` tensors the guest holds on the host (bounded by its memory limit).
+    pub(crate) tensor_bytes: usize,
     /// Enforces the function's memory and table limits.
     pub limiter: Limiter,
     /// The call being served.
@@ -87,6 +95,7 @@ impl CallState {
         Self {
             wasi,
             table: ResourceTable::new(),
+            tensor_bytes: 0,
             limiter,
             call,
             stdout,
@@ -94,7 +103,7 @@ impl CallState {
         }
     }
 
-    fn remaining(&self) -> std::time::Duration {
+    pub(crate) fn remaining(&self) -> std::time::Duration {
         self.call.deadline.saturating_duration_since(Instant::now())
     }
 }
@@ -116,7 +125,7 @@ async fn bounded<T>(
 }
 
 impl CallState {
-    fn executor(&self) -> WasmResult<Arc<Inner>> {
+    pub(crate) fn executor(&self) -> WasmResult<Arc<Inner>> {
         self.call
             .executor
             .upgrade()

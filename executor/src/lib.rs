@@ -40,6 +40,7 @@ pub mod config;
 mod error;
 pub mod executor;
 mod host;
+pub mod nn;
 pub mod node;
 pub mod registry;
 #[cfg(feature = "testing")]

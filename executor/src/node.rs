@@ -27,14 +27,14 @@ use bytes::Bytes;
 use hashbrown::HashMap;
 use squall_lattices::{LatticeValue, Lww, Timestamp};
 use squall_proto::call::{
-    CallId, CallResult, ExecutorStatus, Failure, FailureCode, FunctionVersion, LimitsRequest,
-    Message, Outcome, Plan, StepIndex, MAX_STEPS,
+    Artifact, CallId, CallResult, ExecutorStatus, Failure, FailureCode, FunctionVersion,
+    LimitsRequest, Message, Outcome, Plan, StepIndex, MAX_STEPS,
 };
 use squall_proto::fabric::{Fabric, Mailbox};
 use tokio::task::JoinHandle;
 
 use crate::clients::ClientPool;
-use crate::{CallOptions, Consistency, Error, Executor};
+use crate::{CallOptions, Consistency, Error, Executor, FunctionRecord};
 
 /// Keys of the cache reported in each heartbeat, at most.
 const MAX_REPORTED_KEYS: usize = 1024;
@@ -262,13 +262,22 @@ fn handle(shared: &Arc<Shared>, waiting: &mut Waiting, message: Message) {
         Message::Register {
             request,
             reply_to,
+            kind,
             name,
             code,
             limits,
         } => {
             let shared = shared.clone();
             tokio::spawn(async move {
-                let result = register(&shared.executor, &name, code, limits).await;
+                let result = match kind {
+                    Artifact::Function => register(&shared.executor, &name, code, limits).await,
+                    Artifact::Model => shared
+                        .executor
+                        .register_model(&name, code.to_vec())
+                        .await
+                        .map(version_of)
+                        .map_err(|e| Failure::new(failure_code(&e), e.to_string())),
+                };
                 if let Err(e) = shared
                     .fabric
                     .send(&reply_to, Message::Registered { request, result })
@@ -495,14 +504,18 @@ async fn register(
             if let Err(e) = executor.warm(name).await {
                 tracing::debug!(function = name, cause = %e, "could not warm after registering");
             }
-            Ok(FunctionVersion {
-                name: record.name,
-                version: record.version,
-                sha256: record.sha256,
-                size: record.size,
-            })
+            Ok(version_of(record))
         }
         Err(e) => Err(Failure::new(failure_code(&e), e.to_string())),
+    }
+}
+
+fn version_of(record: FunctionRecord) -> FunctionVersion {
+    FunctionVersion {
+        name: record.name,
+        version: record.version,
+        sha256: record.sha256,
+        size: record.size,
     }
 }
 
@@ -537,8 +550,8 @@ fn heartbeat(shared: &Shared, waiting: usize) {
 /// The kind of failure an executor error is, as callers see it.
 pub fn failure_code(error: &Error) -> FailureCode {
     match error {
-        Error::NotFound { .. } => FailureCode::NotFound,
-        Error::InvalidName { .. } => FailureCode::BadRequest,
+        Error::NotFound { .. } | Error::ModelNotFound { .. } => FailureCode::NotFound,
+        Error::InvalidName { .. } | Error::InvalidModel { .. } => FailureCode::BadRequest,
         Error::InvalidComponent { .. } | Error::WrongWorld { .. } => FailureCode::InvalidComponent,
         Error::Trap { .. } | Error::CallDepthExceeded { .. } => FailureCode::Trap,
         Error::Timeout { .. } => FailureCode::Timeout,

@@ -1,10 +1,11 @@
-//! The function registry, kept in the KVS so any executor can load any function and nothing
-//! is lost when one restarts.
+//! The registries of functions and of models, kept in the KVS so any executor can load any
+//! function or model and nothing is lost when one restarts. Both work the same way ([`Kind`]
+//! picks the keys); a model's record is a [`FunctionRecord`] whose limits are unused.
 //!
 //! Keys (all lattices, so concurrent writers merge rather than overwrite):
-//! - `squall/functions`: the set of registered names.
-//! - `squall/fn/{name}`: a map from version number (zero-padded, so it sorts) to the
-//!   version's [`FunctionRecord`] as an LWW register.
+//! - `squall/functions` (`squall/models`): the set of registered names.
+//! - `squall/fn/{name}` (`squall/model/{name}`): a map from version number (zero-padded, so it
+//!   sorts) to the version's [`FunctionRecord`] as an LWW register.
 //! - `squall/code/{sha256}`: the code's manifest (size and chunk count) and
 //!   `squall/code/{sha256}/{i}`: its bytes in chunks of [`CHUNK_BYTES`], content-addressed, so
 //!   registering the same code twice stores it once. Chunks are written before the manifest
@@ -25,8 +26,47 @@ use crate::clients::ClientPool;
 use crate::config::Limits;
 use crate::{Error, Result};
 
-/// The key of the set of registered names.
+/// The key of the set of registered function names.
 pub const NAMES_KEY: &str = "squall/functions";
+
+/// The key of the set of registered model names.
+pub const MODEL_NAMES_KEY: &str = "squall/models";
+
+/// What a registry holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kind {
+    /// Functions: WebAssembly components.
+    #[default]
+    Function,
+    /// Models for `wasi:nn`: ONNX files.
+    Model,
+}
+
+impl Kind {
+    /// The key of the set of names.
+    pub fn names_key(self) -> &'static str {
+        match self {
+            Kind::Function => NAMES_KEY,
+            Kind::Model => MODEL_NAMES_KEY,
+        }
+    }
+
+    /// The key of a name's versions.
+    pub fn record_key(self, name: &str) -> String {
+        match self {
+            Kind::Function => function_key(name),
+            Kind::Model => model_key(name),
+        }
+    }
+
+    /// What it is called in messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Kind::Function => "function",
+            Kind::Model => "model",
+        }
+    }
+}
 
 /// Code is stored in chunks of this size, well under a storage node's request limit.
 pub const CHUNK_BYTES: usize = 4 << 20;
@@ -63,6 +103,11 @@ struct Manifest {
 /// The key holding a function's versions.
 pub fn function_key(name: &str) -> String {
     format!("squall/fn/{name}")
+}
+
+/// The key holding a model's versions.
+pub fn model_key(name: &str) -> String {
+    format!("squall/model/{name}")
 }
 
 fn code_key(sha256: &str) -> String {
@@ -108,6 +153,7 @@ pub fn validate_name(name: &str) -> Result<()> {
 pub struct Registry {
     kvs: ClientPool,
     cache: Option<Cache>,
+    kind: Kind,
 }
 
 impl Registry {
@@ -117,13 +163,31 @@ impl Registry {
         Self {
             kvs,
             cache: Some(cache),
+            kind: Kind::Function,
         }
     }
 
     /// A registry that reads the store directly (for control-plane readers such as the
     /// gateway, which list and describe functions but do not call them).
     pub fn direct(kvs: ClientPool) -> Self {
-        Self { kvs, cache: None }
+        Self {
+            kvs,
+            cache: None,
+            kind: Kind::Function,
+        }
+    }
+
+    /// The same registry's reader and writer, for models instead of functions.
+    pub fn models(&self) -> Self {
+        Self {
+            kind: Kind::Model,
+            ..self.clone()
+        }
+    }
+
+    /// What it holds.
+    pub fn kind(&self) -> Kind {
+        self.kind
     }
 
     async fn read(&self, key: &str) -> Result<(Option<LatticeValue>, u64)> {
@@ -141,7 +205,8 @@ impl Registry {
         validate_name(name)?;
         let sha256 = sha256_hex(&code);
         let size = code.len() as u64;
-        let key = function_key(name);
+        let key = self.kind.record_key(name);
+        let names_key = self.kind.names_key();
         let record = {
             let sha256 = sha256.clone();
             let name = name.to_string();
@@ -186,17 +251,18 @@ impl Registry {
                         deleted: false,
                     })?;
                     let names = SetLattice::from_iter([bytes::Bytes::from(name.clone())]);
-                    client.put(NAMES_KEY, LatticeValue::Set(names))?;
+                    client.put(names_key, LatticeValue::Set(names))?;
                     Ok(record)
                 })
                 .await?
         };
         tracing::info!(
-            function = %record.name,
+            kind = self.kind.noun(),
+            name = %record.name,
             version = record.version,
             sha256 = %record.sha256,
             size = record.size,
-            "function registered"
+            "registered"
         );
         Ok(record)
     }
@@ -210,7 +276,7 @@ impl Registry {
     /// read from (0 if the name was never registered).
     pub async fn newest_versioned(&self, name: &str) -> Result<(Option<FunctionRecord>, u64)> {
         validate_name(name)?;
-        let key = function_key(name);
+        let key = self.kind.record_key(name);
         match self.read(&key).await? {
             (None, generation) => Ok((None, generation)),
             (Some(value), generation) => Ok((
@@ -224,7 +290,7 @@ impl Registry {
     /// or was never registered.
     pub async fn versions(&self, name: &str) -> Result<Vec<FunctionRecord>> {
         validate_name(name)?;
-        let key = function_key(name);
+        let key = self.kind.record_key(name);
         match self.read(&key).await?.0 {
             None => Ok(Vec::new()),
             Some(value) => Ok(live_versions(versions_of(&key, &value)?)),
@@ -234,12 +300,13 @@ impl Registry {
     /// The newest version of every function that is not deleted, by name.
     pub async fn list(&self) -> Result<Vec<FunctionRecord>> {
         let names = self.names().await?;
-        let keys: Vec<String> = names.iter().map(|n| function_key(n)).collect();
+        let kind = self.kind;
+        let keys: Vec<String> = names.iter().map(|n| kind.record_key(n)).collect();
         let values = self.kvs.with(move |c| c.get_many(&keys)).await?;
         let mut newest = Vec::new();
         for (name, value) in names.iter().zip(values) {
             if let Some(value) = value {
-                let key = function_key(name);
+                let key = self.kind.record_key(name);
                 if let Some(record) = versions_of(&key, &value)?.pop().filter(|r| !r.deleted) {
                     newest.push(record);
                 }
@@ -252,7 +319,7 @@ impl Registry {
     /// already deleted). Executors stop calling it as soon as the store pushes the change.
     pub async fn delete(&self, name: &str) -> Result<bool> {
         validate_name(name)?;
-        let key = function_key(name);
+        let key = self.kind.record_key(name);
         let name = name.to_string();
         let deleted = self
             .kvs
@@ -284,7 +351,8 @@ impl Registry {
 
     /// The registered names, sorted.
     pub async fn names(&self) -> Result<Vec<String>> {
-        let value = self.kvs.with(|client| client.get(NAMES_KEY)).await?;
+        let names_key = self.kind.names_key();
+        let value = self.kvs.with(move |client| client.get(names_key)).await?;
         let mut names: Vec<String> = match value {
             None => Vec::new(),
             Some(LatticeValue::Set(set)) => set
@@ -294,7 +362,7 @@ impl Registry {
                 .collect(),
             Some(other) => {
                 return Err(Error::BadValue {
-                    key: NAMES_KEY.into(),
+                    key: names_key.into(),
                     reason: format!("expected a set, found {}", other.lattice_type().name()),
                 })
             }

@@ -68,3 +68,47 @@ pub fn guest(name: &str) -> Vec<u8> {
     let path = guests().join(format!("{}.wasm", name.replace('-', "_")));
     std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
+
+/// The SqueezeNet example's data (`examples/squeezenet`): the model, its labels, two photos,
+/// their preprocessed input tensors and onnxruntime's outputs for them.
+pub fn squeezenet_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("examples")
+        .join("squeezenet")
+}
+
+/// The data bytes of a little-endian `f32` NumPy file (`.npy`, format 1.0 or 2.0), checked.
+///
+/// # Panics
+/// If the file cannot be read or is not such an array.
+pub fn npy_f32(path: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    assert!(
+        bytes.starts_with(b"\x93NUMPY"),
+        "{} is not .npy",
+        path.display()
+    );
+    let (header_len, start) = match bytes[6] {
+        1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
+        _ => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+    };
+    let header = String::from_utf8_lossy(&bytes[start..start + header_len]);
+    assert!(
+        header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"),
+        "{} is not a C-order little-endian f32 array: {header}",
+        path.display()
+    );
+    bytes[start + header_len..].to_vec()
+}
+
+/// Little-endian `f32`s from bytes.
+pub fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}

@@ -121,6 +121,16 @@ pub struct InvokeOptions {
     pub result_key: Option<String>,
 }
 
+/// What a registration stores.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Artifact {
+    /// A function: a WebAssembly component.
+    #[default]
+    Function,
+    /// A model for `wasi:nn`: an ONNX file.
+    Model,
+}
+
 /// Limits asked for at registration; unset ones take the executor's defaults.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LimitsRequest {
@@ -367,11 +377,13 @@ pub enum Message {
         request: u64,
         /// Where the answer goes.
         reply_to: String,
-        /// The function's name.
+        /// What is registered.
+        kind: Artifact,
+        /// The function's (or model's) name.
         name: String,
-        /// The component.
+        /// The component (or the model file).
         code: Bytes,
-        /// Limits for its calls.
+        /// Limits for its calls (functions only).
         limits: LimitsRequest,
     },
     /// Executor to gateway: the registration's outcome.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hashbrown::HashMap;
 use squall_proto::call::{
-    ExecutorStatus, Failure, FailureCode, FunctionVersion, Invocation, InvokeOptions,
+    Artifact, ExecutorStatus, Failure, FailureCode, FunctionVersion, Invocation, InvokeOptions,
     LimitsRequest, Message, Target,
 };
 use squall_proto::fabric::{Fabric, Mailbox};
@@ -182,9 +182,11 @@ impl SchedulerClient {
         }
     }
 
-    /// Registers a function through an executor (which checks the code by compiling it).
+    /// Registers a function (or a model) through an executor, which checks it by compiling
+    /// (or loading) it.
     pub async fn register(
         &self,
+        kind: Artifact,
         name: &str,
         code: Bytes,
         limits: LimitsRequest,
@@ -194,6 +196,7 @@ impl SchedulerClient {
             .request(wait, |request, reply_to| Message::Register {
                 request,
                 reply_to,
+                kind,
                 name: name.to_string(),
                 code,
                 limits,

@@ -29,11 +29,11 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use squall_executor::clients::ClientPool;
-use squall_executor::registry::{function_key, validate_name};
+use squall_executor::registry::validate_name;
 use squall_executor::{FunctionRecord, Registry};
 use squall_lattices::{LatticeValue, Lww, Max, Min, SetLattice, Timestamp};
 use squall_proto::call::{
-    result_key, CallResult, Failure, FailureCode, InvokeOptions, LimitsRequest, Target,
+    result_key, Artifact, CallResult, Failure, FailureCode, InvokeOptions, LimitsRequest, Target,
 };
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
@@ -69,6 +69,7 @@ impl Default for GatewayConfig {
 pub struct Gateway {
     client: SchedulerClient,
     functions: Registry,
+    models: Registry,
     dags: DagRegistry,
     kvs: ClientPool,
     metrics: Metrics,
@@ -88,12 +89,20 @@ impl Gateway {
         Arc::new(Self {
             client,
             functions: Registry::direct(kvs.clone()),
+            models: Registry::direct(kvs.clone()).models(),
             dags: DagRegistry::new(kvs.clone(), None),
             kvs,
             metrics: Metrics::new(),
             config,
             writer: rand::random(),
         })
+    }
+
+    fn registry(&self, kind: Artifact) -> &Registry {
+        match kind {
+            Artifact::Function => &self.functions,
+            Artifact::Model => &self.models,
+        }
     }
 
     /// The HTTP routes.
@@ -111,6 +120,11 @@ impl Gateway {
                     .delete(delete_function),
             )
             .route("/v1/functions/{name}/invoke", post(invoke_function))
+            .route("/v1/models", get(list_models))
+            .route(
+                "/v1/models/{name}",
+                put(register_model).get(get_model).delete(delete_model),
+            )
             .route("/v1/dags", get(list_dags))
             .route(
                 "/v1/dags/{name}",
@@ -456,11 +470,24 @@ async fn register_function(
         memory_bytes: params.memory_mb.map(|mb| mb.saturating_mul(1 << 20)),
         reuse_instances: params.reuse,
     };
+    register(&gateway, Artifact::Function, &name, code, limits).await
+}
+
+/// Registers through an executor, then has the schedulers and executors re-read the record.
+async fn register(
+    gateway: &Gateway,
+    kind: Artifact,
+    name: &str,
+    code: Bytes,
+    limits: LimitsRequest,
+) -> ApiResult<(StatusCode, Json<FunctionInfo>)> {
     let version = gateway
         .client
-        .register(&name, code, limits, gateway.config.register_timeout)
+        .register(kind, name, code, limits, gateway.config.register_timeout)
         .await?;
-    gateway.client.refresh(vec![function_key(&name)]);
+    gateway
+        .client
+        .refresh(vec![gateway.registry(kind).kind().record_key(name)]);
     Ok((
         StatusCode::CREATED,
         Json(FunctionInfo {
@@ -473,11 +500,48 @@ async fn register_function(
     ))
 }
 
+/// The newest version of every function (or model).
+async fn list(gateway: &Gateway, kind: Artifact) -> ApiResult<Json<Vec<FunctionInfo>>> {
+    let list = gateway.registry(kind).list().await?;
+    Ok(Json(list.into_iter().map(FunctionInfo::from).collect()))
+}
+
+/// A function's (or model's) versions.
+async fn detail(
+    gateway: &Gateway,
+    kind: Artifact,
+    name: String,
+) -> ApiResult<Json<FunctionDetail>> {
+    checked_name(&name)?;
+    let registry = gateway.registry(kind);
+    let versions = registry.versions(&name).await?;
+    if versions.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "{} {name:?} is not registered",
+            registry.kind().noun()
+        )));
+    }
+    Ok(Json(FunctionDetail {
+        name,
+        versions: versions.into_iter().map(FunctionInfo::from).collect(),
+    }))
+}
+
+/// Deletes a function (or model), then has the schedulers and executors re-read the record.
+async fn delete(gateway: &Gateway, kind: Artifact, name: &str) -> ApiResult<StatusCode> {
+    checked_name(name)?;
+    let registry = gateway.registry(kind);
+    let existed = registry.delete(name).await?;
+    gateway
+        .client
+        .refresh(vec![registry.kind().record_key(name)]);
+    deleted(existed, registry.kind().noun(), name)
+}
+
 #[utoipa::path(get, path = "/v1/functions", tag = "functions",
     responses((status = 200, body = Vec<FunctionInfo>)))]
 async fn list_functions(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<Vec<FunctionInfo>>> {
-    let list = gateway.functions.list().await?;
-    Ok(Json(list.into_iter().map(FunctionInfo::from).collect()))
+    list(&gateway, Artifact::Function).await
 }
 
 #[utoipa::path(get, path = "/v1/functions/{name}", tag = "functions",
@@ -487,17 +551,7 @@ async fn get_function(
     State(gateway): State<Arc<Gateway>>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<FunctionDetail>> {
-    checked_name(&name)?;
-    let versions = gateway.functions.versions(&name).await?;
-    if versions.is_empty() {
-        return Err(ApiError::not_found(format!(
-            "function {name:?} is not registered"
-        )));
-    }
-    Ok(Json(FunctionDetail {
-        name,
-        versions: versions.into_iter().map(FunctionInfo::from).collect(),
-    }))
+    detail(&gateway, Artifact::Function, name).await
 }
 
 #[utoipa::path(delete, path = "/v1/functions/{name}", tag = "functions",
@@ -507,10 +561,58 @@ async fn delete_function(
     State(gateway): State<Arc<Gateway>>,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
+    delete(&gateway, Artifact::Function, &name).await
+}
+
+#[utoipa::path(put, path = "/v1/models/{name}", tag = "models",
+    params(("name" = String, Path, description = "Model name, as functions load it (wasi:nn load-by-name)")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The ONNX file"),
+    responses((status = 201, body = FunctionInfo), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 413, body = ErrorBody)))]
+async fn register_model(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<FunctionInfo>)> {
     checked_name(&name)?;
-    let existed = gateway.functions.delete(&name).await?;
-    gateway.client.refresh(vec![function_key(&name)]);
-    deleted(existed, "function", &name)
+    let model = body?;
+    if model.is_empty() {
+        return Err(ApiError::bad_request("the body must be the ONNX file"));
+    }
+    register(
+        &gateway,
+        Artifact::Model,
+        &name,
+        model,
+        LimitsRequest::default(),
+    )
+    .await
+}
+
+#[utoipa::path(get, path = "/v1/models", tag = "models",
+    responses((status = 200, body = Vec<FunctionInfo>)))]
+async fn list_models(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<Vec<FunctionInfo>>> {
+    list(&gateway, Artifact::Model).await
+}
+
+#[utoipa::path(get, path = "/v1/models/{name}", tag = "models",
+    params(("name" = String, Path, description = "Model name")),
+    responses((status = 200, body = FunctionDetail), (status = 404, body = ErrorBody)))]
+async fn get_model(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<FunctionDetail>> {
+    detail(&gateway, Artifact::Model, name).await
+}
+
+#[utoipa::path(delete, path = "/v1/models/{name}", tag = "models",
+    params(("name" = String, Path, description = "Model name")),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn delete_model(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    delete(&gateway, Artifact::Model, &name).await
 }
 
 /// The answer to a DELETE: 204, or 404 if there was nothing to delete.
@@ -898,7 +1000,8 @@ async fn put_kv(
 #[openapi(
     info(title = "Squall", description = "Stateful functions and DAGs of functions over a lattice key-value store"),
     paths(healthz, metrics, openapi, executors, register_function, list_functions, get_function,
-        delete_function, invoke_function, invoke_dag, put_dag, list_dags, get_dag, delete_dag,
+        delete_function, invoke_function, register_model, list_models, get_model, delete_model,
+        invoke_dag, put_dag, list_dags, get_dag, delete_dag,
         get_result, get_kv, put_kv),
     components(schemas(ErrorBody, ErrorDetail, Health, ExecutorInfo, FunctionInfo, FunctionDetail,
         Accepted, DagInfo, DagSpec, Running)),

@@ -72,6 +72,15 @@ pub fn choose(
         .map(|(i, _)| i)
 }
 
+/// The index of the least loaded candidate, for work any executor can do.
+pub fn least_loaded(candidates: &[Candidate<'_>]) -> Option<usize> {
+    candidates
+        .iter()
+        .enumerate()
+        .min_by_key(|(_, c)| u64::from(c.load()) * 1000 / u64::from(c.status.capacity.max(1)))
+        .map(|(i, _)| i)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,14 +28,14 @@ use squall_executor::clients::ClientPool;
 use squall_executor::node::store_result;
 use squall_executor::Registry;
 use squall_proto::call::{
-    CallId, CallResult, ExecutorStatus, Failure, FailureCode, Invocation, InvokeOptions, Message,
-    Outcome, Plan, Target,
+    Artifact, CallId, CallResult, ExecutorStatus, Failure, FailureCode, Invocation, InvokeOptions,
+    Message, Outcome, Plan, Target,
 };
 use squall_proto::fabric::{Fabric, Mailbox};
 use tokio::task::JoinHandle;
 
 use crate::dag::{DagRegistry, Shape};
-use crate::placement::{choose, Candidate};
+use crate::placement::{choose, least_loaded, Candidate};
 
 /// How a scheduler behaves.
 #[derive(Debug, Clone)]
@@ -264,6 +264,7 @@ fn handle(shared: &Arc<Shared>, message: Message) {
         Message::Register {
             request,
             reply_to,
+            kind,
             name,
             code,
             limits,
@@ -271,7 +272,13 @@ fn handle(shared: &Arc<Shared>, message: Message) {
             let to = {
                 let state = shared.state();
                 let candidates = candidates(&state);
-                choose(&candidates, &name, &[], &[])
+                // A function goes to an executor that serves it (and warms it there); any
+                // executor can check a model.
+                let chosen = match kind {
+                    Artifact::Function => choose(&candidates, &name, &[], &[]),
+                    Artifact::Model => least_loaded(&candidates),
+                };
+                chosen
                     .map(|i| candidates[i].status.addr.clone())
                     .ok_or_else(|| no_executor(&state, &name))
             };
@@ -283,6 +290,7 @@ fn handle(shared: &Arc<Shared>, message: Message) {
                         Message::Register {
                             request,
                             reply_to: reply_to.clone(),
+                            kind,
                             name,
                             code,
                             limits,

@@ -13,7 +13,7 @@ use squall_executor::testing::guest;
 use squall_executor::{Cache, CacheConfig, Config, Executor, ExecutorNode, NodeConfig};
 use squall_kvs::Node;
 use squall_proto::call::{
-    result_key, CallResult, FailureCode, InvokeOptions, LimitsRequest, Target,
+    result_key, Artifact, CallResult, FailureCode, InvokeOptions, LimitsRequest, Target,
 };
 use squall_proto::fabric::Fabric;
 use squall_scheduler::{DagRegistry, DagSpec, Scheduler, SchedulerClient, SchedulerConfig};
@@ -93,7 +93,13 @@ impl Cluster {
     async fn register(&self, name: &str) {
         let version = self
             .client
-            .register(name, guest(name).into(), LimitsRequest::default(), WAIT)
+            .register(
+                Artifact::Function,
+                name,
+                guest(name).into(),
+                LimitsRequest::default(),
+                WAIT,
+            )
             .await
             .unwrap_or_else(|e| panic!("register {name}: {e}"));
         assert_eq!(version.name, name);
@@ -283,6 +289,7 @@ async fn steps_cross_executors_and_a_lost_executor_fails_its_calls_early() {
     let version = cluster
         .client
         .register(
+            Artifact::Function,
             "misbehave",
             guest("misbehave").into(),
             LimitsRequest {

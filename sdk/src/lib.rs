@@ -21,6 +21,7 @@
 //!   lattice of `squall-lattices`.
 //! - [`call`]: calls another registered function.
 //! - [`log`]: messages into the node's log.
+//! - [`nn`]: inference with models registered in Squall (`wasi:nn`), run natively by the host.
 //! - [`bindings`]: the raw generated bindings, for what the typed helpers do not cover.
 //!
 //! # Why these dependencies
@@ -40,6 +41,8 @@ pub mod bindings {
     wit_bindgen::generate!({
         path: "wit",
         world: "handler",
+        // The wasi:nn interfaces are generated here too (no other crate provides them).
+        generate_all,
         pub_export_macro: true,
         default_bindings_module: "squall_sdk::bindings",
     });
@@ -123,6 +126,8 @@ impl std::fmt::Display for CallError {
 }
 
 impl std::error::Error for CallError {}
+
+pub mod nn;
 
 /// Logging into the node's log, tagged with the function's name.
 pub mod log {

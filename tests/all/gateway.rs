@@ -4,65 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use squall_executor::testing::guest;
 
-use crate::support::NodeProcess;
+use crate::support::{self, http, Answer, NodeProcess};
 
 const TOKEN: &str = "s3cret";
 const WAIT: Duration = Duration::from_secs(60);
-
-/// An HTTP answer: status, the placement header, body.
-struct Answer {
-    status: u16,
-    placement: String,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
-    }
-
-    fn error_code(&self) -> String {
-        self.json()["error"]["code"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no error code in {}", self.text()))
-            .to_string()
-    }
-}
-
-fn http(method: &str, url: &str, token: Option<&str>, body: &[u8]) -> Answer {
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(120))
-        .build();
-    let mut request = agent.request(method, url);
-    if let Some(token) = token {
-        request = request.set("Authorization", &format!("Bearer {token}"));
-    }
-    let response = match request.send_bytes(body) {
-        Ok(response) => response,
-        Err(ureq::Error::Status(_, response)) => response,
-        Err(e) => panic!("{method} {url}: {e}"),
-    };
-    let status = response.status();
-    let placement = response
-        .header("squall-placement")
-        .unwrap_or_default()
-        .to_string();
-    let mut body = Vec::new();
-    std::io::Read::read_to_end(&mut response.into_reader(), &mut body).expect("read body");
-    Answer {
-        status,
-        placement,
-        body,
-    }
-}
 
 fn register(base: &str, name: &str, query: &str) {
     let answer = http(
@@ -96,21 +43,7 @@ fn invoke(base: &str, path: &str, input: &str) -> Answer {
 #[test]
 fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let up = NodeProcess::spawn(
-        dir.path(),
-        &[
-            "up",
-            "--in-memory",
-            "--http-port",
-            "0",
-            "--kvs-port",
-            "0",
-            "--scheduler-port",
-            "0",
-            "--token",
-            TOKEN,
-        ],
-    );
+    let up = support::up(dir.path(), &["--token", TOKEN]);
     let base = up.field("http");
     for name in ["incr", "square", "join", "misbehave"] {
         register(&base, name, "");

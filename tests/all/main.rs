@@ -7,4 +7,5 @@ mod commands;
 mod crash;
 mod garbage;
 mod gateway;
+mod squeezenet;
 mod support;

@@ -11,9 +11,26 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use serde_json::Value;
 
 /// How long a node may take to print READY (recovery of a large log included).
 const READY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// `squall up` on OS-assigned ports, in memory; `extra` arguments follow.
+pub fn up(log_dir: &Path, extra: &[&str]) -> NodeProcess {
+    let mut args = vec![
+        "up",
+        "--in-memory",
+        "--http-port",
+        "0",
+        "--kvs-port",
+        "0",
+        "--scheduler-port",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    NodeProcess::spawn(log_dir, &args)
+}
 
 /// The `squall` binary built for these tests.
 pub fn squall() -> Command {
@@ -146,5 +163,59 @@ impl Drop for NodeProcess {
                 self.log_text()
             );
         }
+    }
+}
+
+/// An HTTP answer: status, the placement header, body.
+pub struct Answer {
+    pub status: u16,
+    pub placement: String,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error code in {}", self.text()))
+            .to_string()
+    }
+}
+
+/// Sends an HTTP request (with a bearer token if given) and returns the answer, whatever its
+/// status.
+pub fn http(method: &str, url: &str, token: Option<&str>, body: &[u8]) -> Answer {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(120))
+        .build();
+    let mut request = agent.request(method, url);
+    if let Some(token) = token {
+        request = request.set("Authorization", &format!("Bearer {token}"));
+    }
+    let response = match request.send_bytes(body) {
+        Ok(response) => response,
+        Err(ureq::Error::Status(_, response)) => response,
+        Err(e) => panic!("{method} {url}: {e}"),
+    };
+    let status = response.status();
+    let placement = response
+        .header("squall-placement")
+        .unwrap_or_default()
+        .to_string();
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(&mut response.into_reader(), &mut body).expect("read body");
+    Answer {
+        status,
+        placement,
+        body,
     }
 }

@@ -7,14 +7,13 @@
 //! its own) as the floor. Setups alternate over rounds; the table reports medians over rounds
 //! and ratios to the floor.
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use squall_bench::{closed_loop, median, LoadResult};
+use squall_bench::{closed_loop, field, median, spawn, LoadResult, Spawned, SQUALL_UP};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -33,53 +32,6 @@ struct Args {
     /// Serve HTTP echo and nothing else (how the harness starts its floor).
     #[arg(long, hide = true)]
     echo_server: bool,
-}
-
-/// A spawned process, killed on drop.
-struct Spawned(Child);
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Spawns `program args` and returns it with the fields of its READY line.
-fn spawn(program: &PathBuf, args: &[&str]) -> anyhow::Result<(Spawned, Vec<(String, String)>)> {
-    let mut child = Command::new(program)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {}", program.display()))?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let child = Spawned(child);
-    let mut lines = BufReader::new(stdout).lines();
-    loop {
-        let Some(line) = lines.next() else {
-            bail!("{} {args:?} exited before READY", program.display());
-        };
-        if let Some(rest) = line?.strip_prefix("READY ") {
-            let fields = rest
-                .split_whitespace()
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            // Keep draining stdout so the process never blocks on a full pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            return Ok((child, fields));
-        }
-    }
-}
-
-fn field(fields: &[(String, String)], key: &str) -> anyhow::Result<String> {
-    fields
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.clone())
-        .with_context(|| format!("READY line without {key}"))
 }
 
 fn agent() -> ureq::Agent {
@@ -121,24 +73,10 @@ fn register(base: &str, dag: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn embedded(
-    squall: &PathBuf,
-    executors: &str,
-) -> anyhow::Result<(Spawned, String, String, String)> {
+fn embedded(squall: &Path, executors: &str) -> anyhow::Result<(Spawned, String, String, String)> {
     let (up, fields) = spawn(
         squall,
-        &[
-            "up",
-            "--in-memory",
-            "--http-port",
-            "0",
-            "--kvs-port",
-            "0",
-            "--scheduler-port",
-            "0",
-            "--executors",
-            executors,
-        ],
+        &[&SQUALL_UP[..], &["--executors", executors]].concat(),
     )?;
     Ok((
         up,
