@@ -652,9 +652,24 @@ mod host {
                 Ok(inputs) => inputs,
                 Err(e) => return self.nn_fail(e),
             };
+            let started = std::time::Instant::now();
             let outputs = self
-                .nn_blocking("inference", move || model.run(inputs))
+                .nn_blocking("inference", move || {
+                    let ran = std::time::Instant::now();
+                    let outputs = model.run(inputs);
+                    tracing::debug!(
+                        model = %model.name,
+                        us = ran.elapsed().as_micros() as u64,
+                        "inference"
+                    );
+                    outputs
+                })
                 .await;
+            tracing::debug!(
+                function = %self.call.function,
+                us = started.elapsed().as_micros() as u64,
+                "compute"
+            );
             match outputs {
                 Ok(outputs) => {
                     let mut handles = Vec::with_capacity(outputs.len());

@@ -43,6 +43,8 @@ pub fn guests() -> &'static Path {
             ])
             .arg("--manifest-path")
             .arg(&manifest)
+            // Cargo reads `.cargo/config.toml` (the guests' target features) from where it runs.
+            .current_dir(examples_dir())
             .arg("--target-dir")
             .arg(target_dir())
             // Flags meant for the host build (coverage, sanitizers) do not apply to guests.

@@ -1,7 +1,8 @@
 //! Inference through `wasi:nn` against the reference: the `squeezenet` guest runs the real
 //! SqueezeNet 1.1 (examples/squeezenet) on the two sample tensors, and its output must match
 //! onnxruntime's to 1e-4 per class. Also: the model is loaded once per executor, and a missing
-//! or malformed model is a clear error.
+//! or malformed model is a clear error. The `preprocess` guest turns each sample photo into
+//! (nearly) the reference tensor.
 
 use squall_executor::testing::{f32s, guest, npy_f32, squeezenet_dir};
 use squall_executor::{CallOptions, Config, Error, Executor};
@@ -102,4 +103,39 @@ async fn a_file_that_is_not_a_model_is_refused() {
         .await
         .expect("list")
         .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preprocess_reproduces_the_reference_tensors() {
+    let (_node, executor) = start();
+    executor
+        .register("preprocess", guest("preprocess"), None)
+        .await
+        .expect("register the function");
+    for sample in SAMPLES {
+        let dir = squeezenet_dir();
+        let photo = std::fs::read(dir.join(format!("{sample}.png"))).expect("the photo");
+        let reference = f32s(&npy_f32(
+            &dir.join(format!("{sample}_input_1x3x224x224_f32.npy")),
+        ));
+        let output = executor
+            .call("preprocess", &photo, CallOptions::default())
+            .await
+            .expect("preprocess");
+        let tensor = f32s(&output);
+        assert_eq!(tensor.len(), 3 * 224 * 224, "{sample}: NCHW 1x3x224x224");
+        // PIL's resize is not reproduced bit for bit: pixels may differ by one level, and
+        // rarely more; a shifted crop or swapped channels would differ by tens.
+        let differences: Vec<f32> = tensor
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs())
+            .collect();
+        let mean = differences.iter().sum::<f32>() / differences.len() as f32;
+        let max = differences.iter().copied().fold(0.0, f32::max);
+        assert!(
+            mean < 0.5 && max <= 2.0,
+            "{sample}: mean difference {mean}, largest {max}"
+        );
+    }
 }

@@ -4,7 +4,9 @@
 //! load generator, native tract inference of the same photo's preprocessed tensor (the code
 //! the executor's `wasi:nn` host runs, called directly), and, if `--python` names an
 //! interpreter with onnxruntime, onnxruntime on that tensor with one thread
-//! (`bench/ort_squeezenet.py`). Setups alternate over rounds; the tables report medians over
+//! (`bench/ort_squeezenet.py`). For the breakdown it also times the pipeline's two heavy steps
+//! alone: `preprocess` (decode, resize, crop in WebAssembly) and `squeezenet` (the tensor in,
+//! inference through `wasi:nn`). Setups alternate over rounds; the tables report medians over
 //! rounds and ratios.
 
 use std::io::Read;
@@ -67,23 +69,39 @@ fn start(squall: &Path) -> anyhow::Result<(squall_bench::Spawned, String)> {
     Ok((up, base))
 }
 
-fn pipeline(url: &str, photo: &[u8], clients: usize, seconds: f64) -> anyhow::Result<LoadResult> {
-    closed_loop(
+/// A closed loop of `clients` posting `body` to `url`; every answer must be non-empty and
+/// contain `expect`.
+fn post_loop(
+    url: &str,
+    body: &[u8],
+    expect: &str,
+    clients: usize,
+    seconds: f64,
+) -> anyhow::Result<LoadResult> {
+    let load = closed_loop(
         clients,
         Duration::from_millis(500),
         Duration::from_secs_f64(seconds),
         |_| Ok(agent()),
         |agent, _| {
-            let response = agent.post(url).send_bytes(photo)?;
-            let mut out = String::new();
-            response.into_reader().read_to_string(&mut out)?;
-            // The cat's reference top-1 class.
-            if !out.contains("\"index\":285") {
-                bail!("unexpected answer {out}");
+            let response = agent.post(url).send_bytes(body)?;
+            let mut out = Vec::new();
+            response.into_reader().read_to_end(&mut out)?;
+            if out.is_empty()
+                || !(expect.is_empty() || out.windows(expect.len()).any(|w| w == expect.as_bytes()))
+            {
+                bail!("unexpected answer from {url} ({} bytes)", out.len());
             }
             Ok(())
         },
-    )
+    )?;
+    if load.errors > 0 {
+        bail!(
+            "{} failed requests to {url} at concurrency {clients}",
+            load.errors
+        );
+    }
+    Ok(load)
 }
 
 /// Native tract inference of `input`, one thread, for `seconds`: per-run latencies (µs).
@@ -140,11 +158,29 @@ fn main() -> anyhow::Result<()> {
     let model = Model::load("squeezenet", "", &onnx)?;
     let (_up, base) = start(&args.squall)?;
     let url = format!("{base}/v1/dags/classify/invoke");
+    // The pipeline's two heavy steps alone, for the breakdown: the photo to the tensor, and
+    // the tensor to the probabilities (4000 bytes).
+    let steps = [
+        (
+            format!("{base}/v1/functions/preprocess/invoke"),
+            photo.clone(),
+            "",
+        ),
+        (
+            format!("{base}/v1/functions/squeezenet/invoke"),
+            tensor.data.clone(),
+            "",
+        ),
+    ];
+    // The cat's reference top-1 class.
+    const CAT: &str = "\"index\":285";
 
     let mut rows: Vec<(&str, Vec<f64>, Vec<f64>)> = vec![
         ("native tract inference (anchor)", vec![], vec![]),
         ("onnxruntime, 1 thread (second anchor)", vec![], vec![]),
         ("`classify` over HTTP, concurrency 1", vec![], vec![]),
+        ("step `preprocess` alone over HTTP", vec![], vec![]),
+        ("step `squeezenet` alone over HTTP", vec![], vec![]),
     ];
     let mut throughput: Vec<(usize, Vec<f64>)> = vec![(1, vec![]), (2, vec![]), (8, vec![])];
     for round in 0..args.rounds {
@@ -159,11 +195,13 @@ fn main() -> anyhow::Result<()> {
             rows[1].1.push(p50);
             rows[1].2.push(p99);
         }
+        for (row, (step, body, expect)) in rows[3..].iter_mut().zip(&steps) {
+            let load = post_loop(step, body, expect, 1, args.seconds)?;
+            row.1.push(load.latency_us.value_at_quantile(0.5) as f64);
+            row.2.push(load.latency_us.value_at_quantile(0.99) as f64);
+        }
         for (clients, samples) in throughput.iter_mut() {
-            let load = pipeline(&url, &photo, *clients, args.seconds)?;
-            if load.errors > 0 {
-                bail!("{} failed requests at concurrency {clients}", load.errors);
-            }
+            let load = post_loop(&url, &photo, CAT, *clients, args.seconds)?;
             if *clients == 1 {
                 rows[2]
                     .1
@@ -175,10 +213,12 @@ fn main() -> anyhow::Result<()> {
             samples.push(load.throughput());
         }
         eprintln!(
-            "round {round}: native p50 {:.0} µs; classify p50 {:.0} µs p99 {:.0} µs; req/s at 1/2/8: {:.1} {:.1} {:.1}",
+            "round {round}: native p50 {:.0} µs; classify p50 {:.0} µs p99 {:.0} µs; preprocess p50 {:.0} µs; squeezenet p50 {:.0} µs; req/s at 1/2/8: {:.1} {:.1} {:.1}",
             rows[0].1[round],
             rows[2].1[round],
             rows[2].2[round],
+            rows[3].1[round],
+            rows[4].1[round],
             throughput[0].1[round],
             throughput[1].1[round],
             throughput[2].1[round],
