@@ -121,6 +121,10 @@ pub struct CallArgs {
     /// The call's deadline in milliseconds.
     #[arg(long)]
     timeout_ms: Option<u64>,
+    /// Consistency mode: lww (merge only) or repeatable-read (every read of a key in the run
+    /// returns the same version).
+    #[arg(long, default_value = "lww", env = "SQUALL_CONSISTENCY")]
+    consistency: squall_proto::call::Consistency,
 }
 
 #[derive(Debug, Args)]
@@ -215,7 +219,12 @@ fn call(connection: &Connection, kind: &str, args: &CallArgs) -> anyhow::Result<
     }
     let output = send(
         connection,
-        request(connection, "POST", &path).send_bytes(&input),
+        request(connection, "POST", &path)
+            .set(
+                squall_scheduler::gateway::CONSISTENCY_HEADER,
+                args.consistency.as_str(),
+            )
+            .send_bytes(&input),
     )?;
     let mut out = std::io::stdout().lock();
     out.write_all(&output)?;

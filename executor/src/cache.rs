@@ -13,8 +13,9 @@
 //! missed, and refills on demand.
 //!
 //! Calls see the cache through a [`Session`], which is where a consistency mode keeps what it
-//! must remember across one call's reads: [`Consistency::Lww`] needs nothing; the
-//! repeatable-read and causal modes will pin versions there.
+//! must remember across one call's reads: [`Consistency::Lww`] needs nothing;
+//! [`Consistency::RepeatableRead`] reads and writes through its run's pins
+//! ([`crate::pins`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,8 +28,11 @@ use squall_kvs::ShardSession;
 use squall_lattices::{Lattice, LatticeValue};
 use squall_proto::{decode_response, Key, Response};
 
+pub use squall_proto::call::Consistency;
+
 use crate::clients::ClientPool;
 use crate::config::CacheConfig;
+use crate::pins::{RunContext, RunPins};
 use crate::{Error, Result};
 
 /// How long the update thread waits for a push before doing its periodic work.
@@ -45,15 +49,6 @@ const DRAIN_BATCH: usize = 1024;
 
 /// Largest push message accepted on the update socket.
 const MAX_PUSH_BYTES: i64 = 64 << 20;
-
-/// The consistency a call asks for.
-#[non_exhaustive]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Consistency {
-    /// Every read returns the cache's current merge of what it knows; writes are merged.
-    #[default]
-    Lww,
-}
 
 /// Counters of the cache's work since it started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -173,11 +168,30 @@ impl Cache {
         &self.inner.endpoint
     }
 
-    /// A view of the cache for one call.
+    /// A view of the cache for one call in `mode`. A repeatable-read call that is not part
+    /// of a run (see [`Cache::run_session`]) pins versions for itself and its nested calls.
     pub fn session(&self, mode: Consistency) -> Session {
+        let run = (mode == Consistency::RepeatableRead).then(|| RunView {
+            pins: Arc::default(),
+            upstream: None,
+        });
         Session {
             cache: self.clone(),
             mode,
+            run,
+        }
+    }
+
+    /// A repeatable-read view of the cache for one step of run `context`, reading through
+    /// `pins` (the run's pins on this executor).
+    pub fn run_session(&self, pins: Arc<RunPins>, context: RunContext) -> Session {
+        Session {
+            cache: self.clone(),
+            mode: Consistency::RepeatableRead,
+            run: Some(RunView {
+                pins,
+                upstream: Some(context),
+            }),
         }
     }
 
@@ -570,11 +584,19 @@ fn size_of(value: Option<&LatticeValue>) -> usize {
             .map_or(0, |b| b.len())
 }
 
-/// One call's view of the cache (see the module docs).
-#[derive(Debug)]
+/// One call's view of the cache (see the module docs). Clones share the run's pins (a
+/// nested call reads what its caller pinned).
+#[derive(Debug, Clone)]
 pub struct Session {
     cache: Cache,
     mode: Consistency,
+    run: Option<RunView>,
+}
+
+#[derive(Debug, Clone)]
+struct RunView {
+    pins: Arc<RunPins>,
+    upstream: Option<RunContext>,
 }
 
 impl Session {
@@ -585,15 +607,65 @@ impl Session {
 
     /// Reads a key as the session's mode allows.
     pub async fn get(&mut self, key: &str) -> Result<Option<LatticeValue>> {
-        match self.mode {
-            Consistency::Lww => self.cache.get(key).await,
+        let Some(run) = &self.run else {
+            return self.cache.get(key).await;
+        };
+        if let Some(pinned) = run.pins.get(key) {
+            return Ok(pinned);
         }
+        let pinned_upstream = run
+            .upstream
+            .as_ref()
+            .and_then(|context| Some((context, context.upstream.get(key)?)));
+        let value = match pinned_upstream {
+            None => self.cache.get(key).await?,
+            Some((context, pin)) => {
+                let held = self.cache.get(key).await?;
+                if squall_proto::call::digest(held.as_ref()) == pin.digest {
+                    held
+                } else {
+                    fetch_pinned(context, &pin.holder, key).await?
+                }
+            }
+        };
+        Ok(run.pins.pin(key, value))
     }
 
-    /// Merges a value into a key (through to the store); returns the merged value.
+    /// Merges a value into a key (through to the store); returns the merged value as the
+    /// session sees it.
     pub async fn merge(&mut self, key: &str, value: LatticeValue) -> Result<LatticeValue> {
-        match self.mode {
-            Consistency::Lww => self.cache.merge(key, value).await,
+        match &self.run {
+            None => self.cache.merge(key, value).await,
+            Some(run) => {
+                let merged = self.cache.merge(key, value.clone()).await?;
+                Ok(run.pins.write(key, value, merged))
+            }
         }
     }
+}
+
+/// Fetches the version of `key` that run `context` pinned on `holder`.
+async fn fetch_pinned(
+    context: &RunContext,
+    holder: &str,
+    key: &str,
+) -> Result<Option<LatticeValue>> {
+    let unavailable = |reason: String| Error::PinUnavailable {
+        key: key.to_string(),
+        holder: holder.to_string(),
+        reason,
+    };
+    let source = context
+        .source
+        .as_ref()
+        .ok_or_else(|| unavailable("no way to reach other executors".into()))?;
+    let values = source
+        .fetch(holder, context.call, vec![key.to_string()])
+        .await
+        .map_err(unavailable)?;
+    values
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, value)| value)
+        .ok_or_else(|| unavailable("the holder did not answer for the key".into()))
 }

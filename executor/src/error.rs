@@ -134,6 +134,17 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// Repeatable read: the version of a key pinned by an earlier step of the run could not
+    /// be fetched from the executor holding it (so the read fails rather than return another).
+    #[error("the version of {key:?} pinned by this run on {holder} is unavailable: {reason}")]
+    PinUnavailable {
+        /// The key.
+        key: String,
+        /// The executor that pinned it.
+        holder: String,
+        /// Why.
+        reason: String,
+    },
     /// The executor could not start (engine settings, sockets, threads).
     #[error("executor setup failed: {0}")]
     Setup(String),

@@ -27,21 +27,26 @@ use wasmtime::{
     Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline,
 };
 
-use crate::cache::{Cache, CacheStats, Consistency};
+use crate::cache::{Cache, CacheStats, Consistency, Session};
 use crate::clients::ClientPool;
 use crate::config::{Config, Limits};
 use crate::host::{log_output, CallContext, CallState, Handler, HandlerPre, Limiter};
 use crate::nn::Models;
+use crate::pins::{PinTable, RunContext};
 use crate::registry::{function_key, FunctionRecord, Registry};
 use crate::{Error, Result};
 
 /// Options of one call.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct CallOptions {
     /// How the call sees the store (default [`Consistency::Lww`]).
     pub consistency: Consistency,
     /// A deadline shorter than the function's own, if the caller has one.
     pub timeout: Option<Duration>,
+    /// Repeatable read: the run this call is a step of (its pins here are shared by the run's
+    /// steps on this executor, and its earlier steps' pins are read through it). Without it,
+    /// a repeatable-read call pins versions for itself and its nested calls only.
+    pub run: Option<RunContext>,
 }
 
 /// Counters of an executor's calls.
@@ -109,6 +114,7 @@ pub(crate) struct Inner {
     cache: Cache,
     registry: Registry,
     pub(crate) models: Models,
+    pins: PinTable,
     loaded: Mutex<HashMap<String, Arc<Loaded>>>,
     compiled: Mutex<HashMap<String, Arc<Compiled>>>,
     writer: WriterId,
@@ -183,6 +189,7 @@ impl Executor {
                 cache,
                 registry,
                 models,
+                pins: PinTable::default(),
                 loaded: Mutex::new(HashMap::new()),
                 compiled: Mutex::new(HashMap::new()),
                 writer: rand::random(),
@@ -234,15 +241,27 @@ impl Executor {
         let max = self.inner.config.max_limits.timeout();
         let timeout = options.timeout.unwrap_or(max).min(max);
         let deadline = Instant::now() + timeout;
+        let session = match (options.consistency, options.run) {
+            (Consistency::RepeatableRead, Some(context)) => {
+                let pins = self.inner.pins.open(context.call, context.deadline);
+                self.inner.cache.run_session(pins, context)
+            }
+            (mode, _) => self.inner.cache.session(mode),
+        };
         run(
             self.inner.clone(),
             name.to_string(),
             input.to_vec(),
             0,
             deadline,
-            options.consistency,
+            session,
         )
         .await
+    }
+
+    /// The versions runs have pinned here (repeatable read).
+    pub fn pins(&self) -> &PinTable {
+        &self.inner.pins
     }
 
     /// Makes sure `name` has an instance ready, compiling and instantiating it if needed, so
@@ -612,7 +631,7 @@ pub(crate) async fn run(
     input: Vec<u8>,
     depth: u32,
     deadline: Instant,
-    consistency: Consistency,
+    session: Session,
 ) -> Result<Vec<u8>> {
     if depth > inner.config.max_call_depth {
         return Err(Error::CallDepthExceeded {
@@ -650,7 +669,7 @@ pub(crate) async fn run(
         function: function.clone(),
         deadline,
         depth,
-        session: inner.cache.session(consistency),
+        session,
         fatal: None,
     };
     let tick = inner.config.epoch_tick.max(Duration::from_millis(1));

@@ -308,9 +308,10 @@ impl squall::function::invoke::Host for CallState {
         let executor = self.executor()?;
         let depth = self.call.depth + 1;
         let deadline = self.call.deadline;
-        let mode = self.call.session.mode();
+        // The nested call shares the caller's session: in repeatable read, the run's pins.
+        let session = self.call.session.clone();
         let nested = Box::pin(crate::executor::run(
-            executor, name, input, depth, deadline, mode,
+            executor, name, input, depth, deadline, session,
         ))
         .await;
         match nested {

@@ -21,6 +21,8 @@
 //! - `host`: what the guest's imports do (state, nested calls, logging, captured stdio).
 //! - [`registry`]: functions and their versions in the store.
 //! - [`cache`]: the colocated cache and the per-call [`cache::Session`].
+//! - [`pins`]: repeatable read across a run's steps: versions pinned per run, released when
+//!   the run ends, fetched by later steps from the executor that pinned them.
 //! - [`clients`]: blocking store clients lent to async code.
 //! - `testing` (feature `testing`): builds the example guests for tests and benchmarks.
 //!
@@ -42,6 +44,7 @@ pub mod executor;
 mod host;
 pub mod nn;
 pub mod node;
+pub mod pins;
 pub mod registry;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -51,4 +54,5 @@ pub use config::{CacheConfig, Config, Limits};
 pub use error::{Error, Result};
 pub use executor::{CallOptions, Executor, ExecutorStats};
 pub use node::{ExecutorNode, NodeConfig};
+pub use pins::{PinSource, PinTable, RunContext};
 pub use registry::{FunctionRecord, Registry};

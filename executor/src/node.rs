@@ -15,26 +15,33 @@
 //! Plans come from the network: one naming steps it does not have is refused before any of it
 //! runs, and an output is taken only from a step the plan lists as an input.
 //!
+//! In repeatable read, each output carries the versions the run has pinned so far
+//! ([`PinRef`]s; a fan-in step takes its inputs' pins in edge order, the first pin of a key
+//! winning), the node answers other executors' requests for the pins it holds
+//! ([`Message::FetchPins`]), and it releases a run's pins when the scheduler says the run has
+//! ended ([`Message::Release`], or [`Message::Cancel`]) or when its deadline is long past.
+//!
 //! Several times a second the node tells every scheduler it knows how it is
 //! ([`ExecutorStatus`]): its load, the functions it serves and has warm, and the keys its
 //! cache holds, which is what placement decides by.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hashbrown::HashMap;
 use squall_lattices::{LatticeValue, Lww, Timestamp};
 use squall_proto::call::{
-    Artifact, CallId, CallResult, ExecutorStatus, Failure, FailureCode, FunctionVersion,
-    LimitsRequest, Message, Outcome, Plan, StepIndex, MAX_STEPS,
+    Artifact, CallId, CallResult, Consistency, ExecutorStatus, Failure, FailureCode,
+    FunctionVersion, LimitsRequest, Message, Outcome, PinRef, Plan, StepIndex, MAX_STEPS,
 };
 use squall_proto::fabric::{Fabric, Mailbox};
 use tokio::task::JoinHandle;
 
 use crate::clients::ClientPool;
-use crate::{CallOptions, Consistency, Error, Executor, FunctionRecord};
+use crate::pins::{PinFuture, PinSource, PinnedValues, RunContext};
+use crate::{CallOptions, Error, Executor, FunctionRecord};
 
 /// Keys of the cache reported in each heartbeat, at most.
 const MAX_REPORTED_KEYS: usize = 1024;
@@ -95,6 +102,12 @@ impl ExecutorNode {
             executor,
             fabric: mailbox.fabric().clone(),
             addr: addr.clone(),
+            pins: Arc::new(FabricPins {
+                fabric: mailbox.fabric().clone(),
+                addr: addr.clone(),
+                next: AtomicU64::new(1),
+                waiting: Arc::default(),
+            }),
             results,
             config,
             running: AtomicU32::new(0),
@@ -127,6 +140,7 @@ struct Shared {
     executor: Executor,
     fabric: Arc<Fabric>,
     addr: String,
+    pins: Arc<FabricPins>,
     results: ClientPool,
     config: NodeConfig,
     running: AtomicU32,
@@ -134,11 +148,14 @@ struct Shared {
     failures: AtomicU64,
 }
 
+/// An output that has arrived for a step: from which step, the data, and the run's pins.
+type Arrived = (StepIndex, Bytes, Vec<PinRef>);
+
 /// A step waiting for its plan or its inputs.
 struct Pending {
     plan: Option<Arc<Plan>>,
     deadline: Instant,
-    arrived: Vec<(StepIndex, Bytes)>,
+    arrived: Vec<Arrived>,
 }
 
 /// Steps waiting for their plan or inputs, and calls that have ended (their late outputs are
@@ -162,6 +179,7 @@ async fn serve(shared: Arc<Shared>, mut mailbox: Mailbox) {
             _ = beat.tick() => {
                 heartbeat(&shared, waiting.steps.len());
                 let now = Instant::now();
+                shared.executor.pins().expire(now);
                 waiting.steps.retain(|(call, step), p| {
                     let keep = p.deadline > now;
                     if !keep {
@@ -194,7 +212,14 @@ fn handle(shared: &Arc<Shared>, waiting: &mut Waiting, message: Message) {
             for step in plan.steps_on(&shared.addr).collect::<Vec<_>>() {
                 let spec = &plan.steps[step as usize];
                 if spec.inputs.is_empty() {
-                    spawn_step(shared, plan.clone(), step, input.clone(), deadline);
+                    spawn_step(
+                        shared,
+                        plan.clone(),
+                        step,
+                        input.clone(),
+                        Vec::new(),
+                        deadline,
+                    );
                     continue;
                 }
                 let entry = waiting
@@ -206,7 +231,9 @@ fn handle(shared: &Arc<Shared>, waiting: &mut Waiting, message: Message) {
                         arrived: Vec::new(),
                     });
                 // Outputs that came first, from steps that are not this step's inputs, go.
-                entry.arrived.retain(|(from, _)| spec.inputs.contains(from));
+                entry
+                    .arrived
+                    .retain(|(from, _, _)| spec.inputs.contains(from));
                 entry.plan = Some(plan.clone());
                 entry.deadline = deadline;
                 try_start(shared, &mut waiting.steps, (plan.call, step));
@@ -217,6 +244,7 @@ fn handle(shared: &Arc<Shared>, waiting: &mut Waiting, message: Message) {
             step,
             from,
             data,
+            pins,
         } => {
             if waiting.ended.contains_key(&call) {
                 return;
@@ -245,8 +273,8 @@ fn handle(shared: &Arc<Shared>, waiting: &mut Waiting, message: Message) {
                     from,
                     "output from a step that is not an input dropped"
                 );
-            } else if !entry.arrived.iter().any(|(f, _)| *f == from) {
-                entry.arrived.push((from, data));
+            } else if !entry.arrived.iter().any(|(f, _, _)| *f == from) {
+                entry.arrived.push((from, data, pins));
             }
             try_start(shared, steps, (call, step));
         }
@@ -258,7 +286,29 @@ fn handle(shared: &Arc<Shared>, waiting: &mut Waiting, message: Message) {
         Message::Cancel { call } => {
             waiting.steps.retain(|(c, _), _| *c != call);
             waiting.ended.insert(call, Instant::now() + ORPHAN_WAIT);
+            shared.executor.pins().release(call);
         }
+        Message::Release { call } => shared.executor.pins().release(call),
+        Message::FetchPins {
+            request,
+            call,
+            keys,
+            reply_to,
+        } => {
+            let result = match shared.executor.pins().get(call) {
+                Some(pins) => pins.lookup(&keys),
+                None => Err(format!(
+                    "run {call} holds no pins here (it ended, or this executor restarted)"
+                )),
+            };
+            if let Err(e) = shared
+                .fabric
+                .send(&reply_to, Message::Pins { request, result })
+            {
+                tracing::debug!(to = %reply_to, cause = %e, "pins not sent");
+            }
+        }
+        Message::Pins { request, result } => shared.pins.answered(request, result),
         Message::Register {
             request,
             reply_to,
@@ -318,7 +368,7 @@ fn try_start(
     if !spec
         .inputs
         .iter()
-        .all(|i| entry.arrived.iter().any(|(from, _)| from == i))
+        .all(|i| entry.arrived.iter().any(|(from, _, _)| from == i))
     {
         return;
     }
@@ -327,23 +377,29 @@ fn try_start(
     };
     let Some(plan) = entry.plan else { return };
     let spec = &plan.steps[key.1 as usize];
-    let input = if let [only] = spec.inputs[..] {
-        entry
-            .arrived
-            .into_iter()
-            .find(|(from, _)| *from == only)
-            .map(|(_, d)| d)
-            .unwrap_or_default()
+    // The inputs in edge order, with the run's pins along each.
+    let mut arrived = entry.arrived;
+    let ordered: Vec<(Bytes, Vec<PinRef>)> = spec
+        .inputs
+        .iter()
+        .filter_map(|i| {
+            let at = arrived.iter().position(|(from, _, _)| from == i)?;
+            let (_, data, pins) = arrived.swap_remove(at);
+            Some((data, pins))
+        })
+        .collect();
+    let mut pins: Vec<PinRef> = Vec::new();
+    for (_, refs) in &ordered {
+        for pin in refs {
+            if !pins.iter().any(|p| p.key == pin.key) {
+                pins.push(pin.clone());
+            }
+        }
+    }
+    let input = if let [(only, _)] = &ordered[..] {
+        only.clone()
     } else {
-        let mut arrived = entry.arrived;
-        let ordered: Vec<Bytes> = spec
-            .inputs
-            .iter()
-            .filter_map(|i| {
-                let at = arrived.iter().position(|(from, _)| from == i)?;
-                Some(arrived.swap_remove(at).1)
-            })
-            .collect();
+        let ordered: Vec<Bytes> = ordered.into_iter().map(|(data, _)| data).collect();
         match rmp_serde::to_vec(&ordered) {
             Ok(encoded) => Bytes::from(encoded),
             Err(e) => {
@@ -361,7 +417,7 @@ fn try_start(
         }
     };
     let deadline = entry.deadline;
-    spawn_step(shared, plan, key.1, input, deadline);
+    spawn_step(shared, plan, key.1, input, pins, deadline);
 }
 
 fn spawn_step(
@@ -369,10 +425,11 @@ fn spawn_step(
     plan: Arc<Plan>,
     step: StepIndex,
     input: Bytes,
+    pins: Vec<PinRef>,
     deadline: Instant,
 ) {
     let shared = shared.clone();
-    tokio::spawn(async move { run_step(shared, plan, step, input, deadline).await });
+    tokio::spawn(async move { run_step(shared, plan, step, input, pins, deadline).await });
 }
 
 async fn run_step(
@@ -380,6 +437,7 @@ async fn run_step(
     plan: Arc<Plan>,
     step: StepIndex,
     input: Bytes,
+    upstream: Vec<PinRef>,
     deadline: Instant,
 ) {
     let spec = &plan.steps[step as usize];
@@ -388,22 +446,23 @@ async fn run_step(
         message,
         step: Some(spec.function.clone()),
     };
-    let consistency = match plan.consistency.as_str() {
-        "" | "lww" => Consistency::Lww,
-        other => {
-            let message = format!("unknown consistency mode {other:?}");
-            report(
-                &shared,
-                &plan,
-                Err(failed(FailureCode::BadRequest, message)),
-            );
-            return;
-        }
-    };
+    let repeatable = plan.consistency == Consistency::RepeatableRead;
+    let run = repeatable.then(|| RunContext {
+        call: plan.call,
+        upstream: Arc::new(
+            upstream
+                .iter()
+                .map(|pin| (pin.key.clone(), pin.clone()))
+                .collect(),
+        ),
+        source: Some(shared.pins.clone() as Arc<dyn PinSource>),
+        deadline,
+    });
     shared.running.fetch_add(1, Ordering::Relaxed);
     let options = CallOptions {
-        consistency,
+        consistency: plan.consistency,
         timeout: Some(deadline.saturating_duration_since(Instant::now())),
+        run,
     };
     let result = shared.executor.call(&spec.function, &input, options).await;
     shared.running.fetch_sub(1, Ordering::Relaxed);
@@ -431,6 +490,24 @@ async fn run_step(
         report(&shared, &plan, outcome);
         return;
     }
+    // What the run has pinned, for the next steps: here (this step and the run's other
+    // steps on this executor), and before (pins this executor does not hold).
+    let pins = if repeatable {
+        let mut pins = shared
+            .executor
+            .pins()
+            .get(plan.call)
+            .map(|held| held.refs(&shared.addr))
+            .unwrap_or_default();
+        for pin in upstream {
+            if !pins.iter().any(|p| p.key == pin.key) {
+                pins.push(pin);
+            }
+        }
+        pins
+    } else {
+        Vec::new()
+    };
     for &next in &spec.outputs {
         let Some(to) = plan.steps.get(next as usize) else {
             continue;
@@ -440,6 +517,7 @@ async fn run_step(
             step: next,
             from: step,
             data: output.clone(),
+            pins: pins.clone(),
         };
         if let Err(e) = shared.fabric.send(&to.executor, message) {
             let message = format!(
@@ -453,6 +531,63 @@ async fn run_step(
             );
             return;
         }
+    }
+}
+
+/// Fetches pins from other executors over the fabric: a [`Message::FetchPins`] to the
+/// holder, answered by a [`Message::Pins`] to this node's mailbox.
+#[derive(Debug)]
+struct FabricPins {
+    fabric: Arc<Fabric>,
+    addr: String,
+    next: AtomicU64,
+    waiting: Arc<Mutex<HashMap<u64, PinWaiter>>>,
+}
+
+type PinWaiter = tokio::sync::oneshot::Sender<Result<PinnedValues, String>>;
+
+fn lock(
+    waiting: &Mutex<HashMap<u64, PinWaiter>>,
+) -> std::sync::MutexGuard<'_, HashMap<u64, PinWaiter>> {
+    waiting.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl FabricPins {
+    fn answered(&self, request: u64, result: Result<PinnedValues, String>) {
+        if let Some(waiter) = lock(&self.waiting).remove(&request) {
+            let _ = waiter.send(result);
+        }
+    }
+}
+
+/// Forgets a fetch whose caller went away before the answer came.
+struct Forget(Arc<Mutex<HashMap<u64, PinWaiter>>>, u64);
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        lock(&self.0).remove(&self.1);
+    }
+}
+
+impl PinSource for FabricPins {
+    fn fetch(&self, holder: &str, call: CallId, keys: Vec<String>) -> PinFuture {
+        let request = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&self.waiting).insert(request, tx);
+        let forget = Forget(self.waiting.clone(), request);
+        let message = Message::FetchPins {
+            request,
+            call,
+            keys,
+            reply_to: self.addr.clone(),
+        };
+        let sent = self.fabric.send(holder, message);
+        let holder = holder.to_string();
+        Box::pin(async move {
+            let _forget = forget;
+            sent.map_err(|e| format!("asking {holder}: {e}"))?;
+            rx.await.map_err(|_| format!("{holder} did not answer"))?
+        })
     }
 }
 
@@ -559,7 +694,7 @@ pub fn failure_code(error: &Error) -> FailureCode {
         Error::InputTooLarge { .. } | Error::OutputTooLarge { .. } => FailureCode::TooLarge,
         Error::NoCapacity { .. } => FailureCode::NoCapacity,
         Error::Failed { .. } => FailureCode::FunctionFailed,
-        Error::Kvs(_) => FailureCode::Unavailable,
+        Error::Kvs(_) | Error::PinUnavailable { .. } => FailureCode::Unavailable,
         Error::CorruptCode { .. }
         | Error::BadValue { .. }
         | Error::Setup(_)

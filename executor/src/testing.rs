@@ -3,10 +3,16 @@
 //! They are built from source with the same toolchain, for `wasm32-wasip2`, once per process,
 //! into `target/guests` (a target directory of their own, so this never waits on the lock of
 //! the build that is running the tests).
+//!
+//! Also the consistency checker's reading of what the `observe` probe reports
+//! ([`observations`], [`repeatable_read_violations`]), shared by the anomaly test and the
+//! consistency benchmark.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+
+use hashbrown::HashMap;
 
 /// The directory of the example functions' workspace.
 pub fn examples_dir() -> PathBuf {
@@ -113,4 +119,44 @@ pub fn f32s(bytes: &[u8]) -> Vec<f32> {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
+}
+
+/// The reads of one run as the `observe` probe reports them (its output: a key line, then a
+/// `key=value` line per read, in order).
+pub fn observations(output: &[u8]) -> Vec<(String, String)> {
+    String::from_utf8_lossy(output)
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let (key, value) = line.split_once('=')?;
+            Some((key.to_string(), value.to_string()))
+        })
+        .collect()
+}
+
+/// The keys a run read in more than one version: each is a violation of repeatable read.
+pub fn repeatable_read_violations(reads: &[(String, String)]) -> Vec<String> {
+    let mut first: HashMap<&str, &str> = HashMap::new();
+    let mut violated: Vec<String> = Vec::new();
+    for (key, value) in reads {
+        let seen = *first.entry(key.as_str()).or_insert(value.as_str());
+        if seen != value && !violated.contains(key) {
+            violated.push(key.clone());
+        }
+    }
+    violated
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checker_sees_a_key_read_in_two_versions() {
+        let consistent = observations(b"a b\na=1\nb=-\na=1\nb=-\n");
+        assert_eq!(consistent.len(), 4);
+        assert!(repeatable_read_violations(&consistent).is_empty());
+        let anomaly = observations(b"a b\na=1\nb=2\na=1\nb=3\nb=4\n");
+        assert_eq!(repeatable_read_violations(&anomaly), ["b"]);
+    }
 }

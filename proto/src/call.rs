@@ -25,6 +25,83 @@ pub type StepIndex = u16;
 /// The most steps a plan (and so a DAG) has.
 pub const MAX_STEPS: usize = 256;
 
+/// How the functions of one call see the store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Consistency {
+    /// Lattice merge only: every read returns the executor cache's current merge of what it
+    /// knows.
+    #[default]
+    Lww,
+    /// Within one run of a call (every step, on any executor, and their nested calls), every
+    /// read of a key returns the same version: the first read pins it, and the run's own
+    /// writes are merged into the pinned version.
+    RepeatableRead,
+}
+
+impl Consistency {
+    /// Every mode, as named in the HTTP header and on the command line.
+    pub const ALL: [Consistency; 2] = [Consistency::Lww, Consistency::RepeatableRead];
+
+    /// The mode's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Lww => "lww",
+            Consistency::RepeatableRead => "repeatable-read",
+        }
+    }
+}
+
+impl std::fmt::Display for Consistency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Consistency {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        Consistency::ALL
+            .into_iter()
+            .find(|mode| mode.as_str() == name)
+            .ok_or_else(|| {
+                let names: Vec<_> = Consistency::ALL.iter().map(|m| m.as_str()).collect();
+                format!(
+                    "unknown consistency mode {name:?} (supported: {})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// A version a run has pinned (repeatable read), as it travels with the run's step outputs:
+/// which key, which version (a digest of the value), and the executor that holds it for the
+/// run, so a later step whose cache holds another version fetches this one from there.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PinRef {
+    /// The store key.
+    pub key: String,
+    /// The pinned version: [`digest`] of the value (0: the key did not exist).
+    pub digest: u64,
+    /// The mailbox of the executor that holds the pinned value until the run ends.
+    pub holder: String,
+}
+
+/// Identifies a version of a value: the first 8 bytes of the SHA-256 of its MessagePack
+/// encoding; 0 for "no value". Equal values have equal digests on every node.
+pub fn digest(value: Option<&squall_lattices::LatticeValue>) -> u64 {
+    use sha2::Digest;
+    let Some(value) = value else { return 0 };
+    let Ok(encoded) = rmp_serde::to_vec(value) else {
+        return u64::MAX;
+    };
+    let hash = sha2::Sha256::digest(&encoded);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash[..8]);
+    u64::from_le_bytes(first).max(1)
+}
+
 /// How a running call is laid out over executors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
@@ -36,8 +113,8 @@ pub struct Plan {
     pub steps: Vec<PlanStep>,
     /// Milliseconds the call had left when the plan was sent.
     pub timeout_ms: u64,
-    /// The consistency mode the call's functions run under (`lww`).
-    pub consistency: String,
+    /// The consistency mode the call's functions run under.
+    pub consistency: Consistency,
     /// The mailbox that learns the outcome (the scheduler's).
     pub report_to: String,
     /// For an asynchronous call, the store key the sink writes a [`CallResult`] to.
@@ -111,8 +188,8 @@ impl Target {
 /// How an invocation should run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InvokeOptions {
-    /// Consistency mode (`lww` is the default and the only mode so far).
-    pub consistency: String,
+    /// Consistency mode.
+    pub consistency: Consistency,
     /// Deadline of the whole call, in milliseconds (the scheduler's default if `None`).
     pub timeout_ms: Option<u64>,
     /// Store keys the call will read: the scheduler prefers executors whose caches hold them.
@@ -341,6 +418,32 @@ pub enum Message {
         from: StepIndex,
         /// The output.
         data: Bytes,
+        /// Repeatable read: the versions the run has pinned so far, along this path.
+        pins: Vec<PinRef>,
+    },
+    /// Executor to executor: send me these keys' versions pinned by this run.
+    FetchPins {
+        /// Echoed in the answer.
+        request: u64,
+        /// The run.
+        call: CallId,
+        /// The keys.
+        keys: Vec<String>,
+        /// Where the answer goes.
+        reply_to: String,
+    },
+    /// Executor to executor: the pinned versions asked for (`None`: the key did not exist),
+    /// or why they are not there (the run was released, or the executor restarted).
+    Pins {
+        /// The request answered.
+        request: u64,
+        /// The values, in the order asked.
+        result: Result<Vec<(String, Option<squall_lattices::LatticeValue>)>, String>,
+    },
+    /// Scheduler to executor: the call has ended; release the versions it pinned.
+    Release {
+        /// The call.
+        call: CallId,
     },
     /// Executor to scheduler: a call finished at its sink, or one of its steps failed.
     Done {
@@ -435,6 +538,9 @@ impl Message {
         match self {
             Message::Schedule { .. } => "schedule",
             Message::Output { .. } => "output",
+            Message::FetchPins { .. } => "fetch-pins",
+            Message::Pins { .. } => "pins",
+            Message::Release { .. } => "release",
             Message::Done { .. } => "done",
             Message::Cancel { .. } => "cancel",
             Message::Refresh { .. } => "refresh",
@@ -484,7 +590,7 @@ mod tests {
                 },
             ],
             timeout_ms: 1000,
-            consistency: "lww".into(),
+            consistency: Consistency::RepeatableRead,
             report_to: "tcp://127.0.0.1:3".into(),
             result_key: None,
         });
@@ -502,6 +608,39 @@ mod tests {
                 input: Bytes::from_static(b"3"),
             },
             Message::Cancel { call: 7 },
+            Message::Output {
+                call: 7,
+                step: 1,
+                from: 0,
+                data: Bytes::from_static(b"4"),
+                pins: vec![PinRef {
+                    key: "k".into(),
+                    digest: 42,
+                    holder: "tcp://127.0.0.1:1".into(),
+                }],
+            },
+            Message::FetchPins {
+                request: 9,
+                call: 7,
+                keys: vec!["k".into()],
+                reply_to: "tcp://127.0.0.1:2".into(),
+            },
+            Message::Pins {
+                request: 9,
+                result: Ok(vec![
+                    (
+                        "k".into(),
+                        Some(squall_lattices::LatticeValue::Lww(
+                            squall_lattices::Lww::new(
+                                squall_lattices::Timestamp::new(5, 1),
+                                Bytes::from_static(b"v"),
+                            ),
+                        )),
+                    ),
+                    ("gone".into(), None),
+                ]),
+            },
+            Message::Release { call: 7 },
             Message::Refresh {
                 keys: vec!["squall/fn/incr".into()],
             },
@@ -525,6 +664,31 @@ mod tests {
             assert!(decode_message(&frame[..frame.len() - 1]).is_err());
         }
         assert!(decode_message(b"SQ\x00\x01garbage!garbage").is_err());
+    }
+
+    #[test]
+    fn modes_parse_by_name_and_digests_tell_versions_apart() {
+        for mode in Consistency::ALL {
+            assert_eq!(mode.as_str().parse::<Consistency>(), Ok(mode));
+        }
+        let unknown = "serializable".parse::<Consistency>().expect_err("unknown");
+        assert!(unknown.contains("repeatable-read"), "{unknown}");
+        let version = |t: u64, v: &'static [u8]| {
+            squall_lattices::LatticeValue::Lww(squall_lattices::Lww::new(
+                squall_lattices::Timestamp::new(t, 1),
+                Bytes::from_static(v),
+            ))
+        };
+        assert_eq!(digest(None), 0);
+        assert_eq!(
+            digest(Some(&version(1, b"a"))),
+            digest(Some(&version(1, b"a")))
+        );
+        assert_ne!(
+            digest(Some(&version(1, b"a"))),
+            digest(Some(&version(2, b"a")))
+        );
+        assert_ne!(digest(Some(&version(1, b"a"))), 0);
     }
 
     #[test]

@@ -33,7 +33,8 @@ use squall_executor::registry::validate_name;
 use squall_executor::{FunctionRecord, Registry};
 use squall_lattices::{LatticeValue, Lww, Max, Min, SetLattice, Timestamp};
 use squall_proto::call::{
-    result_key, Artifact, CallResult, Failure, FailureCode, InvokeOptions, LimitsRequest, Target,
+    result_key, Artifact, CallResult, Consistency, Failure, FailureCode, InvokeOptions,
+    LimitsRequest, Target,
 };
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
@@ -646,7 +647,7 @@ pub struct Accepted {
     pub result: String,
 }
 
-/// The header naming the consistency mode of a call (`lww`, the default).
+/// The header naming the consistency mode of a call: `lww` (the default) or `repeatable-read`.
 pub const CONSISTENCY_HEADER: &str = "squall-consistency";
 /// The header listing store keys a call will read (comma-separated), for placement.
 pub const KEYS_HEADER: &str = "squall-keys";
@@ -655,7 +656,7 @@ pub const PLACEMENT_HEADER: &str = "squall-placement";
 
 #[utoipa::path(post, path = "/v1/functions/{name}/invoke", tag = "calls",
     params(("name" = String, Path, description = "Function name"), InvokeParams,
-        ("squall-consistency" = Option<String>, Header, description = "Consistency mode: lww (default)"),
+        ("squall-consistency" = Option<String>, Header, description = "Consistency mode: lww (default) or repeatable-read"),
         ("squall-keys" = Option<String>, Header, description = "Store keys the call reads, comma-separated")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200, description = "The function's output", content_type = "application/octet-stream"),
@@ -674,7 +675,7 @@ async fn invoke_function(
 
 #[utoipa::path(post, path = "/v1/dags/{name}/invoke", tag = "calls",
     params(("name" = String, Path, description = "DAG name"), InvokeParams,
-        ("squall-consistency" = Option<String>, Header, description = "Consistency mode: lww (default)"),
+        ("squall-consistency" = Option<String>, Header, description = "Consistency mode: lww (default) or repeatable-read"),
         ("squall-keys" = Option<String>, Header, description = "Store keys the call reads, comma-separated")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200, description = "The sink's output", content_type = "application/octet-stream"),
@@ -708,12 +709,10 @@ async fn invoke(
             })
             .transpose()
     };
-    let consistency = text(CONSISTENCY_HEADER)?.unwrap_or_else(|| "lww".into());
-    if consistency != "lww" {
-        return Err(ApiError::bad_request(format!(
-            "unknown consistency mode {consistency:?} (supported: lww)"
-        )));
-    }
+    let consistency = match text(CONSISTENCY_HEADER)? {
+        None => Consistency::default(),
+        Some(name) => name.parse().map_err(ApiError::bad_request)?,
+    };
     let keys = text(KEYS_HEADER)?
         .map(|k| {
             k.split(',')

@@ -15,8 +15,9 @@
 //! executor fails its calls even when its own steps of them had already run.
 //!
 //! When a call fails, its executors are told ([`Message::Cancel`]) so steps waiting for an
-//! input that will never come are dropped at once. Every registered function is kept warm on
-//! at least one executor.
+//! input that will never come are dropped at once; when a repeatable-read call ends, they
+//! release the versions it pinned ([`Message::Release`]). Every registered function is kept
+//! warm on at least one executor.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,8 +29,8 @@ use squall_executor::clients::ClientPool;
 use squall_executor::node::store_result;
 use squall_executor::Registry;
 use squall_proto::call::{
-    Artifact, CallId, CallResult, ExecutorStatus, Failure, FailureCode, Invocation, InvokeOptions,
-    Message, Outcome, Plan, Target,
+    Artifact, CallId, CallResult, Consistency, ExecutorStatus, Failure, FailureCode, Invocation,
+    InvokeOptions, Message, Outcome, Plan, Target,
 };
 use squall_proto::fabric::{Fabric, Mailbox};
 use tokio::task::JoinHandle;
@@ -150,6 +151,8 @@ struct Tracked {
     /// The executor of each step (addresses, one entry per step).
     executors: Vec<String>,
     placement: Vec<(String, String)>,
+    /// The call's mode: a repeatable-read call's executors release its pins when it ends.
+    consistency: Consistency,
 }
 
 impl Shared {
@@ -248,6 +251,7 @@ fn handle(shared: &Arc<Shared>, message: Message) {
                         deadline: Instant::now(),
                         executors: Vec::new(),
                         placement: Vec::new(),
+                        consistency: options.consistency,
                     };
                     finish(&shared, tracked, Err(failure));
                 }
@@ -391,15 +395,6 @@ async fn invoke(
     input: Bytes,
     options: &InvokeOptions,
 ) -> Result<(), Failure> {
-    match options.consistency.as_str() {
-        "" | "lww" => {}
-        other => {
-            return Err(Failure::new(
-                FailureCode::BadRequest,
-                format!("unknown consistency mode {other:?} (supported: lww)"),
-            ))
-        }
-    }
     let timeout = options
         .timeout_ms
         .map_or(shared.config.default_timeout, Duration::from_millis)
@@ -465,6 +460,7 @@ async fn invoke(
                 deadline,
                 executors: chosen.clone(),
                 placement: placement.clone(),
+                consistency: options.consistency,
             },
         );
         (chosen, placement)
@@ -478,7 +474,7 @@ async fn invoke(
             .as_millis()
             .try_into()
             .unwrap_or(u64::MAX),
-        consistency: options.consistency.clone(),
+        consistency: options.consistency,
         report_to: shared.addr.clone(),
         result_key: options.result_key.clone(),
     });
@@ -507,9 +503,13 @@ async fn invoke(
 
 /// Answers the caller of a finished call (and stores an asynchronous call's failure).
 fn finish(shared: &Arc<Shared>, tracked: Tracked, outcome: Result<Outcome, Failure>) {
+    if outcome.is_ok() && tracked.consistency == Consistency::RepeatableRead {
+        tell(shared, &tracked, Message::Release { call: tracked.call });
+    }
     if let Err(failure) = &outcome {
         tracing::debug!(name = %tracked.name, code = failure.code.as_str(), %failure, "call failed");
-        cancel(shared, &tracked);
+        // Cancelling also releases the call's pins.
+        tell(shared, &tracked, Message::Cancel { call: tracked.call });
         if let Some(key) = tracked.result_key.clone() {
             let kvs = shared.kvs.clone();
             let failure = failure.clone();
@@ -540,16 +540,14 @@ fn finish(shared: &Arc<Shared>, tracked: Tracked, outcome: Result<Outcome, Failu
     );
 }
 
-/// Tells a failed call's executors to drop its steps still waiting for inputs.
-fn cancel(shared: &Shared, tracked: &Tracked) {
+/// Tells each of an ended call's executors, once: [`Message::Cancel`] (a failed call: drop its
+/// steps still waiting for inputs) or [`Message::Release`] (release its pins).
+fn tell(shared: &Shared, tracked: &Tracked, message: Message) {
     let mut told: HashSet<&str> = HashSet::new();
     for addr in &tracked.executors {
         if told.insert(addr.as_str()) {
-            if let Err(e) = shared
-                .fabric
-                .send(addr, Message::Cancel { call: tracked.call })
-            {
-                tracing::debug!(executor = %addr, cause = %e, "cancel not sent");
+            if let Err(e) = shared.fabric.send(addr, message.clone()) {
+                tracing::debug!(executor = %addr, cause = %e, message = message.kind(), "not sent");
             }
         }
     }

@@ -4,6 +4,7 @@
 
 mod cli;
 mod commands;
+mod consistency;
 mod crash;
 mod garbage;
 mod gateway;

@@ -200,14 +200,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for round in 0..args.rounds {
         let (warmup, calls) = (args.warmup, args.calls);
         let samples = sample(warmup, calls, |_| async {
-            let out = executor.call("incr", &input, options).await?;
+            let out = executor.call("incr", &input, options.clone()).await?;
             anyhow::ensure!(out == b"42", "wrong output");
             Ok(())
         })
         .await?;
         cells[0].record(samples);
         let samples = sample(warmup, calls, |_| async {
-            let out = executor.call("incr-fresh", &input, options).await?;
+            let out = executor.call("incr-fresh", &input, options.clone()).await?;
             anyhow::ensure!(out == b"42", "wrong output");
             Ok(())
         })

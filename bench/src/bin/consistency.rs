@@ -1,0 +1,193 @@
+//! Consistency modes end to end: a three-step DAG of `observe` probes over shared keys
+//! (`acct/a`, `acct/b`, `acct/c`), its steps on two executor processes (steps 1 and 3 on one,
+//! step 2 on the other, each with its own cache), run over HTTP by one client in each mode
+//! while a writer changes the keys at a steady rate. For each mode: latency p50/p99 (medians
+//! over rounds; modes alternate within each round) and the runs that read some key in two
+//! versions, as the anomaly checker counts them (`squall_executor::testing`).
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use squall_bench::{closed_loop, field, median, spawn, SQUALL_UP};
+use squall_executor::testing::{guest, observations, repeatable_read_violations};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// The `squall` binary (built with `--release`).
+    #[arg(long, default_value = "target/release/squall")]
+    squall: PathBuf,
+    /// Rounds; each runs every mode once.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Seconds measured per mode per round.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Writes per second to the shared keys while the DAG runs.
+    #[arg(long, default_value_t = 500)]
+    writes_per_second: u64,
+}
+
+const KEYS: [&str; 3] = ["acct/a", "acct/b", "acct/c"];
+const MODES: [&str; 2] = ["lww", "repeatable-read"];
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .build()
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let (up, fields) = spawn(
+        &args.squall,
+        &[&SQUALL_UP[..], &["--executors", "0"]].concat(),
+    )?;
+    let base = field(&fields, "http")?;
+    let (kvs, scheduler) = (field(&fields, "kvs")?, field(&fields, "scheduler")?);
+    let mut processes = vec![up];
+    for (id, serves) in [("e1", "observe,observe-3"), ("e2", "observe-2")] {
+        let (executor, _) = spawn(
+            &args.squall,
+            &[
+                "executor",
+                "--kvs",
+                &kvs,
+                "--scheduler",
+                &scheduler,
+                "--id",
+                id,
+                "--serves",
+                serves,
+            ],
+        )?;
+        processes.push(executor);
+    }
+    let setup = agent();
+    let until = Instant::now() + Duration::from_secs(30);
+    while setup
+        .get(&format!("{base}/v1/executors"))
+        .call()?
+        .into_string()?
+        .matches("\"id\"")
+        .count()
+        < 2
+    {
+        if Instant::now() > until {
+            bail!("the executors did not join");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let code = guest("observe");
+    for name in ["observe", "observe-2", "observe-3"] {
+        setup
+            .put(&format!("{base}/v1/functions/{name}"))
+            .send_bytes(&code)
+            .with_context(|| format!("registering {name}"))?;
+    }
+    setup
+        .put(&format!("{base}/v1/dags/audit"))
+        .send_string(
+            r#"{"functions":["observe","observe-2","observe-3"],
+                "edges":[["observe","observe-2"],["observe-2","observe-3"]]}"#,
+        )
+        .context("creating the DAG")?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (base, stop) = (base.clone(), stop.clone());
+        let period = Duration::from_secs_f64(1.0 / args.writes_per_second.max(1) as f64);
+        std::thread::spawn(move || -> anyhow::Result<u64> {
+            let agent = agent();
+            let started = Instant::now();
+            let mut written = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let key = KEYS[(written % 3) as usize];
+                agent
+                    .put(&format!("{base}/v1/kv/{key}"))
+                    .send_bytes(format!("v{written}").as_bytes())?;
+                written += 1;
+                let next = started + period.mul_f64(written as f64);
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+            Ok(written)
+        })
+    };
+
+    let url = format!("{base}/v1/dags/audit/invoke");
+    let input = format!("{}\n", KEYS.join(" "));
+    // Per mode: p50s and p99s of the rounds, runs, runs with an anomaly.
+    let mut results: Vec<(Vec<f64>, Vec<f64>, u64, u64)> =
+        vec![(vec![], vec![], 0, 0); MODES.len()];
+    for round in 0..args.rounds {
+        for (mode, result) in MODES.iter().zip(results.iter_mut()) {
+            let (checked, anomalies) = (AtomicU64::new(0), AtomicU64::new(0));
+            let load = closed_loop(
+                1,
+                Duration::from_millis(300),
+                Duration::from_secs_f64(args.seconds),
+                |_| Ok(agent()),
+                |agent, _| {
+                    let response = agent
+                        .post(&url)
+                        .set("squall-consistency", mode)
+                        .send_bytes(input.as_bytes())?;
+                    let mut output = Vec::new();
+                    response.into_reader().read_to_end(&mut output)?;
+                    let reads = observations(&output);
+                    if reads.len() != 3 * KEYS.len() {
+                        bail!("unexpected output {:?}", String::from_utf8_lossy(&output));
+                    }
+                    checked.fetch_add(1, Ordering::Relaxed);
+                    if !repeatable_read_violations(&reads).is_empty() {
+                        anomalies.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(())
+                },
+            )?;
+            if load.errors > 0 {
+                bail!("{} failed runs in mode {mode}", load.errors);
+            }
+            result.0.push(load.latency_us.value_at_quantile(0.5) as f64);
+            result
+                .1
+                .push(load.latency_us.value_at_quantile(0.99) as f64);
+            // Every run is checked, the warm-up's too.
+            let (checked, anomalies) = (checked.into_inner(), anomalies.into_inner());
+            result.2 += checked;
+            result.3 += anomalies;
+            eprintln!(
+                "round {round} {mode}: p50 {} µs p99 {} µs, {checked} runs, {anomalies} with an anomaly",
+                load.latency_us.value_at_quantile(0.5),
+                load.latency_us.value_at_quantile(0.99),
+            );
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let written = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the writer panicked"))??;
+
+    println!(
+        "3-step DAG over 3 shared keys, steps on 2 executor processes, {} writes/s ({written} in all); medians of {} rounds, {} s each",
+        args.writes_per_second, args.rounds, args.seconds
+    );
+    println!();
+    println!("| mode | p50 (µs) | p99 (µs) | p50 vs lww | p99 vs lww | runs checked | runs with an anomaly |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let (lww_p50, lww_p99) = (median(&results[0].0), median(&results[0].1));
+    for (mode, (p50s, p99s, runs, anomalies)) in MODES.iter().zip(&results) {
+        println!(
+            "| {mode} | {:.0} | {:.0} | {:.2}x | {:.2}x | {runs} | {anomalies} |",
+            median(p50s),
+            median(p99s),
+            median(p50s) / lww_p50,
+            median(p99s) / lww_p99,
+        );
+    }
+    Ok(())
+}
