@@ -113,6 +113,20 @@ where
     })
 }
 
+/// What every end-to-end harness takes: the `squall` binary, and how long it measures.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// The `squall` binary (built with `--release`).
+    #[arg(long, default_value = "target/release/squall")]
+    pub squall: std::path::PathBuf,
+    /// Rounds; each measures every setup once.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Seconds measured per setup per round.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+}
+
 /// `squall up` on OS-assigned ports, in memory: the arguments every harness starts it with.
 pub const SQUALL_UP: [&str; 8] = [
     "up",

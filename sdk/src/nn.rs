@@ -47,14 +47,22 @@ impl Model {
     /// Runs a model of one `f32` input on `data` (of the dimensions `dimensions`, row-major)
     /// and returns its first output's values.
     pub fn infer_f32(&self, dimensions: &[u32], data: &[f32]) -> Result<Vec<f32>, String> {
-        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let input = Tensor::new(dimensions, TensorType::Fp32, &bytes);
+        Ok(floats(&self.infer_f32_bytes(dimensions, &bytes_of(data))?))
+    }
+
+    /// [`Model::infer_f32`] on the tensor's little-endian bytes as they are (a step's input,
+    /// say), returning the first output's bytes: no conversion on either side.
+    pub fn infer_f32_bytes(&self, dimensions: &[u32], data: &[u8]) -> Result<Vec<u8>, String> {
+        let input = Tensor::new(dimensions, TensorType::Fp32, data);
         let outputs = self.infer(vec![(String::new(), input)])?;
         let (_, output) = outputs
             .into_iter()
             .next()
             .ok_or_else(|| format!("model {} produced no output", self.name))?;
-        f32s(&output)
+        if output.ty() != TensorType::Fp32 {
+            return Err(format!("expected an FP32 tensor, got {:?}", output.ty()));
+        }
+        Ok(output.data())
     }
 }
 
@@ -76,7 +84,11 @@ pub fn floats(bytes: &[u8]) -> Vec<f32> {
 
 /// Little-endian bytes of `f32`s.
 pub fn bytes_of(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    let mut bytes = Vec::with_capacity(values.len() * 4);
+    for value in values {
+        bytes.extend_from_slice(&value.to_le_bytes());
+    }
+    bytes
 }
 
 fn describe(error: &errors::Error, model: &str) -> String {

@@ -7,13 +7,12 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use squall_executor::testing::{guest, observations, repeatable_read_violations};
 
-use crate::support::{http, NodeProcess};
+use crate::support::{http, roles};
 
-const WAIT: Duration = Duration::from_secs(60);
 const KEYS: [&str; 3] = ["acct/a", "acct/b", "acct/c"];
 const CLIENTS: usize = 4;
 
@@ -80,54 +79,12 @@ fn check(base: &str, mode: &str, runs: usize) -> (usize, usize) {
 #[test]
 fn repeatable_read_runs_never_see_two_versions_of_a_key() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let kvs = NodeProcess::start(dir.path(), &[]);
-    let scheduler = NodeProcess::spawn(
+    let roles = roles(
         dir.path(),
-        &["scheduler", "--port", "0", "--kvs", &kvs.addr],
+        &[],
+        &[("e1", "observe,observe-3"), ("e2", "observe-2")],
     );
-    let sched = scheduler.field("addr");
-    let gateway = NodeProcess::spawn(
-        dir.path(),
-        &[
-            "gateway",
-            "--http-port",
-            "0",
-            "--kvs",
-            &kvs.addr,
-            "--scheduler",
-            &sched,
-        ],
-    );
-    let base = gateway.field("http");
-    let _executors: Vec<NodeProcess> = [("e1", "observe,observe-3"), ("e2", "observe-2")]
-        .iter()
-        .map(|(id, serves)| {
-            NodeProcess::spawn(
-                dir.path(),
-                &[
-                    "executor",
-                    "--kvs",
-                    &kvs.addr,
-                    "--scheduler",
-                    &sched,
-                    "--id",
-                    id,
-                    "--serves",
-                    serves,
-                ],
-            )
-        })
-        .collect();
-    let until = Instant::now() + WAIT;
-    while http("GET", &format!("{base}/v1/executors"), None, b"")
-        .json()
-        .as_array()
-        .map(Vec::len)
-        != Some(2)
-    {
-        assert!(Instant::now() < until, "executors did not join");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let base = roles.base.clone();
     let code = guest("observe");
     for name in ["observe", "observe-2", "observe-3"] {
         let answer = http("PUT", &format!("{base}/v1/functions/{name}"), None, &code);

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use squall_executor::testing::guest;
 
-use crate::support::{self, http, Answer, NodeProcess};
+use crate::support::{self, http, Answer};
 
 const TOKEN: &str = "s3cret";
 const WAIT: Duration = Duration::from_secs(60);
@@ -211,56 +211,12 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
 #[test]
 fn dags_cross_executor_processes_and_a_killed_executor_fails_its_call_early() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let kvs = NodeProcess::start(dir.path(), &[]);
-    let scheduler = NodeProcess::spawn(
+    let mut roles = support::roles(
         dir.path(),
-        &["scheduler", "--port", "0", "--kvs", &kvs.addr],
+        &["--token", TOKEN],
+        &[("e1", "incr,misbehave"), ("e2", "square,misbehave")],
     );
-    let sched = scheduler.field("addr");
-    let gateway = NodeProcess::spawn(
-        dir.path(),
-        &[
-            "gateway",
-            "--http-port",
-            "0",
-            "--kvs",
-            &kvs.addr,
-            "--scheduler",
-            &sched,
-            "--token",
-            TOKEN,
-        ],
-    );
-    let base = gateway.field("http");
-    let mut executors: Vec<NodeProcess> = [("e1", "incr,misbehave"), ("e2", "square,misbehave")]
-        .iter()
-        .map(|(id, serves)| {
-            NodeProcess::spawn(
-                dir.path(),
-                &[
-                    "executor",
-                    "--kvs",
-                    &kvs.addr,
-                    "--scheduler",
-                    &sched,
-                    "--id",
-                    id,
-                    "--serves",
-                    serves,
-                ],
-            )
-        })
-        .collect();
-    let until = Instant::now() + WAIT;
-    while http("GET", &format!("{base}/v1/executors"), None, b"")
-        .json()
-        .as_array()
-        .map(Vec::len)
-        != Some(2)
-    {
-        assert!(Instant::now() < until, "executors did not join");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let base = roles.base.clone();
     register(&base, "incr", "");
     register(&base, "square", "");
     register(&base, "misbehave", "?timeout_ms=60000");
@@ -301,7 +257,7 @@ fn dags_cross_executor_processes_and_a_killed_executor_fails_its_call_early() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let victim = if busy == "e1" { 0 } else { 1 };
-    executors[victim].kill_hard();
+    roles.executors[victim].kill_hard();
     let (answer, took) = looping.join().expect("the caller");
     assert_eq!(
         (answer.status, answer.error_code().as_str()),

@@ -32,6 +32,75 @@ pub fn up(log_dir: &Path, extra: &[&str]) -> NodeProcess {
     NodeProcess::spawn(log_dir, &args)
 }
 
+/// The roles as separate processes: a store, a scheduler, a gateway, and executors.
+pub struct Roles {
+    /// The gateway's base URL.
+    pub base: String,
+    /// The executors, in the order asked.
+    pub executors: Vec<NodeProcess>,
+    // Dropped last: the executors and gateway need them until they stop.
+    _gateway: NodeProcess,
+    _scheduler: NodeProcess,
+    _kvs: NodeProcess,
+}
+
+/// Starts a store, a scheduler, a gateway (with `gateway_args`) and one executor per
+/// `(id, serves)`, each a process of its own on OS-assigned ports, and waits until the
+/// executors have joined.
+pub fn roles(log_dir: &Path, gateway_args: &[&str], executors: &[(&str, &str)]) -> Roles {
+    let kvs = NodeProcess::start(log_dir, &[]);
+    let scheduler = NodeProcess::spawn(log_dir, &["scheduler", "--port", "0", "--kvs", &kvs.addr]);
+    let sched = scheduler.field("addr");
+    let mut args = vec![
+        "gateway",
+        "--http-port",
+        "0",
+        "--kvs",
+        &kvs.addr,
+        "--scheduler",
+        &sched,
+    ];
+    args.extend_from_slice(gateway_args);
+    let gateway = NodeProcess::spawn(log_dir, &args);
+    let base = gateway.field("http");
+    let executors: Vec<NodeProcess> = executors
+        .iter()
+        .map(|(id, serves)| {
+            NodeProcess::spawn(
+                log_dir,
+                &[
+                    "executor",
+                    "--kvs",
+                    &kvs.addr,
+                    "--scheduler",
+                    &sched,
+                    "--id",
+                    id,
+                    "--serves",
+                    serves,
+                ],
+            )
+        })
+        .collect();
+    let until = std::time::Instant::now() + READY_DEADLINE;
+    while http("GET", &format!("{base}/v1/executors"), None, b"")
+        .json()
+        .as_array()
+        .map(Vec::len)
+        != Some(executors.len())
+    {
+        assert!(std::time::Instant::now() < until, "executors did not join");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Roles {
+        base,
+        executors,
+        _gateway: gateway,
+        _scheduler: scheduler,
+        _kvs: kvs,
+    }
+}
+
 /// The `squall` binary built for these tests.
 pub fn squall() -> Command {
     Command::new(env!("CARGO_BIN_EXE_squall"))

@@ -16,21 +16,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use squall_bench::{closed_loop, field, median, spawn, LoadResult, SQUALL_UP};
+use squall_bench::{closed_loop, field, median, spawn, LoadResult, RunArgs, SQUALL_UP};
 use squall_executor::nn::{ElementType, Model, Tensor};
 use squall_executor::testing::{guest, npy_f32, squeezenet_dir};
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// The `squall` binary (built with `--release`).
-    #[arg(long, default_value = "target/release/squall")]
-    squall: PathBuf,
-    /// Rounds; each runs every measurement once.
-    #[arg(long, default_value_t = 5)]
-    rounds: usize,
-    /// Seconds measured per run.
-    #[arg(long, default_value_t = 4.0)]
-    seconds: f64,
+    #[command(flatten)]
+    run: RunArgs,
     /// A Python interpreter that can import onnxruntime and numpy (the second anchor).
     #[arg(long)]
     python: Option<PathBuf>,
@@ -156,7 +149,7 @@ fn main() -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     let onnx = std::fs::read(dir.join("squeezenet1.1-fp32.onnx"))?;
     let model = Model::load("squeezenet", "", &onnx)?;
-    let (_up, base) = start(&args.squall)?;
+    let (_up, base) = start(&args.run.squall)?;
     let url = format!("{base}/v1/dags/classify/invoke");
     // The pipeline's two heavy steps alone, for the breakdown: the photo to the tensor, and
     // the tensor to the probabilities (4000 bytes).
@@ -183,25 +176,25 @@ fn main() -> anyhow::Result<()> {
         ("step `squeezenet` alone over HTTP", vec![], vec![]),
     ];
     let mut throughput: Vec<(usize, Vec<f64>)> = vec![(1, vec![]), (2, vec![]), (8, vec![])];
-    for round in 0..args.rounds {
-        let runs = native(&model, &tensor, args.seconds)?;
+    for round in 0..args.run.rounds {
+        let runs = native(&model, &tensor, args.run.seconds)?;
         let mut sorted = runs.clone();
         sorted.sort_by(f64::total_cmp);
         let p99 = sorted[((sorted.len() as f64 * 0.99) as usize).min(sorted.len() - 1)];
         rows[0].1.push(median(&runs));
         rows[0].2.push(p99);
         if let Some(python) = &args.python {
-            let (p50, p99) = onnxruntime(python, args.seconds)?;
+            let (p50, p99) = onnxruntime(python, args.run.seconds)?;
             rows[1].1.push(p50);
             rows[1].2.push(p99);
         }
         for (row, (step, body, expect)) in rows[3..].iter_mut().zip(&steps) {
-            let load = post_loop(step, body, expect, 1, args.seconds)?;
+            let load = post_loop(step, body, expect, 1, args.run.seconds)?;
             row.1.push(load.latency_us.value_at_quantile(0.5) as f64);
             row.2.push(load.latency_us.value_at_quantile(0.99) as f64);
         }
         for (clients, samples) in throughput.iter_mut() {
-            let load = post_loop(&url, &photo, CAT, *clients, args.seconds)?;
+            let load = post_loop(&url, &photo, CAT, *clients, args.run.seconds)?;
             if *clients == 1 {
                 rows[2]
                     .1
@@ -226,7 +219,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!(
         "SqueezeNet 1.1 on chelsea.png; medians of {} rounds, {} s each",
-        args.rounds, args.seconds
+        args.run.rounds, args.run.seconds
     );
     println!();
     println!("| measure | p50 (ms) | p99 (ms) | p50 vs native tract |");

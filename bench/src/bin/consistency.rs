@@ -6,27 +6,19 @@
 //! versions, as the anomaly checker counts them (`squall_executor::testing`).
 
 use std::io::Read;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use squall_bench::{closed_loop, field, median, spawn, SQUALL_UP};
+use squall_bench::{closed_loop, field, median, spawn, RunArgs, SQUALL_UP};
 use squall_executor::testing::{guest, observations, repeatable_read_violations};
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// The `squall` binary (built with `--release`).
-    #[arg(long, default_value = "target/release/squall")]
-    squall: PathBuf,
-    /// Rounds; each runs every mode once.
-    #[arg(long, default_value_t = 5)]
-    rounds: usize,
-    /// Seconds measured per mode per round.
-    #[arg(long, default_value_t = 3.0)]
-    seconds: f64,
+    #[command(flatten)]
+    run: RunArgs,
     /// Writes per second to the shared keys while the DAG runs.
     #[arg(long, default_value_t = 500)]
     writes_per_second: u64,
@@ -44,7 +36,7 @@ fn agent() -> ureq::Agent {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let (up, fields) = spawn(
-        &args.squall,
+        &args.run.squall,
         &[&SQUALL_UP[..], &["--executors", "0"]].concat(),
     )?;
     let base = field(&fields, "http")?;
@@ -52,7 +44,7 @@ fn main() -> anyhow::Result<()> {
     let mut processes = vec![up];
     for (id, serves) in [("e1", "observe,observe-3"), ("e2", "observe-2")] {
         let (executor, _) = spawn(
-            &args.squall,
+            &args.run.squall,
             &[
                 "executor",
                 "--kvs",
@@ -123,13 +115,13 @@ fn main() -> anyhow::Result<()> {
     // Per mode: p50s and p99s of the rounds, runs, runs with an anomaly.
     let mut results: Vec<(Vec<f64>, Vec<f64>, u64, u64)> =
         vec![(vec![], vec![], 0, 0); MODES.len()];
-    for round in 0..args.rounds {
+    for round in 0..args.run.rounds {
         for (mode, result) in MODES.iter().zip(results.iter_mut()) {
             let (checked, anomalies) = (AtomicU64::new(0), AtomicU64::new(0));
             let load = closed_loop(
                 1,
                 Duration::from_millis(300),
-                Duration::from_secs_f64(args.seconds),
+                Duration::from_secs_f64(args.run.seconds),
                 |_| Ok(agent()),
                 |agent, _| {
                     let response = agent
@@ -174,7 +166,7 @@ fn main() -> anyhow::Result<()> {
 
     println!(
         "3-step DAG over 3 shared keys, steps on 2 executor processes, {} writes/s ({written} in all); medians of {} rounds, {} s each",
-        args.writes_per_second, args.rounds, args.seconds
+        args.writes_per_second, args.run.rounds, args.run.seconds
     );
     println!();
     println!("| mode | p50 (µs) | p99 (µs) | p50 vs lww | p99 vs lww | runs checked | runs with an anomaly |");

@@ -8,24 +8,17 @@
 //! and ratios to the floor.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use squall_bench::{closed_loop, field, median, spawn, LoadResult, Spawned, SQUALL_UP};
+use squall_bench::{closed_loop, field, median, spawn, LoadResult, RunArgs, Spawned, SQUALL_UP};
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// The `squall` binary (built with `--release`).
-    #[arg(long, default_value = "target/release/squall")]
-    squall: PathBuf,
-    /// Rounds; each runs every setup once.
-    #[arg(long, default_value_t = 5)]
-    rounds: usize,
-    /// Seconds measured per run.
-    #[arg(long, default_value_t = 3.0)]
-    seconds: f64,
+    #[command(flatten)]
+    run: RunArgs,
     /// Clients of the throughput runs.
     #[arg(long, default_value_t = 8)]
     clients: usize,
@@ -95,7 +88,7 @@ fn setups(args: &Args) -> anyhow::Result<Vec<Setup>> {
         expect: b"3",
         _processes: vec![echo],
     };
-    let (up, base, _, _) = embedded(&args.squall, "1")?;
+    let (up, base, _, _) = embedded(&args.run.squall, "1")?;
     register(&base, true)?;
     let one = Setup {
         name: "(a) squall up",
@@ -103,11 +96,11 @@ fn setups(args: &Args) -> anyhow::Result<Vec<Setup>> {
         expect: b"16",
         _processes: vec![up],
     };
-    let (up, base, kvs, scheduler) = embedded(&args.squall, "0")?;
+    let (up, base, kvs, scheduler) = embedded(&args.run.squall, "0")?;
     let mut processes = vec![up];
     for serves in ["incr", "square"] {
         let (executor, _) = spawn(
-            &args.squall,
+            &args.run.squall,
             &[
                 "executor",
                 "--kvs",
@@ -182,10 +175,10 @@ fn main() -> anyhow::Result<()> {
     let setups = setups(&args)?;
     let n = setups.len();
     let (mut p50, mut p99, mut ops) = (vec![vec![]; n], vec![vec![]; n], vec![vec![]; n]);
-    for round in 0..args.rounds {
+    for round in 0..args.run.rounds {
         for (i, setup) in setups.iter().enumerate() {
-            let latency = run(setup, 1, args.seconds)?;
-            let load = run(setup, args.clients, args.seconds)?;
+            let latency = run(setup, 1, args.run.seconds)?;
+            let load = run(setup, args.clients, args.run.seconds)?;
             if latency.errors + load.errors > 0 {
                 bail!(
                     "{}: {} failed requests",
@@ -207,7 +200,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!(
         "f(g(x)) = square(incr(x)) over HTTP keep-alive; medians of {} rounds, {} s each; throughput with {} clients",
-        args.rounds, args.seconds, args.clients
+        args.run.rounds, args.run.seconds, args.clients
     );
     println!();
     println!("| setup | p50 (µs) | p99 (µs) | p50 vs floor | req/s | req/s vs floor |");

@@ -4,7 +4,7 @@
 //! The model is the one registered as `squeezenet` (`squall model register squeezenet
 //! squeezenet1.1-fp32.onnx`); the host runs it natively through `wasi:nn`.
 
-use squall_sdk::nn::{bytes_of, floats, Model};
+use squall_sdk::nn::Model;
 
 /// The registered model this function runs.
 const MODEL: &str = "squeezenet";
@@ -19,9 +19,8 @@ fn handle(input: &[u8]) -> Result<Vec<u8>, String> {
             input.len()
         ));
     }
-    let model = Model::load(MODEL)?;
-    let probabilities = model.infer_f32(&DIMENSIONS, &floats(input))?;
-    Ok(bytes_of(&probabilities))
+    // The step's input is already the tensor's bytes, and the output the probabilities'.
+    Model::load(MODEL)?.infer_f32_bytes(&DIMENSIONS, input)
 }
 
 squall_sdk::handler!(handle);
