@@ -139,6 +139,54 @@ pub const SQUALL_UP: [&str; 8] = [
     "0",
 ];
 
+/// `squall up` without executors of its own, plus one `squall executor` process per
+/// `(id, serves)`: the processes (killed on drop) and the gateway's base URL, once every
+/// executor has joined.
+pub fn up_with_executors(
+    squall: &Path,
+    executors: &[(&str, &str)],
+) -> anyhow::Result<(Vec<Spawned>, String)> {
+    let (up, fields) = spawn(squall, &[&SQUALL_UP[..], &["--executors", "0"]].concat())?;
+    let base = field(&fields, "http")?;
+    let (kvs, scheduler) = (field(&fields, "kvs")?, field(&fields, "scheduler")?);
+    let mut processes = vec![up];
+    for (id, serves) in executors {
+        let (executor, _) = spawn(
+            squall,
+            &[
+                "executor",
+                "--kvs",
+                &kvs,
+                "--scheduler",
+                &scheduler,
+                "--id",
+                id,
+                "--serves",
+                serves,
+            ],
+        )?;
+        processes.push(executor);
+    }
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build();
+    let until = Instant::now() + Duration::from_secs(30);
+    while agent
+        .get(&format!("{base}/v1/executors"))
+        .call()?
+        .into_string()?
+        .matches("\"id\"")
+        .count()
+        < executors.len()
+    {
+        if Instant::now() > until {
+            bail!("the executors did not join");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok((processes, base))
+}
+
 /// A spawned process, killed on drop.
 #[derive(Debug)]
 pub struct Spawned(pub Child);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use squall_bench::{closed_loop, field, median, spawn, RunArgs, SQUALL_UP};
+use squall_bench::{closed_loop, median, up_with_executors, RunArgs};
 use squall_executor::testing::{guest, observations, repeatable_read_violations};
 
 #[derive(Debug, Parser)]
@@ -35,45 +35,11 @@ fn agent() -> ureq::Agent {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (up, fields) = spawn(
+    let (_processes, base) = up_with_executors(
         &args.run.squall,
-        &[&SQUALL_UP[..], &["--executors", "0"]].concat(),
+        &[("e1", "observe,observe-3"), ("e2", "observe-2")],
     )?;
-    let base = field(&fields, "http")?;
-    let (kvs, scheduler) = (field(&fields, "kvs")?, field(&fields, "scheduler")?);
-    let mut processes = vec![up];
-    for (id, serves) in [("e1", "observe,observe-3"), ("e2", "observe-2")] {
-        let (executor, _) = spawn(
-            &args.run.squall,
-            &[
-                "executor",
-                "--kvs",
-                &kvs,
-                "--scheduler",
-                &scheduler,
-                "--id",
-                id,
-                "--serves",
-                serves,
-            ],
-        )?;
-        processes.push(executor);
-    }
     let setup = agent();
-    let until = Instant::now() + Duration::from_secs(30);
-    while setup
-        .get(&format!("{base}/v1/executors"))
-        .call()?
-        .into_string()?
-        .matches("\"id\"")
-        .count()
-        < 2
-    {
-        if Instant::now() > until {
-            bail!("the executors did not join");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
     let code = guest("observe");
     for name in ["observe", "observe-2", "observe-3"] {
         setup

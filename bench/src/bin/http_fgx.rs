@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use squall_bench::{closed_loop, field, median, spawn, LoadResult, RunArgs, Spawned, SQUALL_UP};
+use squall_bench::{
+    closed_loop, field, median, spawn, up_with_executors, LoadResult, RunArgs, Spawned, SQUALL_UP,
+};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -96,35 +98,8 @@ fn setups(args: &Args) -> anyhow::Result<Vec<Setup>> {
         expect: b"16",
         _processes: vec![up],
     };
-    let (up, base, kvs, scheduler) = embedded(&args.run.squall, "0")?;
-    let mut processes = vec![up];
-    for serves in ["incr", "square"] {
-        let (executor, _) = spawn(
-            &args.run.squall,
-            &[
-                "executor",
-                "--kvs",
-                &kvs,
-                "--scheduler",
-                &scheduler,
-                "--serves",
-                serves,
-            ],
-        )?;
-        processes.push(executor);
-    }
-    // Wait until both executors have joined.
-    let agent = agent();
-    for _ in 0..500 {
-        let listed = agent
-            .get(&format!("{base}/v1/executors"))
-            .call()?
-            .into_string()?;
-        if listed.matches("\"id\"").count() == 2 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (processes, base) =
+        up_with_executors(&args.run.squall, &[("e1", "incr"), ("e2", "square")])?;
     register(&base, true)?;
     let two = Setup {
         name: "(b) two executor processes",
