@@ -26,6 +26,7 @@ use hashbrown::{HashMap, HashSet};
 use lru::LruCache;
 use squall_kvs::ShardSession;
 use squall_lattices::{Lattice, LatticeValue};
+use squall_proto::call::{digest, UNKNOWN_DIGEST};
 use squall_proto::{decode_response, Key, Response};
 
 pub use squall_proto::call::Consistency;
@@ -610,37 +611,57 @@ impl Session {
         let Some(run) = &self.run else {
             return self.cache.get(key).await;
         };
-        if let Some(pinned) = run.pins.get(key) {
-            return Ok(pinned);
+        if let Some(view) = self.run_view(run, key).await? {
+            return Ok(view);
         }
-        let pinned_upstream = run
-            .upstream
-            .as_ref()
-            .and_then(|context| Some((context, context.upstream.get(key)?)));
-        let value = match pinned_upstream {
-            None => self.cache.get(key).await?,
-            Some((context, pin)) => {
-                let held = self.cache.get(key).await?;
-                if squall_proto::call::digest(held.as_ref()) == pin.digest {
-                    held
-                } else {
-                    fetch_pinned(context, &pin.holder, key).await?
-                }
-            }
-        };
-        Ok(run.pins.pin(key, value))
+        // The run's first read of the key: pin what the cache holds (or what another step of
+        // the run on this executor pinned a moment earlier).
+        let held = self.cache.get(key).await?;
+        Ok(run.pins.pin(key, held))
     }
 
     /// Merges a value into a key (through to the store); returns the merged value as the
     /// session sees it.
     pub async fn merge(&mut self, key: &str, value: LatticeValue) -> Result<LatticeValue> {
-        match &self.run {
-            None => self.cache.merge(key, value).await,
-            Some(run) => {
-                let merged = self.cache.merge(key, value.clone()).await?;
-                Ok(run.pins.write(key, value, merged))
+        let Some(run) = &self.run else {
+            return self.cache.merge(key, value).await;
+        };
+        // The run's view before the write, so the write extends what the run has seen.
+        let before = self.run_view(run, key).await?;
+        let merged = self.cache.merge(key, value.clone()).await?;
+        Ok(run.pins.write(key, before, value, merged))
+    }
+
+    /// The run's version of `key`, if it has one: its pin here, joined with the versions the
+    /// earlier steps hand on that differ from it (a write by a step on another executor, or
+    /// parallel branches' reads), each read from this executor's cache when it holds the same
+    /// version and fetched from its holder otherwise. `None`: the run has neither read nor
+    /// written the key.
+    async fn run_view(&self, run: &RunView, key: &str) -> Result<Option<Option<LatticeValue>>> {
+        let mut view = run.pins.get(key);
+        let Some((context, refs)) = run
+            .upstream
+            .as_ref()
+            .and_then(|context| Some((context, context.upstream.get(key)?)))
+        else {
+            return Ok(view);
+        };
+        for pin in refs {
+            let current = view.as_ref().map(|v| digest(v.as_ref()));
+            if current.is_some() && (pin.holder == context.here || current == Some(pin.digest)) {
+                continue;
             }
+            let held = self.cache.get(key).await?;
+            let digest_held = digest(held.as_ref());
+            let version = if digest_held == pin.digest && digest_held != UNKNOWN_DIGEST {
+                held
+            } else {
+                fetch_pinned(context, &pin.holder, key).await?
+            };
+            view = Some(run.pins.join(key, version));
+            run.pins.absorb(key, pin.digest);
         }
+        Ok(view)
     }
 }
 

@@ -45,7 +45,9 @@ pub struct CallOptions {
     pub timeout: Option<Duration>,
     /// Repeatable read: the run this call is a step of (its pins here are shared by the run's
     /// steps on this executor, and its earlier steps' pins are read through it). Without it,
-    /// a repeatable-read call pins versions for itself and its nested calls only.
+    /// a repeatable-read call pins versions for itself and its nested calls only. The run's
+    /// pins stay in [`Executor::pins`] until released there (`release`, or `expire` after the
+    /// deadline), which [`crate::ExecutorNode`] does for the runs it serves.
     pub run: Option<RunContext>,
 }
 

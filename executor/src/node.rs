@@ -15,11 +15,12 @@
 //! Plans come from the network: one naming steps it does not have is refused before any of it
 //! runs, and an output is taken only from a step the plan lists as an input.
 //!
-//! In repeatable read, each output carries the versions the run has pinned so far
-//! ([`PinRef`]s; a fan-in step takes its inputs' pins in edge order, the first pin of a key
-//! winning), the node answers other executors' requests for the pins it holds
-//! ([`Message::FetchPins`]), and it releases a run's pins when the scheduler says the run has
-//! ended ([`Message::Release`], or [`Message::Cancel`]) or when its deadline is long past.
+//! In repeatable read, each output carries the run's versions so far ([`PinRef`]s: the pins
+//! here, and the versions handed on from earlier steps that no pin here includes; a fan-in
+//! step takes every distinct one of its inputs'), the node answers other executors' requests
+//! for the pins it holds ([`Message::FetchPins`], bounded in keys and bytes), fetches only
+//! from the run's own executors, and releases a run's pins when the scheduler says the run
+//! has ended ([`Message::Release`], or [`Message::Cancel`]) or when its deadline is long past.
 //!
 //! Several times a second the node tells every scheduler it knows how it is
 //! ([`ExecutorStatus`]): its load, the functions it serves and has warm, and the keys its
@@ -48,6 +49,15 @@ const MAX_REPORTED_KEYS: usize = 1024;
 
 /// Steps waiting for inputs, at most; outputs beyond it are dropped (their calls time out).
 const MAX_PENDING: usize = 100_000;
+
+/// Keys one [`Message::FetchPins`] may ask for (executors ask for one at a time).
+const MAX_FETCHED_KEYS: usize = 1024;
+
+/// The largest answer to a [`Message::FetchPins`] (a fabric frame holds up to 256 MiB).
+const MAX_PINS_REPLY_BYTES: usize = 64 << 20;
+
+/// How long a step waits for pinned values from another executor before the read fails.
+const PIN_FETCH_WAIT: Duration = Duration::from_secs(2);
 
 /// How long an output waits for the plan it belongs to.
 const ORPHAN_WAIT: Duration = Duration::from_secs(30);
@@ -295,11 +305,27 @@ fn handle(shared: &Arc<Shared>, waiting: &mut Waiting, message: Message) {
             keys,
             reply_to,
         } => {
-            let result = match shared.executor.pins().get(call) {
-                Some(pins) => pins.lookup(&keys),
-                None => Err(format!(
-                    "run {call} holds no pins here (it ended, or this executor restarted)"
-                )),
+            let mut keys = keys;
+            keys.sort_unstable();
+            keys.dedup();
+            let result = if keys.len() > MAX_FETCHED_KEYS {
+                Err(format!("at most {MAX_FETCHED_KEYS} keys per request"))
+            } else {
+                match shared.executor.pins().get(call) {
+                    Some(pins) => pins.lookup(&keys).and_then(|values| {
+                        let size = rmp_serde::to_vec(&values).map_or(usize::MAX, |b| b.len());
+                        if size > MAX_PINS_REPLY_BYTES {
+                            Err(format!(
+                                "the pinned values take {size} bytes, over the reply limit"
+                            ))
+                        } else {
+                            Ok(values)
+                        }
+                    }),
+                    None => Err(format!(
+                        "run {call} holds no pins here (it ended, or this executor restarted)"
+                    )),
+                }
             };
             if let Err(e) = shared
                 .fabric
@@ -388,10 +414,15 @@ fn try_start(
             Some((data, pins))
         })
         .collect();
+    // Every distinct version handed on (parallel branches may hold different ones of a key:
+    // the step reads their join).
     let mut pins: Vec<PinRef> = Vec::new();
     for (_, refs) in &ordered {
         for pin in refs {
-            if !pins.iter().any(|p| p.key == pin.key) {
+            if !pins
+                .iter()
+                .any(|p| p.key == pin.key && p.digest == pin.digest)
+            {
                 pins.push(pin.clone());
             }
         }
@@ -447,16 +478,21 @@ async fn run_step(
         step: Some(spec.function.clone()),
     };
     let repeatable = plan.consistency == Consistency::RepeatableRead;
-    let run = repeatable.then(|| RunContext {
-        call: plan.call,
-        upstream: Arc::new(
-            upstream
-                .iter()
-                .map(|pin| (pin.key.clone(), pin.clone()))
-                .collect(),
-        ),
-        source: Some(shared.pins.clone() as Arc<dyn PinSource>),
-        deadline,
+    // Versions are only fetched from the run's own executors.
+    let mut upstream = upstream;
+    upstream.retain(|pin| plan.steps.iter().any(|s| s.executor == pin.holder));
+    let run = repeatable.then(|| {
+        let mut by_key: HashMap<String, Vec<PinRef>> = HashMap::new();
+        for pin in &upstream {
+            by_key.entry(pin.key.clone()).or_default().push(pin.clone());
+        }
+        RunContext {
+            call: plan.call,
+            upstream: Arc::new(by_key),
+            source: Some(shared.pins.clone() as Arc<dyn PinSource>),
+            deadline,
+            here: shared.addr.clone(),
+        }
     });
     shared.running.fetch_add(1, Ordering::Relaxed);
     let options = CallOptions {
@@ -492,21 +528,9 @@ async fn run_step(
     }
     // What the run has pinned, for the next steps: here (this step and the run's other
     // steps on this executor), and before (pins this executor does not hold).
-    let pins = if repeatable {
-        let mut pins = shared
-            .executor
-            .pins()
-            .get(plan.call)
-            .map(|held| held.refs(&shared.addr))
-            .unwrap_or_default();
-        for pin in upstream {
-            if !pins.iter().any(|p| p.key == pin.key) {
-                pins.push(pin);
-            }
-        }
-        pins
-    } else {
-        Vec::new()
+    let pins = match shared.executor.pins().get(plan.call) {
+        Some(held) if repeatable => held.hand_on(&shared.addr, upstream),
+        _ => upstream,
     };
     for &next in &spec.outputs {
         let Some(to) = plan.steps.get(next as usize) else {
@@ -586,7 +610,11 @@ impl PinSource for FabricPins {
         Box::pin(async move {
             let _forget = forget;
             sent.map_err(|e| format!("asking {holder}: {e}"))?;
-            rx.await.map_err(|_| format!("{holder} did not answer"))?
+            match tokio::time::timeout(PIN_FETCH_WAIT, rx).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(_)) => Err(format!("{holder} did not answer")),
+                Err(_) => Err(format!("{holder} did not answer within {PIN_FETCH_WAIT:?}")),
+            }
         })
     }
 }

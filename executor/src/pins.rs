@@ -10,14 +10,16 @@
 //! deadline, so a lost release costs memory for a bounded time only.
 //!
 //! Writes by the run are merged into its pinned version (a run reads its own writes), and go
-//! through to the store as in every mode.
+//! through to the store as in every mode. A step that gets a version of a key that differs
+//! from its executor's pin (a later step's write on another executor, or parallel branches
+//! that each pinned the key first) reads the join of the two: both are views of the run.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use squall_lattices::LatticeValue;
 use squall_proto::call::{digest, CallId, PinRef};
 
@@ -43,24 +45,57 @@ pub trait PinSource: Send + Sync + std::fmt::Debug {
 pub struct RunContext {
     /// The run (the scheduler's call id).
     pub call: CallId,
-    /// Versions pinned by earlier steps, by key.
-    pub upstream: Arc<HashMap<String, PinRef>>,
+    /// The run's versions handed on by earlier steps, by key: usually one per key; more when
+    /// parallel branches or steps on several executors hold different versions of it, which
+    /// a reader joins.
+    pub upstream: Arc<HashMap<String, Vec<PinRef>>>,
     /// Fetches upstream pins this executor's cache does not hold.
     pub source: Option<Arc<dyn PinSource>>,
     /// When the run's deadline passes.
     pub deadline: Instant,
+    /// This executor's mailbox (a pin held here is read here, never fetched).
+    pub here: String,
 }
 
 /// One run's pinned versions on this executor.
 #[derive(Debug, Default)]
 pub struct RunPins {
     values: Mutex<HashMap<String, Option<LatticeValue>>>,
+    /// Versions handed on by earlier steps that a pin here has joined, as (key, digest): the
+    /// next steps need not fetch them again.
+    absorbed: Mutex<HashSet<(String, u64)>>,
 }
 
 impl RunPins {
     fn values(&self) -> MutexGuard<'_, HashMap<String, Option<LatticeValue>>> {
         // Every update replaces an entry whole, so a poisoned lock is still consistent.
         self.values.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn absorbed(&self) -> MutexGuard<'_, HashSet<(String, u64)>> {
+        self.absorbed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes that the pin of `key` here includes the version of digest `digest`.
+    pub fn absorb(&self, key: &str, digest: u64) {
+        self.absorbed().insert((key.to_string(), digest));
+    }
+
+    /// What the next steps get: the pins here (held here) and the `upstream` versions no pin
+    /// here includes, one reference per (key, digest).
+    pub fn hand_on(&self, here: &str, upstream: Vec<PinRef>) -> Vec<PinRef> {
+        let mut refs = self.refs(here);
+        let absorbed = self.absorbed();
+        for pin in upstream {
+            let known = absorbed.contains(&(pin.key.clone(), pin.digest))
+                || refs
+                    .iter()
+                    .any(|r| r.key == pin.key && r.digest == pin.digest);
+            if !known {
+                refs.push(pin);
+            }
+        }
+        refs
     }
 
     /// The pinned version of `key`, if the run has pinned it here.
@@ -76,25 +111,48 @@ impl RunPins {
             .clone()
     }
 
-    /// Merges the run's own write into its pinned version (a key read as missing becomes the
-    /// write; one the run had not read pins `merged`, the store's view after the write);
-    /// returns the run's view.
-    pub fn write(&self, key: &str, written: LatticeValue, merged: LatticeValue) -> LatticeValue {
+    /// Joins `value` (the run's version handed on by an earlier step) into the pin of `key`;
+    /// returns the pin. Both are views of this run, so their join is too.
+    pub fn join(&self, key: &str, value: Option<LatticeValue>) -> Option<LatticeValue> {
         let mut values = self.values();
-        let view = match values.get(key) {
-            Some(Some(pinned)) => {
-                let mut view = pinned.clone();
-                if view.try_merge(written).is_err() {
-                    // The store refused a mismatched type before this point; keep the store's.
-                    view = merged;
+        let joined = match (values.remove(key).flatten(), value) {
+            (Some(mut pinned), Some(value)) => {
+                if pinned.try_merge(value.clone()).is_err() {
+                    // Versions of one key have one type; if not, the later one stands.
+                    pinned = value;
                 }
-                view
+                Some(pinned)
             }
-            // Read as missing: the run's view is its write alone.
+            (pinned, value) => pinned.or(value),
+        };
+        values.insert(key.to_string(), joined.clone());
+        joined
+    }
+
+    /// Records the run's own write: `before` is the run's version before it (`None`: it had
+    /// none), `written` what it wrote, `merged` the store's value after the write. A key the
+    /// run had a version of becomes that version joined with the write (a key it read as
+    /// missing, the write alone); a key it had neither read nor written pins `merged`, as a
+    /// read right after the write would. Returns the run's view.
+    pub fn write(
+        &self,
+        key: &str,
+        before: Option<Option<LatticeValue>>,
+        written: LatticeValue,
+        merged: LatticeValue,
+    ) -> LatticeValue {
+        let view = match before {
+            Some(Some(mut pinned)) => {
+                if pinned.try_merge(written).is_err() {
+                    // The store refused a mismatched type before this point; keep the store's.
+                    pinned = merged;
+                }
+                pinned
+            }
             Some(None) => written,
             None => merged,
         };
-        values.insert(key.to_string(), Some(view.clone()));
+        self.values().insert(key.to_string(), Some(view.clone()));
         view
     }
 
@@ -201,23 +259,47 @@ mod tests {
         );
         assert!(Arc::ptr_eq(&pins, &table.open(7, now)));
         // The run's own write is merged into what it pinned.
-        let view = pins.write("k", version(3, b"c"), version(4, b"d"));
+        let before = pins.get("k");
+        let view = pins.write("k", before, version(3, b"c"), version(4, b"d"));
         assert_eq!(view, version(3, b"c"));
         // A key it had not read pins the store's view after the write.
         assert_eq!(
-            pins.write("j", version(3, b"c"), version(4, b"d")),
+            pins.write("j", None, version(3, b"c"), version(4, b"d")),
             version(4, b"d")
         );
+        // A key it read as missing becomes the write alone.
+        assert_eq!(
+            pins.write("m", Some(None), version(3, b"c"), version(4, b"d")),
+            version(3, b"c")
+        );
+        // A later version of the run handed on by another step joins the pin.
+        assert_eq!(
+            pins.join("k", Some(version(5, b"e"))),
+            Some(version(5, b"e"))
+        );
+        assert_eq!(pins.join("n", None), None);
         let refs = pins.refs("tcp://127.0.0.1:1");
-        assert_eq!(refs.len(), 2);
-        assert!(refs
-            .iter()
-            .all(|r| r.holder == "tcp://127.0.0.1:1" && r.digest != 0));
+        assert_eq!(refs.len(), 4);
+        assert!(refs.iter().all(|r| r.holder == "tcp://127.0.0.1:1"));
+        assert!(refs.iter().any(|r| r.key == "n" && r.digest == 0));
         assert_eq!(
             pins.lookup(&["k".into()]),
-            Ok(vec![("k".into(), Some(version(3, b"c")))])
+            Ok(vec![("k".into(), Some(version(5, b"e")))])
         );
         assert!(pins.lookup(&["x".into()]).is_err());
+        // Handing on: the pins here, and upstream versions not joined here.
+        let elsewhere = |key: &str, digest| PinRef {
+            key: key.into(),
+            digest,
+            holder: "tcp://127.0.0.1:2".into(),
+        };
+        pins.absorb("k", 77);
+        let handed = pins.hand_on(
+            "tcp://127.0.0.1:1",
+            vec![elsewhere("k", 77), elsewhere("k", 78), elsewhere("z", 5)],
+        );
+        assert_eq!(handed.len(), 6);
+        assert!(!handed.iter().any(|r| r.digest == 77));
     }
 
     #[test]

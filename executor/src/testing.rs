@@ -121,27 +121,54 @@ pub fn f32s(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-/// The reads of one run as the `observe` probe reports them (its output: a key line, then a
-/// `key=value` line per read, in order).
-pub fn observations(output: &[u8]) -> Vec<(String, String)> {
+/// One read or write of a run, as the `observe` probe reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    /// The key.
+    pub key: String,
+    /// The value read or written (`-`: read as missing).
+    pub value: String,
+    /// Whether the run wrote it (`key:=value`) rather than read it (`key=value`).
+    pub write: bool,
+}
+
+/// The reads and writes of one run as the `observe` probe reports them (its output: a key
+/// line, then a `key=value` line per read and a `key:=value` line per write, in order).
+pub fn observations(output: &[u8]) -> Vec<Observation> {
     String::from_utf8_lossy(output)
         .lines()
         .skip(1)
         .filter_map(|line| {
-            let (key, value) = line.split_once('=')?;
-            Some((key.to_string(), value.to_string()))
+            let (key, value, write) = match line.split_once(":=") {
+                Some((key, value)) => (key, value, true),
+                None => {
+                    let (key, value) = line.split_once('=')?;
+                    (key, value, false)
+                }
+            };
+            Some(Observation {
+                key: key.to_string(),
+                value: value.to_string(),
+                write,
+            })
         })
         .collect()
 }
 
-/// The keys a run read in more than one version: each is a violation of repeatable read.
-pub fn repeatable_read_violations(reads: &[(String, String)]) -> Vec<String> {
-    let mut first: HashMap<&str, &str> = HashMap::new();
+/// The keys a run read in a version other than the one it should see under repeatable read:
+/// the version of its first read of the key, or after it wrote the key, what it wrote. Each
+/// is a violation.
+pub fn repeatable_read_violations(run: &[Observation]) -> Vec<String> {
+    let mut seen: HashMap<&str, &str> = HashMap::new();
     let mut violated: Vec<String> = Vec::new();
-    for (key, value) in reads {
-        let seen = *first.entry(key.as_str()).or_insert(value.as_str());
-        if seen != value && !violated.contains(key) {
-            violated.push(key.clone());
+    for observed in run {
+        if observed.write {
+            seen.insert(&observed.key, &observed.value);
+            continue;
+        }
+        let expected = *seen.entry(&observed.key).or_insert(&observed.value);
+        if expected != observed.value && !violated.contains(&observed.key) {
+            violated.push(observed.key.clone());
         }
     }
     violated
@@ -158,5 +185,12 @@ mod tests {
         assert!(repeatable_read_violations(&consistent).is_empty());
         let anomaly = observations(b"a b\na=1\nb=2\na=1\nb=3\nb=4\n");
         assert_eq!(repeatable_read_violations(&anomaly), ["b"]);
+        // After its own write a run reads what it wrote, not its first version.
+        let wrote = observations(b"a a@1=9\na=1\na:=9\na=9\n");
+        assert_eq!(wrote.len(), 3);
+        assert!(wrote[1].write);
+        assert!(repeatable_read_violations(&wrote).is_empty());
+        let lost = observations(b"a a@1=9\na=1\na:=9\na=1\n");
+        assert_eq!(repeatable_read_violations(&lost), ["a"]);
     }
 }

@@ -88,18 +88,26 @@ pub struct PinRef {
     pub holder: String,
 }
 
+/// What [`digest`] answers for a value it cannot encode: equal to nothing, not even itself
+/// (compare with [`digest`] and check for it).
+pub const UNKNOWN_DIGEST: u64 = u64::MAX;
+
 /// Identifies a version of a value: the first 8 bytes of the SHA-256 of its MessagePack
-/// encoding; 0 for "no value". Equal values have equal digests on every node.
+/// encoding; 0 for "no value". Equal values of the ordered lattice types (LWW, max/min,
+/// counters, causal registers) have equal digests on every node. Sets and maps encode their
+/// elements in each process's hash order, so equal ones may differ in digest; a reader then
+/// fetches the pinned value rather than use its own equal copy, which costs a round trip and
+/// never a wrong answer.
 pub fn digest(value: Option<&squall_lattices::LatticeValue>) -> u64 {
     use sha2::Digest;
     let Some(value) = value else { return 0 };
     let Ok(encoded) = rmp_serde::to_vec(value) else {
-        return u64::MAX;
+        return UNKNOWN_DIGEST;
     };
     let hash = sha2::Sha256::digest(&encoded);
     let mut first = [0u8; 8];
     first.copy_from_slice(&hash[..8]);
-    u64::from_le_bytes(first).max(1)
+    u64::from_le_bytes(first).clamp(1, UNKNOWN_DIGEST - 1)
 }
 
 /// How a running call is laid out over executors.

@@ -2,8 +2,10 @@
 //! executor processes (steps 1 and 3 on one, step 2 on the other, each with its own cache)
 //! while a writer keeps changing the keys they read. Every run reports every read; the
 //! checker counts runs that read a key in two versions. Repeatable read must show none over
-//! thousands of runs; `lww`, which promises nothing across reads, is run first and its count
-//! printed (the consistency benchmark reports it too).
+//! thousands of runs, also when the middle step writes a key that the first step read and the
+//! last step reads back (on the first step's executor, which must take the write's version).
+//! `lww`, which promises nothing across reads, is run first: it must show anomalies, which
+//! shows the checker can see them (the consistency benchmark reports the count).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,6 +16,8 @@ use squall_executor::testing::{guest, observations, repeatable_read_violations};
 use crate::support::{http, roles};
 
 const KEYS: [&str; 3] = ["acct/a", "acct/b", "acct/c"];
+/// The key each run writes in its second step, in the runs with writes.
+const OWN: &str = "acct/own";
 const CLIENTS: usize = 4;
 
 fn agent() -> ureq::Agent {
@@ -23,25 +27,30 @@ fn agent() -> ureq::Agent {
 }
 
 /// Runs `runs` calls of the DAG in `mode` from [`CLIENTS`] clients; returns the number of
-/// runs that read some key in two versions, and the distinct values read (to show the keys
-/// did change during the runs).
-fn check(base: &str, mode: &str, runs: usize) -> (usize, usize) {
+/// runs that read some key in another version than they should, and the distinct values read
+/// (to show the keys did change during the runs). With `write`, every run also reads the key
+/// [`OWN`], which its second step (on the other executor) overwrites with a value of its own:
+/// the third step must read that value.
+fn check(base: &str, mode: &str, runs: usize, write: bool) -> (usize, usize) {
     let next = Arc::new(AtomicUsize::new(0));
-    let input = format!("{}\n", KEYS.join(" "));
     let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            let (base, mode, input, next) = (
-                base.to_string(),
-                mode.to_string(),
-                input.clone(),
-                next.clone(),
-            );
+        .map(|client| {
+            let (base, mode, next) = (base.to_string(), mode.to_string(), next.clone());
             std::thread::spawn(move || {
                 let agent = agent();
                 let url = format!("{base}/v1/dags/audit/invoke");
                 let mut violations = 0;
                 let mut values = std::collections::HashSet::new();
-                while next.fetch_add(1, Ordering::Relaxed) < runs {
+                loop {
+                    let run = next.fetch_add(1, Ordering::Relaxed);
+                    if run >= runs {
+                        break;
+                    }
+                    let mut names = KEYS.join(" ");
+                    if write {
+                        names.push_str(&format!(" {OWN} {OWN}@1=c{client}r{run}"));
+                    }
+                    let input = format!("{names}\n");
                     let response = agent
                         .post(&url)
                         .set("squall-consistency", &mode)
@@ -51,16 +60,21 @@ fn check(base: &str, mode: &str, runs: usize) -> (usize, usize) {
                     std::io::Read::read_to_end(&mut response.into_reader(), &mut output)
                         .expect("read the output");
                     let reads = observations(&output);
+                    let expected = if write {
+                        3 * (KEYS.len() + 1) + 1
+                    } else {
+                        3 * KEYS.len()
+                    };
                     assert_eq!(
                         reads.len(),
-                        3 * KEYS.len(),
+                        expected,
                         "{}",
                         String::from_utf8_lossy(&output)
                     );
                     if !repeatable_read_violations(&reads).is_empty() {
                         violations += 1;
                     }
-                    values.extend(reads.into_iter().map(|(_, v)| v));
+                    values.extend(reads.into_iter().map(|o| o.value));
                 }
                 (violations, values)
             })
@@ -126,21 +140,33 @@ fn repeatable_read_runs_never_see_two_versions_of_a_key() {
             written
         })
     };
-    let (lww, _) = check(&base, "lww", 500);
-    let (repeatable, versions) = check(&base, "repeatable-read", 2000);
+    let (lww, _) = check(&base, "lww", 500, false);
+    let (repeatable, versions) = check(&base, "repeatable-read", 2000, false);
+    let (writing, _) = check(&base, "repeatable-read", 1000, true);
     stop.store(true, Ordering::Relaxed);
     let written = writer.join().expect("the writer");
     eprintln!(
-        "anomalies: lww {lww} of 500 runs, repeatable-read {repeatable} of 2000 runs \
+        "anomalies: lww {lww} of 500 runs, repeatable-read {repeatable} of 2000 runs, \
+         repeatable-read with a write in step 2 {writing} of 1000 runs \
          ({written} writes, {versions} versions read)"
     );
     assert!(
         versions > 10,
         "the keys hardly changed ({versions} versions read)"
     );
+    // The writer rewrites the keys thousands of times a second while the steps read them on
+    // two caches: without repeatable read, runs do see two versions (and the checker sees it).
+    assert!(
+        lww > 0,
+        "no lww run saw two versions: the checker saw nothing"
+    );
     assert_eq!(
         repeatable, 0,
         "repeatable-read runs read a key in two versions"
+    );
+    assert_eq!(
+        writing, 0,
+        "repeatable-read runs read a key in another version than their own write"
     );
 
     // An unknown mode is refused, naming the modes there are.

@@ -2,7 +2,10 @@
 //! store keys (separated by spaces), then the observations of earlier steps. It reads each
 //! key (as bytes; a missing key reads as `-`) and answers with its input plus one line per
 //! key, `key=value`. Chained into a DAG, the sink's output is every read of the run, in
-//! order, so a checker can tell whether a run saw two versions of one key. A fan-in step gets
+//! order, so a checker can tell whether a run saw two versions of one key.
+//!
+//! A name of the form `key@N=value` is a write, not a read: the step that has N steps before
+//! it writes `value` to `key` (before its reads) and reports `key:=value`. A fan-in step gets
 //! its inputs' texts and keeps the first one's key line.
 
 fn handle(input: &[u8]) -> Result<Vec<u8>, String> {
@@ -22,8 +25,28 @@ fn handle(input: &[u8]) -> Result<Vec<u8>, String> {
         }
     }
     let first = std::str::from_utf8(&texts[0]).map_err(|e| format!("input is not UTF-8: {e}"))?;
-    let keys = first.lines().next().unwrap_or_default();
-    for key in keys.split_whitespace() {
+    let mut lines = first.lines();
+    let names: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let reads: Vec<&str> = names.iter().copied().filter(|n| !n.contains('@')).collect();
+    // Steps before this one: the reads reported so far, per step.
+    let reported = lines.filter(|l| !l.contains(":=")).count();
+    let step = reported.checked_div(reads.len()).unwrap_or(0);
+    for name in names.iter().filter(|n| n.contains('@')) {
+        let (key, rest) = name.split_once('@').unwrap_or((name, ""));
+        let (at, value) = rest
+            .split_once('=')
+            .ok_or_else(|| format!("a write is `key@STEP=value`, not {name:?}"))?;
+        let at: usize = squall_sdk::text(at.as_bytes())?;
+        if at == step {
+            squall_sdk::state::put_bytes(key, value.as_bytes()).map_err(|e| e.to_string())?;
+            output.extend_from_slice(format!("{key}:={value}\n").as_bytes());
+        }
+    }
+    for key in reads {
         let value = squall_sdk::state::get_bytes(key).map_err(|e| e.to_string())?;
         output.extend_from_slice(key.as_bytes());
         output.push(b'=');
