@@ -77,13 +77,18 @@ pub fn guest(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
-/// The SqueezeNet example's data (`examples/squeezenet`): the model, its labels, two photos,
-/// their preprocessed input tensors and onnxruntime's outputs for them.
+/// The SqueezeNet data, kept outside the repository: the model, its labels, two photos, their
+/// preprocessed input tensors and onnxruntime's outputs for them. `SQUALL_MODELS_DIR` if set,
+/// else `shared/models` beside the repository's directory.
 pub fn squeezenet_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("examples")
-        .join("squeezenet")
+    match std::env::var_os("SQUALL_MODELS_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("..")
+            .join("shared")
+            .join("models"),
+    }
 }
 
 /// The data bytes of a little-endian `f32` NumPy file (`.npy`, format 1.0 or 2.0), checked.

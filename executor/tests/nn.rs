@@ -1,5 +1,5 @@
 //! Inference through `wasi:nn` against the reference: the `squeezenet` guest runs the real
-//! SqueezeNet 1.1 (examples/squeezenet) on the two sample tensors, and its output must match
+//! SqueezeNet 1.1 (`testing::squeezenet_dir`) on the two sample tensors, and its output must match
 //! onnxruntime's to 1e-4 per class. Also: the model is loaded once per executor, and a missing
 //! or malformed model is a clear error. The `preprocess` guest turns each sample photo into
 //! (nearly) the reference tensor.
