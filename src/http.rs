@@ -121,10 +121,19 @@ pub struct CallArgs {
     /// The call's deadline in milliseconds.
     #[arg(long)]
     timeout_ms: Option<u64>,
-    /// Consistency mode: lww (merge only) or repeatable-read (every read of a key in the run
-    /// returns the same version).
+    /// Consistency mode: lww (merge only), repeatable-read (every read of a key in the run
+    /// returns the same version) or causal (the run's reads form a causal cut; writes carry
+    /// vector clocks and dependencies).
     #[arg(long, default_value = "lww", env = "SQUALL_CONSISTENCY")]
     consistency: squall_proto::call::Consistency,
+    /// Store keys the call reads (comma-separated): placed near, and in causal mode pinned
+    /// as one causal cut before the first step.
+    #[arg(long, value_delimiter = ',')]
+    keys: Vec<String>,
+    /// Causal: the client session the call belongs to (its calls never read older versions
+    /// than earlier calls of the session read or wrote).
+    #[arg(long, env = "SQUALL_SESSION")]
+    session: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -217,15 +226,17 @@ fn call(connection: &Connection, kind: &str, args: &CallArgs) -> anyhow::Result<
     if let Some(ms) = args.timeout_ms {
         path.push_str(&format!("?timeout_ms={ms}"));
     }
-    let output = send(
-        connection,
-        request(connection, "POST", &path)
-            .set(
-                squall_scheduler::gateway::CONSISTENCY_HEADER,
-                args.consistency.as_str(),
-            )
-            .send_bytes(&input),
-    )?;
+    let mut call = request(connection, "POST", &path).set(
+        squall_scheduler::gateway::CONSISTENCY_HEADER,
+        args.consistency.as_str(),
+    );
+    if !args.keys.is_empty() {
+        call = call.set(squall_scheduler::gateway::KEYS_HEADER, &args.keys.join(","));
+    }
+    if let Some(session) = &args.session {
+        call = call.set(squall_scheduler::gateway::SESSION_HEADER, session);
+    }
+    let output = send(connection, call.send_bytes(&input))?;
     let mut out = std::io::stdout().lock();
     out.write_all(&output)?;
     if !output.ends_with(b"\n") && !output.is_empty() {

@@ -15,17 +15,29 @@
 //! Calls see the cache through a [`Session`], which is where a consistency mode keeps what it
 //! must remember across one call's reads: [`Consistency::Lww`] needs nothing;
 //! [`Consistency::RepeatableRead`] reads and writes through its run's pins
-//! ([`crate::pins`]).
+//! ([`crate::pins`]); [`Consistency::Causal`] does too, and also keeps the run's reads a
+//! causal cut:
+//! - a first read of a key takes a version at least as new as the run's cut requires (the
+//!   session's floors, and what the versions already read depend on), re-reading it from the
+//!   store when the cache is behind;
+//! - it refuses a version that depends on a newer version of a key the run already read
+//!   ([`Error::CausalCut`]): the run cannot go back, and the cache holds no older version.
+//!   Keys a call declares (`keys`) are pinned together, as one cut, before its first step
+//!   ([`Session::prepare`]), which is how a DAG avoids this;
+//! - writes are multi-key causal versions carrying the run's cut as their dependencies.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use hashbrown::{HashMap, HashSet};
 use lru::LruCache;
 use squall_kvs::ShardSession;
-use squall_lattices::{Lattice, LatticeValue};
+use squall_lattices::{
+    Dependencies, Lattice, LatticeValue, Lww, MultiKeyCausal, Timestamp, VectorClock,
+};
 use squall_proto::call::{digest, UNKNOWN_DIGEST};
 use squall_proto::{decode_response, Key, Response};
 
@@ -33,8 +45,9 @@ pub use squall_proto::call::Consistency;
 
 use crate::clients::ClientPool;
 use crate::config::CacheConfig;
-use crate::pins::{RunContext, RunPins};
+use crate::pins::{causal_meta, reaches, RunContext, RunPins};
 use crate::{Error, Result};
+use squall_lattices::causal::raise_all;
 
 /// How long the update thread waits for a push before doing its periodic work.
 const POLL: Duration = Duration::from_millis(100);
@@ -169,10 +182,11 @@ impl Cache {
         &self.inner.endpoint
     }
 
-    /// A view of the cache for one call in `mode`. A repeatable-read call that is not part
-    /// of a run (see [`Cache::run_session`]) pins versions for itself and its nested calls.
+    /// A view of the cache for one call in `mode`. A repeatable-read or causal call that is
+    /// not part of a run (see [`Cache::run_session`]) pins versions for itself and its nested
+    /// calls.
     pub fn session(&self, mode: Consistency) -> Session {
-        let run = (mode == Consistency::RepeatableRead).then(|| RunView {
+        let run = mode.pins().then(|| RunView {
             pins: Arc::default(),
             upstream: None,
         });
@@ -183,12 +197,17 @@ impl Cache {
         }
     }
 
-    /// A repeatable-read view of the cache for one step of run `context`, reading through
-    /// `pins` (the run's pins on this executor).
-    pub fn run_session(&self, pins: Arc<RunPins>, context: RunContext) -> Session {
+    /// A repeatable-read or causal (`mode`) view of the cache for one step of run `context`,
+    /// reading through `pins` (the run's pins on this executor).
+    pub fn run_session(
+        &self,
+        mode: Consistency,
+        pins: Arc<RunPins>,
+        context: RunContext,
+    ) -> Session {
         Session {
             cache: self.clone(),
-            mode: Consistency::RepeatableRead,
+            mode,
             run: Some(RunView {
                 pins,
                 upstream: Some(context),
@@ -261,6 +280,13 @@ impl Cache {
         if let Some(entry) = self.entries().lru.peek_mut(key) {
             entry.filled = false;
         }
+    }
+
+    /// Reads `key` from the store even if it is held, and merges what the store holds into
+    /// the cache (causal mode: the cache is behind what a run has seen).
+    pub async fn fetch(&self, key: &str) -> Result<Option<LatticeValue>> {
+        self.refresh(key);
+        self.get(key).await
     }
 
     /// The generation of a held key: it changes whenever the cached value changes. `None` if
@@ -585,6 +611,11 @@ fn size_of(value: Option<&LatticeValue>) -> usize {
             .map_or(0, |b| b.len())
 }
 
+/// How many rounds a causal run re-reads declared keys from the store, looking for a causal
+/// cut, before it gives up (each round re-reads only keys that another version read depends
+/// on a newer version of; without writes racing, one round suffices).
+const CUT_ROUNDS: usize = 8;
+
 /// One call's view of the cache (see the module docs). Clones share the run's pins (a
 /// nested call reads what its caller pinned).
 #[derive(Debug, Clone)]
@@ -615,8 +646,13 @@ impl Session {
             return Ok(view);
         }
         // The run's first read of the key: pin what the cache holds (or what another step of
-        // the run on this executor pinned a moment earlier).
+        // the run on this executor pinned a moment earlier); in causal mode, a version that
+        // fits the run's cut.
         let held = self.cache.get(key).await?;
+        let held = match self.mode {
+            Consistency::Causal => self.fit_cut(run, key, held).await?,
+            _ => held,
+        };
         Ok(run.pins.pin(key, held))
     }
 
@@ -630,6 +666,181 @@ impl Session {
         let before = self.run_view(run, key).await?;
         let merged = self.cache.merge(key, value.clone()).await?;
         Ok(run.pins.write(key, before, value, merged))
+    }
+
+    /// Writes `bytes` to `key`. In lww and repeatable-read mode: a last-writer-wins register
+    /// stamped `stamp`. In causal mode: a multi-key causal version whose clock is the run's
+    /// version of the key advanced at `stamp.writer` (to `stamp.time`, which grows with every
+    /// write of the writer), and whose dependencies are the run's cut (what it read, and
+    /// what those versions depend on). A causal write of a key that holds another type is
+    /// refused ([`Error::ModeMismatch`]).
+    pub async fn put_bytes(
+        &mut self,
+        key: &str,
+        bytes: Bytes,
+        stamp: Timestamp,
+    ) -> Result<LatticeValue> {
+        let value = match &self.run {
+            Some(run) if self.mode == Consistency::Causal => {
+                self.causal_version(run, key, bytes, stamp).await?
+            }
+            _ => LatticeValue::Lww(Lww::new(stamp, bytes)),
+        };
+        self.merge(key, value).await
+    }
+
+    /// Causal: pins `keys` (those the run has no version of yet) as one causal cut before a
+    /// step runs, so that its reads, and its run's later reads of them, never meet a version
+    /// that depends on a newer version of another one. Reads each from the cache, then re-reads
+    /// from the store any that another one depends on a newer version of, until none does.
+    pub async fn prepare(&self, keys: &[String]) -> Result<()> {
+        let Some(run) = &self.run else {
+            return Ok(());
+        };
+        if self.mode != Consistency::Causal {
+            return Ok(());
+        }
+        let mut versions: Vec<(&str, Option<LatticeValue>)> = Vec::new();
+        for key in keys {
+            let handed_on = run
+                .upstream
+                .as_ref()
+                .is_some_and(|c| c.upstream.contains_key(key.as_str()));
+            if handed_on || run.pins.get(key).is_some() || versions.iter().any(|(k, _)| k == key) {
+                continue;
+            }
+            versions.push((key, self.cache.get(key).await?));
+        }
+        let known = self.known(run);
+        for _ in 0..CUT_ROUNDS {
+            let mut needed = known.clone();
+            for (_, version) in &versions {
+                if let Some((_, dependencies)) = causal_meta(version.as_ref()) {
+                    raise_all(&mut needed, &dependencies);
+                }
+            }
+            let mut stale = false;
+            for (key, version) in &mut versions {
+                if needed
+                    .get(*key)
+                    .is_some_and(|floor| !reaches(version.as_ref(), floor))
+                {
+                    *version = self.cache.fetch(key).await?;
+                    stale = true;
+                }
+            }
+            if !stale {
+                run.pins.pin_all(versions);
+                return Ok(());
+            }
+        }
+        Err(Error::CausalCut {
+            key: versions.first().map_or_else(String::new, |(k, _)| k.to_string()),
+            reason: format!(
+                "writes kept outpacing {CUT_ROUNDS} rounds of reading the call's keys from the store"
+            ),
+        })
+    }
+
+    /// Causal: the run's cut, key by key: the clocks every later read must reach (the
+    /// session's floors, the versions handed on and pinned here, and their dependencies).
+    fn known(&self, run: &RunView) -> Dependencies {
+        let mut known = run
+            .upstream
+            .as_ref()
+            .map(|context| (*context.floors).clone())
+            .unwrap_or_default();
+        raise_all(&mut known, &run.pins.cut());
+        known
+    }
+
+    /// Causal: the clock of the run's version of `key`, if the run has read or written it.
+    fn read_clock(run: &RunView, key: &str) -> Option<VectorClock> {
+        let here = run.pins.read_clock(key);
+        let handed_on = run.upstream.as_ref().and_then(|c| c.read_clock(key));
+        match (here, handed_on) {
+            (Some(here), Some(handed_on)) => Some(here.join(handed_on)),
+            (here, handed_on) => here.or(handed_on),
+        }
+    }
+
+    /// Causal: the version of `key` (which the run has not read yet) to read, given `held`,
+    /// the cache's: one at least as new as the run's cut says (else the store's), and that
+    /// depends on no newer version of a key the run already read than the one it read.
+    async fn fit_cut(
+        &self,
+        run: &RunView,
+        key: &str,
+        held: Option<LatticeValue>,
+    ) -> Result<Option<LatticeValue>> {
+        let mut version = held;
+        if let Some(floor) = self.known(run).get(key) {
+            if !reaches(version.as_ref(), floor) {
+                version = self.cache.fetch(key).await?;
+                if !reaches(version.as_ref(), floor) {
+                    return Err(Error::CausalCut {
+                        key: key.to_string(),
+                        reason: "the store holds no version as new as one this run or its \
+                                 session has seen"
+                            .into(),
+                    });
+                }
+            }
+        }
+        if let Some((_, dependencies)) = causal_meta(version.as_ref()) {
+            for (other, needed) in &dependencies {
+                let read = (other != key)
+                    .then(|| Self::read_clock(run, other))
+                    .flatten();
+                if read.is_some_and(|read| !read.dominates(needed)) {
+                    return Err(Error::CausalCut {
+                        key: key.to_string(),
+                        reason: format!(
+                            "the version held depends on a newer version of {other:?} than this \
+                             run read; list {key:?} among the call's keys (header squall-keys) \
+                             so that the run pins it with {other:?} before its first step"
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(version)
+    }
+
+    /// Causal: the version a write of `bytes` to `key` makes (see [`Session::put_bytes`]).
+    async fn causal_version(
+        &self,
+        run: &RunView,
+        key: &str,
+        bytes: Bytes,
+        stamp: Timestamp,
+    ) -> Result<LatticeValue> {
+        let base = match self.run_view(run, key).await? {
+            Some(view) => view,
+            None => self.cache.get(key).await?,
+        };
+        let (mut clock, base_dependencies) = match &base {
+            None => Default::default(),
+            Some(LatticeValue::MultiCausal(register)) => {
+                (register.clock(), register.dependencies())
+            }
+            Some(other) => {
+                return Err(Error::ModeMismatch {
+                    key: key.to_string(),
+                    stored: other.lattice_type(),
+                })
+            }
+        };
+        let tick = stamp.time.max(clock.get(stamp.writer) + 1);
+        clock.observe(stamp.writer, tick);
+        let mut dependencies = self.known(run);
+        raise_all(&mut dependencies, &base_dependencies);
+        dependencies.remove(key);
+        Ok(LatticeValue::MultiCausal(MultiKeyCausal::with_version(
+            clock,
+            dependencies,
+            bytes,
+        )))
     }
 
     /// The run's version of `key`, if it has one: its pin here, joined with the versions the

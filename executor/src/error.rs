@@ -145,6 +145,26 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// Causal: no version of the key can join the run's causal cut. Either the version held
+    /// depends on a newer version of a key the run already read (declare the key in the
+    /// call's keys, so the run pins it with the others before its first step), or writes kept
+    /// outpacing the search for a cut of the declared keys.
+    #[error("no version of {key:?} fits this run's causal cut: {reason}")]
+    CausalCut {
+        /// The key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// Causal: a causal call wrote a key that holds values of another lattice type (causal
+    /// writes are multi-key causal versions).
+    #[error("key {key:?} holds {stored} values, but a causal call writes multi-causal versions: write it in lww or repeatable-read mode, or use another key")]
+    ModeMismatch {
+        /// The key.
+        key: String,
+        /// The type it holds.
+        stored: squall_lattices::LatticeType,
+    },
     /// The executor could not start (engine settings, sockets, threads).
     #[error("executor setup failed: {0}")]
     Setup(String),

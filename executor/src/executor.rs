@@ -244,9 +244,20 @@ impl Executor {
         let timeout = options.timeout.unwrap_or(max).min(max);
         let deadline = Instant::now() + timeout;
         let session = match (options.consistency, options.run) {
-            (Consistency::RepeatableRead, Some(context)) => {
+            (mode, Some(context)) if mode.pins() => {
                 let pins = self.inner.pins.open(context.call, context.deadline);
-                self.inner.cache.run_session(pins, context)
+                let declared = context.declared.clone();
+                let session = self.inner.cache.run_session(mode, pins, context);
+                // Causal: the run's declared keys become one cut before its first step runs.
+                if !declared.is_empty() {
+                    tokio::time::timeout(timeout, session.prepare(&declared))
+                        .await
+                        .map_err(|_| Error::Timeout {
+                            function: name.to_string(),
+                            deadline: timeout,
+                        })??;
+                }
+                session
             }
             (mode, _) => self.inner.cache.session(mode),
         };
@@ -261,7 +272,7 @@ impl Executor {
         .await
     }
 
-    /// The versions runs have pinned here (repeatable read).
+    /// The versions runs have pinned here (repeatable read and causal).
     pub fn pins(&self) -> &PinTable {
         &self.inner.pins
     }

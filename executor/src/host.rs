@@ -13,7 +13,7 @@
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
-use squall_lattices::{Counter, LatticeType, LatticeValue, Lww};
+use squall_lattices::{Counter, LatticeType, LatticeValue};
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Result as WasmResult};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -151,6 +151,7 @@ fn state_error(e: Error) -> StateError {
         Error::Kvs(squall_kvs::Error::Key { error, .. }) => StateError::Invalid(error.to_string()),
         Error::Kvs(other) => StateError::Unavailable(other.to_string()),
         Error::BadValue { reason, .. } => StateError::Invalid(reason),
+        e @ Error::ModeMismatch { .. } => StateError::TypeMismatch(e.to_string()),
         other => StateError::Unavailable(other.to_string()),
     }
 }
@@ -232,6 +233,14 @@ impl squall::function::state::Host for CallState {
         Ok(read.and_then(|value| match value {
             None => Ok(None),
             Some(LatticeValue::Lww(register)) => Ok(Some(register.value.to_vec())),
+            // Concurrent causal writes are siblings; the bytes are the first in the register's
+            // canonical order, as Cloudburst's readers take (`get` returns them all).
+            Some(LatticeValue::MultiCausal(register)) => {
+                Ok(register.values().next().map(|v| v.to_vec()))
+            }
+            Some(LatticeValue::SingleCausal(register)) => {
+                Ok(register.values().next().map(|v| v.to_vec()))
+            }
             Some(other) => Err(mismatch(&key, &other, LatticeType::Lww)),
         }))
     }
@@ -244,9 +253,12 @@ impl squall::function::state::Host for CallState {
         if let Err(e) = check_key(&key) {
             return Ok(Err(e));
         }
-        let executor = self.executor()?;
-        let register = LatticeValue::Lww(Lww::new(executor.timestamp(), value.into()));
-        let written = bounded(self.remaining(), self.call.session.merge(&key, register)).await;
+        let stamp = self.executor()?.timestamp();
+        let written = bounded(
+            self.remaining(),
+            self.call.session.put_bytes(&key, value.into(), stamp),
+        )
+        .await;
         Ok(written.map(|_| ()))
     }
 

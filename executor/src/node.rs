@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hashbrown::HashMap;
-use squall_lattices::{LatticeValue, Lww, Timestamp};
+use squall_lattices::{Dependencies, LatticeValue, Lww, Timestamp};
 use squall_proto::call::{
     Artifact, CallId, CallResult, Consistency, ExecutorStatus, Failure, FailureCode,
     FunctionVersion, LimitsRequest, Message, Outcome, PinRef, Plan, StepIndex, MAX_STEPS,
@@ -43,6 +43,7 @@ use tokio::task::JoinHandle;
 use crate::clients::ClientPool;
 use crate::pins::{PinFuture, PinSource, PinnedValues, RunContext};
 use crate::{CallOptions, Error, Executor, FunctionRecord};
+use squall_lattices::causal::{raise, raise_all};
 
 /// Keys of the cache reported in each heartbeat, at most.
 const MAX_REPORTED_KEYS: usize = 1024;
@@ -477,10 +478,23 @@ async fn run_step(
         message,
         step: Some(spec.function.clone()),
     };
-    let repeatable = plan.consistency == Consistency::RepeatableRead;
+    let repeatable = plan.consistency.pins();
+    let causal = plan.consistency == Consistency::Causal;
     // Versions are only fetched from the run's own executors.
     let mut upstream = upstream;
     upstream.retain(|pin| plan.steps.iter().any(|s| s.executor == pin.holder));
+    // Causal: what the run's reads must reach, from its session and from the versions
+    // handed on (their clocks and what they depend on).
+    let floors = Arc::new(if causal {
+        let mut floors = plan.floors.clone();
+        for pin in &upstream {
+            raise(&mut floors, &pin.key, &pin.clock);
+            raise_all(&mut floors, &pin.dependencies);
+        }
+        floors
+    } else {
+        Dependencies::new()
+    });
     let run = repeatable.then(|| {
         let mut by_key: HashMap<String, Vec<PinRef>> = HashMap::new();
         for pin in &upstream {
@@ -492,6 +506,13 @@ async fn run_step(
             source: Some(shared.pins.clone() as Arc<dyn PinSource>),
             deadline,
             here: shared.addr.clone(),
+            floors: floors.clone(),
+            // The run's first steps pin its declared keys as one cut.
+            declared: if causal && spec.inputs.is_empty() {
+                plan.read_set.clone()
+            } else {
+                Vec::new()
+            },
         }
     });
     shared.running.fetch_add(1, Ordering::Relaxed);
@@ -523,7 +544,15 @@ async fn run_step(
                 .map(|()| Outcome::Stored)
                 .map_err(|e| failed(FailureCode::Unavailable, e)),
         };
-        report(&shared, &plan, outcome);
+        // Causal: the run's cut, which its session's next calls start from.
+        let mut cut = Dependencies::new();
+        if causal {
+            cut = (*floors).clone();
+            if let Some(held) = shared.executor.pins().get(plan.call) {
+                raise_all(&mut cut, &held.cut());
+            }
+        }
+        report_cut(&shared, &plan, outcome, cut);
         return;
     }
     // What the run has pinned, for the next steps: here (this step and the run's other
@@ -633,9 +662,15 @@ pub async fn store_result(kvs: &ClientPool, key: &str, result: CallResult) -> Re
 }
 
 fn report(shared: &Shared, plan: &Plan, outcome: Result<Outcome, Failure>) {
+    report_cut(shared, plan, outcome, Dependencies::new());
+}
+
+/// Reports a call's outcome with, in causal mode, the run's cut (for its session).
+fn report_cut(shared: &Shared, plan: &Plan, outcome: Result<Outcome, Failure>, cut: Dependencies) {
     let message = Message::Done {
         call: plan.call,
         outcome,
+        cut,
     };
     if let Err(e) = shared.fabric.send(&plan.report_to, message) {
         tracing::warn!(call = plan.call, to = %plan.report_to, cause = %e, "outcome not reported");
@@ -714,7 +749,9 @@ fn heartbeat(shared: &Shared, waiting: usize) {
 pub fn failure_code(error: &Error) -> FailureCode {
     match error {
         Error::NotFound { .. } | Error::ModelNotFound { .. } => FailureCode::NotFound,
-        Error::InvalidName { .. } | Error::InvalidModel { .. } => FailureCode::BadRequest,
+        Error::InvalidName { .. } | Error::InvalidModel { .. } | Error::ModeMismatch { .. } => {
+            FailureCode::BadRequest
+        }
         Error::InvalidComponent { .. } | Error::WrongWorld { .. } => FailureCode::InvalidComponent,
         Error::Trap { .. } | Error::CallDepthExceeded { .. } => FailureCode::Trap,
         Error::Timeout { .. } => FailureCode::Timeout,
@@ -722,7 +759,9 @@ pub fn failure_code(error: &Error) -> FailureCode {
         Error::InputTooLarge { .. } | Error::OutputTooLarge { .. } => FailureCode::TooLarge,
         Error::NoCapacity { .. } => FailureCode::NoCapacity,
         Error::Failed { .. } => FailureCode::FunctionFailed,
-        Error::Kvs(_) | Error::PinUnavailable { .. } => FailureCode::Unavailable,
+        Error::Kvs(_) | Error::PinUnavailable { .. } | Error::CausalCut { .. } => {
+            FailureCode::Unavailable
+        }
         Error::CorruptCode { .. }
         | Error::BadValue { .. }
         | Error::Setup(_)

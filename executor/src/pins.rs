@@ -13,6 +13,10 @@
 //! through to the store as in every mode. A step that gets a version of a key that differs
 //! from its executor's pin (a later step's write on another executor, or parallel branches
 //! that each pinned the key first) reads the join of the two: both are views of the run.
+//!
+//! Causal mode reads through the same pins and adds the causal cut: every [`PinRef`] of a
+//! causal value carries its clock and dependencies, and [`causal_meta`], [`RunPins::cut`] and
+//! [`RunPins::read_clock`] are what [`crate::cache::Session`] checks a new read against.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,7 +24,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hashbrown::{HashMap, HashSet};
-use squall_lattices::LatticeValue;
+use squall_lattices::causal::{raise, raise_all};
+use squall_lattices::{Dependencies, Lattice, LatticeValue, VectorClock};
 use squall_proto::call::{digest, CallId, PinRef};
 
 /// How long a run's pins outlive its deadline when no release comes.
@@ -55,6 +60,41 @@ pub struct RunContext {
     pub deadline: Instant,
     /// This executor's mailbox (a pin held here is read here, never fetched).
     pub here: String,
+    /// Causal: what the run's reads must reach, key by key (the session's floors, and the
+    /// clocks and dependencies of the versions handed on).
+    pub floors: Arc<Dependencies>,
+    /// Causal: the keys to pin together as one causal cut before the step runs (the run's
+    /// declared read set, at its first steps).
+    pub declared: Vec<String>,
+}
+
+impl RunContext {
+    /// The clock of the run's version of `key` handed on by earlier steps (the join, if they
+    /// hand on several), or `None` if they hand on none.
+    pub fn read_clock(&self, key: &str) -> Option<VectorClock> {
+        let refs = self.upstream.get(key)?;
+        Some(refs.iter().fold(VectorClock::new(), |clock, pin| {
+            clock.join(pin.clock.clone())
+        }))
+    }
+}
+
+/// A causal value's clock and dependencies; `None` for a missing key or another type.
+pub fn causal_meta(value: Option<&LatticeValue>) -> Option<(VectorClock, Dependencies)> {
+    match value? {
+        LatticeValue::MultiCausal(v) => Some((v.clock(), v.dependencies())),
+        LatticeValue::SingleCausal(v) => Some((v.clock(), Dependencies::new())),
+        _ => None,
+    }
+}
+
+/// Whether `value` is at least as new as `floor` (a missing or non-causal value reaches only
+/// the empty floor).
+pub fn reaches(value: Option<&LatticeValue>, floor: &VectorClock) -> bool {
+    match causal_meta(value) {
+        Some((clock, _)) => clock.dominates(floor),
+        None => floor.is_empty(),
+    }
 }
 
 /// One run's pinned versions on this executor.
@@ -111,6 +151,15 @@ impl RunPins {
             .clone()
     }
 
+    /// Pins each of `versions` whose key has no pin yet, all under one lock (a cut prepared
+    /// by [`crate::cache::Session::prepare`]).
+    pub fn pin_all<'a>(&self, versions: impl IntoIterator<Item = (&'a str, Option<LatticeValue>)>) {
+        let mut values = self.values();
+        for (key, value) in versions {
+            values.entry(key.to_string()).or_insert(value);
+        }
+    }
+
     /// Joins `value` (the run's version handed on by an earlier step) into the pin of `key`;
     /// returns the pin. Both are views of this run, so their join is too.
     pub fn join(&self, key: &str, value: Option<LatticeValue>) -> Option<LatticeValue> {
@@ -160,12 +209,42 @@ impl RunPins {
     pub fn refs(&self, holder: &str) -> Vec<PinRef> {
         self.values()
             .iter()
-            .map(|(key, value)| PinRef {
-                key: key.clone(),
-                digest: digest(value.as_ref()),
-                holder: holder.to_string(),
+            .map(|(key, value)| {
+                let (clock, dependencies) = causal_meta(value.as_ref()).unwrap_or_default();
+                PinRef {
+                    key: key.clone(),
+                    digest: digest(value.as_ref()),
+                    holder: holder.to_string(),
+                    clock,
+                    dependencies,
+                }
             })
             .collect()
+    }
+
+    /// The clock of the run's version of `key` pinned here (empty for a key read as missing
+    /// or of another type), or `None` if the run has not pinned it here.
+    pub fn read_clock(&self, key: &str) -> Option<VectorClock> {
+        let values = self.values();
+        let value = values.get(key)?;
+        Some(
+            causal_meta(value.as_ref())
+                .map(|(clock, _)| clock)
+                .unwrap_or_default(),
+        )
+    }
+
+    /// The causal cut of what the run pinned here: each causal version's clock, joined with
+    /// every version's dependencies.
+    pub fn cut(&self) -> Dependencies {
+        let mut cut = Dependencies::new();
+        for (key, value) in self.values().iter() {
+            if let Some((clock, dependencies)) = causal_meta(value.as_ref()) {
+                raise(&mut cut, key, &clock);
+                raise_all(&mut cut, &dependencies);
+            }
+        }
+        cut
     }
 
     /// The pinned values of `keys`; an error names the first key not pinned here.
@@ -292,6 +371,8 @@ mod tests {
             key: key.into(),
             digest,
             holder: "tcp://127.0.0.1:2".into(),
+            clock: VectorClock::new(),
+            dependencies: Dependencies::new(),
         };
         pins.absorb("k", 77);
         let handed = pins.hand_on(

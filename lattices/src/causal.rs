@@ -142,6 +142,28 @@ impl<T: Ord> MultiKeyCausal<T> {
     }
 }
 
+/// Raises `into[key]` to at least `clock`.
+pub fn raise(into: &mut Dependencies, key: &str, clock: &VectorClock) {
+    if clock.is_empty() {
+        return;
+    }
+    match into.get_mut(key) {
+        Some(present) => {
+            present.merge(clock.clone());
+        }
+        None => {
+            into.insert(key.to_string(), clock.clone());
+        }
+    }
+}
+
+/// Raises `into` key by key (the join of two dependency maps) to at least `from`.
+pub fn raise_all(into: &mut Dependencies, from: &Dependencies) {
+    for (key, clock) in from {
+        raise(into, key, clock);
+    }
+}
+
 impl<T: Ord, D: Ord> Lattice for Causal<T, D> {
     fn merge(&mut self, other: Self) -> bool {
         // The result equals `self` exactly when every incoming version is already present or

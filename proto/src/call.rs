@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use squall_lattices::{Dependencies, VectorClock};
 
 /// Identifies one call among a scheduler's calls (random, so schedulers need not coordinate).
 pub type CallId = u64;
@@ -37,18 +38,34 @@ pub enum Consistency {
     /// read of a key returns the same version: the first read pins it, and the run's own
     /// writes are merged into the pinned version.
     RepeatableRead,
+    /// Distributed session causal consistency: repeatable read, and the versions a run reads
+    /// form a causal cut (no version is read without the versions it depends on, nor older
+    /// than what the run, or earlier runs of its session, already read or wrote). Writes are
+    /// [`MultiKeyCausal`](squall_lattices::MultiKeyCausal) versions carrying their vector
+    /// clock and the clocks of what the run had seen.
+    Causal,
 }
 
 impl Consistency {
     /// Every mode, as named in the HTTP header and on the command line.
-    pub const ALL: [Consistency; 2] = [Consistency::Lww, Consistency::RepeatableRead];
+    pub const ALL: [Consistency; 3] = [
+        Consistency::Lww,
+        Consistency::RepeatableRead,
+        Consistency::Causal,
+    ];
 
     /// The mode's name.
     pub fn as_str(self) -> &'static str {
         match self {
             Consistency::Lww => "lww",
             Consistency::RepeatableRead => "repeatable-read",
+            Consistency::Causal => "causal",
         }
+    }
+
+    /// Whether a run pins the versions it reads (repeatable read, and causal on top of it).
+    pub fn pins(self) -> bool {
+        matches!(self, Consistency::RepeatableRead | Consistency::Causal)
     }
 }
 
@@ -75,9 +92,11 @@ impl std::str::FromStr for Consistency {
     }
 }
 
-/// A version a run has pinned (repeatable read), as it travels with the run's step outputs:
-/// which key, which version (a digest of the value), and the executor that holds it for the
-/// run, so a later step whose cache holds another version fetches this one from there.
+/// A version a run has pinned (repeatable read and causal), as it travels with the run's step
+/// outputs: which key, which version (a digest of the value), and the executor that holds it
+/// for the run, so a later step whose cache holds another version fetches this one from there.
+/// For a causal value it also carries the version's clock and dependencies, so later steps
+/// check their reads against the run's cut without fetching it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PinRef {
     /// The store key.
@@ -86,6 +105,12 @@ pub struct PinRef {
     pub digest: u64,
     /// The mailbox of the executor that holds the pinned value until the run ends.
     pub holder: String,
+    /// A causal value's clock (empty for other types).
+    #[serde(default)]
+    pub clock: VectorClock,
+    /// A causal value's dependencies (empty for other types).
+    #[serde(default)]
+    pub dependencies: Dependencies,
 }
 
 /// What [`digest`] answers for a value it cannot encode: equal to nothing, not even itself
@@ -123,6 +148,14 @@ pub struct Plan {
     pub timeout_ms: u64,
     /// The consistency mode the call's functions run under.
     pub consistency: Consistency,
+    /// Causal: the keys the run declared it reads, pinned together as one causal cut before
+    /// its first steps run (Cloudburst's read set).
+    #[serde(default)]
+    pub read_set: Vec<String>,
+    /// Causal: the clocks the run's reads must reach, key by key: what earlier runs of its
+    /// session read and wrote, with their dependencies.
+    #[serde(default)]
+    pub floors: Dependencies,
     /// The mailbox that learns the outcome (the scheduler's).
     pub report_to: String,
     /// For an asynchronous call, the store key the sink writes a [`CallResult`] to.
@@ -200,10 +233,15 @@ pub struct InvokeOptions {
     pub consistency: Consistency,
     /// Deadline of the whole call, in milliseconds (the scheduler's default if `None`).
     pub timeout_ms: Option<u64>,
-    /// Store keys the call will read: the scheduler prefers executors whose caches hold them.
+    /// Store keys the call will read: the scheduler prefers executors whose caches hold them,
+    /// and a causal call pins them together, as one causal cut, before its first step.
     pub keys: Vec<String>,
     /// For an asynchronous call, where the result goes.
     pub result_key: Option<String>,
+    /// Causal: the client session the call belongs to. Its calls read versions no older than
+    /// what its earlier calls read and wrote.
+    #[serde(default)]
+    pub session: Option<String>,
 }
 
 /// What a registration stores.
@@ -459,6 +497,10 @@ pub enum Message {
         call: CallId,
         /// What happened.
         outcome: Result<Outcome, Failure>,
+        /// Causal: the clocks of what the run read and wrote, with their dependencies (its
+        /// session's next calls start from them).
+        #[serde(default)]
+        cut: Dependencies,
     },
     /// Scheduler to executor: the call has ended (one of its steps failed, or its deadline
     /// passed); drop its steps still waiting for inputs.
@@ -598,7 +640,9 @@ mod tests {
                 },
             ],
             timeout_ms: 1000,
-            consistency: Consistency::RepeatableRead,
+            consistency: Consistency::Causal,
+            read_set: vec!["k".into()],
+            floors: Dependencies::from([("k".into(), [(1, 2)].into_iter().collect())]),
             report_to: "tcp://127.0.0.1:3".into(),
             result_key: None,
         });
@@ -625,6 +669,11 @@ mod tests {
                     key: "k".into(),
                     digest: 42,
                     holder: "tcp://127.0.0.1:1".into(),
+                    clock: [(1, 3)].into_iter().collect(),
+                    dependencies: Dependencies::from([(
+                        "j".into(),
+                        [(2, 1)].into_iter().collect(),
+                    )]),
                 }],
             },
             Message::FetchPins {
@@ -659,6 +708,7 @@ mod tests {
                     message: "unreachable".into(),
                     step: Some("incr".into()),
                 }),
+                cut: Dependencies::from([("k".into(), [(1, 3)].into_iter().collect())]),
             },
             Message::Heartbeat(ExecutorStatus {
                 id: "e1".into(),

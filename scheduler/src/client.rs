@@ -78,14 +78,27 @@ impl SchedulerClient {
         &self.schedulers
     }
 
-    fn scheduler(&self) -> Result<&str, Failure> {
+    /// The scheduler for the next request: the calls of a causal session always go to the
+    /// same one (it keeps the session's cut), chosen by a hash of the session id; anything
+    /// else goes round-robin.
+    fn scheduler(&self, session: Option<&str>) -> Result<&str, Failure> {
         if self.schedulers.is_empty() {
             return Err(Failure::new(
                 FailureCode::Unavailable,
                 "no scheduler configured",
             ));
         }
-        let i = self.next_scheduler.fetch_add(1, Ordering::Relaxed) % self.schedulers.len();
+        let i = match session {
+            Some(session) => {
+                use std::hash::{BuildHasher, BuildHasherDefault};
+                // A fixed hasher, so every gateway sends a session to the same scheduler.
+                let hash =
+                    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                        .hash_one(session);
+                (hash % self.schedulers.len() as u64) as usize
+            }
+            None => self.next_scheduler.fetch_add(1, Ordering::Relaxed) % self.schedulers.len(),
+        };
         Ok(&self.schedulers[i])
     }
 
@@ -94,9 +107,10 @@ impl SchedulerClient {
     async fn request(
         &self,
         wait: Duration,
+        session: Option<&str>,
         build: impl FnOnce(u64, String) -> Message,
     ) -> Result<Message, Failure> {
-        let to = self.scheduler()?.to_string();
+        let to = self.scheduler(session)?.to_string();
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = oneshot::channel();
         self.waiting
@@ -134,13 +148,16 @@ impl SchedulerClient {
         options: InvokeOptions,
         wait: Duration,
     ) -> Result<Invocation, Failure> {
+        let session = options.session.clone();
         let answer = self
-            .request(wait, |request, reply_to| Message::Invoke {
-                request,
-                reply_to: Some(reply_to),
-                target,
-                input,
-                options,
+            .request(wait, session.as_deref(), |request, reply_to| {
+                Message::Invoke {
+                    request,
+                    reply_to: Some(reply_to),
+                    target,
+                    input,
+                    options,
+                }
             })
             .await?;
         match answer {
@@ -156,7 +173,7 @@ impl SchedulerClient {
         input: Bytes,
         options: InvokeOptions,
     ) -> Result<(), Failure> {
-        let to = self.scheduler()?;
+        let to = self.scheduler(options.session.as_deref())?;
         let message = Message::Invoke {
             request: self.next_request.fetch_add(1, Ordering::Relaxed),
             reply_to: None,
@@ -193,7 +210,7 @@ impl SchedulerClient {
         wait: Duration,
     ) -> Result<FunctionVersion, Failure> {
         let answer = self
-            .request(wait, |request, reply_to| Message::Register {
+            .request(wait, None, |request, reply_to| Message::Register {
                 request,
                 reply_to,
                 kind,
@@ -211,7 +228,7 @@ impl SchedulerClient {
     /// The executors a scheduler knows.
     pub async fn status(&self, wait: Duration) -> Result<Vec<ExecutorStatus>, Failure> {
         let answer = self
-            .request(wait, |request, reply_to| Message::Status {
+            .request(wait, None, |request, reply_to| Message::Status {
                 request,
                 reply_to,
             })

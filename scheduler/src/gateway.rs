@@ -647,17 +647,25 @@ pub struct Accepted {
     pub result: String,
 }
 
-/// The header naming the consistency mode of a call: `lww` (the default) or `repeatable-read`.
+/// The header naming the consistency mode of a call: `lww` (the default), `repeatable-read`
+/// or `causal`.
 pub const CONSISTENCY_HEADER: &str = "squall-consistency";
-/// The header listing store keys a call will read (comma-separated), for placement.
+/// The header listing store keys a call will read (comma-separated): for placement, and a
+/// causal call pins them as one causal cut before its first step.
 pub const KEYS_HEADER: &str = "squall-keys";
+/// The header naming a causal call's client session: the session's calls read versions no
+/// older than what its earlier calls read and wrote.
+pub const SESSION_HEADER: &str = "squall-session";
+/// The longest session id accepted.
+pub const MAX_SESSION_ID: usize = 256;
 /// The response header telling where each step ran: `function@executor,...`.
 pub const PLACEMENT_HEADER: &str = "squall-placement";
 
 #[utoipa::path(post, path = "/v1/functions/{name}/invoke", tag = "calls",
     params(("name" = String, Path, description = "Function name"), InvokeParams,
-        ("squall-consistency" = Option<String>, Header, description = "Consistency mode: lww (default) or repeatable-read"),
-        ("squall-keys" = Option<String>, Header, description = "Store keys the call reads, comma-separated")),
+        ("squall-consistency" = Option<String>, Header, description = "Consistency mode: lww (default), repeatable-read or causal"),
+        ("squall-keys" = Option<String>, Header, description = "Store keys the call reads, comma-separated (causal: pinned as one cut before the first step)"),
+        ("squall-session" = Option<String>, Header, description = "Causal: the client session the call belongs to")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200, description = "The function's output", content_type = "application/octet-stream"),
         (status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 500, body = ErrorBody),
@@ -675,8 +683,9 @@ async fn invoke_function(
 
 #[utoipa::path(post, path = "/v1/dags/{name}/invoke", tag = "calls",
     params(("name" = String, Path, description = "DAG name"), InvokeParams,
-        ("squall-consistency" = Option<String>, Header, description = "Consistency mode: lww (default) or repeatable-read"),
-        ("squall-keys" = Option<String>, Header, description = "Store keys the call reads, comma-separated")),
+        ("squall-consistency" = Option<String>, Header, description = "Consistency mode: lww (default), repeatable-read or causal"),
+        ("squall-keys" = Option<String>, Header, description = "Store keys the call reads, comma-separated (causal: pinned as one cut before the first step)"),
+        ("squall-session" = Option<String>, Header, description = "Causal: the client session the call belongs to")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200, description = "The sink's output", content_type = "application/octet-stream"),
         (status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 500, body = ErrorBody),
@@ -722,6 +731,19 @@ async fn invoke(
                 .collect()
         })
         .unwrap_or_default();
+    let session = text(SESSION_HEADER)?.filter(|s| !s.is_empty());
+    if let Some(session) = &session {
+        if session.len() > MAX_SESSION_ID {
+            return Err(ApiError::bad_request(format!(
+                "header {SESSION_HEADER} is longer than {MAX_SESSION_ID} bytes"
+            )));
+        }
+        if consistency != Consistency::Causal {
+            return Err(ApiError::bad_request(format!(
+                "header {SESSION_HEADER} needs {CONSISTENCY_HEADER}: causal (sessions are causal)"
+            )));
+        }
+    }
     let timeout = params
         .timeout_ms
         .map_or(gateway.config.default_timeout, Duration::from_millis);
@@ -730,6 +752,7 @@ async fn invoke(
         timeout_ms: Some(timeout.as_millis().try_into().unwrap_or(u64::MAX)),
         keys,
         result_key: None,
+        session,
     };
     let kind = match &target {
         Target::Function(_) => "function",

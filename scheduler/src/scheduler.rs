@@ -18,6 +18,13 @@
 //! input that will never come are dropped at once; when a repeatable-read call ends, they
 //! release the versions it pinned ([`Message::Release`]). Every registered function is kept
 //! warm on at least one executor.
+//!
+//! Causal calls of one client session (`InvokeOptions::session`) start from the cut of the
+//! session's earlier calls: the scheduler keeps, per session, the clocks its runs read and
+//! wrote (reported with each sink's [`Message::Done`]) and sends them as the plan's floors.
+//! The gateway sends a session's calls to one scheduler (by a hash of its id), so a session
+//! lives in that scheduler's memory: the [`SESSIONS`] most recently used are kept, and a
+//! session forgotten (evicted, or its scheduler restarted) starts again from no floors.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,6 +35,8 @@ use hashbrown::{HashMap, HashSet};
 use squall_executor::clients::ClientPool;
 use squall_executor::node::store_result;
 use squall_executor::Registry;
+use squall_lattices::causal::raise_all;
+use squall_lattices::Dependencies;
 use squall_proto::call::{
     Artifact, CallId, CallResult, Consistency, ExecutorStatus, Failure, FailureCode, Invocation,
     InvokeOptions, Message, Outcome, Plan, Target,
@@ -125,11 +134,28 @@ struct Shared {
     warming: AtomicBool,
 }
 
-#[derive(Default)]
 struct State {
     executors: HashMap<String, Known>,
     calls: HashMap<CallId, Tracked>,
     warm_asked: HashMap<String, Instant>,
+    /// Causal sessions: the cut of each session's calls so far.
+    sessions: lru::LruCache<String, Dependencies>,
+}
+
+/// How many causal sessions a scheduler remembers (the least recently used are forgotten).
+pub const SESSIONS: usize = 100_000;
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            executors: HashMap::new(),
+            calls: HashMap::new(),
+            warm_asked: HashMap::new(),
+            sessions: lru::LruCache::new(
+                std::num::NonZeroUsize::new(SESSIONS).unwrap_or(std::num::NonZeroUsize::MIN),
+            ),
+        }
+    }
 }
 
 /// An executor, as its heartbeats describe it.
@@ -151,8 +177,11 @@ struct Tracked {
     /// The executor of each step (addresses, one entry per step).
     executors: Vec<String>,
     placement: Vec<(String, String)>,
-    /// The call's mode: a repeatable-read call's executors release its pins when it ends.
+    /// The call's mode: a repeatable-read or causal call's executors release its pins when
+    /// it ends.
     consistency: Consistency,
+    /// Causal: the call's client session.
+    session: Option<String>,
 }
 
 impl Shared {
@@ -252,15 +281,27 @@ fn handle(shared: &Arc<Shared>, message: Message) {
                         executors: Vec::new(),
                         placement: Vec::new(),
                         consistency: options.consistency,
+                        session: None,
                     };
                     finish(&shared, tracked, Err(failure));
                 }
             });
         }
-        Message::Done { call, outcome } => {
+        Message::Done { call, outcome, cut } => {
             let tracked = untrack(shared, call);
             match tracked {
-                Some(tracked) => finish(shared, tracked, outcome),
+                Some(tracked) => {
+                    if let (Some(session), Ok(_)) = (&tracked.session, &outcome) {
+                        let mut state = shared.state();
+                        match state.sessions.get_mut(session) {
+                            Some(floors) => raise_all(floors, &cut),
+                            None => {
+                                state.sessions.put(session.clone(), cut);
+                            }
+                        }
+                    }
+                    finish(shared, tracked, outcome)
+                }
                 // A second failure of a call that already failed, or a call given up on.
                 None => tracing::debug!(call, "outcome of a call no longer tracked"),
             }
@@ -418,7 +459,8 @@ async fn invoke(
         }
     };
     let call: CallId = rand::random();
-    let (executors, placement) = {
+    let causal = options.consistency == Consistency::Causal;
+    let (executors, placement, floors) = {
         let mut state = shared.state();
         let mut chosen: Vec<String> = Vec::with_capacity(shape.steps.len());
         let mut placement = Vec::with_capacity(shape.steps.len());
@@ -461,9 +503,14 @@ async fn invoke(
                 executors: chosen.clone(),
                 placement: placement.clone(),
                 consistency: options.consistency,
+                session: causal.then(|| options.session.clone()).flatten(),
             },
         );
-        (chosen, placement)
+        let floors = match (&options.session, causal) {
+            (Some(session), true) => state.sessions.get(session).cloned().unwrap_or_default(),
+            _ => Dependencies::new(),
+        };
+        (chosen, placement, floors)
     };
     let plan = Arc::new(Plan {
         call,
@@ -475,6 +522,12 @@ async fn invoke(
             .try_into()
             .unwrap_or(u64::MAX),
         consistency: options.consistency,
+        read_set: if causal {
+            options.keys.clone()
+        } else {
+            Vec::new()
+        },
+        floors,
         report_to: shared.addr.clone(),
         result_key: options.result_key.clone(),
     });
@@ -503,7 +556,7 @@ async fn invoke(
 
 /// Answers the caller of a finished call (and stores an asynchronous call's failure).
 fn finish(shared: &Arc<Shared>, tracked: Tracked, outcome: Result<Outcome, Failure>) {
-    if outcome.is_ok() && tracked.consistency == Consistency::RepeatableRead {
+    if outcome.is_ok() && tracked.consistency.pins() {
         tell(shared, &tracked, Message::Release { call: tracked.call });
     }
     if let Err(failure) = &outcome {
