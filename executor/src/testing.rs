@@ -13,6 +13,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use hashbrown::HashMap;
+use squall_lattices::causal::{raise, raise_all};
+use squall_lattices::{Dependencies, VectorClock};
 
 /// The directory of the example functions' workspace.
 pub fn examples_dir() -> PathBuf {
@@ -135,10 +137,25 @@ pub struct Observation {
     pub value: String,
     /// Whether the run wrote it (`key:=value`) rather than read it (`key=value`).
     pub write: bool,
+    /// A causal value's clock (empty for other types).
+    pub clock: VectorClock,
+    /// A causal value's dependencies (empty for other types).
+    pub dependencies: Dependencies,
+}
+
+fn parse_clock(text: &str) -> Option<VectorClock> {
+    text.split('+')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (writer, counter) = pair.split_once('.')?;
+            Some((writer.parse().ok()?, counter.parse().ok()?))
+        })
+        .collect()
 }
 
 /// The reads and writes of one run as the `observe` probe reports them (its output: a key
-/// line, then a `key=value` line per read and a `key:=value` line per write, in order).
+/// line, then a `key=value` line per read and a `key:=value` line per write, in order; a
+/// causal value as `value|clock|dependencies`).
 pub fn observations(output: &[u8]) -> Vec<Observation> {
     String::from_utf8_lossy(output)
         .lines()
@@ -151,10 +168,25 @@ pub fn observations(output: &[u8]) -> Vec<Observation> {
                     (key, value, false)
                 }
             };
+            let mut parts = value.split('|');
+            let value = parts.next().unwrap_or_default();
+            let clock = parse_clock(parts.next().unwrap_or_default())?;
+            let dependencies = parts
+                .next()
+                .unwrap_or_default()
+                .split(';')
+                .filter(|d| !d.is_empty())
+                .map(|d| {
+                    let (key, clock) = d.rsplit_once(':')?;
+                    Some((key.to_string(), parse_clock(clock)?))
+                })
+                .collect::<Option<Dependencies>>()?;
             Some(Observation {
                 key: key.to_string(),
                 value: value.to_string(),
                 write,
+                clock,
+                dependencies,
             })
         })
         .collect()
@@ -164,19 +196,71 @@ pub fn observations(output: &[u8]) -> Vec<Observation> {
 /// the version of its first read of the key, or after it wrote the key, what it wrote. Each
 /// is a violation.
 pub fn repeatable_read_violations(run: &[Observation]) -> Vec<String> {
-    let mut seen: HashMap<&str, &str> = HashMap::new();
+    let mut seen: HashMap<&str, (&str, &VectorClock)> = HashMap::new();
     let mut violated: Vec<String> = Vec::new();
     for observed in run {
+        let version = (observed.value.as_str(), &observed.clock);
         if observed.write {
-            seen.insert(&observed.key, &observed.value);
+            seen.insert(&observed.key, version);
             continue;
         }
-        let expected = *seen.entry(&observed.key).or_insert(&observed.value);
-        if expected != observed.value && !violated.contains(&observed.key) {
+        let expected = *seen.entry(&observed.key).or_insert(version);
+        if expected != version && !violated.contains(&observed.key) {
             violated.push(observed.key.clone());
         }
     }
     violated
+}
+
+/// The reads of a run outside a causal cut: a version read although it depends on a newer
+/// version of another key than one the run read of that key (before or after). Each is a
+/// violation, described.
+pub fn causal_cut_violations(run: &[Observation]) -> Vec<String> {
+    let mut violated = Vec::new();
+    for dependent in run.iter().filter(|o| !o.write) {
+        for (key, needed) in &dependent.dependencies {
+            for read in run.iter().filter(|o| !o.write && &o.key == key) {
+                if !read.clock.dominates(needed) {
+                    violated.push(format!(
+                        "{}={} depends on {key} at {needed:?}, but the run read {key}={} at {:?}",
+                        dependent.key, dependent.value, read.value, read.clock
+                    ));
+                }
+            }
+        }
+    }
+    violated
+}
+
+/// A client session's causal history: what its runs so far read and wrote, and what those
+/// versions depend on. A later run of the session that reads an older version of a key than
+/// that is a violation (it went back in time).
+#[derive(Debug, Default, Clone)]
+pub struct SessionHistory {
+    floors: Dependencies,
+}
+
+impl SessionHistory {
+    /// Checks one run of the session against what the session saw before it, then adds what
+    /// the run saw; returns the run's reads that went back.
+    pub fn run(&mut self, run: &[Observation]) -> Vec<String> {
+        let mut violated = Vec::new();
+        for read in run.iter().filter(|o| !o.write) {
+            if let Some(floor) = self.floors.get(&read.key) {
+                if !read.clock.dominates(floor) {
+                    violated.push(format!(
+                        "{}={} at {:?} is older than the session saw ({floor:?})",
+                        read.key, read.value, read.clock
+                    ));
+                }
+            }
+        }
+        for observed in run {
+            raise(&mut self.floors, &observed.key, &observed.clock);
+            raise_all(&mut self.floors, &observed.dependencies);
+        }
+        violated
+    }
 }
 
 #[cfg(test)]
@@ -197,5 +281,29 @@ mod tests {
         assert!(repeatable_read_violations(&wrote).is_empty());
         let lost = observations(b"a a@1=9\na=1\na:=9\na=1\n");
         assert_eq!(repeatable_read_violations(&lost), ["a"]);
+    }
+
+    #[test]
+    fn the_checker_sees_reads_outside_a_causal_cut_and_sessions_going_back() {
+        // b (written by 7 at 2) depends on a at 7.3; the run read a at 7.2: outside the cut.
+        let outside = observations(b"a b\na=x|7.2|\nb=y|7.2|a:7.3\n");
+        assert_eq!(outside[1].dependencies["a"], [(7, 3)].into_iter().collect());
+        assert_eq!(causal_cut_violations(&outside).len(), 1);
+        let inside = observations(b"a b\na=x|7.3+8.1|\nb=y|7.2|a:7.3\n");
+        assert!(causal_cut_violations(&inside).is_empty());
+        assert!(repeatable_read_violations(&inside).is_empty());
+        // Two versions of a with the same bytes are still two versions.
+        let twice = observations(b"a\na=x|7.3|\na=x|7.4|\n");
+        assert_eq!(repeatable_read_violations(&twice), ["a"]);
+        // A session: the second run reads an older a than the first read, and an older c
+        // than the first run's b depends on.
+        let mut session = SessionHistory::default();
+        assert!(session
+            .run(&observations(b"a b\na=x|7.3|\nb=y|7.4|c:9.1\n"))
+            .is_empty());
+        assert_eq!(session.run(&observations(b"a c\na=w|7.2|\nc=-\n")).len(), 2);
+        assert!(session
+            .run(&observations(b"a c\na=x|7.3|\nc=z|9.1|\n"))
+            .is_empty());
     }
 }

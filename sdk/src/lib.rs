@@ -194,12 +194,14 @@ pub mod state {
         }
     }
 
-    /// Reads the bytes of a last-writer-wins key.
+    /// Reads the bytes of a last-writer-wins key, or of a causal key (of concurrent versions,
+    /// the first in canonical order; [`get`] returns them all, with their clocks).
     pub fn get_bytes(key: &str) -> Result<Option<Vec<u8>>, StateError> {
         Ok(raw_state::get_bytes(key)?)
     }
 
-    /// Writes bytes to a last-writer-wins key.
+    /// Writes bytes to a key: a last-writer-wins register, or in a causal call a multi-key
+    /// causal version carrying the call's vector clock and dependencies.
     pub fn put_bytes(key: &str, value: &[u8]) -> Result<(), StateError> {
         Ok(raw_state::put_bytes(key, value)?)
     }

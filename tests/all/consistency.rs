@@ -6,12 +6,21 @@
 //! last step reads back (on the first step's executor, which must take the write's version).
 //! `lww`, which promises nothing across reads, is run first: it must show anomalies, which
 //! shows the checker can see them (the consistency benchmark reports the count).
+//!
+//! Then causal: a writer runs the same DAG in causal mode, each step writing one key after
+//! the previous step's (so `causal/c` depends on `causal/b`, which depends on `causal/a`), while
+//! clients read the three keys at every step. The checker also counts reads outside a causal
+//! cut and, per client session, reads older than what the session's earlier runs saw. `lww`
+//! readers show such anomalies; causal readers (each client a session, the keys declared,
+//! and a key of their own written in step 2 and read back by the next run) must show none.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use squall_executor::testing::{guest, observations, repeatable_read_violations};
+use squall_executor::testing::{
+    causal_cut_violations, guest, observations, repeatable_read_violations, SessionHistory,
+};
 
 use crate::support::{http, roles};
 
@@ -88,6 +97,141 @@ fn check(base: &str, mode: &str, runs: usize, write: bool) -> (usize, usize) {
         values.extend(seen);
     }
     (violations, values.len())
+}
+
+/// The keys the causal writer writes (each after the previous one, in the same run).
+const CAUSAL: [&str; 3] = ["causal/a", "causal/b", "causal/c"];
+
+/// What [`check_causal`] counted.
+#[derive(Debug, Default)]
+struct Tally {
+    /// Runs that read a key in two versions.
+    repeatable: usize,
+    /// Runs that read outside a causal cut.
+    cut: usize,
+    /// Runs that read older versions than their session had seen.
+    session: usize,
+    /// Runs that failed.
+    failed: usize,
+    /// The first anomaly seen, for the report.
+    example: Option<String>,
+}
+
+/// Runs `runs` calls of the DAG in `mode` from [`CLIENTS`] clients, each a session of its
+/// own, reading the [`CAUSAL`] keys. In causal mode the calls declare their keys, and each
+/// run's second step writes the client's own key, which every step reads.
+fn check_causal(base: &str, mode: &str, runs: usize) -> Tally {
+    let next = Arc::new(AtomicUsize::new(0));
+    let causal = mode == "causal";
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            let (base, mode, next) = (base.to_string(), mode.to_string(), next.clone());
+            std::thread::spawn(move || {
+                let agent = agent();
+                let url = format!("{base}/v1/dags/audit/invoke");
+                let mine = format!("causal/mine/{client}");
+                let mut keys: Vec<String> = CAUSAL.iter().map(|k| k.to_string()).collect();
+                if causal {
+                    keys.push(mine.clone());
+                }
+                let mut history = SessionHistory::default();
+                let mut tally = Tally::default();
+                loop {
+                    let run = next.fetch_add(1, Ordering::Relaxed);
+                    if run >= runs {
+                        break;
+                    }
+                    let mut names = keys.join(" ");
+                    if causal {
+                        names.push_str(&format!(" {mine}@1=r{run}"));
+                    }
+                    let mut request = agent
+                        .post(&url)
+                        .set("squall-consistency", &mode)
+                        .set("squall-keys", &keys.join(","));
+                    if causal {
+                        request = request.set("squall-session", &format!("client-{client}"));
+                    }
+                    let output = match request.send_bytes(format!("{names}\n").as_bytes()) {
+                        Ok(response) => {
+                            let mut output = Vec::new();
+                            std::io::Read::read_to_end(&mut response.into_reader(), &mut output)
+                                .expect("read the output");
+                            output
+                        }
+                        Err(e) => {
+                            tally.failed += 1;
+                            tally.example.get_or_insert(format!("a run failed: {e}"));
+                            continue;
+                        }
+                    };
+                    let reads = observations(&output);
+                    let expected = 3 * keys.len() + usize::from(causal);
+                    assert_eq!(
+                        reads.len(),
+                        expected,
+                        "{}",
+                        String::from_utf8_lossy(&output)
+                    );
+                    let repeatable = repeatable_read_violations(&reads);
+                    let cut = causal_cut_violations(&reads);
+                    let session = history.run(&reads);
+                    tally.repeatable += usize::from(!repeatable.is_empty());
+                    tally.cut += usize::from(!cut.is_empty());
+                    tally.session += usize::from(!session.is_empty());
+                    if let Some(first) = cut.first().or(session.first()) {
+                        tally.example.get_or_insert(first.clone());
+                    }
+                }
+                tally
+            })
+        })
+        .collect();
+    let mut total = Tally::default();
+    for client in clients {
+        let tally = client.join().expect("a client");
+        total.repeatable += tally.repeatable;
+        total.cut += tally.cut;
+        total.session += tally.session;
+        total.failed += tally.failed;
+        total.example = total.example.or(tally.example);
+    }
+    total
+}
+
+/// Starts the causal writer: runs of the DAG in causal mode (one session), whose steps write
+/// [`CAUSAL`] in order, each version depending on the one before. Returns the writer and
+/// its stop flag; joining it gives the runs made and the runs that failed.
+fn causal_writer(base: &str) -> (std::thread::JoinHandle<(u64, u64)>, Arc<AtomicBool>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (base, stop) = (base.to_string(), stop.clone());
+        std::thread::spawn(move || {
+            let agent = agent();
+            let (mut runs, mut failed) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                let writes: Vec<String> = CAUSAL
+                    .iter()
+                    .enumerate()
+                    .map(|(step, key)| format!("{key}@{step}=w{runs}"))
+                    .collect();
+                let input = format!("{} {}\n", CAUSAL.join(" "), writes.join(" "));
+                let answer = agent
+                    .post(&format!("{base}/v1/dags/audit/invoke"))
+                    .set("squall-consistency", "causal")
+                    .set("squall-keys", &CAUSAL.join(","))
+                    .set("squall-session", "writer")
+                    .send_bytes(input.as_bytes());
+                if let Err(e) = answer {
+                    eprintln!("a causal write failed: {e}");
+                    failed += 1;
+                }
+                runs += 1;
+            }
+            (runs, failed)
+        })
+    };
+    (writer, stop)
 }
 
 #[test]
@@ -167,6 +311,52 @@ fn repeatable_read_runs_never_see_two_versions_of_a_key() {
     assert_eq!(
         writing, 0,
         "repeatable-read runs read a key in another version than their own write"
+    );
+
+    // Causal: reads of the causal writer's keys.
+    let (writer, stop) = causal_writer(&base);
+    let lww = check_causal(&base, "lww", 500);
+    let causal = check_causal(&base, "causal", 2000);
+    stop.store(true, Ordering::Relaxed);
+    let (written, failed_writes) = writer.join().expect("the causal writer");
+    eprintln!(
+        "causal anomalies: lww readers {lww:?} of 500 runs; causal readers {causal:?} of 2000 \
+         runs ({written} writer runs, {failed_writes} failed)"
+    );
+    assert!(
+        lww.cut + lww.session + lww.repeatable > 0,
+        "no lww run read outside a causal cut: the checker saw nothing"
+    );
+    assert_eq!(
+        (causal.repeatable, causal.cut, causal.session),
+        (0, 0, 0),
+        "causal runs broke causality: {:?}",
+        causal.example
+    );
+    assert_eq!(causal.failed, 0, "causal runs failed: {:?}", causal.example);
+    assert_eq!(failed_writes, 0, "causal writer runs failed");
+
+    // A mismatched mode on a key is a clear error: a causal write of an lww key, and an
+    // lww write of a causal key.
+    let mismatch =
+        |mode: &str, input: &str| match ureq::post(&format!("{base}/v1/dags/audit/invoke"))
+            .set("squall-consistency", mode)
+            .send_bytes(input.as_bytes())
+        {
+            Err(ureq::Error::Status(_, response)) => response.into_string().expect("body"),
+            other => panic!("expected the {mode} write to fail, got {other:?}"),
+        };
+    let body = mismatch("causal", &format!("{OWN} {OWN}@0=x\n"));
+    assert!(body.contains("holds lww values"), "{body}");
+    let body = mismatch("lww", "causal/a causal/a@0=x\n");
+    assert!(body.contains("multi-causal"), "{body}");
+    // Sessions are causal.
+    let session = ureq::post(&format!("{base}/v1/dags/audit/invoke"))
+        .set("squall-session", "s")
+        .send_bytes(b"acct/a\n");
+    assert!(
+        matches!(session, Err(ureq::Error::Status(400, _))),
+        "{session:?}"
     );
 
     // An unknown mode is refused, naming the modes there are.

@@ -7,6 +7,47 @@
 //! A name of the form `key@N=value` is a write, not a read: the step that has N steps before
 //! it writes `value` to `key` (before its reads) and reports `key:=value`. A fan-in step gets
 //! its inputs' texts and keeps the first one's key line.
+//!
+//! A causal value (written by causal calls) is reported with its version:
+//! `key=value|clock|dependencies`, the clock as `writer.counter` pairs joined by `+`, the
+//! dependencies as `key:clock` joined by `;`. A write in a causal call is reported the same
+//! way, with the version it made.
+
+use squall_sdk::lattices::{Dependencies, LatticeValue, VectorClock};
+
+fn clock_text(clock: &VectorClock) -> String {
+    let pairs: Vec<String> = clock.iter().map(|(w, c)| format!("{w}.{c}")).collect();
+    pairs.join("+")
+}
+
+/// The text of a value read: its bytes, plus the version of a causal value.
+fn value_text(value: Option<LatticeValue>) -> Result<String, String> {
+    match value {
+        None => Ok("-".into()),
+        Some(LatticeValue::Lww(register)) => Ok(String::from_utf8_lossy(&register.value).into()),
+        Some(LatticeValue::MultiCausal(register)) => {
+            let first = register
+                .values()
+                .next()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_else(|| "-".into());
+            let dependencies: Dependencies = register.dependencies();
+            let dependencies: Vec<String> = dependencies
+                .iter()
+                .map(|(key, clock)| format!("{key}:{}", clock_text(clock)))
+                .collect();
+            Ok(format!(
+                "{first}|{}|{}",
+                clock_text(&register.clock()),
+                dependencies.join(";")
+            ))
+        }
+        Some(other) => Err(format!(
+            "observe reads lww and multi-causal keys, not {}",
+            other.lattice_type()
+        )),
+    }
+}
 
 fn handle(input: &[u8]) -> Result<Vec<u8>, String> {
     // A fan-in step gets several texts (a MessagePack array); a chain step, one.
@@ -43,18 +84,17 @@ fn handle(input: &[u8]) -> Result<Vec<u8>, String> {
         let at: usize = squall_sdk::text(at.as_bytes())?;
         if at == step {
             squall_sdk::state::put_bytes(key, value.as_bytes()).map_err(|e| e.to_string())?;
-            output.extend_from_slice(format!("{key}:={value}\n").as_bytes());
+            // A causal write is reported with the version it made (what the run now reads).
+            let version = match squall_sdk::state::get(key).map_err(|e| e.to_string())? {
+                Some(causal @ LatticeValue::MultiCausal(_)) => value_text(Some(causal))?,
+                _ => value.to_string(),
+            };
+            output.extend_from_slice(format!("{key}:={version}\n").as_bytes());
         }
     }
     for key in reads {
-        let value = squall_sdk::state::get_bytes(key).map_err(|e| e.to_string())?;
-        output.extend_from_slice(key.as_bytes());
-        output.push(b'=');
-        match value {
-            Some(bytes) => output.extend_from_slice(&bytes),
-            None => output.push(b'-'),
-        }
-        output.push(b'\n');
+        let value = squall_sdk::state::get(key).map_err(|e| e.to_string())?;
+        output.extend_from_slice(format!("{key}={}\n", value_text(value)?).as_bytes());
     }
     Ok(output)
 }
