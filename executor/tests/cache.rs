@@ -150,3 +150,106 @@ async fn a_restarted_node_that_forgot_the_cache_makes_it_refill() {
     eventually(&executor, "k", &lww(2, "after")).await;
     assert!(executor.cache().stats().resyncs >= 1);
 }
+
+fn causal(
+    clock: &[(u64, u64)],
+    dependencies: &[(&str, &[(u64, u64)])],
+    value: &str,
+) -> LatticeValue {
+    LatticeValue::MultiCausal(squall_lattices::MultiKeyCausal::with_version(
+        clock.iter().copied().collect(),
+        dependencies
+            .iter()
+            .map(|(key, clock)| (key.to_string(), clock.iter().copied().collect()))
+            .collect(),
+        Bytes::from(value.to_string()),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn causal_sessions_read_causal_cuts_and_write_their_dependencies() {
+    use squall_executor::{Consistency, Error};
+    let node = Node::start(squall_kvs::Config::default()).expect("node");
+    let executor = with_cache(&node, CacheConfig::default());
+    let cache = executor.cache();
+    // a at {1:1}; b depends on a at {1:2}, a version the store does not have yet.
+    cache
+        .merge("a", causal(&[(1, 1)], &[], "a1"))
+        .await
+        .expect("a");
+    cache
+        .merge("b", causal(&[(2, 1)], &[("a", &[(1, 2)])], "b1"))
+        .await
+        .expect("b");
+
+    // Having read a at {1:1}, a run cannot read this b: it depends on a newer a.
+    let mut session = cache.session(Consistency::Causal);
+    assert_eq!(
+        session.get("a").await.expect("a"),
+        Some(causal(&[(1, 1)], &[], "a1"))
+    );
+    let refused = session.get("b").await.expect_err("b is outside the cut");
+    assert!(
+        matches!(&refused, Error::CausalCut { key, .. } if key == "b"),
+        "{refused}"
+    );
+
+    // Having read b first, a run needs a at {1:2} or later: the store has none.
+    let mut session = cache.session(Consistency::Causal);
+    session.get("b").await.expect("b");
+    let refused = session.get("a").await.expect_err("no a new enough");
+    assert!(
+        refused.to_string().contains("no version as new"),
+        "{refused}"
+    );
+    // Once it is written (by another writer, straight to the store), a run that read b reads
+    // it, whether the store's push reached the cache first or the read goes to the store.
+    client(&node)
+        .put("a", causal(&[(1, 2)], &[], "a2"))
+        .expect("a2");
+    let mut session = cache.session(Consistency::Causal);
+    session.get("b").await.expect("b");
+    assert_eq!(
+        session.get("a").await.expect("a"),
+        Some(causal(&[(1, 2)], &[], "a2"))
+    );
+
+    // A causal write is a multi-key causal version: the run's version of the key advanced at
+    // the writer, depending on everything the run read.
+    let stamp = Timestamp::new(50, 9);
+    let written = session
+        .put_bytes("c", Bytes::from_static(b"c1"), stamp)
+        .await
+        .expect("c");
+    assert_eq!(
+        written,
+        causal(&[(9, 50)], &[("a", &[(1, 2)]), ("b", &[(2, 1)])], "c1")
+    );
+    // Writing it again advances the writer's entry past its own earlier write.
+    let again = session
+        .put_bytes("c", Bytes::from_static(b"c2"), Timestamp::new(10, 9))
+        .await
+        .expect("c again");
+    let LatticeValue::MultiCausal(again) = again else {
+        panic!("{again:?}")
+    };
+    assert_eq!(
+        again.values().collect::<Vec<_>>(),
+        [&Bytes::from_static(b"c2")]
+    );
+    assert_eq!(again.clock(), [(9, 51)].into_iter().collect());
+
+    // A causal write of an lww key is refused, naming the mismatch; lww writes of causal
+    // keys are refused by the store.
+    cache.merge("plain", lww(1, "x")).await.expect("plain");
+    let refused = session
+        .put_bytes("plain", Bytes::from_static(b"y"), stamp)
+        .await
+        .expect_err("mode mismatch");
+    assert!(matches!(refused, Error::ModeMismatch { .. }), "{refused}");
+    let mut plain = cache.session(Consistency::Lww);
+    assert!(plain
+        .put_bytes("c", Bytes::from_static(b"z"), stamp)
+        .await
+        .is_err());
+}

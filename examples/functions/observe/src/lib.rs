@@ -4,8 +4,9 @@
 //! key, `key=value`. Chained into a DAG, the sink's output is every read of the run, in
 //! order, so a checker can tell whether a run saw two versions of one key.
 //!
-//! A name of the form `key@N=value` is a write, not a read: the step that has N steps before
-//! it writes `value` to `key` (before its reads) and reports `key:=value`. A fan-in step gets
+//! A name of the form `key~N` is read only by the step that has N steps before it. A name of
+//! the form `key@N=value` is a write, not a read: that step writes `value` to `key` (before
+//! its reads) and reports `key:=value`. Each step ends its report with a `--` line. A fan-in step gets
 //! its inputs' texts and keeps the first one's key line.
 //!
 //! A causal value (written by causal calls) is reported with its version:
@@ -72,10 +73,17 @@ fn handle(input: &[u8]) -> Result<Vec<u8>, String> {
         .unwrap_or_default()
         .split_whitespace()
         .collect();
-    let reads: Vec<&str> = names.iter().copied().filter(|n| !n.contains('@')).collect();
-    // Steps before this one: the reads reported so far, per step.
-    let reported = lines.filter(|l| !l.contains(":=")).count();
-    let step = reported.checked_div(reads.len()).unwrap_or(0);
+    // Steps before this one: each ends its report with a `--` line.
+    let step = lines.filter(|l| *l == "--").count();
+    // Plain names are read at every step; `key~N` only at step N.
+    let reads: Vec<&str> = names
+        .iter()
+        .filter(|n| !n.contains('@'))
+        .filter_map(|n| match n.split_once('~') {
+            None => Some(*n),
+            Some((key, at)) => (at.parse::<usize>() == Ok(step)).then_some(key),
+        })
+        .collect();
     for name in names.iter().filter(|n| n.contains('@')) {
         let (key, rest) = name.split_once('@').unwrap_or((name, ""));
         let (at, value) = rest
@@ -96,6 +104,7 @@ fn handle(input: &[u8]) -> Result<Vec<u8>, String> {
         let value = squall_sdk::state::get(key).map_err(|e| e.to_string())?;
         output.extend_from_slice(format!("{key}={}\n", value_text(value)?).as_bytes());
     }
+    output.extend_from_slice(b"--\n");
     Ok(output)
 }
 
