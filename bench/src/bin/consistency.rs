@@ -1,9 +1,12 @@
 //! Consistency modes end to end: a three-step DAG of `observe` probes over shared keys
-//! (`acct/a`, `acct/b`, `acct/c`), its steps on two executor processes (steps 1 and 3 on one,
-//! step 2 on the other, each with its own cache), run over HTTP by one client in each mode
-//! while a writer changes the keys at a steady rate. For each mode: latency p50/p99 (medians
-//! over rounds; modes alternate within each round) and the runs that read some key in two
-//! versions, as the anomaly checker counts them (`squall_executor::testing`).
+//! (`causal/a`, `causal/b`, `causal/c`), its steps on two executor processes (steps 1 and 3 on
+//! one, step 2 on the other, each with its own cache), run over HTTP by one client in each
+//! mode while a writer changes the keys at a steady rate. The writer runs the same DAG in
+//! causal mode, each step writing one key, so each version depends on the one before. Every
+//! step of a reader reads the three keys. A causal reader is one session and declares its
+//! keys. For each mode: latency p50/p99 (medians over rounds; modes alternate within each
+//! round) and the runs the anomaly checker (`squall_executor::testing`) flags: a key read in
+//! two versions, a read outside a causal cut, or a read older than the session had seen.
 
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,19 +16,22 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use squall_bench::{closed_loop, median, up_with_executors, RunArgs};
-use squall_executor::testing::{guest, observations, repeatable_read_violations};
+use squall_executor::testing::{
+    causal_cut_violations, guest, observations, repeatable_read_violations, SessionHistory,
+};
 
 #[derive(Debug, Parser)]
 struct Args {
     #[command(flatten)]
     run: RunArgs,
-    /// Writes per second to the shared keys while the DAG runs.
-    #[arg(long, default_value_t = 500)]
+    /// Writes per second to the shared keys while the DAG runs (a causal writer run writes
+    /// all three keys, so it runs a third as often).
+    #[arg(long, default_value_t = 300)]
     writes_per_second: u64,
 }
 
-const KEYS: [&str; 3] = ["acct/a", "acct/b", "acct/c"];
-const MODES: [&str; 2] = ["lww", "repeatable-read"];
+const KEYS: [&str; 3] = ["causal/a", "causal/b", "causal/c"];
+const MODES: [&str; 3] = ["lww", "repeatable-read", "causal"];
 
 fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new()
@@ -58,21 +64,29 @@ fn main() -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let (base, stop) = (base.clone(), stop.clone());
-        let period = Duration::from_secs_f64(1.0 / args.writes_per_second.max(1) as f64);
+        let period = Duration::from_secs_f64(3.0 / args.writes_per_second.max(1) as f64);
         std::thread::spawn(move || -> anyhow::Result<u64> {
             let agent = agent();
             let started = Instant::now();
-            let mut written = 0u64;
+            let mut runs = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let key = KEYS[(written % 3) as usize];
+                let writes: Vec<String> = KEYS
+                    .iter()
+                    .enumerate()
+                    .map(|(step, key)| format!("{key}@{step}=w{runs}"))
+                    .collect();
                 agent
-                    .put(&format!("{base}/v1/kv/{key}"))
-                    .send_bytes(format!("v{written}").as_bytes())?;
-                written += 1;
-                let next = started + period.mul_f64(written as f64);
+                    .post(&format!("{base}/v1/dags/audit/invoke"))
+                    .set("squall-consistency", "causal")
+                    .set("squall-keys", &KEYS.join(","))
+                    .set("squall-session", "writer")
+                    .send_bytes(format!("{} {}\n", KEYS.join(" "), writes.join(" ")).as_bytes())
+                    .context("a causal writer run")?;
+                runs += 1;
+                let next = started + period.mul_f64(runs as f64);
                 std::thread::sleep(next.saturating_duration_since(Instant::now()));
             }
-            Ok(written)
+            Ok(3 * runs)
         })
     };
 
@@ -81,8 +95,14 @@ fn main() -> anyhow::Result<()> {
     // Per mode: p50s and p99s of the rounds, runs, runs with an anomaly.
     let mut results: Vec<(Vec<f64>, Vec<f64>, u64, u64)> =
         vec![(vec![], vec![], 0, 0); MODES.len()];
+    // The readers' sessions (one per mode: lww and repeatable read promise nothing across
+    // runs, and the checker counts it).
+    let histories: Vec<std::sync::Mutex<SessionHistory>> = MODES
+        .iter()
+        .map(|_| std::sync::Mutex::new(SessionHistory::default()))
+        .collect();
     for round in 0..args.run.rounds {
-        for (mode, result) in MODES.iter().zip(results.iter_mut()) {
+        for ((mode, result), history) in MODES.iter().zip(results.iter_mut()).zip(&histories) {
             let (checked, anomalies) = (AtomicU64::new(0), AtomicU64::new(0));
             let load = closed_loop(
                 1,
@@ -90,10 +110,13 @@ fn main() -> anyhow::Result<()> {
                 Duration::from_secs_f64(args.run.seconds),
                 |_| Ok(agent()),
                 |agent, _| {
-                    let response = agent
-                        .post(&url)
-                        .set("squall-consistency", mode)
-                        .send_bytes(input.as_bytes())?;
+                    let mut request = agent.post(&url).set("squall-consistency", mode);
+                    if *mode == "causal" {
+                        request = request
+                            .set("squall-keys", &KEYS.join(","))
+                            .set("squall-session", "reader");
+                    }
+                    let response = request.send_bytes(input.as_bytes())?;
                     let mut output = Vec::new();
                     response.into_reader().read_to_end(&mut output)?;
                     let reads = observations(&output);
@@ -101,7 +124,14 @@ fn main() -> anyhow::Result<()> {
                         bail!("unexpected output {:?}", String::from_utf8_lossy(&output));
                     }
                     checked.fetch_add(1, Ordering::Relaxed);
-                    if !repeatable_read_violations(&reads).is_empty() {
+                    let went_back = history
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("a checker panicked"))?
+                        .run(&reads);
+                    if !repeatable_read_violations(&reads).is_empty()
+                        || !causal_cut_violations(&reads).is_empty()
+                        || !went_back.is_empty()
+                    {
                         anomalies.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(())
@@ -131,7 +161,7 @@ fn main() -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("the writer panicked"))??;
 
     println!(
-        "3-step DAG over 3 shared keys, steps on 2 executor processes, {} writes/s ({written} in all); medians of {} rounds, {} s each",
+        "3-step DAG over 3 shared keys, steps on 2 executor processes, {} causal writes/s ({written} in all); medians of {} rounds, {} s each",
         args.writes_per_second, args.run.rounds, args.run.seconds
     );
     println!();
