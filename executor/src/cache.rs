@@ -643,22 +643,43 @@ impl Session {
             return self.cache.get(key).await;
         };
         if let Some(view) = self.run_view(run, key).await? {
+            if self.mode == Consistency::Causal {
+                self.check_view(run, key, view.as_ref())?;
+            }
             return Ok(view);
         }
         // The run's first read of the key: pin what the cache holds (or what another step of
-        // the run on this executor pinned a moment earlier); in causal mode, a version that
-        // fits the run's cut.
-        let held = self.cache.get(key).await?;
-        let held = match self.mode {
-            Consistency::Causal => self.fit_cut(run, key, held).await?,
-            _ => held,
-        };
-        Ok(run.pins.pin(key, held))
+        // the run on this executor pinned a moment earlier).
+        if self.mode != Consistency::Causal {
+            let held = self.cache.get(key).await?;
+            return Ok(run.pins.pin(key, held));
+        }
+        // Causal: a version that fits the run's cut, pinned only if no other step of the run
+        // here pinned something meanwhile that it was not checked against.
+        for _ in 0..CUT_ROUNDS {
+            let generation = run.pins.generation();
+            let held = self.cache.get(key).await?;
+            let version = self.fit_cut(run, key, held).await?;
+            if let Some(pinned) = run.pins.pin_if(key, version, generation) {
+                return Ok(pinned);
+            }
+        }
+        Err(Error::CausalCut {
+            key: key.to_string(),
+            reason: format!(
+                "other steps of the run on this executor kept pinning keys while it was checked \
+                 ({CUT_ROUNDS} tries)"
+            ),
+        })
     }
 
     /// Merges a value into a key (through to the store); returns the merged value as the
     /// session sees it.
     pub async fn merge(&mut self, key: &str, value: LatticeValue) -> Result<LatticeValue> {
+        if self.mode == Consistency::Causal && self.run.is_some() {
+            // The write extends a version of the key that fits the run's cut: read it first.
+            self.get(key).await?;
+        }
         let Some(run) = &self.run else {
             return self.cache.merge(key, value).await;
         };
@@ -680,9 +701,11 @@ impl Session {
         bytes: Bytes,
         stamp: Timestamp,
     ) -> Result<LatticeValue> {
-        let value = match &self.run {
-            Some(run) if self.mode == Consistency::Causal => {
-                self.causal_version(run, key, bytes, stamp).await?
+        let value = match (&self.run, self.mode) {
+            (Some(_), Consistency::Causal) => {
+                // The run's version of the key, checked against its cut, is the base.
+                let base = self.get(key).await?;
+                self.causal_version(key, base, bytes, stamp)?
             }
             _ => LatticeValue::Lww(Lww::new(stamp, bytes)),
         };
@@ -700,6 +723,34 @@ impl Session {
         if self.mode != Consistency::Causal {
             return Ok(());
         }
+        // Another step of the run here may pin keys meanwhile (a second source step): then
+        // the cut is looked for again, against its pins.
+        for _ in 0..CUT_ROUNDS {
+            let generation = run.pins.generation();
+            let versions = self.find_cut(run, keys).await?;
+            if run
+                .pins
+                .pin_all(versions.iter().map(|(k, v)| (*k, v.clone())), generation)
+            {
+                return Ok(());
+            }
+        }
+        Err(Error::CausalCut {
+            key: keys.first().cloned().unwrap_or_default(),
+            reason: format!(
+                "other steps of the run on this executor kept pinning keys while its declared \
+                 keys were read ({CUT_ROUNDS} tries)"
+            ),
+        })
+    }
+
+    /// Causal: versions of `keys` (those the run has no version of yet) that form a cut with
+    /// each other and with the run's cut (see [`Session::prepare`]).
+    async fn find_cut<'k>(
+        &self,
+        run: &RunView,
+        keys: &'k [String],
+    ) -> Result<Vec<(&'k str, Option<LatticeValue>)>> {
         let mut versions: Vec<(&str, Option<LatticeValue>)> = Vec::new();
         for key in keys {
             let handed_on = run
@@ -712,6 +763,7 @@ impl Session {
             versions.push((key, self.cache.get(key).await?));
         }
         let known = self.known(run);
+        let mut last_stale = String::new();
         for _ in 0..CUT_ROUNDS {
             let mut needed = known.clone();
             for (_, version) in &versions {
@@ -719,25 +771,52 @@ impl Session {
                     raise_all(&mut needed, &dependencies);
                 }
             }
-            let mut stale = false;
+            let mut stale = None;
             for (key, version) in &mut versions {
-                if needed
-                    .get(*key)
-                    .is_some_and(|floor| !reaches(version.as_ref(), floor))
-                {
+                let Some(floor) = needed.get(*key) else {
+                    continue;
+                };
+                if !reaches(version.as_ref(), floor) {
                     *version = self.cache.fetch(key).await?;
-                    stale = true;
+                    if !reaches(version.as_ref(), floor) {
+                        return Err(Error::CausalCut {
+                            key: key.to_string(),
+                            reason: "the store holds no version as new as the run's cut \
+                                     requires (versions its session saw were lost?)"
+                                .into(),
+                        });
+                    }
+                    stale = Some(key.to_string());
                 }
             }
-            if !stale {
-                run.pins.pin_all(versions);
-                return Ok(());
-            }
+            let Some(stale) = stale else {
+                // The cut must also fit what the run already read of other keys.
+                for (key, version) in &versions {
+                    let Some((_, dependencies)) = causal_meta(version.as_ref()) else {
+                        continue;
+                    };
+                    for (other, needed) in &dependencies {
+                        let read = Self::read_clock(run, other);
+                        if read.is_some_and(|read| !read.dominates(needed)) {
+                            return Err(Error::CausalCut {
+                                key: key.to_string(),
+                                reason: format!(
+                                    "the version held depends on a newer version of {other:?} \
+                                     than this run read"
+                                ),
+                            });
+                        }
+                    }
+                }
+                return Ok(versions);
+            };
+            last_stale = stale;
         }
         Err(Error::CausalCut {
-            key: versions.first().map_or_else(String::new, |(k, _)| k.to_string()),
+            key: last_stale,
             reason: format!(
-                "writes kept outpacing {CUT_ROUNDS} rounds of reading the call's keys from the store"
+                "writes kept outpacing {CUT_ROUNDS} rounds of re-reading the call's keys from \
+                 the store"
             ),
         })
     }
@@ -780,8 +859,8 @@ impl Session {
                 if !reaches(version.as_ref(), floor) {
                     return Err(Error::CausalCut {
                         key: key.to_string(),
-                        reason: "the store holds no version as new as one this run or its \
-                                 session has seen"
+                        reason: "the store holds no version as new as this run or its session \
+                                 has seen (were versions lost?)"
                             .into(),
                     });
                 }
@@ -807,18 +886,15 @@ impl Session {
         Ok(version)
     }
 
-    /// Causal: the version a write of `bytes` to `key` makes (see [`Session::put_bytes`]).
-    async fn causal_version(
+    /// Causal: the version a write of `bytes` to `key` makes over `base`, the run's version
+    /// of the key (see [`Session::put_bytes`]).
+    fn causal_version(
         &self,
-        run: &RunView,
         key: &str,
+        base: Option<LatticeValue>,
         bytes: Bytes,
         stamp: Timestamp,
     ) -> Result<LatticeValue> {
-        let base = match self.run_view(run, key).await? {
-            Some(view) => view,
-            None => self.cache.get(key).await?,
-        };
         let (mut clock, base_dependencies) = match &base {
             None => Default::default(),
             Some(LatticeValue::MultiCausal(register)) => {
@@ -833,7 +909,11 @@ impl Session {
         };
         let tick = stamp.time.max(clock.get(stamp.writer) + 1);
         clock.observe(stamp.writer, tick);
-        let mut dependencies = self.known(run);
+        let mut dependencies = self
+            .run
+            .as_ref()
+            .map(|run| self.known(run))
+            .unwrap_or_default();
         raise_all(&mut dependencies, &base_dependencies);
         dependencies.remove(key);
         Ok(LatticeValue::MultiCausal(MultiKeyCausal::with_version(
@@ -841,6 +921,40 @@ impl Session {
             dependencies,
             bytes,
         )))
+    }
+
+    /// Causal: checks the run's version of `key` handed on by earlier steps (or pinned here)
+    /// against the run's cut. Along one path of a DAG it always fits; after parallel branches
+    /// it may not (one branch read a version another branch's read depends on a newer version
+    /// of), and then the read fails rather than return it.
+    fn check_view(&self, run: &RunView, key: &str, view: Option<&LatticeValue>) -> Result<()> {
+        let outside = |reason: String| Error::CausalCut {
+            key: key.to_string(),
+            reason,
+        };
+        if let Some(floor) = self.known(run).get(key) {
+            if !reaches(view, floor) {
+                return Err(outside(
+                    "the run's earlier steps (parallel branches) read a version older than \
+                     other reads of the run depend on; declare the key in the call's keys"
+                        .into(),
+                ));
+            }
+        }
+        if let Some((_, dependencies)) = causal_meta(view) {
+            for (other, needed) in &dependencies {
+                let read = (other != key)
+                    .then(|| Self::read_clock(run, other))
+                    .flatten();
+                if read.is_some_and(|read| !read.dominates(needed)) {
+                    return Err(outside(format!(
+                        "the run's version depends on a newer version of {other:?} than the run \
+                         read (parallel branches); declare both in the call's keys"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The run's version of `key`, if it has one: its pin here, joined with the versions the

@@ -101,6 +101,9 @@ pub fn reaches(value: Option<&LatticeValue>, floor: &VectorClock) -> bool {
 #[derive(Debug, Default)]
 pub struct RunPins {
     values: Mutex<HashMap<String, Option<LatticeValue>>>,
+    /// Counts changes of `values` (bumped under its lock), so a causal read that checked a
+    /// version against the pins can tell whether they changed before it pins it.
+    changes: std::sync::atomic::AtomicU64,
     /// Versions handed on by earlier steps that a pin here has joined, as (key, digest): the
     /// next steps need not fetch them again.
     absorbed: Mutex<HashSet<(String, u64)>>,
@@ -110,6 +113,16 @@ impl RunPins {
     fn values(&self) -> MutexGuard<'_, HashMap<String, Option<LatticeValue>>> {
         // Every update replaces an entry whole, so a poisoned lock is still consistent.
         self.values.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// The pins' generation: it changes whenever a pin is added or changed.
+    pub fn generation(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn absorbed(&self) -> MutexGuard<'_, HashSet<(String, u64)>> {
@@ -145,19 +158,52 @@ impl RunPins {
 
     /// Pins `value` unless another step of the run pinned `key` first; returns the pin.
     pub fn pin(&self, key: &str, value: Option<LatticeValue>) -> Option<LatticeValue> {
-        self.values()
-            .entry(key.to_string())
-            .or_insert(value)
-            .clone()
+        let mut values = self.values();
+        if let Some(pinned) = values.get(key) {
+            return pinned.clone();
+        }
+        values.insert(key.to_string(), value.clone());
+        self.bump();
+        value
     }
 
-    /// Pins each of `versions` whose key has no pin yet, all under one lock (a cut prepared
-    /// by [`crate::cache::Session::prepare`]).
-    pub fn pin_all<'a>(&self, versions: impl IntoIterator<Item = (&'a str, Option<LatticeValue>)>) {
+    /// Pins `value` as [`RunPins::pin`] does, unless the pins changed since `generation`
+    /// (then `None`: what `value` was checked against is stale). A key pinned meanwhile
+    /// returns that pin.
+    pub fn pin_if(
+        &self,
+        key: &str,
+        value: Option<LatticeValue>,
+        generation: u64,
+    ) -> Option<Option<LatticeValue>> {
         let mut values = self.values();
+        if let Some(pinned) = values.get(key) {
+            return Some(pinned.clone());
+        }
+        if self.generation() != generation {
+            return None;
+        }
+        values.insert(key.to_string(), value.clone());
+        self.bump();
+        Some(value)
+    }
+
+    /// Pins `versions` (a cut prepared by [`crate::cache::Session::prepare`]) all under one
+    /// lock, unless the pins changed since `generation`; returns whether it did.
+    pub fn pin_all<'a>(
+        &self,
+        versions: impl IntoIterator<Item = (&'a str, Option<LatticeValue>)>,
+        generation: u64,
+    ) -> bool {
+        let mut values = self.values();
+        if self.generation() != generation {
+            return false;
+        }
         for (key, value) in versions {
             values.entry(key.to_string()).or_insert(value);
         }
+        self.bump();
+        true
     }
 
     /// Joins `value` (the run's version handed on by an earlier step) into the pin of `key`;
@@ -175,6 +221,7 @@ impl RunPins {
             (pinned, value) => pinned.or(value),
         };
         values.insert(key.to_string(), joined.clone());
+        self.bump();
         joined
     }
 
@@ -201,7 +248,9 @@ impl RunPins {
             Some(None) => written,
             None => merged,
         };
-        self.values().insert(key.to_string(), Some(view.clone()));
+        let mut values = self.values();
+        values.insert(key.to_string(), Some(view.clone()));
+        self.bump();
         view
     }
 

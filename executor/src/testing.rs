@@ -212,12 +212,12 @@ pub fn repeatable_read_violations(run: &[Observation]) -> Vec<String> {
     violated
 }
 
-/// The reads of a run outside a causal cut: a version read although it depends on a newer
-/// version of another key than one the run read of that key (before or after). Each is a
-/// violation, described.
+/// The reads of a run outside a causal cut: a version read (or written) although it depends
+/// on a newer version of another key than one the run read of that key (before or after).
+/// Each is a violation, described.
 pub fn causal_cut_violations(run: &[Observation]) -> Vec<String> {
     let mut violated = Vec::new();
-    for dependent in run.iter().filter(|o| !o.write) {
+    for dependent in run {
         for (key, needed) in &dependent.dependencies {
             for read in run.iter().filter(|o| !o.write && &o.key == key) {
                 if !read.clock.dominates(needed) {

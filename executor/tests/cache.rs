@@ -253,3 +253,58 @@ async fn causal_sessions_read_causal_cuts_and_write_their_dependencies() {
         .await
         .is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_causal_step_refuses_versions_handed_on_that_do_not_form_a_cut() {
+    use std::sync::Arc;
+
+    use squall_executor::{Consistency, Error, RunContext};
+    use squall_proto::call::{digest, PinRef};
+    let node = Node::start(squall_kvs::Config::default()).expect("node");
+    let executor = with_cache(&node, CacheConfig::default());
+    let cache = executor.cache();
+    let x1 = causal(&[(1, 1)], &[], "x1");
+    cache.merge("x", x1.clone()).await.expect("x");
+    // After parallel branches: one read x at {1:1}, the other read a version that depends on
+    // x at {1:2} (the step's floors say so).
+    let context = |floor: &[(u64, u64)]| RunContext {
+        call: 7,
+        upstream: Arc::new(
+            [(
+                "x".to_string(),
+                vec![PinRef {
+                    key: "x".into(),
+                    digest: digest(Some(&x1)),
+                    holder: "tcp://127.0.0.1:9".into(),
+                    clock: [(1, 1)].into_iter().collect(),
+                    dependencies: Default::default(),
+                }],
+            )]
+            .into_iter()
+            .collect(),
+        ),
+        source: None,
+        deadline: Instant::now() + Duration::from_secs(10),
+        here: "tcp://127.0.0.1:8".into(),
+        floors: Arc::new(
+            [("x".to_string(), floor.iter().copied().collect())]
+                .into_iter()
+                .collect(),
+        ),
+        declared: Vec::new(),
+    };
+    let mut session = cache.run_session(
+        Consistency::Causal,
+        executor.pins().open(7, Instant::now()),
+        context(&[(1, 2)]),
+    );
+    let refused = session.get("x").await.expect_err("outside the cut");
+    assert!(matches!(refused, Error::CausalCut { .. }), "{refused}");
+    // Handed on versions that fit are read as they are (here from the local cache).
+    let mut session = cache.run_session(
+        Consistency::Causal,
+        executor.pins().open(8, Instant::now()),
+        context(&[(1, 1)]),
+    );
+    assert_eq!(session.get("x").await.expect("x"), Some(x1));
+}

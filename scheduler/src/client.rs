@@ -79,8 +79,10 @@ impl SchedulerClient {
     }
 
     /// The scheduler for the next request: the calls of a causal session always go to the
-    /// same one (it keeps the session's cut), chosen by a hash of the session id; anything
-    /// else goes round-robin.
+    /// same one (it keeps the session's cut), chosen by rendezvous hashing of the session id
+    /// with each scheduler's address (xxh3, stable across processes and releases, and
+    /// independent of the order schedulers are configured in); anything else goes
+    /// round-robin.
     fn scheduler(&self, session: Option<&str>) -> Result<&str, Failure> {
         if self.schedulers.is_empty() {
             return Err(Failure::new(
@@ -101,7 +103,24 @@ impl SchedulerClient {
         };
         Ok(&self.schedulers[i])
     }
+}
 
+/// The scheduler of `schedulers` that keeps `session`: the one whose address hashes highest
+/// with the session id (rendezvous hashing). `None` without schedulers.
+pub fn session_scheduler<'a>(schedulers: &'a [String], session: &str) -> Option<&'a str> {
+    schedulers
+        .iter()
+        .max_by_key(|addr| {
+            let mut label = Vec::with_capacity(session.len() + addr.len() + 1);
+            label.extend_from_slice(session.as_bytes());
+            label.push(0);
+            label.extend_from_slice(addr.as_bytes());
+            xxhash_rust::xxh3::xxh3_64(&label)
+        })
+        .map(String::as_str)
+}
+
+impl SchedulerClient {
     /// Sends what `build` makes (given the request id and the reply address) and waits up to
     /// `wait` for the answer.
     async fn request(
@@ -265,5 +284,27 @@ fn unexpected(message: &Message) -> Failure {
 impl Drop for SchedulerClient {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::session_scheduler;
+
+    #[test]
+    fn a_session_goes_to_one_scheduler_whatever_their_order() {
+        let schedulers: Vec<String> = (1..=5).map(|i| format!("tcp://127.0.0.1:{i}")).collect();
+        let mut reversed = schedulers.clone();
+        reversed.reverse();
+        let mut used = std::collections::HashSet::new();
+        for i in 0..100 {
+            let session = format!("session-{i}");
+            let chosen = session_scheduler(&schedulers, &session);
+            assert_eq!(chosen, session_scheduler(&reversed, &session));
+            used.insert(chosen.map(str::to_string));
+        }
+        // Sessions spread over the schedulers.
+        assert_eq!(used.len(), 5);
+        assert_eq!(session_scheduler(&[], "s"), None);
     }
 }

@@ -22,9 +22,12 @@
 //! Causal calls of one client session (`InvokeOptions::session`) start from the cut of the
 //! session's earlier calls: the scheduler keeps, per session, the clocks its runs read and
 //! wrote (reported with each sink's [`Message::Done`]) and sends them as the plan's floors.
-//! The gateway sends a session's calls to one scheduler (by a hash of its id), so a session
-//! lives in that scheduler's memory: the [`SESSIONS`] most recently used are kept, and a
-//! session forgotten (evicted, or its scheduler restarted) starts again from no floors.
+//! Gateways send a session's calls to one scheduler (rendezvous hashing of its id, see
+//! [`crate::client::session_scheduler`]), so a session lives in that scheduler's memory: the
+//! [`SESSIONS`] most recently used are kept, and a session forgotten (evicted, or its
+//! scheduler restarted) starts again from no floors. An asynchronous call's sink stores the
+//! result before it reports the cut, so a client that reads the result and calls again at
+//! once can start before its session's cut is raised.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
