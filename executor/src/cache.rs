@@ -643,7 +643,8 @@ impl Session {
             return self.cache.get(key).await;
         };
         if let Some(view) = self.run_view(run, key).await? {
-            if self.mode == Consistency::Causal {
+            let fan_in = run.upstream.as_ref().is_some_and(|c| c.fan_in);
+            if self.mode == Consistency::Causal && fan_in {
                 self.check_view(run, key, view.as_ref())?;
             }
             return Ok(view);
@@ -924,8 +925,9 @@ impl Session {
     }
 
     /// Causal: checks the run's version of `key` handed on by earlier steps (or pinned here)
-    /// against the run's cut. Along one path of a DAG it always fits; after parallel branches
-    /// it may not (one branch read a version another branch's read depends on a newer version
+    /// against the run's cut, at a step that joins several inputs. Along one path of a DAG
+    /// every version was checked where it was read, so it fits; after parallel branches it
+    /// may not (one branch read a version another branch's read depends on a newer version
     /// of), and then the read fails rather than return it.
     fn check_view(&self, run: &RunView, key: &str, view: Option<&LatticeValue>) -> Result<()> {
         let outside = |reason: String| Error::CausalCut {

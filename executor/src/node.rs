@@ -508,6 +508,7 @@ async fn run_step(
             here: shared.addr.clone(),
             floors: floors.clone(),
             // The run's first steps pin its declared keys as one cut.
+            fan_in: spec.inputs.len() > 1,
             declared: if causal && spec.inputs.is_empty() {
                 plan.read_set.clone()
             } else {

@@ -66,6 +66,9 @@ pub struct RunContext {
     /// Causal: the keys to pin together as one causal cut before the step runs (the run's
     /// declared read set, at its first steps).
     pub declared: Vec<String>,
+    /// Whether the step joins several inputs (after parallel branches), whose versions a
+    /// causal read checks against each other's dependencies; along one path they always fit.
+    pub fan_in: bool,
 }
 
 impl RunContext {

@@ -292,6 +292,7 @@ async fn a_causal_step_refuses_versions_handed_on_that_do_not_form_a_cut() {
                 .collect(),
         ),
         declared: Vec::new(),
+        fan_in: true,
     };
     let mut session = cache.run_session(
         Consistency::Causal,
