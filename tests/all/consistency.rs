@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use squall_executor::testing::{
-    causal_cut_violations, guest, observations, repeatable_read_violations, SessionHistory,
+    causal_cut_violations, guest, observations, repeatable_read_violations, Observation,
+    SessionHistory,
 };
 
 use crate::support::{http, roles};
@@ -117,6 +118,35 @@ struct Tally {
     example: Option<String>,
 }
 
+impl Tally {
+    /// Counts the anomalies of one run; with `history`, also against its session's past.
+    fn check(&mut self, reads: &[Observation], history: Option<&mut SessionHistory>) {
+        let repeatable = repeatable_read_violations(reads);
+        let cut = causal_cut_violations(reads);
+        let session = history.map(|h| h.run(reads)).unwrap_or_default();
+        self.repeatable += usize::from(!repeatable.is_empty());
+        self.cut += usize::from(!cut.is_empty());
+        self.session += usize::from(!session.is_empty());
+        if let Some(first) = cut.first().or(session.first()) {
+            self.example.get_or_insert(first.clone());
+        }
+    }
+
+    /// The sum of the clients' tallies.
+    fn total(clients: Vec<std::thread::JoinHandle<Tally>>) -> Tally {
+        let mut total = Tally::default();
+        for client in clients {
+            let tally = client.join().expect("a client");
+            total.repeatable += tally.repeatable;
+            total.cut += tally.cut;
+            total.session += tally.session;
+            total.failed += tally.failed;
+            total.example = total.example.or(tally.example);
+        }
+        total
+    }
+}
+
 /// Runs `runs` calls of the DAG in `mode` from [`CLIENTS`] clients, each a session of its
 /// own. Step N reads the Nth of the [`CAUSAL`] keys (so a later step reads a version that
 /// depends on versions of the keys earlier steps read). Each run's second step also writes
@@ -189,30 +219,13 @@ fn check_causal(base: &str, mode: &str, runs: usize, declare: bool) -> Tally {
                         "{}",
                         String::from_utf8_lossy(&output)
                     );
-                    let repeatable = repeatable_read_violations(&reads);
-                    let cut = causal_cut_violations(&reads);
-                    let session = history.run(&reads);
-                    tally.repeatable += usize::from(!repeatable.is_empty());
-                    tally.cut += usize::from(!cut.is_empty());
-                    tally.session += usize::from(!session.is_empty());
-                    if let Some(first) = cut.first().or(session.first()) {
-                        tally.example.get_or_insert(first.clone());
-                    }
+                    tally.check(&reads, Some(&mut history));
                 }
                 tally
             })
         })
         .collect();
-    let mut total = Tally::default();
-    for client in clients {
-        let tally = client.join().expect("a client");
-        total.repeatable += tally.repeatable;
-        total.cut += tally.cut;
-        total.session += tally.session;
-        total.failed += tally.failed;
-        total.example = total.example.or(tally.example);
-    }
-    total
+    Tally::total(clients)
 }
 
 /// Sessions across executors: each of [`CLIENTS`] clients, a causal session, writes its key
@@ -289,26 +302,13 @@ fn check_fan(base: &str, runs: usize) -> Tally {
                     // The source, each branch and the fan-in step read the three keys (the
                     // second branch's text repeats the source's reads).
                     assert_eq!(reads.len(), 15, "{}", String::from_utf8_lossy(&output));
-                    let cut = causal_cut_violations(&reads);
-                    tally.repeatable += usize::from(!repeatable_read_violations(&reads).is_empty());
-                    tally.cut += usize::from(!cut.is_empty());
-                    if let Some(first) = cut.first() {
-                        tally.example.get_or_insert(first.clone());
-                    }
+                    tally.check(&reads, None);
                 }
                 tally
             })
         })
         .collect();
-    let mut total = Tally::default();
-    for client in clients {
-        let tally = client.join().expect("a client");
-        total.repeatable += tally.repeatable;
-        total.cut += tally.cut;
-        total.failed += tally.failed;
-        total.example = total.example.or(tally.example);
-    }
-    total
+    Tally::total(clients)
 }
 
 /// Starts the causal writer: runs of the DAG in causal mode (one session), whose steps write
@@ -438,14 +438,14 @@ fn consistency_modes_hold_while_keys_change() {
 
     // Causal: reads of the causal writer's keys.
     let (writer, stop) = causal_writer(&base);
-    let lww = check_causal(&base, "lww", 500, false);
+    let lww = check_causal(&base, "lww", 2000, false);
     let causal = check_causal(&base, "causal", 2000, true);
     let undeclared = check_causal(&base, "causal", 1000, false);
     let fanned = check_fan(&base, 500);
     stop.store(true, Ordering::Relaxed);
     let (written, failed_writes) = writer.join().expect("the causal writer");
     eprintln!(
-        "causal anomalies: lww readers {lww:?} of 500 runs; causal readers {causal:?} of 2000 \
+        "causal anomalies: lww readers {lww:?} of 2000 runs; causal readers {causal:?} of 2000 \
          runs; causal readers without declared keys {undeclared:?} of 1000 runs; causal \
          fan-in runs {fanned:?} of 500 ({written} writer runs, {failed_writes} failed)"
     );
