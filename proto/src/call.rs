@@ -26,6 +26,9 @@ pub type StepIndex = u16;
 /// The most steps a plan (and so a DAG) has.
 pub const MAX_STEPS: usize = 256;
 
+/// The most keys a call declares it reads (a causal run pins them all before its first step).
+pub const MAX_DECLARED_KEYS: usize = 1024;
+
 /// How the functions of one call see the store.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -187,12 +190,19 @@ impl Plan {
     }
 
     /// Checks what an executor relies on before running any of the plan: at most
-    /// [`MAX_STEPS`] steps, and every input and output naming a step of the plan.
+    /// [`MAX_STEPS`] steps, every input and output naming a step of the plan, and at most
+    /// [`MAX_DECLARED_KEYS`] declared keys.
     pub fn check(&self) -> Result<(), String> {
         if self.steps.len() > MAX_STEPS {
             return Err(format!(
                 "a plan has at most {MAX_STEPS} steps, this one has {}",
                 self.steps.len()
+            ));
+        }
+        if self.read_set.len() > MAX_DECLARED_KEYS {
+            return Err(format!(
+                "a plan declares at most {MAX_DECLARED_KEYS} keys, this one {}",
+                self.read_set.len()
             ));
         }
         let in_range = |i: &StepIndex| usize::from(*i) < self.steps.len();
@@ -654,6 +664,9 @@ mod tests {
         let mut huge = (*plan).clone();
         huge.steps = vec![plan.steps[0].clone(); MAX_STEPS + 1];
         assert!(huge.check().is_err());
+        let mut greedy = (*plan).clone();
+        greedy.read_set = vec!["k".into(); MAX_DECLARED_KEYS + 1];
+        assert!(greedy.check().is_err());
         let messages = [
             Message::Schedule {
                 plan,

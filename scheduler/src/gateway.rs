@@ -34,7 +34,7 @@ use squall_executor::{FunctionRecord, Registry};
 use squall_lattices::{LatticeValue, Lww, Max, Min, SetLattice, Timestamp};
 use squall_proto::call::{
     result_key, Artifact, CallResult, Consistency, Failure, FailureCode, InvokeOptions,
-    LimitsRequest, Target,
+    LimitsRequest, Target, MAX_DECLARED_KEYS,
 };
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
@@ -722,7 +722,7 @@ async fn invoke(
         None => Consistency::default(),
         Some(name) => name.parse().map_err(ApiError::bad_request)?,
     };
-    let keys = text(KEYS_HEADER)?
+    let keys: Vec<String> = text(KEYS_HEADER)?
         .map(|k| {
             k.split(',')
                 .map(str::trim)
@@ -731,6 +731,12 @@ async fn invoke(
                 .collect()
         })
         .unwrap_or_default();
+    if keys.len() > MAX_DECLARED_KEYS {
+        return Err(ApiError::bad_request(format!(
+            "header {KEYS_HEADER} names {} keys (at most {MAX_DECLARED_KEYS})",
+            keys.len()
+        )));
+    }
     let session = text(SESSION_HEADER)?.filter(|s| !s.is_empty());
     if let Some(session) = &session {
         if session.len() > MAX_SESSION_ID {

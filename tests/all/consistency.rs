@@ -501,6 +501,19 @@ fn consistency_modes_hold_while_keys_change() {
         matches!(session, Err(ureq::Error::Status(400, _))),
         "{session:?}"
     );
+    // A call declares at most 1024 keys.
+    let many: Vec<String> = (0..=1024).map(|i| format!("k{i}")).collect();
+    let greedy = ureq::post(&format!("{base}/v1/dags/audit/invoke"))
+        .set("squall-consistency", "causal")
+        .set("squall-keys", &many.join(","))
+        .send_bytes(b"acct/a\n");
+    match greedy {
+        Err(ureq::Error::Status(400, response)) => {
+            let body = response.into_string().expect("body");
+            assert!(body.contains("at most 1024"), "{body}");
+        }
+        other => panic!("expected 400, got {other:?}"),
+    }
 
     // An unknown mode is refused, naming the modes there are.
     let unknown = ureq::post(&format!("{base}/v1/dags/audit/invoke"))
