@@ -30,6 +30,14 @@ const KEYS: [&str; 3] = ["acct/a", "acct/b", "acct/c"];
 const OWN: &str = "acct/own";
 const CLIENTS: usize = 4;
 
+/// The body of the 400 that `request` gets.
+fn refused(request: ureq::Request) -> String {
+    match request.send_bytes(b"acct/a\n") {
+        Err(ureq::Error::Status(400, response)) => response.into_string().expect("body"),
+        other => panic!("expected 400, got {other:?}"),
+    }
+}
+
 fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(60))
@@ -503,27 +511,16 @@ fn consistency_modes_hold_while_keys_change() {
     );
     // A call declares at most 1024 keys.
     let many: Vec<String> = (0..=1024).map(|i| format!("k{i}")).collect();
-    let greedy = ureq::post(&format!("{base}/v1/dags/audit/invoke"))
-        .set("squall-consistency", "causal")
-        .set("squall-keys", &many.join(","))
-        .send_bytes(b"acct/a\n");
-    match greedy {
-        Err(ureq::Error::Status(400, response)) => {
-            let body = response.into_string().expect("body");
-            assert!(body.contains("at most 1024"), "{body}");
-        }
-        other => panic!("expected 400, got {other:?}"),
-    }
-
+    let body = refused(
+        ureq::post(&format!("{base}/v1/dags/audit/invoke"))
+            .set("squall-consistency", "causal")
+            .set("squall-keys", &many.join(",")),
+    );
+    assert!(body.contains("at most 1024"), "{body}");
     // An unknown mode is refused, naming the modes there are.
-    let unknown = ureq::post(&format!("{base}/v1/dags/audit/invoke"))
-        .set("squall-consistency", "serializable")
-        .send_bytes(b"acct/a\n");
-    match unknown {
-        Err(ureq::Error::Status(400, response)) => {
-            let body = response.into_string().expect("body");
-            assert!(body.contains("repeatable-read"), "{body}");
-        }
-        other => panic!("expected 400, got {other:?}"),
-    }
+    let body = refused(
+        ureq::post(&format!("{base}/v1/dags/audit/invoke"))
+            .set("squall-consistency", "serializable"),
+    );
+    assert!(body.contains("repeatable-read"), "{body}");
 }
