@@ -793,20 +793,14 @@ impl Session {
             let Some(stale) = stale else {
                 // The cut must also fit what the run already read of other keys.
                 for (key, version) in &versions {
-                    let Some((_, dependencies)) = causal_meta(version.as_ref()) else {
-                        continue;
-                    };
-                    for (other, needed) in &dependencies {
-                        let read = Self::read_clock(run, other);
-                        if read.is_some_and(|read| !read.dominates(needed)) {
-                            return Err(Error::CausalCut {
-                                key: key.to_string(),
-                                reason: format!(
-                                    "the version held depends on a newer version of {other:?} \
-                                     than this run read"
-                                ),
-                            });
-                        }
+                    if let Some(other) = Self::newer_dependency(run, key, version.as_ref()) {
+                        return Err(Error::CausalCut {
+                            key: key.to_string(),
+                            reason: format!(
+                                "the version held depends on a newer version of {other:?} than \
+                                 this run read"
+                            ),
+                        });
                     }
                 }
                 return Ok(versions);
@@ -867,24 +861,33 @@ impl Session {
                 }
             }
         }
-        if let Some((_, dependencies)) = causal_meta(version.as_ref()) {
-            for (other, needed) in &dependencies {
-                let read = (other != key)
-                    .then(|| Self::read_clock(run, other))
-                    .flatten();
-                if read.is_some_and(|read| !read.dominates(needed)) {
-                    return Err(Error::CausalCut {
-                        key: key.to_string(),
-                        reason: format!(
-                            "the version held depends on a newer version of {other:?} than this \
-                             run read; list {key:?} among the call's keys (header squall-keys) \
-                             so that the run pins it with {other:?} before its first step"
-                        ),
-                    });
-                }
-            }
+        if let Some(other) = Self::newer_dependency(run, key, version.as_ref()) {
+            return Err(Error::CausalCut {
+                key: key.to_string(),
+                reason: format!(
+                    "the version held depends on a newer version of {other:?} than this run \
+                     read; list {key:?} among the call's keys (header squall-keys) so that the \
+                     run pins it with {other:?} before its first step"
+                ),
+            });
         }
         Ok(version)
+    }
+
+    /// Causal: a key other than `key` that `version` depends on a newer version of than the
+    /// one the run read, if any.
+    fn newer_dependency(
+        run: &RunView,
+        key: &str,
+        version: Option<&LatticeValue>,
+    ) -> Option<String> {
+        let (_, dependencies) = causal_meta(version)?;
+        dependencies.into_iter().find_map(|(other, needed)| {
+            let read = (other != key)
+                .then(|| Self::read_clock(run, &other))
+                .flatten()?;
+            (!read.dominates(&needed)).then_some(other)
+        })
     }
 
     /// Causal: the version a write of `bytes` to `key` makes over `base`, the run's version
@@ -943,18 +946,11 @@ impl Session {
                 ));
             }
         }
-        if let Some((_, dependencies)) = causal_meta(view) {
-            for (other, needed) in &dependencies {
-                let read = (other != key)
-                    .then(|| Self::read_clock(run, other))
-                    .flatten();
-                if read.is_some_and(|read| !read.dominates(needed)) {
-                    return Err(outside(format!(
-                        "the run's version depends on a newer version of {other:?} than the run \
-                         read (parallel branches); declare both in the call's keys"
-                    )));
-                }
-            }
+        if let Some(other) = Self::newer_dependency(run, key, view) {
+            return Err(outside(format!(
+                "the run's version depends on a newer version of {other:?} than the run read \
+                 (parallel branches); declare both in the call's keys"
+            )));
         }
         Ok(())
     }
