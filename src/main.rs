@@ -5,6 +5,7 @@
 //!   process, over the call fabric (each prints `READY ...` once it serves).
 //! - `squall fn`, `squall dag`, `squall call`: register and call functions through a gateway.
 //! - `squall kv get|put`: read and write keys of a running storage node.
+//! - `squall router`, `squall kvs --join ROUTER`, `squall cluster status`: a multi-node store.
 //!
 //! Every flag can also be set through a `SQUALL_*` environment variable, or in `squall.toml`
 //! (see `config`).
@@ -14,6 +15,7 @@
 //! gateway serves plain HTTP), `serde_json` (the gateway's JSON), `axum` (serving the gateway),
 //! `ctrlc` (SIGINT and SIGTERM).
 
+mod cluster;
 mod config;
 mod http;
 mod kv;
@@ -25,7 +27,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use squall_kvs::{Config, FsyncPolicy, Node};
+use squall_kvs::{ClusterConfig, Config, FsyncPolicy, Node};
 
 /// Squall: a stateful Function-as-a-Service runtime over a lattice key-value store.
 #[derive(Debug, Parser)]
@@ -60,6 +62,10 @@ enum Command {
     Kvs(KvsArgs),
     /// Read or write keys of a running storage node.
     Kv(kv::KvArgs),
+    /// Run a cluster's router: storage nodes join through it, clients find keys with it.
+    Router(cluster::RouterArgs),
+    /// Look at a running cluster.
+    Cluster(cluster::ClusterArgs),
 }
 
 #[derive(Debug, Args)]
@@ -86,6 +92,18 @@ struct KvsArgs {
     /// Largest request accepted, in bytes.
     #[arg(long, env = "SQUALL_KVS_MAX_REQUEST_BYTES")]
     max_request_bytes: Option<usize>,
+    /// Join the cluster whose router is at this address (default: run alone).
+    #[arg(long, env = "SQUALL_JOIN")]
+    join: Option<String>,
+    /// Milliseconds between heartbeats to the router.
+    #[arg(long, env = "SQUALL_HEARTBEAT_MS", default_value_t = 250)]
+    heartbeat_ms: u64,
+    /// Milliseconds between gossip rounds of changed keys to their other replicas.
+    #[arg(long, env = "SQUALL_GOSSIP_MS", default_value_t = 1000)]
+    gossip_ms: u64,
+    /// Seconds a stopping cluster member may take to hand its keys off (SIGINT or SIGTERM).
+    #[arg(long, env = "SQUALL_LEAVE_TIMEOUT", default_value_t = 60)]
+    leave_timeout: u64,
 }
 
 pub(crate) fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
@@ -113,8 +131,14 @@ fn run_kvs(args: KvsArgs) -> anyhow::Result<()> {
             .compact_after_bytes
             .unwrap_or(defaults.compact_after_bytes),
         max_request_bytes: args.max_request_bytes.unwrap_or(defaults.max_request_bytes),
+        cluster: args.join.map(|router| ClusterConfig {
+            router,
+            heartbeat_ms: args.heartbeat_ms,
+            gossip_ms: args.gossip_ms,
+        }),
         ..defaults
     };
+    let joined = config.cluster.is_some();
     let (stop_tx, stop_rx) = std::sync::mpsc::channel();
     ctrlc::set_handler(move || {
         let _ = stop_tx.send(());
@@ -137,8 +161,13 @@ fn run_kvs(args: KvsArgs) -> anyhow::Result<()> {
             }
         }
     }
-    tracing::info!("shutting down");
-    node.shutdown();
+    if joined {
+        tracing::info!("leaving the cluster");
+        node.leave(Duration::from_secs(args.leave_timeout));
+    } else {
+        tracing::info!("shutting down");
+        node.shutdown();
+    }
     Ok(())
 }
 
@@ -189,6 +218,14 @@ fn main() -> ExitCode {
         Command::Kv(args) => {
             init_tracing("warn");
             kv::run(args)
+        }
+        Command::Router(args) => {
+            init_tracing("info");
+            cluster::run_router(args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Cluster(args) => {
+            init_tracing("warn");
+            cluster::run(args).map(|()| ExitCode::SUCCESS)
         }
     };
     match result {

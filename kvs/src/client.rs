@@ -1,7 +1,15 @@
 //! The KVS client: routes keys to shards, batches, and never waits without a deadline.
 //!
 //! A [`Client`] asks the node it is given for its shard layout, builds the same ring, and sends
-//! each key straight to its shard over one ZeroMQ connection per shard. A
+//! each key straight to its shard over one ZeroMQ connection per shard.
+//!
+//! Given a cluster's router (or any member), the client fetches the cluster's view and finds
+//! every key's replicas itself (see [`crate::cluster`]): a write goes to every replica at once
+//! and succeeds once [`ClientConfig::acks`] of them applied it (a majority by default); a read
+//! asks every replica and merges their answers, which is a lattice join, so a replica that
+//! has not received a key yet (a node that just joined) cannot hide it. A node that says it is
+//! not a key's replica, or does not answer, makes the client fetch the view again and retry,
+//! until the call's time budget (`attempts × timeout`) runs out. A
 //! multi-key call sends one request per shard at once and then collects the answers. Every wait
 //! is bounded by [`ClientConfig::timeout`]; an unanswered request is retried, on a fresh
 //! connection (so a reply that arrives late can never be mistaken for the next one's), up to
@@ -12,11 +20,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hashbrown::HashMap;
-use squall_lattices::{Counter, LatticeValue, Lww, Timestamp, WriterId};
+use squall_lattices::{Counter, Lattice, LatticeValue, Lww, Timestamp, WriterId};
 use squall_proto::{
-    decode_response, encode_request, Key, KeyError, Request, RequestId, Response, Topology,
+    decode_response, encode_request, Key, KeyError, Request, RequestError, RequestId, Response,
+    Topology,
 };
 
+use crate::cluster::Placement;
 use crate::ring::Ring;
 use crate::zmtp::Connection;
 use crate::{Error, Result};
@@ -40,6 +50,9 @@ pub struct ClientConfig {
     pub attempts: u32,
     /// The writer id stamped on this client's writes (default: random).
     pub writer: WriterId,
+    /// In a cluster, how many of a key's replicas must apply a write before it succeeds
+    /// (default: a majority).
+    pub acks: Acks,
 }
 
 impl Default for ClientConfig {
@@ -48,20 +61,112 @@ impl Default for ClientConfig {
             timeout: Duration::from_secs(2),
             attempts: 3,
             writer: rand::random(),
+            acks: Acks::Majority,
         }
     }
 }
 
+/// How many replicas must acknowledge a write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Acks {
+    /// More than half of the key's replicas (2 of 2, 2 of 3): with reads merging every
+    /// replica, a read after an acknowledged write sees it while any one node is down.
+    #[default]
+    Majority,
+    /// Every replica.
+    All,
+    /// This many (at least 1, at most the key's replicas): 1 is Anna's default.
+    Count(u32),
+}
+
+impl Acks {
+    /// Acknowledgements needed of `replicas` replicas.
+    pub fn needed(self, replicas: usize) -> usize {
+        let needed = match self {
+            Acks::Majority => replicas / 2 + 1,
+            Acks::All => replicas,
+            Acks::Count(n) => n as usize,
+        };
+        needed.clamp(1, replicas.max(1))
+    }
+}
+
+impl std::str::FromStr for Acks {
+    type Err = Error;
+
+    /// `majority`, `all`, or a number.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "majority" => Ok(Acks::Majority),
+            "all" => Ok(Acks::All),
+            n => n
+                .parse::<u32>()
+                .ok()
+                .filter(|&n| n > 0)
+                .map(Acks::Count)
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "acks must be majority, all or a positive number, not {n:?}"
+                    ))
+                }),
+        }
+    }
+}
+
+/// One member's shards among the layout's endpoints.
+struct MemberRoute {
+    first: usize,
+    ring: Ring,
+}
+
 struct Layout {
     topology: Topology,
-    ring: Ring,
+    /// The cluster's placement; `None` for a node that runs alone.
+    placement: Option<Placement>,
+    members: Vec<MemberRoute>,
+    endpoints: Vec<String>,
     connections: Vec<Option<Connection>>,
+}
+
+impl Layout {
+    fn generation(&self) -> u64 {
+        self.placement.as_ref().map_or(0, Placement::generation)
+    }
+
+    /// The endpoint indices of `key`'s replicas.
+    fn targets(&self, key: &str, scratch: &mut Vec<usize>, out: &mut Vec<usize>) {
+        out.clear();
+        match &self.placement {
+            Some(placement) => placement.replicas(key, scratch),
+            None => {
+                scratch.clear();
+                scratch.push(0);
+            }
+        }
+        for &member in scratch.iter() {
+            let route = &self.members[member];
+            out.push(route.first + route.ring.owner(key) as usize);
+        }
+    }
+}
+
+/// What one call is, for deciding when it succeeded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Merge every replica's answer; one answer suffices.
+    Read,
+    /// Count acknowledgements against [`ClientConfig::acks`].
+    Write,
+    /// One acknowledgement suffices.
+    Release,
 }
 
 /// A connection to one storage node: one TCP connection per shard, opened on first use, and
 /// no background thread. `Send` but not `Sync`: give each thread its own.
 pub struct Client {
     seed: String,
+    /// The cluster's members as last seen: asked for the view when the seed does not answer.
+    fallback_seeds: Vec<String>,
     config: ClientConfig,
     layout: Option<Layout>,
     next_id: RequestId,
@@ -106,6 +211,7 @@ impl Client {
     pub fn connect(address: &str, config: ClientConfig) -> Result<Self> {
         let mut client = Self {
             seed: address.to_string(),
+            fallback_seeds: Vec::new(),
             config,
             layout: None,
             next_id: rand::random::<u32>() as u64,
@@ -141,6 +247,7 @@ impl Client {
             |indices| Request::Get {
                 keys: indices.iter().map(|&i| keys[i].clone()).collect(),
             },
+            Kind::Read,
         )?;
         values_of(results, keys)
     }
@@ -168,6 +275,7 @@ impl Client {
             |indices| Request::Put {
                 entries: indices.iter().map(|&i| entries[i].clone()).collect(),
             },
+            Kind::Write,
         )?;
         results
             .into_iter()
@@ -190,14 +298,19 @@ impl Client {
                 subscriber: subscriber.to_string(),
                 keys: indices.iter().map(|&i| keys[i].clone()).collect(),
             },
+            Kind::Read,
         )?;
+        self.note_generation();
         Ok(Subscription {
             values: values_of(results, keys)?,
             sessions: std::mem::take(&mut self.sessions),
         })
     }
 
-    /// Renews `subscriber`'s lease on every shard of the node and returns their sessions.
+    /// Renews `subscriber`'s lease on every shard of the node (of every member, in a cluster)
+    /// and returns their sessions. In a cluster, the sessions include one for the view
+    /// (shard [`VIEW_SESSION`], the view's generation): when it changes, keys may have moved
+    /// to replicas that do not know the subscriber, so what it holds must be treated as stale.
     pub fn renew(&mut self, subscriber: &str) -> Result<Vec<ShardSession>> {
         if self.layout.is_none() {
             self.refresh()?;
@@ -205,7 +318,7 @@ impl Client {
         let Some(layout) = self.layout.as_mut() else {
             return Err(Error::UnexpectedResponse("no layout".into()));
         };
-        let requests: Vec<(usize, Request)> = (0..layout.topology.shards.len())
+        let requests: Vec<(usize, Request)> = (0..layout.endpoints.len())
             .map(|shard| {
                 (
                     shard,
@@ -216,27 +329,137 @@ impl Client {
                 )
             })
             .collect();
-        let responses = round_trip(
+        let clustered = layout.placement.is_some();
+        let exchanged = exchange(
             &self.config,
             &mut self.next_id,
-            &layout.topology.shards,
+            &layout.endpoints,
             &mut layout.connections,
             &requests,
         )?;
-        responses
-            .into_iter()
-            .zip(&layout.topology.shards)
-            .map(|(response, shard)| match response {
-                Response::Subscribed { session, .. } => Ok(ShardSession {
+        let exchanged = if clustered {
+            exchanged
+        } else {
+            exchanged.complete()?
+        };
+        let mut sessions = Vec::new();
+        let mut missing = false;
+        for (response, shard) in exchanged.responses.into_iter().zip(&layout.endpoints) {
+            match response {
+                Some(Response::Subscribed { session, .. }) => sessions.push(ShardSession {
                     shard: shard.clone(),
                     session,
                 }),
-                Response::Error(e) => Err(Error::Request(e)),
-                other => Err(Error::UnexpectedResponse(format!(
-                    "expected a subscription, got {other:?}"
-                ))),
+                Some(Response::Error(e)) if !clustered => return Err(Error::Request(e)),
+                Some(Response::Error(_)) | None => missing = true,
+                Some(other) => {
+                    return Err(Error::UnexpectedResponse(format!(
+                        "expected a subscription, got {other:?}"
+                    )))
+                }
+            }
+        }
+        if missing {
+            // A member that does not answer may have left the view: look again.
+            if let Err(e) = self.refresh() {
+                tracing::debug!(cause = %e, "refreshing the cluster view failed");
+            }
+        }
+        self.sessions = sessions;
+        self.note_generation();
+        Ok(std::mem::take(&mut self.sessions))
+    }
+
+    /// In a cluster, adds the view's pseudo-session to `self.sessions`.
+    fn note_generation(&mut self) {
+        if let Some(generation) = self
+            .layout
+            .as_ref()
+            .filter(|l| l.placement.is_some())
+            .map(Layout::generation)
+        {
+            self.sessions.push(ShardSession {
+                shard: VIEW_SESSION.to_string(),
+                session: generation,
+            });
+        }
+    }
+
+    /// The generation of the cluster view in use (0 for a node that runs alone).
+    pub fn generation(&self) -> u64 {
+        self.layout.as_ref().map_or(0, Layout::generation)
+    }
+
+    /// The cluster view in use, if the client talks to a cluster.
+    pub fn view(&self) -> Option<&squall_proto::ClusterView> {
+        self.layout
+            .as_ref()
+            .and_then(|l| l.placement.as_ref())
+            .map(Placement::view)
+    }
+
+    /// Reads `key` from each of its replicas separately (no merge): the member id and what it
+    /// holds, or why it did not answer. For operators and tests of replication.
+    pub fn get_replicas(
+        &mut self,
+        key: &str,
+    ) -> Result<Vec<(String, Result<Option<LatticeValue>>)>> {
+        if self.layout.is_none() {
+            self.refresh()?;
+        }
+        let Some(layout) = self.layout.as_mut() else {
+            return Err(Error::UnexpectedResponse("no layout".into()));
+        };
+        let (mut scratch, mut targets) = (Vec::new(), Vec::new());
+        layout.targets(key, &mut scratch, &mut targets);
+        let ids: Vec<String> = match &layout.placement {
+            Some(placement) => scratch
+                .iter()
+                .map(|&m| placement.members()[m].id.clone())
+                .collect(),
+            None => vec![self.seed.clone()],
+        };
+        let requests: Vec<(usize, Request)> = targets
+            .iter()
+            .map(|&t| {
+                (
+                    t,
+                    Request::Get {
+                        keys: vec![key.to_string()],
+                    },
+                )
             })
-            .collect()
+            .collect();
+        let exchanged = exchange(
+            &self.config,
+            &mut self.next_id,
+            &layout.endpoints,
+            &mut layout.connections,
+            &requests,
+        )?;
+        Ok(ids
+            .into_iter()
+            .zip(exchanged.responses)
+            .map(|(id, response)| {
+                let value = match response {
+                    Some(Response::Get(mut values)) if values.len() == 1 => {
+                        values.pop().map_or(Ok(None), |v| {
+                            v.map_err(|error| Error::Key {
+                                key: key.to_string(),
+                                error,
+                            })
+                        })
+                    }
+                    Some(Response::Error(e)) => Err(Error::Request(e)),
+                    Some(other) => Err(Error::UnexpectedResponse(other.kind().into())),
+                    None => Err(Error::UnexpectedResponse(format!(
+                        "no answer: {}",
+                        exchanged.last_error
+                    ))),
+                };
+                (id, value)
+            })
+            .collect())
     }
 
     /// Stops the pushes of `keys` to `subscriber`.
@@ -248,6 +471,7 @@ impl Client {
                 subscriber: subscriber.to_string(),
                 keys: indices.iter().map(|&i| keys[i].clone()).collect(),
             },
+            Kind::Release,
         )?;
         for (slot, key) in results.into_iter().zip(keys) {
             if let Slot::Failed(error) = slot {
@@ -285,9 +509,26 @@ impl Client {
         self.put(key, value)
     }
 
-    /// Fetches the node's layout again (after it restarted with another shard count, say).
+    /// Fetches the node's layout (or the cluster's view) again. In a cluster, if the seed does
+    /// not answer, asks the members last seen.
     pub fn refresh(&mut self) -> Result<()> {
-        let endpoints = [self.seed.clone()];
+        let mut seeds = vec![self.seed.clone()];
+        seeds.extend(self.fallback_seeds.iter().cloned());
+        let mut first_error = None;
+        for seed in seeds {
+            match self.fetch_topology(&seed) {
+                Ok(topology) => return self.install(topology),
+                Err(e) => {
+                    tracing::debug!(%seed, cause = %e, "no layout from this seed");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.unwrap_or_else(|| Error::UnexpectedResponse("no seed to ask".into())))
+    }
+
+    fn fetch_topology(&mut self, seed: &str) -> Result<Topology> {
+        let endpoints = [seed.to_string()];
         let mut connections = [None];
         let mut responses = round_trip(
             &self.config,
@@ -296,97 +537,172 @@ impl Client {
             &mut connections,
             &[(0, Request::Topology)],
         )?;
-        let topology = match responses.pop() {
-            Some(Response::Topology(topology)) => topology,
-            Some(Response::Error(e)) => return Err(Error::Request(e)),
-            other => {
-                return Err(Error::UnexpectedResponse(format!(
-                    "expected the topology, got {other:?}"
-                )))
-            }
+        match responses.pop() {
+            Some(Response::Topology(topology)) => Ok(topology),
+            Some(Response::Error(e)) => Err(Error::Request(e)),
+            other => Err(Error::UnexpectedResponse(format!(
+                "expected the topology, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Builds the routes of `topology`, keeping the open connections to endpoints that stay.
+    fn install(&mut self, topology: Topology) -> Result<()> {
+        let plausible = |shards: usize, vnodes: u32| {
+            (1..=MAX_SHARDS).contains(&shards) && (1..=MAX_VIRTUAL_NODES).contains(&vnodes)
         };
-        if topology.shards.is_empty()
-            || topology.shards.len() > MAX_SHARDS
-            || topology.virtual_nodes == 0
-            || topology.virtual_nodes > MAX_VIRTUAL_NODES
-        {
+        let (placement, nodes) = match &topology.cluster {
+            Some(view) if !view.members.is_empty() => {
+                Placement::check(view)?;
+                let nodes: Vec<(Vec<String>, u32)> = view
+                    .members
+                    .iter()
+                    .map(|m| (m.shards.clone(), m.virtual_nodes))
+                    .collect();
+                (Some(Placement::new(view.clone())), nodes)
+            }
+            Some(_) if topology.shards.is_empty() => {
+                return Err(Error::UnexpectedResponse(
+                    "the cluster has no storage nodes yet".into(),
+                ))
+            }
+            _ => (
+                None,
+                vec![(topology.shards.clone(), topology.virtual_nodes)],
+            ),
+        };
+        if let Some((shards, vnodes)) = nodes.iter().find(|(s, v)| !plausible(s.len(), *v)) {
             return Err(Error::UnexpectedResponse(format!(
-                "implausible layout: {} shards of {} virtual nodes",
-                topology.shards.len(),
-                topology.virtual_nodes
+                "implausible layout: {} shards of {vnodes} virtual nodes",
+                shards.len()
             )));
         }
-        let ring = Ring::new(topology.shards.len(), topology.virtual_nodes);
-        let connections = topology.shards.iter().map(|_| None).collect();
+        let mut old: HashMap<String, Connection> = HashMap::new();
+        if let Some(layout) = self.layout.take() {
+            for (endpoint, connection) in layout.endpoints.into_iter().zip(layout.connections) {
+                if let Some(connection) = connection {
+                    old.insert(endpoint, connection);
+                }
+            }
+        }
+        let mut members = Vec::with_capacity(nodes.len());
+        let mut endpoints = Vec::new();
+        for (shards, vnodes) in nodes {
+            members.push(MemberRoute {
+                first: endpoints.len(),
+                ring: Ring::new(shards.len(), vnodes),
+            });
+            endpoints.extend(shards);
+        }
+        let connections = endpoints.iter().map(|e| old.remove(e)).collect();
+        if let Some(placement) = &placement {
+            self.fallback_seeds = placement.members().iter().map(|m| m.id.clone()).collect();
+        }
         self.layout = Some(Layout {
             topology,
-            ring,
+            placement,
+            members,
+            endpoints,
             connections,
         });
         Ok(())
     }
 
-    /// Splits `count` keys by shard, sends one request per shard (built by `build` from the
-    /// keys' indices) all at once, and returns one slot per key, in order. Refreshes the
-    /// layout and retries once if a shard says a key is not its own.
+    /// Sends each key to its replicas' shards (one request per shard, built by `build` from
+    /// the keys' indices, all at once) and returns one slot per key, in order: reads merge the
+    /// replicas' answers, writes count their acknowledgements. Refreshes the layout and
+    /// retries when a shard or node says a key is not its own, and, in a cluster, when too few
+    /// replicas answered, until the time budget runs out.
     fn routed<'k>(
         &mut self,
         count: usize,
         key_of: impl Fn(usize) -> &'k str,
         build: impl Fn(&[usize]) -> Request,
+        kind: Kind,
     ) -> Result<Vec<Slot>> {
-        for round in 0..2 {
+        let budget = self.config.timeout.min(MAX_TIMEOUT) * self.config.attempts.max(1);
+        let started = Instant::now();
+        let mut refreshes = 0u32;
+        loop {
             if self.layout.is_none() {
                 self.refresh()?;
             }
             let Some(layout) = self.layout.as_mut() else {
                 return Err(Error::UnexpectedResponse("no layout".into()));
             };
-            let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); layout.ring.shards()];
-            for i in 0..count {
-                by_shard[layout.ring.owner(key_of(i)) as usize].push(i);
+            let clustered = layout.placement.is_some();
+            let mut by_endpoint: Vec<Vec<usize>> = vec![Vec::new(); layout.endpoints.len()];
+            let mut needed = vec![0usize; count];
+            let (mut scratch, mut targets) = (Vec::new(), Vec::new());
+            for (i, need) in needed.iter_mut().enumerate() {
+                layout.targets(key_of(i), &mut scratch, &mut targets);
+                *need = match kind {
+                    Kind::Write => self.config.acks.needed(targets.len()),
+                    Kind::Read | Kind::Release => 1,
+                };
+                for &target in &targets {
+                    by_endpoint[target].push(i);
+                }
             }
-            let requests: Vec<(usize, Request)> = by_shard
+            let requests: Vec<(usize, Request)> = by_endpoint
                 .iter()
                 .enumerate()
                 .filter(|(_, indices)| !indices.is_empty())
-                .map(|(shard, indices)| (shard, build(indices)))
+                .map(|(endpoint, indices)| (endpoint, build(indices)))
                 .collect();
-            let responses = round_trip(
-                &self.config,
+            // In a cluster an unanswered replica is retried here, after a fresh look at the
+            // view, rather than in `exchange` where it would hold up the others.
+            let config = ClientConfig {
+                attempts: if clustered { 1 } else { self.config.attempts },
+                ..self.config.clone()
+            };
+            let exchanged = exchange(
+                &config,
                 &mut self.next_id,
-                &layout.topology.shards,
+                &layout.endpoints,
                 &mut layout.connections,
                 &requests,
             )?;
-            let mut slots: Vec<Option<Slot>> = (0..count).map(|_| None).collect();
+            let timeout = Error::Timeout {
+                endpoint: exchanged.missing.clone().unwrap_or_default(),
+                attempts: config.attempts,
+                waited: started.elapsed(),
+                last_error: exchanged.last_error.clone(),
+            };
+            let mut tally: Vec<Tally> = (0..count).map(|_| Tally::default()).collect();
             let mut stale = false;
+            let mut newer_elsewhere = false;
+            let mut unanswered = false;
             self.sessions.clear();
-            for ((shard, _), response) in requests.iter().zip(responses) {
-                let indices = &by_shard[*shard];
-                let results: Vec<Slot> = match response {
-                    Response::Get(values) => values
-                        .into_iter()
-                        .map(|v| v.map_or_else(Slot::Failed, Slot::Value))
-                        .collect(),
-                    Response::Put(results) | Response::Unsubscribed(results) => results
-                        .into_iter()
-                        .map(|r| r.map_or_else(Slot::Failed, |()| Slot::Written))
-                        .collect(),
-                    Response::Subscribed { values, session } => {
+            for ((endpoint, _), response) in requests.iter().zip(exchanged.responses) {
+                let indices = &by_endpoint[*endpoint];
+                let results: Vec<Result<Option<Option<LatticeValue>>, KeyError>> = match response {
+                    None => {
+                        unanswered = true;
+                        continue;
+                    }
+                    Some(Response::Get(values)) => {
+                        values.into_iter().map(|v| v.map(Some)).collect()
+                    }
+                    Some(Response::Put(results)) | Some(Response::Unsubscribed(results)) => {
+                        results.into_iter().map(|r| r.map(|()| None)).collect()
+                    }
+                    Some(Response::Subscribed { values, session }) => {
                         self.sessions.push(ShardSession {
-                            shard: layout.topology.shards[*shard].clone(),
+                            shard: layout.endpoints[*endpoint].clone(),
                             session,
                         });
-                        values
-                            .into_iter()
-                            .map(|v| v.map_or_else(Slot::Failed, Slot::Value))
-                            .collect()
+                        values.into_iter().map(|v| v.map(Some)).collect()
                     }
-                    Response::Error(e) => return Err(Error::Request(e)),
-                    Response::Topology(_) | Response::Notify { .. } => {
+                    Some(Response::Error(RequestError::Unavailable { reason })) if clustered => {
+                        tracing::debug!(%reason, "a replica is unavailable");
+                        unanswered = true;
+                        continue;
+                    }
+                    Some(Response::Error(e)) => return Err(Error::Request(e)),
+                    Some(other) => {
                         return Err(Error::UnexpectedResponse(format!(
-                            "an unexpected answer: {response:?}"
+                            "an unexpected answer: {other:?}"
                         )))
                     }
                 };
@@ -397,30 +713,107 @@ impl Client {
                         indices.len()
                     )));
                 }
-                for (&i, slot) in indices.iter().zip(results) {
-                    stale |= matches!(slot, Slot::Failed(KeyError::WrongShard { .. }));
-                    slots[i] = Some(slot);
+                for (&i, result) in indices.iter().zip(results) {
+                    match result {
+                        Ok(value) => tally[i].answer(value),
+                        Err(KeyError::WrongShard { .. }) => stale = true,
+                        Err(KeyError::WrongNode { generation }) => {
+                            stale = true;
+                            newer_elsewhere |= generation > layout.generation();
+                        }
+                        Err(error) => tally[i].error = Some(error),
+                    }
                 }
             }
-            if stale && round == 0 {
-                tracing::debug!("layout is stale; refreshing");
-                self.refresh()?;
-                continue;
+            let done = tally
+                .iter()
+                .zip(&needed)
+                .all(|(t, &need)| t.error.is_some() || t.answers >= need);
+            if done {
+                return Ok(tally
+                    .into_iter()
+                    .zip(&needed)
+                    .map(|(t, &need)| t.into_slot(kind, need))
+                    .collect());
             }
-            return slots
-                .into_iter()
-                .map(|s| s.ok_or_else(|| Error::UnexpectedResponse("a key got no answer".into())))
-                .collect();
+            let out_of_time = started.elapsed() >= budget;
+            if !clustered {
+                if unanswered {
+                    return Err(timeout);
+                }
+                if refreshes >= 1 {
+                    return Err(Error::UnexpectedResponse(
+                        "the layout keeps changing".into(),
+                    ));
+                }
+            } else if out_of_time {
+                return Err(if unanswered {
+                    timeout
+                } else {
+                    Error::UnexpectedResponse(format!(
+                        "too few replicas acknowledged within {budget:?} (cluster view {})",
+                        layout.generation()
+                    ))
+                });
+            }
+            if stale && !newer_elsewhere && clustered {
+                // The node's view is older than ours: it catches up within a heartbeat.
+                std::thread::sleep(RETRY_PAUSE);
+            } else if unanswered {
+                std::thread::sleep(RETRY_PAUSE);
+            }
+            tracing::debug!(stale, unanswered, "layout may be stale; refreshing");
+            refreshes += 1;
+            if let Err(e) = self.refresh() {
+                if !clustered {
+                    return Err(e);
+                }
+                tracing::debug!(cause = %e, "refreshing the cluster view failed");
+            }
         }
-        Err(Error::UnexpectedResponse(
-            "the layout keeps changing".into(),
-        ))
     }
 }
 
+/// One key's answers from its replicas.
+#[derive(Default)]
+struct Tally {
+    /// Replicas that answered (read) or applied the write.
+    answers: usize,
+    /// The merge of the values read.
+    value: Option<LatticeValue>,
+    /// A replica's refusal (another lattice type, a size limit, a failing log).
+    error: Option<KeyError>,
+}
+
+impl Tally {
+    fn answer(&mut self, value: Option<Option<LatticeValue>>) {
+        self.answers += 1;
+        let Some(Some(value)) = value else { return };
+        match &mut self.value {
+            None => self.value = Some(value),
+            Some(held) => {
+                if held.check_mergeable(&value).is_ok() {
+                    held.merge(value);
+                }
+            }
+        }
+    }
+
+    fn into_slot(self, kind: Kind, need: usize) -> Slot {
+        match (self.error, kind) {
+            (Some(error), _) if self.answers < need => Slot::Failed(error),
+            (_, Kind::Read) => Slot::Value(self.value),
+            (_, Kind::Write | Kind::Release) => Slot::Written,
+        }
+    }
+}
+
+/// The pseudo-shard under which [`Client::renew`] and [`Client::subscribe`] report the cluster
+/// view's generation.
+pub const VIEW_SESSION: &str = "cluster-view";
+
 /// Sends `requests` (each on the connection of its target index, opened on demand) all at
-/// once and waits for every answer. Unanswered requests are resent on fresh connections, up to
-/// `config.attempts` times, each attempt bounded by `config.timeout`.
+/// once and waits for every answer; fails unless every request was answered.
 fn round_trip(
     config: &ClientConfig,
     next_id: &mut RequestId,
@@ -428,6 +821,50 @@ fn round_trip(
     connections: &mut [Option<Connection>],
     requests: &[(usize, Request)],
 ) -> Result<Vec<Response>> {
+    exchange(config, next_id, endpoints, connections, requests).and_then(Exchanged::into_all)
+}
+
+/// What [`exchange`] got: an answer per request, or `None` where none came.
+pub(crate) struct Exchanged {
+    pub(crate) responses: Vec<Option<Response>>,
+    pub(crate) last_error: String,
+    started: Instant,
+    attempts: u32,
+    missing: Option<String>,
+}
+
+impl Exchanged {
+    /// Every answer, or a timeout naming an endpoint that did not answer.
+    pub(crate) fn into_all(self) -> Result<Vec<Response>> {
+        let exchanged = self.complete()?;
+        Ok(exchanged.responses.into_iter().flatten().collect())
+    }
+
+    /// `self` if every request was answered, else a timeout.
+    pub(crate) fn complete(self) -> Result<Self> {
+        match &self.missing {
+            None => Ok(self),
+            Some(endpoint) => Err(Error::Timeout {
+                endpoint: endpoint.clone(),
+                attempts: self.attempts,
+                waited: self.started.elapsed(),
+                last_error: self.last_error,
+            }),
+        }
+    }
+}
+
+/// Sends `requests` (each on the connection of its target index, opened on demand) all at
+/// once and waits for the answers. Unanswered requests are resent on fresh connections, up to
+/// `config.attempts` times, each attempt bounded by `config.timeout`. Fails only on answers
+/// that cannot be read; unanswered requests are `None` in the result.
+pub(crate) fn exchange(
+    config: &ClientConfig,
+    next_id: &mut RequestId,
+    endpoints: &[String],
+    connections: &mut [Option<Connection>],
+    requests: &[(usize, Request)],
+) -> Result<Exchanged> {
     let started = Instant::now();
     let mut responses: Vec<Option<Response>> = requests.iter().map(|_| None).collect();
     let attempts = config.attempts.max(1);
@@ -497,7 +934,13 @@ fn round_trip(
             return Err(error);
         }
         if responses.iter().all(Option::is_some) {
-            return Ok(responses.into_iter().flatten().collect());
+            return Ok(Exchanged {
+                responses,
+                last_error,
+                started,
+                attempts,
+                missing: None,
+            });
         }
         tracing::debug!(attempt, error = %last_error, "request attempt failed");
         if attempt < attempts {
@@ -508,17 +951,17 @@ fn round_trip(
             }
         }
     }
-    let endpoint = requests
+    let missing = requests
         .iter()
         .zip(&responses)
         .find(|(_, r)| r.is_none())
-        .map(|((t, _), _)| endpoints[*t].clone())
-        .unwrap_or_default();
-    Err(Error::Timeout {
-        endpoint,
-        attempts,
-        waited: started.elapsed(),
+        .map(|((t, _), _)| endpoints[*t].clone());
+    Ok(Exchanged {
+        responses,
         last_error,
+        started,
+        attempts,
+        missing,
     })
 }
 

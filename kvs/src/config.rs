@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::cluster::ClusterConfig;
 use crate::{Error, Result};
 
 /// When the write-ahead log is forced to disk. Every acknowledged write has always been
@@ -80,6 +81,8 @@ pub struct Config {
     /// Requests a shard takes from its socket before committing the batch and replying
     /// (default 256): a larger batch amortises the fsync, a smaller one cuts latency.
     pub max_batch: usize,
+    /// The cluster to join (default: none; the node runs alone).
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for Config {
@@ -97,6 +100,7 @@ impl Default for Config {
             max_keys_per_request: 10_000,
             virtual_nodes: 512,
             max_batch: 256,
+            cluster: None,
         }
     }
 }
@@ -119,6 +123,16 @@ impl Config {
         }
         if self.virtual_nodes == 0 {
             return Err(Error::Config("virtual_nodes must be at least 1".into()));
+        }
+        if let Some(cluster) = &self.cluster {
+            if cluster.router.is_empty() {
+                return Err(Error::Config("a cluster needs its router's address".into()));
+            }
+            if self.port == 0 && self.host == "0.0.0.0" {
+                return Err(Error::Config(
+                    "a cluster member must bind a reachable host, not 0.0.0.0".into(),
+                ));
+            }
         }
         if self.max_batch == 0 || self.max_keys_per_request == 0 || self.max_request_bytes == 0 {
             return Err(Error::Config(

@@ -58,17 +58,21 @@
 //! - `hashbrown` for the client's per-key counter totals.
 
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod log;
 pub mod node;
 pub mod ring;
+pub mod router;
 pub mod shard;
 pub mod subscription;
 pub(crate) mod zmtp;
 
-pub use client::{Client, ClientConfig, ShardSession, Subscription};
+pub use client::{Acks, Client, ClientConfig, ShardSession, Subscription, VIEW_SESSION};
+pub use cluster::ClusterConfig;
 pub use config::{Config, FsyncPolicy};
 pub use node::Node;
+pub use router::{Router, RouterConfig};
 pub use squall_proto::{Key, KeyError, RequestError};
 
 use std::path::PathBuf;

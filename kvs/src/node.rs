@@ -13,6 +13,9 @@ use std::thread::JoinHandle;
 use squall_lattices::Lattice;
 use squall_proto::Topology;
 
+use squall_proto::Member;
+
+use crate::cluster::{Agent, ReplicaCheck, Shared};
 use crate::log::{recover, remove_files, Recovered, ShardLog, Store};
 use crate::ring::Ring;
 use crate::shard::Shard;
@@ -27,6 +30,15 @@ pub struct Node {
     shutdown: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     keys: usize,
+    agent: Option<AgentHandle>,
+}
+
+#[derive(Debug)]
+struct AgentHandle {
+    stop: Arc<AtomicBool>,
+    leave: Arc<AtomicBool>,
+    left: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
 }
 
 /// Messages ZeroMQ queues per connection before it stops reading from it (back-pressure). A
@@ -104,7 +116,12 @@ impl Node {
             incarnation: rand::random(),
             shards: endpoints,
             virtual_nodes: config.virtual_nodes,
+            cluster: None,
         });
+        let shared = config
+            .cluster
+            .as_ref()
+            .map(|_| Arc::new(Shared::new(topology.shards[0].clone(), config.shards)));
 
         let (stores, logs) = match &config.data_dir {
             Some(dir) => Self::recover(dir, &config, &ring)?,
@@ -132,6 +149,9 @@ impl Node {
                 snapshot: None,
                 snapshot_not_before: None,
                 subscriptions: Subscriptions::new(context),
+                cluster: shared.clone(),
+                replicas: ReplicaCheck::default(),
+                changed: hashbrown::HashSet::new(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("squall-shard-{index}"))
@@ -139,6 +159,36 @@ impl Node {
                 .map_err(io_err("spawning a shard thread"))?;
             threads.push(thread);
         }
+        let agent = match (&config.cluster, shared) {
+            (Some(cluster), Some(shared)) => {
+                let stop = Arc::new(AtomicBool::new(false));
+                let leave = Arc::new(AtomicBool::new(false));
+                let left = Arc::new(AtomicBool::new(false));
+                let agent = Agent {
+                    config: cluster.clone(),
+                    shared,
+                    member: Member {
+                        id: topology.shards[0].clone(),
+                        shards: topology.shards.clone(),
+                        virtual_nodes: topology.virtual_nodes,
+                    },
+                    stop: stop.clone(),
+                    leave: leave.clone(),
+                    left: left.clone(),
+                };
+                let thread = std::thread::Builder::new()
+                    .name("squall-cluster-agent".into())
+                    .spawn(move || agent.run())
+                    .map_err(io_err("spawning the cluster agent"))?;
+                Some(AgentHandle {
+                    stop,
+                    leave,
+                    left,
+                    thread,
+                })
+            }
+            _ => None,
+        };
         tracing::info!(
             shards = config.shards,
             keys,
@@ -152,6 +202,7 @@ impl Node {
             shutdown,
             threads,
             keys,
+            agent,
         })
     }
 
@@ -243,17 +294,58 @@ impl Node {
         self.keys
     }
 
-    /// Whether every shard thread is still running.
+    /// Whether every shard thread (and the cluster agent) is still running.
     pub fn is_running(&self) -> bool {
         self.threads.iter().all(|t| !t.is_finished())
+            && self.agent.as_ref().is_none_or(|a| !a.thread.is_finished())
     }
 
-    /// Stops the shards after their current batch and waits for them.
+    /// Stops the shards after their current batch and waits for them. A cluster member stops
+    /// without handing its keys off: its replicas hold them (see [`Node::leave`]).
     pub fn shutdown(mut self) {
         self.stop();
     }
 
+    /// Leaves the cluster gracefully: tells the router, hands every key to its replicas under
+    /// the view without this node (while still serving), and then stops. Waits at most
+    /// `timeout` for the hand-off; returns whether it finished. A node in no cluster just
+    /// stops.
+    pub fn leave(mut self, timeout: std::time::Duration) -> bool {
+        let Some(agent) = &self.agent else {
+            self.stop();
+            return true;
+        };
+        agent.leave.store(true, Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + timeout;
+        let mut finished = false;
+        while std::time::Instant::now() < deadline {
+            if agent.left.load(Ordering::Acquire) {
+                finished = true;
+                break;
+            }
+            if agent.thread.is_finished() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if finished {
+            tracing::info!("handed every key off; leaving");
+        } else {
+            tracing::warn!(
+                "the hand-off did not finish in time; the replicas repair what is missing"
+            );
+        }
+        self.stop();
+        finished
+    }
+
     fn stop(&mut self) {
+        if let Some(agent) = self.agent.take() {
+            agent.stop.store(true, Ordering::Relaxed);
+            if agent.thread.join().is_err() {
+                tracing::error!("the cluster agent panicked");
+            }
+        }
         self.shutdown.store(true, Ordering::Relaxed);
         for thread in self.threads.drain(..) {
             if thread.join().is_err() {

@@ -4,9 +4,13 @@
 //! first point at or after the key's hash. Clients and nodes build the ring from the same
 //! parameters and the same hash (xxh3, stable across processes and releases), so both agree on
 //! every key's owner without asking. Anna uses the same scheme, for nodes (global ring) and for
-//! threads within a node (local ring); this is the local one.
+//! threads within a node (local ring): [`Ring`] is the local one, [`GlobalRing`] the global one.
 
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+/// Seed of the global ring's hashes, so that a key's place among nodes is independent of its
+/// place among a node's shards.
+const GLOBAL_SEED: u64 = 0x5371_7561_6c6c_0001;
 
 /// A ring of shards. Built once per layout; lookups are a binary search. Cheap to share
 /// behind an `Arc`, immutable.
@@ -49,9 +53,113 @@ impl Ring {
     }
 }
 
+/// The ring of a cluster's nodes. A key's replicas are the first `n` distinct nodes at or
+/// after the key's hash: adding or removing one node changes at most one replica of a key.
+#[derive(Debug, Clone)]
+pub struct GlobalRing {
+    points: Vec<(u64, u32)>,
+    members: usize,
+}
+
+impl GlobalRing {
+    /// A ring of the nodes named `ids`, with `virtual_nodes` points each. Member `i` of the
+    /// result is `ids[i]`.
+    pub fn new<S: AsRef<str>>(ids: &[S], virtual_nodes: u32) -> Self {
+        let mut points = Vec::with_capacity(ids.len() * virtual_nodes as usize);
+        for (member, id) in ids.iter().enumerate() {
+            let id = id.as_ref().as_bytes();
+            let mut label = Vec::with_capacity(id.len() + 4);
+            for vnode in 0..virtual_nodes {
+                label.clear();
+                label.extend_from_slice(id);
+                label.extend_from_slice(&vnode.to_le_bytes());
+                points.push((xxh3_64_with_seed(&label, GLOBAL_SEED), member as u32));
+            }
+        }
+        points.sort_unstable();
+        Self {
+            points,
+            members: ids.len(),
+        }
+    }
+
+    /// How many nodes the ring spans.
+    pub fn members(&self) -> usize {
+        self.members
+    }
+
+    /// Fills `out` with the indices of `key`'s first `n` replicas (fewer if the ring has fewer
+    /// nodes), the primary first.
+    pub fn replicas(&self, key: &str, n: usize, out: &mut Vec<usize>) {
+        out.clear();
+        let n = n.min(self.members);
+        if n == 0 || self.points.is_empty() {
+            return;
+        }
+        let hash = xxh3_64_with_seed(key.as_bytes(), GLOBAL_SEED);
+        let start = self.points.partition_point(|(point, _)| *point < hash);
+        for step in 0..self.points.len() {
+            let (_, member) = self.points[(start + step) % self.points.len()];
+            let member = member as usize;
+            if !out.contains(&member) {
+                out.push(member);
+                if out.len() == n {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn replicas(ring: &GlobalRing, ids: &[&str], key: &str, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        ring.replicas(key, n, &mut out);
+        out.into_iter().map(|i| ids[i].to_string()).collect()
+    }
+
+    #[test]
+    fn replicas_are_distinct_and_spread() {
+        let ids = ["a", "b", "c"];
+        let ring = GlobalRing::new(&ids, 64);
+        let mut primaries = [0usize; 3];
+        for i in 0..30_000 {
+            let key = format!("key-{i}");
+            let found = replicas(&ring, &ids, &key, 2);
+            assert_eq!(found.len(), 2);
+            assert_ne!(found[0], found[1]);
+            primaries[ids.iter().position(|id| *id == found[0]).unwrap()] += 1;
+        }
+        for count in primaries {
+            assert!((7_000..13_000).contains(&count), "{primaries:?}");
+        }
+        assert_eq!(replicas(&ring, &ids, "k", 5).len(), 3);
+    }
+
+    #[test]
+    fn a_joining_node_changes_at_most_one_replica_of_a_key() {
+        let before_ids = ["a", "b", "c"];
+        let after_ids = ["a", "b", "c", "d"];
+        let before = GlobalRing::new(&before_ids, 64);
+        let after = GlobalRing::new(&after_ids, 64);
+        let mut moved = 0;
+        for i in 0..10_000 {
+            let key = format!("k{i}");
+            let old = replicas(&before, &before_ids, &key, 2);
+            let new = replicas(&after, &after_ids, &key, 2);
+            let kept = new.iter().filter(|id| old.contains(id)).count();
+            assert!(kept >= 1, "{key}: {old:?} -> {new:?}");
+            if kept == 1 {
+                assert!(new.contains(&"d".to_string()));
+                moved += 1;
+            }
+        }
+        // About half the keys (2 of 4 replica places) gain the new node.
+        assert!((3_000..7_000).contains(&moved), "{moved}");
+    }
 
     #[test]
     fn spreads_keys_evenly_enough() {

@@ -21,6 +21,7 @@ use squall_proto::{
     Response, Topology,
 };
 
+use crate::cluster::{ReplicaCheck, Shared};
 use crate::log::{remove_files, ShardLog, Snapshot, Store};
 use crate::ring::Ring;
 use crate::subscription::Subscriptions;
@@ -87,7 +88,17 @@ pub(crate) struct Shard {
     pub(crate) snapshot_not_before: Option<Instant>,
     /// Caches watching this shard's keys.
     pub(crate) subscriptions: Subscriptions,
+    /// The node's cluster state, if it is in a cluster.
+    pub(crate) cluster: Option<Arc<Shared>>,
+    /// Whether keys are this node's under its view.
+    pub(crate) replicas: ReplicaCheck,
+    /// Keys changed since the agent last took them for gossip (cluster only).
+    pub(crate) changed: hashbrown::HashSet<Key>,
 }
+
+/// Most changed keys remembered for gossip; beyond it, the oldest changes are left to the next
+/// hand-off (writes reach every replica directly in any case).
+const MAX_CHANGED: usize = 1 << 20;
 
 impl Shard {
     /// Serves until the shutdown flag is set, then commits what is pending.
@@ -231,11 +242,17 @@ impl Shard {
                 );
             }
         };
+        if let Some(shared) = &self.cluster {
+            shared.requests.fetch_add(1, Ordering::Relaxed);
+            self.replicas.refresh(shared);
+        }
         let keys = match &request {
             Request::Get { keys } => keys.len(),
             Request::Put { entries } => entries.len(),
-            Request::Topology => 0,
+            Request::Drop { entries } => entries.len(),
             Request::Subscribe { keys, .. } | Request::Unsubscribe { keys, .. } => keys.len(),
+            Request::Scan { limit, .. } | Request::Changed { limit } => *limit as usize,
+            Request::Topology | Request::Join { .. } | Request::Leave { .. } | Request::Status => 0,
         };
         if keys > self.config.max_keys_per_request {
             return error_reply(
@@ -259,8 +276,57 @@ impl Shard {
                     .collect(),
             },
             Request::Topology => {
-                Outgoing::Ready(encode(id, &Response::Topology((*self.topology).clone())))
+                let mut topology = (*self.topology).clone();
+                topology.cluster = self
+                    .cluster
+                    .as_ref()
+                    .and_then(|shared| shared.placement())
+                    .map(|placement| placement.view().clone());
+                Outgoing::Ready(encode(id, &Response::Topology(topology)))
             }
+            Request::Scan { after, limit } => {
+                let entries = self.scan(after.as_deref(), limit as usize);
+                Outgoing::Ready(encode(
+                    id,
+                    &Response::Entries {
+                        more: entries.len() == limit as usize,
+                        entries,
+                    },
+                ))
+            }
+            Request::Changed { limit } => {
+                let keys: Vec<Key> = self.changed.iter().take(limit as usize).cloned().collect();
+                for key in &keys {
+                    self.changed.remove(key);
+                }
+                let entries = keys
+                    .into_iter()
+                    .filter_map(|key| self.store.get(&key).cloned().map(|value| (key, value)))
+                    .collect();
+                Outgoing::Ready(encode(
+                    id,
+                    &Response::Entries {
+                        entries,
+                        more: !self.changed.is_empty(),
+                    },
+                ))
+            }
+            Request::Drop { entries } => {
+                let dropped = entries
+                    .into_iter()
+                    .filter(|(key, handed)| self.drop_handed_off(key, handed))
+                    .count();
+                Outgoing::Ready(encode(id, &Response::Dropped(dropped as u32)))
+            }
+            Request::Join { .. } | Request::Leave { .. } | Request::Status => error_reply(
+                id,
+                RequestError::Malformed {
+                    reason: format!(
+                        "a storage node does not answer {}; send it to the cluster's router",
+                        request.kind()
+                    ),
+                },
+            ),
             Request::Subscribe { subscriber, keys } => {
                 let values: Vec<_> = keys.iter().map(|key| self.get(key)).collect();
                 let owned = keys
@@ -308,15 +374,56 @@ impl Shard {
         }
     }
 
-    fn get(&self, key: &str) -> Result<Option<LatticeValue>, KeyError> {
+    fn get(&mut self, key: &str) -> Result<Option<LatticeValue>, KeyError> {
         self.owns(key)?;
+        if self.cluster.is_some() {
+            self.replicas.check(key)?;
+        }
         Ok(self.store.get(key).cloned())
+    }
+
+    /// Up to `limit` entries after `after`, in key order.
+    fn scan(&self, after: Option<&str>, limit: usize) -> Vec<(Key, LatticeValue)> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(after) => Bound::Excluded(after),
+            None => Bound::Unbounded,
+        };
+        self.store
+            .range::<str, _>((start, Bound::Unbounded))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Forgets `key` if this node is not its replica and `handed` (what its replicas
+    /// acknowledged) already includes everything stored.
+    fn drop_handed_off(&mut self, key: &str, handed: &LatticeValue) -> bool {
+        if self.cluster.is_none() || self.replicas.check(key).is_ok() {
+            return false;
+        }
+        let Some(stored) = self.store.get(key) else {
+            return false;
+        };
+        if stored.check_mergeable(handed).is_err() || handed.clone().merge(stored.clone()) {
+            return false;
+        }
+        self.store.remove(key);
+        self.changed.remove(key);
+        true
     }
 
     /// Merges one write. The record is appended before the merge (the value moves into the
     /// map) and taken back if the merge changed nothing.
     fn put(&mut self, key: Key, value: LatticeValue) -> Result<(), KeyError> {
         self.owns(&key)?;
+        // A node that is not the key's replica still keeps the value (its agent hands it to
+        // the replicas), but does not count as a replica's copy.
+        let placed = if self.cluster.is_some() {
+            self.replicas.check(&key)
+        } else {
+            Ok(())
+        };
         let not_durable = |e: crate::Error| KeyError::NotDurable {
             reason: e.to_string(),
         };
@@ -339,14 +446,14 @@ impl Shard {
                         let mark = log.mark();
                         log.append(&key, &value).map_err(not_durable)?;
                         if stored.merge(value) {
-                            self.subscriptions.touched(&key);
+                            self.touched(&key);
                         } else {
                             log.rewind(mark);
                         }
                     }
                     None => {
                         if stored.merge(value) {
-                            self.subscriptions.touched(&key);
+                            self.touched(&key);
                         }
                     }
                 }
@@ -355,11 +462,19 @@ impl Shard {
                 if let Some(log) = &mut self.log {
                     log.append(&key, &value).map_err(not_durable)?;
                 }
-                self.subscriptions.touched(&key);
+                self.touched(&key);
                 self.store.insert(key, value);
             }
         }
-        Ok(())
+        placed
+    }
+
+    /// Notes that `key` changed: for subscribers, and for gossip.
+    fn touched(&mut self, key: &Key) {
+        self.subscriptions.touched(key);
+        if self.cluster.is_some() && self.changed.len() < MAX_CHANGED {
+            self.changed.insert(key.clone());
+        }
     }
 
     /// Commits the batch's log records, then sends every reply of the batch.
@@ -376,6 +491,12 @@ impl Shard {
         };
         if committed.is_ok() {
             self.subscriptions.push(&self.store, self.index);
+        }
+        if let Some(shared) = &self.cluster {
+            // Before the replies, so whoever reads it after an answer sees the batch counted.
+            if let Some(keys) = shared.keys.get(self.index as usize) {
+                keys.store(self.store.len() as u64, Ordering::Relaxed);
+            }
         }
         for envelope in outbox.drain(..) {
             let frame = match (envelope.reply, &committed) {

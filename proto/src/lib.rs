@@ -87,6 +87,42 @@ pub enum Request {
         /// The keys no longer watched.
         keys: Vec<Key>,
     },
+    /// To a router: `member` is alive (a join the first time, a heartbeat after). Answered
+    /// with the cluster's current [`Response::View`].
+    Join {
+        /// The node.
+        member: Member,
+        /// Its load, for `squall cluster status` and the policy engine.
+        stats: MemberStats,
+    },
+    /// To a router: the node `id` leaves; it hands its keys off under the view answered.
+    Leave {
+        /// The leaving node's id.
+        id: String,
+    },
+    /// To a router: every member's last report and the current view.
+    Status,
+    /// To a shard: up to `limit` of its keys and values after `after`, in key order (used to
+    /// hand keys to their replicas after the membership changed).
+    Scan {
+        /// Start after this key (`None`: from the first).
+        after: Option<Key>,
+        /// The most entries answered.
+        limit: u32,
+    },
+    /// To a shard: take (and forget) up to `limit` keys changed since the last such request,
+    /// with their values, for gossip to the other replicas.
+    Changed {
+        /// The most entries answered.
+        limit: u32,
+    },
+    /// To a shard: forget keys that were handed off, each only if the value handed off
+    /// includes everything the shard holds (merging the stored value into it changes nothing)
+    /// and the node is not one of the key's replicas.
+    Drop {
+        /// Keys and the values their replicas acknowledged.
+        entries: Vec<(Key, LatticeValue)>,
+    },
 }
 
 /// A storage node's answer.
@@ -118,8 +154,59 @@ pub enum Response {
         /// Changed keys and their values after the merge.
         updates: Vec<(Key, LatticeValue)>,
     },
+    /// A router's answer to [`Request::Join`] and [`Request::Leave`]: the current view.
+    View(ClusterView),
+    /// A router's answer to [`Request::Status`].
+    Status(ClusterStatus),
+    /// A shard's answer to [`Request::Scan`] and [`Request::Changed`].
+    Entries {
+        /// Keys and values, in key order for a scan.
+        entries: Vec<(Key, LatticeValue)>,
+        /// Whether more entries follow (scan from the last key answered).
+        more: bool,
+    },
+    /// A shard's answer to [`Request::Drop`]: how many keys it forgot.
+    Dropped(u32),
     /// The whole request failed.
     Error(RequestError),
+}
+
+impl Request {
+    /// The variant's name, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Get { .. } => "get",
+            Request::Put { .. } => "put",
+            Request::Topology => "topology",
+            Request::Subscribe { .. } => "subscribe",
+            Request::Unsubscribe { .. } => "unsubscribe",
+            Request::Join { .. } => "join",
+            Request::Leave { .. } => "leave",
+            Request::Status => "status",
+            Request::Scan { .. } => "scan",
+            Request::Changed { .. } => "changed",
+            Request::Drop { .. } => "drop",
+        }
+    }
+}
+
+impl Response {
+    /// The variant's name, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Response::Get(_) => "get",
+            Response::Put(_) => "put",
+            Response::Topology(_) => "topology",
+            Response::Subscribed { .. } => "subscribed",
+            Response::Unsubscribed(_) => "unsubscribed",
+            Response::Notify { .. } => "notify",
+            Response::View(_) => "view",
+            Response::Status(_) => "status",
+            Response::Entries { .. } => "entries",
+            Response::Dropped(_) => "dropped",
+            Response::Error(_) => "error",
+        }
+    }
 }
 
 /// How a node splits its keys among shards, each with its own socket.
@@ -131,6 +218,67 @@ pub struct Topology {
     pub shards: Vec<String>,
     /// Virtual nodes per shard on the node's consistent-hash ring.
     pub virtual_nodes: u32,
+    /// The cluster this node belongs to, as the node last heard it (`None` for a node that
+    /// runs alone). A router answers with no shards of its own and the cluster's view.
+    #[serde(default)]
+    pub cluster: Option<ClusterView>,
+}
+
+/// One storage node of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// The node's id: its shard 0 endpoint, which also answers [`Request::Topology`].
+    pub id: String,
+    /// One ZeroMQ endpoint per shard, as in [`Topology::shards`].
+    pub shards: Vec<String>,
+    /// Virtual nodes per shard on the node's own ring.
+    pub virtual_nodes: u32,
+}
+
+/// Who is in a cluster and how many copies each key has: everything a client needs to find a
+/// key's replicas itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// Grows with every change of the view; of two views, the one with the larger generation
+    /// is the newer.
+    pub generation: u64,
+    /// The live members, sorted by id.
+    pub members: Vec<Member>,
+    /// Replicas of every key without an override.
+    pub replication: u32,
+    /// Keys with another replication factor (hot keys), sorted by key.
+    pub overrides: Vec<(Key, u32)>,
+}
+
+/// What a node reports with every heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStats {
+    /// Keys held, over all shards.
+    pub keys: u64,
+    /// The newest view generation whose hand-off this node has finished (0: none yet).
+    pub synced: u64,
+    /// Requests served since the node started, over all shards.
+    pub requests: u64,
+}
+
+/// A router's view of the cluster, for operators.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The current view.
+    pub view: ClusterView,
+    /// Every member's last report, in the view's order.
+    pub members: Vec<MemberStatus>,
+}
+
+/// One member's last report to the router.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// The node's id.
+    pub id: String,
+    /// What it last reported.
+    pub stats: MemberStats,
+    /// Milliseconds since its last heartbeat.
+    pub silent_ms: u64,
 }
 
 /// Why one key of a request failed; the other keys are unaffected.
@@ -148,6 +296,13 @@ pub enum KeyError {
     WrongShard {
         /// The shard that owns the key.
         owner: u32,
+    },
+    /// The node is not one of the key's replicas in its view of the cluster (a written value
+    /// was kept, to be handed to the replicas, but does not count as a replica's copy).
+    #[error("this node is not a replica of the key in cluster view {generation}")]
+    WrongNode {
+        /// The generation of the node's view.
+        generation: u64,
     },
     /// The write could not be made durable (the log failed); it may or may not survive a
     /// restart, and retrying it is safe.

@@ -3,6 +3,7 @@
 //! One test binary (one link) with a module per topic; `support` spawns and stops nodes.
 
 mod cli;
+mod cluster;
 mod commands;
 mod consistency;
 mod crash;

@@ -1,0 +1,744 @@
+//! A storage node's part in a cluster: where keys live, and the agent that keeps them there.
+//!
+//! A cluster is a [`crate::router::Router`] and storage nodes that join it. The router holds
+//! the membership: every node sends it a heartbeat (a [`Request::Join`]) every
+//! [`ClusterConfig::heartbeat_ms`] and gets the current [`ClusterView`] back; a node silent for
+//! longer than the router's `dead_after` is dropped from the view. Every view has a larger
+//! generation than the one before it, so nodes and clients always know which of two is newer.
+//!
+//! [`Placement`] turns a view into key -> replicas: the global ring of nodes ([`GlobalRing`])
+//! gives each key its first `replication` nodes (per-key overrides for hot keys), and each
+//! node's local ring gives the shard within the node. Shards check every key against it: a
+//! node asked for a key it is not a replica of answers [`KeyError::WrongNode`], so a client
+//! with an old view refreshes it instead of reading from the wrong place.
+//!
+//! The agent (`Agent`) is one thread per node. It
+//! - sends the heartbeats and installs newer views;
+//! - after every view change, **hands off**: it scans the node's keys, sends each one to its
+//!   other replicas under the new view (a lattice merge there, so sending a key a replica
+//!   already has changes nothing), and drops the keys the node is no longer a replica of once
+//!   their replicas acknowledged them. This is how a joining node receives its keys, a leaving
+//!   one hands its keys over, and a dead node's keys get their missing copies from the
+//!   survivors;
+//! - every [`ClusterConfig::gossip_ms`], **gossips** the keys changed since the last round to
+//!   their other replicas, which repairs writes that reached only some replicas.
+//!
+//! Dropping a handed-off key writes nothing to the node's log: after a restart the key may come
+//! back from the log, and is handed off again. Merges make that harmless.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
+use serde::Deserialize;
+use squall_lattices::LatticeValue;
+use squall_proto::{ClusterView, Key, KeyError, Member, MemberStats, Request, Response};
+
+use crate::client::{exchange, ClientConfig, Exchanged};
+use crate::ring::{GlobalRing, Ring};
+use crate::zmtp::Connection;
+use crate::{Error, Result};
+
+/// Points per node on the global ring. Anna uses 3000 per thread; 128 per node spreads keys
+/// within a few percent for the clusters one machine or a small fleet runs, and keeps the
+/// ring a client builds for every view small.
+pub const GLOBAL_VIRTUAL_NODES: u32 = 128;
+
+/// Entries per hand-off or gossip request: bounded so one page never nears a node's request
+/// size limit for small values, and so heartbeats go out between pages.
+const PAGE: u32 = 256;
+
+/// Entries kept for a later gossip round when their replicas could not be reached. Beyond
+/// this, the oldest are dropped (with a warning): the next view change hands every key off
+/// anyway.
+const MAX_RETRY: usize = 100_000;
+
+/// How a node takes part in a cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The router's endpoint, such as `tcp://127.0.0.1:7000`.
+    pub router: String,
+    /// Milliseconds between heartbeats (default 250). The router's `dead_after` should be
+    /// several of these.
+    pub heartbeat_ms: u64,
+    /// Milliseconds between gossip rounds (default 1000; Anna's is 10 s). Writes reach every
+    /// replica directly; gossip repairs the ones that did not.
+    pub gossip_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            router: String::new(),
+            heartbeat_ms: 250,
+            gossip_ms: 1000,
+        }
+    }
+}
+
+/// Key -> replicas under one view.
+#[derive(Debug)]
+pub struct Placement {
+    view: ClusterView,
+    ring: GlobalRing,
+    overrides: HashMap<Key, u32>,
+    rings: Vec<Ring>,
+}
+
+impl Placement {
+    /// The placement of `view`.
+    pub fn new(view: ClusterView) -> Self {
+        let ids: Vec<&str> = view.members.iter().map(|m| m.id.as_str()).collect();
+        let ring = GlobalRing::new(&ids, GLOBAL_VIRTUAL_NODES);
+        let overrides = view.overrides.iter().cloned().collect();
+        let rings = view
+            .members
+            .iter()
+            .map(|m| Ring::new(m.shards.len().max(1), m.virtual_nodes.max(1)))
+            .collect();
+        Self {
+            view,
+            ring,
+            overrides,
+            rings,
+        }
+    }
+
+    /// The view this placement was built from.
+    pub fn view(&self) -> &ClusterView {
+        &self.view
+    }
+
+    /// The view's generation.
+    pub fn generation(&self) -> u64 {
+        self.view.generation
+    }
+
+    /// The members, in the view's order.
+    pub fn members(&self) -> &[Member] {
+        &self.view.members
+    }
+
+    /// The index of member `id`, if it is in the view.
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.view.members.iter().position(|m| m.id == id)
+    }
+
+    /// How many replicas `key` has.
+    pub fn replication(&self, key: &str) -> usize {
+        self.overrides
+            .get(key)
+            .copied()
+            .unwrap_or(self.view.replication)
+            .max(1) as usize
+    }
+
+    /// Fills `out` with the member indices of `key`'s replicas, the primary first.
+    pub fn replicas(&self, key: &str, out: &mut Vec<usize>) {
+        self.ring.replicas(key, self.replication(key), out);
+    }
+
+    /// The endpoint of the shard of member `member` that holds `key`.
+    pub fn shard_endpoint(&self, member: usize, key: &str) -> &str {
+        let shard = self.rings[member].owner(key) as usize;
+        &self.view.members[member].shards[shard]
+    }
+
+    /// Checks that a view from the network is usable: members with shards, and sane numbers.
+    pub fn check(view: &ClusterView) -> Result<()> {
+        let bad = |what: String| Err(Error::UnexpectedResponse(format!("bad view: {what}")));
+        if view.members.len() > 4096 {
+            return bad(format!("{} members", view.members.len()));
+        }
+        if view.replication == 0 || view.replication > 64 {
+            return bad(format!("replication {}", view.replication));
+        }
+        for member in &view.members {
+            if member.shards.is_empty() || member.shards.len() > 4096 {
+                return bad(format!("{} has {} shards", member.id, member.shards.len()));
+            }
+            if member.virtual_nodes == 0 || member.virtual_nodes > 65_536 {
+                return bad(format!(
+                    "{} has {} virtual nodes",
+                    member.id, member.virtual_nodes
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a node's shards and its agent share: the node's id, its current placement, counters.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// The node's id (its shard 0 endpoint).
+    pub(crate) id: String,
+    placement: RwLock<Option<Arc<Placement>>>,
+    generation: AtomicU64,
+    /// Keys held, per shard, as of each shard's last batch.
+    pub(crate) keys: Vec<AtomicU64>,
+    /// Requests served, over all shards.
+    pub(crate) requests: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new(id: String, shards: usize) -> Self {
+        Self {
+            id,
+            placement: RwLock::new(None),
+            generation: AtomicU64::new(0),
+            keys: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// The generation of the installed view (0: none yet).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The installed placement.
+    pub(crate) fn placement(&self) -> Option<Arc<Placement>> {
+        self.placement
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn install(&self, placement: Arc<Placement>) {
+        let generation = placement.generation();
+        *self
+            .placement
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(placement);
+        self.generation.store(generation, Ordering::Release);
+    }
+}
+
+/// A shard's check of keys against the node's placement. Cached per shard and refreshed when
+/// the generation moves, so the check costs an atomic load and a ring lookup.
+#[derive(Debug, Default)]
+pub(crate) struct ReplicaCheck {
+    placement: Option<Arc<Placement>>,
+    generation: u64,
+    me: Option<usize>,
+    scratch: Vec<usize>,
+}
+
+impl ReplicaCheck {
+    /// Picks up a newer view, if the agent installed one.
+    pub(crate) fn refresh(&mut self, shared: &Shared) {
+        let generation = shared.generation();
+        if generation != self.generation {
+            self.placement = shared.placement();
+            self.generation = generation;
+            self.me = self.placement.as_ref().and_then(|p| p.index_of(&shared.id));
+        }
+    }
+
+    /// `Ok` if this node is one of `key`'s replicas, or has no view yet (it is in no view, so
+    /// no client routes to it but those given its address).
+    pub(crate) fn check(&mut self, key: &str) -> Result<(), KeyError> {
+        let Some(placement) = &self.placement else {
+            return Ok(());
+        };
+        let wrong = KeyError::WrongNode {
+            generation: self.generation,
+        };
+        let Some(me) = self.me else {
+            return Err(wrong);
+        };
+        placement.replicas(key, &mut self.scratch);
+        if self.scratch.contains(&me) {
+            Ok(())
+        } else {
+            Err(wrong)
+        }
+    }
+}
+
+/// Connections to other nodes' shards, by endpoint, for the agent's hand-offs.
+struct Peers {
+    config: ClientConfig,
+    next_id: u64,
+    connections: HashMap<String, Connection>,
+}
+
+impl Peers {
+    /// Sends every request to its endpoint at once; fails unless every one was answered.
+    fn call(&mut self, requests: Vec<(String, Request)>) -> Result<Vec<Response>> {
+        let endpoints: Vec<String> = requests.iter().map(|(e, _)| e.clone()).collect();
+        let mut connections: Vec<Option<Connection>> = endpoints
+            .iter()
+            .map(|e| self.connections.remove(e))
+            .collect();
+        let indexed: Vec<(usize, Request)> = requests
+            .into_iter()
+            .enumerate()
+            .map(|(i, (_, r))| (i, r))
+            .collect();
+        let outcome = exchange(
+            &self.config,
+            &mut self.next_id,
+            &endpoints,
+            &mut connections,
+            &indexed,
+        )
+        .and_then(Exchanged::into_all);
+        for (endpoint, connection) in endpoints.into_iter().zip(connections) {
+            if let Some(connection) = connection {
+                self.connections.insert(endpoint, connection);
+            }
+        }
+        outcome
+    }
+
+    fn call_one(&mut self, endpoint: &str, request: Request) -> Result<Response> {
+        self.call(vec![(endpoint.to_string(), request)])?
+            .pop()
+            .ok_or_else(|| Error::UnexpectedResponse("no answer".into()))
+    }
+}
+
+/// Hand-off under one view, one page at a time.
+struct Handoff {
+    placement: Arc<Placement>,
+    shard: usize,
+    after: Option<Key>,
+    moved: u64,
+    dropped: u64,
+    started: Instant,
+}
+
+/// The node's cluster thread (see the module docs).
+pub(crate) struct Agent {
+    pub(crate) config: ClusterConfig,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) member: Member,
+    pub(crate) stop: Arc<AtomicBool>,
+    /// Set by [`crate::Node::leave`]: leave the view, hand everything off, then set `left`.
+    pub(crate) leave: Arc<AtomicBool>,
+    pub(crate) left: Arc<AtomicBool>,
+}
+
+struct AgentState {
+    peers: Peers,
+    handoff: Option<Handoff>,
+    synced: u64,
+    retry: Vec<(Key, LatticeValue)>,
+    router_down_since: Option<Instant>,
+    leaving: bool,
+}
+
+impl Agent {
+    pub(crate) fn run(self) {
+        let heartbeat = Duration::from_millis(self.config.heartbeat_ms.max(10));
+        let gossip = Duration::from_millis(self.config.gossip_ms.max(10));
+        let mut state = AgentState {
+            peers: Peers {
+                config: ClientConfig {
+                    timeout: Duration::from_secs(2),
+                    attempts: 1,
+                    ..ClientConfig::default()
+                },
+                next_id: rand::random::<u32>() as u64,
+                connections: HashMap::new(),
+            },
+            handoff: None,
+            synced: 0,
+            retry: Vec::new(),
+            router_down_since: None,
+            leaving: false,
+        };
+        let mut next_heartbeat = Instant::now();
+        let mut next_gossip = Instant::now() + gossip;
+        while !self.stop.load(Ordering::Relaxed) {
+            if self.leave.load(Ordering::Relaxed) && !state.leaving {
+                state.leaving = true;
+                self.leave_view(&mut state);
+            }
+            if Instant::now() >= next_heartbeat {
+                next_heartbeat = Instant::now() + heartbeat;
+                if !state.leaving {
+                    self.heartbeat(&mut state);
+                }
+            }
+            if state.handoff.is_some() {
+                if let Err(e) = self.handoff_page(&mut state) {
+                    tracing::warn!(cause = %e, "hand-off page failed; retrying");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            }
+            if Instant::now() >= next_gossip || state.leaving {
+                next_gossip = Instant::now() + gossip;
+                self.gossip(&mut state);
+                if state.leaving && state.retry.is_empty() {
+                    self.left.store(true, Ordering::Release);
+                    return;
+                }
+            }
+            let until = next_heartbeat.min(next_gossip);
+            let pause = until.saturating_duration_since(Instant::now());
+            std::thread::sleep(pause.min(Duration::from_millis(20)));
+        }
+    }
+
+    fn stats(&self, state: &AgentState) -> MemberStats {
+        MemberStats {
+            keys: self
+                .shared
+                .keys
+                .iter()
+                .map(|k| k.load(Ordering::Relaxed))
+                .sum(),
+            synced: state.synced,
+            requests: self.shared.requests.load(Ordering::Relaxed),
+        }
+    }
+
+    fn heartbeat(&self, state: &mut AgentState) {
+        let request = Request::Join {
+            member: self.member.clone(),
+            stats: self.stats(state),
+        };
+        match state.peers.call_one(&self.config.router, request) {
+            Ok(Response::View(view)) => {
+                if let Some(since) = state.router_down_since.take() {
+                    tracing::info!(after = ?since.elapsed(), "the router answers again");
+                }
+                self.adopt(state, view);
+            }
+            Ok(Response::Error(e)) => tracing::debug!(cause = %e, "the router refused a heartbeat"),
+            Ok(other) => tracing::warn!(answer = other.kind(), "unexpected answer to a heartbeat"),
+            Err(e) => {
+                if state.router_down_since.is_none() {
+                    tracing::warn!(router = %self.config.router, cause = %e, "the router does not answer; keeping the last view");
+                    state.router_down_since = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Installs `view` if it is newer than the node's, and starts handing off under it.
+    fn adopt(&self, state: &mut AgentState, view: ClusterView) {
+        if view.generation <= self.shared.generation() {
+            return;
+        }
+        if let Err(e) = Placement::check(&view) {
+            tracing::warn!(cause = %e, "ignored a view");
+            return;
+        }
+        tracing::info!(
+            generation = view.generation,
+            members = view.members.len(),
+            member = self.shared.index_of_me(&view),
+            "new cluster view"
+        );
+        let placement = Arc::new(Placement::new(view));
+        self.shared.install(placement.clone());
+        state.handoff = Some(Handoff {
+            placement,
+            shard: 0,
+            after: None,
+            moved: 0,
+            dropped: 0,
+            started: Instant::now(),
+        });
+    }
+
+    fn leave_view(&self, state: &mut AgentState) {
+        let request = Request::Leave {
+            id: self.member.id.clone(),
+        };
+        let view = match state.peers.call_one(&self.config.router, request) {
+            Ok(Response::View(view)) => Some(view),
+            Ok(other) => {
+                tracing::warn!(answer = other.kind(), "unexpected answer to a leave");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(cause = %e, "the router did not hear the leave");
+                None
+            }
+        };
+        // Without the router's answer, the node's own view minus itself tells where keys go.
+        let view = view.or_else(|| {
+            self.shared.placement().map(|p| {
+                let mut view = p.view().clone();
+                view.members.retain(|m| m.id != self.member.id);
+                view.generation += 1;
+                view
+            })
+        });
+        match view {
+            Some(view) if !view.members.is_empty() => self.adopt(state, view),
+            _ => tracing::warn!("no other member to hand keys to"),
+        }
+    }
+
+    /// Scans one page of one shard and hands it off; finishes the hand-off after the last.
+    fn handoff_page(&self, state: &mut AgentState) -> Result<()> {
+        let Some(job) = state.handoff.as_ref() else {
+            return Ok(());
+        };
+        if job.placement.generation() != self.shared.generation() {
+            // A newer view arrived; `adopt` replaced the job already.
+            return Ok(());
+        }
+        let endpoint = self.member.shards[job.shard].clone();
+        let request = Request::Scan {
+            after: job.after.clone(),
+            limit: PAGE,
+        };
+        let (entries, more) = match state.peers.call_one(&endpoint, request)? {
+            Response::Entries { entries, more } => (entries, more),
+            other => {
+                return Err(Error::UnexpectedResponse(format!(
+                    "a scan answered {}",
+                    other.kind()
+                )))
+            }
+        };
+        let placement = job.placement.clone();
+        let last = entries.last().map(|(k, _)| k.clone());
+        let (moved, dropped) = self.distribute(state, &placement, &endpoint, entries)?;
+        let Some(job) = state.handoff.as_mut() else {
+            return Ok(());
+        };
+        job.moved += moved;
+        job.dropped += dropped;
+        if more {
+            job.after = last;
+            return Ok(());
+        }
+        job.shard += 1;
+        job.after = None;
+        if job.shard < self.member.shards.len() {
+            return Ok(());
+        }
+        tracing::info!(
+            generation = placement.generation(),
+            sent = job.moved,
+            dropped = job.dropped,
+            took = ?job.started.elapsed(),
+            "hand-off finished"
+        );
+        state.synced = placement.generation();
+        state.handoff = None;
+        Ok(())
+    }
+
+    /// Sends `entries` (all held by the local shard at `endpoint`) to their other replicas,
+    /// then drops from that shard the ones this node is not a replica of. Returns the copies
+    /// sent and the keys dropped.
+    fn distribute(
+        &self,
+        state: &mut AgentState,
+        placement: &Placement,
+        endpoint: &str,
+        entries: Vec<(Key, LatticeValue)>,
+    ) -> Result<(u64, u64)> {
+        let me = placement.index_of(&self.member.id);
+        let mut by_endpoint: HashMap<String, Vec<(Key, LatticeValue)>> = HashMap::new();
+        let mut drops = Vec::new();
+        let mut replicas = Vec::new();
+        let mut copies = 0u64;
+        for (key, value) in entries {
+            placement.replicas(&key, &mut replicas);
+            for &replica in &replicas {
+                if Some(replica) != me {
+                    by_endpoint
+                        .entry(placement.shard_endpoint(replica, &key).to_string())
+                        .or_default()
+                        .push((key.clone(), value.clone()));
+                    copies += 1;
+                }
+            }
+            if me.is_none_or(|me| !replicas.contains(&me)) && !replicas.is_empty() {
+                drops.push((key, value));
+            }
+        }
+        let requests: Vec<(String, Request)> = by_endpoint
+            .into_iter()
+            .map(|(endpoint, entries)| (endpoint, Request::Put { entries }))
+            .collect();
+        let mut refused: Vec<Key> = Vec::new();
+        if !requests.is_empty() {
+            let sent: Vec<Vec<Key>> = requests
+                .iter()
+                .map(|(_, r)| match r {
+                    Request::Put { entries } => entries.iter().map(|(k, _)| k.clone()).collect(),
+                    _ => Vec::new(),
+                })
+                .collect();
+            for (response, keys) in state.peers.call(requests)?.into_iter().zip(sent) {
+                match response {
+                    Response::Put(results) => {
+                        for (result, key) in results.into_iter().zip(keys) {
+                            match result {
+                                Ok(()) | Err(KeyError::WrongNode { .. }) => {}
+                                Err(e) => {
+                                    // A replica that refuses the value (another lattice type)
+                                    // keeps its own; this node keeps its copy too.
+                                    tracing::warn!(key = %key, cause = %e, "a replica refused a handed-off key");
+                                    refused.push(key);
+                                }
+                            }
+                        }
+                    }
+                    Response::Error(e) => return Err(Error::Request(e)),
+                    other => {
+                        return Err(Error::UnexpectedResponse(format!(
+                            "a hand-off answered {}",
+                            other.kind()
+                        )))
+                    }
+                }
+            }
+        }
+        drops.retain(|(key, _)| !refused.contains(key));
+        let mut dropped = 0;
+        if !drops.is_empty() {
+            match state
+                .peers
+                .call_one(endpoint, Request::Drop { entries: drops })?
+            {
+                Response::Dropped(count) => dropped = u64::from(count),
+                Response::Error(e) => return Err(Error::Request(e)),
+                other => {
+                    return Err(Error::UnexpectedResponse(format!(
+                        "a drop answered {}",
+                        other.kind()
+                    )))
+                }
+            }
+        }
+        Ok((copies, dropped))
+    }
+
+    /// Sends the keys changed since the last round (and those a failed round kept) to their
+    /// other replicas.
+    fn gossip(&self, state: &mut AgentState) {
+        let Some(placement) = self.shared.placement() else {
+            return;
+        };
+        for (shard, endpoint) in self.member.shards.iter().enumerate() {
+            let mut entries = if shard == 0 {
+                std::mem::take(&mut state.retry)
+            } else {
+                Vec::new()
+            };
+            loop {
+                let (taken, more) = match state
+                    .peers
+                    .call_one(endpoint, Request::Changed { limit: PAGE * 16 })
+                {
+                    Ok(Response::Entries { entries, more }) => (entries, more),
+                    Ok(other) => {
+                        tracing::warn!(answer = other.kind(), "unexpected answer to Changed");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "could not read the changed keys");
+                        break;
+                    }
+                };
+                entries.extend(taken);
+                if !more {
+                    break;
+                }
+            }
+            for page in entries.chunks(PAGE as usize) {
+                if let Err(e) = self.distribute(state, &placement, endpoint, page.to_vec()) {
+                    tracing::debug!(cause = %e, "gossip failed; kept for the next round");
+                    state.retry.extend_from_slice(page);
+                }
+            }
+        }
+        if state.retry.len() > MAX_RETRY {
+            let excess = state.retry.len() - MAX_RETRY;
+            tracing::warn!(dropped = excess, "too many changes wait for unreachable replicas; the next view change hands them off");
+            state.retry.drain(..excess);
+        }
+    }
+}
+
+impl Shared {
+    fn index_of_me(&self, view: &ClusterView) -> Option<usize> {
+        view.members.iter().position(|m| m.id == self.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(members: &[&str], replication: u32) -> ClusterView {
+        ClusterView {
+            generation: 1,
+            members: members
+                .iter()
+                .map(|id| Member {
+                    id: id.to_string(),
+                    shards: vec![format!("{id}/0"), format!("{id}/1")],
+                    virtual_nodes: 16,
+                })
+                .collect(),
+            replication,
+            overrides: vec![("hot".to_string(), 3)],
+        }
+    }
+
+    #[test]
+    fn overrides_change_a_keys_replication() {
+        let placement = Placement::new(view(&["a", "b", "c"], 2));
+        let mut out = Vec::new();
+        placement.replicas("cold", &mut out);
+        assert_eq!(out.len(), 2);
+        placement.replicas("hot", &mut out);
+        assert_eq!(out.len(), 3);
+    }
+
+    #[test]
+    fn a_shard_refuses_keys_it_is_not_a_replica_of() {
+        let shared = Shared::new("a".into(), 2);
+        let mut check = ReplicaCheck::default();
+        check.refresh(&shared);
+        assert!(check.check("anything").is_ok(), "no view yet: serve");
+        let placement = Arc::new(Placement::new(view(&["a", "b", "c"], 1)));
+        shared.install(placement.clone());
+        check.refresh(&shared);
+        let mut out = Vec::new();
+        let (mut mine, mut theirs) = (0, 0);
+        for i in 0..300 {
+            let key = format!("k{i}");
+            placement.replicas(&key, &mut out);
+            match check.check(&key) {
+                Ok(()) => {
+                    assert_eq!(out, [0]);
+                    mine += 1;
+                }
+                Err(KeyError::WrongNode { generation: 1 }) => {
+                    assert_ne!(out, [0]);
+                    theirs += 1;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(mine > 50 && theirs > 100, "{mine} {theirs}");
+    }
+
+    #[test]
+    fn views_from_the_network_are_checked() {
+        let mut bad = view(&["a"], 2);
+        bad.replication = 0;
+        assert!(Placement::check(&bad).is_err());
+        let mut bad = view(&["a"], 2);
+        bad.members[0].shards.clear();
+        assert!(Placement::check(&bad).is_err());
+        assert!(Placement::check(&view(&["a", "b"], 2)).is_ok());
+    }
+}

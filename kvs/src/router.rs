@@ -1,0 +1,418 @@
+//! The routing role: a cluster's membership, and the answer to "where does this key live".
+//!
+//! Storage nodes join through the router (the cluster's seed, as in Anna) and keep sending it
+//! heartbeats; it answers each with the current [`ClusterView`]. Clients ask it for the view
+//! ([`Request::Topology`] answers with no shards of its own and the view) and compute every
+//! key's replicas themselves, caching the view; a node that is asked for a key under an older
+//! view answers [`squall_proto::KeyError::WrongNode`], and the client asks the router again.
+//!
+//! A node silent for [`RouterConfig::dead_after_ms`] is dropped from the view; the survivors
+//! then copy its keys to their new replicas. A restarted router knows nobody: it waits one
+//! `dead_after` for the nodes' heartbeats before it answers with a view, so it never announces
+//! a cluster missing live nodes. Generations are drawn from the wall clock (in milliseconds,
+//! and always above the last one), so a restarted router's views are newer than its
+//! predecessor's.
+//!
+//! The router holds no data: losing it stops membership changes, never reads or writes.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use squall_proto::{
+    decode_request, encode_response, peek_id, ClusterStatus, ClusterView, Member, MemberStats,
+    MemberStatus, Request, RequestError, RequestId, Response, Topology,
+};
+
+use crate::cluster::Placement;
+use crate::{io_err, zmq_err, Error, Result};
+
+/// A router's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterConfig {
+    /// Host to bind (default `127.0.0.1`).
+    pub host: String,
+    /// Port (0: the OS picks).
+    pub port: u16,
+    /// Replicas per key (default 2: one node's death loses nothing).
+    pub replication: u32,
+    /// A node silent this long is dropped from the view (default 2000 ms: eight heartbeats).
+    pub dead_after_ms: u64,
+    /// Largest request accepted (default 1 MiB: joins and heartbeats are small).
+    pub max_request_bytes: usize,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 0,
+            replication: 2,
+            dead_after_ms: 2000,
+            max_request_bytes: 1 << 20,
+        }
+    }
+}
+
+struct Known {
+    member: Member,
+    stats: MemberStats,
+    seen: Instant,
+}
+
+struct State {
+    config: RouterConfig,
+    members: BTreeMap<String, Known>,
+    view: ClusterView,
+    started: Instant,
+}
+
+impl State {
+    fn next_generation(&self) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        now.max(self.view.generation + 1)
+    }
+
+    fn rebuild(&mut self, why: &str) {
+        self.view = ClusterView {
+            generation: self.next_generation(),
+            members: self.members.values().map(|k| k.member.clone()).collect(),
+            replication: self.config.replication,
+            overrides: std::mem::take(&mut self.view.overrides),
+        };
+        tracing::info!(
+            generation = self.view.generation,
+            members = self.view.members.len(),
+            why,
+            "cluster view changed"
+        );
+    }
+
+    /// Whether the router has waited out its start-up grace (one `dead_after`).
+    fn settled(&self) -> bool {
+        self.started.elapsed() >= Duration::from_millis(self.config.dead_after_ms)
+    }
+
+    fn expire(&mut self) {
+        let dead_after = Duration::from_millis(self.config.dead_after_ms);
+        let dead: Vec<String> = self
+            .members
+            .iter()
+            .filter(|(_, k)| k.seen.elapsed() > dead_after)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &dead {
+            tracing::warn!(node = %id, "no heartbeat; dropping the node from the view");
+            self.members.remove(id);
+        }
+        if !dead.is_empty() && self.settled() {
+            self.rebuild("a node stopped answering");
+        }
+    }
+
+    fn handle(&mut self, request: Request) -> Response {
+        match request {
+            Request::Join { member, stats } => {
+                let probe = ClusterView {
+                    generation: 1,
+                    members: vec![member.clone()],
+                    replication: 1,
+                    overrides: Vec::new(),
+                };
+                if let Err(e) = Placement::check(&probe) {
+                    return Response::Error(RequestError::Malformed {
+                        reason: e.to_string(),
+                    });
+                }
+                let changed = self
+                    .members
+                    .get(&member.id)
+                    .is_none_or(|k| k.member != member);
+                if changed {
+                    tracing::info!(node = %member.id, shards = member.shards.len(), "a node joined");
+                }
+                self.members.insert(
+                    member.id.clone(),
+                    Known {
+                        member,
+                        stats,
+                        seen: Instant::now(),
+                    },
+                );
+                if !self.settled() {
+                    return self.unsettled();
+                }
+                if changed || self.view.members.len() != self.members.len() {
+                    self.rebuild("a node joined");
+                }
+                Response::View(self.view.clone())
+            }
+            Request::Leave { id } => {
+                if self.members.remove(&id).is_some() {
+                    tracing::info!(node = %id, "a node leaves");
+                    self.rebuild("a node left");
+                }
+                Response::View(self.view.clone())
+            }
+            Request::Status => Response::Status(ClusterStatus {
+                view: self.view.clone(),
+                members: self
+                    .members
+                    .values()
+                    .map(|k| MemberStatus {
+                        id: k.member.id.clone(),
+                        stats: k.stats.clone(),
+                        silent_ms: k.seen.elapsed().as_millis() as u64,
+                    })
+                    .collect(),
+            }),
+            Request::Topology => {
+                if !self.settled() {
+                    return self.unsettled();
+                }
+                Response::Topology(Topology {
+                    incarnation: self.view.generation,
+                    shards: Vec::new(),
+                    virtual_nodes: 0,
+                    cluster: Some(self.view.clone()),
+                })
+            }
+            other => Response::Error(RequestError::Malformed {
+                reason: format!(
+                    "a router answers joins, leaves, status and topology, not {}",
+                    other.kind()
+                ),
+            }),
+        }
+    }
+
+    fn unsettled(&self) -> Response {
+        Response::Error(RequestError::Unavailable {
+            reason: "the router started moments ago and is waiting for the nodes' heartbeats"
+                .into(),
+        })
+    }
+}
+
+/// A running router. Dropping it stops it.
+#[derive(Debug)]
+pub struct Router {
+    address: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Router {
+    /// Binds and starts the router.
+    pub fn start(config: RouterConfig) -> Result<Router> {
+        if config.replication == 0 || config.replication > 64 {
+            return Err(Error::Config(format!(
+                "replication must be between 1 and 64, not {}",
+                config.replication
+            )));
+        }
+        if config.dead_after_ms == 0 {
+            return Err(Error::Config("dead_after_ms must be positive".into()));
+        }
+        let context = zmq::Context::new();
+        let socket = context.socket(zmq::ROUTER).map_err(zmq_err("socket"))?;
+        socket.set_linger(0).map_err(zmq_err("set linger"))?;
+        let hard_limit = i64::try_from(config.max_request_bytes).unwrap_or(i64::MAX);
+        socket
+            .set_maxmsgsize(hard_limit)
+            .map_err(zmq_err("set maxmsgsize"))?;
+        let endpoint = if config.port == 0 {
+            format!("tcp://{}:*", config.host)
+        } else {
+            format!("tcp://{}:{}", config.host, config.port)
+        };
+        socket.bind(&endpoint).map_err(|cause| Error::Bind {
+            endpoint: endpoint.clone(),
+            cause,
+        })?;
+        let address = socket
+            .get_last_endpoint()
+            .map_err(zmq_err("get endpoint"))?
+            .map_err(|_| Error::Config("bound endpoint is not UTF-8".into()))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut state = State {
+            view: ClusterView {
+                generation: 0,
+                members: Vec::new(),
+                replication: config.replication,
+                overrides: Vec::new(),
+            },
+            config,
+            members: BTreeMap::new(),
+            started: Instant::now(),
+        };
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("squall-router".into())
+            .spawn(move || {
+                let _context = context;
+                serve(&socket, &mut state, &flag);
+            })
+            .map_err(io_err("spawning the router thread"))?;
+        tracing::info!(%address, "router started");
+        Ok(Router {
+            address,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The router's endpoint: what nodes join and clients connect to.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Whether the router's thread is still running.
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the router thread panicked");
+            }
+        }
+    }
+}
+
+fn serve(socket: &zmq::Socket, state: &mut State, stop: &AtomicBool) {
+    let mut last_settled = state.settled();
+    while !stop.load(Ordering::Relaxed) {
+        match socket.poll(zmq::POLLIN, 50) {
+            Ok(0) | Err(zmq::Error::EINTR) => {}
+            Ok(_) => {
+                while let Some((identity, frames)) = receive(socket) {
+                    reply(socket, state, identity, frames);
+                }
+            }
+            Err(e) => {
+                tracing::error!(cause = %e, "polling the router socket failed");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        state.expire();
+        if !last_settled && state.settled() {
+            last_settled = true;
+            state.rebuild("the router's start-up grace ended");
+        }
+    }
+}
+
+/// One message, if one is waiting: the sender's identity and its frames.
+fn receive(socket: &zmq::Socket) -> Option<(zmq::Message, Vec<zmq::Message>)> {
+    let identity = match socket.recv_msg(zmq::DONTWAIT) {
+        Ok(identity) => identity,
+        Err(zmq::Error::EAGAIN) => return None,
+        Err(e) => {
+            tracing::warn!(cause = %e, "router receive failed");
+            return None;
+        }
+    };
+    let mut frames = Vec::with_capacity(2);
+    while socket.get_rcvmore().unwrap_or(false) {
+        match socket.recv_msg(0) {
+            Ok(frame) => frames.push(frame),
+            Err(e) => {
+                tracing::warn!(cause = %e, "router receive failed mid-message");
+                break;
+            }
+        }
+    }
+    Some((identity, frames))
+}
+
+fn reply(
+    socket: &zmq::Socket,
+    state: &mut State,
+    identity: zmq::Message,
+    frames: Vec<zmq::Message>,
+) {
+    let (delimited, payload) = match frames.as_slice() {
+        [payload] => (false, &payload[..]),
+        [delimiter, payload] if delimiter.is_empty() => (true, &payload[..]),
+        _ => {
+            tracing::warn!(frames = frames.len(), "router dropped a malformed envelope");
+            return;
+        }
+    };
+    let id: RequestId = peek_id(payload).unwrap_or(0);
+    let response = if payload.len() > state.config.max_request_bytes {
+        Response::Error(RequestError::TooLarge {
+            size: payload.len(),
+            limit: state.config.max_request_bytes,
+        })
+    } else {
+        match decode_request(payload) {
+            Ok((_, request)) => state.handle(request),
+            Err(e) => {
+                tracing::warn!(cause = %e, "router got a malformed request");
+                Response::Error(RequestError::Malformed {
+                    reason: e.to_string(),
+                })
+            }
+        }
+    };
+    let frame = match encode_response(id, &response) {
+        Ok(frame) => frame,
+        Err(e) => {
+            tracing::error!(cause = %e, "could not encode a router answer");
+            return;
+        }
+    };
+    let sent = socket
+        .send(identity, zmq::SNDMORE)
+        .and_then(|()| {
+            if delimited {
+                socket.send(&[][..], zmq::SNDMORE)
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| socket.send(frame, 0));
+    if let Err(e) = sent {
+        tracing::debug!(cause = %e, "router answer not sent (client gone?)");
+    }
+}
+
+/// Asks the router at `address` for the cluster's status (`squall cluster status`).
+pub fn status(address: &str) -> Result<ClusterStatus> {
+    let config = crate::ClientConfig {
+        attempts: 2,
+        ..crate::ClientConfig::default()
+    };
+    let endpoints = [address.to_string()];
+    let mut connections = [None];
+    let mut next_id = rand::random::<u32>() as u64;
+    let mut responses = crate::client::exchange(
+        &config,
+        &mut next_id,
+        &endpoints,
+        &mut connections,
+        &[(0, Request::Status)],
+    )
+    .and_then(crate::client::Exchanged::into_all)?;
+    match responses.pop() {
+        Some(Response::Status(status)) => Ok(status),
+        Some(Response::Error(e)) => Err(Error::Request(e)),
+        other => Err(Error::UnexpectedResponse(format!(
+            "expected the cluster's status, got {:?}",
+            other.map(|r| r.kind())
+        ))),
+    }
+}

@@ -1,0 +1,170 @@
+//! A cluster in one process: a router and storage nodes on loopback, replication 2.
+//! (`tests/all/cluster.rs` runs the same roles as separate processes and SIGKILLs them.)
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use squall_kvs::{Client, ClientConfig, ClusterConfig, Config, Node, Router, RouterConfig};
+use squall_lattices::LatticeValue;
+
+fn router() -> Router {
+    Router::start(RouterConfig {
+        dead_after_ms: 600,
+        ..RouterConfig::default()
+    })
+    .expect("router")
+}
+
+fn node(router: &Router) -> Node {
+    Node::start(Config {
+        shards: 2,
+        cluster: Some(ClusterConfig {
+            router: router.address().to_string(),
+            heartbeat_ms: 100,
+            gossip_ms: 200,
+        }),
+        ..Config::default()
+    })
+    .expect("node")
+}
+
+fn client(router: &Router) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Client::connect(router.address(), ClientConfig::default()) {
+            Ok(client) => return client,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("no cluster: {e}"),
+        }
+    }
+}
+
+/// Waits until the router's view has `members` members that all finished their hand-off.
+fn settle(router: &Router, members: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Ok(status) = squall_kvs::router::status(router.address()) {
+            let generation = status.view.generation;
+            let synced = status
+                .members
+                .iter()
+                .filter(|m| m.stats.synced == generation)
+                .count();
+            if status.view.members.len() == members && synced == members {
+                return;
+            }
+            last = format!("{status:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the cluster did not settle with {members} members: {last}");
+}
+
+fn text(value: Option<LatticeValue>) -> Option<Bytes> {
+    match value {
+        Some(LatticeValue::Lww(lww)) => Some(lww.value.clone()),
+        other => panic!("not an lww value: {other:?}"),
+    }
+}
+
+#[test]
+fn keys_live_on_two_replicas_and_survive_a_node_stopping() {
+    let router = router();
+    let nodes: Vec<Node> = (0..3).map(|_| node(&router)).collect();
+    settle(&router, 3);
+    let mut client = client(&router);
+    assert_eq!(client.view().expect("a cluster").members.len(), 3);
+    for i in 0..300 {
+        client
+            .put_lww(&format!("k{i}"), format!("v{i}"))
+            .expect("put");
+    }
+    for i in 0..300 {
+        let replicas = client.get_replicas(&format!("k{i}")).expect("replicas");
+        assert_eq!(replicas.len(), 2);
+        for (member, value) in replicas {
+            let value = value.unwrap_or_else(|e| panic!("{member}: {e}"));
+            assert_eq!(text(value), Some(Bytes::from(format!("v{i}"))), "{member}");
+        }
+    }
+    let [a, b, c]: [Node; 3] = nodes.try_into().expect("three");
+    let gone = c.address().to_string();
+    c.shutdown();
+    // Reads keep working while the router has not noticed yet, and after.
+    for i in 0..300 {
+        let value = client.get(&format!("k{i}")).expect("get");
+        assert_eq!(text(value), Some(Bytes::from(format!("v{i}"))));
+    }
+    settle(&router, 2);
+    client.refresh().expect("refresh");
+    assert!(client
+        .view()
+        .expect("view")
+        .members
+        .iter()
+        .all(|m| m.id != gone));
+    for i in 0..300 {
+        let replicas = client.get_replicas(&format!("k{i}")).expect("replicas");
+        assert_eq!(replicas.len(), 2, "re-replicated on both survivors");
+        for (member, value) in replicas {
+            assert_eq!(
+                text(value.expect("answer")),
+                Some(Bytes::from(format!("v{i}"))),
+                "{member} holds k{i}"
+            );
+        }
+    }
+    drop((a, b));
+}
+
+#[test]
+fn a_joining_node_receives_its_keys_and_a_leaving_one_hands_them_off() {
+    let router = router();
+    let a = node(&router);
+    let b = node(&router);
+    settle(&router, 2);
+    let mut client = client(&router);
+    for i in 0..400 {
+        client
+            .put_lww(&format!("k{i}"), format!("v{i}"))
+            .expect("put");
+    }
+    let c = node(&router);
+    settle(&router, 3);
+    client.refresh().expect("refresh");
+    let c_id = c.address().to_string();
+    let mut on_c = 0;
+    for i in 0..400 {
+        let replicas = client.get_replicas(&format!("k{i}")).expect("replicas");
+        for (member, value) in replicas {
+            assert_eq!(
+                text(value.expect("answer")),
+                Some(Bytes::from(format!("v{i}")))
+            );
+            on_c += usize::from(member == c_id);
+        }
+    }
+    assert!(on_c > 100, "the new node holds {on_c} keys");
+    // Every node holds exactly its keys: the old owners dropped what moved.
+    let status = squall_kvs::router::status(router.address()).expect("status");
+    let held: u64 = status.members.iter().map(|m| m.stats.keys).sum();
+    assert_eq!(held, 800, "{status:?}");
+
+    assert!(b.leave(Duration::from_secs(10)), "hand-off finished");
+    settle(&router, 2);
+    client.refresh().expect("refresh");
+    for i in 0..400 {
+        for (member, value) in client.get_replicas(&format!("k{i}")).expect("replicas") {
+            assert_eq!(
+                text(value.expect("answer")),
+                Some(Bytes::from(format!("v{i}"))),
+                "{member} k{i}"
+            );
+        }
+    }
+    drop((a, c));
+}

@@ -1,0 +1,255 @@
+//! A multi-node store as separate processes: `squall router` and three `squall kvs --join`,
+//! replication 2, on loopback. A node SIGKILLed during a write load loses no acknowledged
+//! write; a joining node receives its keys and a leaving one (SIGTERM) hands them off, while
+//! every key stays readable.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use squall_kvs::{Client, ClientConfig};
+use squall_lattices::LatticeValue;
+
+use crate::support::NodeProcess;
+
+fn router(dir: &Path) -> NodeProcess {
+    let mut router = NodeProcess::spawn(
+        dir,
+        &[
+            "router",
+            "--port",
+            "0",
+            "--replication",
+            "2",
+            "--dead-after-ms",
+            "1000",
+        ],
+    );
+    router.addr = router.field("addr");
+    router
+}
+
+fn storage_node(dir: &Path, router: &NodeProcess) -> NodeProcess {
+    NodeProcess::start(
+        dir,
+        &[
+            "--shards",
+            "1",
+            "--join",
+            &router.addr,
+            "--heartbeat-ms",
+            "100",
+            "--gossip-ms",
+            "300",
+        ],
+    )
+}
+
+/// Waits until the view has `members` members that all finished handing off under it.
+fn settle(router: &NodeProcess, members: usize) -> squall_proto::ClusterStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = None;
+    while Instant::now() < deadline {
+        if let Ok(status) = squall_kvs::router::status(&router.addr) {
+            let generation = status.view.generation;
+            let synced = status
+                .members
+                .iter()
+                .filter(|m| m.stats.synced == generation)
+                .count();
+            if status.view.members.len() == members && synced == members {
+                return status;
+            }
+            last = Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the cluster did not settle with {members} members: {last:?}");
+}
+
+fn client(router: &NodeProcess) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Client::connect(&router.addr, ClientConfig::default()) {
+            Ok(client) => return client,
+            Err(e) if Instant::now() > deadline => panic!("no cluster at {}: {e}", router.addr),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn lww_bytes(value: Option<LatticeValue>) -> Option<Bytes> {
+    match value {
+        Some(LatticeValue::Lww(lww)) => Some(lww.value),
+        None => None,
+        Some(other) => panic!("not an lww value: {other:?}"),
+    }
+}
+
+#[test]
+fn a_node_killed_during_writes_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = router(dir.path());
+    let mut nodes: Vec<NodeProcess> = (0..3).map(|_| storage_node(dir.path(), &router)).collect();
+    settle(&router, 3);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<BTreeMap<String, Bytes>>> = Arc::default();
+    let failed = Arc::new(AtomicU64::new(0));
+    let slowest = Arc::new(AtomicU64::new(0));
+    let writers: Vec<_> = (0..2)
+        .map(|writer| {
+            let (stop, acked, failed, slowest) =
+                (stop.clone(), acked.clone(), failed.clone(), slowest.clone());
+            let mut client = client(&router);
+            std::thread::spawn(move || {
+                for i in 0.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let key = format!("w{writer}-k{i}");
+                    let value = Bytes::from(format!("value {writer} {i}"));
+                    let started = Instant::now();
+                    match client.put_lww(&key, value.clone()) {
+                        Ok(()) => {
+                            acked.lock().expect("lock").insert(key, value);
+                        }
+                        Err(_) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    slowest.fetch_max(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let before_kill = acked.lock().expect("lock").len();
+    let mut victim = nodes.remove(1);
+    victim.kill_hard();
+    // Through the failure detector's second and the re-replication that follows.
+    std::thread::sleep(Duration::from_millis(3000));
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.join().expect("writer");
+    }
+    let acked = std::mem::take(&mut *acked.lock().expect("lock"));
+    let status = settle(&router, 2);
+    assert!(
+        status.view.members.iter().all(|m| m.id != victim.addr),
+        "the killed node left the view"
+    );
+
+    let mut client = client(&router);
+    let mut lost = Vec::new();
+    let mut single_copy = 0;
+    for (key, value) in &acked {
+        match lww_bytes(client.get(key).expect("get")) {
+            Some(read) if read == *value => {}
+            other => lost.push((key.clone(), other)),
+        }
+        let copies = client
+            .get_replicas(key)
+            .expect("replicas")
+            .into_iter()
+            .filter(|(_, v)| matches!(v, Ok(Some(_))))
+            .count();
+        single_copy += usize::from(copies < 2);
+    }
+    println!(
+        "cluster kill: {} writes acknowledged ({before_kill} before the kill), {} failed, \
+         slowest write {} ms, {} lost, {single_copy} with fewer than 2 copies after re-replication",
+        acked.len(),
+        failed.load(Ordering::Relaxed),
+        slowest.load(Ordering::Relaxed),
+        lost.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes lost: {:?}",
+        &lost[..lost.len().min(5)]
+    );
+    assert_eq!(single_copy, 0, "every key has two copies again");
+    assert!(
+        acked.len() > before_kill,
+        "writes went on after the kill ({before_kill} before, {} in all)",
+        acked.len()
+    );
+}
+
+#[test]
+fn keys_stay_readable_while_a_node_joins_and_another_leaves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = router(dir.path());
+    let mut first = storage_node(dir.path(), &router);
+    let _second = storage_node(dir.path(), &router);
+    settle(&router, 2);
+    let keys: Vec<String> = (0..2000).map(|i| format!("key-{i}")).collect();
+    let mut writer = client(&router);
+    for key in &keys {
+        writer.put_lww(key, key.clone()).expect("put");
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (stop, keys) = (stop.clone(), keys.clone());
+        let mut client = client(&router);
+        std::thread::spawn(move || {
+            let (mut rounds, mut misses, mut errors) = (0u64, 0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                for batch in keys.chunks(200) {
+                    match client.get_many(batch) {
+                        Ok(values) => {
+                            for (key, value) in batch.iter().zip(values) {
+                                if lww_bytes(value).as_deref() != Some(key.as_bytes()) {
+                                    misses += 1;
+                                }
+                            }
+                        }
+                        Err(_) => errors += 1,
+                    }
+                }
+                rounds += 1;
+            }
+            (rounds, misses, errors)
+        })
+    };
+
+    let third = storage_node(dir.path(), &router);
+    let joined = settle(&router, 3);
+    let third_keys = joined
+        .members
+        .iter()
+        .find(|m| m.id == third.addr)
+        .map(|m| m.stats.keys);
+    // SIGTERM: the node leaves the view and hands its keys off before it exits.
+    assert!(first.stop(), "the leaving node exited cleanly");
+    let left = settle(&router, 2);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (rounds, misses, errors) = reader.join().expect("reader");
+    println!(
+        "cluster join and leave: {rounds} read rounds of {} keys, {misses} misses, {errors} failed batches; \
+         the new node received {third_keys:?} keys",
+        keys.len()
+    );
+    assert!(rounds >= 2, "the reader read throughout ({rounds} rounds)");
+    assert_eq!(
+        (misses, errors),
+        (0, 0),
+        "every key was readable throughout"
+    );
+    assert!(
+        third_keys.unwrap_or(0) > 500,
+        "the new node received its keys: {joined:?}"
+    );
+    let held: u64 = left.members.iter().map(|m| m.stats.keys).sum();
+    assert_eq!(
+        held,
+        2 * keys.len() as u64,
+        "two copies of every key: {left:?}"
+    );
+}
