@@ -31,6 +31,8 @@ use crate::ring::Ring;
 use crate::zmtp::Connection;
 use crate::{Error, Result};
 
+/// How often a client using an unsettled cluster view fetches it again.
+const UNSETTLED_REFRESH: Duration = Duration::from_millis(500);
 /// Pause between attempts when a node refused or dropped the connection.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// The longest timeout honoured (longer ones are cut to this).
@@ -121,6 +123,8 @@ struct MemberRoute {
 
 struct Layout {
     topology: Topology,
+    /// When the layout was fetched.
+    fetched: Instant,
     /// The cluster's placement; `None` for a node that runs alone.
     placement: Option<Placement>,
     members: Vec<MemberRoute>,
@@ -133,28 +137,65 @@ impl Layout {
         self.placement.as_ref().map_or(0, Placement::generation)
     }
 
-    /// The endpoint indices of `key`'s replicas.
-    fn targets(&self, key: &str, scratch: &mut Vec<usize>, out: &mut Vec<usize>) {
+    /// Fills `out` with the endpoint indices `key` is sent to for a call of `kind`, and returns
+    /// how many of them must answer. Writes go to every replica. Reads go to every replica
+    /// while the view is unsettled (or `all` is set, after a failed round), and otherwise to
+    /// as many as overlap every write's acknowledgements (`replicas − acks + 1`), chosen by
+    /// `spin` so that load spreads over the replicas.
+    #[allow(clippy::too_many_arguments)]
+    fn targets(
+        &self,
+        key: &str,
+        kind: Kind,
+        acks: Acks,
+        all: bool,
+        spin: usize,
+        scratch: &mut Vec<usize>,
+        out: &mut Vec<usize>,
+    ) -> usize {
         out.clear();
-        match &self.placement {
-            Some(placement) => placement.replicas(key, scratch),
+        let (writes, settled) = match &self.placement {
+            Some(placement) => {
+                placement.replicas(key, scratch);
+                // A hot key's extra replicas spread its reads: writes reach all of them, so
+                // one read suffices.
+                let writes = if placement.has_override(key) && acks == Acks::Majority {
+                    scratch.len()
+                } else {
+                    acks.needed(scratch.len())
+                };
+                (writes, placement.settled())
+            }
             None => {
                 scratch.clear();
                 scratch.push(0);
+                (1, true)
             }
-        }
-        for &member in scratch.iter() {
-            let route = &self.members[member];
+        };
+        let replicas = scratch.len();
+        let (first, count, needed) = match kind {
+            Kind::Write => (0, replicas, writes),
+            Kind::Read if settled && !all => {
+                let reads = replicas + 1 - writes.min(replicas);
+                (spin % replicas.max(1), reads, reads)
+            }
+            Kind::Read | Kind::Subscribe | Kind::Release => (0, replicas, 1),
+        };
+        for i in 0..count {
+            let route = &self.members[scratch[(first + i) % replicas]];
             out.push(route.first + route.ring.owner(key) as usize);
         }
+        needed
     }
 }
 
 /// What one call is, for deciding when it succeeded.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// Merge every replica's answer; one answer suffices.
+    /// Merge the answers of enough replicas to see every acknowledged write.
     Read,
+    /// Watch every replica (each pushes its own changes); one answer suffices.
+    Subscribe,
     /// Count acknowledgements against [`ClientConfig::acks`].
     Write,
     /// One acknowledgement suffices.
@@ -175,6 +216,8 @@ pub struct Client {
     counters: HashMap<Key, Counter>,
     /// Sessions reported by the shards in the last routed call (subscriptions only).
     sessions: Vec<ShardSession>,
+    /// Turns the replica a read starts at, so reads spread over replicas.
+    spin: usize,
 }
 
 /// A shard's session for a subscriber (see [`Response::Subscribed`]): when it changes, the
@@ -218,6 +261,7 @@ impl Client {
             last_time: 0,
             counters: HashMap::new(),
             sessions: Vec::new(),
+            spin: rand::random::<u32>() as usize,
         };
         client.refresh()?;
         Ok(client)
@@ -298,7 +342,7 @@ impl Client {
                 subscriber: subscriber.to_string(),
                 keys: indices.iter().map(|&i| keys[i].clone()).collect(),
             },
-            Kind::Read,
+            Kind::Subscribe,
         )?;
         self.note_generation();
         Ok(Subscription {
@@ -411,7 +455,15 @@ impl Client {
             return Err(Error::UnexpectedResponse("no layout".into()));
         };
         let (mut scratch, mut targets) = (Vec::new(), Vec::new());
-        layout.targets(key, &mut scratch, &mut targets);
+        layout.targets(
+            key,
+            Kind::Subscribe,
+            self.config.acks,
+            true,
+            0,
+            &mut scratch,
+            &mut targets,
+        );
         let ids: Vec<String> = match &layout.placement {
             Some(placement) => scratch
                 .iter()
@@ -600,6 +652,7 @@ impl Client {
         }
         self.layout = Some(Layout {
             topology,
+            fetched: Instant::now(),
             placement,
             members,
             endpoints,
@@ -627,6 +680,17 @@ impl Client {
             if self.layout.is_none() {
                 self.refresh()?;
             }
+            // An unsettled view settles within moments: look again now and then, so reads
+            // go back to one replica once it has.
+            let unsettled = self.layout.as_ref().is_some_and(|l| {
+                l.placement.as_ref().is_some_and(|p| !p.settled())
+                    && l.fetched.elapsed() >= UNSETTLED_REFRESH
+            });
+            if unsettled {
+                if let Err(e) = self.refresh() {
+                    tracing::debug!(cause = %e, "refreshing an unsettled view failed");
+                }
+            }
             let Some(layout) = self.layout.as_mut() else {
                 return Err(Error::UnexpectedResponse("no layout".into()));
             };
@@ -634,12 +698,17 @@ impl Client {
             let mut by_endpoint: Vec<Vec<usize>> = vec![Vec::new(); layout.endpoints.len()];
             let mut needed = vec![0usize; count];
             let (mut scratch, mut targets) = (Vec::new(), Vec::new());
+            self.spin = self.spin.wrapping_add(1);
             for (i, need) in needed.iter_mut().enumerate() {
-                layout.targets(key_of(i), &mut scratch, &mut targets);
-                *need = match kind {
-                    Kind::Write => self.config.acks.needed(targets.len()),
-                    Kind::Read | Kind::Release => 1,
-                };
+                *need = layout.targets(
+                    key_of(i),
+                    kind,
+                    self.config.acks,
+                    refreshes > 0,
+                    self.spin.wrapping_add(i),
+                    &mut scratch,
+                    &mut targets,
+                );
                 for &target in &targets {
                     by_endpoint[target].push(i);
                 }
@@ -802,7 +871,7 @@ impl Tally {
     fn into_slot(self, kind: Kind, need: usize) -> Slot {
         match (self.error, kind) {
             (Some(error), _) if self.answers < need => Slot::Failed(error),
-            (_, Kind::Read) => Slot::Value(self.value),
+            (_, Kind::Read | Kind::Subscribe) => Slot::Value(self.value),
             (_, Kind::Write | Kind::Release) => Slot::Written,
         }
     }

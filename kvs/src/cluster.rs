@@ -126,6 +126,16 @@ impl Placement {
         self.view.members.iter().position(|m| m.id == id)
     }
 
+    /// Whether `key` has a replication of its own (a hot key).
+    pub fn has_override(&self, key: &str) -> bool {
+        self.overrides.contains_key(key)
+    }
+
+    /// Whether every member finished handing off under this view.
+    pub fn settled(&self) -> bool {
+        self.view.settled
+    }
+
     /// How many replicas `key` has.
     pub fn replication(&self, key: &str) -> usize {
         self.overrides
@@ -305,6 +315,8 @@ impl Peers {
 /// Hand-off under one view, one page at a time.
 struct Handoff {
     placement: Arc<Placement>,
+    /// Only these keys (the view changed only their replication); `None`: every key.
+    only: Option<Vec<Key>>,
     shard: usize,
     after: Option<Key>,
     moved: u64,
@@ -437,10 +449,30 @@ impl Agent {
             member = self.shared.index_of_me(&view),
             "new cluster view"
         );
+        // Same members: only keys whose replication changed move, and none if only the
+        // settled flag did. Unless an earlier hand-off is unfinished: that one starts over.
+        let previous = self.shared.placement();
+        let only = match &previous {
+            Some(previous)
+                if state.handoff.is_none() && previous.members() == view.members.as_slice() =>
+            {
+                Some(changed_overrides(
+                    &previous.view().overrides,
+                    &view.overrides,
+                ))
+            }
+            _ => None,
+        };
         let placement = Arc::new(Placement::new(view));
         self.shared.install(placement.clone());
+        if only.as_ref().is_some_and(Vec::is_empty) {
+            state.synced = placement.generation();
+            state.handoff = None;
+            return;
+        }
         state.handoff = Some(Handoff {
             placement,
+            only,
             shard: 0,
             after: None,
             moved: 0,
@@ -492,6 +524,7 @@ impl Agent {
         let request = Request::Scan {
             after: job.after.clone(),
             limit: PAGE,
+            only: job.only.clone().unwrap_or_default(),
         };
         let (entries, more) = match state.peers.call_one(&endpoint, request)? {
             Response::Entries { entries, more } => (entries, more),
@@ -510,7 +543,7 @@ impl Agent {
         };
         job.moved += moved;
         job.dropped += dropped;
-        if more {
+        if more && job.only.is_none() {
             job.after = last;
             return Ok(());
         }
@@ -666,6 +699,26 @@ impl Agent {
     }
 }
 
+/// Keys whose replication differs between two sorted override lists.
+fn changed_overrides(before: &[(Key, u32)], after: &[(Key, u32)]) -> Vec<Key> {
+    let before: HashMap<&Key, u32> = before.iter().map(|(k, r)| (k, *r)).collect();
+    let after_map: HashMap<&Key, u32> = after.iter().map(|(k, r)| (k, *r)).collect();
+    let mut keys: Vec<Key> = before
+        .iter()
+        .filter(|(k, r)| after_map.get(*k) != Some(*r))
+        .map(|(k, _)| (*k).clone())
+        .chain(
+            after
+                .iter()
+                .filter(|(k, _)| !before.contains_key(k))
+                .map(|(k, _)| k.clone()),
+        )
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
 impl Shared {
     fn index_of_me(&self, view: &ClusterView) -> Option<usize> {
         view.members.iter().position(|m| m.id == self.id)
@@ -689,7 +742,16 @@ mod tests {
                 .collect(),
             replication,
             overrides: vec![("hot".to_string(), 3)],
+            settled: false,
         }
+    }
+
+    #[test]
+    fn only_keys_whose_replication_changed_move() {
+        let before = vec![("a".to_string(), 3), ("b".to_string(), 3)];
+        let after = vec![("b".to_string(), 4), ("c".to_string(), 3)];
+        assert_eq!(changed_overrides(&before, &after), ["a", "b", "c"]);
+        assert!(changed_overrides(&after, &after).is_empty());
     }
 
     #[test]

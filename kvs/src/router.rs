@@ -28,6 +28,11 @@ use squall_proto::{
 };
 
 use crate::cluster::Placement;
+
+/// The most replicas a key may have.
+pub const MAX_REPLICATION: u32 = 64;
+/// The most keys with their own replication: the view travels with every heartbeat.
+pub const MAX_OVERRIDES: usize = 10_000;
 use crate::{io_err, zmq_err, Error, Result};
 
 /// A router's settings.
@@ -86,6 +91,7 @@ impl State {
             members: self.members.values().map(|k| k.member.clone()).collect(),
             replication: self.config.replication,
             overrides: std::mem::take(&mut self.view.overrides),
+            settled: false,
         };
         tracing::info!(
             generation = self.view.generation,
@@ -93,6 +99,24 @@ impl State {
             why,
             "cluster view changed"
         );
+    }
+
+    /// Announces the view as settled once every member finished handing off under it.
+    fn settle(&mut self) {
+        let all_synced = !self.members.is_empty()
+            && self.view.members.len() == self.members.len()
+            && self
+                .members
+                .values()
+                .all(|k| k.stats.synced == self.view.generation);
+        if !self.view.settled && all_synced {
+            self.view.generation = self.next_generation();
+            self.view.settled = true;
+            tracing::info!(
+                generation = self.view.generation,
+                "every member handed off; the view is settled"
+            );
+        }
     }
 
     /// Whether the router has waited out its start-up grace (one `dead_after`).
@@ -125,6 +149,7 @@ impl State {
                     members: vec![member.clone()],
                     replication: 1,
                     overrides: Vec::new(),
+                    settled: false,
                 };
                 if let Err(e) = Placement::check(&probe) {
                     return Response::Error(RequestError::Malformed {
@@ -151,6 +176,8 @@ impl State {
                 }
                 if changed || self.view.members.len() != self.members.len() {
                     self.rebuild("a node joined");
+                } else {
+                    self.settle();
                 }
                 Response::View(self.view.clone())
             }
@@ -158,6 +185,39 @@ impl State {
                 if self.members.remove(&id).is_some() {
                     tracing::info!(node = %id, "a node leaves");
                     self.rebuild("a node left");
+                }
+                Response::View(self.view.clone())
+            }
+            Request::Replicate { key, replicas } => {
+                let position = self.view.overrides.binary_search_by(|(k, _)| k.cmp(&key));
+                let replicas = replicas.filter(|&r| r != self.config.replication);
+                match (position, replicas) {
+                    (_, Some(r)) if r == 0 || r > MAX_REPLICATION => {
+                        return Response::Error(RequestError::Malformed {
+                            reason: format!("replicas must be between 1 and {MAX_REPLICATION}"),
+                        })
+                    }
+                    (Ok(i), Some(r)) if self.view.overrides[i].1 == r => {}
+                    (Ok(i), Some(r)) => {
+                        self.view.overrides[i].1 = r;
+                        self.rebuild("a key's replication changed");
+                    }
+                    (Err(_), Some(_)) if self.view.overrides.len() >= MAX_OVERRIDES => {
+                        return Response::Error(RequestError::Unavailable {
+                            reason: format!(
+                                "{MAX_OVERRIDES} keys have their own replication already"
+                            ),
+                        })
+                    }
+                    (Err(i), Some(r)) => {
+                        self.view.overrides.insert(i, (key, r));
+                        self.rebuild("a key's replication changed");
+                    }
+                    (Ok(i), None) => {
+                        self.view.overrides.remove(i);
+                        self.rebuild("a key's replication went back to the default");
+                    }
+                    (Err(_), None) => {}
                 }
                 Response::View(self.view.clone())
             }
@@ -248,6 +308,7 @@ impl Router {
                 members: Vec::new(),
                 replication: config.replication,
                 overrides: Vec::new(),
+                settled: false,
             },
             config,
             members: BTreeMap::new(),
@@ -392,6 +453,32 @@ fn reply(
 
 /// Asks the router at `address` for the cluster's status (`squall cluster status`).
 pub fn status(address: &str) -> Result<ClusterStatus> {
+    match ask(address, Request::Status)? {
+        Response::Status(status) => Ok(status),
+        other => Err(Error::UnexpectedResponse(format!(
+            "expected the cluster's status, got {}",
+            other.kind()
+        ))),
+    }
+}
+
+/// Asks the router at `address` to give `key` `replicas` replicas (`None`: the default);
+/// returns the new view.
+pub fn replicate(address: &str, key: &str, replicas: Option<u32>) -> Result<ClusterView> {
+    let request = Request::Replicate {
+        key: key.to_string(),
+        replicas,
+    };
+    match ask(address, request)? {
+        Response::View(view) => Ok(view),
+        other => Err(Error::UnexpectedResponse(format!(
+            "expected a view, got {}",
+            other.kind()
+        ))),
+    }
+}
+
+fn ask(address: &str, request: Request) -> Result<Response> {
     let config = crate::ClientConfig {
         attempts: 2,
         ..crate::ClientConfig::default()
@@ -404,15 +491,12 @@ pub fn status(address: &str) -> Result<ClusterStatus> {
         &mut next_id,
         &endpoints,
         &mut connections,
-        &[(0, Request::Status)],
+        &[(0, request)],
     )
     .and_then(crate::client::Exchanged::into_all)?;
     match responses.pop() {
-        Some(Response::Status(status)) => Ok(status),
         Some(Response::Error(e)) => Err(Error::Request(e)),
-        other => Err(Error::UnexpectedResponse(format!(
-            "expected the cluster's status, got {:?}",
-            other.map(|r| r.kind())
-        ))),
+        Some(response) => Ok(response),
+        None => Err(Error::UnexpectedResponse("no answer".into())),
     }
 }

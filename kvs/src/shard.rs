@@ -251,8 +251,13 @@ impl Shard {
             Request::Put { entries } => entries.len(),
             Request::Drop { entries } => entries.len(),
             Request::Subscribe { keys, .. } | Request::Unsubscribe { keys, .. } => keys.len(),
-            Request::Scan { limit, .. } | Request::Changed { limit } => *limit as usize,
-            Request::Topology | Request::Join { .. } | Request::Leave { .. } | Request::Status => 0,
+            Request::Scan { limit, only, .. } => (*limit as usize).max(only.len()),
+            Request::Changed { limit } => *limit as usize,
+            Request::Topology
+            | Request::Join { .. }
+            | Request::Leave { .. }
+            | Request::Status
+            | Request::Replicate { .. } => 0,
         };
         if keys > self.config.max_keys_per_request {
             return error_reply(
@@ -284,13 +289,26 @@ impl Shard {
                     .map(|placement| placement.view().clone());
                 Outgoing::Ready(encode(id, &Response::Topology(topology)))
             }
-            Request::Scan { after, limit } => {
+            Request::Scan { after, limit, only } if only.is_empty() => {
                 let entries = self.scan(after.as_deref(), limit as usize);
                 Outgoing::Ready(encode(
                     id,
                     &Response::Entries {
                         more: entries.len() == limit as usize,
                         entries,
+                    },
+                ))
+            }
+            Request::Scan { only, .. } => {
+                let entries = only
+                    .into_iter()
+                    .filter_map(|key| self.store.get(&key).cloned().map(|value| (key, value)))
+                    .collect();
+                Outgoing::Ready(encode(
+                    id,
+                    &Response::Entries {
+                        entries,
+                        more: false,
                     },
                 ))
             }
@@ -318,7 +336,10 @@ impl Shard {
                     .count();
                 Outgoing::Ready(encode(id, &Response::Dropped(dropped as u32)))
             }
-            Request::Join { .. } | Request::Leave { .. } | Request::Status => error_reply(
+            Request::Join { .. }
+            | Request::Leave { .. }
+            | Request::Status
+            | Request::Replicate { .. } => error_reply(
                 id,
                 RequestError::Malformed {
                     reason: format!(

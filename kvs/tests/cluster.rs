@@ -168,3 +168,50 @@ fn a_joining_node_receives_its_keys_and_a_leaving_one_hands_them_off() {
     }
     drop((a, c));
 }
+
+#[test]
+fn a_key_given_more_replicas_gets_them_and_gives_them_back() {
+    let router = router();
+    let nodes: Vec<Node> = (0..3).map(|_| node(&router)).collect();
+    settle(&router, 3);
+    let mut client = client(&router);
+    for i in 0..100 {
+        client
+            .put_lww(&format!("k{i}"), format!("v{i}"))
+            .expect("put");
+    }
+    client.put_lww("hot", "fire").expect("put");
+    let view = squall_kvs::router::replicate(router.address(), "hot", Some(3)).expect("replicate");
+    assert_eq!(view.overrides, [("hot".to_string(), 3)]);
+    settle(&router, 3);
+    let holders = |client: &mut Client| {
+        client
+            .get_replicas("hot")
+            .expect("replicas")
+            .into_iter()
+            .filter(|(_, v)| matches!(v, Ok(Some(_))))
+            .count()
+    };
+    client.refresh().expect("refresh");
+    assert_eq!(holders(&mut client), 3);
+    // Writes to the hot key reach every replica; any one of them answers a read.
+    client.put_lww("hot", "ice").expect("put");
+    for _ in 0..6 {
+        assert_eq!(
+            text(client.get("hot").expect("get")),
+            Some(Bytes::from("ice"))
+        );
+    }
+    squall_kvs::router::replicate(router.address(), "hot", None).expect("replicate");
+    settle(&router, 3);
+    client.refresh().expect("refresh");
+    assert_eq!(holders(&mut client), 2);
+    let status = squall_kvs::router::status(router.address()).expect("status");
+    let held: u64 = status.members.iter().map(|m| m.stats.keys).sum();
+    assert_eq!(held, 2 * 101, "the third copy was dropped: {status:?}");
+    assert_eq!(
+        text(client.get("hot").expect("get")),
+        Some(Bytes::from("ice"))
+    );
+    drop(nodes);
+}

@@ -102,6 +102,14 @@ pub enum Request {
     },
     /// To a router: every member's last report and the current view.
     Status,
+    /// To a router: give `key` this many replicas (`None`: back to the default). Answered
+    /// with the new [`Response::View`]. The policy engine sends it for hot and cooled keys.
+    Replicate {
+        /// The key.
+        key: Key,
+        /// Its replicas.
+        replicas: Option<u32>,
+    },
     /// To a shard: up to `limit` of its keys and values after `after`, in key order (used to
     /// hand keys to their replicas after the membership changed).
     Scan {
@@ -109,6 +117,9 @@ pub enum Request {
         after: Option<Key>,
         /// The most entries answered.
         limit: u32,
+        /// If not empty: exactly these keys (those held), whatever `after` says.
+        #[serde(default)]
+        only: Vec<Key>,
     },
     /// To a shard: take (and forget) up to `limit` keys changed since the last such request,
     /// with their values, for gossip to the other replicas.
@@ -183,6 +194,7 @@ impl Request {
             Request::Join { .. } => "join",
             Request::Leave { .. } => "leave",
             Request::Status => "status",
+            Request::Replicate { .. } => "replicate",
             Request::Scan { .. } => "scan",
             Request::Changed { .. } => "changed",
             Request::Drop { .. } => "drop",
@@ -248,6 +260,12 @@ pub struct ClusterView {
     pub replication: u32,
     /// Keys with another replication factor (hot keys), sorted by key.
     pub overrides: Vec<(Key, u32)>,
+    /// Whether every member finished handing off under this membership: then every replica
+    /// holds every key it should, and a read needs only as many replicas as overlap a write's
+    /// acknowledgements (one, at replication 2 with majority writes). Until then clients read
+    /// every replica and merge.
+    #[serde(default)]
+    pub settled: bool,
 }
 
 /// What a node reports with every heartbeat.
