@@ -101,6 +101,10 @@ struct KvsArgs {
     /// Milliseconds between gossip rounds of changed keys to their other replicas.
     #[arg(long, env = "SQUALL_GOSSIP_MS", default_value_t = 1000)]
     gossip_ms: u64,
+    /// Milliseconds between load reports (per-key access counts, occupancy, size), written to
+    /// the store for the policy engine.
+    #[arg(long, env = "SQUALL_STATS_MS", default_value_t = 5000)]
+    stats_ms: u64,
     /// Seconds a stopping cluster member may take to hand its keys off (SIGINT or SIGTERM).
     #[arg(long, env = "SQUALL_LEAVE_TIMEOUT", default_value_t = 60)]
     leave_timeout: u64,
@@ -135,6 +139,7 @@ fn run_kvs(args: KvsArgs) -> anyhow::Result<()> {
             router,
             heartbeat_ms: args.heartbeat_ms,
             gossip_ms: args.gossip_ms,
+            stats_ms: args.stats_ms,
         }),
         ..defaults
     };
@@ -224,7 +229,7 @@ fn main() -> ExitCode {
             cluster::run_router(args).map(|()| ExitCode::SUCCESS)
         }
         Command::Cluster(args) => {
-            init_tracing("warn");
+            init_tracing(if args.is_up() { "info" } else { "warn" });
             cluster::run(args).map(|()| ExitCode::SUCCESS)
         }
     };

@@ -118,6 +118,9 @@ pub struct UpArgs {
 pub struct ExecutorArgs {
     #[command(flatten)]
     host: Host,
+    /// Seconds a stopping executor (SIGINT or SIGTERM) waits for its steps to finish.
+    #[arg(long, env = "SQUALL_DRAIN_TIMEOUT", default_value_t = 60)]
+    drain_timeout: u64,
     /// Its mailbox's port (0: the OS picks).
     #[arg(long, env = "SQUALL_EXECUTOR_PORT", default_value_t = 0)]
     port: u16,
@@ -371,7 +374,17 @@ pub fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
         )?;
         println!("READY addr={} id={}", node.addr(), node.id());
         stop.notified().await;
-        tracing::info!("shutting down");
+        // Drain first, so that scaling down fails no call: the schedulers stop placing steps
+        // here, and what was placed finishes.
+        let timeout = Duration::from_secs(args.drain_timeout);
+        if node.drained(timeout).await {
+            tracing::info!("drained; shutting down");
+        } else {
+            tracing::warn!(
+                ?timeout,
+                "steps still ran when the drain timed out; shutting down"
+            );
+        }
         Ok(())
     })
 }

@@ -26,7 +26,7 @@
 //! ([`ExecutorStatus`]): its load, the functions it serves and has warm, and the keys its
 //! cache holds, which is what placement decides by.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,12 +90,25 @@ impl Default for NodeConfig {
     }
 }
 
+/// Heartbeats in a row an executor must be idle before a drain counts as done: the schedulers
+/// hear of the drain within one, and steps placed before that arrive within another.
+const DRAIN_QUIET_BEATS: u32 = 3;
+
 /// A running executor node. Dropping it stops it.
-#[derive(Debug)]
 pub struct ExecutorNode {
     addr: String,
     id: String,
     task: JoinHandle<()>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ExecutorNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecutorNode")
+            .field("addr", &self.addr)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ExecutorNode {
@@ -122,12 +135,55 @@ impl ExecutorNode {
             results,
             config,
             running: AtomicU32::new(0),
+            waiting: AtomicU32::new(0),
             steps: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
         });
         tracing::info!(id = %id, addr = %addr, schedulers = ?shared.config.schedulers, "executor node serving");
-        let task = tokio::spawn(serve(shared, mailbox));
-        Self { addr, id, task }
+        let task = tokio::spawn(serve(shared.clone(), mailbox));
+        Self {
+            addr,
+            id,
+            task,
+            shared,
+        }
+    }
+
+    /// Starts draining: heartbeats tell the schedulers to place nothing new here (unless no
+    /// other executor can run it), while what was placed runs to the end.
+    pub fn drain(&self) {
+        if !self.shared.draining.swap(true, Ordering::Relaxed) {
+            tracing::info!(id = %self.id, "draining: no new steps are placed here");
+            heartbeat(
+                &self.shared,
+                self.shared.waiting.load(Ordering::Relaxed) as usize,
+            );
+        }
+    }
+
+    /// Whether no step runs or waits here.
+    pub fn idle(&self) -> bool {
+        self.shared.running.load(Ordering::Relaxed) == 0
+            && self.shared.waiting.load(Ordering::Relaxed) == 0
+    }
+
+    /// Drains (see [`ExecutorNode::drain`]) and waits until the node has been idle for a few
+    /// heartbeats in a row, so that steps placed before the schedulers heard of the drain
+    /// have arrived and finished; gives up after `timeout`. Returns whether it drained.
+    pub async fn drained(&self, timeout: Duration) -> bool {
+        self.drain();
+        let deadline = Instant::now() + timeout;
+        let beat = self.shared.config.heartbeat;
+        let mut quiet = 0;
+        while Instant::now() < deadline {
+            tokio::time::sleep(beat).await;
+            quiet = if self.idle() { quiet + 1 } else { 0 };
+            if quiet >= DRAIN_QUIET_BEATS {
+                return true;
+            }
+        }
+        false
     }
 
     /// Its mailbox's address.
@@ -155,8 +211,11 @@ struct Shared {
     results: ClientPool,
     config: NodeConfig,
     running: AtomicU32,
+    /// Steps waiting for their plan or inputs, as of the last heartbeat.
+    waiting: AtomicU32,
     steps: AtomicU64,
     failures: AtomicU64,
+    draining: AtomicBool,
 }
 
 /// An output that has arrived for a step: from which step, the data, and the run's pins.
@@ -719,6 +778,10 @@ fn version_of(record: FunctionRecord) -> FunctionVersion {
 }
 
 fn heartbeat(shared: &Shared, waiting: usize) {
+    shared.waiting.store(
+        u32::try_from(waiting).unwrap_or(u32::MAX),
+        Ordering::Relaxed,
+    );
     let stats = shared.executor.stats();
     let status = ExecutorStatus {
         id: shared.config.id.clone(),
@@ -735,6 +798,7 @@ fn heartbeat(shared: &Shared, waiting: usize) {
         cold_starts: stats.cold_starts,
         cache_hits: stats.cache.hits,
         cache_misses: stats.cache.misses,
+        draining: shared.draining.load(Ordering::Relaxed),
     };
     for scheduler in &shared.config.schedulers {
         if let Err(e) = shared

@@ -32,8 +32,10 @@ use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
 use serde::Deserialize;
-use squall_lattices::LatticeValue;
-use squall_proto::{ClusterView, Key, KeyError, Member, MemberStats, Request, Response};
+use squall_lattices::{LatticeValue, Lww, Timestamp};
+use squall_proto::{
+    load_report_key, ClusterView, Key, KeyError, LoadReport, Member, MemberStats, Request, Response,
+};
 
 use crate::client::{exchange, ClientConfig, Exchanged};
 use crate::ring::{GlobalRing, Ring};
@@ -66,6 +68,9 @@ pub struct ClusterConfig {
     /// Milliseconds between gossip rounds (default 1000; Anna's is 10 s). Writes reach every
     /// replica directly; gossip repairs the ones that did not.
     pub gossip_ms: u64,
+    /// Milliseconds between load reports (default 5000; Anna's is 15 s), written to the store
+    /// under `squall/load/<node>` for the policy engine.
+    pub stats_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -74,6 +79,7 @@ impl Default for ClusterConfig {
             router: String::new(),
             heartbeat_ms: 250,
             gossip_ms: 1000,
+            stats_ms: 5000,
         }
     }
 }
@@ -333,6 +339,8 @@ pub(crate) struct Agent {
     /// Set by [`crate::Node::leave`]: leave the view, hand everything off, then set `left`.
     pub(crate) leave: Arc<AtomicBool>,
     pub(crate) left: Arc<AtomicBool>,
+    /// The writer id of the load reports.
+    pub(crate) writer: squall_lattices::WriterId,
 }
 
 struct AgentState {
@@ -342,7 +350,12 @@ struct AgentState {
     retry: Vec<(Key, LatticeValue)>,
     router_down_since: Option<Instant>,
     leaving: bool,
+    /// The node's last load report.
+    load: LoadReport,
 }
+
+/// Most accessed keys a load report names.
+const REPORTED_KEYS: u32 = 32;
 
 impl Agent {
     pub(crate) fn run(self) {
@@ -363,9 +376,12 @@ impl Agent {
             retry: Vec::new(),
             router_down_since: None,
             leaving: false,
+            load: LoadReport::default(),
         };
+        let stats = Duration::from_millis(self.config.stats_ms.max(10));
         let mut next_heartbeat = Instant::now();
         let mut next_gossip = Instant::now() + gossip;
+        let mut next_stats = Instant::now() + stats;
         while !self.stop.load(Ordering::Relaxed) {
             if self.leave.load(Ordering::Relaxed) && !state.leaving {
                 state.leaving = true;
@@ -376,6 +392,10 @@ impl Agent {
                 if !state.leaving {
                     self.heartbeat(&mut state);
                 }
+            }
+            if Instant::now() >= next_stats && !state.leaving {
+                next_stats = Instant::now() + stats;
+                self.report_load(&mut state);
             }
             if state.handoff.is_some() {
                 if let Err(e) = self.handoff_page(&mut state) {
@@ -408,6 +428,80 @@ impl Agent {
                 .sum(),
             synced: state.synced,
             requests: self.shared.requests.load(Ordering::Relaxed),
+            bytes: state.load.bytes,
+            occupancy_permille: (state.load.occupancy * 1000.0).round() as u32,
+        }
+    }
+
+    /// Collects the shards' load of the last window into one report, keeps it for the
+    /// heartbeats, and writes it to the store for the policy engine.
+    fn report_load(&self, state: &mut AgentState) {
+        let requests = self
+            .member
+            .shards
+            .iter()
+            .map(|e| (e.clone(), Request::Stats { top: REPORTED_KEYS }))
+            .collect();
+        let reports = match state.peers.call(requests) {
+            Ok(responses) => responses,
+            Err(e) => {
+                tracing::warn!(cause = %e, "could not collect the shards' load");
+                return;
+            }
+        };
+        let mut load = LoadReport {
+            id: self.member.id.clone(),
+            ..LoadReport::default()
+        };
+        for response in reports {
+            let Response::Stats(shard) = response else {
+                tracing::warn!(answer = response.kind(), "unexpected answer to Stats");
+                return;
+            };
+            load.at_ms = load.at_ms.max(shard.at_ms);
+            load.window_ms = load.window_ms.max(shard.window_ms);
+            load.occupancy = load.occupancy.max(shard.occupancy);
+            load.keys += shard.keys;
+            load.bytes += shard.bytes;
+            load.accesses += shard.accesses;
+            load.distinct += shard.distinct;
+            load.sum_squares += shard.sum_squares;
+            load.top.extend(shard.top);
+        }
+        load.top
+            .sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        load.top.truncate(REPORTED_KEYS as usize);
+        state.load = load.clone();
+        let Some(placement) = self.shared.placement() else {
+            return;
+        };
+        let key = load_report_key(&self.member.id);
+        let encoded = match rmp_serde::to_vec(&load) {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                tracing::warn!(cause = %e, "could not encode the load report");
+                return;
+            }
+        };
+        let value = LatticeValue::Lww(Lww::new(
+            Timestamp::now(self.writer),
+            bytes::Bytes::from(encoded),
+        ));
+        let mut replicas = Vec::new();
+        placement.replicas(&key, &mut replicas);
+        let requests = replicas
+            .iter()
+            .map(|&r| {
+                (
+                    placement.shard_endpoint(r, &key).to_string(),
+                    Request::Put {
+                        entries: vec![(key.clone(), value.clone())],
+                    },
+                )
+            })
+            .collect();
+        if let Err(e) = state.peers.call(requests) {
+            tracing::debug!(cause = %e, "could not store the load report");
         }
     }
 

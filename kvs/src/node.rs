@@ -152,6 +152,7 @@ impl Node {
                 cluster: shared.clone(),
                 replicas: ReplicaCheck::default(),
                 changed: hashbrown::HashSet::new(),
+                load: Default::default(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("squall-shard-{index}"))
@@ -175,6 +176,7 @@ impl Node {
                     stop: stop.clone(),
                     leave: leave.clone(),
                     left: left.clone(),
+                    writer: rand::random(),
                 };
                 let thread = std::thread::Builder::new()
                     .name("squall-cluster-agent".into())

@@ -94,6 +94,117 @@ pub(crate) struct Shard {
     pub(crate) replicas: ReplicaCheck,
     /// Keys changed since the agent last took them for gossip (cluster only).
     pub(crate) changed: hashbrown::HashSet<Key>,
+    /// Load in the current window (cluster only).
+    pub(crate) load: Load,
+}
+
+/// Keys whose accesses are counted per window; beyond it, new keys count in the totals only.
+const MAX_COUNTED_KEYS: usize = 100_000;
+
+/// Keys whose encoded size is measured per load report, to estimate the bytes held.
+const SIZE_SAMPLE: usize = 1_000;
+
+/// A shard's load in the current window: busy time and per-key access counts.
+#[derive(Debug)]
+pub(crate) struct Load {
+    started: Instant,
+    busy: Duration,
+    accesses: hashbrown::HashMap<Key, u32>,
+    total: u64,
+    /// Where the next size sample starts.
+    sample_from: Option<Key>,
+    /// Mean encoded bytes per key, from the samples so far.
+    mean_size: f64,
+}
+
+impl Default for Load {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            busy: Duration::ZERO,
+            accesses: hashbrown::HashMap::new(),
+            total: 0,
+            sample_from: None,
+            mean_size: 0.0,
+        }
+    }
+}
+
+impl Load {
+    fn count(&mut self, key: &str) {
+        self.total += 1;
+        if let Some(count) = self.accesses.get_mut(key) {
+            *count = count.saturating_add(1);
+        } else if self.accesses.len() < MAX_COUNTED_KEYS {
+            self.accesses.insert(key.to_string(), 1);
+        }
+    }
+
+    /// The window's report (with the `top` most accessed keys); starts a new window.
+    fn report(&mut self, store: &Store, top: usize) -> squall_proto::LoadReport {
+        use std::ops::Bound;
+        let window = self.started.elapsed();
+        // Sizes: a rolling sample of keys, so a report costs the same however large the
+        // shard is.
+        let start = match &self.sample_from {
+            Some(key) => Bound::Excluded(key.as_str()),
+            None => Bound::Unbounded,
+        };
+        let (mut sampled, mut bytes) = (0usize, 0usize);
+        let mut last = None;
+        for (key, value) in store
+            .range::<str, _>((start, Bound::Unbounded))
+            .take(SIZE_SAMPLE)
+        {
+            bytes += key.len() + rmp_serde::encode::to_vec(value).map_or(0, |v| v.len());
+            sampled += 1;
+            last = Some(key);
+        }
+        self.sample_from = if sampled == SIZE_SAMPLE {
+            last.cloned()
+        } else {
+            None
+        };
+        if sampled > 0 {
+            let mean = bytes as f64 / sampled as f64;
+            self.mean_size = if self.mean_size == 0.0 {
+                mean
+            } else {
+                0.5 * self.mean_size + 0.5 * mean
+            };
+        }
+        let mut counted: Vec<(Key, u64)> = self
+            .accesses
+            .drain()
+            .map(|(k, c)| (k, u64::from(c)))
+            .collect();
+        let sum_squares = counted.iter().map(|(_, c)| (*c as f64).powi(2)).sum();
+        let distinct = counted.len() as u64;
+        counted.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        counted.truncate(top);
+        let report = squall_proto::LoadReport {
+            id: String::new(),
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            window_ms: window.as_millis() as u64,
+            occupancy: if window.is_zero() {
+                0.0
+            } else {
+                (self.busy.as_secs_f64() / window.as_secs_f64()).min(1.0)
+            },
+            keys: store.len() as u64,
+            bytes: (self.mean_size * store.len() as f64) as u64,
+            accesses: self.total,
+            distinct,
+            sum_squares,
+            top: counted,
+        };
+        self.started = Instant::now();
+        self.busy = Duration::ZERO;
+        self.total = 0;
+        report
+    }
 }
 
 /// Most changed keys remembered for gossip; beyond it, the oldest changes are left to the next
@@ -113,7 +224,12 @@ impl Shard {
             };
             match self.socket.poll(zmq::POLLIN, wait) {
                 Ok(0) => {}
-                Ok(_) => self.take_batch(&mut outbox),
+                Ok(_) => {
+                    let started = Instant::now();
+                    self.take_batch(&mut outbox);
+                    self.commit_and_reply(&mut outbox);
+                    self.load.busy += started.elapsed();
+                }
                 Err(zmq::Error::EINTR) => {}
                 Err(e) => {
                     tracing::error!(shard = self.index, cause = %e, "polling the shard socket failed");
@@ -257,6 +373,7 @@ impl Shard {
             | Request::Join { .. }
             | Request::Leave { .. }
             | Request::Status
+            | Request::Stats { .. }
             | Request::Replicate { .. } => 0,
         };
         if keys > self.config.max_keys_per_request {
@@ -311,6 +428,10 @@ impl Shard {
                         more: false,
                     },
                 ))
+            }
+            Request::Stats { top } => {
+                let report = self.load.report(&self.store, top.min(1024) as usize);
+                Outgoing::Ready(encode(id, &Response::Stats(report)))
             }
             Request::Changed { limit } => {
                 let keys: Vec<Key> = self.changed.iter().take(limit as usize).cloned().collect();
@@ -399,6 +520,7 @@ impl Shard {
         self.owns(key)?;
         if self.cluster.is_some() {
             self.replicas.check(key)?;
+            self.load.count(key);
         }
         Ok(self.store.get(key).cloned())
     }
@@ -441,6 +563,7 @@ impl Shard {
         // A node that is not the key's replica still keeps the value (its agent hands it to
         // the replicas), but does not count as a replica's copy.
         let placed = if self.cluster.is_some() {
+            self.load.count(&key);
             self.replicas.check(&key)
         } else {
             Ok(())

@@ -22,6 +22,7 @@ fn node(router: &Router) -> Node {
             router: router.address().to_string(),
             heartbeat_ms: 100,
             gossip_ms: 200,
+            stats_ms: 200,
         }),
         ..Config::default()
     })

@@ -451,6 +451,10 @@ pub struct ExecutorStatus {
     pub cache_hits: u64,
     /// Cache reads that went to the store.
     pub cache_misses: u64,
+    /// It is stopping: it finishes what it was given, and takes nothing new if any other
+    /// executor can run it.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// One message of the fabric.

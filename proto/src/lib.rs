@@ -127,6 +127,12 @@ pub enum Request {
         /// The most entries answered.
         limit: u32,
     },
+    /// To a shard: its load since the last such request (which starts a new window), with
+    /// its `top` most accessed keys.
+    Stats {
+        /// How many of the most accessed keys to name.
+        top: u32,
+    },
     /// To a shard: forget keys that were handed off, each only if the value handed off
     /// includes everything the shard holds (merging the stored value into it changes nothing)
     /// and the node is not one of the key's replicas.
@@ -178,6 +184,8 @@ pub enum Response {
     },
     /// A shard's answer to [`Request::Drop`]: how many keys it forgot.
     Dropped(u32),
+    /// A shard's answer to [`Request::Stats`].
+    Stats(LoadReport),
     /// The whole request failed.
     Error(RequestError),
 }
@@ -198,6 +206,7 @@ impl Request {
             Request::Scan { .. } => "scan",
             Request::Changed { .. } => "changed",
             Request::Drop { .. } => "drop",
+            Request::Stats { .. } => "stats",
         }
     }
 }
@@ -216,6 +225,7 @@ impl Response {
             Response::Status(_) => "status",
             Response::Entries { .. } => "entries",
             Response::Dropped(_) => "dropped",
+            Response::Stats(_) => "stats",
             Response::Error(_) => "error",
         }
     }
@@ -277,6 +287,46 @@ pub struct MemberStats {
     pub synced: u64,
     /// Requests served since the node started, over all shards.
     pub requests: u64,
+    /// Estimated bytes held (as of the last load report).
+    #[serde(default)]
+    pub bytes: u64,
+    /// Busy share of the last load window, in thousandths (the busiest shard's).
+    #[serde(default)]
+    pub occupancy_permille: u32,
+}
+
+/// Load over one window: of a shard (answer to [`Request::Stats`]), or of a whole node (the
+/// shards' reports combined), which nodes store in the store itself under
+/// [`load_report_key`] for the policy engine.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// Who reports (a node's id; empty for a shard).
+    pub id: String,
+    /// When the window ended, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// How long the window was, in milliseconds.
+    pub window_ms: u64,
+    /// Busy share of the window, 0 to 1 (for a node: its busiest shard's).
+    pub occupancy: f64,
+    /// Keys held.
+    pub keys: u64,
+    /// Estimated bytes held (MessagePack sizes, from a sample of keys).
+    pub bytes: u64,
+    /// Key accesses (reads, writes, subscriptions) in the window.
+    pub accesses: u64,
+    /// Distinct keys accessed in the window (counted up to a bound).
+    pub distinct: u64,
+    /// Sum of the squared per-key access counts: with `accesses` and `distinct`, the mean and
+    /// spread of per-key access counts.
+    pub sum_squares: f64,
+    /// The most accessed keys and their counts, most first.
+    pub top: Vec<(Key, u64)>,
+}
+
+/// The store key a node's [`LoadReport`] is written to (MessagePack in a last-writer-wins
+/// register).
+pub fn load_report_key(node: &str) -> Key {
+    format!("squall/load/{node}")
 }
 
 /// A router's view of the cluster, for operators.

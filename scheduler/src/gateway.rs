@@ -370,6 +370,9 @@ pub struct ExecutorInfo {
     pub steps: u64,
     /// Steps failed.
     pub failures: u64,
+    /// Whether it is stopping (finishing its steps; nothing new is placed on it).
+    #[serde(default)]
+    pub draining: bool,
 }
 
 #[utoipa::path(get, path = "/v1/executors", tag = "operations",
@@ -390,6 +393,7 @@ async fn executors(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<Vec<Ex
             warm: s.warm,
             steps: s.steps,
             failures: s.failures,
+            draining: s.draining,
         })
         .collect();
     executors.sort_by(|a, b| a.id.cmp(&b.id));

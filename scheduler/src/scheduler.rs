@@ -393,10 +393,14 @@ fn handle(shared: &Arc<Shared>, message: Message) {
     }
 }
 
+/// The executors to place on: those not draining, or, if all are, every one (a draining
+/// executor still runs what it is given).
 fn candidates(state: &State) -> Vec<Candidate<'_>> {
+    let all_draining = state.executors.values().all(|k| k.status.draining);
     state
         .executors
         .values()
+        .filter(|k| all_draining || !k.status.draining)
         .map(|k| Candidate {
             status: &k.status,
             keys: &k.keys,

@@ -253,3 +253,183 @@ fn keys_stay_readable_while_a_node_joins_and_another_leaves() {
         "two copies of every key: {left:?}"
     );
 }
+
+/// `squall cluster up` with fast policy periods, in-memory storage.
+fn cluster_up(dir: &Path, extra: &[&str]) -> NodeProcess {
+    let mut args = vec![
+        "cluster",
+        "up",
+        "--in-memory",
+        "--http-port",
+        "0",
+        "--kvs-shards",
+        "1",
+        "--period-ms",
+        "500",
+        "--stats-ms",
+        "250",
+    ];
+    let log_dir = dir.display().to_string();
+    args.extend(["--dir", log_dir.as_str()]);
+    args.extend_from_slice(extra);
+    let mut up = NodeProcess::spawn(dir, &args);
+    up.addr = up.field("router");
+    up
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, for at most `limit`.
+fn within<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<(T, Duration)> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if let Some(found) = check() {
+            return Some((found, started.elapsed()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+#[test]
+fn a_hot_key_gets_more_replicas_and_gives_them_back_when_cold() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = cluster_up(
+        dir.path(),
+        &["--kvs", "3", "--executors", "1", "--hot-min-accesses", "20"],
+    );
+    let mut writer = client(&up);
+    let others: Vec<String> = (0..200).map(|i| format!("cold-{i}")).collect();
+    for key in others.iter().chain([&"hot".to_string()]) {
+        writer.put_lww(key, "v").expect("put");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let hammer = {
+        let (stop, others) = (stop.clone(), others.clone());
+        let mut reader = client(&up);
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                reader.get("hot").expect("get hot");
+                reader
+                    .get(&others[reads as usize % others.len()])
+                    .expect("get");
+                reads += 1;
+            }
+            reads
+        })
+    };
+    let replicas_of_hot = |up: &NodeProcess| {
+        squall_kvs::router::status(&up.addr).ok().and_then(|s| {
+            s.view
+                .overrides
+                .iter()
+                .find(|(k, _)| k == "hot")
+                .map(|(_, r)| *r)
+        })
+    };
+    let raised = within(Duration::from_secs(30), || {
+        replicas_of_hot(&up).filter(|r| *r >= 3)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let reads = hammer.join().expect("hammer");
+    let (replicas, took) = raised.expect("the hot key got more replicas");
+    // Its copies are where the view says: on all three nodes.
+    let copies = within(Duration::from_secs(10), || {
+        writer.refresh().ok()?;
+        let held = writer
+            .get_replicas("hot")
+            .ok()?
+            .into_iter()
+            .filter(|(_, v)| matches!(v, Ok(Some(_))))
+            .count();
+        (held == 3).then_some(held)
+    });
+    assert!(copies.is_some(), "the hot key was copied to every node");
+    let (_, cooled) = within(Duration::from_secs(30), || {
+        replicas_of_hot(&up).is_none().then_some(())
+    })
+    .expect("the key went back to the default replication once cold");
+    println!(
+        "hot key: {replicas} replicas {:.1} s after the reads began ({reads} read pairs); \
+         back to the default {:.1} s after they stopped (policy period 0.5 s)",
+        took.as_secs_f64(),
+        cooled.as_secs_f64()
+    );
+}
+
+#[test]
+fn the_executor_pool_grows_under_a_burst_and_shrinks_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = cluster_up(
+        dir.path(),
+        &[
+            "--kvs",
+            "2",
+            "--executors",
+            "1",
+            "--executor-capacity",
+            "2",
+            "--max-executors",
+            "3",
+            "--executor-grace-ms",
+            "1000",
+            "--low-periods",
+            "2",
+        ],
+    );
+    let base = up.field("http");
+    let registered = crate::support::http(
+        "PUT",
+        &format!("{base}/v1/functions/misbehave"),
+        None,
+        &squall_executor::testing::guest("misbehave"),
+    );
+    assert_eq!(registered.status, 201, "{}", registered.text());
+    let pool = |base: &str| -> Option<usize> {
+        let answer = crate::support::http("GET", &format!("{base}/v1/executors"), None, b"");
+        let list = answer.json();
+        let list = list.as_array()?;
+        Some(list.iter().filter(|e| e["draining"] != true).count())
+    };
+    // A burst: 12 clients, each calling a 1 s function back to back for 6 s.
+    let started = Instant::now();
+    let burst: Vec<_> = (0..12)
+        .map(|_| {
+            let base = base.clone();
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                while started.elapsed() < Duration::from_secs(6) {
+                    let answer = crate::support::http(
+                        "POST",
+                        &format!("{base}/v1/functions/misbehave/invoke"),
+                        None,
+                        b"sleep:1000",
+                    );
+                    if answer.status != 200 {
+                        failures.push(answer.text());
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let grew = within(Duration::from_secs(6), || pool(&base).filter(|n| *n > 1));
+    let failures: Vec<String> = burst
+        .into_iter()
+        .flat_map(|t| t.join().expect("burst client"))
+        .collect();
+    let (grown, grew_after) = grew.expect("the pool grew under the burst");
+    let shrank = within(Duration::from_secs(40), || pool(&base).filter(|n| *n == 1));
+    let (_, shrank_after) = shrank.expect("the pool shrank back to one executor after the burst");
+    println!(
+        "executor pool: 1 -> {grown} executors {:.1} s into the burst; back to 1 {:.1} s after it \
+         (policy period 0.5 s, 2 quiet periods per removal); {} failed calls",
+        grew_after.as_secs_f64(),
+        shrank_after.as_secs_f64(),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "calls failed: {:?}",
+        &failures[..failures.len().min(3)]
+    );
+}

@@ -10,6 +10,7 @@
 //! - `print`: writes to stdout and stderr, then answers `printed`.
 //! - `state:KEY=VALUE`: writes VALUE to KEY, reads it back, answers it.
 //! - `fail`: returns an error.
+//! - `sleep:MS`: sleeps MS milliseconds (a slow function that uses no CPU), answers `slept`.
 
 use std::hint::black_box;
 
@@ -51,6 +52,11 @@ fn handle(input: &[u8]) -> Result<Vec<u8>, String> {
             read.ok_or_else(|| "written value not found".to_string())
         }
         "fail" => Err("asked to fail".into()),
+        "sleep" => {
+            let ms: u64 = arg.parse().map_err(|e| format!("bad duration: {e}"))?;
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            Ok(b"slept".to_vec())
+        }
         other => Err(format!("unknown request {other:?}")),
     }
 }
