@@ -70,6 +70,9 @@ enum ClusterCommand {
     /// Start a cluster on this machine (router, scheduler, storage nodes, executors, gateway),
     /// supervised and scaled by the policy engine.
     Up(Box<UpArgs>),
+    /// Print the Kubernetes manifests of cluster/k8s for a namespace, an image and sizes
+    /// (pipe them to `kubectl apply -f -`).
+    Manifests(ManifestArgs),
     /// Show the members, their keys and load, and the keys with extra replicas.
     Status {
         /// The cluster's router.
@@ -88,6 +91,10 @@ impl ClusterArgs {
 pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
     match args.command {
         ClusterCommand::Up(args) => up(*args),
+        ClusterCommand::Manifests(args) => {
+            print!("{}", render(&args)?);
+            Ok(())
+        }
         ClusterCommand::Status { router } => {
             let status = squall_kvs::router::status(&router)
                 .with_context(|| format!("asking the router at {router}"))?;
@@ -342,5 +349,317 @@ fn wait_for_members(router: &str, members: usize) -> anyhow::Result<()> {
             anyhow::bail!("the storage nodes did not join the router in time: {status:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct MonitorArgs {
+    /// The cluster's router.
+    #[arg(long, env = "SQUALL_ROUTER", default_value_t = format!("tcp://127.0.0.1:{DEFAULT_ROUTER_PORT}"))]
+    router: String,
+    /// Schedulers to ask for the executors' status (repeat or separate with commas).
+    #[arg(long = "scheduler", env = "SQUALL_SCHEDULERS", value_delimiter = ',')]
+    schedulers: Vec<String>,
+    /// Host the monitor's mailbox binds (schedulers answer there).
+    #[arg(long, env = "SQUALL_HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// Who adds and removes nodes: `kubernetes` (scales the StatefulSet and Deployment of
+    /// cluster/k8s), or `none` (only keys' replication changes).
+    #[arg(long, env = "SQUALL_PROVISIONER", default_value = "kubernetes")]
+    provisioner: String,
+    /// The namespace of Squall's Kubernetes objects.
+    #[arg(long, env = "SQUALL_NAMESPACE", default_value = "squall")]
+    namespace: String,
+    /// The storage nodes' StatefulSet.
+    #[arg(long, default_value = "squall-kvs")]
+    kvs_statefulset: String,
+    /// The executors' Deployment.
+    #[arg(long, default_value = "squall-executor")]
+    executor_deployment: String,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+/// A provisioner that adds and removes nothing: the monitor only changes keys' replication.
+struct NoProvisioner;
+
+impl squall_cluster::Provisioner for NoProvisioner {
+    fn add(&mut self, role: squall_cluster::Role, count: u32) -> Result<(), squall_cluster::Error> {
+        Err(squall_cluster::Error::Provision(format!(
+            "the policy asks for {count} more {}, but this monitor has no provisioner",
+            role.as_str()
+        )))
+    }
+
+    fn remove(
+        &mut self,
+        role: squall_cluster::Role,
+        id: &str,
+    ) -> Result<(), squall_cluster::Error> {
+        Err(squall_cluster::Error::Provision(format!(
+            "the policy asks to remove {} {id}, but this monitor has no provisioner",
+            role.as_str()
+        )))
+    }
+
+    fn count(&self, _role: squall_cluster::Role) -> usize {
+        0
+    }
+}
+
+/// `squall monitor`: the policy engine for a cluster another system runs (Kubernetes).
+pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
+    use squall_cluster::{KubeConfig, KubeProvisioner, Monitor, MonitorConfig};
+
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel();
+    ctrlc::set_handler(move || {
+        let _ = stop_tx.send(());
+    })
+    .context("installing the SIGINT/SIGTERM handler")?;
+    let config = MonitorConfig {
+        router: args.router.clone(),
+        schedulers: args.schedulers.clone(),
+        host: args.host.clone(),
+        policy: args.policy.config()?,
+    };
+    let monitor = match args.provisioner.as_str() {
+        "kubernetes" => {
+            let provisioner = KubeProvisioner::connect(KubeConfig {
+                namespace: args.namespace.clone(),
+                storage: args.kvs_statefulset.clone(),
+                executors: args.executor_deployment.clone(),
+            })?;
+            Monitor::start(config, provisioner)?
+        }
+        "none" => Monitor::start(config, NoProvisioner)?,
+        other => anyhow::bail!("unknown provisioner {other:?} (expected kubernetes or none)"),
+    };
+    println!(
+        "READY router={} provisioner={}",
+        args.router, args.provisioner
+    );
+    loop {
+        match stop_rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if !monitor.is_running() {
+                    anyhow::bail!("the monitor stopped unexpectedly");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct ManifestArgs {
+    /// The namespace of every object.
+    #[arg(long, default_value = "squall")]
+    namespace: String,
+    /// The image every pod runs (built from cluster/k8s/Dockerfile).
+    #[arg(long, default_value = "squall:latest")]
+    image: String,
+    /// Storage nodes (the StatefulSet's replicas, and the policy's minimum).
+    #[arg(long = "kvs", default_value_t = 3)]
+    nodes: u32,
+    /// Executors (the Deployment's replicas, and the policy's minimum).
+    #[arg(long, default_value_t = 2)]
+    executors: u32,
+    /// Replicas per key.
+    #[arg(long, default_value_t = 2)]
+    replication: u32,
+    /// Each storage node's volume.
+    #[arg(long, default_value = "10Gi")]
+    volume: String,
+}
+
+/// The manifests of cluster/k8s, in the order `kustomization.yaml` lists them.
+const MANIFESTS: [(&str, &str); 8] = [
+    (
+        "namespace.yaml",
+        include_str!("../cluster/k8s/namespace.yaml"),
+    ),
+    ("config.yaml", include_str!("../cluster/k8s/config.yaml")),
+    ("router.yaml", include_str!("../cluster/k8s/router.yaml")),
+    ("kvs.yaml", include_str!("../cluster/k8s/kvs.yaml")),
+    (
+        "scheduler.yaml",
+        include_str!("../cluster/k8s/scheduler.yaml"),
+    ),
+    (
+        "executor.yaml",
+        include_str!("../cluster/k8s/executor.yaml"),
+    ),
+    ("gateway.yaml", include_str!("../cluster/k8s/gateway.yaml")),
+    ("monitor.yaml", include_str!("../cluster/k8s/monitor.yaml")),
+];
+
+/// Replaces `from` in `text`, which must hold it: a manifest edited without updating the
+/// renderer fails loudly rather than rendering the default.
+fn swap(text: &str, file: &str, from: &str, to: &str) -> anyhow::Result<String> {
+    anyhow::ensure!(text.contains(from), "{file} no longer contains {from:?}");
+    Ok(text.replace(from, to))
+}
+
+/// cluster/k8s with `args` applied.
+fn render(args: &ManifestArgs) -> anyhow::Result<String> {
+    let label = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+    };
+    anyhow::ensure!(
+        label(&args.namespace),
+        "--namespace must be a DNS label (lowercase letters, digits, '-'), not {:?}",
+        args.namespace
+    );
+    anyhow::ensure!(
+        !args.image.is_empty() && !args.image.contains(|c: char| c.is_whitespace() || c == '"'),
+        "--image must be an image reference, not {:?}",
+        args.image
+    );
+    anyhow::ensure!(
+        args.nodes >= 1 && args.executors >= 1 && args.replication >= 1,
+        "--kvs, --executors and --replication must be at least 1"
+    );
+    anyhow::ensure!(
+        args.volume
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.'),
+        "--volume must be a quantity such as 10Gi, not {:?}",
+        args.volume
+    );
+    let mut out = String::new();
+    for (file, text) in MANIFESTS {
+        let mut text = text.to_string();
+        if !matches!(file, "namespace.yaml" | "config.yaml") {
+            text = swap(
+                &text,
+                file,
+                "image: squall:latest",
+                &format!("image: {}", args.image),
+            )?;
+        }
+        if file != "namespace.yaml" {
+            text = swap(
+                &text,
+                file,
+                "namespace: squall\n",
+                &format!("namespace: {}\n", args.namespace),
+            )?;
+        }
+        match file {
+            "namespace.yaml" => {
+                text = swap(
+                    &text,
+                    file,
+                    "  name: squall\n",
+                    &format!("  name: {}\n", args.namespace),
+                )?;
+            }
+            "config.yaml" => {
+                text = swap(
+                    &text,
+                    file,
+                    "SQUALL_REPLICATION: \"2\"",
+                    &format!("SQUALL_REPLICATION: \"{}\"", args.replication),
+                )?;
+            }
+            "kvs.yaml" => {
+                text = swap(
+                    &text,
+                    file,
+                    "replicas: 3",
+                    &format!("replicas: {}", args.nodes),
+                )?;
+                text = swap(
+                    &text,
+                    file,
+                    "storage: 10Gi",
+                    &format!("storage: {}", args.volume),
+                )?;
+            }
+            "executor.yaml" => {
+                text = swap(
+                    &text,
+                    file,
+                    "replicas: 2",
+                    &format!("replicas: {}", args.executors),
+                )?;
+            }
+            "monitor.yaml" => {
+                text = swap(
+                    &text,
+                    file,
+                    "- --min-nodes\n            - \"3\"",
+                    &format!("- --min-nodes\n            - \"{}\"", args.nodes),
+                )?;
+                text = swap(
+                    &text,
+                    file,
+                    "- --min-executors\n            - \"2\"",
+                    &format!("- --min-executors\n            - \"{}\"", args.executors),
+                )?;
+            }
+            _ => {}
+        }
+        out.push_str(&format!("---\n# {file}\n"));
+        out.push_str(&text);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ManifestArgs {
+        ManifestArgs {
+            namespace: "prod".into(),
+            image: "registry.example/squall:1.2".into(),
+            nodes: 5,
+            executors: 4,
+            replication: 3,
+            volume: "50Gi".into(),
+        }
+    }
+
+    #[test]
+    fn manifests_render_with_every_setting_applied() {
+        let out = render(&args()).expect("renders");
+        assert!(!out.contains("namespace: squall\n"), "{out}");
+        assert!(!out.contains("image: squall:latest"));
+        assert!(out.contains("  name: prod\n"));
+        assert!(out.contains("SQUALL_REPLICATION: \"3\""));
+        assert!(out.contains("replicas: 5"));
+        assert!(out.contains("replicas: 4"));
+        assert!(out.contains("storage: 50Gi"));
+        assert!(out.contains("- --min-nodes\n            - \"5\""));
+        assert_eq!(out.matches("image: registry.example/squall:1.2").count(), 6);
+        assert_eq!(out.matches("---\n# ").count(), MANIFESTS.len());
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        for bad in [
+            ManifestArgs {
+                namespace: "Prod".into(),
+                ..args()
+            },
+            ManifestArgs {
+                image: "a b".into(),
+                ..args()
+            },
+            ManifestArgs { nodes: 0, ..args() },
+            ManifestArgs {
+                volume: "10Gi\nkind: Secret".into(),
+                ..args()
+            },
+        ] {
+            assert!(render(&bad).is_err(), "{bad:?}");
+        }
     }
 }

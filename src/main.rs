@@ -5,7 +5,10 @@
 //!   process, over the call fabric (each prints `READY ...` once it serves).
 //! - `squall fn`, `squall dag`, `squall call`: register and call functions through a gateway.
 //! - `squall kv get|put`: read and write keys of a running storage node.
-//! - `squall router`, `squall kvs --join ROUTER`, `squall cluster status`: a multi-node store.
+//! - `squall router`, `squall kvs --join ROUTER`: a multi-node store; `squall cluster up`: a
+//!   whole cluster on one machine, scaled by the policy engine; `squall cluster status`;
+//!   `squall cluster manifests`: Kubernetes manifests; `squall monitor`: the policy engine
+//!   for a cluster Kubernetes runs.
 //!
 //! Every flag can also be set through a `SQUALL_*` environment variable, or in `squall.toml`
 //! (see `config`).
@@ -64,8 +67,10 @@ enum Command {
     Kv(kv::KvArgs),
     /// Run a cluster's router: storage nodes join through it, clients find keys with it.
     Router(cluster::RouterArgs),
-    /// Look at a running cluster.
+    /// Start a cluster on this machine, look at one, or render Kubernetes manifests.
     Cluster(cluster::ClusterArgs),
+    /// Run the policy engine for a cluster that Kubernetes runs.
+    Monitor(cluster::MonitorArgs),
 }
 
 #[derive(Debug, Args)]
@@ -227,6 +232,10 @@ fn main() -> ExitCode {
         Command::Router(args) => {
             init_tracing("info");
             cluster::run_router(args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Monitor(args) => {
+            init_tracing("info");
+            cluster::monitor(args).map(|()| ExitCode::SUCCESS)
         }
         Command::Cluster(args) => {
             init_tracing(if args.is_up() { "info" } else { "warn" });

@@ -7,16 +7,20 @@
 //!   executors' status from a scheduler and the view from the router; applies the policy's
 //!   actions through the router (a key's replication) and a [`Provisioner`] (nodes).
 //! - [`local`]: the provisioner for one machine: child processes (`squall cluster up`).
+//! - [`k8s`]: the provisioner for Kubernetes: scales the StatefulSet and Deployment of
+//!   `cluster/k8s/` through the API server (`kube`).
 //!
 //! # Dependencies
 //! - `nix` to send SIGTERM to children (a graceful hand-off or drain; std only kills).
 //! - `rmp-serde` to read the load reports the nodes write in MessagePack.
 //! - `squall-scheduler` for its client, which asks a scheduler for its executors' status.
 
+pub mod k8s;
 pub mod local;
 pub mod monitor;
 pub mod policy;
 
+pub use k8s::{KubeConfig, KubeProvisioner};
 pub use local::{LocalConfig, LocalProvisioner};
 pub use monitor::{Monitor, MonitorConfig};
 pub use policy::{Action, Policy, PolicyConfig};
