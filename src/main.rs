@@ -173,7 +173,10 @@ fn run_kvs(args: KvsArgs) -> anyhow::Result<()> {
     }
     if joined {
         tracing::info!("leaving the cluster");
-        node.leave(Duration::from_secs(args.leave_timeout));
+        if !node.leave(Duration::from_secs(args.leave_timeout)) {
+            // A failure exit: whoever supervises this node must keep its data directory.
+            anyhow::bail!("the hand-off did not finish; the data directory holds keys still");
+        }
     } else {
         tracing::info!("shutting down");
         node.shutdown();

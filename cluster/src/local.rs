@@ -139,9 +139,12 @@ impl LocalProvisioner {
         args.extend(["--host".into(), self.config.host.clone()]);
         let slot = match (&self.config.data_dir, role) {
             (Some(dir), Role::Storage) => {
-                let slot = (0..)
-                    .find(|s| !self.running.iter().any(|p| p.slot == Some(*s)))
-                    .unwrap_or(0);
+                // A node still handing off holds its slot until it has exited.
+                let taken = |s: usize| {
+                    self.running.iter().any(|p| p.slot == Some(s))
+                        || self.stopping.iter().any(|(p, _)| p.slot == Some(s))
+                };
+                let slot = (0..).find(|s| !taken(*s)).unwrap_or(0);
                 args.extend([
                     "--data-dir".into(),
                     dir.join(format!("kvs-{slot}")).display().to_string(),

@@ -433,9 +433,11 @@ mod tests {
     fn view(nodes: usize, overrides: &[(&str, u32)]) -> ClusterView {
         ClusterView {
             generation: 1,
+            previous: 0,
             members: (0..nodes)
                 .map(|i| Member {
                     id: format!("n{i}"),
+                    incarnation: 1,
                     shards: vec![format!("n{i}/0")],
                     virtual_nodes: 8,
                 })

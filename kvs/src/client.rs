@@ -6,10 +6,13 @@
 //! Given a cluster's router (or any member), the client fetches the cluster's view and finds
 //! every key's replicas itself (see [`crate::cluster`]): a write goes to every replica at once
 //! and succeeds once [`ClientConfig::acks`] of them applied it (a majority by default); a read
-//! asks every replica and merges their answers, which is a lattice join, so a replica that
-//! has not received a key yet (a node that just joined) cannot hide it. A node that says it is
-//! not a key's replica, or does not answer, makes the client fetch the view again and retry,
-//! until the call's time budget (`attempts × timeout`) runs out. A
+//! needs answers from `replicas − acks + 1` of them, so that it overlaps every acknowledged
+//! write, and merges them (a lattice join). In a settled view it asks just that many, in turn;
+//! otherwise it asks every replica, so that one that has not received a key yet (a node that
+//! just joined) cannot hide it. Reads and writes carry the view's generation: a node with a
+//! newer view, or that is not a key's replica, answers `WrongNode`, and the client fetches the
+//! view again and retries, as it does when a replica does not answer, until the call's time
+//! budget (`attempts × timeout`) runs out. A
 //! multi-key call sends one request per shard at once and then collects the answers. Every wait
 //! is bounded by [`ClientConfig::timeout`]; an unanswered request is retried, on a fresh
 //! connection (so a reply that arrives late can never be mistaken for the next one's), up to
@@ -173,13 +176,13 @@ impl Layout {
             }
         };
         let replicas = scratch.len();
+        // Enough answers to overlap every acknowledged write, however many are asked.
+        let reads = replicas + 1 - writes.min(replicas);
         let (first, count, needed) = match kind {
             Kind::Write => (0, replicas, writes),
-            Kind::Read if settled && !all => {
-                let reads = replicas + 1 - writes.min(replicas);
-                (spin % replicas.max(1), reads, reads)
-            }
-            Kind::Read | Kind::Subscribe | Kind::Release => (0, replicas, 1),
+            Kind::Read if settled && !all => (spin % replicas.max(1), reads, reads),
+            Kind::Read => (0, replicas, reads),
+            Kind::Subscribe | Kind::Release => (0, replicas, 1),
         };
         for i in 0..count {
             let route = &self.members[scratch[(first + i) % replicas]];
@@ -192,7 +195,7 @@ impl Layout {
 /// What one call is, for deciding when it succeeded.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// Merge the answers of enough replicas to see every acknowledged write.
+    /// Merge the answers of enough replicas to overlap every acknowledged write.
     Read,
     /// Watch every replica (each pushes its own changes); one answer suffices.
     Subscribe,
@@ -717,7 +720,19 @@ impl Client {
                 .iter()
                 .enumerate()
                 .filter(|(_, indices)| !indices.is_empty())
-                .map(|(endpoint, indices)| (endpoint, build(indices)))
+                .map(|(endpoint, indices)| {
+                    let request = build(indices);
+                    // Reads and writes carry the view they were routed with: a node with a
+                    // newer one refuses them, so a stale view is never counted as a quorum.
+                    let request = match (&layout.placement, kind) {
+                        (Some(placement), Kind::Read | Kind::Write) => Request::Routed {
+                            generation: placement.generation(),
+                            request: Box::new(request),
+                        },
+                        _ => request,
+                    };
+                    (endpoint, request)
+                })
                 .collect();
             // In a cluster an unanswered replica is retried here, after a fresh look at the
             // view, rather than in `exchange` where it would hold up the others.

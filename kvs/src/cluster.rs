@@ -12,8 +12,9 @@
 //! node asked for a key it is not a replica of answers [`KeyError::WrongNode`], so a client
 //! with an old view refreshes it instead of reading from the wrong place.
 //!
-//! The agent (`Agent`) is one thread per node. It
-//! - sends the heartbeats and installs newer views;
+//! The agent (`Agent`) is one thread per node, with a heartbeat thread beside it (so that a
+//! slow hand-off never delays a heartbeat). It
+//! - installs the newer views the heartbeats bring back;
 //! - after every view change, **hands off**: it scans the node's keys, sends each one to its
 //!   other replicas under the new view (a lattice merge there, so sending a key a replica
 //!   already has changes nothing), and drops the keys the node is no longer a replica of once
@@ -51,9 +52,9 @@ pub const GLOBAL_VIRTUAL_NODES: u32 = 128;
 /// size limit for small values, and so heartbeats go out between pages.
 const PAGE: u32 = 256;
 
-/// Entries kept for a later gossip round when their replicas could not be reached. Beyond
-/// this, the oldest are dropped (with a warning): the next view change hands every key off
-/// anyway.
+/// Entries kept (per shard) for a later gossip round when their replicas could not be
+/// reached. Beyond this, the oldest are dropped with a warning: the next membership change
+/// hands every key off, but until then those replicas may miss these writes.
 const MAX_RETRY: usize = 100_000;
 
 /// How a node takes part in a cluster.
@@ -165,8 +166,22 @@ impl Placement {
     /// Checks that a view from the network is usable: members with shards, and sane numbers.
     pub fn check(view: &ClusterView) -> Result<()> {
         let bad = |what: String| Err(Error::UnexpectedResponse(format!("bad view: {what}")));
-        if view.members.len() > 4096 {
+        if view.members.len() > crate::router::MAX_MEMBERS {
             return bad(format!("{} members", view.members.len()));
+        }
+        if view.overrides.len() > crate::router::MAX_OVERRIDES {
+            return bad(format!(
+                "{} keys with their own replication",
+                view.overrides.len()
+            ));
+        }
+        if let Some((key, replicas)) = view.overrides.iter().find(|(k, r)| {
+            k.len() > crate::router::MAX_KEY_BYTES || *r == 0 || *r > crate::router::MAX_REPLICATION
+        }) {
+            return bad(format!(
+                "{replicas} replicas for a key of {} bytes",
+                key.len()
+            ));
         }
         if view.replication == 0 || view.replication > 64 {
             return bad(format!("replication {}", view.replication));
@@ -254,6 +269,18 @@ impl ReplicaCheck {
         }
     }
 
+    /// The generation of the view in use (0: none).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The error for a key asked of this node under another view.
+    pub(crate) fn wrong(&self) -> KeyError {
+        KeyError::WrongNode {
+            generation: self.generation,
+        }
+    }
+
     /// `Ok` if this node is one of `key`'s replicas, or has no view yet (it is in no view, so
     /// no client routes to it but those given its address).
     pub(crate) fn check(&mut self, key: &str) -> Result<(), KeyError> {
@@ -283,6 +310,20 @@ struct Peers {
 }
 
 impl Peers {
+    fn new() -> Self {
+        Self {
+            // Well under the router's `dead_after`: an unreachable peer delays a page by this
+            // much, and the router hears from the heartbeat thread meanwhile anyway.
+            config: ClientConfig {
+                timeout: PEER_TIMEOUT,
+                attempts: 1,
+                ..ClientConfig::default()
+            },
+            next_id: rand::random::<u32>() as u64,
+            connections: HashMap::new(),
+        }
+    }
+
     /// Sends every request to its endpoint at once; fails unless every one was answered.
     fn call(&mut self, requests: Vec<(String, Request)>) -> Result<Vec<Response>> {
         let endpoints: Vec<String> = requests.iter().map(|(e, _)| e.clone()).collect();
@@ -318,6 +359,12 @@ impl Peers {
     }
 }
 
+/// How long the agent waits for another node's answer.
+const PEER_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// Keys named in one restricted scan (a shard refuses requests over its key limit).
+const ONLY_PAGE: usize = 1000;
+
 /// Hand-off under one view, one page at a time.
 struct Handoff {
     placement: Arc<Placement>,
@@ -325,9 +372,26 @@ struct Handoff {
     only: Option<Vec<Key>>,
     shard: usize,
     after: Option<Key>,
+    /// Where in `only` the next page starts.
+    only_from: usize,
     moved: u64,
     dropped: u64,
     started: Instant,
+}
+
+/// What the agent and its heartbeat thread share.
+#[derive(Debug, Default)]
+pub(crate) struct Beat {
+    /// The newest view the router answered, not yet taken by the agent.
+    incoming: std::sync::Mutex<Option<ClusterView>>,
+    /// The generation whose hand-off this node finished.
+    synced: AtomicU64,
+    /// Estimated bytes held, from the last load report.
+    bytes: AtomicU64,
+    /// The busiest shard's busy share in the last load window, in thousandths.
+    occupancy_permille: AtomicU64,
+    /// The node left the view and hands its keys off.
+    leaving: AtomicBool,
 }
 
 /// The node's cluster thread (see the module docs).
@@ -346,12 +410,12 @@ pub(crate) struct Agent {
 struct AgentState {
     peers: Peers,
     handoff: Option<Handoff>,
-    synced: u64,
-    retry: Vec<(Key, LatticeValue)>,
-    router_down_since: Option<Instant>,
+    /// Changes that could not reach their replicas, per local shard, for the next round.
+    retry: Vec<Vec<(Key, LatticeValue)>>,
     leaving: bool,
-    /// The node's last load report.
-    load: LoadReport,
+    /// Whether a view without this node was adopted after the leave.
+    left_view: bool,
+    beat: Arc<Beat>,
 }
 
 /// Most accessed keys a load report names.
@@ -361,37 +425,57 @@ impl Agent {
     pub(crate) fn run(self) {
         let heartbeat = Duration::from_millis(self.config.heartbeat_ms.max(10));
         let gossip = Duration::from_millis(self.config.gossip_ms.max(10));
-        let mut state = AgentState {
-            peers: Peers {
-                config: ClientConfig {
-                    timeout: Duration::from_secs(2),
-                    attempts: 1,
-                    ..ClientConfig::default()
-                },
-                next_id: rand::random::<u32>() as u64,
-                connections: HashMap::new(),
-            },
-            handoff: None,
-            synced: 0,
-            retry: Vec::new(),
-            router_down_since: None,
-            leaving: false,
-            load: LoadReport::default(),
-        };
         let stats = Duration::from_millis(self.config.stats_ms.max(10));
-        let mut next_heartbeat = Instant::now();
+        let beat = Arc::new(Beat::default());
+        let heart = {
+            let (beat, shared, member, stop) = (
+                beat.clone(),
+                self.shared.clone(),
+                self.member.clone(),
+                self.stop.clone(),
+            );
+            let router = self.config.router.clone();
+            std::thread::Builder::new()
+                .name("squall-heartbeat".into())
+                .spawn(move || {
+                    beat_until_stopped(&router, heartbeat, &beat, &shared, &member, &stop)
+                })
+        };
+        let heart = match heart {
+            Ok(heart) => heart,
+            Err(e) => {
+                tracing::error!(cause = %e, "could not start the heartbeat thread");
+                return;
+            }
+        };
+        let mut state = AgentState {
+            peers: Peers::new(),
+            handoff: None,
+            retry: vec![Vec::new(); self.member.shards.len()],
+            leaving: false,
+            left_view: false,
+            beat,
+        };
         let mut next_gossip = Instant::now() + gossip;
         let mut next_stats = Instant::now() + stats;
+        let mut next_leave_try = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
             if self.leave.load(Ordering::Relaxed) && !state.leaving {
                 state.leaving = true;
+                state.beat.leaving.store(true, Ordering::Relaxed);
+            }
+            if state.leaving && !state.left_view && Instant::now() >= next_leave_try {
+                next_leave_try = Instant::now() + heartbeat;
                 self.leave_view(&mut state);
             }
-            if Instant::now() >= next_heartbeat {
-                next_heartbeat = Instant::now() + heartbeat;
-                if !state.leaving {
-                    self.heartbeat(&mut state);
-                }
+            let incoming = state
+                .beat
+                .incoming
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take();
+            if let Some(view) = incoming {
+                self.adopt(&mut state, view);
             }
             if Instant::now() >= next_stats && !state.leaving {
                 next_stats = Instant::now() + stats;
@@ -407,34 +491,32 @@ impl Agent {
             if Instant::now() >= next_gossip || state.leaving {
                 next_gossip = Instant::now() + gossip;
                 self.gossip(&mut state);
-                if state.leaving && state.retry.is_empty() {
+                let nothing_held = self.held() == 0;
+                let handed_off = state.left_view && state.retry.iter().all(Vec::is_empty);
+                if state.leaving && (handed_off || nothing_held) {
                     self.left.store(true, Ordering::Release);
-                    return;
+                    break;
                 }
             }
-            let until = next_heartbeat.min(next_gossip);
-            let pause = until.saturating_duration_since(Instant::now());
+            let pause = next_gossip.saturating_duration_since(Instant::now());
             std::thread::sleep(pause.min(Duration::from_millis(20)));
         }
-    }
-
-    fn stats(&self, state: &AgentState) -> MemberStats {
-        MemberStats {
-            keys: self
-                .shared
-                .keys
-                .iter()
-                .map(|k| k.load(Ordering::Relaxed))
-                .sum(),
-            synced: state.synced,
-            requests: self.shared.requests.load(Ordering::Relaxed),
-            bytes: state.load.bytes,
-            occupancy_permille: (state.load.occupancy * 1000.0).round() as u32,
+        self.stop.store(true, Ordering::Relaxed);
+        if heart.join().is_err() {
+            tracing::error!("the heartbeat thread panicked");
         }
     }
 
-    /// Collects the shards' load of the last window into one report, keeps it for the
-    /// heartbeats, and writes it to the store for the policy engine.
+    fn held(&self) -> u64 {
+        self.shared
+            .keys
+            .iter()
+            .map(|k| k.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Collects the shards' load of the last window into one report, keeps its summary for
+    /// the heartbeats, and writes it to the store for the policy engine.
     fn report_load(&self, state: &mut AgentState) {
         let requests = self
             .member
@@ -471,7 +553,11 @@ impl Agent {
         load.top
             .sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         load.top.truncate(REPORTED_KEYS as usize);
-        state.load = load.clone();
+        state.beat.bytes.store(load.bytes, Ordering::Relaxed);
+        state
+            .beat
+            .occupancy_permille
+            .store((load.occupancy * 1000.0).round() as u64, Ordering::Relaxed);
         let Some(placement) = self.shared.placement() else {
             return;
         };
@@ -494,37 +580,17 @@ impl Agent {
             .map(|&r| {
                 (
                     placement.shard_endpoint(r, &key).to_string(),
-                    Request::Put {
-                        entries: vec![(key.clone(), value.clone())],
-                    },
+                    routed(
+                        placement.generation(),
+                        Request::Put {
+                            entries: vec![(key.clone(), value.clone())],
+                        },
+                    ),
                 )
             })
             .collect();
         if let Err(e) = state.peers.call(requests) {
             tracing::debug!(cause = %e, "could not store the load report");
-        }
-    }
-
-    fn heartbeat(&self, state: &mut AgentState) {
-        let request = Request::Join {
-            member: self.member.clone(),
-            stats: self.stats(state),
-        };
-        match state.peers.call_one(&self.config.router, request) {
-            Ok(Response::View(view)) => {
-                if let Some(since) = state.router_down_since.take() {
-                    tracing::info!(after = ?since.elapsed(), "the router answers again");
-                }
-                self.adopt(state, view);
-            }
-            Ok(Response::Error(e)) => tracing::debug!(cause = %e, "the router refused a heartbeat"),
-            Ok(other) => tracing::warn!(answer = other.kind(), "unexpected answer to a heartbeat"),
-            Err(e) => {
-                if state.router_down_since.is_none() {
-                    tracing::warn!(router = %self.config.router, cause = %e, "the router does not answer; keeping the last view");
-                    state.router_down_since = Some(Instant::now());
-                }
-            }
         }
     }
 
@@ -540,15 +606,22 @@ impl Agent {
         tracing::info!(
             generation = view.generation,
             members = view.members.len(),
-            member = self.shared.index_of_me(&view),
+            member = view.members.iter().position(|m| m.id == self.member.id),
             "new cluster view"
         );
-        // Same members: only keys whose replication changed move, and none if only the
-        // settled flag did. Unless an earlier hand-off is unfinished: that one starts over.
+        if state.leaving && !view.members.iter().any(|m| m.id == self.member.id) {
+            state.left_view = true;
+        }
+        // The view right after the one held, with the same members and replication: only
+        // keys whose replication changed move, and none if only the settled flag did. Unless
+        // an earlier hand-off is unfinished: that one starts over.
         let previous = self.shared.placement();
         let only = match &previous {
             Some(previous)
-                if state.handoff.is_none() && previous.members() == view.members.as_slice() =>
+                if state.handoff.is_none()
+                    && view.previous == previous.generation()
+                    && previous.members() == view.members.as_slice()
+                    && previous.view().replication == view.replication =>
             {
                 Some(changed_overrides(
                     &previous.view().overrides,
@@ -560,7 +633,10 @@ impl Agent {
         let placement = Arc::new(Placement::new(view));
         self.shared.install(placement.clone());
         if only.as_ref().is_some_and(Vec::is_empty) {
-            state.synced = placement.generation();
+            state
+                .beat
+                .synced
+                .store(placement.generation(), Ordering::Relaxed);
             state.handoff = None;
             return;
         }
@@ -569,18 +645,25 @@ impl Agent {
             only,
             shard: 0,
             after: None,
+            only_from: 0,
             moved: 0,
             dropped: 0,
             started: Instant::now(),
         });
     }
 
+    /// Tells the router this node leaves, and adopts the view without it (or, if the router
+    /// does not answer, the node's own view without itself).
     fn leave_view(&self, state: &mut AgentState) {
         let request = Request::Leave {
             id: self.member.id.clone(),
         };
         let view = match state.peers.call_one(&self.config.router, request) {
             Ok(Response::View(view)) => Some(view),
+            Ok(Response::Error(e)) => {
+                tracing::warn!(cause = %e, "the router refused the leave; trying again");
+                return;
+            }
             Ok(other) => {
                 tracing::warn!(answer = other.kind(), "unexpected answer to a leave");
                 None
@@ -590,18 +673,19 @@ impl Agent {
                 None
             }
         };
-        // Without the router's answer, the node's own view minus itself tells where keys go.
         let view = view.or_else(|| {
             self.shared.placement().map(|p| {
                 let mut view = p.view().clone();
                 view.members.retain(|m| m.id != self.member.id);
+                view.previous = view.generation;
                 view.generation += 1;
+                view.settled = false;
                 view
             })
         });
         match view {
             Some(view) if !view.members.is_empty() => self.adopt(state, view),
-            _ => tracing::warn!("no other member to hand keys to"),
+            _ => tracing::warn!("no other member to hand keys to yet"),
         }
     }
 
@@ -615,10 +699,21 @@ impl Agent {
             return Ok(());
         }
         let endpoint = self.member.shards[job.shard].clone();
+        let only: Vec<Key> = job
+            .only
+            .as_ref()
+            .map(|keys| {
+                keys.iter()
+                    .skip(job.only_from)
+                    .take(ONLY_PAGE)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
         let request = Request::Scan {
             after: job.after.clone(),
             limit: PAGE,
-            only: job.only.clone().unwrap_or_default(),
+            only: only.clone(),
         };
         let (entries, more) = match state.peers.call_one(&endpoint, request)? {
             Response::Entries { entries, more } => (entries, more),
@@ -631,15 +726,30 @@ impl Agent {
         };
         let placement = job.placement.clone();
         let last = entries.last().map(|(k, _)| k.clone());
-        let (moved, dropped) = self.distribute(state, &placement, &endpoint, entries)?;
+        let (moved, dropped, complete) = self.distribute(state, &placement, &endpoint, entries)?;
+        if !complete {
+            return Err(Error::UnexpectedResponse(
+                "a replica has not installed the view yet".into(),
+            ));
+        }
         let Some(job) = state.handoff.as_mut() else {
             return Ok(());
         };
         job.moved += moved;
         job.dropped += dropped;
-        if more && job.only.is_none() {
-            job.after = last;
-            return Ok(());
+        match &job.only {
+            Some(keys) => {
+                job.only_from += only.len();
+                if job.only_from < keys.len() {
+                    return Ok(());
+                }
+                job.only_from = 0;
+            }
+            None if more => {
+                job.after = last;
+                return Ok(());
+            }
+            None => {}
         }
         job.shard += 1;
         job.after = None;
@@ -653,21 +763,26 @@ impl Agent {
             took = ?job.started.elapsed(),
             "hand-off finished"
         );
-        state.synced = placement.generation();
+        state
+            .beat
+            .synced
+            .store(placement.generation(), Ordering::Relaxed);
         state.handoff = None;
         Ok(())
     }
 
     /// Sends `entries` (all held by the local shard at `endpoint`) to their other replicas,
     /// then drops from that shard the ones this node is not a replica of. Returns the copies
-    /// sent and the keys dropped.
+    /// sent, the keys dropped, and whether every replica took its copy (a replica that has
+    /// not yet installed this view answers `WrongNode`: its key is kept here and the caller
+    /// tries again).
     fn distribute(
         &self,
         state: &mut AgentState,
         placement: &Placement,
         endpoint: &str,
         entries: Vec<(Key, LatticeValue)>,
-    ) -> Result<(u64, u64)> {
+    ) -> Result<(u64, u64, bool)> {
         let me = placement.index_of(&self.member.id);
         let mut by_endpoint: HashMap<String, Vec<(Key, LatticeValue)>> = HashMap::new();
         let mut drops = Vec::new();
@@ -688,30 +803,32 @@ impl Agent {
                 drops.push((key, value));
             }
         }
-        let requests: Vec<(String, Request)> = by_endpoint
-            .into_iter()
-            .map(|(endpoint, entries)| (endpoint, Request::Put { entries }))
-            .collect();
-        let mut refused: Vec<Key> = Vec::new();
-        if !requests.is_empty() {
-            let sent: Vec<Vec<Key>> = requests
-                .iter()
-                .map(|(_, r)| match r {
-                    Request::Put { entries } => entries.iter().map(|(k, _)| k.clone()).collect(),
-                    _ => Vec::new(),
+        let mut kept: Vec<Key> = Vec::new();
+        let mut complete = true;
+        if !by_endpoint.is_empty() {
+            let (sent, requests): (Vec<Vec<Key>>, Vec<(String, Request)>) = by_endpoint
+                .into_iter()
+                .map(|(endpoint, entries)| {
+                    let keys = entries.iter().map(|(k, _)| k.clone()).collect();
+                    let request = routed(placement.generation(), Request::Put { entries });
+                    (keys, (endpoint, request))
                 })
-                .collect();
+                .unzip();
             for (response, keys) in state.peers.call(requests)?.into_iter().zip(sent) {
                 match response {
                     Response::Put(results) => {
                         for (result, key) in results.into_iter().zip(keys) {
                             match result {
-                                Ok(()) | Err(KeyError::WrongNode { .. }) => {}
+                                Ok(()) => {}
+                                Err(KeyError::WrongNode { .. }) => {
+                                    complete = false;
+                                    kept.push(key);
+                                }
                                 Err(e) => {
                                     // A replica that refuses the value (another lattice type)
                                     // keeps its own; this node keeps its copy too.
                                     tracing::warn!(key = %key, cause = %e, "a replica refused a handed-off key");
-                                    refused.push(key);
+                                    kept.push(key);
                                 }
                             }
                         }
@@ -726,7 +843,7 @@ impl Agent {
                 }
             }
         }
-        drops.retain(|(key, _)| !refused.contains(key));
+        drops.retain(|(key, _)| !kept.contains(key));
         let mut dropped = 0;
         if !drops.is_empty() {
             match state
@@ -743,7 +860,7 @@ impl Agent {
                 }
             }
         }
-        Ok((copies, dropped))
+        Ok((copies, dropped, complete))
     }
 
     /// Sends the keys changed since the last round (and those a failed round kept) to their
@@ -753,15 +870,11 @@ impl Agent {
             return;
         };
         for (shard, endpoint) in self.member.shards.iter().enumerate() {
-            let mut entries = if shard == 0 {
-                std::mem::take(&mut state.retry)
-            } else {
-                Vec::new()
-            };
+            let mut entries = std::mem::take(&mut state.retry[shard]);
             loop {
                 let (taken, more) = match state
                     .peers
-                    .call_one(endpoint, Request::Changed { limit: PAGE * 16 })
+                    .call_one(endpoint, Request::Changed { limit: PAGE })
                 {
                     Ok(Response::Entries { entries, more }) => (entries, more),
                     Ok(other) => {
@@ -774,21 +887,90 @@ impl Agent {
                     }
                 };
                 entries.extend(taken);
-                if !more {
+                if !more || entries.len() >= MAX_RETRY {
                     break;
                 }
             }
             for page in entries.chunks(PAGE as usize) {
-                if let Err(e) = self.distribute(state, &placement, endpoint, page.to_vec()) {
-                    tracing::debug!(cause = %e, "gossip failed; kept for the next round");
-                    state.retry.extend_from_slice(page);
+                match self.distribute(state, &placement, endpoint, page.to_vec()) {
+                    Ok((_, _, true)) => {}
+                    Ok((_, _, false)) => state.retry[shard].extend_from_slice(page),
+                    Err(e) => {
+                        tracing::debug!(cause = %e, "gossip failed; kept for the next round");
+                        state.retry[shard].extend_from_slice(page);
+                    }
+                }
+            }
+            if state.retry[shard].len() > MAX_RETRY {
+                let excess = state.retry[shard].len() - MAX_RETRY;
+                tracing::warn!(dropped = excess, "too many changes wait for unreachable replicas; the next membership change hands them off");
+                state.retry[shard].drain(..excess);
+            }
+        }
+    }
+}
+
+/// `request` as sent under view `generation`.
+fn routed(generation: u64, request: Request) -> Request {
+    Request::Routed {
+        generation,
+        request: Box::new(request),
+    }
+}
+
+/// The heartbeat thread: tells the router every `period` that the node lives (and how it is
+/// loaded), and leaves the router's newest view for the agent. On its own thread, so that a
+/// slow hand-off never looks like a dead node.
+fn beat_until_stopped(
+    router: &str,
+    period: Duration,
+    beat: &Beat,
+    shared: &Shared,
+    member: &Member,
+    stop: &AtomicBool,
+) {
+    let mut peers = Peers::new();
+    let mut down_since: Option<Instant> = None;
+    let mut newest = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let next = Instant::now() + period;
+        let stats = MemberStats {
+            keys: shared.keys.iter().map(|k| k.load(Ordering::Relaxed)).sum(),
+            synced: beat.synced.load(Ordering::Relaxed),
+            requests: shared.requests.load(Ordering::Relaxed),
+            bytes: beat.bytes.load(Ordering::Relaxed),
+            occupancy_permille: u32::try_from(beat.occupancy_permille.load(Ordering::Relaxed))
+                .unwrap_or(u32::MAX),
+            leaving: beat.leaving.load(Ordering::Relaxed),
+        };
+        let request = Request::Join {
+            member: member.clone(),
+            stats,
+        };
+        match peers.call_one(router, request) {
+            Ok(Response::View(view)) => {
+                if let Some(since) = down_since.take() {
+                    tracing::info!(after = ?since.elapsed(), "the router answers again");
+                }
+                if view.generation > newest {
+                    newest = view.generation;
+                    *beat
+                        .incoming
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(view);
+                }
+            }
+            Ok(Response::Error(e)) => tracing::debug!(cause = %e, "the router refused a heartbeat"),
+            Ok(other) => tracing::warn!(answer = other.kind(), "unexpected answer to a heartbeat"),
+            Err(e) => {
+                if down_since.is_none() {
+                    tracing::warn!(%router, cause = %e, "the router does not answer; keeping the last view");
+                    down_since = Some(Instant::now());
                 }
             }
         }
-        if state.retry.len() > MAX_RETRY {
-            let excess = state.retry.len() - MAX_RETRY;
-            tracing::warn!(dropped = excess, "too many changes wait for unreachable replicas; the next view change hands them off");
-            state.retry.drain(..excess);
+        while Instant::now() < next && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep((next - Instant::now()).min(Duration::from_millis(20)));
         }
     }
 }
@@ -813,12 +995,6 @@ fn changed_overrides(before: &[(Key, u32)], after: &[(Key, u32)]) -> Vec<Key> {
     keys
 }
 
-impl Shared {
-    fn index_of_me(&self, view: &ClusterView) -> Option<usize> {
-        view.members.iter().position(|m| m.id == self.id)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -826,10 +1002,12 @@ mod tests {
     fn view(members: &[&str], replication: u32) -> ClusterView {
         ClusterView {
             generation: 1,
+            previous: 0,
             members: members
                 .iter()
                 .map(|id| Member {
                     id: id.to_string(),
+                    incarnation: 1,
                     shards: vec![format!("{id}/0"), format!("{id}/1")],
                     virtual_nodes: 16,
                 })

@@ -170,6 +170,7 @@ impl Node {
                     shared,
                     member: Member {
                         id: topology.shards[0].clone(),
+                        incarnation: topology.incarnation,
                         shards: topology.shards.clone(),
                         virtual_nodes: topology.virtual_nodes,
                     },

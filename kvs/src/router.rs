@@ -33,6 +33,10 @@ use crate::cluster::Placement;
 pub const MAX_REPLICATION: u32 = 64;
 /// The most keys with their own replication: the view travels with every heartbeat.
 pub const MAX_OVERRIDES: usize = 10_000;
+/// The longest key with its own replication.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// The most storage nodes in a cluster.
+pub const MAX_MEMBERS: usize = 4096;
 use crate::{io_err, zmq_err, Error, Result};
 
 /// A router's settings.
@@ -72,6 +76,8 @@ struct Known {
 struct State {
     config: RouterConfig,
     members: BTreeMap<String, Known>,
+    /// Nodes that left the view and are handing their keys off (they keep reporting).
+    departing: BTreeMap<String, Known>,
     view: ClusterView,
     started: Instant,
 }
@@ -88,6 +94,7 @@ impl State {
     fn rebuild(&mut self, why: &str) {
         self.view = ClusterView {
             generation: self.next_generation(),
+            previous: self.view.generation,
             members: self.members.values().map(|k| k.member.clone()).collect(),
             replication: self.config.replication,
             overrides: std::mem::take(&mut self.view.overrides),
@@ -101,15 +108,19 @@ impl State {
         );
     }
 
-    /// Announces the view as settled once every member finished handing off under it.
+    /// Announces the view as settled once every member, and every node still leaving, finished
+    /// handing off under it.
     fn settle(&mut self) {
+        let generation = self.view.generation;
         let all_synced = !self.members.is_empty()
             && self.view.members.len() == self.members.len()
             && self
                 .members
                 .values()
-                .all(|k| k.stats.synced == self.view.generation);
+                .chain(self.departing.values())
+                .all(|k| k.stats.synced == generation);
         if !self.view.settled && all_synced {
+            self.view.previous = generation;
             self.view.generation = self.next_generation();
             self.view.settled = true;
             tracing::info!(
@@ -136,6 +147,8 @@ impl State {
             tracing::warn!(node = %id, "no heartbeat; dropping the node from the view");
             self.members.remove(id);
         }
+        // A departing node that stopped reporting has exited (or died): stop waiting for it.
+        self.departing.retain(|_, k| k.seen.elapsed() <= dead_after);
         if !dead.is_empty() && self.settled() {
             self.rebuild("a node stopped answering");
         }
@@ -143,9 +156,30 @@ impl State {
 
     fn handle(&mut self, request: Request) -> Response {
         match request {
+            Request::Join { member, stats } if stats.leaving => {
+                // A node handing off after its leave: its progress counts toward settling.
+                self.departing.insert(
+                    member.id.clone(),
+                    Known {
+                        member,
+                        stats,
+                        seen: Instant::now(),
+                    },
+                );
+                self.settle();
+                Response::View(self.view.clone())
+            }
+            Request::Join { member, .. }
+                if !self.members.contains_key(&member.id) && self.members.len() >= MAX_MEMBERS =>
+            {
+                Response::Error(RequestError::Unavailable {
+                    reason: format!("the cluster has {MAX_MEMBERS} members already"),
+                })
+            }
             Request::Join { member, stats } => {
                 let probe = ClusterView {
                     generation: 1,
+                    previous: 0,
                     members: vec![member.clone()],
                     replication: 1,
                     overrides: Vec::new(),
@@ -163,6 +197,7 @@ impl State {
                 if changed {
                     tracing::info!(node = %member.id, shards = member.shards.len(), "a node joined");
                 }
+                self.departing.remove(&member.id);
                 self.members.insert(
                     member.id.clone(),
                     Known {
@@ -181,12 +216,21 @@ impl State {
                 }
                 Response::View(self.view.clone())
             }
+            Request::Leave { .. } if !self.settled() => self.unsettled(),
             Request::Leave { id } => {
-                if self.members.remove(&id).is_some() {
+                if let Some(known) = self.members.remove(&id) {
                     tracing::info!(node = %id, "a node leaves");
+                    self.departing.insert(id, known);
                     self.rebuild("a node left");
                 }
                 Response::View(self.view.clone())
+            }
+            Request::Replicate { key, .. } if key.len() > MAX_KEY_BYTES => {
+                Response::Error(RequestError::Malformed {
+                    reason: format!(
+                        "a key with its own replication has at most {MAX_KEY_BYTES} bytes"
+                    ),
+                })
             }
             Request::Replicate { key, replicas } => {
                 let position = self.view.overrides.binary_search_by(|(k, _)| k.cmp(&key));
@@ -305,6 +349,7 @@ impl Router {
         let mut state = State {
             view: ClusterView {
                 generation: 0,
+                previous: 0,
                 members: Vec::new(),
                 replication: config.replication,
                 overrides: Vec::new(),
@@ -312,6 +357,7 @@ impl Router {
             },
             config,
             members: BTreeMap::new(),
+            departing: BTreeMap::new(),
             started: Instant::now(),
         };
         let flag = stop.clone();

@@ -101,6 +101,15 @@ pub(crate) struct Shard {
 /// Keys whose accesses are counted per window; beyond it, new keys count in the totals only.
 const MAX_COUNTED_KEYS: usize = 100_000;
 
+/// About the most bytes of entries one scan or `Changed` answers: hand-off pages stay well
+/// under any node's request size limit when they are sent on.
+const SCAN_BYTES: usize = 4 << 20;
+
+/// A value's MessagePack size.
+fn encoded_len(value: &LatticeValue) -> usize {
+    rmp_serde::encode::to_vec(value).map_or(0, |v| v.len())
+}
+
 /// Keys whose encoded size is measured per load report, to estimate the bytes held.
 const SIZE_SAMPLE: usize = 1_000;
 
@@ -156,7 +165,7 @@ impl Load {
             .range::<str, _>((start, Bound::Unbounded))
             .take(SIZE_SAMPLE)
         {
-            bytes += key.len() + rmp_serde::encode::to_vec(value).map_or(0, |v| v.len());
+            bytes += key.len() + encoded_len(value);
             sampled += 1;
             last = Some(key);
         }
@@ -207,8 +216,9 @@ impl Load {
     }
 }
 
-/// Most changed keys remembered for gossip; beyond it, the oldest changes are left to the next
-/// hand-off (writes reach every replica directly in any case).
+/// Most changed keys remembered for gossip; beyond it, further changes are left to the next
+/// membership change's hand-off (an acknowledged write reached a majority of its replicas
+/// directly in any case).
 const MAX_CHANGED: usize = 1 << 20;
 
 impl Shard {
@@ -362,13 +372,40 @@ impl Shard {
             shared.requests.fetch_add(1, Ordering::Relaxed);
             self.replicas.refresh(shared);
         }
+        // A GET or PUT routed under an older view than this node's: every key is answered
+        // `WrongNode` (written values are still kept), so the sender looks at the view again.
+        let (request, stale) = match request {
+            Request::Routed {
+                generation,
+                request,
+            } => match *request {
+                inner @ (Request::Get { .. } | Request::Put { .. }) => {
+                    let mine = self.replicas.generation();
+                    (inner, self.cluster.is_some() && generation < mine)
+                }
+                other => {
+                    return error_reply(
+                        id,
+                        RequestError::Malformed {
+                            reason: format!(
+                                "only a get or a put is routed, not a {}",
+                                other.kind()
+                            ),
+                        },
+                    )
+                }
+            },
+            other => (other, false),
+        };
         let keys = match &request {
             Request::Get { keys } => keys.len(),
             Request::Put { entries } => entries.len(),
+            Request::Routed { .. } => 0,
             Request::Drop { entries } => entries.len(),
             Request::Subscribe { keys, .. } | Request::Unsubscribe { keys, .. } => keys.len(),
-            Request::Scan { limit, only, .. } => (*limit as usize).max(only.len()),
-            Request::Changed { limit } => *limit as usize,
+            // Scans answer at most `SCAN_BYTES` whatever their limit: only named keys count.
+            Request::Scan { only, .. } => only.len(),
+            Request::Changed { .. } => 0,
             Request::Topology
             | Request::Join { .. }
             | Request::Leave { .. }
@@ -386,6 +423,10 @@ impl Shard {
             );
         }
         match request {
+            Request::Get { keys } if stale => Outgoing::Get {
+                id,
+                values: keys.iter().map(|_| Err(self.replicas.wrong())).collect(),
+            },
             Request::Get { keys } => Outgoing::Get {
                 id,
                 values: keys.iter().map(|key| self.get(key)).collect(),
@@ -394,9 +435,22 @@ impl Shard {
                 id,
                 results: entries
                     .into_iter()
-                    .map(|(key, value)| self.put(key, value))
+                    .map(|(key, value)| {
+                        let result = self.put(key, value);
+                        if stale && result.is_ok() {
+                            Err(self.replicas.wrong())
+                        } else {
+                            result
+                        }
+                    })
                     .collect(),
             },
+            Request::Routed { .. } => error_reply(
+                id,
+                RequestError::Malformed {
+                    reason: "a routed request inside a routed request".into(),
+                },
+            ),
             Request::Topology => {
                 let mut topology = (*self.topology).clone();
                 topology.cluster = self
@@ -407,14 +461,8 @@ impl Shard {
                 Outgoing::Ready(encode(id, &Response::Topology(topology)))
             }
             Request::Scan { after, limit, only } if only.is_empty() => {
-                let entries = self.scan(after.as_deref(), limit as usize);
-                Outgoing::Ready(encode(
-                    id,
-                    &Response::Entries {
-                        more: entries.len() == limit as usize,
-                        entries,
-                    },
-                ))
+                let (entries, more) = self.scan(after.as_deref(), limit as usize);
+                Outgoing::Ready(encode(id, &Response::Entries { entries, more }))
             }
             Request::Scan { only, .. } => {
                 let entries = only
@@ -434,14 +482,18 @@ impl Shard {
                 Outgoing::Ready(encode(id, &Response::Stats(report)))
             }
             Request::Changed { limit } => {
-                let keys: Vec<Key> = self.changed.iter().take(limit as usize).cloned().collect();
-                for key in &keys {
-                    self.changed.remove(key);
+                let mut entries = Vec::new();
+                let mut bytes = 0;
+                while entries.len() < (limit as usize).max(1) && bytes < SCAN_BYTES {
+                    let Some(key) = self.changed.iter().next().cloned() else {
+                        break;
+                    };
+                    self.changed.remove(&key);
+                    if let Some(value) = self.store.get(&key) {
+                        bytes += key.len() + encoded_len(value);
+                        entries.push((key, value.clone()));
+                    }
                 }
-                let entries = keys
-                    .into_iter()
-                    .filter_map(|key| self.store.get(&key).cloned().map(|value| (key, value)))
-                    .collect();
                 Outgoing::Ready(encode(
                     id,
                     &Response::Entries {
@@ -525,18 +577,26 @@ impl Shard {
         Ok(self.store.get(key).cloned())
     }
 
-    /// Up to `limit` entries after `after`, in key order.
-    fn scan(&self, after: Option<&str>, limit: usize) -> Vec<(Key, LatticeValue)> {
+    /// Up to `limit` entries after `after`, in key order, and at most about `SCAN_BYTES`
+    /// (at least one entry); whether more follow.
+    fn scan(&self, after: Option<&str>, limit: usize) -> (Vec<(Key, LatticeValue)>, bool) {
         use std::ops::Bound;
         let start = match after {
             Some(after) => Bound::Excluded(after),
             None => Bound::Unbounded,
         };
-        self.store
-            .range::<str, _>((start, Bound::Unbounded))
-            .take(limit)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+        let mut entries = Vec::new();
+        let mut bytes = 0;
+        let mut range = self.store.range::<str, _>((start, Bound::Unbounded));
+        for (key, value) in range.by_ref() {
+            bytes += key.len() + encoded_len(value);
+            entries.push((key.clone(), value.clone()));
+            if entries.len() >= limit.max(1) || bytes >= SCAN_BYTES {
+                break;
+            }
+        }
+        let more = range.next().is_some();
+        (entries, more)
     }
 
     /// Forgets `key` if this node is not its replica and `handed` (what its replicas

@@ -87,6 +87,15 @@ pub enum Request {
         /// The keys no longer watched.
         keys: Vec<Key>,
     },
+    /// A GET or PUT routed by a client (or a node) using cluster view `generation`. A node whose
+    /// view is newer answers every key with [`KeyError::WrongNode`] (a written value is still
+    /// kept), so a client never counts a replica set that has changed since its view.
+    Routed {
+        /// The generation of the sender's view.
+        generation: u64,
+        /// The GET or PUT.
+        request: Box<Request>,
+    },
     /// To a router: `member` is alive (a join the first time, a heartbeat after). Answered
     /// with the cluster's current [`Response::View`].
     Join {
@@ -196,6 +205,7 @@ impl Request {
         match self {
             Request::Get { .. } => "get",
             Request::Put { .. } => "put",
+            Request::Routed { .. } => "routed",
             Request::Topology => "topology",
             Request::Subscribe { .. } => "subscribe",
             Request::Unsubscribe { .. } => "unsubscribe",
@@ -251,6 +261,10 @@ pub struct Topology {
 pub struct Member {
     /// The node's id: its shard 0 endpoint, which also answers [`Request::Topology`].
     pub id: String,
+    /// Drawn at random when the node starts: a node restarted on the same address is another
+    /// member, which must receive its keys again.
+    #[serde(default)]
+    pub incarnation: u64,
     /// One ZeroMQ endpoint per shard, as in [`Topology::shards`].
     pub shards: Vec<String>,
     /// Virtual nodes per shard on the node's own ring.
@@ -270,6 +284,10 @@ pub struct ClusterView {
     pub replication: u32,
     /// Keys with another replication factor (hot keys), sorted by key.
     pub overrides: Vec<(Key, u32)>,
+    /// The generation of the view this one replaced (0: none). A node that holds that view
+    /// knows it missed nothing in between.
+    #[serde(default)]
+    pub previous: u64,
     /// Whether every member finished handing off under this membership: then every replica
     /// holds every key it should, and a read needs only as many replicas as overlap a write's
     /// acknowledgements (one, at replication 2 with majority writes). Until then clients read
@@ -293,6 +311,10 @@ pub struct MemberStats {
     /// Busy share of the last load window, in thousandths (the busiest shard's).
     #[serde(default)]
     pub occupancy_permille: u32,
+    /// The node has left the view and is handing its keys off; the view is not settled until
+    /// it has finished (`synced`).
+    #[serde(default)]
+    pub leaving: bool,
 }
 
 /// Load over one window: of a shard (answer to [`Request::Stats`]), or of a whole node (the
@@ -533,6 +555,24 @@ mod tests {
                 .prop_map(|(subscriber, keys)| Request::Subscribe { subscriber, keys }),
             (".{0,8}", proptest::collection::vec(".{0,8}", 0..4))
                 .prop_map(|(subscriber, keys)| Request::Unsubscribe { subscriber, keys }),
+            (any::<u64>(), proptest::collection::vec(".{0,8}", 0..4)).prop_map(
+                |(generation, keys)| Request::Routed {
+                    generation,
+                    request: Box::new(Request::Get { keys }),
+                }
+            ),
+            (
+                proptest::option::of(".{0,8}"),
+                any::<u32>(),
+                proptest::collection::vec(".{0,8}", 0..3)
+            )
+                .prop_map(|(after, limit, only)| Request::Scan { after, limit, only }),
+            any::<u32>().prop_map(|limit| Request::Changed { limit }),
+            any::<u32>().prop_map(|top| Request::Stats { top }),
+            ".{0,8}".prop_map(|id| Request::Leave { id }),
+            Just(Request::Status),
+            (".{0,8}", proptest::option::of(any::<u32>()))
+                .prop_map(|(key, replicas)| Request::Replicate { key, replicas }),
         ]
     }
 
