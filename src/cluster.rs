@@ -29,13 +29,35 @@ pub struct RouterArgs {
     dead_after_ms: u64,
 }
 
-/// Runs a router until SIGINT or SIGTERM.
-pub fn run_router(args: RouterArgs) -> anyhow::Result<()> {
+/// A channel that receives SIGINT and SIGTERM.
+fn stop_signal() -> anyhow::Result<std::sync::mpsc::Receiver<()>> {
     let (stop_tx, stop_rx) = std::sync::mpsc::channel();
     ctrlc::set_handler(move || {
         let _ = stop_tx.send(());
     })
     .context("installing the SIGINT/SIGTERM handler")?;
+    Ok(stop_rx)
+}
+
+/// Waits for SIGINT or SIGTERM; fails with `died` if `running` stops holding first.
+fn until_stopped(
+    stop: &std::sync::mpsc::Receiver<()>,
+    running: impl Fn() -> bool,
+    died: &str,
+) -> anyhow::Result<()> {
+    loop {
+        match stop.recv_timeout(Duration::from_millis(500)) {
+            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                anyhow::ensure!(running(), "{died}");
+            }
+        }
+    }
+}
+
+/// Runs a router until SIGINT or SIGTERM.
+pub fn run_router(args: RouterArgs) -> anyhow::Result<()> {
+    let stop = stop_signal()?;
     let router = Router::start(RouterConfig {
         host: args.host,
         port: args.port,
@@ -45,16 +67,11 @@ pub fn run_router(args: RouterArgs) -> anyhow::Result<()> {
     })
     .context("starting the router")?;
     println!("READY addr={}", router.address());
-    loop {
-        match stop_rx.recv_timeout(Duration::from_millis(500)) {
-            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if !router.is_running() {
-                    anyhow::bail!("the router thread stopped unexpectedly");
-                }
-            }
-        }
-    }
+    until_stopped(
+        &stop,
+        || router.is_running(),
+        "the router thread stopped unexpectedly",
+    )?;
     tracing::info!("router shutting down");
     Ok(())
 }
@@ -264,11 +281,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     if args.policy.min_executors.is_none() {
         policy.min_executors = args.executors.max(1);
     }
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel();
-    ctrlc::set_handler(move || {
-        let _ = stop_tx.send(());
-    })
-    .context("installing the SIGINT/SIGTERM handler")?;
+    let stop = stop_signal()?;
     let log_dir = args.dir.join("logs");
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
     let mut extra = std::collections::HashMap::new();
@@ -320,16 +333,11 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         "READY http={http} router={router} scheduler={scheduler} logs={}",
         log_dir.display()
     );
-    loop {
-        match stop_rx.recv_timeout(Duration::from_millis(500)) {
-            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if !monitor.is_running() {
-                    anyhow::bail!("the monitor stopped unexpectedly");
-                }
-            }
-        }
-    }
+    until_stopped(
+        &stop,
+        || monitor.is_running(),
+        "the monitor stopped unexpectedly",
+    )?;
     tracing::info!("stopping the cluster: executors drain, storage nodes hand off");
     drop(monitor);
     Ok(())
@@ -411,11 +419,7 @@ impl squall_cluster::Provisioner for NoProvisioner {
 pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
     use squall_cluster::{KubeConfig, KubeProvisioner, Monitor, MonitorConfig};
 
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel();
-    ctrlc::set_handler(move || {
-        let _ = stop_tx.send(());
-    })
-    .context("installing the SIGINT/SIGTERM handler")?;
+    let stop = stop_signal()?;
     let config = MonitorConfig {
         router: args.router.clone(),
         schedulers: args.schedulers.clone(),
@@ -438,16 +442,11 @@ pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
         "READY router={} provisioner={}",
         args.router, args.provisioner
     );
-    loop {
-        match stop_rx.recv_timeout(Duration::from_millis(500)) {
-            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if !monitor.is_running() {
-                    anyhow::bail!("the monitor stopped unexpectedly");
-                }
-            }
-        }
-    }
+    until_stopped(
+        &stop,
+        || monitor.is_running(),
+        "the monitor stopped unexpectedly",
+    )?;
     Ok(())
 }
 
@@ -532,79 +531,65 @@ fn render(args: &ManifestArgs) -> anyhow::Result<String> {
         "--volume must be a quantity such as 10Gi, not {:?}",
         args.volume
     );
+    // Which files, the default as it stands in them, and what replaces it.
+    type Files = fn(&str) -> bool;
+    let workloads: Files = |f| !matches!(f, "namespace.yaml" | "config.yaml");
+    let namespaced: Files = |f| f != "namespace.yaml";
+    let ns = &args.namespace;
+    let edits: [(Files, &str, String); 9] = [
+        (
+            workloads,
+            "image: squall:latest",
+            format!("image: {}", args.image),
+        ),
+        (
+            namespaced,
+            "namespace: squall\n",
+            format!("namespace: {ns}\n"),
+        ),
+        (
+            |f| f == "namespace.yaml",
+            "  name: squall\n",
+            format!("  name: {ns}\n"),
+        ),
+        (
+            |f| f == "config.yaml",
+            "SQUALL_REPLICATION: \"2\"",
+            format!("SQUALL_REPLICATION: \"{}\"", args.replication),
+        ),
+        (
+            |f| f == "kvs.yaml",
+            "replicas: 3",
+            format!("replicas: {}", args.nodes),
+        ),
+        (
+            |f| f == "kvs.yaml",
+            "storage: 10Gi",
+            format!("storage: {}", args.volume),
+        ),
+        (
+            |f| f == "executor.yaml",
+            "replicas: 2",
+            format!("replicas: {}", args.executors),
+        ),
+        (
+            |f| f == "monitor.yaml",
+            "- --min-nodes\n            - \"3\"",
+            format!("- --min-nodes\n            - \"{}\"", args.nodes),
+        ),
+        (
+            |f| f == "monitor.yaml",
+            "- --min-executors\n            - \"2\"",
+            format!("- --min-executors\n            - \"{}\"", args.executors),
+        ),
+    ];
     let mut out = String::new();
     for (file, text) in MANIFESTS {
         let mut text = text.to_string();
-        if !matches!(file, "namespace.yaml" | "config.yaml") {
-            text = swap(
-                &text,
-                file,
-                "image: squall:latest",
-                &format!("image: {}", args.image),
-            )?;
-        }
-        if file != "namespace.yaml" {
-            text = swap(
-                &text,
-                file,
-                "namespace: squall\n",
-                &format!("namespace: {}\n", args.namespace),
-            )?;
-        }
-        match file {
-            "namespace.yaml" => {
-                text = swap(
-                    &text,
-                    file,
-                    "  name: squall\n",
-                    &format!("  name: {}\n", args.namespace),
-                )?;
+        for (applies, from, to) in &edits {
+            if applies(file) {
+                text = swap(&text, file, from, to)?;
             }
-            "config.yaml" => {
-                text = swap(
-                    &text,
-                    file,
-                    "SQUALL_REPLICATION: \"2\"",
-                    &format!("SQUALL_REPLICATION: \"{}\"", args.replication),
-                )?;
-            }
-            "kvs.yaml" => {
-                text = swap(
-                    &text,
-                    file,
-                    "replicas: 3",
-                    &format!("replicas: {}", args.nodes),
-                )?;
-                text = swap(
-                    &text,
-                    file,
-                    "storage: 10Gi",
-                    &format!("storage: {}", args.volume),
-                )?;
-            }
-            "executor.yaml" => {
-                text = swap(
-                    &text,
-                    file,
-                    "replicas: 2",
-                    &format!("replicas: {}", args.executors),
-                )?;
-            }
-            "monitor.yaml" => {
-                text = swap(
-                    &text,
-                    file,
-                    "- --min-nodes\n            - \"3\"",
-                    &format!("- --min-nodes\n            - \"{}\"", args.nodes),
-                )?;
-                text = swap(
-                    &text,
-                    file,
-                    "- --min-executors\n            - \"2\"",
-                    &format!("- --min-executors\n            - \"{}\"", args.executors),
-                )?;
-            }
-            _ => {}
         }
         out.push_str(&format!("---\n# {file}\n"));
         out.push_str(&text);
