@@ -44,6 +44,10 @@ fn storage_node(dir: &Path, router: &NodeProcess) -> NodeProcess {
             "100",
             "--gossip-ms",
             "300",
+            // No load reports during these tests: they are keys of the store's own, and the
+            // tests count keys.
+            "--stats-ms",
+            "600000",
         ],
     )
 }
