@@ -840,10 +840,14 @@ impl Client {
                     ))
                 });
             }
-            if stale && !newer_elsewhere && clustered {
-                // The node's view is older than ours: it catches up within a heartbeat.
+            let seen = layout.generation();
+            if (stale && !newer_elsewhere && clustered) || unanswered {
+                // The node's view is older than ours (it catches up within a heartbeat), or a
+                // replica is down (the router notices within its `dead_after`).
                 std::thread::sleep(RETRY_PAUSE);
-            } else if unanswered {
+            } else if newer_elsewhere && refreshes > 0 && self.generation() <= seen {
+                // A node holds a newer view than the router gave us last time: give the
+                // router a moment rather than asking it again at once.
                 std::thread::sleep(RETRY_PAUSE);
             }
             tracing::debug!(stale, unanswered, "layout may be stale; refreshing");

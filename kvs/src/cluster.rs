@@ -491,9 +491,14 @@ impl Agent {
             if Instant::now() >= next_gossip || state.leaving {
                 next_gossip = Instant::now() + gossip;
                 self.gossip(&mut state);
-                let nothing_held = self.held() == 0;
+                // Out of the view, and every key handed off (or none held at all, with no
+                // view to have been routed to).
                 let handed_off = state.left_view && state.retry.iter().all(Vec::is_empty);
-                if state.leaving && (handed_off || nothing_held) {
+                let never_placed = self.shared.placement().is_none() && self.held() == 0;
+                if state.leaving && (handed_off || never_placed) {
+                    // One last report, so the router counts this hand-off as finished at
+                    // once rather than after the node's silence.
+                    self.final_beat(&mut state);
                     self.left.store(true, Ordering::Release);
                     break;
                 }
@@ -504,6 +509,17 @@ impl Agent {
         self.stop.store(true, Ordering::Relaxed);
         if heart.join().is_err() {
             tracing::error!("the heartbeat thread panicked");
+        }
+    }
+
+    /// Reports to the router that the hand-off under the installed view is finished.
+    fn final_beat(&self, state: &mut AgentState) {
+        let request = Request::Join {
+            member: self.member.clone(),
+            stats: member_stats(&state.beat, &self.shared),
+        };
+        if let Err(e) = state.peers.call_one(&self.config.router, request) {
+            tracing::debug!(cause = %e, "the last report did not reach the router");
         }
     }
 
@@ -609,8 +625,8 @@ impl Agent {
             member = view.members.iter().position(|m| m.id == self.member.id),
             "new cluster view"
         );
-        if state.leaving && !view.members.iter().any(|m| m.id == self.member.id) {
-            state.left_view = true;
+        if state.leaving {
+            state.left_view = !view.members.iter().any(|m| m.id == self.member.id);
         }
         // The view right after the one held, with the same members and replication: only
         // keys whose replication changed move, and none if only the settled flag did. Unless
@@ -636,7 +652,7 @@ impl Agent {
             state
                 .beat
                 .synced
-                .store(placement.generation(), Ordering::Relaxed);
+                .store(placement.generation(), Ordering::Release);
             state.handoff = None;
             return;
         }
@@ -739,7 +755,11 @@ impl Agent {
         job.dropped += dropped;
         match &job.only {
             Some(keys) => {
-                job.only_from += only.len();
+                // A scan cut short by its byte cap covered the named keys up to its last.
+                job.only_from += match (more, &last) {
+                    (true, Some(last)) => only.iter().position(|k| k == last).map_or(1, |i| i + 1),
+                    _ => only.len(),
+                };
                 if job.only_from < keys.len() {
                     return Ok(());
                 }
@@ -766,7 +786,7 @@ impl Agent {
         state
             .beat
             .synced
-            .store(placement.generation(), Ordering::Relaxed);
+            .store(placement.generation(), Ordering::Release);
         state.handoff = None;
         Ok(())
     }
@@ -891,13 +911,13 @@ impl Agent {
                     break;
                 }
             }
-            for page in entries.chunks(PAGE as usize) {
-                match self.distribute(state, &placement, endpoint, page.to_vec()) {
+            for page in pages(entries) {
+                match self.distribute(state, &placement, endpoint, page.clone()) {
                     Ok((_, _, true)) => {}
-                    Ok((_, _, false)) => state.retry[shard].extend_from_slice(page),
+                    Ok((_, _, false)) => state.retry[shard].extend(page),
                     Err(e) => {
                         tracing::debug!(cause = %e, "gossip failed; kept for the next round");
-                        state.retry[shard].extend_from_slice(page);
+                        state.retry[shard].extend(page);
                     }
                 }
             }
@@ -910,11 +930,50 @@ impl Agent {
     }
 }
 
+/// `entries` in pages of at most `PAGE` entries and about `PAGE_BYTES` (a larger value
+/// alone), so that no page nears a node's request size limit.
+fn pages(entries: Vec<(Key, LatticeValue)>) -> Vec<Vec<(Key, LatticeValue)>> {
+    let mut pages: Vec<Vec<(Key, LatticeValue)>> = Vec::new();
+    let mut bytes = 0;
+    for (key, value) in entries {
+        let size = key.len() + rmp_serde::encode::to_vec(&value).map_or(0, |v| v.len());
+        match pages.last_mut() {
+            Some(page) if page.len() < PAGE as usize && bytes + size <= PAGE_BYTES => {
+                bytes += size;
+                page.push((key, value));
+            }
+            _ => {
+                bytes = size;
+                pages.push(vec![(key, value)]);
+            }
+        }
+    }
+    pages
+}
+
+/// About the most bytes of entries in one gossip page.
+const PAGE_BYTES: usize = 4 << 20;
+
 /// `request` as sent under view `generation`.
 fn routed(generation: u64, request: Request) -> Request {
     Request::Routed {
         generation,
         request: Box::new(request),
+    }
+}
+
+/// What a heartbeat reports. `synced` is read before the key counts: a report never pairs a
+/// finished hand-off with counts from before it.
+fn member_stats(beat: &Beat, shared: &Shared) -> MemberStats {
+    let synced = beat.synced.load(Ordering::Acquire);
+    MemberStats {
+        keys: shared.keys.iter().map(|k| k.load(Ordering::Acquire)).sum(),
+        synced,
+        requests: shared.requests.load(Ordering::Relaxed),
+        bytes: beat.bytes.load(Ordering::Relaxed),
+        occupancy_permille: u32::try_from(beat.occupancy_permille.load(Ordering::Relaxed))
+            .unwrap_or(u32::MAX),
+        leaving: beat.leaving.load(Ordering::Relaxed),
     }
 }
 
@@ -934,18 +993,9 @@ fn beat_until_stopped(
     let mut newest = 0;
     while !stop.load(Ordering::Relaxed) {
         let next = Instant::now() + period;
-        let stats = MemberStats {
-            keys: shared.keys.iter().map(|k| k.load(Ordering::Relaxed)).sum(),
-            synced: beat.synced.load(Ordering::Relaxed),
-            requests: shared.requests.load(Ordering::Relaxed),
-            bytes: beat.bytes.load(Ordering::Relaxed),
-            occupancy_permille: u32::try_from(beat.occupancy_permille.load(Ordering::Relaxed))
-                .unwrap_or(u32::MAX),
-            leaving: beat.leaving.load(Ordering::Relaxed),
-        };
         let request = Request::Join {
             member: member.clone(),
-            stats,
+            stats: member_stats(beat, shared),
         };
         match peers.call_one(router, request) {
             Ok(Response::View(view)) => {

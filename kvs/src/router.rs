@@ -83,12 +83,21 @@ struct State {
 }
 
 impl State {
+    /// Above the wall clock, the last view, and every view a node reports having held (a
+    /// router restarted with its clock behind its predecessor's still issues newer views).
     fn next_generation(&self) -> u64 {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        now.max(self.view.generation + 1)
+        let reported = self
+            .members
+            .values()
+            .chain(self.departing.values())
+            .map(|k| k.stats.synced)
+            .max()
+            .unwrap_or(0);
+        now.max(self.view.generation + 1).max(reported + 1)
     }
 
     fn rebuild(&mut self, why: &str) {
@@ -167,6 +176,16 @@ impl State {
                     },
                 );
                 self.settle();
+                Response::View(self.view.clone())
+            }
+            Request::Join { member, .. }
+                if self
+                    .departing
+                    .get(&member.id)
+                    .is_some_and(|k| k.member.incarnation == member.incarnation) =>
+            {
+                // A heartbeat sent before its node's leave, arriving after it: the node is
+                // leaving, not back.
                 Response::View(self.view.clone())
             }
             Request::Join { member, .. }

@@ -465,29 +465,42 @@ impl Shard {
                 Outgoing::Ready(encode(id, &Response::Entries { entries, more }))
             }
             Request::Scan { only, .. } => {
-                let entries = only
-                    .into_iter()
-                    .filter_map(|key| self.store.get(&key).cloned().map(|value| (key, value)))
-                    .collect();
-                Outgoing::Ready(encode(
-                    id,
-                    &Response::Entries {
-                        entries,
-                        more: false,
-                    },
-                ))
+                // The named keys that are held, in the order named, up to the byte cap: the
+                // last entry tells the caller where to go on.
+                let mut entries = Vec::new();
+                let (mut bytes, mut more) = (0, false);
+                for key in only {
+                    let Some(value) = self.store.get(&key) else {
+                        continue;
+                    };
+                    let size = key.len() + encoded_len(value);
+                    if !entries.is_empty() && bytes + size > SCAN_BYTES {
+                        more = true;
+                        break;
+                    }
+                    bytes += size;
+                    entries.push((key, value.clone()));
+                }
+                Outgoing::Ready(encode(id, &Response::Entries { entries, more }))
             }
             Request::Stats { top } => {
                 let report = self.load.report(&self.store, top.min(1024) as usize);
                 Outgoing::Ready(encode(id, &Response::Stats(report)))
             }
             Request::Changed { limit } => {
+                // One pass over the set for the candidates, then their values up to the cap.
+                let candidates: Vec<Key> = self
+                    .changed
+                    .iter()
+                    .take((limit as usize).max(1))
+                    .cloned()
+                    .collect();
                 let mut entries = Vec::new();
                 let mut bytes = 0;
-                while entries.len() < (limit as usize).max(1) && bytes < SCAN_BYTES {
-                    let Some(key) = self.changed.iter().next().cloned() else {
+                for key in candidates {
+                    if bytes >= SCAN_BYTES {
                         break;
-                    };
+                    }
                     self.changed.remove(&key);
                     if let Some(value) = self.store.get(&key) {
                         bytes += key.len() + encoded_len(value);
@@ -588,14 +601,16 @@ impl Shard {
         let mut entries = Vec::new();
         let mut bytes = 0;
         let mut range = self.store.range::<str, _>((start, Bound::Unbounded));
+        let mut more = false;
         for (key, value) in range.by_ref() {
-            bytes += key.len() + encoded_len(value);
-            entries.push((key.clone(), value.clone()));
-            if entries.len() >= limit.max(1) || bytes >= SCAN_BYTES {
+            let size = key.len() + encoded_len(value);
+            if entries.len() >= limit.max(1) || (!entries.is_empty() && bytes + size > SCAN_BYTES) {
+                more = true;
                 break;
             }
+            bytes += size;
+            entries.push((key.clone(), value.clone()));
         }
-        let more = range.next().is_some();
         (entries, more)
     }
 
@@ -699,7 +714,7 @@ impl Shard {
         if let Some(shared) = &self.cluster {
             // Before the replies, so whoever reads it after an answer sees the batch counted.
             if let Some(keys) = shared.keys.get(self.index as usize) {
-                keys.store(self.store.len() as u64, Ordering::Relaxed);
+                keys.store(self.store.len() as u64, Ordering::Release);
             }
         }
         for envelope in outbox.drain(..) {

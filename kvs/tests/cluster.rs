@@ -57,7 +57,7 @@ fn settle(router: &Router, members: usize) {
                 .iter()
                 .filter(|m| m.stats.synced == generation)
                 .count();
-            if status.view.members.len() == members && synced == members {
+            if status.view.settled && status.view.members.len() == members && synced == members {
                 return;
             }
             last = format!("{status:?}");

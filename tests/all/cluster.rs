@@ -64,7 +64,7 @@ fn settle(router: &NodeProcess, members: usize) -> squall_proto::ClusterStatus {
                 .iter()
                 .filter(|m| m.stats.synced == generation)
                 .count();
-            if status.view.members.len() == members && synced == members {
+            if status.view.settled && status.view.members.len() == members && synced == members {
                 return status;
             }
             last = Some(status);
