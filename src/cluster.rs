@@ -409,10 +409,6 @@ impl squall_cluster::Provisioner for NoProvisioner {
             role.as_str()
         )))
     }
-
-    fn count(&self, _role: squall_cluster::Role) -> usize {
-        0
-    }
 }
 
 /// `squall monitor`: the policy engine for a cluster another system runs (Kubernetes).

@@ -191,11 +191,6 @@ impl Provisioner for KubeProvisioner {
         tracing::info!(role = role.as_str(), replicas, "scaled down");
         Ok(())
     }
-
-    fn count(&self, role: Role) -> usize {
-        self.replicas(role)
-            .map_or(0, |r| usize::try_from(r).unwrap_or(0))
-    }
 }
 
 #[cfg(test)]

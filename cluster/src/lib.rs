@@ -60,8 +60,6 @@ pub trait Provisioner: Send {
     /// Stops the one of `role` with this id (a storage node's address, an executor's id);
     /// it hands off or drains first.
     fn remove(&mut self, role: Role, id: &str) -> Result<(), Error>;
-    /// How many of `role` run (or are asked to run).
-    fn count(&self, role: Role) -> usize;
     /// Called every period: restart what died, reap what stopped.
     fn supervise(&mut self) {}
 }

@@ -48,20 +48,11 @@ pub struct Process {
     pub role: Role,
     /// Its id: a storage node's address, an executor's id, another role's address.
     pub id: String,
-    /// Its READY line's fields.
-    pub fields: HashMap<String, String>,
     /// Its log file.
     pub log: PathBuf,
     /// A storage node's data slot.
     slot: Option<usize>,
     child: Child,
-}
-
-impl Process {
-    /// A field of its READY line.
-    pub fn field(&self, key: &str) -> Option<&str> {
-        self.fields.get(key).map(String::as_str)
-    }
 }
 
 /// Children that run, and those asked to stop.
@@ -198,7 +189,6 @@ impl LocalProvisioner {
         self.running.push(Process {
             role,
             id,
-            fields,
             log,
             slot,
             child,
@@ -212,16 +202,6 @@ impl LocalProvisioner {
         self.router
             .clone()
             .ok_or_else(|| Error::Provision("start the router first".into()))
-    }
-
-    /// The running children.
-    pub fn running(&self) -> &[Process] {
-        &self.running
-    }
-
-    /// The running children of `role`.
-    pub fn of(&self, role: Role) -> impl Iterator<Item = &Process> {
-        self.running.iter().filter(move |p| p.role == role)
     }
 
     /// Stops everything: storage nodes and executors first (they hand off and drain), then
@@ -285,10 +265,6 @@ impl Provisioner for LocalProvisioner {
         terminate(&process);
         self.stopping.push((process, Instant::now()));
         Ok(())
-    }
-
-    fn count(&self, role: Role) -> usize {
-        self.of(role).count()
     }
 
     fn supervise(&mut self) {
