@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use squall_kvs::{Router, RouterConfig};
+use squall_proto::ready;
 
 /// The router's port unless told otherwise.
 pub const DEFAULT_ROUTER_PORT: u16 = 7000;
@@ -29,35 +30,9 @@ pub struct RouterArgs {
     dead_after_ms: u64,
 }
 
-/// A channel that receives SIGINT and SIGTERM.
-fn stop_signal() -> anyhow::Result<std::sync::mpsc::Receiver<()>> {
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel();
-    ctrlc::set_handler(move || {
-        let _ = stop_tx.send(());
-    })
-    .context("installing the SIGINT/SIGTERM handler")?;
-    Ok(stop_rx)
-}
-
-/// Waits for SIGINT or SIGTERM; fails with `died` if `running` stops holding first.
-fn until_stopped(
-    stop: &std::sync::mpsc::Receiver<()>,
-    running: impl Fn() -> bool,
-    died: &str,
-) -> anyhow::Result<()> {
-    loop {
-        match stop.recv_timeout(Duration::from_millis(500)) {
-            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                anyhow::ensure!(running(), "{died}");
-            }
-        }
-    }
-}
-
 /// Runs a router until SIGINT or SIGTERM.
 pub fn run_router(args: RouterArgs) -> anyhow::Result<()> {
-    let stop = stop_signal()?;
+    let stop = crate::signals::install()?;
     let router = Router::start(RouterConfig {
         host: args.host,
         port: args.port,
@@ -66,9 +41,8 @@ pub fn run_router(args: RouterArgs) -> anyhow::Result<()> {
         ..RouterConfig::default()
     })
     .context("starting the router")?;
-    println!("READY addr={}", router.address());
-    until_stopped(
-        &stop,
+    println!("{}", ready::format(&[("addr", router.address())]));
+    stop.until(
         || router.is_running(),
         "the router thread stopped unexpectedly",
     )?;
@@ -281,7 +255,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     if args.policy.min_executors.is_none() {
         policy.min_executors = args.executors.max(1);
     }
-    let stop = stop_signal()?;
+    let stop = crate::signals::install()?;
     let log_dir = args.dir.join("logs");
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
     let mut extra = std::collections::HashMap::new();
@@ -329,15 +303,17 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         },
         provisioner,
     )?;
+    let logs = log_dir.display().to_string();
     println!(
-        "READY http={http} router={router} scheduler={scheduler} logs={}",
-        log_dir.display()
+        "{}",
+        ready::format(&[
+            ("http", &http),
+            ("router", &router),
+            ("scheduler", &scheduler),
+            ("logs", &logs),
+        ])
     );
-    until_stopped(
-        &stop,
-        || monitor.is_running(),
-        "the monitor stopped unexpectedly",
-    )?;
+    stop.until(|| monitor.is_running(), "the monitor stopped unexpectedly")?;
     tracing::info!("stopping the cluster: executors drain, storage nodes hand off");
     drop(monitor);
     Ok(())
@@ -376,12 +352,15 @@ pub struct MonitorArgs {
     #[arg(long, env = "SQUALL_PROVISIONER", default_value = "kubernetes")]
     provisioner: String,
     /// The namespace of Squall's Kubernetes objects.
+    #[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
     #[arg(long, env = "SQUALL_NAMESPACE", default_value = "squall")]
     namespace: String,
     /// The storage nodes' StatefulSet.
+    #[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
     #[arg(long, default_value = "squall-kvs")]
     kvs_statefulset: String,
     /// The executors' Deployment.
+    #[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
     #[arg(long, default_value = "squall-executor")]
     executor_deployment: String,
     #[command(flatten)]
@@ -413,9 +392,9 @@ impl squall_cluster::Provisioner for NoProvisioner {
 
 /// `squall monitor`: the policy engine for a cluster another system runs (Kubernetes).
 pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
-    use squall_cluster::{KubeConfig, KubeProvisioner, Monitor, MonitorConfig};
+    use squall_cluster::{Monitor, MonitorConfig};
 
-    let stop = stop_signal()?;
+    let stop = crate::signals::install()?;
     let config = MonitorConfig {
         router: args.router.clone(),
         schedulers: args.schedulers.clone(),
@@ -423,26 +402,29 @@ pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
         policy: args.policy.config()?,
     };
     let monitor = match args.provisioner.as_str() {
+        #[cfg(feature = "kubernetes")]
         "kubernetes" => {
-            let provisioner = KubeProvisioner::connect(KubeConfig {
-                namespace: args.namespace.clone(),
-                storage: args.kvs_statefulset.clone(),
-                executors: args.executor_deployment.clone(),
-            })?;
+            let provisioner =
+                squall_cluster::KubeProvisioner::connect(squall_cluster::KubeConfig {
+                    namespace: args.namespace.clone(),
+                    storage: args.kvs_statefulset.clone(),
+                    executors: args.executor_deployment.clone(),
+                })?;
             Monitor::start(config, provisioner)?
         }
+        #[cfg(not(feature = "kubernetes"))]
+        "kubernetes" => anyhow::bail!(
+            "this squall was built without Kubernetes support: build it with \
+             `cargo build --release --features kubernetes` (the image build does)"
+        ),
         "none" => Monitor::start(config, NoProvisioner)?,
         other => anyhow::bail!("unknown provisioner {other:?} (expected kubernetes or none)"),
     };
     println!(
-        "READY router={} provisioner={}",
-        args.router, args.provisioner
+        "{}",
+        ready::format(&[("router", &args.router), ("provisioner", &args.provisioner)])
     );
-    until_stopped(
-        &stop,
-        || monitor.is_running(),
-        "the monitor stopped unexpectedly",
-    )?;
+    stop.until(|| monitor.is_running(), "the monitor stopped unexpectedly")?;
     Ok(())
 }
 

@@ -227,14 +227,14 @@ fn call(connection: &Connection, kind: &str, args: &CallArgs) -> anyhow::Result<
         path.push_str(&format!("?timeout_ms={ms}"));
     }
     let mut call = request(connection, "POST", &path).set(
-        squall_scheduler::gateway::CONSISTENCY_HEADER,
+        squall_gateway::CONSISTENCY_HEADER,
         args.consistency.as_str(),
     );
     if !args.keys.is_empty() {
-        call = call.set(squall_scheduler::gateway::KEYS_HEADER, &args.keys.join(","));
+        call = call.set(squall_gateway::KEYS_HEADER, &args.keys.join(","));
     }
     if let Some(session) = &args.session {
-        call = call.set(squall_scheduler::gateway::SESSION_HEADER, session);
+        call = call.set(squall_gateway::SESSION_HEADER, session);
     }
     let output = send(connection, call.send_bytes(&input))?;
     let mut out = std::io::stdout().lock();

@@ -16,13 +16,14 @@
 //! Why these dependencies: `clap` (flags, `SQUALL_*` variables), `toml` (`squall.toml`),
 //! `ureq` (a small blocking HTTP client for the commands that talk to a gateway; no TLS, the
 //! gateway serves plain HTTP), `serde_json` (the gateway's JSON), `axum` (serving the gateway),
-//! `ctrlc` (SIGINT and SIGTERM).
+//! `tokio` (the roles' runtime, and SIGINT and SIGTERM: see `signals`).
 
 mod cluster;
 mod config;
 mod http;
 mod kv;
 mod roles;
+mod signals;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +32,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use squall_kvs::{ClusterConfig, Config, FsyncPolicy, Node};
+use squall_proto::ready;
 
 /// Squall: a stateful Function-as-a-Service runtime over a lattice key-value store.
 #[derive(Debug, Parser)]
@@ -149,28 +151,17 @@ fn run_kvs(args: KvsArgs) -> anyhow::Result<()> {
         ..defaults
     };
     let joined = config.cluster.is_some();
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel();
-    ctrlc::set_handler(move || {
-        let _ = stop_tx.send(());
-    })
-    .context("installing the SIGINT/SIGTERM handler")?;
+    let stop = signals::install()?;
     let node = Node::start(config).context("starting the storage node")?;
     println!(
-        "READY addr={} shards={} keys={}",
-        node.address(),
-        node.topology().shards.len(),
-        node.recovered_keys()
+        "{}",
+        ready::format(&[
+            ("addr", node.address()),
+            ("shards", &node.topology().shards.len().to_string()),
+            ("keys", &node.recovered_keys().to_string()),
+        ])
     );
-    loop {
-        match stop_rx.recv_timeout(Duration::from_millis(500)) {
-            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if !node.is_running() {
-                    anyhow::bail!("a shard thread stopped unexpectedly");
-                }
-            }
-        }
-    }
+    stop.until(|| node.is_running(), "a shard thread stopped unexpectedly")?;
     if joined {
         tracing::info!("leaving the cluster");
         if !node.leave(Duration::from_secs(args.leave_timeout)) {
@@ -186,11 +177,13 @@ fn run_kvs(args: KvsArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if let Err(e) = config::apply(&args) {
-        eprintln!("error: {e:#}");
-        return ExitCode::FAILURE;
-    }
-    let cli = Cli::parse_from(args);
+    let cli = match config::parse(&args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Up(args) => {
             init_tracing("info");

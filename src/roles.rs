@@ -9,13 +9,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use squall_executor::clients::ClientPool;
-use squall_executor::{Cache, CacheConfig, Executor, ExecutorNode, NodeConfig};
+use squall_executor::{Executor, ExecutorNode, NodeConfig};
+use squall_gateway::{Gateway, GatewayConfig};
 use squall_kvs::{FsyncPolicy, Node};
 use squall_proto::fabric::Fabric;
-use squall_scheduler::gateway::{Gateway, GatewayConfig};
-use squall_scheduler::{DagRegistry, Scheduler, SchedulerClient, SchedulerConfig};
-use tokio::sync::Notify;
+use squall_proto::ready;
+use squall_scheduler::{Scheduler, SchedulerClient, SchedulerConfig};
+use squall_state::{Cache, CacheConfig, ClientPool, DagRegistry};
+
+use crate::signals::Stop;
 
 use crate::kv::DEFAULT_PORT as DEFAULT_KVS_PORT;
 
@@ -167,32 +169,56 @@ pub struct GatewayArgs {
     token: Token,
 }
 
-/// A tokio runtime and a signal that fires on SIGINT or SIGTERM.
-fn runtime() -> anyhow::Result<(tokio::runtime::Runtime, Arc<Notify>)> {
+/// A tokio runtime and the stop that SIGINT or SIGTERM asks for.
+fn runtime() -> anyhow::Result<(tokio::runtime::Runtime, Stop)> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("squall-worker")
         .build()
         .context("starting the async runtime")?;
-    let stop = Arc::new(Notify::new());
-    let signal = stop.clone();
-    ctrlc::set_handler(move || signal.notify_one())
-        .context("installing the SIGINT/SIGTERM handler")?;
+    let stop = crate::signals::install()?;
     Ok((runtime, stop))
 }
 
+/// How long the HTTP server may take, once stopped, to finish the requests it has.
+const HTTP_DRAIN: Duration = Duration::from_secs(10);
+
+/// Serves the gateway until `stop`: then it takes no new connection and finishes the
+/// requests under way (axum's graceful shutdown).
 async fn serve_http(
     host: &str,
     port: u16,
     gateway: Arc<Gateway>,
+    stop: &Stop,
 ) -> anyhow::Result<(String, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind((host, port))
         .await
         .with_context(|| format!("binding the gateway to {host}:{port}"))?;
     let url = format!("http://{}", listener.local_addr()?);
     let router = gateway.router();
-    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let stop = stop.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.requested().await })
+            .await
+    });
     Ok((url, server))
+}
+
+/// Waits for a stop, then for the HTTP server to finish its requests (at most [`HTTP_DRAIN`]);
+/// fails if the server stops first.
+async fn finish_http(
+    stop: &Stop,
+    mut server: tokio::task::JoinHandle<std::io::Result<()>>,
+) -> anyhow::Result<()> {
+    tokio::select! {
+        _ = stop.requested() => tracing::info!("shutting down"),
+        result = &mut server => anyhow::bail!("the HTTP server stopped: {result:?}"),
+    }
+    if tokio::time::timeout(HTTP_DRAIN, server).await.is_err() {
+        tracing::warn!("requests still under way after {HTTP_DRAIN:?}: dropped");
+    }
+    Ok(())
 }
 
 fn start_executor(
@@ -299,7 +325,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                 ..GatewayConfig::default()
             },
         );
-        let (url, server) = serve_http(&args.host.host, args.http_port, gateway).await?;
+        let (url, server) = serve_http(&args.host.host, args.http_port, gateway, &stop).await?;
         eprintln!("squall up");
         eprintln!("  gateway     {url}");
         eprintln!(
@@ -324,18 +350,18 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             }
         );
         println!(
-            "READY http={url} kvs={} scheduler={} executors={}",
-            node.address(),
-            scheduler.addr(),
-            executors.len()
+            "{}",
+            ready::format(&[
+                ("http", &url),
+                ("kvs", node.address()),
+                ("scheduler", scheduler.addr()),
+                ("executors", &executors.len().to_string()),
+            ])
         );
-        tokio::select! {
-            _ = stop.notified() => tracing::info!("shutting down"),
-            result = server => anyhow::bail!("the HTTP server stopped: {result:?}"),
-        }
+        finish_http(&stop, server).await?;
         drop(executors);
         drop(scheduler);
-        Ok(())
+        anyhow::Ok(())
     })?;
     node.shutdown();
     Ok(())
@@ -372,8 +398,11 @@ pub fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
             config,
             node_config,
         )?;
-        println!("READY addr={} id={}", node.addr(), node.id());
-        stop.notified().await;
+        println!(
+            "{}",
+            ready::format(&[("addr", node.addr()), ("id", node.id())])
+        );
+        stop.requested().await;
         // Drain first, so that scaling down fails no call: the schedulers stop placing steps
         // here, and what was placed finishes.
         let timeout = Duration::from_secs(args.drain_timeout);
@@ -403,8 +432,8 @@ pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
             DagRegistry::new(pool, Some(cache)),
             SchedulerConfig::default(),
         );
-        println!("READY addr={}", scheduler.addr());
-        stop.notified().await;
+        println!("{}", ready::format(&[("addr", scheduler.addr())]));
+        stop.requested().await;
         tracing::info!("shutting down");
         Ok(())
     })
@@ -429,12 +458,8 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
                 ..GatewayConfig::default()
             },
         );
-        let (url, server) = serve_http(&args.host.host, args.http_port, gateway).await?;
-        println!("READY http={url}");
-        tokio::select! {
-            _ = stop.notified() => tracing::info!("shutting down"),
-            result = server => anyhow::bail!("the HTTP server stopped: {result:?}"),
-        }
-        Ok(())
+        let (url, server) = serve_http(&args.host.host, args.http_port, gateway, &stop).await?;
+        println!("{}", ready::format(&[("http", &url)]));
+        finish_http(&stop, server).await
     })
 }

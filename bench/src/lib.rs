@@ -215,12 +215,7 @@ pub fn spawn(program: &Path, args: &[&str]) -> anyhow::Result<(Spawned, Vec<(Str
         let Some(line) = lines.next() else {
             bail!("{} {args:?} exited before READY", program.display());
         };
-        if let Some(rest) = line?.strip_prefix("READY ") {
-            let fields = rest
-                .split_whitespace()
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
+        if let Some(fields) = squall_proto::ready::parse(&line?) {
             // Keep draining stdout so the process never blocks on a full pipe.
             std::thread::spawn(move || lines.for_each(drop));
             return Ok((child, fields));
@@ -230,10 +225,8 @@ pub fn spawn(program: &Path, args: &[&str]) -> anyhow::Result<(Spawned, Vec<(Str
 
 /// The value of `key` among a READY line's fields.
 pub fn field(fields: &[(String, String)], key: &str) -> anyhow::Result<String> {
-    fields
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.clone())
+    squall_proto::ready::field(fields, key)
+        .map(str::to_string)
         .with_context(|| format!("READY line without {key}"))
 }
 

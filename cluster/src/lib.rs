@@ -8,18 +8,20 @@
 //!   actions through the router (a key's replication) and a [`Provisioner`] (nodes).
 //! - [`local`]: the provisioner for one machine: child processes (`squall cluster up`).
 //! - [`k8s`]: the provisioner for Kubernetes: scales the StatefulSet and Deployment of
-//!   `cluster/k8s/` through the API server (`kube`).
+//!   `cluster/k8s/` through the API server (`kube`), with the feature `kubernetes`.
 //!
 //! # Dependencies
 //! - `nix` to send SIGTERM to children (a graceful hand-off or drain; std only kills).
 //! - `rmp-serde` to read the load reports the nodes write in MessagePack.
 //! - `squall-scheduler` for its client, which asks a scheduler for its executors' status.
 
+#[cfg(feature = "kubernetes")]
 pub mod k8s;
 pub mod local;
 pub mod monitor;
 pub mod policy;
 
+#[cfg(feature = "kubernetes")]
 pub use k8s::{KubeConfig, KubeProvisioner};
 pub use local::{LocalConfig, LocalProvisioner};
 pub use monitor::{Monitor, MonitorConfig};

@@ -347,13 +347,8 @@ fn wait_ready(child: &mut Child) -> Result<HashMap<String, String>, String> {
         let mut sent = false;
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if let Some(rest) = line.strip_prefix("READY ").filter(|_| !sent) {
-                let fields: HashMap<String, String> = rest
-                    .split_whitespace()
-                    .filter_map(|kv| kv.split_once('='))
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect();
-                sent = tx.send(fields).is_ok();
+            if let Some(fields) = squall_proto::ready::parse(&line).filter(|_| !sent) {
+                sent = tx.send(fields.into_iter().collect()).is_ok();
             }
         }
     });

@@ -1,7 +1,7 @@
 //! The monitor: observes the cluster every period and applies the policy engine's actions.
 //!
 //! It reads the view and members from the router, each member's [`LoadReport`] from the store
-//! (nodes write them under [`load_report_key`]), and the executors' status from a scheduler.
+//! (nodes write them under [`keys::load_report`]), and the executors' status from a scheduler.
 //! A report older than three periods counts as missing: that node's load is unknown, and
 //! decisions rest on the others. Hot-key actions go to the router; node and executor actions
 //! to the provisioner. Failures are logged and the next period tries again.
@@ -13,7 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use squall_kvs::{Client, ClientConfig};
 use squall_lattices::LatticeValue;
-use squall_proto::{load_report_key, LoadReport};
+use squall_proto::keys;
+use squall_proto::LoadReport;
 use squall_scheduler::SchedulerClient;
 
 use crate::policy::{Action, ExecutorLoad, Observation, Policy, PolicyConfig};
@@ -150,7 +151,7 @@ fn observe(
         .view
         .members
         .iter()
-        .map(|m| load_report_key(&m.id))
+        .map(|m| keys::load_report(&m.id))
         .collect();
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)

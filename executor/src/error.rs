@@ -3,23 +3,11 @@
 
 use std::time::Duration;
 
+use squall_proto::call::FailureCode;
+
 /// Why a registration or a call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// No function of that name is registered.
-    #[error("function {name:?} is not registered")]
-    NotFound {
-        /// The name asked for.
-        name: String,
-    },
-    /// A function name that cannot be stored (empty, too long, or with control characters).
-    #[error("invalid function name {name:?}: {reason}")]
-    InvalidName {
-        /// The name given.
-        name: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
     /// The bytes are not a WebAssembly component wasmtime can compile.
     #[error("not a valid WebAssembly component: {reason}")]
     InvalidComponent {
@@ -33,22 +21,6 @@ pub enum Error {
     WrongWorld {
         /// What did not match.
         reason: String,
-    },
-    /// The stored code of a function version is missing or corrupt.
-    #[error("stored code of {name:?} version {version} is unusable: {reason}")]
-    CorruptCode {
-        /// The function.
-        name: String,
-        /// The version.
-        version: u64,
-        /// What is wrong.
-        reason: String,
-    },
-    /// No model of that name is registered.
-    #[error("model {name:?} is not registered")]
-    ModelNotFound {
-        /// The name asked for.
-        name: String,
     },
     /// The bytes are not a model the inference backend can load.
     #[error("model {name:?} cannot be loaded: {reason}")]
@@ -123,54 +95,42 @@ pub enum Error {
         /// Its error message.
         message: String,
     },
-    /// The key-value store failed or could not be reached.
-    #[error("key-value store: {0}")]
-    Kvs(#[from] squall_kvs::Error),
-    /// A value in the store has another type than expected, or is malformed.
-    #[error("bad value in key {key:?}: {reason}")]
-    BadValue {
-        /// The key.
-        key: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// Repeatable read: the version of a key pinned by an earlier step of the run could not
-    /// be fetched from the executor holding it (so the read fails rather than return another).
-    #[error("the version of {key:?} pinned by this run on {holder} is unavailable: {reason}")]
-    PinUnavailable {
-        /// The key.
-        key: String,
-        /// The executor that pinned it.
-        holder: String,
-        /// Why.
-        reason: String,
-    },
-    /// Causal: no version of the key can join the run's causal cut. Either the version held
-    /// depends on a newer version of a key the run already read (declare the key in the
-    /// call's keys, so the run pins it with the others before its first step), or writes kept
-    /// outpacing the search for a cut of the declared keys.
-    #[error("no version of {key:?} fits this run's causal cut: {reason}")]
-    CausalCut {
-        /// The key.
-        key: String,
-        /// Why.
-        reason: String,
-    },
-    /// Causal: a causal call wrote a key that holds values of another lattice type (causal
-    /// writes are multi-key causal versions).
-    #[error("key {key:?} holds {stored} values, but a causal call writes multi-causal versions: write it in lww or repeatable-read mode, or use another key")]
-    ModeMismatch {
-        /// The key.
-        key: String,
-        /// The type it holds.
-        stored: squall_lattices::LatticeType,
-    },
+    /// The store, a registry or the cache failed: a function or model that is not
+    /// registered, a bad name, a store that cannot be reached, a run's consistency refused.
+    #[error(transparent)]
+    State(#[from] squall_state::Error),
     /// The executor could not start (engine settings, sockets, threads).
     #[error("executor setup failed: {0}")]
     Setup(String),
     /// A host-side failure not caused by the guest (a worker thread panicked, say).
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl Error {
+    /// The code a caller sees for this error.
+    pub fn code(&self) -> FailureCode {
+        match self {
+            Error::State(e) => e.code(),
+            Error::InvalidModel { .. } => FailureCode::BadRequest,
+            Error::InvalidComponent { .. } | Error::WrongWorld { .. } => {
+                FailureCode::InvalidComponent
+            }
+            Error::Trap { .. } | Error::CallDepthExceeded { .. } => FailureCode::Trap,
+            Error::Timeout { .. } => FailureCode::Timeout,
+            Error::OutOfMemory { .. } => FailureCode::OutOfMemory,
+            Error::InputTooLarge { .. } | Error::OutputTooLarge { .. } => FailureCode::TooLarge,
+            Error::NoCapacity { .. } => FailureCode::NoCapacity,
+            Error::Failed { .. } => FailureCode::FunctionFailed,
+            Error::Setup(_) | Error::Internal(_) => FailureCode::Internal,
+        }
+    }
+}
+
+impl From<squall_kvs::Error> for Error {
+    fn from(e: squall_kvs::Error) -> Self {
+        Error::State(e.into())
+    }
 }
 
 /// The executor's result type.

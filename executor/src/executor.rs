@@ -15,7 +15,7 @@
 //! the name, without polling.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -27,13 +27,16 @@ use wasmtime::{
     Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline,
 };
 
-use crate::cache::{Cache, CacheStats, Consistency, Session};
-use crate::clients::ClientPool;
-use crate::config::{Config, Limits};
-use crate::host::{log_output, CallContext, CallState, Handler, HandlerPre, Limiter};
+use squall_state::cache::{Cache, CacheStats, Consistency, Session};
+use squall_state::pins::{PinTable, RunContext};
+use squall_state::registry::{function_key, FunctionRecord, Registry};
+use squall_state::{ClientPool, Error as StateError, Limits};
+
+use crate::bindings::{Handler, HandlerPre};
+use crate::config::Config;
+use crate::host::{log_output, CallContext, CallState, Limiter};
 use crate::nn::Models;
-use crate::pins::{PinTable, RunContext};
-use crate::registry::{function_key, FunctionRecord, Registry};
+use crate::runtime::{NestedCall, Runtime};
 use crate::{Error, Result};
 
 /// Options of one call.
@@ -215,16 +218,16 @@ impl Executor {
         code: Vec<u8>,
         limits: Option<Limits>,
     ) -> Result<FunctionRecord> {
-        crate::registry::validate_name(name)?;
+        squall_state::registry::validate_name(name)?;
         let limits = limits
             .unwrap_or(self.inner.config.default_limits)
             .capped(&self.inner.config.max_limits);
-        let sha256 = crate::registry::sha256_hex(&code);
+        let sha256 = squall_state::registry::sha256_hex(&code);
         if let Err(e) = self.inner.compile(&sha256, &code).await {
             tracing::warn!(function = name, size = code.len(), cause = %e, "registration refused");
             return Err(e);
         }
-        self.inner.registry.store(name, code, limits).await
+        Ok(self.inner.registry.store(name, code, limits).await?)
     }
 
     /// Checks that `onnx` is a model this executor can run, stores it as the next version of
@@ -294,7 +297,7 @@ impl Executor {
             return Ok(());
         }
         let call = CallContext {
-            executor: Arc::downgrade(inner),
+            executor: Arc::downgrade(inner) as Weak<dyn Runtime>,
             function: Arc::from(name),
             deadline: Instant::now() + loaded.limits.timeout(),
             depth: 0,
@@ -494,9 +497,10 @@ impl Inner {
             if current.is_some() {
                 self.lock_loaded().remove(name);
             }
-            return Err(Error::NotFound {
+            return Err(StateError::NotFound {
                 name: name.to_string(),
-            });
+            }
+            .into());
         };
         if let Some(loaded) = current {
             if loaded.record == record {
@@ -520,7 +524,7 @@ impl Inner {
                 let code = self.registry.code(&record).await?;
                 self.compile(&record.sha256, &code)
                     .await
-                    .map_err(|e| Error::CorruptCode {
+                    .map_err(|e| StateError::CorruptCode {
                         name: record.name.clone(),
                         version: record.version,
                         reason: e.to_string(),
@@ -678,7 +682,7 @@ pub(crate) async fn run(
     let budget = deadline.saturating_duration_since(started);
     let function: Arc<str> = Arc::from(name.as_str());
     let call = CallContext {
-        executor: Arc::downgrade(&inner),
+        executor: Arc::downgrade(&inner) as Weak<dyn Runtime>,
         function: function.clone(),
         deadline,
         depth,
@@ -741,7 +745,7 @@ pub(crate) async fn run(
     match &result {
         // A guest's own error is an answer, not an incident; everything else is logged once,
         // by the outermost call (nested ones return it to their caller).
-        Err(e @ (Error::Failed { .. } | Error::NotFound { .. })) => {
+        Err(e @ (Error::Failed { .. } | Error::State(StateError::NotFound { .. }))) => {
             tracing::debug!(function = %name, depth, cause = %e, "call failed")
         }
         Err(e) if depth == 0 => tracing::warn!(function = %name, cause = %e, "call failed"),
@@ -812,5 +816,30 @@ impl Inner {
         let contribution = counters.entry(key.to_string()).or_default();
         contribution.add(self.writer, delta);
         contribution.clone()
+    }
+}
+
+impl Runtime for Inner {
+    fn timestamp(&self) -> Timestamp {
+        Inner::timestamp(self)
+    }
+
+    fn contribute(&self, key: &str, delta: i64) -> Counter {
+        Inner::contribute(self, key, delta)
+    }
+
+    fn models(&self) -> &Models {
+        &self.models
+    }
+
+    fn call(
+        self: Arc<Self>,
+        name: String,
+        input: Vec<u8>,
+        depth: u32,
+        deadline: Instant,
+        session: Session,
+    ) -> NestedCall {
+        Box::pin(run(self, name, input, depth, deadline, session))
     }
 }

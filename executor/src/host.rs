@@ -20,32 +20,15 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::cache::Session;
-use crate::executor::Inner;
+use crate::runtime::Runtime;
 use crate::Error;
+use squall_proto::keys::{self, MAX_KEY_BYTES, RESERVED_PREFIX};
+use squall_state::cache::Session;
 
-/// The host bindings of the handler world, generated from `sdk/wit/world.wit`.
-pub(crate) mod bindings {
-    #![allow(missing_docs)]
-    wasmtime::component::bindgen!({
-        path: "../sdk/wit",
-        world: "handler",
-        imports: { default: async | trappable },
-        exports: { default: async },
-        with: {
-            "wasi:nn/graph.graph": crate::nn::Graph,
-            "wasi:nn/tensor.tensor": crate::nn::Tensor,
-            "wasi:nn/inference.graph-execution-context": crate::nn::ExecutionContext,
-            "wasi:nn/errors.error": crate::nn::NnError,
-        },
-    });
-}
-
-use bindings::squall;
+use crate::bindings::{self, squall};
 pub use bindings::squall::function::invoke::CallError;
 pub use bindings::squall::function::log::Level;
 pub use bindings::squall::function::state::{Lattice, LatticeType as WitLatticeType, StateError};
-pub use bindings::{Handler, HandlerPre};
 
 /// The data of one store: one instance's host state.
 pub struct CallState {
@@ -65,8 +48,9 @@ pub struct CallState {
 
 /// What the host knows of the call an instance is serving.
 pub struct CallContext {
-    /// The executor (weak: a warm instance must not keep its executor alive).
-    pub executor: Weak<Inner>,
+    /// The executor, through the narrow handle the imports need (weak: a warm instance must
+    /// not keep its executor alive).
+    pub executor: Weak<dyn Runtime>,
     /// The function's name.
     pub function: Arc<str>,
     /// When the call must be over.
@@ -111,7 +95,7 @@ impl CallState {
 /// Runs a store operation within what is left of the call's deadline.
 async fn bounded<T>(
     remaining: std::time::Duration,
-    op: impl std::future::Future<Output = crate::Result<T>>,
+    op: impl std::future::Future<Output = squall_state::Result<T>>,
 ) -> Result<T, StateError> {
     {
         match tokio::time::timeout(remaining, op).await {
@@ -125,7 +109,7 @@ async fn bounded<T>(
 }
 
 impl CallState {
-    pub(crate) fn executor(&self) -> WasmResult<Arc<Inner>> {
+    pub(crate) fn executor(&self) -> WasmResult<Arc<dyn Runtime>> {
         self.call
             .executor
             .upgrade()
@@ -142,16 +126,17 @@ impl WasiView for CallState {
     }
 }
 
-fn state_error(e: Error) -> StateError {
+fn state_error(e: squall_state::Error) -> StateError {
+    use squall_state::Error as E;
     match e {
-        Error::Kvs(squall_kvs::Error::Key {
+        E::Kvs(squall_kvs::Error::Key {
             error: squall_kvs::KeyError::TypeMismatch(m),
             ..
         }) => StateError::TypeMismatch(m.to_string()),
-        Error::Kvs(squall_kvs::Error::Key { error, .. }) => StateError::Invalid(error.to_string()),
-        Error::Kvs(other) => StateError::Unavailable(other.to_string()),
-        Error::BadValue { reason, .. } => StateError::Invalid(reason),
-        e @ Error::ModeMismatch { .. } => StateError::TypeMismatch(e.to_string()),
+        E::Kvs(squall_kvs::Error::Key { error, .. }) => StateError::Invalid(error.to_string()),
+        E::Kvs(other) => StateError::Unavailable(other.to_string()),
+        E::BadValue { reason, .. } => StateError::Invalid(reason),
+        e @ E::ModeMismatch { .. } => StateError::TypeMismatch(e.to_string()),
         other => StateError::Unavailable(other.to_string()),
     }
 }
@@ -283,14 +268,9 @@ impl squall::function::state::Host for CallState {
     }
 }
 
-/// The longest key a function may use: keys are held in caches and shard maps, so a guest
-/// must not be able to make them arbitrarily large.
-pub const MAX_KEY_BYTES: usize = 1024;
-
-/// Keys under this prefix are Squall's own (the function registry and its code): functions
-/// can neither read nor write them, so one function cannot replace another's code.
-pub const RESERVED_PREFIX: &str = "squall/";
-
+/// Checks a key a function names: 1 to [`MAX_KEY_BYTES`] bytes (keys are held in caches and
+/// shard maps, so a guest must not make them arbitrarily large), and outside Squall's reserved
+/// space (the registries and code: one function cannot replace another's).
 fn check_key(key: &str) -> Result<(), StateError> {
     if key.is_empty() || key.len() > MAX_KEY_BYTES {
         return Err(StateError::Invalid(format!(
@@ -298,7 +278,7 @@ fn check_key(key: &str) -> Result<(), StateError> {
             key.len()
         )));
     }
-    if key.starts_with(RESERVED_PREFIX) {
+    if keys::is_reserved(key) {
         return Err(StateError::Invalid(format!(
             "keys under {RESERVED_PREFIX:?} are reserved for Squall itself"
         )));
@@ -322,17 +302,16 @@ impl squall::function::invoke::Host for CallState {
         let deadline = self.call.deadline;
         // The nested call shares the caller's session: in repeatable read, the run's pins.
         let session = self.call.session.clone();
-        let nested = Box::pin(crate::executor::run(
-            executor, name, input, depth, deadline, session,
-        ))
-        .await;
+        let nested = executor.call(name, input, depth, deadline, session).await;
         match nested {
             Ok(output) => Ok(Ok(output)),
-            Err(Error::NotFound { name }) => Ok(Err(CallError::NotFound(name))),
+            Err(Error::State(squall_state::Error::NotFound { name })) => {
+                Ok(Err(CallError::NotFound(name)))
+            }
             Err(Error::Failed { function, message }) => {
                 Ok(Err(CallError::Failed(format!("{function}: {message}"))))
             }
-            Err(Error::InvalidName { name, reason }) => {
+            Err(Error::State(squall_state::Error::InvalidName { name, reason })) => {
                 Ok(Err(CallError::NotFound(format!("{name} ({reason})"))))
             }
             Err(fatal) => {

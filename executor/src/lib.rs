@@ -9,21 +9,26 @@
 //! output size caps, and a bound on how deeply functions call functions. Whatever a guest
 //! does, the caller gets a typed [`Error`] before the deadline and the executor keeps serving.
 //!
-//! Functions read and write state through the colocated [`Cache`]: reads are served locally
-//! once a key is held, writes go through to the store, and the store pushes changes of held
-//! keys to the cache.
+//! Functions read and write state through the colocated [`Cache`] (from `squall-state`,
+//! which also holds the registries this crate loads functions and models from): reads are
+//! served locally once a key is held, writes go through to the store, and the store pushes
+//! changes of held keys to the cache.
 //!
 //! # Layout
 //! - [`config`]: [`Config`] and the per-function [`Limits`].
 //! - [`executor`]: [`Executor`]: the engine, loading, warm instances, the call path.
 //! - [`node`]: [`ExecutorNode`]: the executor on the call fabric (plans, steps, outputs
 //!   handed to the next step's executor, heartbeats to schedulers).
-//! - `host`: what the guest's imports do (state, nested calls, logging, captured stdio).
-//! - [`registry`]: functions and their versions in the store.
-//! - [`cache`]: the colocated cache and the per-call [`cache::Session`].
-//! - [`pins`]: repeatable read across a run's steps: versions pinned per run, released when
-//!   the run ends, fetched by later steps from the executor that pinned them.
-//! - [`clients`]: blocking store clients lent to async code.
+//! - `bindings`: the host bindings of the WIT world (generated).
+//! - `runtime`: the narrow handle through which imports reach the executor.
+//! - `host`: a store's host state and the `squall:function` imports (state, nested calls,
+//!   logging, captured stdio).
+//! - [`nn`]: models loaded once per executor, inference with tract; `nn_host`: the `wasi:nn`
+//!   imports over them.
+//!
+//! Modules depend downward only: `executor` -> `host`, `nn_host` -> `runtime`, `bindings` ->
+//! `nn`.
+//! - [`error`]: [`Error`]: how a registration or call fails, and its code on the wire.
 //! - `testing` (feature `testing`): builds the example guests for tests and benchmarks.
 //!
 //! # Why these dependencies
@@ -33,26 +38,23 @@
 //!   the host (no preopened directories, sockets or environment).
 //! - `tokio`: wasmtime's async calls (each call on its own fiber, so nested calls cannot
 //!   exhaust a thread's stack) and the blocking pool for store round trips.
-//! - `lru`: the cache's recency order; `sha2`: content addresses of code.
-//! - `zmq`: the socket storage nodes push cache updates to, as the store's own transport.
+//! - `squall-state`: the store client pool, the colocated cache and the registries, shared
+//!   with the roles that must not link wasmtime.
+//! - `tract-onnx`: `wasi:nn`'s backend, pure-Rust ONNX inference (no native library).
 
-pub mod cache;
-pub mod clients;
+mod bindings;
 pub mod config;
-mod error;
+pub mod error;
 pub mod executor;
 mod host;
 pub mod nn;
+mod nn_host;
 pub mod node;
-pub mod pins;
-pub mod registry;
+mod runtime;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use cache::{Cache, CacheStats, Consistency};
-pub use config::{CacheConfig, Config, Limits};
+pub use config::Config;
 pub use error::{Error, Result};
 pub use executor::{CallOptions, Executor, ExecutorStats};
 pub use node::{ExecutorNode, NodeConfig};
-pub use pins::{PinSource, PinTable, RunContext};
-pub use registry::{FunctionRecord, Registry};

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hashbrown::HashMap;
-use squall_lattices::{Dependencies, LatticeValue, Lww, Timestamp};
+use squall_lattices::Dependencies;
 use squall_proto::call::{
     Artifact, CallId, CallResult, Consistency, ExecutorStatus, Failure, FailureCode,
     FunctionVersion, LimitsRequest, Message, Outcome, PinRef, Plan, StepIndex, MAX_STEPS,
@@ -40,9 +40,11 @@ use squall_proto::call::{
 use squall_proto::fabric::{Fabric, Mailbox};
 use tokio::task::JoinHandle;
 
-use crate::clients::ClientPool;
-use crate::pins::{PinFuture, PinSource, PinnedValues, RunContext};
-use crate::{CallOptions, Error, Executor, FunctionRecord};
+use squall_state::pins::{PinFuture, PinSource, PinnedValues, RunContext};
+use squall_state::results::store_result;
+use squall_state::{ClientPool, FunctionRecord};
+
+use crate::{CallOptions, Error, Executor};
 use squall_lattices::causal::{raise, raise_all};
 
 /// Keys of the cache reported in each heartbeat, at most.
@@ -412,7 +414,7 @@ fn handle(shared: &Arc<Shared>, waiting: &mut Waiting, message: Message) {
                         .register_model(&name, code.to_vec())
                         .await
                         .map(version_of)
-                        .map_err(|e| Failure::new(failure_code(&e), e.to_string())),
+                        .map_err(|e| Failure::new(e.code(), e.to_string())),
                 };
                 if let Err(e) = shared
                     .fabric
@@ -592,7 +594,7 @@ async fn run_step(
                 Error::Failed { message, .. } => message.clone(),
                 other => other.to_string(),
             };
-            report(&shared, &plan, Err(failed(failure_code(&e), message)));
+            report(&shared, &plan, Err(failed(e.code(), message)));
             return;
         }
     };
@@ -708,19 +710,6 @@ impl PinSource for FabricPins {
     }
 }
 
-/// Writes an asynchronous call's outcome to its result key (see [`CallResult::rank`]).
-pub async fn store_result(kvs: &ClientPool, key: &str, result: CallResult) -> Result<(), String> {
-    let encoded = result.encode().map_err(|e| e.to_string())?;
-    let value = LatticeValue::Lww(Lww::new(
-        Timestamp::new(result.rank(), rand::random()),
-        encoded.into(),
-    ));
-    let key = key.to_string();
-    kvs.with(move |client| client.put(&key, value))
-        .await
-        .map_err(|e| format!("writing the result: {e}"))
-}
-
 fn report(shared: &Shared, plan: &Plan, outcome: Result<Outcome, Failure>) {
     report_cut(shared, plan, outcome, Dependencies::new());
 }
@@ -764,7 +753,7 @@ async fn register(
             }
             Ok(version_of(record))
         }
-        Err(e) => Err(Failure::new(failure_code(&e), e.to_string())),
+        Err(e) => Err(Failure::new(e.code(), e.to_string())),
     }
 }
 
@@ -807,29 +796,5 @@ fn heartbeat(shared: &Shared, waiting: usize) {
         {
             tracing::debug!(to = %scheduler, cause = %e, "heartbeat not sent");
         }
-    }
-}
-
-/// The kind of failure an executor error is, as callers see it.
-pub fn failure_code(error: &Error) -> FailureCode {
-    match error {
-        Error::NotFound { .. } | Error::ModelNotFound { .. } => FailureCode::NotFound,
-        Error::InvalidName { .. } | Error::InvalidModel { .. } | Error::ModeMismatch { .. } => {
-            FailureCode::BadRequest
-        }
-        Error::InvalidComponent { .. } | Error::WrongWorld { .. } => FailureCode::InvalidComponent,
-        Error::Trap { .. } | Error::CallDepthExceeded { .. } => FailureCode::Trap,
-        Error::Timeout { .. } => FailureCode::Timeout,
-        Error::OutOfMemory { .. } => FailureCode::OutOfMemory,
-        Error::InputTooLarge { .. } | Error::OutputTooLarge { .. } => FailureCode::TooLarge,
-        Error::NoCapacity { .. } => FailureCode::NoCapacity,
-        Error::Failed { .. } => FailureCode::FunctionFailed,
-        Error::Kvs(_) | Error::PinUnavailable { .. } | Error::CausalCut { .. } => {
-            FailureCode::Unavailable
-        }
-        Error::CorruptCode { .. }
-        | Error::BadValue { .. }
-        | Error::Setup(_)
-        | Error::Internal(_) => FailureCode::Internal,
     }
 }

@@ -4,9 +4,10 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use squall_executor::{CacheConfig, Config, Executor};
+use squall_executor::{Config, Executor};
 use squall_kvs::{Client, ClientConfig, Node};
 use squall_lattices::{LatticeValue, Lww, Timestamp};
+use squall_state::CacheConfig;
 
 fn lww(time: u64, value: &str) -> LatticeValue {
     LatticeValue::Lww(Lww::new(
@@ -168,7 +169,7 @@ fn causal(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn causal_sessions_read_causal_cuts_and_write_their_dependencies() {
-    use squall_executor::{Consistency, Error};
+    use squall_state::{Consistency, Error as StateError};
     let node = Node::start(squall_kvs::Config::default()).expect("node");
     let executor = with_cache(&node, CacheConfig::default());
     let cache = executor.cache();
@@ -190,7 +191,7 @@ async fn causal_sessions_read_causal_cuts_and_write_their_dependencies() {
     );
     let refused = session.get("b").await.expect_err("b is outside the cut");
     assert!(
-        matches!(&refused, Error::CausalCut { key, .. } if key == "b"),
+        matches!(&refused, StateError::CausalCut { key, .. } if key == "b"),
         "{refused}"
     );
 
@@ -246,7 +247,10 @@ async fn causal_sessions_read_causal_cuts_and_write_their_dependencies() {
         .put_bytes("plain", Bytes::from_static(b"y"), stamp)
         .await
         .expect_err("mode mismatch");
-    assert!(matches!(refused, Error::ModeMismatch { .. }), "{refused}");
+    assert!(
+        matches!(refused, StateError::ModeMismatch { .. }),
+        "{refused}"
+    );
     let mut plain = cache.session(Consistency::Lww);
     assert!(plain
         .put_bytes("c", Bytes::from_static(b"z"), stamp)
@@ -258,8 +262,8 @@ async fn causal_sessions_read_causal_cuts_and_write_their_dependencies() {
 async fn a_causal_step_refuses_versions_handed_on_that_do_not_form_a_cut() {
     use std::sync::Arc;
 
-    use squall_executor::{Consistency, Error, RunContext};
     use squall_proto::call::{digest, PinRef};
+    use squall_state::{Consistency, Error as StateError, RunContext};
     let node = Node::start(squall_kvs::Config::default()).expect("node");
     let executor = with_cache(&node, CacheConfig::default());
     let cache = executor.cache();
@@ -300,7 +304,7 @@ async fn a_causal_step_refuses_versions_handed_on_that_do_not_form_a_cut() {
         context(&[(1, 2)]),
     );
     let refused = session.get("x").await.expect_err("outside the cut");
-    assert!(matches!(refused, Error::CausalCut { .. }), "{refused}");
+    assert!(matches!(refused, StateError::CausalCut { .. }), "{refused}");
     // Handed on versions that fit are read as they are (here from the local cache).
     let mut session = cache.run_session(
         Consistency::Causal,

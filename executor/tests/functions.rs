@@ -4,8 +4,9 @@
 use std::time::{Duration, Instant};
 
 use squall_executor::testing::guest;
-use squall_executor::{CallOptions, Config, Error, Executor, Limits};
+use squall_executor::{CallOptions, Config, Error, Executor};
 use squall_kvs::{Client, ClientConfig, Node};
+use squall_state::Limits;
 
 fn node() -> Node {
     Node::start(squall_kvs::Config {
@@ -168,11 +169,11 @@ async fn bad_components_are_refused_with_typed_errors() {
         other => panic!("expected WrongWorld, got {other:?}"),
     }
     match executor.register("bad name", guest("incr"), None).await {
-        Err(Error::InvalidName { .. }) => {}
+        Err(Error::State(squall_state::Error::InvalidName { .. })) => {}
         other => panic!("expected InvalidName, got {other:?}"),
     }
     match call(&executor, "missing", "1").await {
-        Err(Error::NotFound { name }) => assert_eq!(name, "missing"),
+        Err(Error::State(squall_state::Error::NotFound { name })) => assert_eq!(name, "missing"),
         other => panic!("expected NotFound, got {other:?}"),
     }
     // Nothing was stored for the refused ones.

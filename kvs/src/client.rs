@@ -4,7 +4,7 @@
 //! each key straight to its shard over one ZeroMQ connection per shard.
 //!
 //! Given a cluster's router (or any member), the client fetches the cluster's view and finds
-//! every key's replicas itself (see [`crate::cluster`]): a write goes to every replica at once
+//! every key's replicas itself (see [`crate::placement`]): a write goes to every replica at once
 //! and succeeds once [`ClientConfig::acks`] of them applied it (a majority by default); a read
 //! needs answers from `replicas − acks + 1` of them, so that it overlaps every acknowledged
 //! write, and merges them (a lattice join). In a settled view it asks just that many, in turn;
@@ -24,22 +24,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hashbrown::HashMap;
 use squall_lattices::{Counter, Lattice, LatticeValue, Lww, Timestamp, WriterId};
-use squall_proto::{
-    decode_response, encode_request, Key, KeyError, Request, RequestError, RequestId, Response,
-    Topology,
-};
+use squall_proto::{Key, KeyError, Request, RequestError, RequestId, Response, Topology};
 
-use crate::cluster::Placement;
+use crate::exchange::{exchange, round_trip, Retry, MAX_TIMEOUT, RETRY_PAUSE};
+use crate::placement::Placement;
 use crate::ring::Ring;
 use crate::zmtp::Connection;
 use crate::{Error, Result};
 
 /// How often a client using an unsettled cluster view fetches it again.
 const UNSETTLED_REFRESH: Duration = Duration::from_millis(500);
-/// Pause between attempts when a node refused or dropped the connection.
-const RETRY_PAUSE: Duration = Duration::from_millis(50);
-/// The longest timeout honoured (longer ones are cut to this).
-const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
 /// Shards and virtual nodes accepted in a node's layout: a bound on the ring a client builds.
 const MAX_SHARDS: usize = 4096;
 const MAX_VIRTUAL_NODES: u32 = 65_536;
@@ -58,6 +52,16 @@ pub struct ClientConfig {
     /// In a cluster, how many of a key's replicas must apply a write before it succeeds
     /// (default: a majority).
     pub acks: Acks,
+}
+
+impl ClientConfig {
+    /// How an exchange of this client waits and retries.
+    pub(crate) fn retry(&self) -> Retry {
+        Retry {
+            timeout: self.timeout,
+            attempts: self.attempts,
+        }
+    }
 }
 
 impl Default for ClientConfig {
@@ -378,7 +382,7 @@ impl Client {
             .collect();
         let clustered = layout.placement.is_some();
         let exchanged = exchange(
-            &self.config,
+            &self.config.retry(),
             &mut self.next_id,
             &layout.endpoints,
             &mut layout.connections,
@@ -486,7 +490,7 @@ impl Client {
             })
             .collect();
         let exchanged = exchange(
-            &self.config,
+            &self.config.retry(),
             &mut self.next_id,
             &layout.endpoints,
             &mut layout.connections,
@@ -586,7 +590,7 @@ impl Client {
         let endpoints = [seed.to_string()];
         let mut connections = [None];
         let mut responses = round_trip(
-            &self.config,
+            &self.config.retry(),
             &mut self.next_id,
             &endpoints,
             &mut connections,
@@ -741,7 +745,7 @@ impl Client {
                 ..self.config.clone()
             };
             let exchanged = exchange(
-                &config,
+                &config.retry(),
                 &mut self.next_id,
                 &layout.endpoints,
                 &mut layout.connections,
@@ -899,159 +903,6 @@ impl Tally {
 /// The pseudo-shard under which [`Client::renew`] and [`Client::subscribe`] report the cluster
 /// view's generation.
 pub const VIEW_SESSION: &str = "cluster-view";
-
-/// Sends `requests` (each on the connection of its target index, opened on demand) all at
-/// once and waits for every answer; fails unless every request was answered.
-fn round_trip(
-    config: &ClientConfig,
-    next_id: &mut RequestId,
-    endpoints: &[String],
-    connections: &mut [Option<Connection>],
-    requests: &[(usize, Request)],
-) -> Result<Vec<Response>> {
-    exchange(config, next_id, endpoints, connections, requests).and_then(Exchanged::into_all)
-}
-
-/// What [`exchange`] got: an answer per request, or `None` where none came.
-pub(crate) struct Exchanged {
-    pub(crate) responses: Vec<Option<Response>>,
-    pub(crate) last_error: String,
-    started: Instant,
-    attempts: u32,
-    missing: Option<String>,
-}
-
-impl Exchanged {
-    /// Every answer, or a timeout naming an endpoint that did not answer.
-    pub(crate) fn into_all(self) -> Result<Vec<Response>> {
-        let exchanged = self.complete()?;
-        Ok(exchanged.responses.into_iter().flatten().collect())
-    }
-
-    /// `self` if every request was answered, else a timeout.
-    pub(crate) fn complete(self) -> Result<Self> {
-        match &self.missing {
-            None => Ok(self),
-            Some(endpoint) => Err(Error::Timeout {
-                endpoint: endpoint.clone(),
-                attempts: self.attempts,
-                waited: self.started.elapsed(),
-                last_error: self.last_error,
-            }),
-        }
-    }
-}
-
-/// Sends `requests` (each on the connection of its target index, opened on demand) all at
-/// once and waits for the answers. Unanswered requests are resent on fresh connections, up to
-/// `config.attempts` times, each attempt bounded by `config.timeout`. Fails only on answers
-/// that cannot be read; unanswered requests are `None` in the result.
-pub(crate) fn exchange(
-    config: &ClientConfig,
-    next_id: &mut RequestId,
-    endpoints: &[String],
-    connections: &mut [Option<Connection>],
-    requests: &[(usize, Request)],
-) -> Result<Exchanged> {
-    let started = Instant::now();
-    let mut responses: Vec<Option<Response>> = requests.iter().map(|_| None).collect();
-    let attempts = config.attempts.max(1);
-    let mut last_error = String::new();
-    let timeout = config.timeout.min(MAX_TIMEOUT);
-    for attempt in 1..=attempts {
-        let deadline = Instant::now() + timeout;
-        // Encode everything first, so that no error can interrupt the exchange once a request
-        // is on the wire.
-        let mut frames = Vec::with_capacity(requests.len());
-        for (slot, (_, request)) in requests.iter().enumerate() {
-            if responses[slot].is_none() {
-                *next_id = next_id.wrapping_add(1);
-                frames.push((slot, *next_id, encode_request(*next_id, request)?));
-            }
-        }
-        let mut sent: Vec<(usize, RequestId)> = Vec::with_capacity(frames.len());
-        for (slot, id, frame) in frames {
-            let target = &requests[slot].0;
-            let endpoint = &endpoints[*target];
-            let outcome = match connections[*target].take() {
-                Some(connection) => Ok(connection),
-                None => Connection::connect(endpoint, deadline),
-            }
-            .and_then(|mut connection| connection.send(&frame, deadline).map(|()| connection));
-            match outcome {
-                Ok(connection) => {
-                    connections[*target] = Some(connection);
-                    sent.push((slot, id));
-                }
-                Err(e) => last_error = format!("{endpoint}: {e}"),
-            }
-        }
-        // One request is outstanding per connection, so the next message is its answer. After
-        // any error the connection is dropped (lazy pirate), so a late answer to a lost attempt
-        // can never be read as the answer to another request; every sent request is read (or
-        // its connection dropped) before an error is returned.
-        let mut fatal = None;
-        for (slot, id) in sent {
-            let target = requests[slot].0;
-            let Some(connection) = connections[target].as_mut() else {
-                continue;
-            };
-            let decoded = match connection.recv(deadline) {
-                Ok(reply) => decode_response(&reply).map_err(Error::from),
-                Err(e) => {
-                    last_error = format!("{}: {e}", endpoints[target]);
-                    connections[target] = None;
-                    continue;
-                }
-            };
-            match decoded {
-                Ok((reply_id, response)) if reply_id == id => responses[slot] = Some(response),
-                Ok((reply_id, _)) => {
-                    connections[target] = None;
-                    fatal = Some(Error::UnexpectedResponse(format!(
-                        "answer to request {reply_id} while waiting for {id}"
-                    )));
-                }
-                Err(e) => {
-                    connections[target] = None;
-                    fatal = Some(e);
-                }
-            }
-        }
-        if let Some(error) = fatal {
-            return Err(error);
-        }
-        if responses.iter().all(Option::is_some) {
-            return Ok(Exchanged {
-                responses,
-                last_error,
-                started,
-                attempts,
-                missing: None,
-            });
-        }
-        tracing::debug!(attempt, error = %last_error, "request attempt failed");
-        if attempt < attempts {
-            // A node that refuses connections is likely restarting: give it a moment, within
-            // the attempt's own budget.
-            if let Some(rest) = deadline.checked_duration_since(Instant::now()) {
-                std::thread::sleep(rest.min(RETRY_PAUSE));
-            }
-        }
-    }
-    let missing = requests
-        .iter()
-        .zip(&responses)
-        .find(|(_, r)| r.is_none())
-        .map(|((t, _), _)| endpoints[*t].clone());
-    Ok(Exchanged {
-        responses,
-        last_error,
-        started,
-        attempts,
-        missing,
-    })
-}
 
 /// The values of a read (GET or SUBSCRIBE), in key order; the first failed key is the error.
 fn values_of(results: Vec<Slot>, keys: &[Key]) -> Result<Vec<Option<LatticeValue>>> {

@@ -26,7 +26,15 @@
 //! - [`subscription`]: pushing changes of watched keys to executors' caches.
 //! - [`node`]: starting and stopping a node ([`Node`]).
 //! - [`client`]: [`Client`], with deadlines, retries and shard routing.
+//! - `exchange`: the request exchange every client of a node uses (the client, the cluster
+//!   agent, the router): requests at once, answers by id, retries on fresh connections.
 //! - `zmtp`: the client's ZeroMQ connections, which need no I/O thread.
+//! - [`placement`]: a cluster view as key -> replicas (global ring, per-key overrides).
+//! - [`cluster`]: a node's part in a cluster (heartbeats, hand-off, gossip, load reports).
+//! - [`router`]: the cluster's membership ([`Router`]).
+//!
+//! Modules depend downward only: `zmtp` <- `exchange` <- `client`, `placement` <- `cluster`,
+//! `router` (the router and the agent use the client's configuration, never the reverse).
 //!
 //! # Example
 //! ```
@@ -60,8 +68,10 @@
 pub mod client;
 pub mod cluster;
 pub mod config;
+mod exchange;
 pub mod log;
 pub mod node;
+pub mod placement;
 pub mod ring;
 pub mod router;
 pub mod shard;

@@ -27,16 +27,11 @@ use squall_proto::{
     MemberStatus, Request, RequestError, RequestId, Response, Topology,
 };
 
-use crate::cluster::Placement;
+use squall_proto::keys::MAX_KEY_BYTES;
 
-/// The most replicas a key may have.
-pub const MAX_REPLICATION: u32 = 64;
-/// The most keys with their own replication: the view travels with every heartbeat.
-pub const MAX_OVERRIDES: usize = 10_000;
-/// The longest key with its own replication.
-pub const MAX_KEY_BYTES: usize = 1024;
-/// The most storage nodes in a cluster.
-pub const MAX_MEMBERS: usize = 4096;
+use crate::exchange::{exchange, Exchanged, Retry};
+use crate::placement::{Placement, MAX_MEMBERS, MAX_OVERRIDES, MAX_REPLICATION};
+
 use crate::{io_err, zmq_err, Error, Result};
 
 /// A router's settings.
@@ -544,21 +539,21 @@ pub fn replicate(address: &str, key: &str, replicas: Option<u32>) -> Result<Clus
 }
 
 fn ask(address: &str, request: Request) -> Result<Response> {
-    let config = crate::ClientConfig {
+    let retry = Retry {
         attempts: 2,
-        ..crate::ClientConfig::default()
+        ..Retry::default()
     };
     let endpoints = [address.to_string()];
     let mut connections = [None];
     let mut next_id = rand::random::<u32>() as u64;
-    let mut responses = crate::client::exchange(
-        &config,
+    let mut responses = exchange(
+        &retry,
         &mut next_id,
         &endpoints,
         &mut connections,
         &[(0, request)],
     )
-    .and_then(crate::client::Exchanged::into_all)?;
+    .and_then(Exchanged::into_all)?;
     match responses.pop() {
         Some(Response::Error(e)) => Err(Error::Request(e)),
         Some(response) => Ok(response),

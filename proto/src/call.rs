@@ -405,11 +405,6 @@ impl CallResult {
     }
 }
 
-/// The store key of an asynchronous call's result.
-pub fn result_key(id: &str) -> String {
-    format!("squall/results/{id}")
-}
-
 /// What a finished invocation returns to its caller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Invocation {

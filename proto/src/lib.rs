@@ -20,6 +20,8 @@
 //! # Layout
 //! - [`call`]: the call fabric's messages (gateway, scheduler, executor), same framing.
 //! - [`fabric`]: the mailboxes and sockets those messages travel on (ZeroMQ PUSH/PULL).
+//! - [`keys`]: the key layout: which store key holds which of Squall's records.
+//! - [`ready`]: the READY line every process prints once it serves, and its reader.
 //! - [`Request`], [`Response`] and their parts: what travels.
 //! - [`encode_request`], [`decode_request`], [`encode_response`], [`decode_response`]: the codec.
 //!
@@ -36,6 +38,8 @@
 
 pub mod call;
 pub mod fabric;
+pub mod keys;
+pub mod ready;
 
 use serde::{Deserialize, Serialize};
 use squall_lattices::{LatticeValue, TypeMismatch};
@@ -319,7 +323,7 @@ pub struct MemberStats {
 
 /// Load over one window: of a shard (answer to [`Request::Stats`]), or of a whole node (the
 /// shards' reports combined), which nodes store in the store itself under
-/// [`load_report_key`] for the policy engine.
+/// [`keys::load_report`] for the policy engine.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LoadReport {
     /// Who reports (a node's id; empty for a shard).
@@ -343,12 +347,6 @@ pub struct LoadReport {
     pub sum_squares: f64,
     /// The most accessed keys and their counts, most first.
     pub top: Vec<(Key, u64)>,
-}
-
-/// The store key a node's [`LoadReport`] is written to (MessagePack in a last-writer-wins
-/// register).
-pub fn load_report_key(node: &str) -> Key {
-    format!("squall/load/{node}")
 }
 
 /// A router's view of the cluster, for operators.

@@ -35,9 +35,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hashbrown::{HashMap, HashSet};
-use squall_executor::clients::ClientPool;
-use squall_executor::node::store_result;
-use squall_executor::Registry;
 use squall_lattices::causal::raise_all;
 use squall_lattices::Dependencies;
 use squall_proto::call::{
@@ -45,9 +42,11 @@ use squall_proto::call::{
     InvokeOptions, Message, Outcome, Plan, Target,
 };
 use squall_proto::fabric::{Fabric, Mailbox};
+use squall_state::dag::{DagRegistry, Shape};
+use squall_state::results::store_result;
+use squall_state::{ClientPool, Registry};
 use tokio::task::JoinHandle;
 
-use crate::dag::{DagRegistry, Shape};
 use crate::placement::{choose, least_loaded, Candidate};
 
 /// How a scheduler behaves.
@@ -450,7 +449,7 @@ async fn invoke(
     let started = Instant::now();
     let mut shape = match target {
         Target::Function(name) => {
-            squall_executor::registry::validate_name(name)
+            squall_state::registry::validate_name(name)
                 .map_err(|e| Failure::new(FailureCode::BadRequest, e.to_string()))?;
             Shape::single(name)
         }

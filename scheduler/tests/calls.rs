@@ -8,15 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use squall_executor::clients::ClientPool;
 use squall_executor::testing::guest;
-use squall_executor::{Cache, CacheConfig, Config, Executor, ExecutorNode, NodeConfig};
+use squall_executor::{Config, Executor, ExecutorNode, NodeConfig};
 use squall_kvs::Node;
-use squall_proto::call::{
-    result_key, Artifact, CallResult, FailureCode, InvokeOptions, LimitsRequest, Target,
-};
+use squall_proto::call::{Artifact, CallResult, FailureCode, InvokeOptions, LimitsRequest, Target};
 use squall_proto::fabric::Fabric;
-use squall_scheduler::{DagRegistry, DagSpec, Scheduler, SchedulerClient, SchedulerConfig};
+use squall_scheduler::{Scheduler, SchedulerClient, SchedulerConfig};
+use squall_state::{Cache, CacheConfig, ClientPool, DagRegistry, DagSpec};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -246,7 +244,7 @@ async fn dags_compose_fan_in_and_report_failures() {
         .expect_err("unregistered function");
     assert!(refused.to_string().contains("nope"), "{refused}");
     // An asynchronous call's output lands in its result key.
-    let key = result_key("t1");
+    let key = squall_proto::keys::result(squall_proto::keys::DEFAULT_NAMESPACE, "t1");
     cluster
         .client
         .invoke_detached(

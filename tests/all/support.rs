@@ -144,13 +144,8 @@ impl NodeProcess {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.strip_prefix("READY ") {
-                    let fields: HashMap<String, String> = rest
-                        .split_whitespace()
-                        .filter_map(|kv| kv.split_once('='))
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect();
-                    let _ = tx.send(fields);
+                if let Some(fields) = squall_proto::ready::parse(&line) {
+                    let _ = tx.send(fields.into_iter().collect::<HashMap<_, _>>());
                 }
             }
         });

@@ -20,9 +20,10 @@ use std::time::Instant;
 
 use clap::Parser;
 use squall_bench::median;
-use squall_executor::{CallOptions, Config, Executor, Limits};
+use squall_executor::{CallOptions, Config, Executor};
 use squall_kvs::{Client, ClientConfig, Node};
 use squall_lattices::{LatticeValue, Lww, Timestamp};
+use squall_state::Limits;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};

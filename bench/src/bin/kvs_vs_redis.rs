@@ -129,11 +129,9 @@ fn start_squall(
     let server = Server { child };
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
-    let addr = line
-        .strip_prefix("READY addr=")
-        .and_then(|rest| rest.split_whitespace().next())
-        .with_context(|| format!("squall kvs did not print READY: {line:?}"))?
-        .to_string();
+    let addr = squall_proto::ready::parse(&line)
+        .and_then(|fields| squall_proto::ready::field(&fields, "addr").map(str::to_string))
+        .with_context(|| format!("squall kvs did not print READY: {line:?}"))?;
     Ok((server, addr))
 }
 

@@ -1,13 +1,14 @@
 //! The registries of functions and of models, kept in the KVS so any executor can load any
-//! function or model and nothing is lost when one restarts. Both work the same way ([`Kind`]
+//! function or model and nothing is lost when one restarts. Both work the same way ([`Artifact`]
 //! picks the keys); a model's record is a [`FunctionRecord`] whose limits are unused.
 //!
-//! Keys (all lattices, so concurrent writers merge rather than overwrite):
-//! - `squall/functions` (`squall/models`): the set of registered names.
-//! - `squall/fn/{name}` (`squall/model/{name}`): a map from version number (zero-padded, so it
-//!   sorts) to the version's [`FunctionRecord`] as an LWW register.
-//! - `squall/code/{sha256}`: the code's manifest (size and chunk count) and
-//!   `squall/code/{sha256}/{i}`: its bytes in chunks of [`CHUNK_BYTES`], content-addressed, so
+//! Keys (all lattices, so concurrent writers merge rather than overwrite; laid out by
+//! [`squall_proto::keys`]):
+//! - [`keys::names`]: the set of registered names.
+//! - [`keys::record`]: a map from version number (zero-padded, so it sorts) to the version's
+//!   [`FunctionRecord`] as an LWW register.
+//! - [`keys::code`]: the code's manifest (size and chunk count) and [`keys::code_chunk`]: its
+//!   bytes in chunks of [`CHUNK_BYTES`], content-addressed, so
 //!   registering the same code twice stores it once. Chunks are written before the manifest
 //!   and the manifest before the version entry, so a version that can be seen can be loaded.
 //!
@@ -22,57 +23,25 @@ use sha2::{Digest, Sha256};
 use squall_lattices::{LatticeValue, Lww, MapLattice, SetLattice, Timestamp};
 
 use crate::cache::Cache;
-use crate::clients::ClientPool;
-use crate::config::Limits;
+use squall_proto::call::Artifact;
+use squall_proto::keys::{self, DEFAULT_NAMESPACE};
+
+use crate::limits::Limits;
+use crate::pool::ClientPool;
 use crate::{Error, Result};
 
-/// The key of the set of registered function names.
-pub const NAMES_KEY: &str = "squall/functions";
-
-/// The key of the set of registered model names.
-pub const MODEL_NAMES_KEY: &str = "squall/models";
-
-/// What a registry holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Kind {
-    /// Functions: WebAssembly components.
-    #[default]
-    Function,
-    /// Models for `wasi:nn`: ONNX files.
-    Model,
+/// The key of the set of names of `kind`.
+pub fn names_key(kind: Artifact) -> String {
+    keys::names(DEFAULT_NAMESPACE, kind.into())
 }
 
-impl Kind {
-    /// The key of the set of names.
-    pub fn names_key(self) -> &'static str {
-        match self {
-            Kind::Function => NAMES_KEY,
-            Kind::Model => MODEL_NAMES_KEY,
-        }
-    }
-
-    /// The key of a name's versions.
-    pub fn record_key(self, name: &str) -> String {
-        match self {
-            Kind::Function => function_key(name),
-            Kind::Model => model_key(name),
-        }
-    }
-
-    /// What it is called in messages.
-    pub fn noun(self) -> &'static str {
-        match self {
-            Kind::Function => "function",
-            Kind::Model => "model",
-        }
-    }
+/// The key of a name's versions.
+pub fn record_key(kind: Artifact, name: &str) -> String {
+    keys::record(DEFAULT_NAMESPACE, kind.into(), name)
 }
 
 /// Code is stored in chunks of this size, well under a storage node's request limit.
 pub const CHUNK_BYTES: usize = 4 << 20;
-
-/// The longest function name.
-pub const MAX_NAME_LEN: usize = 128;
 
 /// One registered version of a function.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,20 +71,7 @@ struct Manifest {
 
 /// The key holding a function's versions.
 pub fn function_key(name: &str) -> String {
-    format!("squall/fn/{name}")
-}
-
-/// The key holding a model's versions.
-pub fn model_key(name: &str) -> String {
-    format!("squall/model/{name}")
-}
-
-fn code_key(sha256: &str) -> String {
-    format!("squall/code/{sha256}")
-}
-
-fn chunk_key(sha256: &str, index: u32) -> String {
-    format!("squall/code/{sha256}/{index}")
+    record_key(Artifact::Function, name)
 }
 
 /// Hex SHA-256 of `bytes`.
@@ -124,28 +80,10 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Checks that a name can be a key and a URL path segment: 1 to 128 characters of ASCII
-/// letters, digits, `-`, `_` and `.`.
+/// Checks that a name can be a key segment and a URL path segment: 1 to 128 characters of
+/// ASCII letters, digits, `-`, `_` and `.` ([`keys::validate_name`]).
 pub fn validate_name(name: &str) -> Result<()> {
-    let invalid = |reason| {
-        Err(Error::InvalidName {
-            name: name.chars().take(MAX_NAME_LEN + 8).collect(),
-            reason,
-        })
-    };
-    if name.is_empty() {
-        return invalid("empty");
-    }
-    if name.len() > MAX_NAME_LEN {
-        return invalid("longer than 128 characters");
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-    {
-        return invalid("only ASCII letters, digits, '-', '_' and '.' are allowed");
-    }
-    Ok(())
+    Ok(keys::validate_name(name)?)
 }
 
 /// Reads and writes the registry. Cheap to clone; thread-safe.
@@ -153,7 +91,7 @@ pub fn validate_name(name: &str) -> Result<()> {
 pub struct Registry {
     kvs: ClientPool,
     cache: Option<Cache>,
-    kind: Kind,
+    kind: Artifact,
 }
 
 impl Registry {
@@ -163,7 +101,7 @@ impl Registry {
         Self {
             kvs,
             cache: Some(cache),
-            kind: Kind::Function,
+            kind: Artifact::Function,
         }
     }
 
@@ -173,20 +111,20 @@ impl Registry {
         Self {
             kvs,
             cache: None,
-            kind: Kind::Function,
+            kind: Artifact::Function,
         }
     }
 
     /// The same registry's reader and writer, for models instead of functions.
     pub fn models(&self) -> Self {
         Self {
-            kind: Kind::Model,
+            kind: Artifact::Model,
             ..self.clone()
         }
     }
 
     /// What it holds.
-    pub fn kind(&self) -> Kind {
+    pub fn kind(&self) -> Artifact {
         self.kind
     }
 
@@ -205,8 +143,8 @@ impl Registry {
         validate_name(name)?;
         let sha256 = sha256_hex(&code);
         let size = code.len() as u64;
-        let key = self.kind.record_key(name);
-        let names_key = self.kind.names_key();
+        let key = record_key(self.kind, name);
+        let names_key = names_key(self.kind);
         let record = {
             let sha256 = sha256.clone();
             let name = name.to_string();
@@ -220,7 +158,7 @@ impl Registry {
                         .enumerate()
                         .map(|(i, chunk)| {
                             (
-                                chunk_key(&sha256, i as u32),
+                                keys::code_chunk(&sha256, i as u32),
                                 LatticeValue::Lww(Lww::new(
                                     fixed,
                                     bytes::Bytes::copy_from_slice(chunk),
@@ -238,7 +176,7 @@ impl Registry {
                     })
                     .map_err(|e| squall_kvs::Error::Config(format!("encoding a manifest: {e}")))?;
                     client.put(
-                        &code_key(&sha256),
+                        &keys::code(&sha256),
                         LatticeValue::Lww(Lww::new(fixed, manifest.into())),
                     )?;
                     let record = put_version(client, &key, |version| FunctionRecord {
@@ -251,13 +189,13 @@ impl Registry {
                         deleted: false,
                     })?;
                     let names = SetLattice::from_iter([bytes::Bytes::from(name.clone())]);
-                    client.put(names_key, LatticeValue::Set(names))?;
+                    client.put(&names_key, LatticeValue::Set(names))?;
                     Ok(record)
                 })
                 .await?
         };
         tracing::info!(
-            kind = self.kind.noun(),
+            kind = keys::Kind::from(self.kind).noun(),
             name = %record.name,
             version = record.version,
             sha256 = %record.sha256,
@@ -276,7 +214,7 @@ impl Registry {
     /// read from (0 if the name was never registered).
     pub async fn newest_versioned(&self, name: &str) -> Result<(Option<FunctionRecord>, u64)> {
         validate_name(name)?;
-        let key = self.kind.record_key(name);
+        let key = record_key(self.kind, name);
         match self.read(&key).await? {
             (None, generation) => Ok((None, generation)),
             (Some(value), generation) => Ok((
@@ -290,7 +228,7 @@ impl Registry {
     /// or was never registered.
     pub async fn versions(&self, name: &str) -> Result<Vec<FunctionRecord>> {
         validate_name(name)?;
-        let key = self.kind.record_key(name);
+        let key = record_key(self.kind, name);
         match self.read(&key).await?.0 {
             None => Ok(Vec::new()),
             Some(value) => Ok(live_versions(versions_of(&key, &value)?)),
@@ -301,12 +239,12 @@ impl Registry {
     pub async fn list(&self) -> Result<Vec<FunctionRecord>> {
         let names = self.names().await?;
         let kind = self.kind;
-        let keys: Vec<String> = names.iter().map(|n| kind.record_key(n)).collect();
+        let keys: Vec<String> = names.iter().map(|n| record_key(kind, n)).collect();
         let values = self.kvs.with(move |c| c.get_many(&keys)).await?;
         let mut newest = Vec::new();
         for (name, value) in names.iter().zip(values) {
             if let Some(value) = value {
-                let key = self.kind.record_key(name);
+                let key = record_key(self.kind, name);
                 if let Some(record) = versions_of(&key, &value)?.pop().filter(|r| !r.deleted) {
                     newest.push(record);
                 }
@@ -319,7 +257,7 @@ impl Registry {
     /// already deleted). Executors stop calling it as soon as the store pushes the change.
     pub async fn delete(&self, name: &str) -> Result<bool> {
         validate_name(name)?;
-        let key = self.kind.record_key(name);
+        let key = record_key(self.kind, name);
         let name = name.to_string();
         let deleted = self
             .kvs
@@ -351,8 +289,9 @@ impl Registry {
 
     /// The registered names, sorted.
     pub async fn names(&self) -> Result<Vec<String>> {
-        let names_key = self.kind.names_key();
-        let value = self.kvs.with(move |client| client.get(names_key)).await?;
+        let names_key = names_key(self.kind);
+        let key = names_key.clone();
+        let value = self.kvs.with(move |client| client.get(&key)).await?;
         let mut names: Vec<String> = match value {
             None => Vec::new(),
             Some(LatticeValue::Set(set)) => set
@@ -362,7 +301,7 @@ impl Registry {
                 .collect(),
             Some(other) => {
                 return Err(Error::BadValue {
-                    key: names_key.into(),
+                    key: names_key,
                     reason: format!("expected a set, found {}", other.lattice_type().name()),
                 })
             }
@@ -382,7 +321,7 @@ impl Registry {
         let fetched = self
             .kvs
             .with(move |client| {
-                let manifest = client.get(&code_key(&sha256))?;
+                let manifest = client.get(&keys::code(&sha256))?;
                 let Some(LatticeValue::Lww(manifest)) = manifest else {
                     return Ok(Err("manifest missing or not an LWW value".to_string()));
                 };
@@ -392,7 +331,7 @@ impl Registry {
                 };
                 let mut code = Vec::with_capacity(manifest.size.min(1 << 30) as usize);
                 for i in 0..manifest.chunks {
-                    match client.get(&chunk_key(&sha256, i))? {
+                    match client.get(&keys::code_chunk(&sha256, i))? {
                         Some(LatticeValue::Lww(chunk)) => code.extend_from_slice(&chunk.value),
                         _ => return Ok(Err(format!("chunk {i} missing"))),
                     }

@@ -7,30 +7,34 @@
 //! predecessor are sources: each takes the call's input. A function with several predecessors
 //! takes their outputs as one list, in the order its edges are listed.
 //!
-//! Keys: `squall/dags` (the set of names ever registered) and `squall/dag/{name}` (an LWW
-//! register holding the newest [`DagRecord`]; deleting writes a tombstone record, which a
-//! later registration supersedes).
+//! Keys ([`squall_proto::keys`]): [`names_key`] (the set of names ever registered) and
+//! [`dag_key`] (an LWW register holding the newest [`DagRecord`]; deleting writes a tombstone
+//! record, which a later registration supersedes).
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use squall_executor::clients::ClientPool;
-use squall_executor::registry::validate_name;
-use squall_executor::{Cache, Registry};
 use squall_lattices::{LatticeValue, Lww, SetLattice, Timestamp};
 use squall_proto::call::{PlanStep, StepIndex, MAX_STEPS};
+use squall_proto::keys::{self, DEFAULT_NAMESPACE};
 
+use crate::cache::Cache;
+use crate::pool::ClientPool;
+use crate::registry::{validate_name, Registry};
 use crate::{Error, Result};
 
 /// The key of the set of DAG names.
-pub const DAG_NAMES_KEY: &str = "squall/dags";
+pub fn names_key() -> String {
+    keys::names(DEFAULT_NAMESPACE, keys::Kind::Dag)
+}
 
 /// The key of a DAG's record.
 pub fn dag_key(name: &str) -> String {
-    format!("squall/dag/{name}")
+    keys::record(DEFAULT_NAMESPACE, keys::Kind::Dag, name)
 }
 
 /// A DAG as its author writes it: `{"functions":["g","f"],"edges":[["g","f"]]}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DagSpec {
     /// Its functions, each once.
@@ -38,7 +42,7 @@ pub struct DagSpec {
     /// Its edges, `[from, to]`; the order of the edges into a function is the order of its
     /// inputs.
     #[serde(default)]
-    #[schema(value_type = Vec<Vec<String>>)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<Vec<String>>))]
     pub edges: Vec<(String, String)>,
 }
 
@@ -224,7 +228,8 @@ impl DagRegistry {
 
     /// Every DAG that is not deleted, by name.
     pub async fn list(&self) -> Result<Vec<DagRecord>> {
-        let names = self.kvs.with(|c| c.get(DAG_NAMES_KEY)).await?;
+        let names_key = names_key();
+        let names = self.kvs.with(move |c| c.get(&names_key)).await?;
         let mut names: Vec<String> = match names {
             Some(LatticeValue::Set(set)) => set
                 .0
@@ -281,15 +286,13 @@ impl DagRegistry {
         let encoded = rmp_serde::to_vec(record).map_err(|e| Error::Internal(e.to_string()))?;
         let key = dag_key(&record.name);
         let name = Bytes::from(record.name.clone());
+        let names_key = names_key();
         self.kvs
             .with(move |client| {
                 let value =
                     LatticeValue::Lww(Lww::new(Timestamp::now(client.writer()), encoded.into()));
                 client.put(&key, value)?;
-                client.put(
-                    DAG_NAMES_KEY,
-                    LatticeValue::Set(SetLattice::from_iter([name])),
-                )
+                client.put(&names_key, LatticeValue::Set(SetLattice::from_iter([name])))
             })
             .await?;
         Ok(())

@@ -1,6 +1,6 @@
 //! Repeatable read across the steps of a run: the versions a run has pinned on this executor.
 //!
-//! In [`Consistency::RepeatableRead`](crate::Consistency) the first read of a key by any step
+//! In [`Consistency::RepeatableRead`](squall_proto::call::Consistency) the first read of a key by any step
 //! of a run pins the version read, here, on the executor that read it, and every later read of
 //! that key by the run returns it. The run's later steps learn what was pinned from the
 //! [`PinRef`]s that travel with the step outputs (key, digest of the version, holder): a step
@@ -16,7 +16,7 @@
 //!
 //! Causal mode reads through the same pins and adds the causal cut: every [`PinRef`] of a
 //! causal value carries its clock and dependencies, and [`causal_meta`], [`RunPins::cut`] and
-//! [`RunPins::read_clock`] are what [`crate::cache::Session`] checks a new read against.
+//! [`RunPins::read_clock`] are what the cache's `Session` checks a new read against.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -191,7 +191,7 @@ impl RunPins {
         Some(value)
     }
 
-    /// Pins `versions` (a cut prepared by [`crate::cache::Session::prepare`]) all under one
+    /// Pins `versions` (a cut prepared by the cache's `Session::prepare`) all under one
     /// lock, unless the pins changed since `generation`; returns whether it did.
     pub fn pin_all<'a>(
         &self,

@@ -1,21 +1,3 @@
-//! The HTTP gateway: Squall's public API, versioned under `/v1`.
-//!
-//! Control endpoints speak JSON; function input and output are raw bytes. Every error is
-//! `{"error":{"code":...,"message":...}}` (plus `"step"` when a DAG step failed) with a fitting
-//! status. With a token configured, every mutating request (PUT, POST, DELETE) must carry
-//! `Authorization: Bearer <token>`. The OpenAPI document of this API is generated from these
-//! handlers (`utoipa`) and served at `/v1/openapi.json`.
-//!
-//! The gateway keeps no call state of its own: invocations go to a scheduler over the fabric
-//! ([`SchedulerClient`]), functions and DAGs are read from and written to the store, and
-//! asynchronous results are read from their result keys.
-//!
-//! A call sees every registration and deletion answered before it was made: after writing a
-//! function's or DAG's record, and before answering, the gateway tells its schedulers to read
-//! that record from the store next time, and they tell their executors
-//! ([`squall_proto::call::Message::Refresh`]), ahead of any later call on the same connections.
-//! Caches elsewhere learn of the change by the store's push.
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,19 +10,20 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use squall_executor::clients::ClientPool;
-use squall_executor::registry::validate_name;
-use squall_executor::{FunctionRecord, Registry};
 use squall_lattices::{LatticeValue, Lww, Max, Min, SetLattice, Timestamp};
 use squall_proto::call::{
-    result_key, Artifact, CallResult, Consistency, Failure, FailureCode, InvokeOptions,
-    LimitsRequest, Target, MAX_DECLARED_KEYS,
+    Artifact, CallResult, Consistency, Failure, FailureCode, InvokeOptions, LimitsRequest, Target,
+    MAX_DECLARED_KEYS,
 };
+use squall_proto::keys;
+use squall_scheduler::SchedulerClient;
+use squall_state::dag::dag_key;
+use squall_state::registry::{record_key, validate_name};
+use squall_state::results::store_result;
+use squall_state::{ClientPool, DagRecord, DagRegistry, DagSpec, FunctionRecord, Registry};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
-use crate::dag::dag_key;
 use crate::metrics::Metrics;
-use crate::{DagRecord, DagRegistry, DagSpec, SchedulerClient};
 
 /// How the gateway behaves.
 #[derive(Debug, Clone)]
@@ -234,19 +217,9 @@ impl From<Failure> for ApiError {
     }
 }
 
-impl From<crate::Error> for ApiError {
-    fn from(error: crate::Error) -> Self {
+impl From<squall_state::Error> for ApiError {
+    fn from(error: squall_state::Error) -> Self {
         error.failure().into()
-    }
-}
-
-impl From<squall_executor::Error> for ApiError {
-    fn from(error: squall_executor::Error) -> Self {
-        Failure::new(
-            squall_executor::node::failure_code(&error),
-            error.to_string(),
-        )
-        .into()
     }
 }
 
@@ -490,9 +463,7 @@ async fn register(
         .client
         .register(kind, name, code, limits, gateway.config.register_timeout)
         .await?;
-    gateway
-        .client
-        .refresh(vec![gateway.registry(kind).kind().record_key(name)]);
+    gateway.client.refresh(vec![record_key(kind, name)]);
     Ok((
         StatusCode::CREATED,
         Json(FunctionInfo {
@@ -523,7 +494,7 @@ async fn detail(
     if versions.is_empty() {
         return Err(ApiError::not_found(format!(
             "{} {name:?} is not registered",
-            registry.kind().noun()
+            keys::Kind::from(registry.kind()).noun()
         )));
     }
     Ok(Json(FunctionDetail {
@@ -539,8 +510,8 @@ async fn delete(gateway: &Gateway, kind: Artifact, name: &str) -> ApiResult<Stat
     let existed = registry.delete(name).await?;
     gateway
         .client
-        .refresh(vec![registry.kind().record_key(name)]);
-    deleted(existed, registry.kind().noun(), name)
+        .refresh(vec![record_key(registry.kind(), name)]);
+    deleted(existed, keys::Kind::from(registry.kind()).noun(), name)
 }
 
 #[utoipa::path(get, path = "/v1/functions", tag = "functions",
@@ -771,8 +742,8 @@ async fn invoke(
     let name = target.name().to_string();
     if params.asynchronous.unwrap_or(false) {
         let id = uuid::Uuid::new_v4().simple().to_string();
-        let key = result_key(&id);
-        squall_executor::node::store_result(&gateway.kvs, &key, CallResult::Running)
+        let key = keys::result(keys::DEFAULT_NAMESPACE, &id);
+        store_result(&gateway.kvs, &key, CallResult::Running)
             .await
             .map_err(|e| Failure::new(FailureCode::Unavailable, e))?;
         options.result_key = Some(key);
@@ -911,7 +882,7 @@ async fn get_result(
     {
         return Err(ApiError::not_found(format!("no result {id:?}")));
     }
-    let key = result_key(&id);
+    let key = keys::result(keys::DEFAULT_NAMESPACE, &id);
     let value = gateway.kvs.with(move |c| c.get(&key)).await?;
     let Some(LatticeValue::Lww(register)) = value else {
         return Err(ApiError::not_found(format!("no result {id:?}")));
@@ -943,11 +914,12 @@ pub struct KvParams {
     pub lattice: Option<String>,
 }
 
-const RESERVED_PREFIX: &str = "squall/";
-
 fn checked_key(key: &str) -> ApiResult<()> {
-    if key.is_empty() || key.len() > 1024 {
-        return Err(ApiError::bad_request("a key has 1 to 1024 bytes"));
+    if key.is_empty() || key.len() > keys::MAX_KEY_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "a key has 1 to {} bytes",
+            keys::MAX_KEY_BYTES
+        )));
     }
     Ok(())
 }
@@ -1000,9 +972,10 @@ async fn put_kv(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<StatusCode> {
     checked_key(&key)?;
-    if key.starts_with(RESERVED_PREFIX) {
+    if keys::is_reserved(&key) {
         return Err(ApiError::bad_request(format!(
-            "keys under {RESERVED_PREFIX} belong to Squall"
+            "keys under {} belong to Squall",
+            keys::RESERVED_PREFIX
         )));
     }
     let body = body?;

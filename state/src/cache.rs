@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hashbrown::{HashMap, HashSet};
 use lru::LruCache;
+use serde::{Deserialize, Serialize};
 use squall_kvs::ShardSession;
 use squall_lattices::{
     Dependencies, Lattice, LatticeValue, Lww, MultiKeyCausal, Timestamp, VectorClock,
@@ -43,11 +44,34 @@ use squall_proto::{decode_response, Key, Response};
 
 pub use squall_proto::call::Consistency;
 
-use crate::clients::ClientPool;
-use crate::config::CacheConfig;
 use crate::pins::{causal_meta, reaches, RunContext, RunPins};
+use crate::pool::ClientPool;
 use crate::{Error, Result};
 use squall_lattices::causal::raise_all;
+
+/// Settings of the colocated cache.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Bytes of values held (default 64 MiB); the least recently used go first.
+    pub capacity_bytes: usize,
+    /// Host the cache binds its update socket on, which storage nodes connect to (default
+    /// `127.0.0.1`; use an address the storage nodes can reach).
+    pub bind_host: String,
+    /// How often the cache renews its subscriptions (default 5 s; storage nodes forget a
+    /// subscriber after 30 s of silence).
+    pub renew_interval: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            capacity_bytes: 64 << 20,
+            bind_host: "127.0.0.1".into(),
+            renew_interval: Duration::from_secs(5),
+        }
+    }
+}
 
 /// How long the update thread waits for a push before doing its periodic work.
 const POLL: Duration = Duration::from_millis(100);

@@ -1,0 +1,45 @@
+//! The narrow handle through which a guest's imports reach the executor running it.
+//!
+//! The imports (`host`, `nn_host`) need four things of the executor: a timestamp for a write,
+//! its share of a counter, the models loaded for `wasi:nn`, and a way to run a nested call.
+//! They get exactly that, as a [`Runtime`], rather than the executor's whole state: what a
+//! guest can reach is what this trait says, and the executor's internals can change without
+//! touching the imports. A store holds it weakly, so a warm instance never keeps its executor
+//! alive.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use squall_lattices::{Counter, Timestamp};
+use squall_state::cache::Session;
+
+use crate::nn::Models;
+use crate::Result;
+
+/// A nested call under way.
+pub(crate) type NestedCall = Pin<Box<dyn Future<Output = Result<Vec<u8>>> + Send>>;
+
+/// What the imports may ask of the executor.
+pub(crate) trait Runtime: Send + Sync {
+    /// A timestamp for a last-writer-wins write, later than every earlier one of this executor.
+    fn timestamp(&self) -> Timestamp;
+
+    /// This executor's contribution to counter `key` after adding `delta` (a PN-counter entry
+    /// of its own, so concurrent executors never overwrite each other).
+    fn contribute(&self, key: &str, delta: i64) -> Counter;
+
+    /// The models loaded for `wasi:nn`.
+    fn models(&self) -> &Models;
+
+    /// Runs `name` as a call nested `depth` deep, within `deadline`, in the caller's `session`.
+    fn call(
+        self: Arc<Self>,
+        name: String,
+        input: Vec<u8>,
+        depth: u32,
+        deadline: Instant,
+        session: Session,
+    ) -> NestedCall;
+}

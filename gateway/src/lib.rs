@@ -1,0 +1,43 @@
+//! Squall's HTTP gateway: the public API, versioned under `/v1`.
+//!
+//! Control endpoints speak JSON; function input and output are raw bytes. Every error is
+//! `{"error":{"code":...,"message":...}}` (plus `"step"` when a DAG step failed) with a fitting
+//! status. With a token configured, every mutating request (PUT, POST, DELETE) must carry
+//! `Authorization: Bearer <token>`. The OpenAPI document of this API is generated from these
+//! handlers (`utoipa`) and served at `/v1/openapi.json`.
+//!
+//! The gateway keeps no call state of its own: invocations go to a scheduler over the fabric
+//! ([`squall_scheduler::SchedulerClient`]), functions and DAGs are read from and written to the store, and
+//! asynchronous results are read from their result keys.
+//!
+//! A call sees every registration and deletion answered before it was made: after writing a
+//! function's or DAG's record, and before answering, the gateway tells its schedulers to read
+//! that record from the store next time, and they tell their executors
+//! ([`squall_proto::call::Message::Refresh`]), ahead of any later call on the same connections.
+//! Caches elsewhere learn of the change by the store's push.
+//!
+//! # Layout
+//! - [`api`]: the routes and handlers, their errors and status mapping, the token check and
+//!   the OpenAPI document ([`api::ApiDoc`]).
+//! - `metrics`: the Prometheus metrics served at `/metrics`.
+//!
+//! # Why a crate of its own
+//! HTTP is one way in among others (the CLI and other roles speak the call fabric): the
+//! scheduler stays free of a web framework, and the gateway links neither wasmtime nor tract.
+//!
+//! # Why these dependencies
+//! - `axum` (on tokio and hyper): the most used Rust web framework, with typed extractors and
+//!   body limits; `serde_json` for its JSON.
+//! - `utoipa`: the OpenAPI document generated from the handlers' annotations, so it cannot
+//!   drift from the code.
+//! - `prometheus-client`: the Prometheus project's own Rust client, for `/metrics`.
+//! - `uuid`: ids of asynchronous results (random, not guessable).
+//! - `squall-scheduler` for its client, `squall-state` for the registries and results.
+
+/// The routes and handlers.
+pub mod api;
+mod metrics;
+
+pub use api::{
+    Gateway, GatewayConfig, CONSISTENCY_HEADER, KEYS_HEADER, PLACEMENT_HEADER, SESSION_HEADER,
+};

@@ -1,0 +1,49 @@
+//! Squall's state as every role reaches it, with no WebAssembly runtime and no inference
+//! engine linked: the scheduler, the gateway and the monitor use this crate, and so does the
+//! executor, which adds wasmtime and tract on top.
+//!
+//! # Layout
+//! - [`pool`]: [`ClientPool`]: blocking store clients lent to async code.
+//! - [`cache`]: [`Cache`]: the colocated cache of store keys, which storage nodes keep
+//!   current by pushing every change, and its per-call [`cache::Session`] with the
+//!   consistency modes (last-writer-wins, repeatable read, causal).
+//! - [`pins`]: repeatable read and causal cuts across a run's steps: versions pinned per run,
+//!   released when the run ends, fetched by later steps from the executor that pinned them.
+//! - [`registry`]: functions and models and their versions in the store ([`Registry`]), with
+//!   the [`Limits`] stored beside each version ([`limits`]).
+//! - [`dag`]: DAG definitions, their checks, and their registry ([`DagRegistry`]).
+//! - [`results`]: asynchronous calls' results.
+//! - [`error`]: [`Error`], with the code each failure has on the wire.
+//!
+//! Where each of these keeps its keys is [`squall_proto::keys`]: one layout for every crate.
+//!
+//! # Why a crate of its own
+//! The registries and the cache were the executor's, so every role that reads a function or
+//! DAG record linked wasmtime, Cranelift and tract: minutes of build and megabytes of binary
+//! for nothing. They depend only on the store, so they live one level above it.
+//!
+//! # Why these dependencies
+//! - `squall-kvs`: the store's client; `zmq`: the socket storage nodes push cache updates to,
+//!   the store's own transport.
+//! - `tokio`: the pool runs store round trips on the blocking threads; `lru`: the cache's
+//!   recency order; `sha2`: content addresses of code; `rmp-serde`: records in the store, like
+//!   every other record.
+//! - `utoipa` (feature `openapi`, which the gateway turns on): the schema of a DAG definition
+//!   in the generated OpenAPI document.
+
+pub mod cache;
+pub mod dag;
+pub mod error;
+pub mod limits;
+pub mod pins;
+pub mod pool;
+pub mod registry;
+pub mod results;
+
+pub use cache::{Cache, CacheConfig, CacheStats, Consistency};
+pub use dag::{DagRecord, DagRegistry, DagSpec};
+pub use error::{Error, Result};
+pub use limits::Limits;
+pub use pins::{PinSource, PinTable, RunContext};
+pub use pool::ClientPool;
+pub use registry::{FunctionRecord, Registry};
