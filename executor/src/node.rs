@@ -267,135 +267,23 @@ async fn serve(shared: Arc<Shared>, mut mailbox: Mailbox) {
 
 fn handle(shared: &Arc<Shared>, waiting: &mut Waiting, message: Message) {
     match message {
-        Message::Schedule { plan, input } => {
-            if let Err(problem) = plan.check() {
-                tracing::warn!(call = plan.call, %problem, "malformed plan refused");
-                report(
-                    shared,
-                    &plan,
-                    Err(Failure::new(FailureCode::BadRequest, problem)),
-                );
-                return;
-            }
-            if waiting.ended.contains_key(&plan.call) {
-                return;
-            }
-            let deadline = Instant::now() + Duration::from_millis(plan.timeout_ms);
-            for step in plan.steps_on(&shared.addr).collect::<Vec<_>>() {
-                let spec = &plan.steps[step as usize];
-                if spec.inputs.is_empty() {
-                    spawn_step(
-                        shared,
-                        plan.clone(),
-                        step,
-                        input.clone(),
-                        Vec::new(),
-                        deadline,
-                    );
-                    continue;
-                }
-                let entry = waiting
-                    .steps
-                    .entry((plan.call, step))
-                    .or_insert_with(|| Pending {
-                        plan: None,
-                        deadline,
-                        arrived: Vec::new(),
-                    });
-                // Outputs that came first, from steps that are not this step's inputs, go.
-                entry
-                    .arrived
-                    .retain(|(from, _, _)| spec.inputs.contains(from));
-                entry.plan = Some(plan.clone());
-                entry.deadline = deadline;
-                try_start(shared, &mut waiting.steps, (plan.call, step));
-            }
-        }
+        Message::Schedule { plan, input } => schedule(shared, waiting, plan, input),
         Message::Output {
             call,
             step,
             from,
             data,
             pins,
-        } => {
-            if waiting.ended.contains_key(&call) {
-                return;
-            }
-            let steps = &mut waiting.steps;
-            if steps.len() >= MAX_PENDING && !steps.contains_key(&(call, step)) {
-                tracing::warn!(call, step, "too many steps waiting; an output was dropped");
-                return;
-            }
-            let entry = steps.entry((call, step)).or_insert_with(|| Pending {
-                plan: None,
-                deadline: Instant::now() + ORPHAN_WAIT,
-                arrived: Vec::new(),
-            });
-            let expected = match &entry.plan {
-                Some(plan) => plan
-                    .steps
-                    .get(usize::from(step))
-                    .is_some_and(|spec| spec.inputs.contains(&from)),
-                None => entry.arrived.len() < MAX_STEPS,
-            };
-            if !expected {
-                tracing::debug!(
-                    call,
-                    step,
-                    from,
-                    "output from a step that is not an input dropped"
-                );
-            } else if !entry.arrived.iter().any(|(f, _, _)| *f == from) {
-                entry.arrived.push((from, data, pins));
-            }
-            try_start(shared, steps, (call, step));
-        }
-        Message::Refresh { keys } => {
-            for key in &keys {
-                shared.executor.cache().refresh(key);
-            }
-        }
-        Message::Cancel { call } => {
-            waiting.steps.retain(|(c, _), _| *c != call);
-            waiting.ended.insert(call, Instant::now() + ORPHAN_WAIT);
-            shared.executor.pins().release(call);
-        }
+        } => output(shared, waiting, call, step, from, data, pins),
+        Message::Refresh { keys } => refresh(shared, keys),
+        Message::Cancel { call } => cancel(shared, waiting, call),
         Message::Release { call } => shared.executor.pins().release(call),
         Message::FetchPins {
             request,
             call,
             keys,
             reply_to,
-        } => {
-            let mut keys = keys;
-            keys.sort_unstable();
-            keys.dedup();
-            let result = if keys.len() > MAX_FETCHED_KEYS {
-                Err(format!("at most {MAX_FETCHED_KEYS} keys per request"))
-            } else {
-                match shared.executor.pins().get(call) {
-                    Some(pins) => pins.lookup(&keys).and_then(|values| {
-                        let size = rmp_serde::to_vec(&values).map_or(usize::MAX, |b| b.len());
-                        if size > MAX_PINS_REPLY_BYTES {
-                            Err(format!(
-                                "the pinned values take {size} bytes, over the reply limit"
-                            ))
-                        } else {
-                            Ok(values)
-                        }
-                    }),
-                    None => Err(format!(
-                        "run {call} holds no pins here (it ended, or this executor restarted)"
-                    )),
-                }
-            };
-            if let Err(e) = shared
-                .fabric
-                .send(&reply_to, Message::Pins { request, result })
-            {
-                tracing::debug!(to = %reply_to, cause = %e, "pins not sent");
-            }
-        }
+        } => fetch_pins(shared, request, call, keys, reply_to),
         Message::Pins { request, result } => shared.pins.answered(request, result),
         Message::Register {
             request,
@@ -404,39 +292,188 @@ fn handle(shared: &Arc<Shared>, waiting: &mut Waiting, message: Message) {
             name,
             code,
             limits,
-        } => {
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let result = match kind {
-                    Artifact::Function => register(&shared.executor, &name, code, limits).await,
-                    Artifact::Model => shared
-                        .executor
-                        .register_model(&name, code.to_vec())
-                        .await
-                        .map(version_of)
-                        .map_err(|e| Failure::new(e.code(), e.to_string())),
-                };
-                if let Err(e) = shared
-                    .fabric
-                    .send(&reply_to, Message::Registered { request, result })
-                {
-                    tracing::warn!(to = %reply_to, cause = %e, "registration answer not sent");
-                }
-            });
-        }
-        Message::Warm { function } => {
-            let executor = shared.executor.clone();
-            tokio::spawn(async move {
-                if let Err(e) = executor.warm(&function).await {
-                    tracing::debug!(function = %function, cause = %e, "could not warm");
-                }
-            });
-        }
+        } => register_message(shared, request, reply_to, kind, name, code, limits),
+        Message::Warm { function } => warm(shared, function),
         other => tracing::warn!(
             message = other.kind(),
             "message not meant for an executor dropped"
         ),
     }
+}
+
+/// A plan: start this executor's source steps, and wait for the inputs of the others.
+fn schedule(shared: &Arc<Shared>, waiting: &mut Waiting, plan: Arc<Plan>, input: Bytes) {
+    if let Err(problem) = plan.check() {
+        tracing::warn!(call = plan.call, %problem, "malformed plan refused");
+        report(
+            shared,
+            &plan,
+            Err(Failure::new(FailureCode::BadRequest, problem)),
+        );
+        return;
+    }
+    if waiting.ended.contains_key(&plan.call) {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_millis(plan.timeout_ms);
+    for step in plan.steps_on(&shared.addr).collect::<Vec<_>>() {
+        let spec = &plan.steps[step as usize];
+        if spec.inputs.is_empty() {
+            spawn_step(
+                shared,
+                plan.clone(),
+                step,
+                input.clone(),
+                Vec::new(),
+                deadline,
+            );
+            continue;
+        }
+        let entry = waiting
+            .steps
+            .entry((plan.call, step))
+            .or_insert_with(|| Pending {
+                plan: None,
+                deadline,
+                arrived: Vec::new(),
+            });
+        // Outputs that came first, from steps that are not this step's inputs, go.
+        entry
+            .arrived
+            .retain(|(from, _, _)| spec.inputs.contains(from));
+        entry.plan = Some(plan.clone());
+        entry.deadline = deadline;
+        try_start(shared, &mut waiting.steps, (plan.call, step));
+    }
+}
+
+/// A step's output for one of this executor's steps: kept until the step's plan and other inputs are here (bounded, and dropped if unexpected).
+fn output(
+    shared: &Arc<Shared>,
+    waiting: &mut Waiting,
+    call: CallId,
+    step: StepIndex,
+    from: StepIndex,
+    data: Bytes,
+    pins: Vec<PinRef>,
+) {
+    if waiting.ended.contains_key(&call) {
+        return;
+    }
+    let steps = &mut waiting.steps;
+    if steps.len() >= MAX_PENDING && !steps.contains_key(&(call, step)) {
+        tracing::warn!(call, step, "too many steps waiting; an output was dropped");
+        return;
+    }
+    let entry = steps.entry((call, step)).or_insert_with(|| Pending {
+        plan: None,
+        deadline: Instant::now() + ORPHAN_WAIT,
+        arrived: Vec::new(),
+    });
+    let expected = match &entry.plan {
+        Some(plan) => plan
+            .steps
+            .get(usize::from(step))
+            .is_some_and(|spec| spec.inputs.contains(&from)),
+        None => entry.arrived.len() < MAX_STEPS,
+    };
+    if !expected {
+        tracing::debug!(
+            call,
+            step,
+            from,
+            "output from a step that is not an input dropped"
+        );
+    } else if !entry.arrived.iter().any(|(f, _, _)| *f == from) {
+        entry.arrived.push((from, data, pins));
+    }
+    try_start(shared, steps, (call, step));
+}
+
+/// Records changed: read them from the store next time.
+fn refresh(shared: &Shared, keys: Vec<String>) {
+    for key in &keys {
+        shared.executor.cache().refresh(key);
+    }
+}
+
+/// A call failed or was given up: drop its waiting steps and its pins, and ignore its late outputs.
+fn cancel(shared: &Shared, waiting: &mut Waiting, call: CallId) {
+    waiting.steps.retain(|(c, _), _| *c != call);
+    waiting.ended.insert(call, Instant::now() + ORPHAN_WAIT);
+    shared.executor.pins().release(call);
+}
+
+/// Another executor asks for versions a run pinned here (bounded in keys and reply size).
+fn fetch_pins(shared: &Shared, request: u64, call: CallId, keys: Vec<String>, reply_to: String) {
+    let mut keys = keys;
+    keys.sort_unstable();
+    keys.dedup();
+    let result = if keys.len() > MAX_FETCHED_KEYS {
+        Err(format!("at most {MAX_FETCHED_KEYS} keys per request"))
+    } else {
+        match shared.executor.pins().get(call) {
+            Some(pins) => pins.lookup(&keys).and_then(|values| {
+                let size = rmp_serde::to_vec(&values).map_or(usize::MAX, |b| b.len());
+                if size > MAX_PINS_REPLY_BYTES {
+                    Err(format!(
+                        "the pinned values take {size} bytes, over the reply limit"
+                    ))
+                } else {
+                    Ok(values)
+                }
+            }),
+            None => Err(format!(
+                "run {call} holds no pins here (it ended, or this executor restarted)"
+            )),
+        }
+    };
+    if let Err(e) = shared
+        .fabric
+        .send(&reply_to, Message::Pins { request, result })
+    {
+        tracing::debug!(to = %reply_to, cause = %e, "pins not sent");
+    }
+}
+
+/// A registration: compile and check the function (or load the model), store it, answer.
+fn register_message(
+    shared: &Arc<Shared>,
+    request: u64,
+    reply_to: String,
+    kind: Artifact,
+    name: String,
+    code: Bytes,
+    limits: LimitsRequest,
+) {
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let result = match kind {
+            Artifact::Function => register(&shared.executor, &name, code, limits).await,
+            Artifact::Model => shared
+                .executor
+                .register_model(&name, code.to_vec())
+                .await
+                .map(version_of)
+                .map_err(|e| Failure::new(e.code(), e.to_string())),
+        };
+        if let Err(e) = shared
+            .fabric
+            .send(&reply_to, Message::Registered { request, result })
+        {
+            tracing::warn!(to = %reply_to, cause = %e, "registration answer not sent");
+        }
+    });
+}
+
+/// Keep a function warm here (the scheduler keeps every function warm somewhere).
+fn warm(shared: &Shared, function: String) {
+    let executor = shared.executor.clone();
+    tokio::spawn(async move {
+        if let Err(e) = executor.warm(&function).await {
+            tracing::debug!(function = %function, cause = %e, "could not warm");
+        }
+    });
 }
 
 /// Starts the step if its plan and all its inputs are there.

@@ -1,14 +1,22 @@
 //! The gateway's Prometheus metrics: calls, errors and latency per function and DAG, and each
 //! executor's cache hits and misses, load and steps (from the scheduler's view of it).
+//!
+//! The gateway's own figures live in a registry for its lifetime. The executors' figures are
+//! read at scrape time: each scrape encodes them from the statuses it was given, through a
+//! collector of its own, so concurrent scrapes never see each other's half-written state, and
+//! an executor that left disappears from the next scrape. Figures that only grow (cache hits
+//! and misses, steps run) are counters; steps running now is a gauge.
 
 use std::time::Duration;
 
-use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use squall_proto::call::{ExecutorStatus, FailureCode};
 
@@ -35,15 +43,73 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
 }
 
-/// The gateway's metrics.
+/// The gateway's metrics. Lives as long as the gateway; `render` may run concurrently.
 pub struct Metrics {
     registry: Registry,
     calls: Family<CallLabels, Counter>,
     latency: Family<TargetLabels, Histogram, fn() -> Histogram>,
-    cache_hits: Family<ExecutorLabels, Gauge>,
-    cache_misses: Family<ExecutorLabels, Gauge>,
-    running: Family<ExecutorLabels, Gauge>,
-    steps: Family<ExecutorLabels, Gauge>,
+}
+
+/// The executors' figures as one scrape saw them.
+#[derive(Debug)]
+struct ExecutorFigures(Vec<ExecutorStatus>);
+
+impl ExecutorFigures {
+    fn encode_one(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        metric_type: MetricType,
+        value: impl Fn(&ExecutorStatus) -> u64,
+    ) -> Result<(), std::fmt::Error> {
+        let mut metric = encoder.encode_descriptor(name, help, None, metric_type)?;
+        for status in &self.0 {
+            let labels = ExecutorLabels {
+                executor: status.id.clone(),
+            };
+            let family = metric.encode_family(&labels)?;
+            match metric_type {
+                MetricType::Counter => ConstCounter::new(value(status)).encode(family)?,
+                _ => ConstGauge::new(i64::try_from(value(status)).unwrap_or(i64::MAX))
+                    .encode(family)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Collector for ExecutorFigures {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.encode_one(
+            &mut encoder,
+            "executor_cache_hits",
+            "Reads served by an executor's cache since it started",
+            MetricType::Counter,
+            |s| s.cache_hits,
+        )?;
+        self.encode_one(
+            &mut encoder,
+            "executor_cache_misses",
+            "Reads an executor's cache sent to the store since it started",
+            MetricType::Counter,
+            |s| s.cache_misses,
+        )?;
+        self.encode_one(
+            &mut encoder,
+            "executor_running",
+            "Steps running on an executor",
+            MetricType::Gauge,
+            |s| u64::from(s.running),
+        )?;
+        self.encode_one(
+            &mut encoder,
+            "executor_steps",
+            "Steps an executor has run since it started",
+            MetricType::Counter,
+            |s| s.steps,
+        )
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -70,38 +136,10 @@ impl Metrics {
             "Latency of synchronous invocations as the gateway sees them",
             latency.clone(),
         );
-        let cache_hits = Family::<ExecutorLabels, Gauge>::default();
-        registry.register(
-            "executor_cache_hits",
-            "Reads served by an executor's cache since it started",
-            cache_hits.clone(),
-        );
-        let cache_misses = Family::<ExecutorLabels, Gauge>::default();
-        registry.register(
-            "executor_cache_misses",
-            "Reads an executor's cache sent to the store since it started",
-            cache_misses.clone(),
-        );
-        let running = Family::<ExecutorLabels, Gauge>::default();
-        registry.register(
-            "executor_running",
-            "Steps running on an executor",
-            running.clone(),
-        );
-        let steps = Family::<ExecutorLabels, Gauge>::default();
-        registry.register(
-            "executor_steps",
-            "Steps an executor has run since it started",
-            steps.clone(),
-        );
         Self {
             registry,
             calls,
             latency,
-            cache_hits,
-            cache_misses,
-            running,
-            steps,
         }
     }
 
@@ -145,30 +183,13 @@ impl Metrics {
 
     /// The metrics in the OpenMetrics text format, with the executors' figures as of now.
     pub fn render(&self, executors: &[ExecutorStatus]) -> String {
-        for family in [
-            &self.cache_hits,
-            &self.cache_misses,
-            &self.running,
-            &self.steps,
-        ] {
-            family.clear();
-        }
-        for status in executors {
-            let labels = ExecutorLabels {
-                executor: status.id.clone(),
-            };
-            let set = |family: &Family<ExecutorLabels, Gauge>, value: u64| {
-                family
-                    .get_or_create(&labels)
-                    .set(i64::try_from(value).unwrap_or(i64::MAX));
-            };
-            set(&self.cache_hits, status.cache_hits);
-            set(&self.cache_misses, status.cache_misses);
-            set(&self.running, u64::from(status.running));
-            set(&self.steps, status.steps);
-        }
+        let mut scrape = Registry::with_prefix("squall");
+        scrape.register_collector(Box::new(ExecutorFigures(executors.to_vec())));
         let mut text = String::new();
-        if let Err(e) = encode(&mut text, &self.registry) {
+        let encoded = encode_registry(&mut text, &self.registry)
+            .and_then(|()| encode_registry(&mut text, &scrape))
+            .and_then(|()| encode_eof(&mut text));
+        if let Err(e) = encoded {
             tracing::warn!(cause = %e, "encoding metrics");
         }
         text
@@ -220,9 +241,61 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains(r#"squall_executor_cache_hits{executor="e1"} 7"#),
+            text.contains(r#"squall_executor_cache_hits_total{executor="e1"} 7"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE squall_executor_cache_hits counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE squall_executor_running gauge"),
             "{text}"
         );
         assert!(!text.contains(r#"name="nope""#), "{text}");
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn concurrent_scrapes_each_see_every_executor() {
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let scrapers: Vec<_> = (0..4)
+            .map(|scraper| {
+                let metrics = metrics.clone();
+                std::thread::spawn(move || {
+                    for round in 0..300u64 {
+                        let executors: Vec<ExecutorStatus> = (0..3)
+                            .map(|i| ExecutorStatus {
+                                id: format!("e{i}"),
+                                steps: round,
+                                cache_hits: scraper,
+                                ..ExecutorStatus::default()
+                            })
+                            .collect();
+                        let text = metrics.render(&executors);
+                        for i in 0..3 {
+                            let line =
+                                format!("squall_executor_steps_total{{executor=\"e{i}\"}} {round}");
+                            assert!(text.contains(&line), "missing {line} in\n{text}");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for scraper in scrapers {
+            scraper.join().expect("a scrape saw incomplete output");
+        }
+    }
+
+    #[test]
+    fn executors_that_left_are_not_reported() {
+        let metrics = Metrics::new();
+        let one = ExecutorStatus {
+            id: "gone".into(),
+            ..ExecutorStatus::default()
+        };
+        assert!(metrics.render(&[one]).contains(r#"executor="gone""#));
+        assert!(!metrics.render(&[]).contains(r#"executor="gone""#));
     }
 }

@@ -824,35 +824,33 @@ impl Client {
                     .map(|(t, &need)| t.into_slot(kind, need))
                     .collect());
             }
-            let out_of_time = started.elapsed() >= budget;
-            if !clustered {
-                if unanswered {
-                    return Err(timeout);
-                }
-                if refreshes >= 1 {
+            let seen = layout.generation();
+            let round = Round {
+                clustered,
+                unanswered,
+                stale,
+                newer_elsewhere,
+                refreshes,
+                out_of_time: started.elapsed() >= budget,
+                view_unchanged: self.generation() <= seen,
+            };
+            match next_step(&round) {
+                Next::TimedOut => return Err(timeout),
+                Next::LayoutKeepsChanging => {
                     return Err(Error::UnexpectedResponse(
                         "the layout keeps changing".into(),
-                    ));
-                }
-            } else if out_of_time {
-                return Err(if unanswered {
-                    timeout
-                } else {
-                    Error::UnexpectedResponse(format!(
-                        "too few replicas acknowledged within {budget:?} (cluster view {})",
-                        layout.generation()
                     ))
-                });
-            }
-            let seen = layout.generation();
-            if (stale && !newer_elsewhere && clustered) || unanswered {
-                // The node's view is older than ours (it catches up within a heartbeat), or a
-                // replica is down (the router notices within its `dead_after`).
-                std::thread::sleep(RETRY_PAUSE);
-            } else if newer_elsewhere && refreshes > 0 && self.generation() <= seen {
-                // A node holds a newer view than the router gave us last time: give the
-                // router a moment rather than asking it again at once.
-                std::thread::sleep(RETRY_PAUSE);
+                }
+                Next::TooFewAcks => {
+                    return Err(Error::UnexpectedResponse(format!(
+                        "too few replicas acknowledged within {budget:?} (cluster view {seen})"
+                    )))
+                }
+                Next::Retry { pause } => {
+                    if pause {
+                        std::thread::sleep(RETRY_PAUSE);
+                    }
+                }
             }
             tracing::debug!(stale, unanswered, "layout may be stale; refreshing");
             refreshes += 1;
@@ -863,6 +861,67 @@ impl Client {
                 tracing::debug!(cause = %e, "refreshing the cluster view failed");
             }
         }
+    }
+}
+
+/// What one round of a routed call saw, when some key still lacks answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Round {
+    /// Routed by a cluster view (else by one node's layout).
+    clustered: bool,
+    /// Some request got no answer (or a replica said it was unavailable).
+    unanswered: bool,
+    /// Some key was refused as not this node's or shard's.
+    stale: bool,
+    /// A refusing node holds a newer view than the client.
+    newer_elsewhere: bool,
+    /// Layout refreshes so far in this call.
+    refreshes: u32,
+    /// The call's time budget is spent.
+    out_of_time: bool,
+    /// The client's view has not moved since the round was routed.
+    view_unchanged: bool,
+}
+
+/// What a routed call does after a round that left some key without enough answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Fail: a node did not answer.
+    TimedOut,
+    /// Fail: one node's layout changed again after a refresh.
+    LayoutKeepsChanging,
+    /// Fail: replicas answered, but too few acknowledged within the budget.
+    TooFewAcks,
+    /// Refresh the layout and try again, after a short pause if `pause`.
+    Retry {
+        /// Whether to wait [`RETRY_PAUSE`] first.
+        pause: bool,
+    },
+}
+
+/// The client's retry decision, apart from any socket: a lone node gets one refresh (its layout
+/// changed) and no retry of silence (the exchange already retried it); a cluster retries until
+/// the call's budget runs out, pausing where an immediate retry would meet the same state (a
+/// node still catching up with the view, a replica down, a router behind a node).
+fn next_step(round: &Round) -> Next {
+    if !round.clustered {
+        if round.unanswered {
+            return Next::TimedOut;
+        }
+        if round.refreshes >= 1 {
+            return Next::LayoutKeepsChanging;
+        }
+    } else if round.out_of_time {
+        return if round.unanswered {
+            Next::TimedOut
+        } else {
+            Next::TooFewAcks
+        };
+    }
+    let node_behind = round.stale && !round.newer_elsewhere && round.clustered;
+    let router_behind = round.newer_elsewhere && round.refreshes > 0 && round.view_unchanged;
+    Next::Retry {
+        pause: node_behind || round.unanswered || router_behind,
     }
 }
 
@@ -927,4 +986,105 @@ enum Slot {
     Value(Option<LatticeValue>),
     Written,
     Failed(KeyError),
+}
+
+#[cfg(test)]
+mod tests {
+    //! The retry decision, without sockets.
+
+    use super::*;
+
+    fn cluster() -> Round {
+        Round {
+            clustered: true,
+            ..Round::default()
+        }
+    }
+
+    #[test]
+    fn a_lone_node_gets_one_refresh_and_no_retry_of_silence() {
+        let lone = Round::default();
+        assert_eq!(
+            next_step(&Round {
+                stale: true,
+                ..lone
+            }),
+            Next::Retry { pause: false }
+        );
+        assert_eq!(
+            next_step(&Round {
+                stale: true,
+                refreshes: 1,
+                ..lone
+            }),
+            Next::LayoutKeepsChanging
+        );
+        assert_eq!(
+            next_step(&Round {
+                unanswered: true,
+                ..lone
+            }),
+            Next::TimedOut
+        );
+    }
+
+    #[test]
+    fn a_cluster_retries_until_its_budget_is_spent() {
+        assert_eq!(
+            next_step(&Round {
+                unanswered: true,
+                refreshes: 40,
+                ..cluster()
+            }),
+            Next::Retry { pause: true }
+        );
+        assert_eq!(
+            next_step(&Round {
+                unanswered: true,
+                out_of_time: true,
+                ..cluster()
+            }),
+            Next::TimedOut
+        );
+        assert_eq!(
+            next_step(&Round {
+                stale: true,
+                out_of_time: true,
+                ..cluster()
+            }),
+            Next::TooFewAcks
+        );
+    }
+
+    #[test]
+    fn a_cluster_pauses_only_where_retrying_at_once_would_meet_the_same_state() {
+        // The node is behind the client's view: it catches up within a heartbeat.
+        assert_eq!(
+            next_step(&Round {
+                stale: true,
+                ..cluster()
+            }),
+            Next::Retry { pause: true }
+        );
+        // The node is ahead: fetch the newer view at once...
+        assert_eq!(
+            next_step(&Round {
+                stale: true,
+                newer_elsewhere: true,
+                ..cluster()
+            }),
+            Next::Retry { pause: false }
+        );
+        // ...but if the router gave the same view again, give it a moment.
+        assert_eq!(
+            next_step(&Round {
+                stale: true,
+                newer_elsewhere: true,
+                refreshes: 1,
+                view_unchanged: true,
+                ..cluster()
+            }),
+            Next::Retry { pause: true }
+        );
+    }
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use squall_proto::{
-    decode_request, encode_response, peek_id, ClusterStatus, ClusterView, Member, MemberStats,
+    decode_request, encode_response, peek_id, ClusterStatus, ClusterView, Key, Member, MemberStats,
     MemberStatus, Request, RequestError, RequestId, Response, Topology,
 };
 
@@ -78,6 +78,25 @@ struct State {
 }
 
 impl State {
+    /// A router that has just started: no member, and a grace of one `dead_after` before it
+    /// announces a view.
+    fn new(config: RouterConfig) -> Self {
+        Self {
+            view: ClusterView {
+                generation: 0,
+                previous: 0,
+                members: Vec::new(),
+                replication: config.replication,
+                overrides: Vec::new(),
+                settled: false,
+            },
+            config,
+            members: BTreeMap::new(),
+            departing: BTreeMap::new(),
+            started: Instant::now(),
+        }
+    }
+
     /// Above the wall clock, the last view, and every view a node reports having held (a
     /// router restarted with its clock behind its predecessor's still issues newer views).
     fn next_generation(&self) -> u64 {
@@ -158,150 +177,14 @@ impl State {
         }
     }
 
+    /// One request, one answer: a table from request to the rule that answers it.
     fn handle(&mut self, request: Request) -> Response {
         match request {
-            Request::Join { member, stats } if stats.leaving => {
-                // A node handing off after its leave: its progress counts toward settling.
-                self.departing.insert(
-                    member.id.clone(),
-                    Known {
-                        member,
-                        stats,
-                        seen: Instant::now(),
-                    },
-                );
-                self.settle();
-                Response::View(self.view.clone())
-            }
-            Request::Join { member, .. }
-                if self
-                    .departing
-                    .get(&member.id)
-                    .is_some_and(|k| k.member.incarnation == member.incarnation) =>
-            {
-                // A heartbeat sent before its node's leave, arriving after it: the node is
-                // leaving, not back.
-                Response::View(self.view.clone())
-            }
-            Request::Join { member, .. }
-                if !self.members.contains_key(&member.id) && self.members.len() >= MAX_MEMBERS =>
-            {
-                Response::Error(RequestError::Unavailable {
-                    reason: format!("the cluster has {MAX_MEMBERS} members already"),
-                })
-            }
-            Request::Join { member, stats } => {
-                let probe = ClusterView {
-                    generation: 1,
-                    previous: 0,
-                    members: vec![member.clone()],
-                    replication: 1,
-                    overrides: Vec::new(),
-                    settled: false,
-                };
-                if let Err(e) = Placement::check(&probe) {
-                    return Response::Error(RequestError::Malformed {
-                        reason: e.to_string(),
-                    });
-                }
-                let changed = self
-                    .members
-                    .get(&member.id)
-                    .is_none_or(|k| k.member != member);
-                if changed {
-                    tracing::info!(node = %member.id, shards = member.shards.len(), "a node joined");
-                }
-                self.departing.remove(&member.id);
-                self.members.insert(
-                    member.id.clone(),
-                    Known {
-                        member,
-                        stats,
-                        seen: Instant::now(),
-                    },
-                );
-                if !self.settled() {
-                    return self.unsettled();
-                }
-                if changed || self.view.members.len() != self.members.len() {
-                    self.rebuild("a node joined");
-                } else {
-                    self.settle();
-                }
-                Response::View(self.view.clone())
-            }
-            Request::Leave { .. } if !self.settled() => self.unsettled(),
-            Request::Leave { id } => {
-                if let Some(known) = self.members.remove(&id) {
-                    tracing::info!(node = %id, "a node leaves");
-                    self.departing.insert(id, known);
-                    self.rebuild("a node left");
-                }
-                Response::View(self.view.clone())
-            }
-            Request::Replicate { key, .. } if key.len() > MAX_KEY_BYTES => {
-                Response::Error(RequestError::Malformed {
-                    reason: format!(
-                        "a key with its own replication has at most {MAX_KEY_BYTES} bytes"
-                    ),
-                })
-            }
-            Request::Replicate { key, replicas } => {
-                let position = self.view.overrides.binary_search_by(|(k, _)| k.cmp(&key));
-                let replicas = replicas.filter(|&r| r != self.config.replication);
-                match (position, replicas) {
-                    (_, Some(r)) if r == 0 || r > MAX_REPLICATION => {
-                        return Response::Error(RequestError::Malformed {
-                            reason: format!("replicas must be between 1 and {MAX_REPLICATION}"),
-                        })
-                    }
-                    (Ok(i), Some(r)) if self.view.overrides[i].1 == r => {}
-                    (Ok(i), Some(r)) => {
-                        self.view.overrides[i].1 = r;
-                        self.rebuild("a key's replication changed");
-                    }
-                    (Err(_), Some(_)) if self.view.overrides.len() >= MAX_OVERRIDES => {
-                        return Response::Error(RequestError::Unavailable {
-                            reason: format!(
-                                "{MAX_OVERRIDES} keys have their own replication already"
-                            ),
-                        })
-                    }
-                    (Err(i), Some(r)) => {
-                        self.view.overrides.insert(i, (key, r));
-                        self.rebuild("a key's replication changed");
-                    }
-                    (Ok(i), None) => {
-                        self.view.overrides.remove(i);
-                        self.rebuild("a key's replication went back to the default");
-                    }
-                    (Err(_), None) => {}
-                }
-                Response::View(self.view.clone())
-            }
-            Request::Status => Response::Status(ClusterStatus {
-                view: self.view.clone(),
-                members: self
-                    .members
-                    .values()
-                    .map(|k| MemberStatus {
-                        id: k.member.id.clone(),
-                        stats: k.stats.clone(),
-                        silent_ms: k.seen.elapsed().as_millis() as u64,
-                    })
-                    .collect(),
-            }),
-            Request::Topology => {
-                if !self.settled() {
-                    return self.unsettled();
-                }
-                Response::Topology(Topology {
-                    incarnation: self.view.generation,
-                    shards: Vec::new(),
-                    virtual_nodes: 0,
-                    cluster: Some(self.view.clone()),
-                })
-            }
+            Request::Join { member, stats } => self.join(member, stats),
+            Request::Leave { id } => self.leave(id),
+            Request::Replicate { key, replicas } => self.replicate(key, replicas),
+            Request::Status => self.status(),
+            Request::Topology => self.topology(),
             other => Response::Error(RequestError::Malformed {
                 reason: format!(
                     "a router answers joins, leaves, status and topology, not {}",
@@ -309,6 +192,155 @@ impl State {
                 ),
             }),
         }
+    }
+
+    /// A heartbeat: a node joins, stays, or (leaving) reports its hand-off's progress.
+    fn join(&mut self, member: Member, stats: MemberStats) -> Response {
+        if stats.leaving {
+            // A node handing off after its leave: its progress counts toward settling.
+            self.departing.insert(
+                member.id.clone(),
+                Known {
+                    member,
+                    stats,
+                    seen: Instant::now(),
+                },
+            );
+            self.settle();
+            return Response::View(self.view.clone());
+        }
+        let departing = self
+            .departing
+            .get(&member.id)
+            .is_some_and(|k| k.member.incarnation == member.incarnation);
+        if departing {
+            // A heartbeat sent before its node's leave, arriving after it: the node is
+            // leaving, not back.
+            return Response::View(self.view.clone());
+        }
+        if !self.members.contains_key(&member.id) && self.members.len() >= MAX_MEMBERS {
+            return Response::Error(RequestError::Unavailable {
+                reason: format!("the cluster has {MAX_MEMBERS} members already"),
+            });
+        }
+        let probe = ClusterView {
+            generation: 1,
+            previous: 0,
+            members: vec![member.clone()],
+            replication: 1,
+            overrides: Vec::new(),
+            settled: false,
+        };
+        if let Err(e) = Placement::check(&probe) {
+            return Response::Error(RequestError::Malformed {
+                reason: e.to_string(),
+            });
+        }
+        let changed = self
+            .members
+            .get(&member.id)
+            .is_none_or(|k| k.member != member);
+        if changed {
+            tracing::info!(node = %member.id, shards = member.shards.len(), "a node joined");
+        }
+        self.departing.remove(&member.id);
+        self.members.insert(
+            member.id.clone(),
+            Known {
+                member,
+                stats,
+                seen: Instant::now(),
+            },
+        );
+        if !self.settled() {
+            return self.unsettled();
+        }
+        if changed || self.view.members.len() != self.members.len() {
+            self.rebuild("a node joined");
+        } else {
+            self.settle();
+        }
+        Response::View(self.view.clone())
+    }
+
+    /// A node leaves: out of the view at once, and departing until its hand-off is done.
+    fn leave(&mut self, id: String) -> Response {
+        if !self.settled() {
+            return self.unsettled();
+        }
+        if let Some(known) = self.members.remove(&id) {
+            tracing::info!(node = %id, "a node leaves");
+            self.departing.insert(id, known);
+            self.rebuild("a node left");
+        }
+        Response::View(self.view.clone())
+    }
+
+    /// A key gets its own replication (`Some`), or goes back to the default (`None`).
+    fn replicate(&mut self, key: Key, replicas: Option<u32>) -> Response {
+        if key.len() > MAX_KEY_BYTES {
+            return Response::Error(RequestError::Malformed {
+                reason: format!("a key with its own replication has at most {MAX_KEY_BYTES} bytes"),
+            });
+        }
+        let position = self.view.overrides.binary_search_by(|(k, _)| k.cmp(&key));
+        let replicas = replicas.filter(|&r| r != self.config.replication);
+        match (position, replicas) {
+            (_, Some(r)) if r == 0 || r > MAX_REPLICATION => {
+                return Response::Error(RequestError::Malformed {
+                    reason: format!("replicas must be between 1 and {MAX_REPLICATION}"),
+                })
+            }
+            (Ok(i), Some(r)) if self.view.overrides[i].1 == r => {}
+            (Ok(i), Some(r)) => {
+                self.view.overrides[i].1 = r;
+                self.rebuild("a key's replication changed");
+            }
+            (Err(_), Some(_)) if self.view.overrides.len() >= MAX_OVERRIDES => {
+                return Response::Error(RequestError::Unavailable {
+                    reason: format!("{MAX_OVERRIDES} keys have their own replication already"),
+                })
+            }
+            (Err(i), Some(r)) => {
+                self.view.overrides.insert(i, (key, r));
+                self.rebuild("a key's replication changed");
+            }
+            (Ok(i), None) => {
+                self.view.overrides.remove(i);
+                self.rebuild("a key's replication went back to the default");
+            }
+            (Err(_), None) => {}
+        }
+        Response::View(self.view.clone())
+    }
+
+    /// The view and every member's last report, for operators.
+    fn status(&self) -> Response {
+        Response::Status(ClusterStatus {
+            view: self.view.clone(),
+            members: self
+                .members
+                .values()
+                .map(|k| MemberStatus {
+                    id: k.member.id.clone(),
+                    stats: k.stats.clone(),
+                    silent_ms: k.seen.elapsed().as_millis() as u64,
+                })
+                .collect(),
+        })
+    }
+
+    /// The view, as clients fetch it.
+    fn topology(&self) -> Response {
+        if !self.settled() {
+            return self.unsettled();
+        }
+        Response::Topology(Topology {
+            incarnation: self.view.generation,
+            shards: Vec::new(),
+            virtual_nodes: 0,
+            cluster: Some(self.view.clone()),
+        })
     }
 
     fn unsettled(&self) -> Response {
@@ -360,20 +392,7 @@ impl Router {
             .map_err(zmq_err("get endpoint"))?
             .map_err(|_| Error::Config("bound endpoint is not UTF-8".into()))?;
         let stop = Arc::new(AtomicBool::new(false));
-        let mut state = State {
-            view: ClusterView {
-                generation: 0,
-                previous: 0,
-                members: Vec::new(),
-                replication: config.replication,
-                overrides: Vec::new(),
-                settled: false,
-            },
-            config,
-            members: BTreeMap::new(),
-            departing: BTreeMap::new(),
-            started: Instant::now(),
-        };
+        let mut state = State::new(config);
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("squall-router".into())
@@ -558,5 +577,183 @@ fn ask(address: &str, request: Request) -> Result<Response> {
         Some(Response::Error(e)) => Err(Error::Request(e)),
         Some(response) => Ok(response),
         None => Err(Error::UnexpectedResponse("no answer".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The membership rules, on the router's state alone: no socket.
+
+    use super::*;
+
+    fn router(dead_after_ms: u64) -> State {
+        State::new(RouterConfig {
+            dead_after_ms,
+            ..RouterConfig::default()
+        })
+    }
+
+    fn member(id: &str, incarnation: u64) -> Member {
+        Member {
+            id: id.into(),
+            incarnation,
+            shards: vec![id.into()],
+            virtual_nodes: 16,
+        }
+    }
+
+    fn heartbeat(state: &mut State, member: Member, synced: u64, leaving: bool) -> Response {
+        state.handle(Request::Join {
+            member,
+            stats: MemberStats {
+                synced,
+                leaving,
+                ..MemberStats::default()
+            },
+        })
+    }
+
+    fn view(response: Response) -> ClusterView {
+        match response {
+            Response::View(view) => view,
+            other => panic!("not a view: {other:?}"),
+        }
+    }
+
+    fn unavailable(response: &Response) -> bool {
+        matches!(response, Response::Error(RequestError::Unavailable { .. }))
+    }
+
+    #[test]
+    fn a_new_router_waits_out_its_grace_before_it_announces_a_view() {
+        let mut state = router(60_000);
+        assert!(unavailable(&heartbeat(
+            &mut state,
+            member("a", 1),
+            0,
+            false
+        )));
+        assert!(unavailable(&state.handle(Request::Topology)));
+        assert!(unavailable(
+            &state.handle(Request::Leave { id: "a".into() })
+        ));
+        // It still learned the member, for when the grace is over.
+        assert!(state.members.contains_key("a"));
+    }
+
+    #[test]
+    fn joins_change_the_view_and_it_settles_once_every_member_synced() {
+        let mut state = router(0);
+        let first = view(heartbeat(&mut state, member("a", 1), 0, false));
+        assert_eq!(first.members.len(), 1);
+        assert!(!first.settled);
+        let second = view(heartbeat(&mut state, member("b", 1), 0, false));
+        assert_eq!(second.members.len(), 2);
+        assert!(second.generation > first.generation);
+        // A heartbeat that changes nothing keeps the view.
+        let same = view(heartbeat(&mut state, member("a", 1), 0, false));
+        assert_eq!(same.generation, second.generation);
+        // Settled only when both report the current generation.
+        let g = second.generation;
+        assert!(!view(heartbeat(&mut state, member("a", 1), g, false)).settled);
+        let settled = view(heartbeat(&mut state, member("b", 1), g, false));
+        assert!(settled.settled);
+        assert!(settled.generation > g, "settling announces a newer view");
+    }
+
+    #[test]
+    fn a_restarted_node_is_a_new_member() {
+        let mut state = router(0);
+        let before = view(heartbeat(&mut state, member("a", 1), 0, false));
+        let after = view(heartbeat(&mut state, member("a", 2), 0, false));
+        assert!(after.generation > before.generation);
+        assert_eq!(after.members[0].incarnation, 2);
+    }
+
+    #[test]
+    fn a_leaving_node_leaves_the_view_and_late_heartbeats_do_not_bring_it_back() {
+        let mut state = router(0);
+        heartbeat(&mut state, member("a", 1), 0, false);
+        heartbeat(&mut state, member("b", 1), 0, false);
+        let left = view(state.handle(Request::Leave { id: "b".into() }));
+        assert_eq!(left.members.len(), 1);
+        assert!(state.departing.contains_key("b"));
+        // A heartbeat sent before the leave, arriving after it.
+        let late = view(heartbeat(&mut state, member("b", 1), 0, false));
+        assert_eq!(late.generation, left.generation);
+        assert_eq!(late.members.len(), 1);
+        // Its hand-off progress counts toward settling.
+        let g = left.generation;
+        heartbeat(&mut state, member("a", 1), g, false);
+        assert!(!state.view.settled, "b has not finished handing off");
+        let done = view(heartbeat(&mut state, member("b", 1), g, true));
+        assert!(done.settled);
+        // The same address restarted (another incarnation) joins again.
+        let back = view(heartbeat(&mut state, member("b", 2), 0, false));
+        assert_eq!(back.members.len(), 2);
+    }
+
+    #[test]
+    fn silent_nodes_are_dropped() {
+        let mut state = router(0);
+        heartbeat(&mut state, member("a", 1), 0, false);
+        let before = state.view.generation;
+        state.members.get_mut("a").expect("a").seen -= Duration::from_millis(10);
+        state.expire();
+        assert!(state.members.is_empty());
+        assert!(state.view.generation > before);
+        assert!(state.view.members.is_empty());
+    }
+
+    #[test]
+    fn replication_overrides_are_bounded_and_go_back_to_the_default() {
+        let mut state = router(0);
+        heartbeat(&mut state, member("a", 1), 0, false);
+        let hot = view(state.handle(Request::Replicate {
+            key: "hot".into(),
+            replicas: Some(3),
+        }));
+        assert_eq!(hot.overrides, vec![("hot".to_string(), 3)]);
+        let same = view(state.handle(Request::Replicate {
+            key: "hot".into(),
+            replicas: Some(3),
+        }));
+        assert_eq!(same.generation, hot.generation, "no change, no new view");
+        for bad in [Some(0), Some(MAX_REPLICATION + 1)] {
+            let refused = state.handle(Request::Replicate {
+                key: "k".into(),
+                replicas: bad,
+            });
+            assert!(
+                matches!(refused, Response::Error(RequestError::Malformed { .. })),
+                "{bad:?}"
+            );
+        }
+        let long = state.handle(Request::Replicate {
+            key: "k".repeat(MAX_KEY_BYTES + 1),
+            replicas: Some(3),
+        });
+        assert!(matches!(
+            long,
+            Response::Error(RequestError::Malformed { .. })
+        ));
+        // The default replication is no override.
+        let back = view(state.handle(Request::Replicate {
+            key: "hot".into(),
+            replicas: Some(state.config.replication),
+        }));
+        assert!(back.overrides.is_empty());
+    }
+
+    #[test]
+    fn a_router_answers_only_membership_requests() {
+        let mut state = router(0);
+        let refused = state.handle(Request::Get {
+            keys: vec!["k".into()],
+        });
+        assert!(matches!(
+            refused,
+            Response::Error(RequestError::Malformed { .. })
+        ));
     }
 }

@@ -326,7 +326,17 @@ impl Shard {
         })
     }
 
+    /// Decodes and checks one request, then answers it (or refuses it, with its id).
     fn handle_payload(&mut self, payload: &[u8]) -> Outgoing {
+        match self.admit(payload) {
+            Ok((id, request, stale)) => self.answer(id, request, stale),
+            Err(refused) => refused,
+        }
+    }
+
+    /// A request this shard will answer: its id, the request (a routed one unwrapped), and
+    /// whether it was routed under an older view than this node's. Refusals are replies.
+    fn admit(&mut self, payload: &[u8]) -> Result<(RequestId, Request, bool), Outgoing> {
         let id = peek_id(payload).unwrap_or(0);
         if payload.len() > self.config.max_request_bytes {
             tracing::warn!(
@@ -334,13 +344,13 @@ impl Shard {
                 size = payload.len(),
                 "request too large"
             );
-            return error_reply(
+            return Err(error_reply(
                 id,
                 RequestError::TooLarge {
                     size: payload.len(),
                     limit: self.config.max_request_bytes,
                 },
-            );
+            ));
         }
         let (id, request) = match decode_request(payload) {
             Ok(decoded) => decoded,
@@ -350,22 +360,22 @@ impl Shard {
                     version = got,
                     "unsupported protocol version"
                 );
-                return error_reply(
+                return Err(error_reply(
                     id,
                     RequestError::UnsupportedVersion {
                         got,
                         supported: squall_proto::VERSION,
                     },
-                );
+                ));
             }
             Err(e) => {
                 tracing::warn!(shard = self.index, cause = %e, "malformed request");
-                return error_reply(
+                return Err(error_reply(
                     id,
                     RequestError::Malformed {
                         reason: e.to_string(),
                     },
-                );
+                ));
             }
         };
         if let Some(shared) = &self.cluster {
@@ -384,7 +394,7 @@ impl Shard {
                     (inner, self.cluster.is_some() && generation < mine)
                 }
                 other => {
-                    return error_reply(
+                    return Err(error_reply(
                         id,
                         RequestError::Malformed {
                             reason: format!(
@@ -392,129 +402,46 @@ impl Shard {
                                 other.kind()
                             ),
                         },
-                    )
+                    ))
                 }
             },
             other => (other, false),
         };
-        let keys = match &request {
-            Request::Get { keys } => keys.len(),
-            Request::Put { entries } => entries.len(),
-            Request::Routed { .. } => 0,
-            Request::Drop { entries } => entries.len(),
-            Request::Subscribe { keys, .. } | Request::Unsubscribe { keys, .. } => keys.len(),
-            // Scans answer at most `SCAN_BYTES` whatever their limit: only named keys count.
-            Request::Scan { only, .. } => only.len(),
-            Request::Changed { .. } => 0,
-            Request::Topology
-            | Request::Join { .. }
-            | Request::Leave { .. }
-            | Request::Status
-            | Request::Stats { .. }
-            | Request::Replicate { .. } => 0,
-        };
+        let keys = key_count(&request);
         if keys > self.config.max_keys_per_request {
-            return error_reply(
+            return Err(error_reply(
                 id,
                 RequestError::TooManyKeys {
                     count: keys,
                     limit: self.config.max_keys_per_request,
                 },
-            );
+            ));
         }
+        Ok((id, request, stale))
+    }
+
+    /// One request, one answer: a table from request to the method that answers it.
+    fn answer(&mut self, id: RequestId, request: Request, stale: bool) -> Outgoing {
         match request {
-            Request::Get { keys } if stale => Outgoing::Get {
-                id,
-                values: keys.iter().map(|_| Err(self.replicas.wrong())).collect(),
-            },
-            Request::Get { keys } => Outgoing::Get {
-                id,
-                values: keys.iter().map(|key| self.get(key)).collect(),
-            },
-            Request::Put { entries } => Outgoing::Put {
-                id,
-                results: entries
-                    .into_iter()
-                    .map(|(key, value)| {
-                        let result = self.put(key, value);
-                        if stale && result.is_ok() {
-                            Err(self.replicas.wrong())
-                        } else {
-                            result
-                        }
-                    })
-                    .collect(),
-            },
+            Request::Get { keys } => self.get_all(id, &keys, stale),
+            Request::Put { entries } => self.put_all(id, entries, stale),
             Request::Routed { .. } => error_reply(
                 id,
                 RequestError::Malformed {
                     reason: "a routed request inside a routed request".into(),
                 },
             ),
-            Request::Topology => {
-                let mut topology = (*self.topology).clone();
-                topology.cluster = self
-                    .cluster
-                    .as_ref()
-                    .and_then(|shared| shared.placement())
-                    .map(|placement| placement.view().clone());
-                Outgoing::Ready(encode(id, &Response::Topology(topology)))
-            }
+            Request::Topology => self.topology_reply(id),
             Request::Scan { after, limit, only } if only.is_empty() => {
                 let (entries, more) = self.scan(after.as_deref(), limit as usize);
                 Outgoing::Ready(encode(id, &Response::Entries { entries, more }))
             }
-            Request::Scan { only, .. } => {
-                // The named keys that are held, in the order named, up to the byte cap: the
-                // last entry tells the caller where to go on.
-                let mut entries = Vec::new();
-                let (mut bytes, mut more) = (0, false);
-                for key in only {
-                    let Some(value) = self.store.get(&key) else {
-                        continue;
-                    };
-                    let size = key.len() + encoded_len(value);
-                    if !entries.is_empty() && bytes + size > SCAN_BYTES {
-                        more = true;
-                        break;
-                    }
-                    bytes += size;
-                    entries.push((key, value.clone()));
-                }
-                Outgoing::Ready(encode(id, &Response::Entries { entries, more }))
-            }
+            Request::Scan { only, .. } => self.scan_named(id, only),
             Request::Stats { top } => {
                 let report = self.load.report(&self.store, top.min(1024) as usize);
                 Outgoing::Ready(encode(id, &Response::Stats(report)))
             }
-            Request::Changed { limit } => {
-                // One pass over the set for the candidates, then their values up to the cap.
-                let candidates: Vec<Key> = self
-                    .changed
-                    .iter()
-                    .take((limit as usize).max(1))
-                    .cloned()
-                    .collect();
-                let mut entries = Vec::new();
-                let mut bytes = 0;
-                for key in candidates {
-                    if bytes >= SCAN_BYTES {
-                        break;
-                    }
-                    self.changed.remove(&key);
-                    if let Some(value) = self.store.get(&key) {
-                        bytes += key.len() + encoded_len(value);
-                        entries.push((key, value.clone()));
-                    }
-                }
-                Outgoing::Ready(encode(
-                    id,
-                    &Response::Entries {
-                        entries,
-                        more: !self.changed.is_empty(),
-                    },
-                ))
-            }
+            Request::Changed { limit } => self.changed_entries(id, limit),
             Request::Drop { entries } => {
                 let dropped = entries
                     .into_iter()
@@ -534,30 +461,7 @@ impl Shard {
                     ),
                 },
             ),
-            Request::Subscribe { subscriber, keys } => {
-                let values: Vec<_> = keys.iter().map(|key| self.get(key)).collect();
-                let owned = keys
-                    .into_iter()
-                    .zip(&values)
-                    .filter(|(_, v)| v.is_ok())
-                    .map(|(k, _)| k);
-                match self.subscriptions.subscribe(&subscriber, owned) {
-                    Ok(session) => Outgoing::Subscribed {
-                        id,
-                        values,
-                        session,
-                    },
-                    Err(e) => {
-                        tracing::warn!(shard = self.index, cause = %e, "subscription refused");
-                        error_reply(
-                            id,
-                            RequestError::Malformed {
-                                reason: e.to_string(),
-                            },
-                        )
-                    }
-                }
-            }
+            Request::Subscribe { subscriber, keys } => self.subscribe(id, &subscriber, keys),
             Request::Unsubscribe { subscriber, keys } => {
                 let results = keys
                     .iter()
@@ -568,6 +472,125 @@ impl Shard {
                     })
                     .collect();
                 Outgoing::Ready(encode(id, &Response::Unsubscribed(results)))
+            }
+        }
+    }
+
+    /// GET: each key's value, or `WrongNode` for every key of a stale routed request.
+    fn get_all(&mut self, id: RequestId, keys: &[Key], stale: bool) -> Outgoing {
+        let values = if stale {
+            keys.iter().map(|_| Err(self.replicas.wrong())).collect()
+        } else {
+            keys.iter().map(|key| self.get(key)).collect()
+        };
+        Outgoing::Get { id, values }
+    }
+
+    /// PUT: each entry merged (kept even when the request was stale, then refused with
+    /// `WrongNode` so that the sender writes the replicas of its newer view too).
+    fn put_all(
+        &mut self,
+        id: RequestId,
+        entries: Vec<(Key, LatticeValue)>,
+        stale: bool,
+    ) -> Outgoing {
+        let results = entries
+            .into_iter()
+            .map(|(key, value)| {
+                let result = self.put(key, value);
+                if stale && result.is_ok() {
+                    Err(self.replicas.wrong())
+                } else {
+                    result
+                }
+            })
+            .collect();
+        Outgoing::Put { id, results }
+    }
+
+    /// The node's layout, with the cluster view it holds.
+    fn topology_reply(&self, id: RequestId) -> Outgoing {
+        let mut topology = (*self.topology).clone();
+        topology.cluster = self
+            .cluster
+            .as_ref()
+            .and_then(|shared| shared.placement())
+            .map(|placement| placement.view().clone());
+        Outgoing::Ready(encode(id, &Response::Topology(topology)))
+    }
+
+    /// The named keys that are held, in the order named, up to the byte cap: the last entry
+    /// tells the caller where to go on.
+    fn scan_named(&self, id: RequestId, only: Vec<Key>) -> Outgoing {
+        let mut entries = Vec::new();
+        let (mut bytes, mut more) = (0, false);
+        for key in only {
+            let Some(value) = self.store.get(&key) else {
+                continue;
+            };
+            let size = key.len() + encoded_len(value);
+            if !entries.is_empty() && bytes + size > SCAN_BYTES {
+                more = true;
+                break;
+            }
+            bytes += size;
+            entries.push((key, value.clone()));
+        }
+        Outgoing::Ready(encode(id, &Response::Entries { entries, more }))
+    }
+
+    /// Keys changed since the last gossip round: one pass over the set for the candidates,
+    /// then their values up to the byte cap.
+    fn changed_entries(&mut self, id: RequestId, limit: u32) -> Outgoing {
+        let candidates: Vec<Key> = self
+            .changed
+            .iter()
+            .take((limit as usize).max(1))
+            .cloned()
+            .collect();
+        let mut entries = Vec::new();
+        let mut bytes = 0;
+        for key in candidates {
+            if bytes >= SCAN_BYTES {
+                break;
+            }
+            self.changed.remove(&key);
+            if let Some(value) = self.store.get(&key) {
+                bytes += key.len() + encoded_len(value);
+                entries.push((key, value.clone()));
+            }
+        }
+        Outgoing::Ready(encode(
+            id,
+            &Response::Entries {
+                entries,
+                more: !self.changed.is_empty(),
+            },
+        ))
+    }
+
+    /// SUBSCRIBE: the keys' values now, and pushes of their changes from here on.
+    fn subscribe(&mut self, id: RequestId, subscriber: &str, keys: Vec<Key>) -> Outgoing {
+        let values: Vec<_> = keys.iter().map(|key| self.get(key)).collect();
+        let owned = keys
+            .into_iter()
+            .zip(&values)
+            .filter(|(_, v)| v.is_ok())
+            .map(|(k, _)| k);
+        match self.subscriptions.subscribe(subscriber, owned) {
+            Ok(session) => Outgoing::Subscribed {
+                id,
+                values,
+                session,
+            },
+            Err(e) => {
+                tracing::warn!(shard = self.index, cause = %e, "subscription refused");
+                error_reply(
+                    id,
+                    RequestError::Malformed {
+                        reason: e.to_string(),
+                    },
+                )
             }
         }
     }
@@ -828,6 +851,26 @@ fn encode(id: RequestId, response: &Response) -> Vec<u8> {
         });
         encode_response(id, &fallback).unwrap_or_default()
     })
+}
+
+/// How many keys a request names, against the per-request limit. Scans answer at most
+/// `SCAN_BYTES` whatever their limit, so only their named keys count.
+fn key_count(request: &Request) -> usize {
+    match request {
+        Request::Get { keys } => keys.len(),
+        Request::Put { entries } => entries.len(),
+        Request::Drop { entries } => entries.len(),
+        Request::Subscribe { keys, .. } | Request::Unsubscribe { keys, .. } => keys.len(),
+        Request::Scan { only, .. } => only.len(),
+        Request::Routed { .. }
+        | Request::Changed { .. }
+        | Request::Topology
+        | Request::Join { .. }
+        | Request::Leave { .. }
+        | Request::Status
+        | Request::Stats { .. }
+        | Request::Replicate { .. } => 0,
+    }
 }
 
 fn error_reply(id: RequestId, error: RequestError) -> Outgoing {

@@ -39,7 +39,7 @@ use squall_lattices::causal::raise_all;
 use squall_lattices::Dependencies;
 use squall_proto::call::{
     Artifact, CallId, CallResult, Consistency, ExecutorStatus, Failure, FailureCode, Invocation,
-    InvokeOptions, Message, Outcome, Plan, Target,
+    InvokeOptions, LimitsRequest, Message, Outcome, Plan, Target,
 };
 use squall_proto::fabric::{Fabric, Mailbox};
 use squall_state::dag::{DagRegistry, Shape};
@@ -221,93 +221,15 @@ async fn serve(shared: Arc<Shared>, mut mailbox: Mailbox) {
 
 fn handle(shared: &Arc<Shared>, message: Message) {
     match message {
-        Message::Heartbeat(status) => {
-            let mut state = shared.state();
-            let keys = status.keys.iter().cloned().collect();
-            let restarted = state
-                .executors
-                .get(&status.addr)
-                .filter(|known| known.status.id != status.id)
-                .map(|known| known.status.id.clone());
-            if let Some(old) = restarted {
-                // A new executor on a gone one's address: the old one's steps are lost.
-                tracing::warn!(old = %old, new = %status.id, addr = %status.addr, "executor restarted");
-                state.executors.remove(&status.addr);
-                let failed = fail_calls_on(&mut state, &[(status.addr.clone(), old)], "restarted");
-                drop(state);
-                for (tracked, failure) in failed {
-                    finish(shared, tracked, Err(failure));
-                }
-                state = shared.state();
-            }
-            match state.executors.get_mut(&status.addr) {
-                Some(known) => {
-                    known.status = status;
-                    known.keys = keys;
-                    known.seen = Instant::now();
-                }
-                None => {
-                    tracing::info!(id = %status.id, addr = %status.addr, serves = ?status.serves, "executor joined");
-                    state.executors.insert(
-                        status.addr.clone(),
-                        Known {
-                            status,
-                            keys,
-                            seen: Instant::now(),
-                            dispatched: 0,
-                        },
-                    );
-                }
-            }
-        }
+        Message::Heartbeat(status) => heartbeat(shared, status),
         Message::Invoke {
             request,
             reply_to,
             target,
             input,
             options,
-        } => {
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                if let Err(failure) =
-                    invoke(&shared, request, reply_to.clone(), &target, input, &options).await
-                {
-                    // Never placed: no executor to cancel on.
-                    let tracked = Tracked {
-                        call: 0,
-                        name: target.name().to_string(),
-                        request,
-                        reply_to,
-                        result_key: options.result_key,
-                        deadline: Instant::now(),
-                        executors: Vec::new(),
-                        placement: Vec::new(),
-                        consistency: options.consistency,
-                        session: None,
-                    };
-                    finish(&shared, tracked, Err(failure));
-                }
-            });
-        }
-        Message::Done { call, outcome, cut } => {
-            let tracked = untrack(shared, call);
-            match tracked {
-                Some(tracked) => {
-                    if let (Some(session), Ok(_)) = (&tracked.session, &outcome) {
-                        let mut state = shared.state();
-                        match state.sessions.get_mut(session) {
-                            Some(floors) => raise_all(floors, &cut),
-                            None => {
-                                state.sessions.put(session.clone(), cut);
-                            }
-                        }
-                    }
-                    finish(shared, tracked, outcome)
-                }
-                // A second failure of a call that already failed, or a call given up on.
-                None => tracing::debug!(call, "outcome of a call no longer tracked"),
-            }
-        }
+        } => invoke_message(shared, request, reply_to, target, input, options),
+        Message::Done { call, outcome, cut } => done(shared, call, outcome, cut),
         Message::Register {
             request,
             reply_to,
@@ -315,74 +237,9 @@ fn handle(shared: &Arc<Shared>, message: Message) {
             name,
             code,
             limits,
-        } => {
-            let to = {
-                let state = shared.state();
-                let candidates = candidates(&state);
-                // A function goes to an executor that serves it (and warms it there); any
-                // executor can check a model.
-                let chosen = match kind {
-                    Artifact::Function => choose(&candidates, &name, &[], &[]),
-                    Artifact::Model => least_loaded(&candidates),
-                };
-                chosen
-                    .map(|i| candidates[i].status.addr.clone())
-                    .ok_or_else(|| no_executor(&state, &name))
-            };
-            let forwarded = match to {
-                Ok(to) => shared
-                    .fabric
-                    .send(
-                        &to,
-                        Message::Register {
-                            request,
-                            reply_to: reply_to.clone(),
-                            kind,
-                            name,
-                            code,
-                            limits,
-                        },
-                    )
-                    .map_err(|e| Failure::new(FailureCode::Unavailable, e.to_string())),
-                Err(reason) => Err(Failure::new(FailureCode::NoCapacity, reason)),
-            };
-            if let Err(failure) = forwarded {
-                reply(
-                    shared,
-                    &reply_to,
-                    Message::Registered {
-                        request,
-                        result: Err(failure),
-                    },
-                );
-            }
-        }
-        Message::Refresh { keys } => {
-            for key in &keys {
-                shared.dags.refresh(key);
-            }
-            // To every executor, ahead of any plan this scheduler sends it later.
-            let executors: Vec<String> = shared.state().executors.keys().cloned().collect();
-            for addr in executors {
-                let message = Message::Refresh { keys: keys.clone() };
-                if let Err(e) = shared.fabric.send(&addr, message) {
-                    tracing::debug!(executor = %addr, cause = %e, "refresh not sent");
-                }
-            }
-        }
-        Message::Status { request, reply_to } => {
-            let executors = shared
-                .state()
-                .executors
-                .values()
-                .map(|k| k.status.clone())
-                .collect();
-            reply(
-                shared,
-                &reply_to,
-                Message::StatusReport { request, executors },
-            );
-        }
+        } => register(shared, request, reply_to, kind, name, code, limits),
+        Message::Refresh { keys } => refresh(shared, keys),
+        Message::Status { request, reply_to } => status(shared, request, reply_to),
         other => {
             tracing::warn!(
                 message = other.kind(),
@@ -390,6 +247,182 @@ fn handle(shared: &Arc<Shared>, message: Message) {
             )
         }
     }
+}
+
+/// An executor's heartbeat: it joins, or its status and held keys are refreshed; a new executor on a known address fails the old one's calls.
+fn heartbeat(shared: &Arc<Shared>, status: ExecutorStatus) {
+    let mut state = shared.state();
+    let keys = status.keys.iter().cloned().collect();
+    let restarted = state
+        .executors
+        .get(&status.addr)
+        .filter(|known| known.status.id != status.id)
+        .map(|known| known.status.id.clone());
+    if let Some(old) = restarted {
+        // A new executor on a gone one's address: the old one's steps are lost.
+        tracing::warn!(old = %old, new = %status.id, addr = %status.addr, "executor restarted");
+        state.executors.remove(&status.addr);
+        let failed = fail_calls_on(&mut state, &[(status.addr.clone(), old)], "restarted");
+        drop(state);
+        for (tracked, failure) in failed {
+            finish(shared, tracked, Err(failure));
+        }
+        state = shared.state();
+    }
+    match state.executors.get_mut(&status.addr) {
+        Some(known) => {
+            known.status = status;
+            known.keys = keys;
+            known.seen = Instant::now();
+        }
+        None => {
+            tracing::info!(id = %status.id, addr = %status.addr, serves = ?status.serves, "executor joined");
+            state.executors.insert(
+                status.addr.clone(),
+                Known {
+                    status,
+                    keys,
+                    seen: Instant::now(),
+                    dispatched: 0,
+                },
+            );
+        }
+    }
+}
+
+/// A call to place and run; a call that cannot be placed is answered at once.
+fn invoke_message(
+    shared: &Arc<Shared>,
+    request: u64,
+    reply_to: Option<String>,
+    target: Target,
+    input: Bytes,
+    options: InvokeOptions,
+) {
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        if let Err(failure) =
+            invoke(&shared, request, reply_to.clone(), &target, input, &options).await
+        {
+            // Never placed: no executor to cancel on.
+            let tracked = Tracked {
+                call: 0,
+                name: target.name().to_string(),
+                request,
+                reply_to,
+                result_key: options.result_key,
+                deadline: Instant::now(),
+                executors: Vec::new(),
+                placement: Vec::new(),
+                consistency: options.consistency,
+                session: None,
+            };
+            finish(&shared, tracked, Err(failure));
+        }
+    });
+}
+
+/// A call's outcome from its sink (or a failing step): answer the caller, and raise a causal session's floors.
+fn done(shared: &Arc<Shared>, call: CallId, outcome: Result<Outcome, Failure>, cut: Dependencies) {
+    let tracked = untrack(shared, call);
+    match tracked {
+        Some(tracked) => {
+            if let (Some(session), Ok(_)) = (&tracked.session, &outcome) {
+                let mut state = shared.state();
+                match state.sessions.get_mut(session) {
+                    Some(floors) => raise_all(floors, &cut),
+                    None => {
+                        state.sessions.put(session.clone(), cut);
+                    }
+                }
+            }
+            finish(shared, tracked, outcome)
+        }
+        // A second failure of a call that already failed, or a call given up on.
+        None => tracing::debug!(call, "outcome of a call no longer tracked"),
+    }
+}
+
+/// A registration: forwarded to an executor that serves the function (any executor checks a model).
+fn register(
+    shared: &Arc<Shared>,
+    request: u64,
+    reply_to: String,
+    kind: Artifact,
+    name: String,
+    code: Bytes,
+    limits: LimitsRequest,
+) {
+    let to = {
+        let state = shared.state();
+        let candidates = candidates(&state);
+        // A function goes to an executor that serves it (and warms it there); any
+        // executor can check a model.
+        let chosen = match kind {
+            Artifact::Function => choose(&candidates, &name, &[], &[]),
+            Artifact::Model => least_loaded(&candidates),
+        };
+        chosen
+            .map(|i| candidates[i].status.addr.clone())
+            .ok_or_else(|| no_executor(&state, &name))
+    };
+    let forwarded = match to {
+        Ok(to) => shared
+            .fabric
+            .send(
+                &to,
+                Message::Register {
+                    request,
+                    reply_to: reply_to.clone(),
+                    kind,
+                    name,
+                    code,
+                    limits,
+                },
+            )
+            .map_err(|e| Failure::new(FailureCode::Unavailable, e.to_string())),
+        Err(reason) => Err(Failure::new(FailureCode::NoCapacity, reason)),
+    };
+    if let Err(failure) = forwarded {
+        reply(
+            shared,
+            &reply_to,
+            Message::Registered {
+                request,
+                result: Err(failure),
+            },
+        );
+    }
+}
+
+/// Records changed: read them from the store next time, here and on every executor.
+fn refresh(shared: &Arc<Shared>, keys: Vec<String>) {
+    for key in &keys {
+        shared.dags.refresh(key);
+    }
+    // To every executor, ahead of any plan this scheduler sends it later.
+    let executors: Vec<String> = shared.state().executors.keys().cloned().collect();
+    for addr in executors {
+        let message = Message::Refresh { keys: keys.clone() };
+        if let Err(e) = shared.fabric.send(&addr, message) {
+            tracing::debug!(executor = %addr, cause = %e, "refresh not sent");
+        }
+    }
+}
+
+/// The executors' statuses, for the gateway and the monitor.
+fn status(shared: &Arc<Shared>, request: u64, reply_to: String) {
+    let executors = shared
+        .state()
+        .executors
+        .values()
+        .map(|k| k.status.clone())
+        .collect();
+    reply(
+        shared,
+        &reply_to,
+        Message::StatusReport { request, executors },
+    );
 }
 
 /// The executors to place on: those not draining, or, if all are, every one (a draining

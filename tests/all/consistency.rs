@@ -354,11 +354,34 @@ fn causal_writer(base: &str) -> (std::thread::JoinHandle<(u64, u64)>, Arc<Atomic
     (writer, stop)
 }
 
-#[test]
-fn consistency_modes_hold_while_keys_change() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// The writer of the checked keys: every key, over and over, a new value each time, until
+/// the flag is set; the thread returns how many writes it made.
+fn key_writer(base: &str) -> (std::thread::JoinHandle<u64>, Arc<AtomicBool>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (base, stop) = (base.to_string(), stop.clone());
+        std::thread::spawn(move || {
+            let agent = agent();
+            let mut written = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let key = KEYS[(written % 3) as usize];
+                agent
+                    .put(&format!("{base}/v1/kv/{key}"))
+                    .send_bytes(format!("v{written}").as_bytes())
+                    .expect("a write");
+                written += 1;
+            }
+            written
+        })
+    };
+    (writer, stop)
+}
+
+/// Two executor processes with the `observe` probes, the three-step `audit` chain across them
+/// (e1, e2, e1) and the `fan` DAG; the gateway's base URL. `dir` holds the processes' logs.
+fn audit(dir: &std::path::Path) -> crate::support::Roles {
     let roles = roles(
-        dir.path(),
+        dir,
         &[],
         &[("e1", "observe,observe-3"), ("e2", "observe-2,observe-4")],
     );
@@ -397,34 +420,20 @@ fn consistency_modes_hold_while_keys_change() {
     assert_eq!(first.status, 200, "{}", first.text());
     assert_eq!(first.placement, "observe@e1,observe-2@e2,observe-3@e1");
 
-    // The writer: every key, over and over, a new value each time.
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (base, stop) = (base.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let agent = agent();
-            let mut written = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let key = KEYS[(written % 3) as usize];
-                agent
-                    .put(&format!("{base}/v1/kv/{key}"))
-                    .send_bytes(format!("v{written}").as_bytes())
-                    .expect("a write");
-                written += 1;
-            }
-            written
-        })
-    };
-    let (lww, _) = check(&base, "lww", 500, false);
-    let (repeatable, versions) = check(&base, "repeatable-read", 2000, false);
-    let (writing, _) = check(&base, "repeatable-read", 1000, true);
+    roles
+}
+
+/// `lww` promises nothing across reads: the checker must see runs that read a key in two versions, which shows it can see them.
+#[test]
+fn lww_runs_read_keys_in_two_versions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let roles = audit(dir.path());
+    let base = roles.base.clone();
+    let (writer, stop) = key_writer(&base);
+    let (lww, versions) = check(&base, "lww", 500, false);
     stop.store(true, Ordering::Relaxed);
     let written = writer.join().expect("the writer");
-    eprintln!(
-        "anomalies: lww {lww} of 500 runs, repeatable-read {repeatable} of 2000 runs, \
-         repeatable-read with a write in step 2 {writing} of 1000 runs \
-         ({written} writes, {versions} versions read)"
-    );
+    eprintln!("lww anomalies: {lww} of 500 runs ({written} writes, {versions} versions read)");
     assert!(
         versions > 10,
         "the keys hardly changed ({versions} versions read)"
@@ -435,6 +444,27 @@ fn consistency_modes_hold_while_keys_change() {
         lww > 0,
         "no lww run saw two versions: the checker saw nothing"
     );
+}
+
+/// Repeatable read: no run reads a key in two versions, also when its middle step writes a key the last step reads back.
+#[test]
+fn repeatable_read_runs_read_one_version_of_each_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let roles = audit(dir.path());
+    let base = roles.base.clone();
+    let (writer, stop) = key_writer(&base);
+    let (repeatable, versions) = check(&base, "repeatable-read", 2000, false);
+    let (writing, _) = check(&base, "repeatable-read", 1000, true);
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().expect("the writer");
+    eprintln!(
+        "repeatable-read anomalies: {repeatable} of 2000 runs, with a write in step 2 \
+         {writing} of 1000 runs ({written} writes, {versions} versions read)"
+    );
+    assert!(
+        versions > 10,
+        "the keys hardly changed ({versions} versions read)"
+    );
     assert_eq!(
         repeatable, 0,
         "repeatable-read runs read a key in two versions"
@@ -443,7 +473,14 @@ fn consistency_modes_hold_while_keys_change() {
         writing, 0,
         "repeatable-read runs read a key in another version than their own write"
     );
+}
 
+/// Causal: runs read within one causal cut, per session never older than before; `lww` readers of the same keys do not, and runs without declared keys are refused rather than read outside the cut.
+#[test]
+fn causal_runs_read_within_one_causal_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let roles = audit(dir.path());
+    let base = roles.base.clone();
     // Causal: reads of the causal writer's keys.
     let (writer, stop) = causal_writer(&base);
     let lww = check_causal(&base, "lww", 2000, false);
@@ -483,10 +520,39 @@ fn consistency_modes_hold_while_keys_change() {
     );
     assert_eq!(causal.failed, 0, "causal runs failed: {:?}", causal.example);
     assert_eq!(failed_writes, 0, "causal writer runs failed");
+}
+
+/// Causal sessions: a write on one executor is read back at once on the other.
+#[test]
+fn causal_sessions_read_their_own_writes_across_executors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let roles = audit(dir.path());
+    let base = roles.base.clone();
     let sessions = check_sessions(&base, 500);
     eprintln!("read-your-writes across executors: {sessions} of 2000 reads went back");
     assert_eq!(sessions, 0, "a session read older than its own write");
+}
 
+/// Mismatched modes on a key, sessions outside causal mode, too many declared keys and unknown modes are clear errors.
+#[test]
+fn mismatched_modes_and_bad_consistency_headers_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let roles = audit(dir.path());
+    let base = roles.base.clone();
+    // Keys of both kinds: an lww value of OWN, and causal versions of the causal keys.
+    let put = http("PUT", &format!("{base}/v1/kv/{OWN}"), None, b"x");
+    assert_eq!(put.status, 204, "{}", put.text());
+    let writes: Vec<String> = CAUSAL
+        .iter()
+        .enumerate()
+        .map(|(step, key)| format!("{key}@{step}=w0"))
+        .collect();
+    agent()
+        .post(&format!("{base}/v1/dags/audit/invoke"))
+        .set("squall-consistency", "causal")
+        .set("squall-keys", &CAUSAL.join(","))
+        .send_bytes(format!("{} {}\n", CAUSAL.join(" "), writes.join(" ")).as_bytes())
+        .expect("a causal write");
     // A mismatched mode on a key is a clear error: a causal write of an lww key, and an
     // lww write of a causal key.
     let mismatch =
