@@ -78,6 +78,8 @@ struct Compiled {
 
 /// A function version this executor has loaded.
 struct Loaded {
+    /// The function's registry key, built once (checked on every call).
+    key: String,
     record: FunctionRecord,
     limits: Limits,
     compiled: Arc<Compiled>,
@@ -325,9 +327,7 @@ impl Executor {
         self.inner
             .lock_loaded()
             .iter()
-            .filter(|(name, loaded)| {
-                cache.generation(&function_key(name)) == Some(loaded.generation)
-            })
+            .filter(|(_, loaded)| cache.generation(&loaded.key) == Some(loaded.generation))
             .filter(|(_, loaded)| {
                 !loaded.limits.reuse_instances
                     || !loaded
@@ -482,10 +482,9 @@ impl Inner {
     /// The newest version of `name`, loaded. Cheap when nothing changed: the registry key's
     /// cache generation still matches.
     async fn resolve(self: &Arc<Self>, name: &str) -> Result<Arc<Loaded>> {
-        let key = function_key(name);
         let current = self.lock_loaded().get(name).cloned();
         if let Some(loaded) = &current {
-            if self.cache.generation(&key) == Some(loaded.generation) {
+            if self.cache.generation(&loaded.key) == Some(loaded.generation) {
                 return Ok(loaded.clone());
             }
         }
@@ -505,6 +504,7 @@ impl Inner {
         if let Some(loaded) = current {
             if loaded.record == record {
                 let refreshed = Arc::new(Loaded {
+                    key: loaded.key.clone(),
                     record,
                     limits: loaded.limits,
                     compiled: loaded.compiled.clone(),
@@ -533,6 +533,7 @@ impl Inner {
         };
         tracing::debug!(function = name, version = record.version, "function loaded");
         let loaded = Arc::new(Loaded {
+            key: function_key(name),
             limits: record.limits.capped(&self.config.max_limits),
             record,
             compiled,

@@ -9,13 +9,13 @@
 //! output size caps, and a bound on how deeply functions call functions. Whatever a guest
 //! does, the caller gets a typed [`Error`] before the deadline and the executor keeps serving.
 //!
-//! Functions read and write state through the colocated [`Cache`] (from `squall-state`,
+//! Functions read and write state through the colocated [`squall_state::Cache`] (from `squall-state`,
 //! which also holds the registries this crate loads functions and models from): reads are
 //! served locally once a key is held, writes go through to the store, and the store pushes
 //! changes of held keys to the cache.
 //!
 //! # Layout
-//! - [`config`]: [`Config`] and the per-function [`Limits`].
+//! - [`config`]: [`Config`], with the per-function [`squall_state::Limits`].
 //! - [`executor`]: [`Executor`]: the engine, loading, warm instances, the call path.
 //! - [`node`]: [`ExecutorNode`]: the executor on the call fabric (plans, steps, outputs
 //!   handed to the next step's executor, heartbeats to schedulers).

@@ -438,3 +438,35 @@ fn the_executor_pool_grows_under_a_burst_and_shrinks_after() {
         &failures[..failures.len().min(3)]
     );
 }
+
+/// A second SIGTERM ends a node at once, even while it hands off: here to a router that is
+/// gone, so the graceful leave would wait out its whole timeout (60 s) and then fail.
+#[test]
+fn a_second_signal_ends_a_leaving_node_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router = router(dir.path());
+    let mut node = storage_node(dir.path(), &router);
+    settle(&router, 1);
+    router.kill_hard();
+    node.signal(nix::sys::signal::Signal::SIGTERM);
+    // Signals that arrive together may be delivered as one: send the second once the first
+    // was seen.
+    let until = Instant::now() + Duration::from_secs(10);
+    while !node.log_text().contains("send it again to exit at once") {
+        assert!(
+            Instant::now() < until,
+            "the node did not see the first signal: {}",
+            node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        node.is_alive(),
+        "the leave cannot finish without the router"
+    );
+    node.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = node
+        .wait_exit(Duration::from_secs(20))
+        .expect("the node exits after the second signal");
+    assert_eq!(status.code(), Some(130), "{}", node.log_text());
+}

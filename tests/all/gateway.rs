@@ -243,16 +243,29 @@ fn dags_cross_executor_processes_and_a_killed_executor_fails_its_call_early() {
             (answer, started.elapsed())
         })
     };
+    // The executor running it: the only busy one, seen busy over several heartbeats (100 ms
+    // apart), so that a heartbeat sent during the earlier call cannot pass for it.
     let until = Instant::now() + WAIT;
+    let mut seen: Option<(String, Instant)> = None;
     let busy = loop {
         let listed = http("GET", &format!("{base}/v1/executors"), None, b"").json();
-        let busy = listed.as_array().into_iter().flatten().find_map(|e| {
-            (e["running"].as_u64() > Some(0))
-                .then(|| e["id"].as_str().unwrap_or_default().to_string())
-        });
-        if let Some(busy) = busy {
-            break busy;
-        }
+        let busy: Vec<String> = listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["running"].as_u64() > Some(0))
+            .map(|e| e["id"].as_str().unwrap_or_default().to_string())
+            .collect();
+        seen = match (busy.as_slice(), seen) {
+            ([one], Some((id, since))) if *one == id => {
+                if since.elapsed() >= Duration::from_millis(400) {
+                    break id;
+                }
+                Some((id, since))
+            }
+            ([one], _) => Some((one.clone(), Instant::now())),
+            _ => None,
+        };
         assert!(Instant::now() < until, "the looping call never started");
         std::thread::sleep(Duration::from_millis(20));
     };
