@@ -272,11 +272,15 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         fsync: args.fsync,
         ..defaults
     };
-    let node = Node::start(kvs_config).context("starting the storage node")?;
+    // Signals first: a Ctrl-C during the store's recovery stops it like any other.
     let (runtime, stop) = runtime()?;
+    let node = Node::start(kvs_config).context("starting the storage node")?;
     runtime.block_on(async {
         let fabric = Fabric::new();
         let pool = ClientPool::connect(node.address(), KVS_TIMEOUT)?;
+        squall_state::legacy::migrate(&pool)
+            .await
+            .context("moving registries into the namespaced key layout")?;
         let cache = Cache::start(pool.clone(), CacheConfig::default())?;
         let scheduler = Scheduler::start(
             fabric
@@ -423,6 +427,9 @@ pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let fabric = Fabric::new();
         let pool = args.store.connect()?;
+        squall_state::legacy::migrate(&pool)
+            .await
+            .context("moving registries into the namespaced key layout")?;
         let cache = Cache::start(pool.clone(), CacheConfig::default())?;
         let scheduler = Scheduler::start(
             fabric

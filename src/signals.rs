@@ -3,7 +3,11 @@
 //! The first signal asks the process to stop gracefully: a storage node hands its keys off, an
 //! executor drains, the HTTP server finishes the requests it has. That can take up to a minute,
 //! and an operator who presses Ctrl-C again (or a supervisor that sends SIGTERM again) means
-//! it: the second signal ends the process at once, with exit code 130.
+//! it: the same signal a second time ends the process at once, with exit code 130.
+//!
+//! Only a repeat of the same signal does: Ctrl-C on `squall cluster up` reaches its children
+//! too (one process group) and then the parent asks each to stop with SIGTERM; that SIGTERM
+//! after a SIGINT must still let them hand off and drain.
 //!
 //! The signals are received with `tokio::signal` on a thread of their own (a current-thread
 //! runtime that does nothing else), so blocking roles and async roles share one [`Stop`]: it
@@ -59,14 +63,13 @@ pub fn install() -> anyhow::Result<Stop> {
                         return;
                     }
                 };
-                let mut received = 0u32;
+                let mut received = Received::default();
                 loop {
                     let name = tokio::select! {
                         _ = interrupt.recv() => "SIGINT",
                         _ = terminate.recv() => "SIGTERM",
                     };
-                    received += 1;
-                    if second_signal_exits(received) {
+                    if received.note(name) {
                         eprintln!("{name} again: exiting at once");
                         std::process::exit(FORCED_EXIT);
                     }
@@ -83,9 +86,24 @@ pub fn install() -> anyhow::Result<Stop> {
     Ok(Stop { requested: rx })
 }
 
-/// Whether the `received`-th signal ends the process at once.
-fn second_signal_exits(received: u32) -> bool {
-    received >= 2
+/// The signals received so far.
+#[derive(Debug, Default)]
+struct Received {
+    interrupts: u32,
+    terminations: u32,
+}
+
+impl Received {
+    /// Counts signal `name`; whether it ends the process at once (its second arrival).
+    fn note(&mut self, name: &str) -> bool {
+        let count = if name == "SIGINT" {
+            &mut self.interrupts
+        } else {
+            &mut self.terminations
+        };
+        *count += 1;
+        *count >= 2
+    }
 }
 
 impl Stop {
@@ -118,10 +136,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_the_second_signal_exits() {
-        assert!(!second_signal_exits(1));
-        assert!(second_signal_exits(2));
-        assert!(second_signal_exits(3));
+    fn only_a_repeat_of_the_same_signal_exits() {
+        let mut received = Received::default();
+        assert!(!received.note("SIGINT"), "the first asks to stop");
+        assert!(
+            !received.note("SIGTERM"),
+            "a supervisor's SIGTERM after Ctrl-C still stops gracefully"
+        );
+        assert!(received.note("SIGTERM"));
+        assert!(received.note("SIGINT"));
     }
 
     #[test]

@@ -25,11 +25,11 @@
 //!   logging, captured stdio).
 //! - [`nn`]: models loaded once per executor, inference with tract; `nn_host`: the `wasi:nn`
 //!   imports over them.
-//!
-//! Modules depend downward only: `executor` -> `host`, `nn_host` -> `runtime`, `bindings` ->
-//! `nn`.
 //! - [`error`]: [`Error`]: how a registration or call fails, and its code on the wire.
 //! - `testing` (feature `testing`): builds the example guests for tests and benchmarks.
+//!
+//! Modules depend downward only: `executor` -> `host`, `nn_host` -> `host`, `runtime` ->
+//! `nn`; `host` and `nn_host` -> `bindings` -> `nn`. Nothing imports `executor` back.
 //!
 //! # Why these dependencies
 //! - `wasmtime` (pinned to 48, the newest that builds with the project's toolchain) with only

@@ -34,7 +34,8 @@
 //! - [`router`]: the cluster's membership ([`Router`]).
 //!
 //! Modules depend downward only: `zmtp` <- `exchange` <- `client`, `placement` <- `cluster`,
-//! `router` (the router and the agent use the client's configuration, never the reverse).
+//! `router` (the agent uses the client's configuration, the router the exchange's `Retry`;
+//! the client uses neither).
 //!
 //! # Example
 //! ```

@@ -3,7 +3,7 @@
 //! Every role prints one line on standard output once it serves, `READY key=value ...`
 //! (`READY http=http://127.0.0.1:8080 kvs=tcp://127.0.0.1:7100`), and whatever started it (a
 //! test, a benchmark, `squall cluster up`, an operator's script) reads the addresses from it.
-//! [`format`] writes it and [`parse`] reads it, so printers and readers cannot disagree.
+//! [`format()`] writes it and [`parse`] reads it, so printers and readers cannot disagree.
 //!
 //! Values are escaped so that any value survives the trip: `%`, space, `=`, tab, carriage
 //! return and newline become `%25`, `%20`, `%3D`, `%09`, `%0D` and `%0A` (a data directory with

@@ -1,5 +1,5 @@
-//! Squall's scheduler: the registry of DAGs, placement of steps on executors, and execution
-//! of functions and DAGs over the call fabric.
+//! Squall's scheduler: placement of steps on executors, and execution of functions and DAGs
+//! over the call fabric (the DAGs themselves are registered in `squall-state`).
 //!
 //! A call is resolved (a function, or a DAG read from the store), every step is placed on an
 //! executor ([`placement`]), and each executor involved gets the plan; from there the steps

@@ -1,6 +1,6 @@
 //! Squall's state as every role reaches it, with no WebAssembly runtime and no inference
-//! engine linked: the scheduler, the gateway and the monitor use this crate, and so does the
-//! executor, which adds wasmtime and tract on top.
+//! engine linked: the scheduler and the gateway use this crate, and so does the executor,
+//! which adds wasmtime and tract on top.
 //!
 //! # Layout
 //! - [`pool`]: [`ClientPool`]: blocking store clients lent to async code.
@@ -14,6 +14,7 @@
 //! - [`dag`]: DAG definitions, their checks, and their registry ([`DagRegistry`]).
 //! - [`results`]: asynchronous calls' results.
 //! - [`error`]: [`Error`], with the code each failure has on the wire.
+//! - [`legacy`]: registries written before the namespaced key layout, merged into it.
 //!
 //! Where each of these keeps its keys is [`squall_proto::keys`]: one layout for every crate.
 //!
@@ -34,6 +35,7 @@
 pub mod cache;
 pub mod dag;
 pub mod error;
+pub mod legacy;
 pub mod limits;
 pub mod pins;
 pub mod pool;

@@ -1,0 +1,71 @@
+//! Records written before keys were laid out by namespace, moved into the layout.
+//!
+//! Until the key layout of [`squall_proto::keys`], Squall kept its registries at
+//! `squall/functions`, `squall/fn/{name}`, `squall/models`, `squall/model/{name}`,
+//! `squall/dags` and `squall/dag/{name}`. A store written then still holds them there; the
+//! roles that start against a store ([`migrate`], called by the scheduler and `squall up`)
+//! merge each into its key in the `default` namespace, so every function, model and DAG
+//! registered before an upgrade is still found after it. Every value is a lattice, so the
+//! merge is idempotent: running it on every start, from several schedulers at once, or after
+//! new registrations under the same names, loses and duplicates nothing. The old keys are left
+//! as they are (a grow-only store cannot forget them), and asynchronous results, which live
+//! minutes, are not moved.
+
+use squall_lattices::LatticeValue;
+use squall_proto::keys::{self, Kind, DEFAULT_NAMESPACE, RESERVED_PREFIX};
+
+use crate::pool::ClientPool;
+use crate::Result;
+
+/// Where each kind's names and records were kept before the layout.
+const LEGACY: [(Kind, &str, &str); 3] = [
+    (Kind::Function, "functions", "fn"),
+    (Kind::Model, "models", "model"),
+    (Kind::Dag, "dags", "dag"),
+];
+
+/// Merges the registries found under the old keys into the layout; how many records it
+/// merged (0 on a store that never held the old keys).
+pub async fn migrate(kvs: &ClientPool) -> Result<usize> {
+    let mut moved = 0;
+    for (kind, names, records) in LEGACY {
+        let names_key = format!("{RESERVED_PREFIX}{names}");
+        let Some(LatticeValue::Set(set)) = kvs.with(move |c| c.get(&names_key)).await? else {
+            continue;
+        };
+        let names: Vec<String> = set
+            .0
+            .iter()
+            .filter_map(|n| std::str::from_utf8(n).ok())
+            .filter(|n| keys::validate_name(n).is_ok())
+            .map(str::to_string)
+            .collect();
+        let old: Vec<String> = names
+            .iter()
+            .map(|n| format!("{RESERVED_PREFIX}{records}/{n}"))
+            .collect();
+        let values = kvs.with(move |c| c.get_many(&old)).await?;
+        let mut entries: Vec<(String, LatticeValue)> = names
+            .iter()
+            .zip(values)
+            .filter_map(|(name, value)| Some((keys::record(DEFAULT_NAMESPACE, kind, name), value?)))
+            .collect();
+        moved += entries.len();
+        // The names last, so that a name that can be listed has its record.
+        entries.push((keys::names(DEFAULT_NAMESPACE, kind), LatticeValue::Set(set)));
+        kvs.with(move |c| {
+            for (key, value) in entries {
+                c.put(&key, value)?;
+            }
+            Ok(())
+        })
+        .await?;
+    }
+    if moved > 0 {
+        tracing::info!(
+            records = moved,
+            "registries of the old key layout merged into the new"
+        );
+    }
+    Ok(moved)
+}
