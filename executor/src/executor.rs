@@ -27,9 +27,10 @@ use wasmtime::{
     Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline,
 };
 
-use squall_state::cache::{Cache, CacheStats, Consistency, Session};
+use squall_state::cache::{Cache, CacheStats};
 use squall_state::pins::{PinTable, RunContext};
 use squall_state::registry::{function_key, FunctionRecord, Registry};
+use squall_state::session::{Consistency, Session};
 use squall_state::{ClientPool, Error as StateError, Limits};
 
 use crate::bindings::{Handler, HandlerPre};

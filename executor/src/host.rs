@@ -23,7 +23,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use crate::runtime::Runtime;
 use crate::Error;
 use squall_proto::keys::{self, MAX_KEY_BYTES, RESERVED_PREFIX};
-use squall_state::cache::Session;
+use squall_state::session::Session;
 
 use crate::bindings::{self, squall};
 pub use bindings::squall::function::invoke::CallError;

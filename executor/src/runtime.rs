@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use squall_lattices::{Counter, Timestamp};
-use squall_state::cache::Session;
+use squall_state::session::Session;
 
 use crate::nn::Models;
 use crate::Result;

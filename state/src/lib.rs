@@ -5,8 +5,9 @@
 //! # Layout
 //! - [`pool`]: [`ClientPool`]: blocking store clients lent to async code.
 //! - [`cache`]: [`Cache`]: the colocated cache of store keys, which storage nodes keep
-//!   current by pushing every change, and its per-call [`cache::Session`] with the
-//!   consistency modes (last-writer-wins, repeatable read, causal).
+//!   current by pushing every change; it knows nothing of consistency modes.
+//! - [`session`]: [`Session`]: one call's view of the cache, where the consistency modes
+//!   (last-writer-wins, repeatable read, causal) keep what they must across its reads.
 //! - [`pins`]: repeatable read and causal cuts across a run's steps: versions pinned per run,
 //!   released when the run ends, fetched by later steps from the executor that pinned them.
 //! - [`registry`]: functions and models and their versions in the store ([`Registry`]), with
@@ -41,11 +42,13 @@ pub mod pins;
 pub mod pool;
 pub mod registry;
 pub mod results;
+pub mod session;
 
-pub use cache::{Cache, CacheConfig, CacheStats, Consistency};
+pub use cache::{Cache, CacheConfig, CacheStats};
 pub use dag::{DagRecord, DagRegistry, DagSpec};
 pub use error::{Error, Result};
 pub use limits::Limits;
 pub use pins::{PinSource, PinTable, RunContext};
 pub use pool::ClientPool;
 pub use registry::{FunctionRecord, Registry};
+pub use session::{Consistency, Session};
