@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use squall_kvs::{Router, RouterConfig};
+use squall_proto::poll::Poll;
 use squall_proto::ready;
 
 /// The router's port unless told otherwise.
@@ -321,19 +322,16 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
 
 /// Waits until the router's view holds `members` storage nodes.
 fn wait_for_members(router: &str, members: usize) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let status = squall_kvs::router::status(router);
-        if let Ok(status) = &status {
-            if status.view.members.len() >= members {
-                return Ok(());
-            }
-        }
-        if std::time::Instant::now() > deadline {
-            anyhow::bail!("the storage nodes did not join the router in time: {status:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut last = None;
+    Poll::within(Duration::from_secs(30))
+        .every(Duration::from_millis(50))
+        .until(|| {
+            let status = squall_kvs::router::status(router);
+            let joined = matches!(&status, Ok(s) if s.view.members.len() >= members);
+            last = Some(status);
+            joined.then_some(())
+        })
+        .map_err(|_| anyhow::anyhow!("the storage nodes did not join the router in time: {last:?}"))
 }
 
 #[derive(Debug, Args)]

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
+use squall_proto::poll::Poll;
 
 /// The outcome of one closed-loop run: every client issues its next operation as soon as the
 /// previous one is answered.
@@ -170,20 +171,21 @@ pub fn up_with_executors(
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(10))
         .build();
-    let until = Instant::now() + Duration::from_secs(30);
-    while agent
-        .get(&format!("{base}/v1/executors"))
-        .call()?
-        .into_string()?
-        .matches("\"id\"")
-        .count()
-        < executors.len()
-    {
-        if Instant::now() > until {
-            bail!("the executors did not join");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let joined = || -> anyhow::Result<bool> {
+        let listed = agent
+            .get(&format!("{base}/v1/executors"))
+            .call()?
+            .into_string()?;
+        Ok(listed.matches("\"id\"").count() >= executors.len())
+    };
+    Poll::within(Duration::from_secs(30))
+        .every(Duration::from_millis(10))
+        .until(|| match joined() {
+            Ok(true) => Some(Ok(())),
+            Ok(false) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .map_err(|_| anyhow::anyhow!("the executors did not join"))??;
     Ok((processes, base))
 }
 

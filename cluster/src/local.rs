@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use squall_proto::poll::Poll;
 
 use crate::{Error, Provisioner, Role};
 
@@ -221,10 +222,14 @@ impl LocalProvisioner {
             for process in &stop {
                 terminate(process);
             }
-            while !stop.is_empty() && Instant::now() < deadline {
-                stop.retain_mut(|p| !matches!(p.child.try_wait(), Ok(Some(_))));
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            // What is still running after the wait is killed below.
+            let _ = Poll::within(left)
+                .every(Duration::from_millis(50))
+                .until(|| {
+                    stop.retain_mut(|p| !matches!(p.child.try_wait(), Ok(Some(_))));
+                    stop.is_empty().then_some(())
+                });
             for mut process in stop {
                 tracing::warn!(role = process.role.as_str(), id = %process.id, "did not stop in time; killing it");
                 let _ = process.child.kill();
@@ -352,21 +357,16 @@ fn wait_ready(child: &mut Child) -> Result<HashMap<String, String>, String> {
             }
         }
     });
-    let deadline = Instant::now() + READY_DEADLINE;
-    loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(fields) => return Ok(fields),
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err("it exited before it was ready".into())
+    Poll::within(READY_DEADLINE)
+        .until(|| match rx.try_recv() {
+            Ok(fields) => Some(Ok(fields)),
+            Err(mpsc::TryRecvError::Disconnected) => {
+                Some(Err("it exited before it was ready".to_string()))
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Err(format!("it exited ({status})"));
-                }
-                if Instant::now() > deadline {
-                    return Err(format!("no READY line within {READY_DEADLINE:?}"));
-                }
-            }
-        }
-    }
+            Err(mpsc::TryRecvError::Empty) => match child.try_wait() {
+                Ok(Some(status)) => Some(Err(format!("it exited ({status})"))),
+                _ => None,
+            },
+        })
+        .unwrap_or_else(|_| Err(format!("no READY line within {READY_DEADLINE:?}")))
 }

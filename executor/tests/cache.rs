@@ -7,6 +7,7 @@ use bytes::Bytes;
 use squall_executor::{Config, Executor};
 use squall_kvs::{Client, ClientConfig, Node};
 use squall_lattices::{LatticeValue, Lww, Timestamp};
+use squall_proto::poll::Poll;
 use squall_state::CacheConfig;
 
 fn lww(time: u64, value: &str) -> LatticeValue {
@@ -33,17 +34,16 @@ fn with_cache(node: &Node, cache: CacheConfig) -> Executor {
 
 /// Reads `key` through the cache until it holds `expected`, within a deadline.
 async fn eventually(executor: &Executor, key: &str, expected: &LatticeValue) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let held = Poll::within(Duration::from_secs(10))
+        .every(Duration::from_millis(10))
+        .until_async(|| async {
+            let held = executor.cache().get(key).await.expect("get");
+            (held.as_ref() == Some(expected)).then_some(())
+        })
+        .await;
+    if held.is_err() {
         let held = executor.cache().get(key).await.expect("get");
-        if held.as_ref() == Some(expected) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{key} still {held:?}, expected {expected:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        panic!("{key} still {held:?}, expected {expected:?}");
     }
 }
 

@@ -1,11 +1,12 @@
 //! A cluster in one process: a router and storage nodes on loopback, replication 2.
 //! (`tests/all/cluster.rs` runs the same roles as separate processes and SIGKILLs them.)
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use squall_kvs::{Client, ClientConfig, ClusterConfig, Config, Node, Router, RouterConfig};
 use squall_lattices::LatticeValue;
+use squall_proto::poll::Poll;
 
 fn router() -> Router {
     Router::start(RouterConfig {
@@ -32,39 +33,33 @@ fn node(router: &Router) -> Node {
 }
 
 fn client(router: &Router) -> Client {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match Client::connect(router.address(), ClientConfig::default()) {
-            Ok(client) => return client,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => panic!("no cluster: {e}"),
-        }
-    }
+    let mut last = None;
+    Poll::within(Duration::from_secs(10))
+        .every(Duration::from_millis(50))
+        .until(
+            || match Client::connect(router.address(), ClientConfig::default()) {
+                Ok(client) => Some(client),
+                Err(e) => {
+                    last = Some(e);
+                    None
+                }
+            },
+        )
+        .unwrap_or_else(|_| panic!("no cluster: {last:?}"))
 }
 
 /// Waits until the router's view has `members` members that all finished their hand-off.
 fn settle(router: &Router, members: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        if let Ok(status) = squall_kvs::router::status(router.address()) {
-            let generation = status.view.generation;
-            let synced = status
-                .members
-                .iter()
-                .filter(|m| m.stats.synced == generation)
-                .count();
-            if status.view.settled && status.view.members.len() == members && synced == members {
-                return;
-            }
-            last = format!("{status:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("the cluster did not settle with {members} members: {last}");
+    let mut last = None;
+    Poll::within(Duration::from_secs(20))
+        .every(Duration::from_millis(50))
+        .until(|| {
+            let status = squall_kvs::router::status(router.address()).ok()?;
+            let settled = status.settled_with(members);
+            last = Some(status);
+            settled.then_some(())
+        })
+        .unwrap_or_else(|_| panic!("the cluster did not settle with {members} members: {last:?}"));
 }
 
 fn text(value: Option<LatticeValue>) -> Option<Bytes> {

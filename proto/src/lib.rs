@@ -22,6 +22,7 @@
 //! - [`fabric`]: the mailboxes and sockets those messages travel on (ZeroMQ PUSH/PULL).
 //! - [`keys`]: the key layout: which store key holds which of Squall's records.
 //! - [`ready`]: the READY line every process prints once it serves, and its reader.
+//! - [`poll`]: waiting for a condition within a bound (tests, benchmarks, process starters).
 //! - [`Request`], [`Response`] and their parts: what travels.
 //! - [`encode_request`], [`decode_request`], [`encode_response`], [`decode_response`]: the codec.
 //!
@@ -39,6 +40,7 @@
 pub mod call;
 pub mod fabric;
 pub mod keys;
+pub mod poll;
 pub mod ready;
 
 use serde::{Deserialize, Serialize};
@@ -356,6 +358,19 @@ pub struct ClusterStatus {
     pub view: ClusterView,
     /// Every member's last report, in the view's order.
     pub members: Vec<MemberStatus>,
+}
+
+impl ClusterStatus {
+    /// Whether the view is settled with exactly `members` members, each of which reported
+    /// it finished handing off under it: what a test or an operator waits for after a
+    /// membership change.
+    pub fn settled_with(&self, members: usize) -> bool {
+        let generation = self.view.generation;
+        self.view.settled
+            && self.view.members.len() == members
+            && self.members.len() == members
+            && self.members.iter().all(|m| m.stats.synced == generation)
+    }
 }
 
 /// One member's last report to the router.

@@ -13,6 +13,7 @@ use squall_executor::{Config, Executor, ExecutorNode, NodeConfig};
 use squall_kvs::Node;
 use squall_proto::call::{Artifact, CallResult, FailureCode, InvokeOptions, LimitsRequest, Target};
 use squall_proto::fabric::Fabric;
+use squall_proto::poll::Poll;
 use squall_scheduler::{Scheduler, SchedulerClient, SchedulerConfig};
 use squall_state::{Cache, CacheConfig, ClientPool, DagRegistry, DagSpec};
 
@@ -77,15 +78,14 @@ impl Cluster {
     }
 
     async fn wait_for_executors(&self, n: usize) {
-        let until = Instant::now() + WAIT;
-        loop {
-            let known = self.client.status(WAIT).await.expect("status");
-            if known.len() >= n {
-                return;
-            }
-            assert!(Instant::now() < until, "executors did not join");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let client = &self.client;
+        Poll::within(WAIT)
+            .until_async(|| async move {
+                let known = client.status(WAIT).await.expect("status");
+                (known.len() >= n).then_some(())
+            })
+            .await
+            .expect("executors did not join");
     }
 
     async fn register(&self, name: &str) {
@@ -201,17 +201,16 @@ async fn dags_compose_fan_in_and_report_failures() {
     assert_eq!(failure.step.as_deref(), Some("incr"));
     // Heartbeats from before the call say nothing: wait for some sent after it.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let until = Instant::now() + Duration::from_secs(5);
-    loop {
-        let known = cluster.client.status(WAIT).await.expect("status");
-        if known.iter().all(|s| s.waiting == 0) {
-            break;
-        }
-        assert!(
-            Instant::now() < until,
-            "the fan-in step still waits: {known:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let client = &cluster.client;
+    let idle = Poll::within(Duration::from_secs(5))
+        .until_async(|| async move {
+            let known = client.status(WAIT).await.expect("status");
+            known.iter().all(|s| s.waiting == 0).then_some(())
+        })
+        .await;
+    if idle.is_err() {
+        let known = client.status(WAIT).await.expect("status");
+        panic!("the fan-in step still waits: {known:?}");
     }
     let failure = cluster
         .call(dag("sq_incr"), "x")
@@ -256,22 +255,25 @@ async fn dags_compose_fan_in_and_report_failures() {
             },
         )
         .expect("started");
-    let until = Instant::now() + WAIT;
-    loop {
-        let key = key.clone();
-        let value = cluster
-            .kvs
-            .with(move |c| c.get(&key))
-            .await
-            .expect("read the result");
-        if let Some(squall_lattices::LatticeValue::Lww(register)) = value {
-            let result = CallResult::decode(&register.value).expect("a result record");
-            assert_eq!(result, CallResult::Succeeded(Bytes::from_static(b"25")));
-            break;
-        }
-        assert!(Instant::now() < until, "no result stored");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let kvs = &cluster.kvs;
+    let register = Poll::within(WAIT)
+        .until_async(|| {
+            let key = key.clone();
+            async move {
+                match kvs
+                    .with(move |c| c.get(&key))
+                    .await
+                    .expect("read the result")
+                {
+                    Some(squall_lattices::LatticeValue::Lww(register)) => Some(register),
+                    _ => None,
+                }
+            }
+        })
+        .await
+        .expect("no result stored");
+    let result = CallResult::decode(&register.value).expect("a result record");
+    assert_eq!(result, CallResult::Succeeded(Bytes::from_static(b"25")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,15 +331,16 @@ async fn steps_cross_executors_and_a_lost_executor_fails_its_calls_early() {
         })
     };
     // Find the executor running it, and stop it (its heartbeats stop).
-    let until = Instant::now() + WAIT;
-    let busy = loop {
-        let status = client.status(WAIT).await.expect("status");
-        if let Some(busy) = status.iter().find(|s| s.running > 0) {
-            break busy.id.clone();
-        }
-        assert!(Instant::now() < until, "the looping call never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let busy = Poll::within(WAIT)
+        .until_async(|| {
+            let client = client.clone();
+            async move {
+                let status = client.status(WAIT).await.expect("status");
+                status.iter().find(|s| s.running > 0).map(|s| s.id.clone())
+            }
+        })
+        .await
+        .expect("the looping call never started");
     let mut executors = std::mem::take(&mut cluster.executors);
     executors.retain(|e| e.id() != busy);
     let (result, took) = looping.await.expect("the caller");

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use squall_kvs::{Client, ClientConfig};
 use squall_lattices::LatticeValue;
+use squall_proto::poll::Poll;
 
 use crate::support::NodeProcess;
 
@@ -54,35 +55,34 @@ fn storage_node(dir: &Path, router: &NodeProcess) -> NodeProcess {
 
 /// Waits until the view has `members` members that all finished handing off under it.
 fn settle(router: &NodeProcess, members: usize) -> squall_proto::ClusterStatus {
-    let deadline = Instant::now() + Duration::from_secs(30);
     let mut last = None;
-    while Instant::now() < deadline {
-        if let Ok(status) = squall_kvs::router::status(&router.addr) {
-            let generation = status.view.generation;
-            let synced = status
-                .members
-                .iter()
-                .filter(|m| m.stats.synced == generation)
-                .count();
-            if status.view.settled && status.view.members.len() == members && synced == members {
-                return status;
+    Poll::within(Duration::from_secs(30))
+        .every(Duration::from_millis(50))
+        .until(|| {
+            let status = squall_kvs::router::status(&router.addr).ok()?;
+            if status.settled_with(members) {
+                return Some(status);
             }
             last = Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("the cluster did not settle with {members} members: {last:?}");
+            None
+        })
+        .unwrap_or_else(|_| panic!("the cluster did not settle with {members} members: {last:?}"))
 }
 
 fn client(router: &NodeProcess) -> Client {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match Client::connect(&router.addr, ClientConfig::default()) {
-            Ok(client) => return client,
-            Err(e) if Instant::now() > deadline => panic!("no cluster at {}: {e}", router.addr),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
+    let mut last = None;
+    Poll::within(Duration::from_secs(10))
+        .every(Duration::from_millis(50))
+        .until(
+            || match Client::connect(&router.addr, ClientConfig::default()) {
+                Ok(client) => Some(client),
+                Err(e) => {
+                    last = Some(e);
+                    None
+                }
+            },
+        )
+        .unwrap_or_else(|_| panic!("no cluster at {}: {last:?}", router.addr))
 }
 
 fn lww_bytes(value: Option<LatticeValue>) -> Option<Bytes> {
@@ -451,15 +451,13 @@ fn a_second_signal_ends_a_leaving_node_at_once() {
     node.signal(nix::sys::signal::Signal::SIGTERM);
     // Signals that arrive together may be delivered as one: send the second once the first
     // was seen.
-    let until = Instant::now() + Duration::from_secs(10);
-    while !node.log_text().contains("send it again to exit at once") {
-        assert!(
-            Instant::now() < until,
-            "the node did not see the first signal: {}",
+    Poll::within(Duration::from_secs(10))
+        .until(|| {
             node.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+                .contains("send it again to exit at once")
+                .then_some(())
+        })
+        .unwrap_or_else(|_| panic!("the node did not see the first signal: {}", node.log_text()));
     assert!(
         node.is_alive(),
         "the leave cannot finish without the router"

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use squall_executor::testing::guest;
+use squall_proto::poll::Poll;
 
 use crate::support::{self, http, Answer};
 
@@ -89,20 +90,14 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
     let accepted = invoke(&base, "/v1/dags/sq_incr/invoke?async=true", "4");
     assert_eq!(accepted.status, 202, "{}", accepted.text());
     let id = accepted.json()["id"].as_str().expect("an id").to_string();
-    let until = Instant::now() + WAIT;
-    loop {
-        let result = http("GET", &format!("{base}/v1/results/{id}"), None, b"");
-        if result.status == 200 {
-            assert_eq!(result.text(), "25");
-            break;
-        }
-        assert_eq!(result.status, 202, "{}", result.text());
-        assert!(
-            Instant::now() < until,
-            "the asynchronous call never finished"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let result = Poll::within(WAIT)
+        .until(|| {
+            let result = http("GET", &format!("{base}/v1/results/{id}"), None, b"");
+            assert!(matches!(result.status, 200 | 202), "{}", result.text());
+            (result.status == 200).then_some(result)
+        })
+        .expect("the asynchronous call never finished");
+    assert_eq!(result.text(), "25");
     assert_eq!(
         http("GET", &format!("{base}/v1/results/0123abcd"), None, b"").status,
         404
@@ -245,9 +240,8 @@ fn dags_cross_executor_processes_and_a_killed_executor_fails_its_call_early() {
     };
     // The executor running it: the only busy one, seen busy over several heartbeats (100 ms
     // apart), so that a heartbeat sent during the earlier call cannot pass for it.
-    let until = Instant::now() + WAIT;
     let mut seen: Option<(String, Instant)> = None;
-    let busy = loop {
+    let busy = Poll::within(WAIT).until(|| {
         let listed = http("GET", &format!("{base}/v1/executors"), None, b"").json();
         let busy: Vec<String> = listed
             .as_array()
@@ -256,19 +250,19 @@ fn dags_cross_executor_processes_and_a_killed_executor_fails_its_call_early() {
             .filter(|e| e["running"].as_u64() > Some(0))
             .map(|e| e["id"].as_str().unwrap_or_default().to_string())
             .collect();
-        seen = match (busy.as_slice(), seen) {
+        seen = match (busy.as_slice(), seen.take()) {
             ([one], Some((id, since))) if *one == id => {
                 if since.elapsed() >= Duration::from_millis(400) {
-                    break id;
+                    return Some(id);
                 }
                 Some((id, since))
             }
             ([one], _) => Some((one.clone(), Instant::now())),
             _ => None,
         };
-        assert!(Instant::now() < until, "the looping call never started");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+        None
+    });
+    let busy = busy.expect("the looping call never started");
     let victim = if busy == "e1" { 0 } else { 1 };
     roles.executors[victim].kill_hard();
     let (answer, took) = looping.join().expect("the caller");

@@ -12,6 +12,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
+use squall_proto::poll::Poll;
 
 /// How long a node may take to print READY (recovery of a large log included).
 const READY_DEADLINE: Duration = Duration::from_secs(30);
@@ -82,16 +83,12 @@ pub fn roles(log_dir: &Path, gateway_args: &[&str], executors: &[(&str, &str)]) 
             )
         })
         .collect();
-    let until = std::time::Instant::now() + READY_DEADLINE;
-    while http("GET", &format!("{base}/v1/executors"), None, b"")
-        .json()
-        .as_array()
-        .map(Vec::len)
-        != Some(executors.len())
-    {
-        assert!(std::time::Instant::now() < until, "executors did not join");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    Poll::within(READY_DEADLINE)
+        .until(|| {
+            let listed = http("GET", &format!("{base}/v1/executors"), None, b"").json();
+            (listed.as_array().map(Vec::len) == Some(executors.len())).then_some(())
+        })
+        .expect("executors did not join");
     Roles {
         base,
         executors,
@@ -198,15 +195,17 @@ impl NodeProcess {
             return true;
         };
         let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-        for _ in 0..100 {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status.success();
+        let exited = Poll::within(Duration::from_secs(5))
+            .every(Duration::from_millis(50))
+            .until(|| child.try_wait().ok().flatten());
+        match exited {
+            Ok(status) => status.success(),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                false
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        false
     }
 
     /// Sends `signal` to the process.
@@ -216,15 +215,11 @@ impl NodeProcess {
 
     /// Waits up to `within` for the process to exit; its status if it did.
     pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let until = std::time::Instant::now() + within;
-        while std::time::Instant::now() < until {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                self.child = None;
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        let status = Poll::within(within)
+            .until(|| self.child.as_mut()?.try_wait().ok().flatten())
+            .ok()?;
+        self.child = None;
+        Some(status)
     }
 
     /// Whether the process is still alive.

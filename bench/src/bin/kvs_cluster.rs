@@ -25,6 +25,7 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use squall_bench::{closed_loop, field, median, process_cpu_time, spawn, Spawned};
 use squall_kvs::{Client, ClientConfig};
+use squall_proto::poll::Poll;
 
 #[derive(Debug, Parser)]
 #[command(about = "Squall's KVS on 1, 2 and 3 nodes, and the policy engine's reaction time")]
@@ -265,15 +266,12 @@ fn cluster_up(squall: &Path, dir: &Path) -> anyhow::Result<(Spawned, String, Str
     Ok((up, field(&fields, "http")?, field(&fields, "router")?))
 }
 
+/// How long `done` took to hold (looked at every 20 ms), if it did within `limit`.
 fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
     let started = Instant::now();
-    while started.elapsed() < limit {
-        if done() {
-            return Some(started.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
+    Poll::within(limit)
+        .until(|| done().then(|| started.elapsed()))
+        .ok()
 }
 
 fn reaction(args: &Args) -> anyhow::Result<()> {

@@ -25,6 +25,7 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use squall_bench::{closed_loop, median, process_cpu_time, LoadResult};
 use squall_kvs::{Client, ClientConfig};
+use squall_proto::poll::Poll;
 
 #[derive(Debug, Parser)]
 #[command(about = "Squall's KVS against Redis, same load generator, same run")]
@@ -173,18 +174,14 @@ fn start_redis(
         .spawn()
         .with_context(|| format!("starting {} (install redis-server)", binary.display()))?;
     let server = Server { child };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(mut redis) = Redis::connect(port) {
-            if redis.command(&[b"PING"]).is_ok() {
-                return Ok((server, port));
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("redis-server did not answer PING within 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    Poll::within(Duration::from_secs(10))
+        .every(Duration::from_millis(50))
+        .until(|| {
+            let mut redis = Redis::connect(port).ok()?;
+            redis.command(&[b"PING"]).ok()
+        })
+        .context("redis-server did not answer PING within 10 s")?;
+    Ok((server, port))
 }
 
 /// A minimal RESP client: one connection, one command at a time, like the Squall client.
