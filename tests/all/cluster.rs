@@ -285,13 +285,10 @@ fn cluster_up(dir: &Path, extra: &[&str]) -> NodeProcess {
 /// Polls `check` every 100 ms until it returns `Some`, for at most `limit`.
 fn within<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<(T, Duration)> {
     let started = Instant::now();
-    while started.elapsed() < limit {
-        if let Some(found) = check() {
-            return Some((found, started.elapsed()));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    None
+    Poll::within(limit)
+        .every(Duration::from_millis(100))
+        .until(|| check().map(|found| (found, started.elapsed())))
+        .ok()
 }
 
 #[test]

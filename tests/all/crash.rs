@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use squall_kvs::{Client, ClientConfig};
 use squall_lattices::LatticeValue;
+use squall_proto::poll::Poll;
 
 use crate::support::NodeProcess;
 
@@ -81,12 +82,10 @@ fn crash_and_recover(node_args: &[&str]) {
             .map(|(a, _)| a.lock().expect("lock").values.len())
             .sum()
     };
-    for _ in 0..600 {
-        if acked_count() >= 2_000 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // Kill after 2,000 acknowledged writes, or after 6 s with however many there are.
+    let _ = Poll::within(Duration::from_secs(6))
+        .every(Duration::from_millis(10))
+        .until(|| (acked_count() >= 2_000).then_some(()));
     node.kill_hard();
     stop.store(true, Ordering::Relaxed);
     let mut all = Acked::default();

@@ -49,12 +49,14 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
     for name in ["incr", "square", "join", "misbehave"] {
         register(&base, name, "");
     }
-    // The token guards every mutating request.
+    // The token guards every mutating request. The gateway answers 401 before it reads the
+    // body and closes the connection: a large body could meet a closed socket (EPIPE) before
+    // the answer is read, so this one is small.
     let refused = http(
         "PUT",
         &format!("{base}/v1/functions/incr"),
         None,
-        &guest("incr"),
+        b"not read",
     );
     assert_eq!(refused.status, 401);
     assert_eq!(refused.error_code(), "unauthorized");
