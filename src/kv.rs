@@ -1,4 +1,4 @@
-//! `squall kv get|put`: reading and writing keys from the shell.
+//! `squall kv get|put|del|ls`: reading, writing, deleting and listing keys from the shell.
 //!
 //! Values are given and shown as text, by lattice type: `lww` (the bytes; `-` reads standard
 //! input), `set`/`ordered-set` (adds one element), `max`/`min` (an integer), `bool`,
@@ -58,7 +58,38 @@ enum KvCommand {
         /// For multi-causal writes: keys the new version depends on.
         #[arg(long = "dep")]
         deps: Vec<String>,
+        /// Seconds until the key expires (it then reads as absent and leaves the store); a
+        /// new last-writer-wins value without it never expires.
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<Duration>,
     },
+    /// Delete a key (later writes start it again).
+    Del {
+        /// The keys.
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// List the keys that start with a prefix, in order.
+    Ls {
+        /// The prefix (none: every key).
+        #[arg(default_value = "")]
+        prefix: String,
+        /// The most keys listed.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        /// List the keys after this one (to page through a long listing).
+        #[arg(long)]
+        after: Option<String>,
+    },
+}
+
+/// A time to live in seconds (fractions allowed), from a day's thousandth to ten years.
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .filter(|d| *d >= Duration::from_millis(1) && *d <= Duration::from_secs(10 * 365 * 86_400))
+        .ok_or_else(|| format!("{text:?} is not a number of seconds between 0.001 and 10 years"))
 }
 
 pub fn run(args: KvArgs) -> anyhow::Result<ExitCode> {
@@ -91,6 +122,7 @@ pub fn run(args: KvArgs) -> anyhow::Result<ExitCode> {
             lattice,
             priority,
             deps,
+            ttl,
         } => {
             let value = match value.as_deref() {
                 Some("-") => {
@@ -104,7 +136,34 @@ pub fn run(args: KvArgs) -> anyhow::Result<ExitCode> {
                 None => None,
             };
             let lattice_value = build_value(&mut client, &key, lattice, value, priority, &deps)?;
-            client.put(&key, lattice_value)?;
+            match ttl {
+                Some(ttl) => client.put_expiring(&key, lattice_value, Some(ttl))?,
+                None => client.put(&key, lattice_value)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        KvCommand::Del { keys } => {
+            for key in keys {
+                client.delete(&key)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        KvCommand::Ls {
+            prefix,
+            limit,
+            after,
+        } => {
+            let (keys, more) = client.list(&prefix, after.as_deref(), limit)?;
+            let mut out = std::io::stdout().lock();
+            for key in &keys {
+                writeln!(out, "{key}")?;
+            }
+            out.flush()?;
+            if more {
+                if let Some(last) = keys.last() {
+                    eprintln!("(more: --after {last:?})");
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

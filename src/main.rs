@@ -99,6 +99,14 @@ struct KvsArgs {
     /// Largest request accepted, in bytes.
     #[arg(long, env = "SQUALL_KVS_MAX_REQUEST_BYTES")]
     max_request_bytes: Option<usize>,
+    /// Milliseconds a delete's tombstone (or an expired key's) is kept before it is forgotten;
+    /// a replica away longer than this may bring a deleted value back.
+    #[arg(
+        long,
+        env = "SQUALL_KVS_TOMBSTONE_GRACE_MS",
+        default_value_t = 3_600_000
+    )]
+    tombstone_grace_ms: u64,
     /// Join the cluster whose router is at this address (default: run alone).
     #[arg(long, env = "SQUALL_JOIN")]
     join: Option<String>,
@@ -142,6 +150,7 @@ fn run_kvs(args: KvsArgs) -> anyhow::Result<()> {
             .compact_after_bytes
             .unwrap_or(defaults.compact_after_bytes),
         max_request_bytes: args.max_request_bytes.unwrap_or(defaults.max_request_bytes),
+        tombstone_grace_ms: args.tombstone_grace_ms,
         cluster: args.join.map(|router| ClusterConfig {
             router,
             heartbeat_ms: args.heartbeat_ms,

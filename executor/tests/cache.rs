@@ -80,6 +80,19 @@ async fn the_store_pushes_changes_of_held_keys_to_the_cache() {
     let counter = LatticeValue::Counter(squall_lattices::Counter::default());
     assert!(cache.merge("k", counter).await.is_err());
     assert_eq!(cache.get("k").await.expect("get"), Some(lww(3, "three")));
+    // A delete elsewhere reaches the cache as a push: the held value goes.
+    writer.delete("k").expect("delete");
+    let gone = Poll::within(Duration::from_secs(10))
+        .until_async(|| async { cache.get("k").await.expect("get").is_none().then_some(()) })
+        .await;
+    assert!(gone.is_ok(), "the cache still holds k after its delete");
+    assert_eq!(cache.stats().misses, 2, "the delete came by push");
+    // A later write is seen again, through the cache as from elsewhere.
+    let rewritten = cache
+        .merge("k", lww(u64::MAX / 2, "back"))
+        .await
+        .expect("merge");
+    assert_eq!(rewritten, lww(u64::MAX / 2, "back"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

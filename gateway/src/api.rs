@@ -116,7 +116,8 @@ impl Gateway {
             )
             .route("/v1/dags/{name}/invoke", post(invoke_dag))
             .route("/v1/results/{id}", get(get_result))
-            .route("/v1/kv/{*key}", get(get_kv).put(put_kv))
+            .route("/v1/kv", get(list_kv))
+            .route("/v1/kv/{*key}", get(get_kv).put(put_kv).delete(delete_kv))
             .fallback(|| async {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
             })
@@ -912,6 +913,89 @@ pub struct KvParams {
     /// `min` (the body is an integer).
     #[serde(rename = "type")]
     pub lattice: Option<String>,
+    /// Seconds until the key expires (fractions allowed); it then reads as absent and leaves
+    /// the store. A new `lww` value without it never expires.
+    pub ttl: Option<f64>,
+}
+
+/// Which keys `GET /v1/kv` lists.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// The keys' common start (default: every key outside Squall's own).
+    #[serde(default)]
+    pub prefix: String,
+    /// List the keys after this one: the `next` of the previous page.
+    pub after: Option<String>,
+    /// The most keys answered (1 to 1000, default 100).
+    pub limit: Option<u32>,
+}
+
+/// A page of keys.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyList {
+    /// The keys, in order.
+    pub keys: Vec<String>,
+    /// Where the next page starts (pass it as `after`); absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// Refuses writes to Squall's own keys.
+fn writable_key(key: &str) -> ApiResult<()> {
+    checked_key(key)?;
+    if keys::is_reserved(key) {
+        return Err(ApiError::bad_request(format!(
+            "keys under {} belong to Squall",
+            keys::RESERVED_PREFIX
+        )));
+    }
+    Ok(())
+}
+
+#[utoipa::path(get, path = "/v1/kv", tag = "kv", params(ListParams),
+    responses((status = 200, body = KeyList), (status = 400, body = ErrorBody)))]
+async fn list_kv(
+    State(gateway): State<Arc<Gateway>>,
+    Query(params): Query<ListParams>,
+) -> ApiResult<Json<KeyList>> {
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("limit is between 1 and 1000"));
+    }
+    if params.prefix.len() > keys::MAX_KEY_BYTES {
+        return Err(ApiError::bad_request("the prefix is longer than any key"));
+    }
+    if keys::is_reserved(&params.prefix) {
+        return Err(ApiError::bad_request(format!(
+            "keys under {} belong to Squall; list them with squall fn ls, dag ls, model ls",
+            keys::RESERVED_PREFIX
+        )));
+    }
+    let (prefix, after) = (params.prefix.clone(), params.after.clone());
+    let (listed, more) = gateway
+        .kvs
+        .with(move |c| c.list(&prefix, after.as_deref(), limit))
+        .await?;
+    let next = more.then(|| listed.last().cloned()).flatten();
+    // Squall's own keys are not listed, but the page still ends where the store's did.
+    let keys = listed
+        .into_iter()
+        .filter(|key| !keys::is_reserved(key))
+        .collect();
+    Ok(Json(KeyList { keys, next }))
+}
+
+#[utoipa::path(delete, path = "/v1/kv/{key}", tag = "kv",
+    params(("key" = String, Path, description = "The key (may contain '/')")),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+async fn delete_kv(
+    State(gateway): State<Arc<Gateway>>,
+    Path(key): Path<String>,
+) -> ApiResult<StatusCode> {
+    writable_key(&key)?;
+    gateway.kvs.with(move |c| c.delete(&key)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 fn checked_key(key: &str) -> ApiResult<()> {
@@ -971,13 +1055,20 @@ async fn put_kv(
     Query(params): Query<KvParams>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<StatusCode> {
-    checked_key(&key)?;
-    if keys::is_reserved(&key) {
-        return Err(ApiError::bad_request(format!(
-            "keys under {} belong to Squall",
-            keys::RESERVED_PREFIX
-        )));
-    }
+    writable_key(&key)?;
+    let ttl = params
+        .ttl
+        .map(|seconds| {
+            Duration::try_from_secs_f64(seconds)
+                .ok()
+                .filter(|d| !d.is_zero() && *d <= Duration::from_secs(10 * 365 * 86_400))
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "ttl is a number of seconds, above 0 and at most ten years",
+                    )
+                })
+        })
+        .transpose()?;
     let body = body?;
     let integer = || -> ApiResult<i64> {
         std::str::from_utf8(&body)
@@ -996,7 +1087,15 @@ async fn put_kv(
             )))
         }
     };
-    gateway.kvs.with(move |c| c.put(&key, value)).await?;
+    match ttl {
+        Some(ttl) => {
+            gateway
+                .kvs
+                .with(move |c| c.put_expiring(&key, value, Some(ttl)))
+                .await?
+        }
+        None => gateway.kvs.with(move |c| c.put(&key, value)).await?,
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1007,9 +1106,9 @@ async fn put_kv(
     paths(healthz, metrics, openapi, executors, register_function, list_functions, get_function,
         delete_function, invoke_function, register_model, list_models, get_model, delete_model,
         invoke_dag, put_dag, list_dags, get_dag, delete_dag,
-        get_result, get_kv, put_kv),
+        get_result, list_kv, get_kv, put_kv, delete_kv),
     components(schemas(ErrorBody, ErrorDetail, Health, ExecutorInfo, FunctionInfo, FunctionDetail,
-        Accepted, DagInfo, DagSpec, Running)),
+        Accepted, DagInfo, DagSpec, Running, KeyList)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

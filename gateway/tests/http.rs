@@ -261,6 +261,81 @@ fn requests_map_to_their_statuses_and_codes() {
         let long_key = format!("/v1/kv/{}", "k".repeat(1025));
         let long = send(router, request("GET", &long_key, None, b"")).await;
         assert_eq!(long.status, StatusCode::BAD_REQUEST, "{}", long.body);
+
+        // Deletes, expiries and listings.
+        for (uri, token, status) in [
+            (
+                "/v1/kv/users/3?ttl=3600",
+                Some(TOKEN),
+                StatusCode::NO_CONTENT,
+            ),
+            ("/v1/kv/users/4?ttl=0", Some(TOKEN), StatusCode::BAD_REQUEST),
+            (
+                "/v1/kv/users/4?ttl=-1",
+                Some(TOKEN),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "/v1/kv/users/4?ttl=soon",
+                Some(TOKEN),
+                StatusCode::BAD_REQUEST,
+            ),
+            ("/v1/kv/users/4", None, StatusCode::UNAUTHORIZED),
+        ] {
+            let put = send(router, request("PUT", uri, token, b"x")).await;
+            assert_eq!(put.status, status, "PUT {uri}: {}", put.body);
+        }
+        let listed = send(router, request("GET", "/v1/kv?prefix=users/", None, b"")).await;
+        assert_eq!(listed.status, StatusCode::OK, "{}", listed.body);
+        assert_eq!(listed.body, r#"{"keys":["users/1","users/3"]}"#);
+        let page = send(
+            router,
+            request("GET", "/v1/kv?prefix=users/&limit=1", None, b""),
+        )
+        .await;
+        assert_eq!(page.body, r#"{"keys":["users/1"],"next":"users/1"}"#);
+        let next = send(
+            router,
+            request(
+                "GET",
+                "/v1/kv?prefix=users/&limit=1&after=users/1",
+                None,
+                b"",
+            ),
+        )
+        .await;
+        assert_eq!(next.body, r#"{"keys":["users/3"]}"#);
+        for uri in [
+            "/v1/kv?limit=0",
+            "/v1/kv?limit=1001",
+            "/v1/kv?prefix=squall/",
+        ] {
+            let refused = send(router, request("GET", uri, None, b"")).await;
+            assert_eq!(
+                refused.status,
+                StatusCode::BAD_REQUEST,
+                "{uri}: {}",
+                refused.body
+            );
+        }
+        let unauthorized = send(router, request("DELETE", "/v1/kv/users/1", None, b"")).await;
+        assert_eq!(unauthorized.status, StatusCode::UNAUTHORIZED);
+        let reserved = send(
+            router,
+            request("DELETE", "/v1/kv/squall/x", Some(TOKEN), b""),
+        )
+        .await;
+        assert_eq!(reserved.status, StatusCode::BAD_REQUEST);
+        let deleted = send(
+            router,
+            request("DELETE", "/v1/kv/users/1", Some(TOKEN), b""),
+        )
+        .await;
+        assert_eq!(deleted.status, StatusCode::NO_CONTENT, "{}", deleted.body);
+        let gone = send(router, request("GET", "/v1/kv/users/1", None, b"")).await;
+        assert_eq!(gone.status, StatusCode::NOT_FOUND);
+        let listed = send(router, request("GET", "/v1/kv?prefix=users/", None, b"")).await;
+        assert_eq!(listed.body, r#"{"keys":["users/3"]}"#);
     });
 }
 

@@ -23,10 +23,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hashbrown::HashMap;
-use squall_lattices::{Counter, Lattice, LatticeValue, Lww, Timestamp, WriterId};
+use squall_lattices::entry::now_ms;
+use squall_lattices::{Counter, Entry, Lattice, LatticeValue, Lww, Timestamp, Write, WriterId};
 use squall_proto::{Key, KeyError, Request, RequestError, RequestId, Response, Topology};
 
-use crate::exchange::{exchange, round_trip, Retry, MAX_TIMEOUT, RETRY_PAUSE};
+use crate::exchange::{exchange, round_trip, Exchanged, Retry, MAX_TIMEOUT, RETRY_PAUSE};
 use crate::placement::Placement;
 use crate::ring::Ring;
 use crate::zmtp::Connection;
@@ -240,8 +241,9 @@ pub struct ShardSession {
 /// What [`Client::subscribe`] returns.
 #[derive(Debug, Clone)]
 pub struct Subscription {
-    /// The keys' values, in order, as [`Client::get_many`] returns them.
-    pub values: Vec<Option<LatticeValue>>,
+    /// The keys' entries, in order (merged over the replicas read): what a cache keeps, so
+    /// that it can merge later pushes, deletes among them. [`Entry::live`] is the value.
+    pub values: Vec<Option<Entry>>,
     /// The session of every shard that answered.
     pub sessions: Vec<ShardSession>,
 }
@@ -284,7 +286,7 @@ impl Client {
         self.layout.as_ref().map(|l| &l.topology)
     }
 
-    /// Reads a key: `None` if it was never written.
+    /// Reads a key: `None` if it was never written, was deleted or has expired.
     pub fn get(&mut self, key: &str) -> Result<Option<LatticeValue>> {
         let mut values = self.get_many(&[key.to_string()])?;
         Ok(values.pop().flatten())
@@ -300,7 +302,10 @@ impl Client {
             },
             Kind::Read,
         )?;
-        values_of(results, keys)
+        Ok(entries_of(results, keys)?
+            .into_iter()
+            .map(|entry| entry.and_then(Entry::into_live_now))
+            .collect())
     }
 
     /// Merges `value` into `key`. Fails with [`Error::Key`] if the key holds another lattice
@@ -320,12 +325,131 @@ impl Client {
         &mut self,
         entries: Vec<(Key, LatticeValue)>,
     ) -> Result<Vec<Result<(), KeyError>>> {
+        self.write_routed(entries, |entries| Request::Put { entries })
+    }
+
+    /// Several writes with expiries (or expiries alone) at once; one result per entry.
+    pub fn write_many(&mut self, entries: Vec<(Key, Write)>) -> Result<Vec<Result<(), KeyError>>> {
+        self.write_routed(entries, |entries| Request::Write { entries })
+    }
+
+    /// Merges entries exactly as given (tombstones, copies between stores); one result per
+    /// entry.
+    pub fn merge_many(&mut self, entries: Vec<(Key, Entry)>) -> Result<Vec<Result<(), KeyError>>> {
+        self.write_routed(entries, |entries| Request::Merge { entries })
+    }
+
+    /// Deletes `key` as of now (a tombstone at this client's clock): a write stamped later
+    /// survives it, see [`squall_lattices::entry`]. Deleting an absent key stores a tombstone
+    /// all the same (until it is reclaimed), so that a copy on its way cannot bring it back.
+    pub fn delete(&mut self, key: &str) -> Result<()> {
+        let at = self.next_timestamp();
+        let results = self.merge_many(vec![(key.to_string(), Entry::tombstone(at))])?;
+        one_result(key, results)
+    }
+
+    /// Writes `value` as a last-writer-wins register that expires after `ttl` (`None`: never,
+    /// which also clears an earlier expiry).
+    pub fn put_lww_expiring(
+        &mut self,
+        key: &str,
+        value: impl Into<Bytes>,
+        ttl: Option<Duration>,
+    ) -> Result<()> {
+        let at = self.next_timestamp();
+        self.put_expiring(key, LatticeValue::Lww(Lww::new(at, value.into())), ttl)
+    }
+
+    /// Merges `value` into `key` and sets the key to expire after `ttl` (`None`: never).
+    pub fn put_expiring(
+        &mut self,
+        key: &str,
+        value: LatticeValue,
+        ttl: Option<Duration>,
+    ) -> Result<()> {
+        let at = self.next_timestamp();
+        let write = Write {
+            value: Some(value),
+            expiry: Some(Lww::new(at, expires_at(ttl))),
+        };
+        let results = self.write_many(vec![(key.to_string(), write)])?;
+        one_result(key, results)
+    }
+
+    /// Sets when `key` expires: after `ttl`, or never (`None`). A key that is absent, deleted
+    /// or expired is left alone.
+    pub fn expire(&mut self, key: &str, ttl: Option<Duration>) -> Result<()> {
+        let at = self.next_timestamp();
+        let write = Write {
+            value: None,
+            expiry: Some(Lww::new(at, expires_at(ttl))),
+        };
+        let results = self.write_many(vec![(key.to_string(), write)])?;
+        one_result(key, results)
+    }
+
+    /// Up to `limit` live keys starting with `prefix`, after `after`, in key order, over every
+    /// shard (of every member, in a cluster); whether more follow.
+    pub fn list(
+        &mut self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<(Vec<Key>, bool)> {
+        let request = Request::List {
+            prefix: prefix.to_string(),
+            after: after.map(str::to_string),
+            limit,
+        };
+        let (exchanged, _) = self.send_to_every_shard(&request)?;
+        let responses = exchanged.into_all()?;
+        let mut keys = Vec::new();
+        let mut more = false;
+        for response in responses {
+            match response {
+                Response::Keys {
+                    keys: some,
+                    more: m,
+                } => {
+                    keys.extend(some);
+                    more |= m;
+                }
+                Response::Error(e) => return Err(Error::Request(e)),
+                other => {
+                    return Err(Error::UnexpectedResponse(format!(
+                        "a list answered {}",
+                        other.kind()
+                    )))
+                }
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.len() > limit as usize {
+            keys.truncate(limit as usize);
+            more = true;
+        }
+        Ok((keys, more))
+    }
+
+    /// A timestamp of this client's clock, later than every one it gave before.
+    fn next_timestamp(&mut self) -> Timestamp {
+        let now = Timestamp::now(self.config.writer);
+        let time = now.time.max(self.last_time + 1);
+        self.last_time = time;
+        Timestamp::new(time, self.config.writer)
+    }
+
+    /// Sends writes of any kind (each key to its replicas) and collects one result per entry.
+    fn write_routed<T: Clone>(
+        &mut self,
+        entries: Vec<(Key, T)>,
+        request: impl Fn(Vec<(Key, T)>) -> Request,
+    ) -> Result<Vec<Result<(), KeyError>>> {
         let results = self.routed(
             entries.len(),
             |i| entries[i].0.as_str(),
-            |indices| Request::Put {
-                entries: indices.iter().map(|&i| entries[i].clone()).collect(),
-            },
+            |indices| request(indices.iter().map(|&i| entries[i].clone()).collect()),
             Kind::Write,
         )?;
         results
@@ -353,7 +477,7 @@ impl Client {
         )?;
         self.note_generation();
         Ok(Subscription {
-            values: values_of(results, keys)?,
+            values: entries_of(results, keys)?,
             sessions: std::mem::take(&mut self.sessions),
         })
     }
@@ -363,31 +487,13 @@ impl Client {
     /// (shard [`VIEW_SESSION`], the view's generation): when it changes, keys may have moved
     /// to replicas that do not know the subscriber, so what it holds must be treated as stale.
     pub fn renew(&mut self, subscriber: &str) -> Result<Vec<ShardSession>> {
-        if self.layout.is_none() {
-            self.refresh()?;
-        }
-        let Some(layout) = self.layout.as_mut() else {
+        let (exchanged, clustered) = self.send_to_every_shard(&Request::Subscribe {
+            subscriber: subscriber.to_string(),
+            keys: Vec::new(),
+        })?;
+        let Some(layout) = self.layout.as_ref() else {
             return Err(Error::UnexpectedResponse("no layout".into()));
         };
-        let requests: Vec<(usize, Request)> = (0..layout.endpoints.len())
-            .map(|shard| {
-                (
-                    shard,
-                    Request::Subscribe {
-                        subscriber: subscriber.to_string(),
-                        keys: Vec::new(),
-                    },
-                )
-            })
-            .collect();
-        let clustered = layout.placement.is_some();
-        let exchanged = exchange(
-            &self.config.retry(),
-            &mut self.next_id,
-            &layout.endpoints,
-            &mut layout.connections,
-            &requests,
-        )?;
         let exchanged = if clustered {
             exchanged
         } else {
@@ -419,6 +525,28 @@ impl Client {
         self.sessions = sessions;
         self.note_generation();
         Ok(std::mem::take(&mut self.sessions))
+    }
+
+    /// Sends `request` to every shard (of every member, in a cluster) at once; what came back,
+    /// and whether the layout is a cluster's.
+    fn send_to_every_shard(&mut self, request: &Request) -> Result<(Exchanged, bool)> {
+        if self.layout.is_none() {
+            self.refresh()?;
+        }
+        let Some(layout) = self.layout.as_mut() else {
+            return Err(Error::UnexpectedResponse("no layout".into()));
+        };
+        let requests: Vec<(usize, Request)> = (0..layout.endpoints.len())
+            .map(|shard| (shard, request.clone()))
+            .collect();
+        let exchanged = exchange(
+            &self.config.retry(),
+            &mut self.next_id,
+            &layout.endpoints,
+            &mut layout.connections,
+            &requests,
+        )?;
+        Ok((exchanged, layout.placement.is_some()))
     }
 
     /// In a cluster, adds the view's pseudo-session to `self.sessions`.
@@ -503,10 +631,11 @@ impl Client {
                 let value = match response {
                     Some(Response::Get(mut values)) if values.len() == 1 => {
                         values.pop().map_or(Ok(None), |v| {
-                            v.map_err(|error| Error::Key {
-                                key: key.to_string(),
-                                error,
-                            })
+                            v.map(|entry| entry.and_then(Entry::into_live_now))
+                                .map_err(|error| Error::Key {
+                                    key: key.to_string(),
+                                    error,
+                                })
                         })
                     }
                     Some(Response::Error(e)) => Err(Error::Request(e)),
@@ -546,14 +675,8 @@ impl Client {
     /// Writes `value` as a last-writer-wins register stamped with this client's clock, which
     /// never goes backwards even if the system clock does.
     pub fn put_lww(&mut self, key: &str, value: impl Into<Bytes>) -> Result<()> {
-        let now = Timestamp::now(self.config.writer);
-        let time = now.time.max(self.last_time + 1);
-        self.last_time = time;
-        let value = LatticeValue::Lww(Lww::new(
-            Timestamp::new(time, self.config.writer),
-            value.into(),
-        ));
-        self.put(key, value)
+        let at = self.next_timestamp();
+        self.put(key, LatticeValue::Lww(Lww::new(at, value.into())))
     }
 
     /// Adds `delta` to a counter. Sends this writer's running totals for the key, so a retry
@@ -764,7 +887,7 @@ impl Client {
             self.sessions.clear();
             for ((endpoint, _), response) in requests.iter().zip(exchanged.responses) {
                 let indices = &by_endpoint[*endpoint];
-                let results: Vec<Result<Option<Option<LatticeValue>>, KeyError>> = match response {
+                let results: Vec<Result<Option<Option<Entry>>, KeyError>> = match response {
                     None => {
                         unanswered = true;
                         continue;
@@ -930,14 +1053,14 @@ fn next_step(round: &Round) -> Next {
 struct Tally {
     /// Replicas that answered (read) or applied the write.
     answers: usize,
-    /// The merge of the values read.
-    value: Option<LatticeValue>,
+    /// The merge of the entries read.
+    value: Option<Entry>,
     /// A replica's refusal (another lattice type, a size limit, a failing log).
     error: Option<KeyError>,
 }
 
 impl Tally {
-    fn answer(&mut self, value: Option<Option<LatticeValue>>) {
+    fn answer(&mut self, value: Option<Option<Entry>>) {
         self.answers += 1;
         let Some(Some(value)) = value else { return };
         match &mut self.value {
@@ -963,8 +1086,29 @@ impl Tally {
 /// view's generation.
 pub const VIEW_SESSION: &str = "cluster-view";
 
-/// The values of a read (GET or SUBSCRIBE), in key order; the first failed key is the error.
-fn values_of(results: Vec<Slot>, keys: &[Key]) -> Result<Vec<Option<LatticeValue>>> {
+/// The result of a one-key write.
+fn one_result(key: &str, mut results: Vec<std::result::Result<(), KeyError>>) -> Result<()> {
+    match results.pop() {
+        Some(Ok(())) => Ok(()),
+        Some(Err(error)) => Err(Error::Key {
+            key: key.to_string(),
+            error,
+        }),
+        None => Err(Error::UnexpectedResponse("no result for the key".into())),
+    }
+}
+
+/// The expiry register's value for a time to live: the time it ends, or 0 for never.
+fn expires_at(ttl: Option<Duration>) -> u64 {
+    ttl.map_or(0, |ttl| {
+        now_ms()
+            .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+            .max(1)
+    })
+}
+
+/// The entries of a read (GET or SUBSCRIBE), in key order; the first failed key is the error.
+fn entries_of(results: Vec<Slot>, keys: &[Key]) -> Result<Vec<Option<Entry>>> {
     results
         .into_iter()
         .zip(keys)
@@ -983,7 +1127,7 @@ fn values_of(results: Vec<Slot>, keys: &[Key]) -> Result<Vec<Option<LatticeValue
 
 /// One key's outcome.
 enum Slot {
-    Value(Option<LatticeValue>),
+    Value(Option<Entry>),
     Written,
     Failed(KeyError),
 }

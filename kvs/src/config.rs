@@ -83,6 +83,10 @@ pub struct Config {
     pub max_batch: usize,
     /// The cluster to join (default: none; the node runs alone).
     pub cluster: Option<ClusterConfig>,
+    /// How long a delete's tombstone (or an expired key's) is kept before the store forgets it
+    /// (default one hour). A replica away for longer than this may bring back a value
+    /// deleted meanwhile when it returns; see [`squall_lattices::entry`].
+    pub tombstone_grace_ms: u64,
 }
 
 impl Default for Config {
@@ -101,6 +105,7 @@ impl Default for Config {
             virtual_nodes: 512,
             max_batch: 256,
             cluster: None,
+            tombstone_grace_ms: 3_600_000,
         }
     }
 }

@@ -32,7 +32,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use squall_lattices::{Lattice, LatticeValue};
+use squall_lattices::{Entry, Lattice, LatticeValue};
 use squall_proto::Key;
 
 use crate::{io_err, Error, FsyncPolicy, Result};
@@ -42,7 +42,7 @@ const RECORD_HEADER: usize = 8;
 /// A shard's data: ordered, so a snapshot can be written a slice at a time from a key cursor
 /// (and, later, keys listed by prefix). A lookup costs O(log n), about 100 ns here, against
 /// some 20 µs per request.
-pub type Store = BTreeMap<Key, LatticeValue>;
+pub type Store = BTreeMap<Key, Entry>;
 /// How far ahead of the records a segment is extended with zeros.
 const PREALLOCATE: u64 = 1 << 20;
 
@@ -149,7 +149,7 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// Appends one record for `(key, value)` to `buffer`, or leaves `buffer` as it was.
-fn encode_record(buffer: &mut Vec<u8>, key: &str, value: &LatticeValue) -> Result<()> {
+fn encode_record(buffer: &mut Vec<u8>, key: &str, value: &Entry) -> Result<()> {
     let start = buffer.len();
     buffer.extend_from_slice(&[0u8; RECORD_HEADER]);
     if let Err(e) = rmp_serde::encode::write(buffer, &(key, value)) {
@@ -186,7 +186,7 @@ struct Decoded {
 /// is wrong (a torn write: nothing after it can be framed), and skips, but counts, a record
 /// whose checksum holds but whose content does not decode (it was framed, so the next record
 /// can still be found).
-fn decode_records(bytes: &[u8], mut each: impl FnMut(Key, LatticeValue)) -> Decoded {
+fn decode_records(bytes: &[u8], mut each: impl FnMut(Key, Entry)) -> Decoded {
     let mut offset = 0;
     let mut undecodable = 0;
     while bytes.len() - offset >= RECORD_HEADER {
@@ -201,9 +201,9 @@ fn decode_records(bytes: &[u8], mut each: impl FnMut(Key, LatticeValue)) -> Deco
         if crc32fast::hash(payload) != crc {
             break;
         }
-        match rmp_serde::from_slice::<(Key, LatticeValue)>(payload) {
-            Ok((key, value)) => each(key, value),
-            Err(_) => undecodable += 1,
+        match decode_record(payload) {
+            Some((key, entry)) => each(key, entry),
+            None => undecodable += 1,
         }
         offset = start + len;
     }
@@ -217,6 +217,18 @@ fn decode_records(bytes: &[u8], mut each: impl FnMut(Key, LatticeValue)) -> Deco
         damaged,
         undecodable,
     }
+}
+
+/// One record's key and entry. Records written before entries existed hold a bare value,
+/// read as a value never deleted ([`Entry::of`]).
+fn decode_record(payload: &[u8]) -> Option<(Key, Entry)> {
+    rmp_serde::from_slice::<(Key, Entry)>(payload)
+        .ok()
+        .or_else(|| {
+            rmp_serde::from_slice::<(Key, LatticeValue)>(payload)
+                .ok()
+                .map(|(key, value)| (key, Entry::of(value)))
+        })
 }
 
 /// Reads every log segment and snapshot in `dir` and merges their records. Deletes only
@@ -345,7 +357,7 @@ impl ShardLog {
     }
 
     /// Appends a record; it becomes durable at the next successful [`ShardLog::commit`].
-    pub fn append(&mut self, key: &str, value: &LatticeValue) -> Result<()> {
+    pub fn append(&mut self, key: &str, value: &Entry) -> Result<()> {
         encode_record(&mut self.pending, key, value)
     }
 
@@ -562,8 +574,24 @@ mod tests {
         ShardLog::open(dir, &Recovered::default(), fsync, compact_after).unwrap()
     }
 
-    fn lww(time: u64, value: &'static [u8]) -> LatticeValue {
-        LatticeValue::Lww(Lww::new(Timestamp::new(time, 1), Bytes::from_static(value)))
+    fn lww(time: u64, value: &'static [u8]) -> Entry {
+        Entry::of(LatticeValue::Lww(Lww::new(
+            Timestamp::new(time, 1),
+            Bytes::from_static(value),
+        )))
+    }
+
+    #[test]
+    fn records_of_bare_values_read_as_values_never_deleted() {
+        let value = LatticeValue::Counter(Counter::of(9, 5));
+        let payload = rmp_serde::to_vec(&("c", &value)).unwrap();
+        assert_eq!(
+            decode_record(&payload),
+            Some(("c".to_string(), Entry::of(value)))
+        );
+        let tombstone = Entry::tombstone(Timestamp::new(3, 1));
+        let payload = rmp_serde::to_vec(&("d", &tombstone)).unwrap();
+        assert_eq!(decode_record(&payload), Some(("d".to_string(), tombstone)));
     }
 
     #[test]
@@ -572,7 +600,7 @@ mod tests {
         let mut log = fresh_log(dir.path(), FsyncPolicy::Always, 1 << 20);
         log.append("a", &lww(1, b"one")).unwrap();
         log.append("a", &lww(2, b"two")).unwrap();
-        log.append("c", &LatticeValue::Counter(Counter::of(9, 5)))
+        log.append("c", &Entry::of(LatticeValue::Counter(Counter::of(9, 5))))
             .unwrap();
         log.commit().unwrap();
         drop(log);
@@ -649,7 +677,7 @@ mod tests {
         let mut log = fresh_log(dir.path(), FsyncPolicy::Never, 0);
         let mut store = Store::new();
         // What the shard does for a write: log it, merge it.
-        let write = |log: &mut ShardLog, store: &mut Store, key: String, value: LatticeValue| {
+        let write = |log: &mut ShardLog, store: &mut Store, key: String, value: Entry| {
             log.append(&key, &value).unwrap();
             match store.entry(key) {
                 btree_map::Entry::Occupied(mut slot) => {

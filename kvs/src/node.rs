@@ -153,6 +153,7 @@ impl Node {
                 replicas: ReplicaCheck::default(),
                 changed: hashbrown::HashSet::new(),
                 load: Default::default(),
+                deadlines: Default::default(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("squall-shard-{index}"))

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use squall_lattices::{Lattice, LatticeValue};
+use squall_lattices::entry::now_ms;
+use squall_lattices::{Entry, Lattice, LatticeValue, Write};
 use squall_proto::{
     decode_request, encode_response, peek_id, Key, KeyError, Request, RequestError, RequestId,
     Response, Topology,
@@ -50,7 +51,7 @@ enum Outgoing {
     /// A GET's values: sent only if the commit succeeds.
     Get {
         id: RequestId,
-        values: Vec<Result<Option<LatticeValue>, KeyError>>,
+        values: Vec<Result<Option<Entry>, KeyError>>,
     },
     /// A PUT's results: each `Ok` becomes `NotDurable` if the commit fails.
     Put {
@@ -60,7 +61,7 @@ enum Outgoing {
     /// A SUBSCRIBE's values: sent only if the commit succeeds, like a GET's.
     Subscribed {
         id: RequestId,
-        values: Vec<Result<Option<LatticeValue>, KeyError>>,
+        values: Vec<Result<Option<Entry>, KeyError>>,
         session: u64,
     },
 }
@@ -96,7 +97,64 @@ pub(crate) struct Shard {
     pub(crate) changed: hashbrown::HashSet<Key>,
     /// Load in the current window (cluster only).
     pub(crate) load: Load,
+    /// When keys expire and tombstones may be forgotten.
+    pub(crate) deadlines: Deadlines,
 }
+
+/// Keys due for work at a time: an expiry to reap, a tombstone to forget. Kept in step with
+/// the map on every change (one entry per key), so the shard finds what is due without a
+/// scan; costs a set entry and a map entry per expiring key or tombstone.
+#[derive(Debug, Default)]
+pub(crate) struct Deadlines {
+    due: std::collections::BTreeSet<(u64, Key)>,
+    of: hashbrown::HashMap<Key, u64>,
+}
+
+impl Deadlines {
+    /// When `entry` next needs work: its expiry, or the end of its tombstone's grace.
+    fn of_entry(entry: &Entry, grace_ms: u64) -> Option<u64> {
+        entry.expires_at_ms().or_else(|| {
+            entry
+                .value
+                .is_none()
+                .then(|| (entry.epoch.time / 1000).saturating_add(grace_ms))
+        })
+    }
+
+    /// Notes `key`'s deadline after a change (`None`: it needs none).
+    fn set(&mut self, key: &Key, deadline: Option<u64>) {
+        if deadline.is_none() && self.of.is_empty() {
+            return;
+        }
+        let old = self.of.get(key).copied();
+        if old == deadline {
+            return;
+        }
+        if let Some(old) = old {
+            self.due.remove(&(old, key.clone()));
+            self.of.remove(key);
+        }
+        if let Some(deadline) = deadline {
+            self.due.insert((deadline, key.clone()));
+            self.of.insert(key.clone(), deadline);
+        }
+    }
+
+    /// Takes the next key due at `now_ms`.
+    fn pop_due(&mut self, now_ms: u64) -> Option<Key> {
+        let first = self.due.first()?;
+        if first.0 > now_ms {
+            return None;
+        }
+        let (_, key) = self.due.pop_first()?;
+        self.of.remove(&key);
+        Some(key)
+    }
+}
+
+/// Keys reaped or forgotten per pass between batches: bounds the pause (Redis's active
+/// expiry has the same kind of budget).
+const EXPIRY_BUDGET: usize = 1_000;
 
 /// Keys whose accesses are counted per window; beyond it, new keys count in the totals only.
 const MAX_COUNTED_KEYS: usize = 100_000;
@@ -105,8 +163,8 @@ const MAX_COUNTED_KEYS: usize = 100_000;
 /// under any node's request size limit when they are sent on.
 const SCAN_BYTES: usize = 4 << 20;
 
-/// A value's MessagePack size.
-fn encoded_len(value: &LatticeValue) -> usize {
+/// An entry's MessagePack size.
+fn encoded_len(value: &Entry) -> usize {
     rmp_serde::encode::to_vec(value).map_or(0, |v| v.len())
 }
 
@@ -224,6 +282,7 @@ const MAX_CHANGED: usize = 1 << 20;
 impl Shard {
     /// Serves until the shutdown flag is set, then commits what is pending.
     pub(crate) fn run(mut self) {
+        self.index_deadlines();
         let mut outbox: Vec<Envelope> = Vec::with_capacity(self.config.max_batch);
         while !self.shutdown.load(Ordering::Relaxed) {
             // While a snapshot is under way, an idle shard keeps writing it instead of sleeping.
@@ -389,7 +448,10 @@ impl Shard {
                 generation,
                 request,
             } => match *request {
-                inner @ (Request::Get { .. } | Request::Put { .. }) => {
+                inner @ (Request::Get { .. }
+                | Request::Put { .. }
+                | Request::Write { .. }
+                | Request::Merge { .. }) => {
                     let mine = self.replicas.generation();
                     (inner, self.cluster.is_some() && generation < mine)
                 }
@@ -424,7 +486,14 @@ impl Shard {
     fn answer(&mut self, id: RequestId, request: Request, stale: bool) -> Outgoing {
         match request {
             Request::Get { keys } => self.get_all(id, &keys, stale),
-            Request::Put { entries } => self.put_all(id, entries, stale),
+            Request::Put { entries } => self.put_all(id, entries, stale, Self::put),
+            Request::Write { entries } => self.put_all(id, entries, stale, Self::write),
+            Request::Merge { entries } => self.put_all(id, entries, stale, Self::merge_entry),
+            Request::List {
+                prefix,
+                after,
+                limit,
+            } => self.list(id, &prefix, after.as_deref(), limit),
             Request::Routed { .. } => error_reply(
                 id,
                 RequestError::Malformed {
@@ -488,16 +557,17 @@ impl Shard {
 
     /// PUT: each entry merged (kept even when the request was stale, then refused with
     /// `WrongNode` so that the sender writes the replicas of its newer view too).
-    fn put_all(
+    fn put_all<T>(
         &mut self,
         id: RequestId,
-        entries: Vec<(Key, LatticeValue)>,
+        entries: Vec<(Key, T)>,
         stale: bool,
+        apply: fn(&mut Self, Key, T) -> Result<(), KeyError>,
     ) -> Outgoing {
         let results = entries
             .into_iter()
             .map(|(key, value)| {
-                let result = self.put(key, value);
+                let result = apply(self, key, value);
                 if stale && result.is_ok() {
                     Err(self.replicas.wrong())
                 } else {
@@ -604,18 +674,50 @@ impl Shard {
         }
     }
 
-    fn get(&mut self, key: &str) -> Result<Option<LatticeValue>, KeyError> {
+    /// A key's entry, an expired one as the tombstone it reaps to (so a reader merging
+    /// replicas' answers cannot bring the value back from one that has not reaped it).
+    fn get(&mut self, key: &str) -> Result<Option<Entry>, KeyError> {
         self.owns(key)?;
         if self.cluster.is_some() {
             self.replicas.check(key)?;
             self.load.count(key);
         }
-        Ok(self.store.get(key).cloned())
+        Ok(self.store.get(key).map(|entry| {
+            let mut entry = entry.clone();
+            entry.reap(now_ms());
+            entry
+        }))
+    }
+
+    /// LIST: up to `limit` live keys with `prefix` after `after`, in order.
+    fn list(&self, id: RequestId, prefix: &str, after: Option<&str>, limit: u32) -> Outgoing {
+        use std::ops::Bound;
+        let start = match after {
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
+        };
+        let now = now_ms();
+        let mut keys = Vec::new();
+        let mut more = false;
+        for (key, entry) in self.store.range::<str, _>((start, Bound::Unbounded)) {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if entry.live(now).is_none() {
+                continue;
+            }
+            if keys.len() >= limit as usize {
+                more = true;
+                break;
+            }
+            keys.push(key.clone());
+        }
+        Outgoing::Ready(encode(id, &Response::Keys { keys, more }))
     }
 
     /// Up to `limit` entries after `after`, in key order, and at most about `SCAN_BYTES`
     /// (at least one entry); whether more follow.
-    fn scan(&self, after: Option<&str>, limit: usize) -> (Vec<(Key, LatticeValue)>, bool) {
+    fn scan(&self, after: Option<&str>, limit: usize) -> (Vec<(Key, Entry)>, bool) {
         use std::ops::Bound;
         let start = match after {
             Some(after) => Bound::Excluded(after),
@@ -639,7 +741,7 @@ impl Shard {
 
     /// Forgets `key` if this node is not its replica and `handed` (what its replicas
     /// acknowledged) already includes everything stored.
-    fn drop_handed_off(&mut self, key: &str, handed: &LatticeValue) -> bool {
+    fn drop_handed_off(&mut self, key: &str, handed: &Entry) -> bool {
         if self.cluster.is_none() || self.replicas.check(key).is_ok() {
             return false;
         }
@@ -654,18 +756,42 @@ impl Shard {
         true
     }
 
-    /// Merges one write. The record is appended before the merge (the value moves into the
-    /// map) and taken back if the merge changed nothing.
+    /// A client's write of `value`: given its epoch here ([`Write::lift`]), then merged.
     fn put(&mut self, key: Key, value: LatticeValue) -> Result<(), KeyError> {
+        self.write(key, Write::value(value))
+    }
+
+    /// A client's write (a value, an expiry, or both): given its epoch here, then merged. A
+    /// value of another type than the live one is refused, as a plain merge would be.
+    fn write(&mut self, key: Key, write: Write) -> Result<(), KeyError> {
         self.owns(&key)?;
-        // A node that is not the key's replica still keeps the value (its agent hands it to
-        // the replicas), but does not count as a replica's copy.
-        let placed = if self.cluster.is_some() {
-            self.load.count(&key);
-            self.replicas.check(&key)
+        let now = now_ms();
+        let stored = self.store.get(&key);
+        if let (Some(live), Some(value)) = (stored.and_then(|s| s.live(now)), &write.value) {
+            live.check_mergeable(value)?;
+        }
+        match write.lift(stored, now) {
+            Some(entry) => self.merge_entry(key, entry),
+            None => self.placed(&key),
+        }
+    }
+
+    /// Whether this node counts as a replica's copy of `key` (a node that is not the key's
+    /// replica still keeps what it is sent, and its agent hands it to the replicas).
+    fn placed(&mut self, key: &str) -> Result<(), KeyError> {
+        if self.cluster.is_some() {
+            self.load.count(key);
+            self.replicas.check(key)
         } else {
             Ok(())
-        };
+        }
+    }
+
+    /// Merges one entry exactly. The record is appended before the merge (the entry moves
+    /// into the map) and taken back if the merge changed nothing.
+    fn merge_entry(&mut self, key: Key, value: Entry) -> Result<(), KeyError> {
+        self.owns(&key)?;
+        let placed = self.placed(&key);
         let not_durable = |e: crate::Error| KeyError::NotDurable {
             reason: e.to_string(),
         };
@@ -679,9 +805,15 @@ impl Shard {
         match self.store.get_mut(&key) {
             Some(stored) => {
                 stored.check_mergeable(&value)?;
-                if value.may_exceed_limits() {
+                if value
+                    .value
+                    .as_ref()
+                    .is_some_and(LatticeValue::may_exceed_limits)
+                {
                     // Causal siblings accumulate: refuse a merge the store could not read back.
-                    stored.clone().join(value.clone()).check_limits()?;
+                    if let Some(merged) = stored.clone().join(value.clone()).value {
+                        merged.check_limits()?;
+                    }
                 }
                 match &mut self.log {
                     Some(log) => {
@@ -704,15 +836,27 @@ impl Shard {
                 if let Some(log) = &mut self.log {
                     log.append(&key, &value).map_err(not_durable)?;
                 }
-                self.touched(&key);
+                let deadline = Deadlines::of_entry(&value, self.config.tombstone_grace_ms);
+                self.changed_with(&key, deadline);
                 self.store.insert(key, value);
             }
         }
         placed
     }
 
-    /// Notes that `key` changed: for subscribers, and for gossip.
+    /// Notes that `key` changed: for subscribers, for gossip, and for its deadline.
     fn touched(&mut self, key: &Key) {
+        let grace = self.config.tombstone_grace_ms;
+        let deadline = self
+            .store
+            .get(key)
+            .and_then(|entry| Deadlines::of_entry(entry, grace));
+        self.changed_with(key, deadline);
+    }
+
+    /// Notes that `key` changed and now needs work at `deadline`.
+    fn changed_with(&mut self, key: &Key, deadline: Option<u64>) {
+        self.deadlines.set(key, deadline);
         self.subscriptions.touched(key);
         if self.cluster.is_some() && self.changed.len() < MAX_CHANGED {
             self.changed.insert(key.clone());
@@ -794,9 +938,43 @@ impl Shard {
         }
     }
 
-    /// Periodic work between batches: interval fsync, and compaction one slice at a time.
+    /// Reaps the keys whose expiry passed into tombstones, and forgets the tombstones whose
+    /// grace ended, up to [`EXPIRY_BUDGET`] keys. Neither writes the log: replaying it
+    /// brings back the same expired entries, which are reaped again.
+    fn expire_due(&mut self) {
+        let now = now_ms();
+        let grace = self.config.tombstone_grace_ms;
+        for _ in 0..EXPIRY_BUDGET {
+            let Some(key) = self.deadlines.pop_due(now) else {
+                break;
+            };
+            let Some(entry) = self.store.get_mut(&key) else {
+                continue;
+            };
+            entry.reap(now);
+            if entry.reclaimable(now, grace) {
+                self.store.remove(&key);
+                self.changed.remove(&key);
+            } else {
+                let deadline = Deadlines::of_entry(entry, grace);
+                self.deadlines.set(&key, deadline);
+            }
+        }
+    }
+
+    /// Notes the deadline of every key held (after recovery).
+    pub(crate) fn index_deadlines(&mut self) {
+        let grace = self.config.tombstone_grace_ms;
+        for (key, entry) in &self.store {
+            self.deadlines.set(key, Deadlines::of_entry(entry, grace));
+        }
+    }
+
+    /// Periodic work between batches: expiry, interval fsync, and compaction one slice at a
+    /// time.
     fn maintain(&mut self) {
         self.subscriptions.expire(self.index);
+        self.expire_due();
         let Some(log) = &mut self.log else {
             return;
         };
@@ -859,6 +1037,8 @@ fn key_count(request: &Request) -> usize {
     match request {
         Request::Get { keys } => keys.len(),
         Request::Put { entries } => entries.len(),
+        Request::Write { entries } => entries.len(),
+        Request::Merge { entries } => entries.len(),
         Request::Drop { entries } => entries.len(),
         Request::Subscribe { keys, .. } | Request::Unsubscribe { keys, .. } => keys.len(),
         Request::Scan { only, .. } => only.len(),
@@ -869,7 +1049,8 @@ fn key_count(request: &Request) -> usize {
         | Request::Leave { .. }
         | Request::Status
         | Request::Stats { .. }
-        | Request::Replicate { .. } => 0,
+        | Request::Replicate { .. }
+        | Request::List { .. } => 0,
     }
 }
 

@@ -18,7 +18,7 @@
 use std::time::{Duration, Instant};
 
 use hashbrown::{HashMap, HashSet};
-use squall_lattices::LatticeValue;
+use squall_lattices::Entry;
 use squall_proto::{encode_response, Key, Response};
 
 use crate::log::Store;
@@ -157,7 +157,7 @@ impl Subscriptions {
         if self.changed.is_empty() {
             return;
         }
-        let mut outgoing: HashMap<&str, Vec<(Key, LatticeValue)>> = HashMap::new();
+        let mut outgoing: HashMap<&str, Vec<(Key, Entry)>> = HashMap::new();
         for key in self.changed.drain() {
             let (Some(endpoints), Some(value)) = (self.watchers.get(&key), store.get(&key)) else {
                 continue;
@@ -240,15 +240,15 @@ impl Subscriptions {
 
 #[cfg(test)]
 mod tests {
-    use squall_lattices::{Lww, Timestamp};
+    use squall_lattices::{LatticeValue, Lww, Timestamp};
 
     use super::*;
 
-    fn lww(v: &str) -> LatticeValue {
-        LatticeValue::Lww(Lww::new(
+    fn lww(v: &str) -> Entry {
+        Entry::of(LatticeValue::Lww(Lww::new(
             Timestamp { time: 1, writer: 1 },
             bytes::Bytes::copy_from_slice(v.as_bytes()),
-        ))
+        )))
     }
 
     #[test]

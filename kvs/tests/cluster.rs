@@ -213,3 +213,46 @@ fn a_key_given_more_replicas_gets_them_and_gives_them_back() {
     );
     drop(nodes);
 }
+
+#[test]
+fn deletes_move_with_their_keys_and_a_late_old_copy_cannot_undo_them() {
+    let router = router();
+    let a = node(&router);
+    let b = node(&router);
+    settle(&router, 2);
+    let mut client = client(&router);
+    let mut old = Vec::new();
+    for i in 0..400 {
+        let key = format!("k{i}");
+        client.put_lww(&key, format!("v{i}")).expect("put");
+        if i % 4 == 0 {
+            let Some(value) = client.get(&key).expect("get") else {
+                panic!("{key} was just written");
+            };
+            old.push((key.clone(), squall_lattices::Entry::of(value)));
+            client.delete(&key).expect("delete");
+        }
+    }
+    let c = node(&router);
+    settle(&router, 3);
+    client.refresh().expect("refresh");
+    // Tombstones are entries like any other: every key, deleted or not, has two replicas.
+    let status = squall_kvs::router::status(router.address()).expect("status");
+    let held: u64 = status.members.iter().map(|m| m.stats.keys).sum();
+    assert_eq!(held, 2 * 400, "{status:?}");
+    // A copy from before the delete, arriving late (as from a node back from a partition),
+    // merges under the tombstone.
+    for result in client.merge_many(old).expect("merge") {
+        result.expect("merged");
+    }
+    for i in 0..400 {
+        let expected = (i % 4 != 0).then(|| Bytes::from(format!("v{i}")));
+        for (member, value) in client.get_replicas(&format!("k{i}")).expect("replicas") {
+            let value = value.expect("answer");
+            assert_eq!(value.is_some(), expected.is_some(), "{member} k{i}");
+            assert_eq!(value.and_then(|v| text(Some(v))), expected, "{member} k{i}");
+        }
+    }
+    assert_eq!(client.list("k", None, 1000).expect("list").0.len(), 300);
+    drop((a, b, c));
+}

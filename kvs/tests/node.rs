@@ -389,7 +389,10 @@ fn subscribers_get_pushes_of_watched_keys_only() {
     let subscription = client
         .subscribe(&endpoint, &["watched".to_string(), "absent".to_string()])
         .expect("subscribe");
-    assert_eq!(subscription.values, vec![Some(lww(1, "a")), None]);
+    assert_eq!(
+        subscription.values,
+        vec![Some(squall_lattices::Entry::of(lww(1, "a"))), None]
+    );
     assert!(!subscription.sessions.is_empty());
     // A write to an unwatched key is not pushed; writes to watched ones are, merged.
     client.put("other", lww(1, "x")).expect("put");
@@ -408,8 +411,8 @@ fn subscribers_get_pushes_of_watched_keys_only() {
             other => panic!("unexpected message {other:?}"),
         }
     }
-    assert_eq!(seen["watched"], lww(2, "b"));
-    assert_eq!(seen["absent"], lww(3, "c"));
+    assert_eq!(seen["watched"].value, Some(lww(2, "b")));
+    assert_eq!(seen["absent"].value, Some(lww(3, "c")));
     assert!(!seen.contains_key("other"));
     // Renewal keeps the sessions; unsubscribing stops the pushes.
     let renewed = client.renew(&endpoint).expect("renew");

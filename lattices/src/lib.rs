@@ -17,6 +17,8 @@
 //! - [`causal`]: [`SingleKeyCausal`] and [`MultiKeyCausal`], multi-value registers ordered
 //!   by vector clocks; the second also carries the clocks of the keys a version depends on.
 //! - [`value`]: [`LatticeValue`], the dynamically typed value the KVS stores and ships.
+//! - [`entry`]: [`Entry`], what the KVS keeps under a key: a value with its epoch (deletes)
+//!   and expiry, and [`Write`], a client's write before a replica gives it an epoch.
 //!
 //! # Why `crdts` only in part
 //! The `crdts` crate supplies the representation of [`VectorClock`] (`crdts::VClock`), on
@@ -43,6 +45,7 @@
 pub mod causal;
 pub mod clock;
 pub mod counter;
+pub mod entry;
 pub mod lww;
 pub mod map;
 pub mod order;
@@ -54,6 +57,7 @@ pub mod value;
 pub use causal::{CausalVersion, Dependencies, MultiKeyCausal, SingleKeyCausal};
 pub use clock::VectorClock;
 pub use counter::Counter;
+pub use entry::{Entry, Write};
 pub use lww::{Lww, Timestamp};
 pub use map::MapLattice;
 pub use order::{BoolLattice, Max, Min, Priority};

@@ -120,6 +120,20 @@ pub fn lattice_value() -> impl Strategy<Value = LatticeValue> {
     })
 }
 
+/// Store entries: values, tombstones and expiries over a few epochs.
+pub fn entry() -> impl Strategy<Value = crate::Entry> {
+    (
+        prop_oneof![Just(Timestamp::default()), timestamp()],
+        proptest::option::of(lattice_value()),
+        proptest::option::of((timestamp(), 0u64..3).prop_map(|(t, at)| Lww::new(t, at))),
+    )
+        .prop_map(|(epoch, value, expiry)| crate::Entry {
+            epoch,
+            value,
+            expiry,
+        })
+}
+
 /// Maps of counters (a typical nested lattice).
 pub fn map_of_counters() -> impl Strategy<Value = MapLattice<Bytes, Counter>> {
     hash_map(payload(), counter(), 0..3).prop_map(|m| MapLattice(m.into_iter().collect()))
@@ -196,6 +210,7 @@ mod laws {
     laws!(multi_key_causal, multi_causal());
     laws!(map_lattice, map_of_counters());
     laws!(dynamic_value, lattice_value());
+    laws!(store_entry, entry());
 
     /// The bottom element is the identity of merge, for the types that have one.
     macro_rules! bottom_is_identity {

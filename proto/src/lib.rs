@@ -44,12 +44,12 @@ pub mod poll;
 pub mod ready;
 
 use serde::{Deserialize, Serialize};
-use squall_lattices::{LatticeValue, TypeMismatch};
+use squall_lattices::{Entry, LatticeValue, TypeMismatch, Write};
 
 /// The first two bytes of every frame.
 pub const MAGIC: [u8; 2] = *b"SQ";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Bytes before the body: magic, version, request id.
 pub const HEADER_LEN: usize = 12;
 /// The deepest nesting a body may have (nested maps, clocks); deeper bodies are rejected
@@ -152,16 +152,41 @@ pub enum Request {
     /// includes everything the shard holds (merging the stored value into it changes nothing)
     /// and the node is not one of the key's replicas.
     Drop {
-        /// Keys and the values their replicas acknowledged.
-        entries: Vec<(Key, LatticeValue)>,
+        /// Keys and the entries their replicas acknowledged.
+        entries: Vec<(Key, Entry)>,
+    },
+    /// Writes with an expiry (or an expiry alone), each given its epoch by the replica that
+    /// takes it, as a [`Request::Put`]'s values are ([`Write::lift`]). Answered as a PUT.
+    Write {
+        /// Keys and their writes, answered in the same order.
+        entries: Vec<(Key, Write)>,
+    },
+    /// Entries merged exactly as given, epoch and all: deletes (tombstones), and the
+    /// hand-off and gossip between replicas. Answered as a PUT.
+    Merge {
+        /// Keys and the entries to merge into them, answered in the same order.
+        entries: Vec<(Key, Entry)>,
+    },
+    /// To a shard: up to `limit` of its live keys (not deleted, not expired) that start with
+    /// `prefix`, after `after`, in key order. Answered with [`Response::Keys`].
+    List {
+        /// The keys' common start (may be empty).
+        prefix: Key,
+        /// Start after this key (`None`: from the first).
+        after: Option<Key>,
+        /// The most keys answered.
+        limit: u32,
     },
 }
 
 /// A storage node's answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
-    /// One result per requested key: the value, `None` if the key is absent, or an error.
-    Get(Vec<Result<Option<LatticeValue>, KeyError>>),
+    /// One result per requested key: its entry (a tombstone for a deleted key; an expired
+    /// value is answered as the tombstone it reaps to), `None` if the key is absent, or an
+    /// error. Clients merge replicas' entries and read the live value
+    /// ([`Entry::into_live`]).
+    Get(Vec<Result<Option<Entry>, KeyError>>),
     /// One result per written key. `Ok` means merged and durable per the node's fsync policy.
     Put(Vec<Result<(), KeyError>>),
     /// The node's shard layout.
@@ -172,7 +197,7 @@ pub enum Response {
     /// have been missed, and the subscriber must treat what it holds from this shard as stale.
     Subscribed {
         /// One result per requested key, as in [`Response::Get`].
-        values: Vec<Result<Option<LatticeValue>, KeyError>>,
+        values: Vec<Result<Option<Entry>, KeyError>>,
         /// The shard's session for this subscriber.
         session: u64,
     },
@@ -183,8 +208,8 @@ pub enum Response {
     Notify {
         /// The shard's session for this subscriber (as in [`Response::Subscribed`]).
         session: u64,
-        /// Changed keys and their values after the merge.
-        updates: Vec<(Key, LatticeValue)>,
+        /// Changed keys and their entries after the merge (a tombstone for a delete).
+        updates: Vec<(Key, Entry)>,
     },
     /// A router's answer to [`Request::Join`] and [`Request::Leave`]: the current view.
     View(ClusterView),
@@ -192,8 +217,8 @@ pub enum Response {
     Status(ClusterStatus),
     /// A shard's answer to [`Request::Scan`] and [`Request::Changed`].
     Entries {
-        /// Keys and values, in key order for a scan.
-        entries: Vec<(Key, LatticeValue)>,
+        /// Keys and entries (tombstones included), in key order for a scan.
+        entries: Vec<(Key, Entry)>,
         /// Whether more entries follow (scan from the last key answered).
         more: bool,
     },
@@ -203,6 +228,13 @@ pub enum Response {
     Stats(LoadReport),
     /// The whole request failed.
     Error(RequestError),
+    /// A shard's answer to [`Request::List`].
+    Keys {
+        /// The keys, in order.
+        keys: Vec<Key>,
+        /// Whether more follow (list from the last key answered).
+        more: bool,
+    },
 }
 
 impl Request {
@@ -223,6 +255,9 @@ impl Request {
             Request::Changed { .. } => "changed",
             Request::Drop { .. } => "drop",
             Request::Stats { .. } => "stats",
+            Request::Write { .. } => "write",
+            Request::Merge { .. } => "merge",
+            Request::List { .. } => "list",
         }
     }
 }
@@ -243,6 +278,7 @@ impl Response {
             Response::Dropped(_) => "dropped",
             Response::Stats(_) => "stats",
             Response::Error(_) => "error",
+            Response::Keys { .. } => "keys",
         }
     }
 }
@@ -554,7 +590,7 @@ pub fn decode_response(frame: &[u8]) -> Result<(RequestId, Response)> {
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
-    use squall_lattices::testing::lattice_value;
+    use squall_lattices::testing::{entry, lattice_value, lww};
 
     use super::*;
 
@@ -586,6 +622,32 @@ mod tests {
             Just(Request::Status),
             (".{0,8}", proptest::option::of(any::<u32>()))
                 .prop_map(|(key, replicas)| Request::Replicate { key, replicas }),
+            proptest::collection::vec((".{0,8}", entry()), 0..3)
+                .prop_map(|entries| Request::Merge { entries }),
+            proptest::collection::vec(
+                (
+                    ".{0,8}",
+                    proptest::option::of(lattice_value()),
+                    proptest::option::of(lww().prop_map(|l| squall_lattices::Lww::new(
+                        l.timestamp,
+                        l.value.len() as u64
+                    )))
+                ),
+                0..3
+            )
+            .prop_map(|entries| Request::Write {
+                entries: entries
+                    .into_iter()
+                    .map(|(key, value, expiry)| (key, Write { value, expiry }))
+                    .collect()
+            }),
+            (".{0,8}", proptest::option::of(".{0,8}"), any::<u32>()).prop_map(
+                |(prefix, after, limit)| Request::List {
+                    prefix,
+                    after,
+                    limit
+                }
+            ),
         ]
     }
 

@@ -4,8 +4,11 @@
 //! in the same round trip ([`squall_kvs::Client::subscribe`]), so from then on the storage
 //! node pushes every change of the key to this cache, as in Cloudburst where each executor
 //! publishes the set of keys it holds. Writes go through to the store (a lattice merge there)
-//! and are merged into the cached value too. Pushes, writes and fills are all lattice merges,
-//! so their order does not matter and none can take a value back.
+//! and are merged into the cached value too. The cache keeps what the store keeps, the key's
+//! [`squall_lattices::Entry`] (value, deletes, expiry), so pushes, writes and fills are all
+//! lattice merges: their order does not matter, none can take a value back, and a delete
+//! pushed by the store removes the value here too. Reads see the live value by this
+//! machine's clock (an expired value reads as absent).
 //!
 //! The cache is bounded by bytes (LRU). An evicted key is unsubscribed in the background.
 //! If a storage shard forgets this cache (restart, lease lost, pushes dropped), its session
@@ -25,7 +28,8 @@ use hashbrown::{HashMap, HashSet};
 use lru::LruCache;
 use serde::{Deserialize, Serialize};
 use squall_kvs::ShardSession;
-use squall_lattices::{Lattice, LatticeValue};
+use squall_lattices::entry::now_ms;
+use squall_lattices::{Entry as Stored, Lattice, LatticeValue, Write};
 use squall_proto::{decode_response, Key, Response};
 
 use crate::pool::ClientPool;
@@ -87,7 +91,7 @@ pub struct CacheStats {
 
 struct Entry {
     /// `None`: the key does not exist in the store (also cached, and also subscribed).
-    value: Option<LatticeValue>,
+    stored: Option<Stored>,
     size: usize,
     generation: u64,
     /// False while the first fetch is in flight: pushes are merged, reads still miss.
@@ -196,6 +200,12 @@ impl Cache {
     /// Reads a key as [`Cache::get`] does, with the entry's generation read under the same
     /// lock (see [`Cache::generation`]).
     pub async fn get_versioned(&self, key: &str) -> Result<(Option<LatticeValue>, u64)> {
+        let (stored, generation) = self.get_stored(key).await?;
+        Ok((stored.and_then(Stored::into_live_now), generation))
+    }
+
+    /// The entry of `key` as held (from the store on a miss), with its generation.
+    async fn get_stored(&self, key: &str) -> Result<(Option<Stored>, u64)> {
         if let Some(held) = self.lookup(key) {
             self.inner.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(held);
@@ -230,13 +240,16 @@ impl Cache {
             let mut entries = self.entries();
             match entries.lru.peek(key) {
                 Some(entry) if entry.filled => {
-                    Some(self.absorb(&mut entries, key, Some(value.clone()), false))
+                    // Given its epoch as the store gives it (the store's own lifting may
+                    // differ only if a delete raced this write; its push settles that).
+                    let lifted = Write::value(value.clone()).lift(entry.stored.as_ref(), now_ms());
+                    Some(self.absorb(&mut entries, key, lifted, false))
                 }
                 _ => None,
             }
         };
         let merged = match held {
-            Some(merged) => merged,
+            Some(merged) => merged.and_then(Stored::into_live_now),
             // Not held: fetch (and subscribe), which includes the write just made.
             None => self.get(key).await?,
         };
@@ -312,10 +325,10 @@ impl Cache {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn lookup(&self, key: &str) -> Option<(Option<LatticeValue>, u64)> {
+    fn lookup(&self, key: &str) -> Option<(Option<Stored>, u64)> {
         let mut entries = self.entries();
         match entries.lru.get(key) {
-            Some(entry) if entry.filled => Some((entry.value.clone(), entry.generation)),
+            Some(entry) if entry.filled => Some((entry.stored.clone(), entry.generation)),
             _ => None,
         }
     }
@@ -331,7 +344,7 @@ impl Cache {
             entries.lru.push(
                 key.to_string(),
                 Entry {
-                    value: None,
+                    stored: None,
                     size,
                     generation: 0,
                     filled: false,
@@ -347,15 +360,15 @@ impl Cache {
         &self,
         entries: &mut Entries,
         key: &str,
-        value: Option<LatticeValue>,
+        value: Option<Stored>,
         fill: bool,
-    ) -> Option<LatticeValue> {
+    ) -> Option<Stored> {
         let generation = entries.next_generation;
         entries.next_generation += 1;
         let (old_size, new_size, merged) = match entries.lru.get_mut(key) {
             Some(entry) => {
                 let old = entry.size;
-                let changed = match (&mut entry.value, value) {
+                let changed = match (&mut entry.stored, value) {
                     (_, None) => false,
                     (slot @ None, Some(v)) => {
                         *slot = Some(v);
@@ -374,17 +387,17 @@ impl Cache {
                 };
                 if changed || (fill && !entry.filled) {
                     entry.generation = generation;
-                    entry.size = key.len() + size_of(entry.value.as_ref());
+                    entry.size = key.len() + size_of(entry.stored.as_ref());
                 }
                 entry.filled |= fill;
-                (old, entry.size, entry.value.clone())
+                (old, entry.size, entry.stored.clone())
             }
             None => {
                 let size = key.len() + size_of(value.as_ref());
                 entries.lru.push(
                     key.to_string(),
                     Entry {
-                        value: value.clone(),
+                        stored: value.clone(),
                         size,
                         generation,
                         filled: fill,
@@ -448,7 +461,7 @@ impl Cache {
         }
     }
 
-    fn apply_push(&self, updates: Vec<(Key, LatticeValue)>) {
+    fn apply_push(&self, updates: Vec<(Key, Stored)>) {
         let mut entries = self.entries();
         for (key, value) in updates {
             if entries.lru.contains(&key) {
@@ -577,7 +590,7 @@ fn updates(socket: zmq::Socket, cache: std::sync::Weak<Inner>, stop: Arc<AtomicB
     }
 }
 
-fn size_of(value: Option<&LatticeValue>) -> usize {
+fn size_of(value: Option<&Stored>) -> usize {
     ENTRY_OVERHEAD
         + value
             .and_then(|v| rmp_serde::encode::to_vec(v).ok())

@@ -4,21 +4,38 @@
 //! A result key is an LWW register whose timestamp is the outcome's rank
 //! ([`CallResult::rank`]): a finished outcome always beats `Running`, whatever order the writes
 //! arrive in.
+//!
+//! Results expire [`RESULT_RETENTION`] after their last write (the store reaps them and
+//! reclaims their space), as Lambda's and OpenWhisk's results of asynchronous calls do.
 
-use squall_lattices::{LatticeValue, Lww, Timestamp};
+use std::time::Duration;
+
+use squall_lattices::entry::now_ms;
+use squall_lattices::{LatticeValue, Lww, Timestamp, Write};
 use squall_proto::call::CallResult;
 
 use crate::pool::ClientPool;
 
+/// How long an asynchronous call's result is kept after its last write.
+pub const RESULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
 /// Writes an asynchronous call's outcome to its result key (see [`CallResult::rank`]).
 pub async fn store_result(kvs: &ClientPool, key: &str, result: CallResult) -> Result<(), String> {
     let encoded = result.encode().map_err(|e| e.to_string())?;
-    let value = LatticeValue::Lww(Lww::new(
-        Timestamp::new(result.rank(), rand::random()),
-        encoded.into(),
-    ));
+    let at = Timestamp::new(result.rank(), rand::random());
+    let retention = u64::try_from(RESULT_RETENTION.as_millis()).unwrap_or(u64::MAX);
+    let write = Write {
+        value: Some(LatticeValue::Lww(Lww::new(at, encoded.into()))),
+        expiry: Some(Lww::new(at, now_ms().saturating_add(retention))),
+    };
     let key = key.to_string();
-    kvs.with(move |client| client.put(&key, value))
+    let results = kvs
+        .with(move |client| client.write_many(vec![(key, write)]))
         .await
-        .map_err(|e| format!("writing the result: {e}"))
+        .map_err(|e| format!("writing the result: {e}"))?;
+    match results.into_iter().next() {
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(format!("writing the result: {e}")),
+        None => Err("writing the result: no answer for the key".into()),
+    }
 }

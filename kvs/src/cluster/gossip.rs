@@ -4,7 +4,7 @@
 //! Changes that could not reach a replica are kept, per shard, for the next round, up to
 //! [`MAX_RETRY`] entries each; one [`Gossip`] per agent holds them for the agent's lifetime.
 
-use squall_lattices::LatticeValue;
+use squall_lattices::Entry;
 use squall_proto::{Key, Member, Request, Response};
 
 use super::handoff::{distribute, PAGE};
@@ -21,7 +21,7 @@ const PAGE_BYTES: usize = 4 << 20;
 
 /// The changes waiting for their replicas, per local shard.
 pub(super) struct Gossip {
-    retry: Vec<Vec<(Key, LatticeValue)>>,
+    retry: Vec<Vec<(Key, Entry)>>,
 }
 
 impl Gossip {
@@ -83,8 +83,8 @@ impl Gossip {
 
 /// `entries` in pages of at most `PAGE` entries and about `PAGE_BYTES` (a larger value
 /// alone), so that no page nears a node's request size limit.
-fn pages(entries: Vec<(Key, LatticeValue)>) -> Vec<Vec<(Key, LatticeValue)>> {
-    let mut pages: Vec<Vec<(Key, LatticeValue)>> = Vec::new();
+fn pages(entries: Vec<(Key, Entry)>) -> Vec<Vec<(Key, Entry)>> {
+    let mut pages: Vec<Vec<(Key, Entry)>> = Vec::new();
     let mut bytes = 0;
     for (key, value) in entries {
         let size = key.len() + rmp_serde::encode::to_vec(&value).map_or(0, |v| v.len());

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hashbrown::HashMap;
-use squall_lattices::LatticeValue;
+use squall_lattices::Entry;
 use squall_proto::{ClusterView, Key, KeyError, Member, Request, Response};
 
 use super::heartbeat::Beat;
@@ -286,7 +286,8 @@ impl Handoffs {
     }
 }
 
-/// Sends `entries` (all held by the local shard at `endpoint`) to their other replicas,
+/// Sends `entries` (all held by the local shard at `endpoint`) to their other replicas as
+/// exact merges (tombstones and expiries included, so a delete moves like a write),
 /// then drops from that shard the ones this node (`me`) is not a replica of. A replica that
 /// has not yet installed this view answers `WrongNode`: its key is kept here, and the result
 /// says the caller should try again.
@@ -295,10 +296,10 @@ pub(super) fn distribute(
     peers: &mut Peers,
     placement: &Placement,
     endpoint: &str,
-    entries: Vec<(Key, LatticeValue)>,
+    entries: Vec<(Key, Entry)>,
 ) -> Result<Distributed> {
     let me = placement.index_of(me);
-    let mut by_endpoint: HashMap<String, Vec<(Key, LatticeValue)>> = HashMap::new();
+    let mut by_endpoint: HashMap<String, Vec<(Key, Entry)>> = HashMap::new();
     let mut drops = Vec::new();
     let mut replicas = Vec::new();
     let mut done = Distributed {
@@ -326,7 +327,7 @@ pub(super) fn distribute(
             .into_iter()
             .map(|(endpoint, entries)| {
                 let keys = entries.iter().map(|(k, _)| k.clone()).collect();
-                let request = routed(placement.generation(), Request::Put { entries });
+                let request = routed(placement.generation(), Request::Merge { entries });
                 (keys, (endpoint, request))
             })
             .unzip();

@@ -1,0 +1,190 @@
+//! Deletes, expiry and prefix listing on a node, over real loopback sockets: what reads see,
+//! what a restart replays, and that expired keys and tombstones leave the store.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use squall_kvs::{Client, ClientConfig, Config, Node};
+use squall_lattices::{Counter, LatticeValue};
+use squall_proto::poll::Poll;
+use squall_proto::{decode_response, encode_request, Request, Response};
+
+fn config(data_dir: Option<&Path>, tombstone_grace_ms: u64) -> Config {
+    Config {
+        shards: 2,
+        data_dir: data_dir.map(Path::to_path_buf),
+        tombstone_grace_ms,
+        ..Config::default()
+    }
+}
+
+fn client(node: &Node) -> Client {
+    Client::connect(node.address(), ClientConfig::default()).expect("connect")
+}
+
+fn text(value: Option<LatticeValue>) -> Option<Bytes> {
+    match value {
+        Some(LatticeValue::Lww(register)) => Some(register.value),
+        None => None,
+        other => panic!("not a register: {other:?}"),
+    }
+}
+
+/// Keys held by the node's shards, tombstones included (their load reports).
+fn keys_held(node: &Node) -> u64 {
+    let context = zmq::Context::new();
+    node.topology()
+        .shards
+        .iter()
+        .map(|endpoint| {
+            let socket = context.socket(zmq::DEALER).expect("socket");
+            socket.connect(endpoint).expect("connect");
+            let frame = encode_request(1, &Request::Stats { top: 0 }).expect("encode");
+            socket.send(frame, 0).expect("send");
+            assert_eq!(socket.poll(zmq::POLLIN, 5_000).expect("poll"), 1);
+            match decode_response(&socket.recv_bytes(0).expect("recv")).expect("decode") {
+                (_, Response::Stats(report)) => report.keys,
+                (_, other) => panic!("unexpected {other:?}"),
+            }
+        })
+        .sum()
+}
+
+#[test]
+fn a_delete_hides_the_value_and_later_writes_start_again() {
+    let node = Node::start(config(None, 3_600_000)).expect("start");
+    let mut client = client(&node);
+    client.put_lww("name", "before").expect("put");
+    client.delete("name").expect("delete");
+    assert_eq!(client.get("name").expect("get"), None);
+    client.put_lww("name", "after").expect("put");
+    assert_eq!(text(client.get("name").expect("get")), Some("after".into()));
+
+    // A counter counts again from nothing after a delete.
+    client.increment("visits", 5).expect("increment");
+    client.delete("visits").expect("delete");
+    let mut fresh = Client::connect(node.address(), ClientConfig::default()).expect("connect");
+    fresh.increment("visits", 2).expect("increment");
+    match client.get("visits").expect("get") {
+        Some(LatticeValue::Counter(counter)) => assert_eq!(counter.value(), 2),
+        other => panic!("{other:?}"),
+    }
+    // Deleting lets the key take another type.
+    client.delete("name").expect("delete");
+    client
+        .put("name", LatticeValue::Counter(Counter::of(1, 1)))
+        .expect("another type after a delete");
+}
+
+#[test]
+fn expired_values_read_as_absent_and_an_expiry_can_be_changed_or_cleared() {
+    let node = Node::start(config(None, 3_600_000)).expect("start");
+    let mut client = client(&node);
+    client
+        .put_lww_expiring("short", "soon gone", Some(Duration::from_millis(300)))
+        .expect("put");
+    client
+        .put_lww_expiring("kept", "stays", Some(Duration::from_millis(300)))
+        .expect("put");
+    client.expire("kept", None).expect("persist");
+    client
+        .expire("absent", Some(Duration::from_secs(1)))
+        .expect("an expiry for an absent key changes nothing");
+    assert_eq!(
+        text(client.get("short").expect("get")),
+        Some("soon gone".into())
+    );
+    Poll::within(Duration::from_secs(10))
+        .until(|| client.get("short").expect("get").is_none().then_some(()))
+        .expect("the value expired");
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(text(client.get("kept").expect("get")), Some("stays".into()));
+    assert_eq!(client.get("absent").expect("get"), None);
+    // A new value without an expiry clears it, as Redis's SET does.
+    client
+        .put_lww_expiring("reset", "a", Some(Duration::from_millis(200)))
+        .expect("put");
+    client.put_lww("reset", "b").expect("put");
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(text(client.get("reset").expect("get")), Some("b".into()));
+}
+
+#[test]
+fn deletes_and_expiries_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let node = Node::start(config(Some(dir.path()), 3_600_000)).expect("start");
+        let mut client = client(&node);
+        client.put_lww("deleted", "x").expect("put");
+        client.delete("deleted").expect("delete");
+        client
+            .put_lww_expiring("expiring", "y", Some(Duration::from_millis(200)))
+            .expect("put");
+        client.put_lww("kept", "z").expect("put");
+        node.shutdown();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let node = Node::start(config(Some(dir.path()), 3_600_000)).expect("restart");
+    let mut client = client(&node);
+    assert_eq!(client.get("deleted").expect("get"), None);
+    assert_eq!(client.get("expiring").expect("get"), None);
+    assert_eq!(text(client.get("kept").expect("get")), Some("z".into()));
+    assert_eq!(client.list("", None, 10).expect("list").0, vec!["kept"]);
+}
+
+#[test]
+fn expired_keys_and_old_tombstones_leave_the_store() {
+    let node = Node::start(config(None, 0)).expect("start");
+    let mut client = client(&node);
+    for i in 0..500 {
+        client
+            .put_lww_expiring(
+                &format!("session/{i:03}"),
+                "token",
+                Some(Duration::from_millis(200)),
+            )
+            .expect("put");
+    }
+    for i in 0..100 {
+        client.put_lww(&format!("gone/{i:03}"), "x").expect("put");
+        client.delete(&format!("gone/{i:03}")).expect("delete");
+    }
+    client.put_lww("kept", "z").expect("put");
+    let held =
+        Poll::within(Duration::from_secs(10)).until(|| (keys_held(&node) == 1).then_some(()));
+    assert!(held.is_ok(), "still {} keys held", keys_held(&node));
+    assert_eq!(client.list("", None, 1000).expect("list").0, vec!["kept"]);
+}
+
+#[test]
+fn a_prefix_lists_in_order_over_every_shard_in_pages() {
+    let node = Node::start(config(None, 3_600_000)).expect("start");
+    let mut client = client(&node);
+    for i in 0..50 {
+        client.put_lww(&format!("user/{i:02}"), "u").expect("put");
+        client.put_lww(&format!("order/{i:02}"), "o").expect("put");
+    }
+    client.delete("user/07").expect("delete");
+    client
+        .put_lww_expiring("user/08", "u", Some(Duration::from_millis(1)))
+        .expect("put");
+    std::thread::sleep(Duration::from_millis(20));
+    let mut listed = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let (page, more) = client.list("user/", after.as_deref(), 16).expect("list");
+        assert!(page.len() <= 16);
+        after = page.last().cloned();
+        listed.extend(page);
+        if !more {
+            break;
+        }
+    }
+    let expected: Vec<String> = (0..50)
+        .filter(|i| *i != 7 && *i != 8)
+        .map(|i| format!("user/{i:02}"))
+        .collect();
+    assert_eq!(listed, expected);
+    assert!(client.list("nobody/", None, 10).expect("list").0.is_empty());
+}
