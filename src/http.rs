@@ -1,5 +1,5 @@
 //! The commands that talk to a running gateway over HTTP: `squall fn`, `squall model`,
-//! `squall dag` and `squall call`. Errors from the gateway are shown as its JSON error says
+//! `squall dag`, `squall call` and `squall activation`. Errors from the gateway are shown as its JSON error says
 //! (`code: message`), and the exit code is non-zero.
 
 use std::io::{Read, Write};
@@ -137,6 +137,38 @@ pub struct CallArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ActivationArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(subcommand)]
+    command: ActivationCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum ActivationCommand {
+    /// List call records, newest first: id, status, target, duration, start.
+    Ls {
+        /// Only calls of this function.
+        #[arg(long)]
+        function: Option<String>,
+        /// Only runs of this DAG.
+        #[arg(long)]
+        dag: Option<String>,
+        /// Only calls in this status: running, succeeded or failed.
+        #[arg(long)]
+        status: Option<String>,
+        /// The most records listed.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Show one record as JSON.
+    Get {
+        /// The activation id (from `ls`, or an answer's `squall-activation` header).
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
 pub struct CallCommand {
     #[command(flatten)]
     connection: Connection,
@@ -243,6 +275,52 @@ fn call(connection: &Connection, kind: &str, args: &CallArgs) -> anyhow::Result<
         out.write_all(b"\n")?;
     }
     out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_activation(args: ActivationArgs) -> anyhow::Result<ExitCode> {
+    let c = &args.connection;
+    match args.command {
+        ActivationCommand::Ls {
+            function,
+            dag,
+            status,
+            limit,
+        } => {
+            let mut query = vec![format!("limit={limit}")];
+            for (name, value) in [("function", function), ("dag", dag), ("status", status)] {
+                if let Some(value) = value {
+                    query.push(format!("{name}={value}"));
+                }
+            }
+            let path = format!("/v1/activations?{}", query.join("&"));
+            let page = json(&send(c, request(c, "GET", &path).call())?)?;
+            let mut out = std::io::stdout().lock();
+            for record in page["activations"].as_array().into_iter().flatten() {
+                let duration = record["duration_us"]
+                    .as_u64()
+                    .map_or("-".to_string(), |us| format!("{:.3}ms", us as f64 / 1000.0));
+                writeln!(
+                    out,
+                    "{}  {:<9}  {} {:<24}  {:>10}  {}",
+                    record["id"].as_str().unwrap_or("?"),
+                    record["status"].as_str().unwrap_or("?"),
+                    record["kind"].as_str().unwrap_or("?"),
+                    record["name"].as_str().unwrap_or("?"),
+                    duration,
+                    record["start_ms"].as_u64().unwrap_or(0),
+                )?;
+            }
+            out.flush()?;
+        }
+        ActivationCommand::Get { id } => {
+            let body = send(
+                c,
+                request(c, "GET", &format!("/v1/activations/{id}")).call(),
+            )?;
+            print_json(&json(&body)?)?;
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -57,6 +57,8 @@ enum Command {
     Model(http::ModelArgs),
     /// Call a function and print its output (through a gateway).
     Call(http::CallCommand),
+    /// List and show the records of calls (through a gateway).
+    Activation(http::ActivationArgs),
     /// Run an executor that joins schedulers.
     Executor(roles::ExecutorArgs),
     /// Run a scheduler.
@@ -225,6 +227,10 @@ fn main() -> ExitCode {
         Command::Call(args) => {
             init_tracing("warn");
             http::run_call(args)
+        }
+        Command::Activation(args) => {
+            init_tracing("warn");
+            http::run_activation(args)
         }
         Command::Kvs(args) => {
             init_tracing("info");

@@ -73,6 +73,37 @@ struct Token {
     token: Option<String>,
 }
 
+/// The records the gateway keeps of calls.
+#[derive(Debug, Args)]
+struct Records {
+    /// Hours an activation record is kept (fractions allowed).
+    #[arg(long, env = "SQUALL_ACTIVATION_RETENTION_H", default_value_t = 24.0, value_parser = hours)]
+    activation_retention_h: f64,
+    /// Write no activation records (to measure what they cost).
+    #[arg(long, env = "SQUALL_NO_ACTIVATION_RECORDS")]
+    no_activation_records: bool,
+}
+
+impl Records {
+    /// The gateway's settings with these.
+    fn config(&self, token: Option<String>) -> GatewayConfig {
+        GatewayConfig {
+            token,
+            record_activations: !self.no_activation_records,
+            activation_retention: Duration::from_secs_f64(self.activation_retention_h * 3600.0),
+            ..GatewayConfig::default()
+        }
+    }
+}
+
+/// A number of hours between a second and ten years.
+fn hours(text: &str) -> Result<f64, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|h| (1.0 / 3600.0..=87_600.0).contains(h))
+        .ok_or_else(|| format!("{text:?} is not a number of hours between 1/3600 and 87600"))
+}
+
 /// Steps an executor runs at once.
 #[derive(Debug, Args)]
 struct Capacity {
@@ -112,6 +143,8 @@ pub struct UpArgs {
     fsync: FsyncPolicy,
     #[command(flatten)]
     token: Token,
+    #[command(flatten)]
+    records: Records,
     #[command(flatten)]
     capacity: Capacity,
 }
@@ -167,6 +200,8 @@ pub struct GatewayArgs {
     schedulers: Schedulers,
     #[command(flatten)]
     token: Token,
+    #[command(flatten)]
+    records: Records,
 }
 
 /// A tokio runtime and the stop that SIGINT or SIGTERM asks for.
@@ -321,14 +356,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         // Serve once the scheduler knows this process's executors: a registration or call
         // right after READY must find them.
         joined(&client, executors.len()).await?;
-        let gateway = Gateway::new(
-            client,
-            pool,
-            GatewayConfig {
-                token: args.token.token.clone(),
-                ..GatewayConfig::default()
-            },
-        );
+        let gateway = Gateway::new(client, pool, args.records.config(args.token.token.clone()));
         let (url, server) = serve_http(&args.host.host, args.http_port, gateway, &stop).await?;
         eprintln!("squall up");
         eprintln!("  gateway     {url}");
@@ -457,14 +485,7 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
                 .context("binding the gateway's mailbox")?,
             args.schedulers.schedulers.clone(),
         );
-        let gateway = Gateway::new(
-            client,
-            pool,
-            GatewayConfig {
-                token: args.token.token.clone(),
-                ..GatewayConfig::default()
-            },
-        );
+        let gateway = Gateway::new(client, pool, args.records.config(args.token.token.clone()));
         let (url, server) = serve_http(&args.host.host, args.http_port, gateway, &stop).await?;
         println!("{}", ready::format(&[("http", &url)]));
         finish_http(&stop, server).await

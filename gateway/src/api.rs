@@ -17,10 +17,14 @@ use squall_proto::call::{
 };
 use squall_proto::keys;
 use squall_scheduler::SchedulerClient;
+use squall_state::activations::{Filter, Status};
 use squall_state::dag::dag_key;
 use squall_state::registry::{record_key, validate_name};
 use squall_state::results::store_result;
-use squall_state::{ClientPool, DagRecord, DagRegistry, DagSpec, FunctionRecord, Registry};
+use squall_state::{
+    Activation, ActivationId, Activations, ClientPool, DagRecord, DagRegistry, DagSpec,
+    FunctionRecord, Registry,
+};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::metrics::Metrics;
@@ -36,6 +40,11 @@ pub struct GatewayConfig {
     pub register_timeout: Duration,
     /// A call's deadline unless the request sets one (`?timeout_ms=`).
     pub default_timeout: Duration,
+    /// Whether every call's activation record is written (see
+    /// [`squall_state::activations`]); off only to measure what records cost.
+    pub record_activations: bool,
+    /// How long activation records are kept.
+    pub activation_retention: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -45,6 +54,8 @@ impl Default for GatewayConfig {
             max_body_bytes: 64 << 20,
             register_timeout: Duration::from_secs(300),
             default_timeout: Duration::from_secs(30),
+            record_activations: true,
+            activation_retention: squall_state::activations::DEFAULT_RETENTION,
         }
     }
 }
@@ -57,6 +68,7 @@ pub struct Gateway {
     dags: DagRegistry,
     kvs: ClientPool,
     metrics: Metrics,
+    activations: Activations,
     config: GatewayConfig,
     writer: u64,
 }
@@ -75,6 +87,7 @@ impl Gateway {
             functions: Registry::direct(kvs.clone()),
             models: Registry::direct(kvs.clone()).models(),
             dags: DagRegistry::new(kvs.clone(), None),
+            activations: Activations::new(kvs.clone(), config.activation_retention),
             kvs,
             metrics: Metrics::new(),
             config,
@@ -116,6 +129,8 @@ impl Gateway {
             )
             .route("/v1/dags/{name}/invoke", post(invoke_dag))
             .route("/v1/results/{id}", get(get_result))
+            .route("/v1/activations", get(list_activations))
+            .route("/v1/activations/{id}", get(get_activation))
             .route("/v1/kv", get(list_kv))
             .route("/v1/kv/{*key}", get(get_kv).put(put_kv).delete(delete_kv))
             .fallback(|| async {
@@ -636,6 +651,8 @@ pub const SESSION_HEADER: &str = "squall-session";
 pub const MAX_SESSION_ID: usize = 256;
 /// The response header telling where each step ran: `function@executor,...`.
 pub const PLACEMENT_HEADER: &str = "squall-placement";
+/// The header naming an invocation's activation record (`GET /v1/activations/{id}`).
+pub const ACTIVATION_HEADER: &str = "squall-activation";
 
 #[utoipa::path(post, path = "/v1/functions/{name}/invoke", tag = "calls",
     params(("name" = String, Path, description = "Function name"), InvokeParams,
@@ -741,44 +758,214 @@ async fn invoke(
         Target::Dag(_) => "dag",
     };
     let name = target.name().to_string();
+    let start_us = Timestamp::now(0).time;
+    let id = ActivationId::new(start_us);
+    let mut record = Activation {
+        id: id.to_string(),
+        kind: kind.to_string(),
+        name: name.clone(),
+        cause: "http".into(),
+        status: Status::Running,
+        start_ms: start_us / 1000,
+        end_ms: None,
+        duration_us: None,
+        placement: Vec::new(),
+        input_bytes: input.len() as u64,
+        output_bytes: None,
+        error: None,
+        attempt: 1,
+    };
     if params.asynchronous.unwrap_or(false) {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let key = keys::result(keys::DEFAULT_NAMESPACE, &id);
+        let key = keys::result(keys::DEFAULT_NAMESPACE, id.as_str());
         store_result(&gateway.kvs, &key, CallResult::Running)
             .await
             .map_err(|e| Failure::new(FailureCode::Unavailable, e))?;
+        if gateway.config.record_activations {
+            record.cause = "http-async".into();
+            gateway.activations.put(&record).await?;
+        }
         options.result_key = Some(key);
         gateway.client.invoke_detached(target, input, options)?;
         gateway.metrics.accepted(kind, &name);
         let result = format!("/v1/results/{id}");
-        return Ok((StatusCode::ACCEPTED, Json(Accepted { id, result })).into_response());
+        let mut response = (
+            StatusCode::ACCEPTED,
+            Json(Accepted {
+                id: id.to_string(),
+                result,
+            }),
+        )
+            .into_response();
+        with_activation(&mut response, &id);
+        return Ok(response);
     }
     let started = Instant::now();
     // The scheduler answers by the deadline; the margin covers its report.
     let wait = timeout + Duration::from_secs(2);
     let outcome = gateway.client.invoke(target, input, options, wait).await;
-    gateway.metrics.observe(
-        kind,
-        &name,
-        started.elapsed(),
-        outcome.as_ref().err().map(|f| f.code),
-    );
-    let invocation = outcome?;
-    let placement: Vec<String> = invocation
-        .placement
-        .iter()
-        .map(|(function, executor)| format!("{function}@{executor}"))
-        .collect();
-    let mut response = invocation.output.unwrap_or_default().into_response();
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    if let Ok(value) = HeaderValue::from_str(&placement.join(",")) {
-        headers.insert(PLACEMENT_HEADER, value);
+    let took = started.elapsed();
+    gateway
+        .metrics
+        .observe(kind, &name, took, outcome.as_ref().err().map(|f| f.code));
+    record.end_ms = Some(record.start_ms + took.as_millis() as u64);
+    record.duration_us = Some(took.as_micros() as u64);
+    let mut response = match outcome {
+        Ok(invocation) => {
+            record.status = Status::Succeeded;
+            record.output_bytes = invocation.output.as_ref().map(|o| o.len() as u64);
+            record.placement = invocation.placement.clone();
+            let placement: Vec<String> = invocation
+                .placement
+                .iter()
+                .map(|(function, executor)| format!("{function}@{executor}"))
+                .collect();
+            let mut response = invocation.output.unwrap_or_default().into_response();
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            if let Ok(value) = HeaderValue::from_str(&placement.join(",")) {
+                headers.insert(PLACEMENT_HEADER, value);
+            }
+            response
+        }
+        Err(failure) => {
+            record.status = Status::Failed;
+            record.error = Some((&failure).into());
+            ApiError::from(failure).into_response()
+        }
+    };
+    with_activation(&mut response, &id);
+    if gateway.config.record_activations {
+        // Off the answer's path: a record that cannot be written is logged, the answer stands.
+        let activations = gateway.activations.clone();
+        tokio::spawn(async move {
+            if let Err(e) = activations.put(&record).await {
+                tracing::warn!(id = %record.id, cause = %e, "an activation record was not written");
+            }
+        });
     }
     Ok(response)
+}
+
+/// Adds the `squall-activation` header naming the call's record.
+fn with_activation(response: &mut Response, id: &ActivationId) {
+    if let Ok(value) = HeaderValue::from_str(id.as_str()) {
+        response.headers_mut().insert(ACTIVATION_HEADER, value);
+    }
+}
+
+/// Which activation records `GET /v1/activations` lists.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ActivationParams {
+    /// Only calls of this function.
+    pub function: Option<String>,
+    /// Only runs of this DAG.
+    pub dag: Option<String>,
+    /// Only calls in this status: `running`, `succeeded` or `failed`.
+    pub status: Option<String>,
+    /// Only calls started at or after this time (ms since the Unix epoch).
+    pub since: Option<u64>,
+    /// The most records answered (1 to 200, default 50).
+    pub limit: Option<u32>,
+    /// Resume after this id: the `next` of the previous page.
+    pub after: Option<String>,
+}
+
+/// A page of activation records, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActivationPage {
+    /// The records.
+    #[schema(value_type = Vec<Object>)]
+    pub activations: Vec<Activation>,
+    /// Where the next page starts (pass it as `after`); absent at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// Records looked at per listing, whatever the filter: a filter that matches little answers
+/// a short page with `next` rather than reading every record.
+const ACTIVATION_SCAN: u32 = 2_000;
+
+#[utoipa::path(get, path = "/v1/activations", tag = "activations", params(ActivationParams),
+    responses((status = 200, body = ActivationPage), (status = 400, body = ErrorBody)))]
+async fn list_activations(
+    State(gateway): State<Arc<Gateway>>,
+    Query(params): Query<ActivationParams>,
+) -> ApiResult<Json<ActivationPage>> {
+    let limit = params.limit.unwrap_or(50);
+    if !(1..=squall_state::activations::MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit is between 1 and {}",
+            squall_state::activations::MAX_PAGE
+        )));
+    }
+    let after = params
+        .after
+        .as_deref()
+        .map(|a| {
+            ActivationId::parse(a)
+                .ok_or_else(|| ApiError::bad_request(format!("{a:?} is not an activation id")))
+        })
+        .transpose()?;
+    let status = params
+        .status
+        .as_deref()
+        .map(|s| s.parse::<Status>().map_err(ApiError::bad_request))
+        .transpose()?;
+    for name in [&params.function, &params.dag].into_iter().flatten() {
+        checked_name(name)?;
+    }
+    let filter = Filter {
+        function: params.function,
+        dag: params.dag,
+        status,
+        since_ms: params.since,
+    };
+    let (activations, next) = gateway
+        .activations
+        .list(&filter, after.as_ref(), limit, ACTIVATION_SCAN)
+        .await?;
+    Ok(Json(ActivationPage { activations, next }))
+}
+
+#[utoipa::path(get, path = "/v1/activations/{id}", tag = "activations",
+    params(("id" = String, Path, description = "The activation id (the squall-activation header)")),
+    responses((status = 200, description = "The record"), (status = 404, body = ErrorBody)))]
+async fn get_activation(
+    State(gateway): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Activation>> {
+    let not_found = || ApiError::not_found(format!("no activation {id:?}"));
+    let parsed = ActivationId::parse(&id).ok_or_else(not_found)?;
+    let mut record = gateway
+        .activations
+        .get(&parsed)
+        .await?
+        .ok_or_else(not_found)?;
+    if record.status == Status::Running {
+        // An asynchronous call's outcome is in its result key: finish the record from it.
+        let key = keys::result(keys::DEFAULT_NAMESPACE, parsed.as_str());
+        if let Some(LatticeValue::Lww(register)) = gateway.kvs.with(move |c| c.get(&key)).await? {
+            match CallResult::decode(&register.value) {
+                Ok(CallResult::Succeeded(output)) => {
+                    record.status = Status::Succeeded;
+                    record.output_bytes = Some(output.len() as u64);
+                }
+                Ok(CallResult::Failed(failure)) => {
+                    record.status = Status::Failed;
+                    record.error = Some((&failure).into());
+                }
+                Ok(CallResult::Running) | Err(_) => {}
+            }
+            if record.status != Status::Running {
+                gateway.activations.put(&record).await?;
+            }
+        }
+    }
+    Ok(Json(record))
 }
 
 /// A DAG, as registered.
@@ -1106,9 +1293,9 @@ async fn put_kv(
     paths(healthz, metrics, openapi, executors, register_function, list_functions, get_function,
         delete_function, invoke_function, register_model, list_models, get_model, delete_model,
         invoke_dag, put_dag, list_dags, get_dag, delete_dag,
-        get_result, list_kv, get_kv, put_kv, delete_kv),
+        get_result, list_activations, get_activation, list_kv, get_kv, put_kv, delete_kv),
     components(schemas(ErrorBody, ErrorDetail, Health, ExecutorInfo, FunctionInfo, FunctionDetail,
-        Accepted, DagInfo, DagSpec, Running, KeyList)),
+        Accepted, DagInfo, DagSpec, Running, KeyList, ActivationPage)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

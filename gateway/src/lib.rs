@@ -31,7 +31,7 @@
 //! - `utoipa`: the OpenAPI document generated from the handlers' annotations, so it cannot
 //!   drift from the code.
 //! - `prometheus-client`: the Prometheus project's own Rust client, for `/metrics`.
-//! - `uuid`: ids of asynchronous results (random, not guessable).
+//! - `tokio`: activation records are written by a task of their own, off the answer's path.
 //! - `squall-scheduler` for its client, `squall-state` for the registries and results.
 
 /// The routes and handlers.
@@ -39,5 +39,6 @@ pub mod api;
 mod metrics;
 
 pub use api::{
-    Gateway, GatewayConfig, CONSISTENCY_HEADER, KEYS_HEADER, PLACEMENT_HEADER, SESSION_HEADER,
+    Gateway, GatewayConfig, ACTIVATION_HEADER, CONSISTENCY_HEADER, KEYS_HEADER, PLACEMENT_HEADER,
+    SESSION_HEADER,
 };

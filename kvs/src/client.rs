@@ -343,6 +343,9 @@ impl Client {
     /// survives it, see [`squall_lattices::entry`]. Deleting an absent key stores a tombstone
     /// all the same (until it is reclaimed), so that a copy on its way cannot bring it back.
     pub fn delete(&mut self, key: &str) -> Result<()> {
+        // This writer's counter contributions belong to the deleted epoch: later increments
+        // count from nothing.
+        self.counters.remove(key);
         let at = self.next_timestamp();
         let results = self.merge_many(vec![(key.to_string(), Entry::tombstone(at))])?;
         one_result(key, results)
@@ -396,13 +399,22 @@ impl Client {
         after: Option<&str>,
         limit: u32,
     ) -> Result<(Vec<Key>, bool)> {
+        if limit == 0 {
+            return Ok((Vec::new(), false));
+        }
         let request = Request::List {
             prefix: prefix.to_string(),
             after: after.map(str::to_string),
             limit,
         };
-        let (exchanged, _) = self.send_to_every_shard(&request)?;
-        let responses = exchanged.into_all()?;
+        let (exchanged, clustered) = self.send_to_every_shard(&request)?;
+        // In a cluster every key is on several nodes: a member that does not answer (it may
+        // have just died) leaves its keys to the others.
+        let responses: Vec<Response> = if clustered {
+            exchanged.responses.into_iter().flatten().collect()
+        } else {
+            exchanged.into_all()?
+        };
         let mut keys = Vec::new();
         let mut more = false;
         for response in responses {
@@ -428,6 +440,13 @@ impl Client {
         if keys.len() > limit as usize {
             keys.truncate(limit as usize);
             more = true;
+        }
+        if clustered && !keys.is_empty() {
+            // A replica that missed a delete, or a copy left on a node that is no longer a
+            // replica, lists a key its replicas have deleted: keep the keys a read finds.
+            let values = self.get_many(&keys)?;
+            let mut live = values.iter().map(Option::is_some);
+            keys.retain(|_| live.next().unwrap_or(false));
         }
         Ok((keys, more))
     }

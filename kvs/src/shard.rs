@@ -58,6 +58,12 @@ enum Outgoing {
         id: RequestId,
         results: Vec<Result<(), KeyError>>,
     },
+    /// A LIST's keys: sent only if the commit succeeds, like a GET's values.
+    Keys {
+        id: RequestId,
+        keys: Vec<Key>,
+        more: bool,
+    },
     /// A SUBSCRIBE's values: sent only if the commit succeeds, like a GET's.
     Subscribed {
         id: RequestId,
@@ -111,14 +117,16 @@ pub(crate) struct Deadlines {
 }
 
 impl Deadlines {
-    /// When `entry` next needs work: its expiry, or the end of its tombstone's grace.
+    /// When `entry` next needs work: its expiry while it holds a value (to reap it), or the
+    /// end of its grace once dead (to forget it).
     fn of_entry(entry: &Entry, grace_ms: u64) -> Option<u64> {
-        entry.expires_at_ms().or_else(|| {
-            entry
-                .value
-                .is_none()
-                .then(|| (entry.epoch.time / 1000).saturating_add(grace_ms))
-        })
+        match (&entry.value, entry.expires_at_ms()) {
+            (Some(_), Some(at)) => Some(at),
+            (Some(_), None) => None,
+            (None, _) => entry
+                .died_at_ms(u64::MAX)
+                .map(|died| died.saturating_add(grace_ms)),
+        }
     }
 
     /// Notes `key`'s deadline after a change (`None`: it needs none).
@@ -151,6 +159,9 @@ impl Deadlines {
         Some(key)
     }
 }
+
+/// The most keys one LIST answers, whatever it asks.
+const MAX_LIST: u32 = 10_000;
 
 /// Keys reaped or forgotten per pass between batches: bounds the pause (Redis's active
 /// expiry has the same kind of budget).
@@ -684,13 +695,17 @@ impl Shard {
         }
         Ok(self.store.get(key).map(|entry| {
             let mut entry = entry.clone();
-            entry.reap(now_ms());
+            if entry.expires_at_ms().is_some() {
+                entry.reap(now_ms());
+            }
             entry
         }))
     }
 
-    /// LIST: up to `limit` live keys with `prefix` after `after`, in order.
+    /// LIST: up to `limit` (at most [`MAX_LIST`]) live keys with `prefix` after `after`, in
+    /// order; answered after the batch's commit, like a GET.
     fn list(&self, id: RequestId, prefix: &str, after: Option<&str>, limit: u32) -> Outgoing {
+        let limit = limit.min(MAX_LIST);
         use std::ops::Bound;
         let start = match after {
             Some(after) if after >= prefix => Bound::Excluded(after),
@@ -712,7 +727,7 @@ impl Shard {
             }
             keys.push(key.clone());
         }
-        Outgoing::Ready(encode(id, &Response::Keys { keys, more }))
+        Outgoing::Keys { id, keys, more }
     }
 
     /// Up to `limit` entries after `after`, in key order, and at most about `SCAN_BYTES`
@@ -753,6 +768,7 @@ impl Shard {
         }
         self.store.remove(key);
         self.changed.remove(key);
+        self.deadlines.set(&key.to_string(), None);
         true
     }
 
@@ -770,7 +786,7 @@ impl Shard {
         if let (Some(live), Some(value)) = (stored.and_then(|s| s.live(now)), &write.value) {
             live.check_mergeable(value)?;
         }
-        match write.lift(stored, now) {
+        match write.lift(stored, now, self.config.tombstone_grace_ms) {
             Some(entry) => self.merge_entry(key, entry),
             None => self.placed(&key),
         }
@@ -895,6 +911,15 @@ impl Shard {
                     }),
                 ),
                 (Outgoing::Put { id, results }, Ok(())) => encode(id, &Response::Put(results)),
+                (Outgoing::Keys { id, keys, more }, Ok(())) => {
+                    encode(id, &Response::Keys { keys, more })
+                }
+                (Outgoing::Keys { id, .. }, Err(reason)) => encode(
+                    id,
+                    &Response::Error(RequestError::Unavailable {
+                        reason: reason.clone(),
+                    }),
+                ),
                 (
                     Outgoing::Subscribed {
                         id,

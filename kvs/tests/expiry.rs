@@ -61,13 +61,30 @@ fn a_delete_hides_the_value_and_later_writes_start_again() {
     client.put_lww("name", "after").expect("put");
     assert_eq!(text(client.get("name").expect("get")), Some("after".into()));
 
-    // A counter counts again from nothing after a delete.
+    // A counter counts again from nothing after a delete, from the deleting client too.
     client.increment("visits", 5).expect("increment");
     client.delete("visits").expect("delete");
-    let mut fresh = Client::connect(node.address(), ClientConfig::default()).expect("connect");
-    fresh.increment("visits", 2).expect("increment");
+    client.increment("visits", 2).expect("increment");
     match client.get("visits").expect("get") {
         Some(LatticeValue::Counter(counter)) => assert_eq!(counter.value(), 2),
+        other => panic!("{other:?}"),
+    }
+    // And after an expiry: a write to an expired key starts the next epoch.
+    let mut counter = Counter::new();
+    counter.add(9, 7);
+    client
+        .put_expiring(
+            "window",
+            LatticeValue::Counter(counter),
+            Some(Duration::from_millis(50)),
+        )
+        .expect("put");
+    std::thread::sleep(Duration::from_millis(100));
+    client
+        .put("window", LatticeValue::Counter(Counter::of(9, 1)))
+        .expect("put");
+    match client.get("window").expect("get") {
+        Some(LatticeValue::Counter(counter)) => assert_eq!(counter.value(), 1),
         other => panic!("{other:?}"),
     }
     // Deleting lets the key take another type.

@@ -13,16 +13,20 @@
 //!   of a register order by timestamp exactly, on every replica (a write timestamped before a
 //!   delete is lost, one after it survives);
 //! - any other write lands in the epoch the replica holds: after a delete it is reached,
-//!   before it the delete wins. A write that reaches a replica which never saw the key while
+//!   before it the delete wins; after an expiry it starts the next epoch (so a counter
+//!   counts from nothing again). A write that reaches a replica which never saw the key while
 //!   a delete of it is still on its way there is lost when the delete arrives.
 //!
 //! An expiry is a last-writer-wins register of a time (milliseconds since the Unix epoch; 0
 //! for none) beside the value, part of its epoch: a new last-writer-wins value starts a new
-//! epoch and so clears it, as Redis's `SET` does. An expired entry reads as absent and is
-//! *reaped* into a tombstone at its expiry time ([`Entry::reap`]), so a replica that missed
-//! the expiry cannot bring the value back. Tombstones are reclaimed once older than a grace
-//! period ([`Entry::reclaimable`]); a replica that was away longer than that may bring back a
-//! value deleted meanwhile (the same trade-off as Cassandra's `gc_grace_seconds`).
+//! epoch and so clears it, as Redis's `SET` does. An expired entry reads as absent; a store
+//! *reaps* it ([`Entry::reap`]) by dropping its value and keeping its epoch and expiry, so the
+//! space comes back and a replica that still holds the value cannot bring it back (what it
+//! holds is expired too). Dead entries (tombstones, expired entries) are forgotten once dead
+//! for longer than a grace period ([`Entry::reclaimable`]); a replica that was away longer
+//! than that may bring back a value deleted meanwhile (the same trade-off as Cassandra's
+//! `gc_grace_seconds`), and a write near the end of the grace may land in different epochs on
+//! replicas whose clocks disagree.
 
 use serde::{Deserialize, Serialize};
 
@@ -84,15 +88,12 @@ impl Entry {
         }
     }
 
-    /// When the value expires (milliseconds since the Unix epoch), if it does.
+    /// When the value expires (milliseconds since the Unix epoch), if it has an expiry.
     pub fn expires_at_ms(&self) -> Option<u64> {
-        self.expiry
-            .as_ref()
-            .map(|e| e.value)
-            .filter(|&at| at != 0 && self.value.is_some())
+        self.expiry.as_ref().map(|e| e.value).filter(|&at| at != 0)
     }
 
-    /// Whether the value has expired at `now_ms`.
+    /// Whether the entry's expiry has passed at `now_ms`.
     pub fn is_expired(&self, now_ms: u64) -> bool {
         self.expires_at_ms().is_some_and(|at| at <= now_ms)
     }
@@ -124,25 +125,49 @@ impl Entry {
         }
     }
 
-    /// Turns an expired entry into the tombstone of its expiry; whether it was expired. The
-    /// tombstone's epoch depends only on the entry, so every replica reaps to the same one.
+    /// Drops the value of an expired entry, keeping its epoch and expiry, so that the space
+    /// comes back while the entry still wins over every copy of its epoch and before (merging
+    /// a copy that still holds the value gives back an expired value, which reads as absent);
+    /// whether it dropped one. Reaping commutes with merges as long as no replica extends the
+    /// expiry after it passed: such a late extension may revive the value only where it was
+    /// not yet reaped.
     pub fn reap(&mut self, now_ms: u64) -> bool {
-        let Some(at) = self.expires_at_ms().filter(|&at| at <= now_ms) else {
-            return false;
-        };
-        let expired = Timestamp::new(at.saturating_mul(1000), u64::MAX);
-        let epoch = if expired > self.epoch {
-            expired
+        if self.value.is_some() && self.is_expired(now_ms) {
+            self.value = None;
+            true
         } else {
-            Timestamp::new(self.epoch.time.saturating_add(1), 0)
-        };
-        *self = Self::tombstone(epoch);
-        true
+            false
+        }
     }
 
-    /// Whether a store may forget this entry at `now_ms`: a tombstone older than `grace_ms`.
+    /// When the value stopped being readable (milliseconds since the Unix epoch): the delete's
+    /// time, or the expiry's if later; `None` while it is live at `now_ms`.
+    pub fn died_at_ms(&self, now_ms: u64) -> Option<u64> {
+        if self.live(now_ms).is_some() {
+            return None;
+        }
+        let deleted = self.epoch.time / 1000;
+        Some(self.expires_at_ms().map_or(deleted, |at| at.max(deleted)))
+    }
+
+    /// Whether a store may forget this entry at `now_ms`: dead for longer than `grace_ms`.
     pub fn reclaimable(&self, now_ms: u64, grace_ms: u64) -> bool {
-        self.value.is_none() && self.epoch.time / 1000 + grace_ms <= now_ms
+        self.died_at_ms(now_ms)
+            .is_some_and(|died| died.saturating_add(grace_ms) <= now_ms)
+    }
+
+    /// The epoch a write other than a last-writer-wins one lands in at `now_ms`, and whether
+    /// the entry holds a live value there. Past its grace an entry counts as absent (it may
+    /// already be forgotten elsewhere); past its expiry, a write starts the next epoch, so
+    /// that nothing expired comes back under it and the old expiry does not apply to it.
+    fn write_epoch(&self, now_ms: u64, grace_ms: u64) -> (Timestamp, bool) {
+        if self.reclaimable(now_ms, grace_ms) {
+            (Timestamp::default(), false)
+        } else if self.is_expired(now_ms) {
+            (successor(self.epoch), false)
+        } else {
+            (self.epoch, self.value.is_some())
+        }
     }
 
     /// Checks that `other`'s value could merge into this one's (a tombstone takes any type;
@@ -196,19 +221,17 @@ impl Write {
     }
 
     /// The entry this write merges into the key, given what the replica holds (`stored`) at
-    /// `now_ms`; `None` if it changes nothing (an expiry for a key that is absent, deleted or
-    /// expired). See the module docs for the epoch it lands in.
-    pub fn lift(self, stored: Option<&Entry>, now_ms: u64) -> Option<Entry> {
-        let held = stored.map(|stored| {
-            let mut held = stored.clone();
-            held.reap(now_ms);
-            held
+    /// `now_ms` and how long it keeps dead entries (`grace_ms`); `None` if it changes nothing
+    /// (an expiry for a key that is absent, deleted or expired). See the module docs for the
+    /// epoch it lands in.
+    pub fn lift(self, stored: Option<&Entry>, now_ms: u64, grace_ms: u64) -> Option<Entry> {
+        let (current, live) = stored.map_or((Timestamp::default(), false), |stored| {
+            stored.write_epoch(now_ms, grace_ms)
         });
-        let current = held.as_ref().map_or(Timestamp::default(), |h| h.epoch);
         let epoch = match &self.value {
             Some(LatticeValue::Lww(register)) => register.timestamp,
             Some(_) => current,
-            None if held.as_ref().is_some_and(|h| h.value.is_some()) => current,
+            None if live => current,
             None => return None,
         };
         Some(Entry {
@@ -216,6 +239,14 @@ impl Write {
             value: self.value,
             expiry: self.expiry,
         })
+    }
+}
+
+/// The smallest timestamp after `t`.
+fn successor(t: Timestamp) -> Timestamp {
+    match t.writer.checked_add(1) {
+        Some(writer) => Timestamp::new(t.time, writer),
+        None => Timestamp::new(t.time.saturating_add(1), 0),
     }
 }
 
@@ -234,7 +265,7 @@ mod tests {
     }
 
     fn lift(write: Write, stored: &Entry) -> Entry {
-        write.lift(Some(stored), 0).expect("a write")
+        write.lift(Some(stored), 0, 3_600_000).expect("a write")
     }
 
     #[test]
@@ -270,7 +301,7 @@ mod tests {
     }
 
     #[test]
-    fn an_expired_value_reads_as_absent_and_reaps_to_a_tombstone_every_replica_agrees_on() {
+    fn an_expired_value_reads_as_absent_and_reaps_to_what_every_replica_agrees_on() {
         let written = lift(
             Write {
                 value: Some(LatticeValue::Max(Max(3))),
@@ -282,13 +313,55 @@ mod tests {
         assert_eq!(written.live(5_000), None);
         let mut reaped = written.clone();
         assert!(reaped.reap(6_000));
-        let mut elsewhere = written.clone();
-        assert!(elsewhere.reap(9_000));
-        assert_eq!(reaped, elsewhere);
+        assert_eq!(reaped.value, None);
         // A replica that missed the expiry cannot bring the value back.
-        assert_eq!(written.join(reaped.clone()), reaped);
+        assert_eq!(written.clone().join(reaped.clone()).live(6_000), None);
         assert!(!reaped.reclaimable(5_999, 1_000));
         assert!(reaped.reclaimable(6_000, 1_000));
+        assert!(!reaped.reclaimable(u64::MAX - 1, u64::MAX), "no overflow");
+        // A write after the expiry starts the next epoch: nothing expired comes back.
+        let again = Write::value(LatticeValue::Max(Max(1)))
+            .lift(Some(&reaped), 6_000, 3_600_000)
+            .expect("a write");
+        assert!(again.epoch > reaped.epoch);
+        let merged = written.join(reaped).join(again);
+        assert_eq!(merged.live(6_000), Some(&LatticeValue::Max(Max(1))));
+    }
+
+    #[test]
+    fn a_newer_write_a_replica_missed_survives_that_replica_reaping() {
+        // v1 expires at 1 s; v2, written at 0.5 s without an expiry, reached only some
+        // replicas; the others reap v1 at 1 s. Merging them keeps v2.
+        let v1 = lift(
+            Write {
+                value: Some(lww(100_000, "v1")),
+                expiry: Some(Lww::new(Timestamp::new(100_000, 1), 1_000)),
+            },
+            &Entry::default(),
+        );
+        let v2 = v1.clone().join(lift(Write::value(lww(500_000, "v2")), &v1));
+        let mut missed = v1;
+        assert!(missed.reap(1_000));
+        assert_eq!(
+            missed.clone().join(v2.clone()).live(2_000),
+            Some(&lww(500_000, "v2"))
+        );
+        assert_eq!(v2.join(missed).live(2_000), Some(&lww(500_000, "v2")));
+    }
+
+    #[test]
+    fn past_its_grace_a_dead_entry_counts_as_absent_for_writes() {
+        let deleted = Entry::tombstone(Timestamp::new(1_000_000, 1));
+        let mut counter = Counter::new();
+        counter.add(1, 1);
+        let write = Write::value(LatticeValue::Counter(counter));
+        let within = write
+            .clone()
+            .lift(Some(&deleted), 1_500, 1_000)
+            .expect("a write");
+        assert_eq!(within.epoch, deleted.epoch);
+        let after = write.lift(Some(&deleted), 2_000, 1_000).expect("a write");
+        assert_eq!(after.epoch, Timestamp::default());
     }
 
     #[test]
@@ -308,11 +381,11 @@ mod tests {
             value: None,
             expiry: Some(Lww::new(Timestamp::new(12, 1), 7)),
         };
-        assert_eq!(expiry_only.clone().lift(None, 0), None);
+        assert_eq!(expiry_only.clone().lift(None, 0, 3_600_000), None);
         assert_eq!(
             expiry_only
                 .clone()
-                .lift(Some(&Entry::tombstone(Timestamp::new(1, 1))), 0),
+                .lift(Some(&Entry::tombstone(Timestamp::new(1, 1))), 0, 3_600_000),
             None
         );
         let extended = rewritten.clone().join(lift(expiry_only, &rewritten));

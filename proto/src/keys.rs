@@ -97,6 +97,11 @@ pub fn result(namespace: &str, id: &str) -> Key {
     format!("{RESERVED_PREFIX}ns/{namespace}/result/{id}")
 }
 
+/// The key of activation record `id` in `namespace` (`id` empty: the records' prefix).
+pub fn activation(namespace: &str, id: &str) -> Key {
+    format!("{RESERVED_PREFIX}ns/{namespace}/activation/{id}")
+}
+
 /// The key of the manifest of the code whose SHA-256 (hex) is `sha256`.
 pub fn code(sha256: &str) -> Key {
     format!("{RESERVED_PREFIX}code/{sha256}")

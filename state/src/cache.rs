@@ -242,7 +242,10 @@ impl Cache {
                 Some(entry) if entry.filled => {
                     // Given its epoch as the store gives it (the store's own lifting may
                     // differ only if a delete raced this write; its push settles that).
-                    let lifted = Write::value(value.clone()).lift(entry.stored.as_ref(), now_ms());
+                    // The store forgets dead entries after its grace (an hour by default); the
+                    // cache keeps none (see `absorb`), so no grace applies here.
+                    let lifted =
+                        Write::value(value.clone()).lift(entry.stored.as_ref(), now_ms(), u64::MAX);
                     Some(self.absorb(&mut entries, key, lifted, false))
                 }
                 _ => None,
@@ -385,6 +388,12 @@ impl Cache {
                         }
                     }
                 };
+                // A deleted (or reaped) key is held as absent, not as its tombstone: the store
+                // forgets tombstones after a grace, and a cached one would then hide the
+                // key's next writes, which start again from the first epoch.
+                if entry.stored.as_ref().is_some_and(|s| s.value.is_none()) {
+                    entry.stored = None;
+                }
                 if changed || (fill && !entry.filled) {
                     entry.generation = generation;
                     entry.size = key.len() + size_of(entry.stored.as_ref());
@@ -393,6 +402,7 @@ impl Cache {
                 (old, entry.size, entry.stored.clone())
             }
             None => {
+                let value = value.filter(|s| s.value.is_some());
                 let size = key.len() + size_of(value.as_ref());
                 entries.lru.push(
                     key.to_string(),

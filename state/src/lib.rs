@@ -14,6 +14,7 @@
 //!   the [`Limits`] stored beside each version ([`limits`]).
 //! - [`dag`]: DAG definitions, their checks, and their registry ([`DagRegistry`]).
 //! - [`results`]: asynchronous calls' results.
+//! - [`activations`]: the record of every call ([`Activations`]), kept for a retention.
 //! - [`error`]: [`Error`], with the code each failure has on the wire.
 //! - [`legacy`]: registries written before the namespaced key layout, merged into it.
 //!
@@ -33,6 +34,7 @@
 //! - `utoipa` (feature `openapi`, which the gateway turns on): the schema of a DAG definition
 //!   in the generated OpenAPI document.
 
+pub mod activations;
 pub mod cache;
 pub mod dag;
 pub mod error;
@@ -44,6 +46,7 @@ pub mod registry;
 pub mod results;
 pub mod session;
 
+pub use activations::{Activation, ActivationId, Activations};
 pub use cache::{Cache, CacheConfig, CacheStats};
 pub use dag::{DagRecord, DagRegistry, DagSpec};
 pub use error::{Error, Result};

@@ -32,6 +32,17 @@ fn put_dag(base: &str, name: &str, spec: &str) -> Answer {
     )
 }
 
+/// The activation record `id`, once written (sync calls write it after answering).
+fn activation(base: &str, id: &str) -> serde_json::Value {
+    assert_eq!(id.len(), 32, "an activation id: {id:?}");
+    Poll::within(WAIT)
+        .until(|| {
+            let answer = http("GET", &format!("{base}/v1/activations/{id}"), None, b"");
+            (answer.status == 200).then(|| answer.json())
+        })
+        .expect("the activation record")
+}
+
 fn invoke(base: &str, path: &str, input: &str) -> Answer {
     http(
         "POST",
@@ -92,6 +103,10 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
     let accepted = invoke(&base, "/v1/dags/sq_incr/invoke?async=true", "4");
     assert_eq!(accepted.status, 202, "{}", accepted.text());
     let id = accepted.json()["id"].as_str().expect("an id").to_string();
+    assert_eq!(
+        accepted.activation, id,
+        "an asynchronous call's id is its activation's"
+    );
     let result = Poll::within(WAIT)
         .until(|| {
             let result = http("GET", &format!("{base}/v1/results/{id}"), None, b"");
@@ -100,6 +115,15 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
         })
         .expect("the asynchronous call never finished");
     assert_eq!(result.text(), "25");
+    let finished = activation(&base, &id);
+    assert_eq!(
+        (
+            finished["status"].as_str(),
+            finished["cause"].as_str(),
+            finished["kind"].as_str()
+        ),
+        (Some("succeeded"), Some("http-async"), Some("dag"))
+    );
     assert_eq!(
         http("GET", &format!("{base}/v1/results/0123abcd"), None, b"").status,
         404
@@ -114,6 +138,82 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
     let trap = invoke(&base, "/v1/dags/fan/invoke", "trap");
     assert_eq!((trap.status, trap.error_code().as_str()), (500, "trap"));
     assert_eq!(trap.json()["error"]["step"], "misbehave");
+
+    // Every call has a record, named by its answer's header.
+    let ok = invoke(&base, "/v1/functions/incr/invoke", "41");
+    let record = activation(&base, &ok.activation);
+    assert_eq!(
+        (
+            record["kind"].as_str(),
+            record["name"].as_str(),
+            record["status"].as_str(),
+            record["cause"].as_str()
+        ),
+        (
+            Some("function"),
+            Some("incr"),
+            Some("succeeded"),
+            Some("http")
+        )
+    );
+    assert_eq!(
+        (
+            record["input_bytes"].as_u64(),
+            record["output_bytes"].as_u64()
+        ),
+        (Some(2), Some(2))
+    );
+    assert!(record["duration_us"].as_u64().is_some(), "{record}");
+    assert_eq!(record["placement"][0][0], "incr");
+    let failed = activation(&base, &trap.activation);
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(failed["error"]["code"], "trap");
+    assert_eq!(failed["error"]["step"], "misbehave");
+    assert_eq!(
+        activation(&base, &missing.activation)["error"]["code"],
+        "not_found"
+    );
+    // Listings are newest first, filtered, paged.
+    let listed = Poll::within(WAIT)
+        .until(|| {
+            let page = http(
+                "GET",
+                &format!("{base}/v1/activations?function=incr&limit=1"),
+                None,
+                b"",
+            );
+            assert_eq!(page.status, 200, "{}", page.text());
+            let page = page.json();
+            (page["activations"][0]["id"] == ok.activation.as_str()).then_some(page)
+        })
+        .expect("the newest incr call is listed first");
+    assert!(listed["next"].is_string(), "{listed}");
+    let failures = http(
+        "GET",
+        &format!("{base}/v1/activations?status=failed"),
+        None,
+        b"",
+    )
+    .json();
+    assert!(failures["activations"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .all(|r| r["status"] == "failed"));
+    for bad in ["status=done", "limit=0", "after=xyz", "function=../x"] {
+        let refused = http("GET", &format!("{base}/v1/activations?{bad}"), None, b"");
+        assert_eq!(refused.status, 400, "{bad}: {}", refused.text());
+    }
+    assert_eq!(
+        http(
+            "GET",
+            &format!("{base}/v1/activations/{}", "0".repeat(32)),
+            None,
+            b""
+        )
+        .status,
+        404
+    );
     for bad in [
         r#"{"functions":["incr","square"],"edges":[["incr","square"],["square","incr"]]}"#,
         r#"{"functions":["incr","nope"],"edges":[["incr","nope"]]}"#,

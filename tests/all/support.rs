@@ -243,10 +243,11 @@ impl Drop for NodeProcess {
     }
 }
 
-/// An HTTP answer: status, the placement header, body.
+/// An HTTP answer: status, the placement and activation headers, body.
 pub struct Answer {
     pub status: u16,
     pub placement: String,
+    pub activation: String,
     pub body: Vec<u8>,
 }
 
@@ -288,11 +289,16 @@ pub fn http(method: &str, url: &str, token: Option<&str>, body: &[u8]) -> Answer
         .header("squall-placement")
         .unwrap_or_default()
         .to_string();
+    let activation = response
+        .header("squall-activation")
+        .unwrap_or_default()
+        .to_string();
     let mut body = Vec::new();
     std::io::Read::read_to_end(&mut response.into_reader(), &mut body).expect("read body");
     Answer {
         status,
         placement,
+        activation,
         body,
     }
 }

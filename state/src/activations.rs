@@ -1,0 +1,375 @@
+//! Activation records: what each call did, kept in the store for a while.
+//!
+//! Every invocation gets an id and a record ([`Activation`]) under
+//! [`squall_proto::keys::activation`]: the function or DAG, how it was called, where its
+//! steps ran, when it started and ended, its status and typed error, and the sizes of its
+//! input and output. Records expire after the retention the gateway is given (24 h by
+//! default, [`DEFAULT_RETENTION`]); the store reaps them and reclaims their space.
+//!
+//! Ids sort newest first ([`ActivationId`]): the hex of the start time counted down from
+//! the end of time, then random bits. The store lists keys in order, so a listing of the
+//! records' prefix is newest first, and a page resumes after the last id seen, as OpenWhisk's
+//! `wsk activation list` pages do.
+//!
+//! A record is a last-writer-wins register stamped with its stage (started, then finished),
+//! so an asynchronous call's record written at acceptance never overwrites its outcome.
+//! Writing a record costs one store write off the answer's path; reading a page costs one
+//! listing and one read per record.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use squall_lattices::entry::now_ms;
+use squall_lattices::{LatticeValue, Lww, Timestamp, Write};
+use squall_proto::call::Failure;
+use squall_proto::keys;
+
+use crate::pool::ClientPool;
+use crate::{Error, Result};
+
+/// How long records are kept unless configured otherwise.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// The most records one listing answers.
+pub const MAX_PAGE: u32 = 200;
+
+/// An activation id: 16 hex digits of `u64::MAX - start µs`, then 16 random hex digits (an
+/// asynchronous call's id also names its result, so it must not be guessable).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ActivationId(String);
+
+impl ActivationId {
+    /// A new id for a call that starts at `start_us` (µs since the Unix epoch).
+    pub fn new(start_us: u64) -> Self {
+        Self(format!(
+            "{:016x}{:016x}",
+            u64::MAX - start_us,
+            rand::random::<u64>()
+        ))
+    }
+
+    /// Checks an id from a request: 32 lowercase hex digits.
+    pub fn parse(text: &str) -> Option<Self> {
+        (text.len() == 32
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| Self(text.to_string()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ActivationId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a call is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Accepted and not finished (asynchronous calls).
+    Running,
+    /// Finished with an output.
+    Succeeded,
+    /// Finished with an error.
+    Failed,
+}
+
+impl Status {
+    /// The status's name, as in the JSON and the `status=` filter.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+impl std::str::FromStr for Status {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "running" => Ok(Status::Running),
+            "succeeded" => Ok(Status::Succeeded),
+            "failed" => Ok(Status::Failed),
+            other => Err(format!(
+                "unknown status {other:?} (running, succeeded or failed)"
+            )),
+        }
+    }
+}
+
+/// What the gateway knows of one call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activation {
+    /// The activation's id.
+    pub id: String,
+    /// `function` or `dag`.
+    pub kind: String,
+    /// The function's or DAG's name.
+    pub name: String,
+    /// How it was called: `http` or `http-async`.
+    pub cause: String,
+    /// Where it is in its life.
+    pub status: Status,
+    /// When it started (ms since the Unix epoch).
+    pub start_ms: u64,
+    /// When it ended (ms since the Unix epoch), once it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_ms: Option<u64>,
+    /// How long it took, in microseconds, once it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_us: Option<u64>,
+    /// Each step's function and the executor it ran on.
+    #[serde(default)]
+    pub placement: Vec<(String, String)>,
+    /// The input's size in bytes.
+    pub input_bytes: u64,
+    /// The output's size in bytes, if it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_bytes: Option<u64>,
+    /// Why it failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<RecordedError>,
+    /// The attempt this record is of (1: the first).
+    pub attempt: u32,
+}
+
+impl Activation {
+    /// Whether the record passes a listing's filters.
+    pub fn matches(&self, filter: &Filter) -> bool {
+        filter
+            .function
+            .as_ref()
+            .is_none_or(|f| self.kind == "function" && &self.name == f)
+            && filter
+                .dag
+                .as_ref()
+                .is_none_or(|d| self.kind == "dag" && &self.name == d)
+            && filter.status.is_none_or(|s| self.status == s)
+            && filter.since_ms.is_none_or(|since| self.start_ms >= since)
+    }
+
+    /// The record's rank as a last-writer-wins register: finished beats running.
+    fn rank(&self) -> u64 {
+        match self.status {
+            Status::Running => 1,
+            Status::Succeeded | Status::Failed => 2,
+        }
+    }
+}
+
+/// A failure as a record keeps it: the wire code (`trap`, `timeout`, ...), as in the HTTP
+/// API's errors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedError {
+    /// The failure's code.
+    pub code: String,
+    /// What happened.
+    pub message: String,
+    /// The step (function) that failed, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+}
+
+impl From<&Failure> for RecordedError {
+    fn from(failure: &Failure) -> Self {
+        Self {
+            code: failure.code.as_str().to_string(),
+            message: failure.message.clone(),
+            step: failure.step.clone(),
+        }
+    }
+}
+
+/// Which records a listing answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Only calls of this function.
+    pub function: Option<String>,
+    /// Only runs of this DAG.
+    pub dag: Option<String>,
+    /// Only calls in this status.
+    pub status: Option<Status>,
+    /// Only calls started at or after this time (ms since the Unix epoch).
+    pub since_ms: Option<u64>,
+}
+
+/// Reads and writes activation records in one namespace.
+#[derive(Clone)]
+pub struct Activations {
+    kvs: ClientPool,
+    namespace: String,
+    retention: Duration,
+}
+
+impl std::fmt::Debug for Activations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Activations")
+            .field("namespace", &self.namespace)
+            .field("retention", &self.retention)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Activations {
+    /// Records in the default namespace, kept for `retention`.
+    pub fn new(kvs: ClientPool, retention: Duration) -> Self {
+        Self {
+            kvs,
+            namespace: keys::DEFAULT_NAMESPACE.to_string(),
+            retention,
+        }
+    }
+
+    /// Writes `record`, expiring after the retention.
+    pub async fn put(&self, record: &Activation) -> Result<()> {
+        let encoded = rmp_serde::to_vec_named(record).map_err(|e| Error::BadValue {
+            key: record.id.clone(),
+            reason: e.to_string(),
+        })?;
+        let at = Timestamp::new(record.rank(), rand::random());
+        let retention = u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX);
+        let write = Write {
+            value: Some(LatticeValue::Lww(Lww::new(at, encoded.into()))),
+            expiry: Some(Lww::new(at, now_ms().saturating_add(retention).max(1))),
+        };
+        let key = keys::activation(&self.namespace, &record.id);
+        let results = self
+            .kvs
+            .with(move |client| client.write_many(vec![(key, write)]))
+            .await?;
+        match results.into_iter().next() {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(Error::Kvs(squall_kvs::Error::Key {
+                key: record.id.clone(),
+                error: e,
+            })),
+            None => Err(Error::BadValue {
+                key: record.id.clone(),
+                reason: "no answer for the record".into(),
+            }),
+        }
+    }
+
+    /// The record `id`, if it is kept.
+    pub async fn get(&self, id: &ActivationId) -> Result<Option<Activation>> {
+        let key = keys::activation(&self.namespace, id.as_str());
+        let value = self.kvs.with(move |client| client.get(&key)).await?;
+        Ok(value.and_then(|value| decode(id.as_str(), value)))
+    }
+
+    /// Up to `limit` records passing `filter`, newest first, after the id `after`; and the
+    /// id to resume after if the listing stopped before the end. Looks at no more than
+    /// `scan` records, so a filter that matches little answers a short page with a resume
+    /// id rather than reading every record.
+    pub async fn list(
+        &self,
+        filter: &Filter,
+        after: Option<&ActivationId>,
+        limit: u32,
+        scan: u32,
+    ) -> Result<(Vec<Activation>, Option<String>)> {
+        let prefix = keys::activation(&self.namespace, "");
+        let mut after_key = after.map(|id| keys::activation(&self.namespace, id.as_str()));
+        let mut found = Vec::new();
+        let mut scanned = 0u32;
+        let limit = limit.clamp(1, MAX_PAGE);
+        loop {
+            let page_prefix = prefix.clone();
+            let page_after = after_key.clone();
+            let (page, more) = self
+                .kvs
+                .with(move |client| client.list(&page_prefix, page_after.as_deref(), MAX_PAGE))
+                .await?;
+            let reads = page.clone();
+            let values = self.kvs.with(move |client| client.get_many(&reads)).await?;
+            for (key, value) in page.iter().zip(values) {
+                scanned += 1;
+                after_key = Some(key.clone());
+                let id = key.strip_prefix(&prefix).unwrap_or(key);
+                if let Some(record) = value.and_then(|v| decode(id, v)) {
+                    if record.matches(filter) {
+                        found.push(record);
+                        if found.len() >= limit as usize {
+                            return Ok((found, Some(id.to_string())));
+                        }
+                    }
+                }
+                if scanned >= scan {
+                    return Ok((found, Some(id.to_string())));
+                }
+            }
+            if !more {
+                return Ok((found, None));
+            }
+        }
+    }
+}
+
+/// A stored record, or `None` (with a warning) if it does not decode.
+fn decode(id: &str, value: LatticeValue) -> Option<Activation> {
+    let LatticeValue::Lww(register) = value else {
+        tracing::warn!(%id, "an activation record is not a register");
+        return None;
+    };
+    rmp_serde::from_slice(&register.value)
+        .map_err(|e| tracing::warn!(%id, cause = %e, "an activation record does not decode"))
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_calls_get_smaller_ids_so_listings_are_newest_first() {
+        let older = ActivationId::new(1_000);
+        let newer = ActivationId::new(2_000);
+        assert!(newer < older);
+        assert_eq!(ActivationId::parse(newer.as_str()), Some(newer));
+        assert_eq!(ActivationId::parse("not an id"), None);
+        assert_eq!(ActivationId::parse(&"G".repeat(32)), None);
+    }
+
+    #[test]
+    fn filters_select_by_target_status_and_time() {
+        let record = Activation {
+            id: ActivationId::new(5).to_string(),
+            kind: "function".into(),
+            name: "incr".into(),
+            cause: "http".into(),
+            status: Status::Succeeded,
+            start_ms: 100,
+            end_ms: Some(101),
+            duration_us: Some(900),
+            placement: vec![("incr".into(), "e1".into())],
+            input_bytes: 2,
+            output_bytes: Some(2),
+            error: None,
+            attempt: 1,
+        };
+        assert!(record.matches(&Filter::default()));
+        let by = |function: Option<&str>, dag: Option<&str>, status, since_ms| Filter {
+            function: function.map(str::to_string),
+            dag: dag.map(str::to_string),
+            status,
+            since_ms,
+        };
+        assert!(record.matches(&by(Some("incr"), None, Some(Status::Succeeded), Some(100))));
+        assert!(!record.matches(&by(Some("square"), None, None, None)));
+        assert!(!record.matches(&by(None, Some("incr"), None, None)));
+        assert!(!record.matches(&by(None, None, Some(Status::Failed), None)));
+        assert!(!record.matches(&by(None, None, None, Some(101))));
+        assert!("nope".parse::<Status>().is_err());
+        assert_eq!("failed".parse::<Status>(), Ok(Status::Failed));
+    }
+}
