@@ -69,6 +69,9 @@ pub struct Gateway {
     kvs: ClientPool,
     metrics: Metrics,
     activations: Activations,
+    /// Writes synchronous calls' records in batches; `None` until the first call (it needs
+    /// the runtime the gateway serves on).
+    recorder: std::sync::OnceLock<squall_state::activations::Recorder>,
     config: GatewayConfig,
     writer: u64,
 }
@@ -88,6 +91,7 @@ impl Gateway {
             models: Registry::direct(kvs.clone()).models(),
             dags: DagRegistry::new(kvs.clone(), None),
             activations: Activations::new(kvs.clone(), config.activation_retention),
+            recorder: std::sync::OnceLock::new(),
             kvs,
             metrics: Metrics::new(),
             config,
@@ -838,13 +842,12 @@ async fn invoke(
     };
     with_activation(&mut response, &id);
     if gateway.config.record_activations {
-        // Off the answer's path: a record that cannot be written is logged, the answer stands.
-        let activations = gateway.activations.clone();
-        tokio::spawn(async move {
-            if let Err(e) = activations.put(&record).await {
-                tracing::warn!(id = %record.id, cause = %e, "an activation record was not written");
-            }
-        });
+        // Off the answer's path, batched: a record that cannot be written is logged and
+        // counted, the answer stands.
+        gateway
+            .recorder
+            .get_or_init(|| gateway.activations.recorder())
+            .record(record);
     }
     Ok(response)
 }

@@ -31,7 +31,6 @@
 //! - `utoipa`: the OpenAPI document generated from the handlers' annotations, so it cannot
 //!   drift from the code.
 //! - `prometheus-client`: the Prometheus project's own Rust client, for `/metrics`.
-//! - `tokio`: activation records are written by a task of their own, off the answer's path.
 //! - `squall-scheduler` for its client, `squall-state` for the registries and results.
 
 /// The routes and handlers.

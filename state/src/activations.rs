@@ -13,16 +13,19 @@
 //!
 //! A record is a last-writer-wins register stamped with its stage (started, then finished),
 //! so an asynchronous call's record written at acceptance never overwrites its outcome.
-//! Writing a record costs one store write off the answer's path; reading a page costs one
-//! listing and one read per record.
+//! Synchronous calls' records are written in batches by a background task ([`Recorder`]):
+//! a channel send per call, one store round trip per batch. Reading a page costs one listing
+//! and one batched read.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use squall_lattices::entry::now_ms;
 use squall_lattices::{LatticeValue, Lww, Timestamp, Write};
 use squall_proto::call::Failure;
-use squall_proto::keys;
+use squall_proto::{keys, Key};
 
 use crate::pool::ClientPool;
 use crate::{Error, Result};
@@ -203,6 +206,37 @@ pub struct Filter {
     pub since_ms: Option<u64>,
 }
 
+/// Records queued for the background writer before new ones are dropped.
+pub const QUEUED_RECORDS: usize = 65_536;
+
+/// Records written per round trip by the background writer.
+const RECORDS_PER_BATCH: usize = 512;
+
+/// How long the background writer lets a batch gather after its first record: records reach
+/// the store at most this much later than their calls end.
+const BATCH_LINGER: Duration = Duration::from_millis(5);
+
+/// Queues records for [`Activations::recorder`]'s background writer. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    sender: tokio::sync::mpsc::Sender<Activation>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Recorder {
+    /// Queues `record`; drops it (counted) if the writer is that far behind.
+    pub fn record(&self, record: Activation) {
+        if self.sender.try_send(record).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records dropped or not written since the start.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
 /// Reads and writes activation records in one namespace.
 #[derive(Clone)]
 pub struct Activations {
@@ -230,34 +264,82 @@ impl Activations {
         }
     }
 
-    /// Writes `record`, expiring after the retention.
-    pub async fn put(&self, record: &Activation) -> Result<()> {
-        let encoded = rmp_serde::to_vec_named(record).map_err(|e| Error::BadValue {
-            key: record.id.clone(),
-            reason: e.to_string(),
-        })?;
-        let at = Timestamp::new(record.rank(), rand::random());
-        let retention = u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX);
-        let write = Write {
-            value: Some(LatticeValue::Lww(Lww::new(at, encoded.into()))),
-            expiry: Some(Lww::new(at, now_ms().saturating_add(retention).max(1))),
-        };
-        let key = keys::activation(&self.namespace, &record.id);
+    /// The store write of `record`, expiring after the retention.
+    fn write_of(&self, record: &Activation) -> Result<(Key, Write)> {
+        record_write(&self.namespace, self.retention, record)
+    }
+
+    /// Writes `records` in one round trip per shard; the ids of those not written.
+    async fn put_many(&self, records: &[Activation]) -> Result<Vec<String>> {
+        let mut writes = Vec::with_capacity(records.len());
+        let mut ids = Vec::with_capacity(records.len());
+        for record in records {
+            writes.push(self.write_of(record)?);
+            ids.push(record.id.clone());
+        }
         let results = self
             .kvs
-            .with(move |client| client.write_many(vec![(key, write)]))
+            .with(move |client| client.write_many(writes))
             .await?;
-        match results.into_iter().next() {
-            Some(Ok(())) => Ok(()),
-            Some(Err(e)) => Err(Error::Kvs(squall_kvs::Error::Key {
-                key: record.id.clone(),
-                error: e,
-            })),
-            None => Err(Error::BadValue {
-                key: record.id.clone(),
-                reason: "no answer for the record".into(),
+        Ok(ids
+            .into_iter()
+            .zip(results)
+            .filter(|(_, r)| r.is_err())
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// Writes `record` now, expiring after the retention.
+    pub async fn put(&self, record: &Activation) -> Result<()> {
+        match self.put_many(std::slice::from_ref(record)).await?.pop() {
+            None => Ok(()),
+            Some(id) => Err(Error::BadValue {
+                key: id,
+                reason: "the store refused the record".into(),
             }),
         }
+    }
+
+    /// A handle that writes records in the background, batched: a task takes every record
+    /// queued while the previous batch was written and writes them in one round trip per
+    /// shard, so that records cost a call a channel send, and the store one group commit per
+    /// batch instead of one per call. At most [`QUEUED_RECORDS`] wait; beyond that, records
+    /// are dropped and counted ([`Recorder::dropped`]). Must be made inside a tokio runtime.
+    pub fn recorder(&self) -> Recorder {
+        let (sender, mut receiver) = tokio::sync::mpsc::channel::<Activation>(QUEUED_RECORDS);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let activations = self.clone();
+        let lost = dropped.clone();
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(RECORDS_PER_BATCH);
+            while receiver.recv_many(&mut batch, RECORDS_PER_BATCH).await > 0 {
+                // Let a batch gather: at low load a call finishes well within the linger, so
+                // one round trip carries many records instead of one each.
+                tokio::time::sleep(BATCH_LINGER).await;
+                while batch.len() < RECORDS_PER_BATCH {
+                    match receiver.try_recv() {
+                        Ok(record) => batch.push(record),
+                        Err(_) => break,
+                    }
+                }
+                match activations.put_many(&batch).await {
+                    Ok(refused) if refused.is_empty() => {}
+                    Ok(refused) => {
+                        lost.fetch_add(refused.len() as u64, Ordering::Relaxed);
+                        tracing::warn!(
+                            count = refused.len(),
+                            "the store refused activation records"
+                        );
+                    }
+                    Err(e) => {
+                        lost.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        tracing::warn!(count = batch.len(), cause = %e, "activation records were not written");
+                    }
+                }
+                batch.clear();
+            }
+        });
+        Recorder { sender, dropped }
     }
 
     /// The record `id`, if it is kept.
@@ -315,6 +397,21 @@ impl Activations {
     }
 }
 
+/// The store write of `record` in `namespace`, expiring after `retention`.
+fn record_write(namespace: &str, retention: Duration, record: &Activation) -> Result<(Key, Write)> {
+    let encoded = rmp_serde::to_vec_named(record).map_err(|e| Error::BadValue {
+        key: record.id.clone(),
+        reason: e.to_string(),
+    })?;
+    let at = Timestamp::new(record.rank(), rand::random());
+    let retention = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+    let write = Write {
+        value: Some(LatticeValue::Lww(Lww::new(at, encoded.into()))),
+        expiry: Some(Lww::new(at, now_ms().saturating_add(retention).max(1))),
+    };
+    Ok((keys::activation(namespace, &record.id), write))
+}
+
 /// A stored record, or `None` (with a warning) if it does not decode.
 fn decode(id: &str, value: LatticeValue) -> Option<Activation> {
     let LatticeValue::Lww(register) = value else {
@@ -338,6 +435,30 @@ mod tests {
         assert_eq!(ActivationId::parse(newer.as_str()), Some(newer));
         assert_eq!(ActivationId::parse("not an id"), None);
         assert_eq!(ActivationId::parse(&"G".repeat(32)), None);
+    }
+
+    #[test]
+    fn records_round_trip_through_their_stored_encoding() {
+        let record = Activation {
+            id: ActivationId::new(5).to_string(),
+            kind: "dag".into(),
+            name: "sq_incr".into(),
+            cause: "http-async".into(),
+            status: Status::Running,
+            start_ms: 100,
+            end_ms: None,
+            duration_us: None,
+            placement: Vec::new(),
+            input_bytes: 1,
+            output_bytes: None,
+            error: None,
+            attempt: 1,
+        };
+        let (key, write) =
+            record_write(keys::DEFAULT_NAMESPACE, DEFAULT_RETENTION, &record).expect("encoded");
+        assert!(key.ends_with(&record.id));
+        let value = write.value.expect("a value");
+        assert_eq!(decode(&record.id, value), Some(record));
     }
 
     #[test]
