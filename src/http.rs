@@ -287,14 +287,14 @@ pub fn run_activation(args: ActivationArgs) -> anyhow::Result<ExitCode> {
             status,
             limit,
         } => {
-            let mut query = vec![format!("limit={limit}")];
+            let mut listing =
+                request(c, "GET", "/v1/activations").query("limit", &limit.to_string());
             for (name, value) in [("function", function), ("dag", dag), ("status", status)] {
                 if let Some(value) = value {
-                    query.push(format!("{name}={value}"));
+                    listing = listing.query(name, &value);
                 }
             }
-            let path = format!("/v1/activations?{}", query.join("&"));
-            let page = json(&send(c, request(c, "GET", &path).call())?)?;
+            let page = json(&send(c, listing.call())?)?;
             let mut out = std::io::stdout().lock();
             for record in page["activations"].as_array().into_iter().flatten() {
                 let duration = record["duration_us"]

@@ -153,16 +153,14 @@ pub fn run(args: KvArgs) -> anyhow::Result<ExitCode> {
             limit,
             after,
         } => {
-            let (keys, more) = client.list(&prefix, after.as_deref(), limit)?;
+            let (keys, next) = client.list(&prefix, after.as_deref(), limit)?;
             let mut out = std::io::stdout().lock();
             for key in &keys {
                 writeln!(out, "{key}")?;
             }
             out.flush()?;
-            if more {
-                if let Some(last) = keys.last() {
-                    eprintln!("(more: --after {last:?})");
-                }
+            if let Some(next) = next {
+                eprintln!("(more: --after {next:?})");
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -99,6 +99,12 @@ impl Gateway {
         })
     }
 
+    /// The background writer of activation records, started on first use (on the runtime
+    /// the gateway serves on).
+    fn recorder(&self) -> &squall_state::activations::Recorder {
+        self.recorder.get_or_init(|| self.activations.recorder())
+    }
+
     fn registry(&self, kind: Artifact) -> &Registry {
         match kind {
             Artifact::Function => &self.functions,
@@ -269,13 +275,15 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// Refuses mutating requests without the token, when one is set.
+/// Refuses mutating requests without the token, when one is set, and reads of activation
+/// records too: they name asynchronous calls, whose ids read their results.
 async fn authorize(State(gateway): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
     let mutating = !matches!(
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS
     );
-    if let (true, Some(token)) = (mutating, &gateway.config.token) {
+    let guarded = mutating || request.uri().path().starts_with("/v1/activations");
+    if let (true, Some(token)) = (guarded, &gateway.config.token) {
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
@@ -789,7 +797,16 @@ async fn invoke(
             gateway.activations.put(&record).await?;
         }
         options.result_key = Some(key);
-        gateway.client.invoke_detached(target, input, options)?;
+        if let Err(failure) = gateway.client.invoke_detached(target, input, options) {
+            if gateway.config.record_activations {
+                record.status = Status::Failed;
+                record.error = Some((&failure).into());
+                gateway.recorder().record(record);
+            }
+            let mut response = ApiError::from(failure).into_response();
+            with_activation(&mut response, &id);
+            return Ok(response);
+        }
         gateway.metrics.accepted(kind, &name);
         let result = format!("/v1/results/{id}");
         let mut response = (
@@ -844,10 +861,7 @@ async fn invoke(
     if gateway.config.record_activations {
         // Off the answer's path, batched: a record that cannot be written is logged and
         // counted, the answer stands.
-        gateway
-            .recorder
-            .get_or_init(|| gateway.activations.recorder())
-            .record(record);
+        gateway.recorder().record(record);
     }
     Ok(response)
 }
@@ -918,6 +932,11 @@ async fn list_activations(
         .as_deref()
         .map(|s| s.parse::<Status>().map_err(ApiError::bad_request))
         .transpose()?;
+    if params.function.is_some() && params.dag.is_some() {
+        return Err(ApiError::bad_request(
+            "a record is of a function or of a DAG: give function= or dag=, not both",
+        ));
+    }
     for name in [&params.function, &params.dag].into_iter().flatten() {
         checked_name(name)?;
     }
@@ -1163,11 +1182,10 @@ async fn list_kv(
         )));
     }
     let (prefix, after) = (params.prefix.clone(), params.after.clone());
-    let (listed, more) = gateway
+    let (listed, next) = gateway
         .kvs
         .with(move |c| c.list(&prefix, after.as_deref(), limit))
         .await?;
-    let next = more.then(|| listed.last().cloned()).flatten();
     // Squall's own keys are not listed, but the page still ends where the store's did.
     let keys = listed
         .into_iter()
@@ -1206,7 +1224,8 @@ async fn get_kv(
     State(gateway): State<Arc<Gateway>>,
     Path(key): Path<String>,
 ) -> ApiResult<Response> {
-    checked_key(&key)?;
+    // Squall's own keys (results, records, registries) are read through their endpoints.
+    writable_key(&key)?;
     let owned = key.clone();
     let value = gateway.kvs.with(move |c| c.get(&owned)).await?;
     let Some(value) = value else {

@@ -392,15 +392,16 @@ impl Client {
     }
 
     /// Up to `limit` live keys starting with `prefix`, after `after`, in key order, over every
-    /// shard (of every member, in a cluster); whether more follow.
+    /// shard (of every member, in a cluster); and, if more may follow, the key to list after
+    /// next (the last key looked at, which a cluster's listing may have left out as dead).
     pub fn list(
         &mut self,
         prefix: &str,
         after: Option<&str>,
         limit: u32,
-    ) -> Result<(Vec<Key>, bool)> {
+    ) -> Result<(Vec<Key>, Option<Key>)> {
         if limit == 0 {
-            return Ok((Vec::new(), false));
+            return Ok((Vec::new(), None));
         }
         let request = Request::List {
             prefix: prefix.to_string(),
@@ -441,6 +442,7 @@ impl Client {
             keys.truncate(limit as usize);
             more = true;
         }
+        let next = if more { keys.last().cloned() } else { None };
         if clustered && !keys.is_empty() {
             // A replica that missed a delete, or a copy left on a node that is no longer a
             // replica, lists a key its replicas have deleted: keep the keys a read finds.
@@ -448,7 +450,7 @@ impl Client {
             let mut live = values.iter().map(Option::is_some);
             keys.retain(|_| live.next().unwrap_or(false));
         }
-        Ok((keys, more))
+        Ok((keys, next))
     }
 
     /// A timestamp of this client's clock, later than every one it gave before.

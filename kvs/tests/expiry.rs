@@ -190,12 +190,12 @@ fn a_prefix_lists_in_order_over_every_shard_in_pages() {
     let mut listed = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let (page, more) = client.list("user/", after.as_deref(), 16).expect("list");
+        let (page, next) = client.list("user/", after.as_deref(), 16).expect("list");
         assert!(page.len() <= 16);
-        after = page.last().cloned();
         listed.extend(page);
-        if !more {
-            break;
+        match next {
+            Some(next) => after = Some(next),
+            None => break,
         }
     }
     let expected: Vec<String> = (0..50)

@@ -161,12 +161,14 @@ impl Activation {
             && filter.since_ms.is_none_or(|since| self.start_ms >= since)
     }
 
-    /// The record's rank as a last-writer-wins register: finished beats running.
+    /// The record's rank as a last-writer-wins register: a later attempt beats an earlier
+    /// one, and within an attempt finished beats running.
     fn rank(&self) -> u64 {
-        match self.status {
+        let stage = match self.status {
             Status::Running => 1,
             Status::Succeeded | Status::Failed => 2,
-        }
+        };
+        u64::from(self.attempt) * 2 + stage
     }
 }
 
@@ -205,6 +207,9 @@ pub struct Filter {
     /// Only calls started at or after this time (ms since the Unix epoch).
     pub since_ms: Option<u64>,
 }
+
+/// Store listings one [`Activations::list`] makes at most.
+const MAX_ROUNDS: u32 = 20;
 
 /// Records queued for the background writer before new ones are dropped.
 pub const QUEUED_RECORDS: usize = 65_536;
@@ -315,7 +320,9 @@ impl Activations {
             while receiver.recv_many(&mut batch, RECORDS_PER_BATCH).await > 0 {
                 // Let a batch gather: at low load a call finishes well within the linger, so
                 // one round trip carries many records instead of one each.
-                tokio::time::sleep(BATCH_LINGER).await;
+                if batch.len() < RECORDS_PER_BATCH {
+                    tokio::time::sleep(BATCH_LINGER).await;
+                }
                 while batch.len() < RECORDS_PER_BATCH {
                     match receiver.try_recv() {
                         Ok(record) => batch.push(record),
@@ -364,34 +371,54 @@ impl Activations {
         let mut after_key = after.map(|id| keys::activation(&self.namespace, id.as_str()));
         let mut found = Vec::new();
         let mut scanned = 0u32;
+        let mut rounds = 0u32;
         let limit = limit.clamp(1, MAX_PAGE);
         loop {
             let page_prefix = prefix.clone();
             let page_after = after_key.clone();
-            let (page, more) = self
+            let want = MAX_PAGE.min(scan.saturating_sub(scanned)).max(1);
+            let (page, next) = self
                 .kvs
-                .with(move |client| client.list(&page_prefix, page_after.as_deref(), MAX_PAGE))
+                .with(move |client| client.list(&page_prefix, page_after.as_deref(), want))
                 .await?;
             let reads = page.clone();
             let values = self.kvs.with(move |client| client.get_many(&reads)).await?;
-            for (key, value) in page.iter().zip(values) {
+            let last = page.len().saturating_sub(1);
+            for (i, (key, value)) in page.iter().zip(values).enumerate() {
                 scanned += 1;
-                after_key = Some(key.clone());
                 let id = key.strip_prefix(&prefix).unwrap_or(key);
+                // Where a listing stopping here resumes: nowhere if this was the last key.
+                let resume = || (i < last || next.is_some()).then(|| id.to_string());
                 if let Some(record) = value.and_then(|v| decode(id, v)) {
+                    // Ids sort by start time, newest first: past `since`, nothing more matches.
+                    if filter.since_ms.is_some_and(|since| record.start_ms < since) {
+                        return Ok((found, None));
+                    }
                     if record.matches(filter) {
                         found.push(record);
                         if found.len() >= limit as usize {
-                            return Ok((found, Some(id.to_string())));
+                            return Ok((found, resume()));
                         }
                     }
                 }
                 if scanned >= scan {
-                    return Ok((found, Some(id.to_string())));
+                    return Ok((found, resume()));
                 }
             }
-            if !more {
-                return Ok((found, None));
+            match next {
+                // The store's cursor moves even past keys it left out, so this ends.
+                Some(next) => after_key = Some(next),
+                None => return Ok((found, None)),
+            }
+            rounds += 1;
+            if rounds >= MAX_ROUNDS {
+                // Pages the store emptied (keys dead by the time they were read back) count
+                // too: the listing answers what it has, with where to resume.
+                let resume = after_key
+                    .as_deref()
+                    .and_then(|k| k.strip_prefix(&prefix))
+                    .map(str::to_string);
+                return Ok((found, resume));
             }
         }
     }

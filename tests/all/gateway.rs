@@ -37,7 +37,12 @@ fn activation(base: &str, id: &str) -> serde_json::Value {
     assert_eq!(id.len(), 32, "an activation id: {id:?}");
     Poll::within(WAIT)
         .until(|| {
-            let answer = http("GET", &format!("{base}/v1/activations/{id}"), None, b"");
+            let answer = http(
+                "GET",
+                &format!("{base}/v1/activations/{id}"),
+                Some(TOKEN),
+                b"",
+            );
             (answer.status == 200).then(|| answer.json())
         })
         .expect("the activation record")
@@ -179,7 +184,7 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
             let page = http(
                 "GET",
                 &format!("{base}/v1/activations?function=incr&limit=1"),
-                None,
+                Some(TOKEN),
                 b"",
             );
             assert_eq!(page.status, 200, "{}", page.text());
@@ -191,7 +196,7 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
     let failures = http(
         "GET",
         &format!("{base}/v1/activations?status=failed"),
-        None,
+        Some(TOKEN),
         b"",
     )
     .json();
@@ -200,15 +205,36 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
         .expect("a list")
         .iter()
         .all(|r| r["status"] == "failed"));
-    for bad in ["status=done", "limit=0", "after=xyz", "function=../x"] {
-        let refused = http("GET", &format!("{base}/v1/activations?{bad}"), None, b"");
+    for bad in [
+        "status=done",
+        "limit=0",
+        "after=xyz",
+        "function=../x",
+        "function=incr&dag=sq_incr",
+    ] {
+        let refused = http(
+            "GET",
+            &format!("{base}/v1/activations?{bad}"),
+            Some(TOKEN),
+            b"",
+        );
         assert_eq!(refused.status, 400, "{bad}: {}", refused.text());
     }
+    // Records name asynchronous calls, whose ids read their results: the token guards them.
+    let anonymous = http("GET", &format!("{base}/v1/activations"), None, b"");
+    assert_eq!(anonymous.status, 401);
+    let reserved = http(
+        "GET",
+        &format!("{base}/v1/kv/squall/ns/default/result/x"),
+        None,
+        b"",
+    );
+    assert_eq!(reserved.status, 400);
     assert_eq!(
         http(
             "GET",
             &format!("{base}/v1/activations/{}", "0".repeat(32)),
-            None,
+            Some(TOKEN),
             b""
         )
         .status,
