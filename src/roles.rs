@@ -82,16 +82,28 @@ struct Records {
     /// Write no activation records (to measure what they cost).
     #[arg(long, env = "SQUALL_NO_ACTIVATION_RECORDS")]
     no_activation_records: bool,
+    /// The id this gateway leases asynchronous calls under: unique among the gateways
+    /// running at once, the same across restarts of one gateway, which then takes back its
+    /// calls at once (default: its HTTP address; a random id with --http-port 0).
+    #[arg(long, env = "SQUALL_GATEWAY_ID")]
+    gateway_id: Option<String>,
 }
 
 impl Records {
-    /// The gateway's settings with these.
-    fn config(&self, token: Option<String>) -> GatewayConfig {
+    /// The gateway's settings with these, for a gateway serving HTTP on `host:port`.
+    fn config(&self, token: Option<String>, host: &str, port: u16) -> GatewayConfig {
+        let defaults = GatewayConfig::default();
+        let runner_id = match (&self.gateway_id, port) {
+            (Some(id), _) => id.clone(),
+            (None, 0) => defaults.runner_id.clone(),
+            (None, port) => format!("{host}:{port}"),
+        };
         GatewayConfig {
             token,
             record_activations: !self.no_activation_records,
             activation_retention: Duration::from_secs_f64(self.activation_retention_h * 3600.0),
-            ..GatewayConfig::default()
+            runner_id,
+            ..defaults
         }
     }
 }
@@ -356,7 +368,11 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         // Serve once the scheduler knows this process's executors: a registration or call
         // right after READY must find them.
         joined(&client, executors.len()).await?;
-        let gateway = Gateway::new(client, pool, args.records.config(args.token.token.clone()));
+        let config = args
+            .records
+            .config(args.token.token.clone(), &args.host.host, args.http_port);
+        let gateway = Gateway::new(client, pool, config);
+        gateway.start();
         let (url, server) = serve_http(&args.host.host, args.http_port, gateway, &stop).await?;
         eprintln!("squall up");
         eprintln!("  gateway     {url}");
@@ -485,7 +501,11 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
                 .context("binding the gateway's mailbox")?,
             args.schedulers.schedulers.clone(),
         );
-        let gateway = Gateway::new(client, pool, args.records.config(args.token.token.clone()));
+        let config = args
+            .records
+            .config(args.token.token.clone(), &args.host.host, args.http_port);
+        let gateway = Gateway::new(client, pool, config);
+        gateway.start();
         let (url, server) = serve_http(&args.host.host, args.http_port, gateway, &stop).await?;
         println!("{}", ready::format(&[("http", &url)]));
         finish_http(&stop, server).await

@@ -10,14 +10,18 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use squall_lattices::entry::now_ms;
 use squall_lattices::{LatticeValue, Lww, Max, Min, SetLattice, Timestamp};
 use squall_proto::call::{
     Artifact, CallResult, Consistency, Failure, FailureCode, InvokeOptions, LimitsRequest, Target,
     MAX_DECLARED_KEYS,
 };
 use squall_proto::keys;
+use squall_proto::poll::Poll;
 use squall_scheduler::SchedulerClient;
+use squall_state::activations::RecordedError;
 use squall_state::activations::{Filter, Status};
+use squall_state::calls::{check_idempotency_key, Calls, DeadLetter, PendingCall, RetryPolicy};
 use squall_state::dag::dag_key;
 use squall_state::registry::{record_key, validate_name};
 use squall_state::results::store_result;
@@ -28,6 +32,7 @@ use squall_state::{
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::metrics::Metrics;
+use crate::runner::{record_of, Runner};
 
 /// How the gateway behaves.
 #[derive(Debug, Clone)]
@@ -45,6 +50,10 @@ pub struct GatewayConfig {
     pub record_activations: bool,
     /// How long activation records are kept.
     pub activation_retention: Duration,
+    /// The id this gateway's runner of asynchronous calls leases calls under (see
+    /// [`crate::runner`]): unique among gateways running at once, the same across restarts
+    /// of one gateway, so that a restarted gateway takes back its calls at once.
+    pub runner_id: String,
 }
 
 impl Default for GatewayConfig {
@@ -56,19 +65,23 @@ impl Default for GatewayConfig {
             default_timeout: Duration::from_secs(30),
             record_activations: true,
             activation_retention: squall_state::activations::DEFAULT_RETENTION,
+            runner_id: format!("gateway-{:016x}", rand::random::<u64>()),
         }
     }
 }
 
 /// What the handlers share.
 pub struct Gateway {
-    client: SchedulerClient,
+    client: Arc<SchedulerClient>,
     functions: Registry,
     models: Registry,
     dags: DagRegistry,
     kvs: ClientPool,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     activations: Activations,
+    calls: Calls,
+    /// Runs asynchronous calls; `None` until first used (it needs the runtime).
+    runner: std::sync::OnceLock<Runner>,
     /// Writes synchronous calls' records in batches; `None` until the first call (it needs
     /// the runtime the gateway serves on).
     recorder: std::sync::OnceLock<squall_state::activations::Recorder>,
@@ -86,14 +99,16 @@ impl Gateway {
     /// A gateway over the store behind `kvs`, sending calls through `client`.
     pub fn new(client: SchedulerClient, kvs: ClientPool, config: GatewayConfig) -> Arc<Self> {
         Arc::new(Self {
-            client,
+            client: Arc::new(client),
             functions: Registry::direct(kvs.clone()),
             models: Registry::direct(kvs.clone()).models(),
             dags: DagRegistry::new(kvs.clone(), None),
             activations: Activations::new(kvs.clone(), config.activation_retention),
+            calls: Calls::new(kvs.clone()),
+            runner: std::sync::OnceLock::new(),
             recorder: std::sync::OnceLock::new(),
             kvs,
-            metrics: Metrics::new(),
+            metrics: Arc::new(Metrics::new()),
             config,
             writer: rand::random(),
         })
@@ -103,6 +118,30 @@ impl Gateway {
     /// the gateway serves on).
     fn recorder(&self) -> &squall_state::activations::Recorder {
         self.recorder.get_or_init(|| self.activations.recorder())
+    }
+
+    /// The runner of asynchronous calls, started on first use.
+    fn runner(&self) -> &Runner {
+        self.runner.get_or_init(|| {
+            let recorder = self
+                .config
+                .record_activations
+                .then(|| self.recorder().clone());
+            Runner::new(
+                self.config.runner_id.clone(),
+                self.calls.clone(),
+                self.client.clone(),
+                recorder,
+                self.metrics.clone(),
+            )
+        })
+    }
+
+    /// Starts looking for asynchronous calls nobody runs (at once, then every second):
+    /// calls this gateway's id held before a restart, and calls whose runner died. Call
+    /// once, inside the runtime the gateway serves on.
+    pub fn start(self: &Arc<Self>) {
+        self.runner().start_scanning();
     }
 
     fn registry(&self, kind: Artifact) -> &Registry {
@@ -127,6 +166,10 @@ impl Gateway {
                     .delete(delete_function),
             )
             .route("/v1/functions/{name}/invoke", post(invoke_function))
+            .route(
+                "/v1/functions/{name}/retries",
+                get(get_function_retries).put(put_function_retries),
+            )
             .route("/v1/models", get(list_models))
             .route(
                 "/v1/models/{name}",
@@ -138,6 +181,27 @@ impl Gateway {
                 put(put_dag).get(get_dag).delete(delete_dag),
             )
             .route("/v1/dags/{name}/invoke", post(invoke_dag))
+            .route(
+                "/v1/dags/{name}/retries",
+                get(get_dag_retries).put(put_dag_retries),
+            )
+            .route("/v1/calls/{id}", axum::routing::delete(cancel_call))
+            .route(
+                "/v1/dead-letters/{kind}/{name}",
+                get(list_dead_letters).delete(delete_dead_letters),
+            )
+            .route(
+                "/v1/dead-letters/{kind}/{name}/redrive",
+                post(redrive_dead_letters),
+            )
+            .route(
+                "/v1/dead-letters/{kind}/{name}/{id}",
+                get(get_dead_letter).delete(delete_dead_letter),
+            )
+            .route(
+                "/v1/dead-letters/{kind}/{name}/{id}/redrive",
+                post(redrive_dead_letter),
+            )
             .route("/v1/results/{id}", get(get_result))
             .route("/v1/activations", get(list_activations))
             .route("/v1/activations/{id}", get(get_activation))
@@ -225,6 +289,7 @@ pub fn status_of(code: FailureCode) -> StatusCode {
         | FailureCode::Trap
         | FailureCode::OutOfMemory
         | FailureCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        FailureCode::Cancelled => StatusCode::GONE,
     }
 }
 
@@ -276,13 +341,15 @@ impl IntoResponse for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 /// Refuses mutating requests without the token, when one is set, and reads of activation
-/// records too: they name asynchronous calls, whose ids read their results.
+/// records and dead letters too: they name asynchronous calls, whose ids read their results.
 async fn authorize(State(gateway): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
     let mutating = !matches!(
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS
     );
-    let guarded = mutating || request.uri().path().starts_with("/v1/activations");
+    let path = request.uri().path();
+    let guarded =
+        mutating || path.starts_with("/v1/activations") || path.starts_with("/v1/dead-letters");
     if let (true, Some(token)) = (guarded, &gateway.config.token) {
         let given = request
             .headers()
@@ -665,6 +732,12 @@ pub const MAX_SESSION_ID: usize = 256;
 pub const PLACEMENT_HEADER: &str = "squall-placement";
 /// The header naming an invocation's activation record (`GET /v1/activations/{id}`).
 pub const ACTIVATION_HEADER: &str = "squall-activation";
+/// The header making an invocation idempotent: while the first call's record is kept, a
+/// repeat with the same key (same function or DAG) answers the first call's id or outcome
+/// without running it again.
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+/// The header marking an answer that repeats an earlier call's (`true`).
+pub const REPLAY_HEADER: &str = "squall-idempotent-replay";
 
 #[utoipa::path(post, path = "/v1/functions/{name}/invoke", tag = "calls",
     params(("name" = String, Path, description = "Function name"), InvokeParams,
@@ -758,13 +831,26 @@ async fn invoke(
     let timeout = params
         .timeout_ms
         .map_or(gateway.config.default_timeout, Duration::from_millis);
-    let mut options = InvokeOptions {
+    let options = InvokeOptions {
         consistency,
         timeout_ms: Some(timeout.as_millis().try_into().unwrap_or(u64::MAX)),
         keys,
         result_key: None,
         session,
     };
+    let idempotency_key = text(IDEMPOTENCY_HEADER)?.filter(|k| !k.is_empty());
+    if let Some(key) = &idempotency_key {
+        check_idempotency_key(key).map_err(ApiError::bad_request)?;
+        if let Some(prior) = gateway.calls.idempotent(&target, key).await? {
+            return replay(
+                gateway,
+                &prior,
+                params.asynchronous.unwrap_or(false),
+                timeout,
+            )
+            .await;
+        }
+    }
     let kind = match &target {
         Target::Function(_) => "function",
         Target::Dag(_) => "dag",
@@ -772,6 +858,7 @@ async fn invoke(
     let name = target.name().to_string();
     let start_us = Timestamp::now(0).time;
     let id = ActivationId::new(start_us);
+    let result_key = keys::result(keys::DEFAULT_NAMESPACE, id.as_str());
     let mut record = Activation {
         id: id.to_string(),
         kind: kind.to_string(),
@@ -786,40 +873,69 @@ async fn invoke(
         output_bytes: None,
         error: None,
         attempt: 1,
+        attempts: Vec::new(),
+        idempotency_key: idempotency_key.clone(),
     };
-    if params.asynchronous.unwrap_or(false) {
-        let key = keys::result(keys::DEFAULT_NAMESPACE, id.as_str());
-        store_result(&gateway.kvs, &key, CallResult::Running)
-            .await
-            .map_err(|e| Failure::new(FailureCode::Unavailable, e))?;
-        if gateway.config.record_activations {
-            record.cause = "http-async".into();
-            gateway.activations.put(&record).await?;
-        }
-        options.result_key = Some(key);
-        if let Err(failure) = gateway.client.invoke_detached(target, input, options) {
-            if gateway.config.record_activations {
-                record.status = Status::Failed;
-                record.error = Some((&failure).into());
-                gateway.recorder().record(record);
-            }
-            let mut response = ApiError::from(failure).into_response();
-            with_activation(&mut response, &id);
-            return Ok(response);
-        }
-        gateway.metrics.accepted(kind, &name);
-        let result = format!("/v1/results/{id}");
-        let mut response = (
-            StatusCode::ACCEPTED,
-            Json(Accepted {
-                id: id.to_string(),
-                result,
-            }),
-        )
-            .into_response();
-        with_activation(&mut response, &id);
-        return Ok(response);
+    // What is written before the call runs, in one round trip: an asynchronous call itself,
+    // and, under an idempotency key, the key's claim and a running result for repeats to
+    // wait on.
+    let mut writes = Vec::new();
+    let result_of = |result: &CallResult| {
+        squall_state::results::result_write(&result_key, result)
+            .map(|write| (result_key.clone(), write))
+            .map_err(|e| Failure::new(FailureCode::Internal, e))
+    };
+    if let Some(key) = &idempotency_key {
+        writes.push(gateway.calls.idempotency_write(
+            &target,
+            key,
+            id.as_str(),
+            gateway.config.activation_retention,
+        ));
     }
+    if params.asynchronous.unwrap_or(false) {
+        let now = now_ms();
+        let mut call = PendingCall {
+            id: id.to_string(),
+            target: target.clone(),
+            input,
+            options,
+            cause: "http-async".into(),
+            accepted_ms: now,
+            attempt: 1,
+            not_before_ms: now,
+            lease: None,
+            attempts: Vec::new(),
+            idempotency_key,
+        };
+        call.lease = Some(call.lease_for(gateway.runner().id(), now));
+        writes.push(gateway.calls.call_write(&call)?);
+        writes.push(result_of(&CallResult::Running)?);
+        if gateway.config.record_activations {
+            record.cause = call.cause.clone();
+            writes.push(gateway.activations.write_of(&record)?);
+        }
+        // Held before it is in the store, so that no scan of this runner takes it too. The
+        // 202 promises the call is in the store.
+        let runner = gateway.runner();
+        runner.hold(&call.id);
+        if let Err(e) = gateway.calls.write_all(writes).await {
+            runner.let_go(&call.id);
+            return Err(Failure::new(FailureCode::Unavailable, e.to_string()).into());
+        }
+        runner.run_held(call);
+        gateway.metrics.accepted(kind, &name);
+        return Ok(accepted(&id.to_string()));
+    }
+    if !writes.is_empty() {
+        writes.push(result_of(&CallResult::Running)?);
+        gateway
+            .calls
+            .write_all(writes)
+            .await
+            .map_err(|e| Failure::new(FailureCode::Unavailable, e.to_string()))?;
+    }
+    let stores_result = record.idempotency_key.is_some();
     let started = Instant::now();
     // The scheduler answers by the deadline; the margin covers its report.
     let wait = timeout + Duration::from_secs(2);
@@ -830,6 +946,16 @@ async fn invoke(
         .observe(kind, &name, took, outcome.as_ref().err().map(|f| f.code));
     record.end_ms = Some(record.start_ms + took.as_millis() as u64);
     record.duration_us = Some(took.as_micros() as u64);
+    if stores_result {
+        // Repeats under the idempotency key answer from here.
+        let result = match &outcome {
+            Ok(invocation) => CallResult::Succeeded(invocation.output.clone().unwrap_or_default()),
+            Err(failure) => CallResult::Failed(failure.clone()),
+        };
+        if let Err(e) = store_result(&gateway.kvs, &result_key, result).await {
+            tracing::warn!(id = %id, cause = %e, "storing an idempotent call's result");
+        }
+    }
     let mut response = match outcome {
         Ok(invocation) => {
             record.status = Status::Succeeded;
@@ -863,6 +989,76 @@ async fn invoke(
         // counted, the answer stands.
         gateway.recorder().record(record);
     }
+    Ok(response)
+}
+
+/// The 202 answer naming asynchronous call `id`.
+fn accepted(id: &str) -> Response {
+    let mut response = (
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            id: id.to_string(),
+            result: format!("/v1/results/{id}"),
+        }),
+    )
+        .into_response();
+    if let Ok(value) = HeaderValue::from_str(id) {
+        response.headers_mut().insert(ACTIVATION_HEADER, value);
+    }
+    response
+}
+
+/// The answer to a repeat of a call made under the same idempotency key: the first call's
+/// id (asynchronous), or its outcome once it has one (synchronous; 409 if it has none by
+/// the deadline). The function does not run again.
+async fn replay(
+    gateway: &Gateway,
+    prior: &str,
+    asynchronous: bool,
+    timeout: Duration,
+) -> ApiResult<Response> {
+    let mut response = if asynchronous {
+        accepted(prior)
+    } else {
+        let key = keys::result(keys::DEFAULT_NAMESPACE, prior);
+        let kvs = gateway.kvs.clone();
+        let finished = Poll::within(timeout)
+            .every(Duration::from_millis(20))
+            .until_async(|| {
+                let kvs = kvs.clone();
+                let key = key.clone();
+                async move {
+                    match kvs.with(move |c| c.get(&key)).await {
+                        Ok(Some(LatticeValue::Lww(register))) => {
+                            match CallResult::decode(&register.value) {
+                                Ok(CallResult::Running) | Err(_) => None,
+                                Ok(done) => Some(done),
+                            }
+                        }
+                        _ => None,
+                    }
+                }
+            })
+            .await;
+        match finished {
+            Ok(CallResult::Succeeded(output)) => {
+                ([(header::CONTENT_TYPE, "application/octet-stream")], output).into_response()
+            }
+            Ok(CallResult::Failed(failure)) => ApiError::from(failure).into_response(),
+            Ok(CallResult::Running) | Err(_) => ApiError::new(
+                StatusCode::CONFLICT,
+                "in_progress",
+                format!("the call made with this idempotency key ({prior}) has not finished"),
+            )
+            .into_response(),
+        }
+    };
+    if let Ok(value) = HeaderValue::from_str(prior) {
+        response.headers_mut().insert(ACTIVATION_HEADER, value);
+    }
+    response
+        .headers_mut()
+        .insert(REPLAY_HEADER, HeaderValue::from_static("true"));
     Ok(response)
 }
 
@@ -962,31 +1158,11 @@ async fn get_activation(
 ) -> ApiResult<Json<Activation>> {
     let not_found = || ApiError::not_found(format!("no activation {id:?}"));
     let parsed = ActivationId::parse(&id).ok_or_else(not_found)?;
-    let mut record = gateway
+    let record = gateway
         .activations
         .get(&parsed)
         .await?
         .ok_or_else(not_found)?;
-    if record.status == Status::Running {
-        // An asynchronous call's outcome is in its result key: finish the record from it.
-        let key = keys::result(keys::DEFAULT_NAMESPACE, parsed.as_str());
-        if let Some(LatticeValue::Lww(register)) = gateway.kvs.with(move |c| c.get(&key)).await? {
-            match CallResult::decode(&register.value) {
-                Ok(CallResult::Succeeded(output)) => {
-                    record.status = Status::Succeeded;
-                    record.output_bytes = Some(output.len() as u64);
-                }
-                Ok(CallResult::Failed(failure)) => {
-                    record.status = Status::Failed;
-                    record.error = Some((&failure).into());
-                }
-                Ok(CallResult::Running) | Err(_) => {}
-            }
-            if record.status != Status::Running {
-                gateway.activations.put(&record).await?;
-            }
-        }
-    }
     Ok(Json(record))
 }
 
@@ -1308,6 +1484,349 @@ async fn put_kv(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The function or DAG a path names: `function` or `dag`, and a checked name.
+fn target_of(kind: &str, name: String) -> ApiResult<Target> {
+    checked_name(&name)?;
+    match kind {
+        "function" => Ok(Target::Function(name)),
+        "dag" => Ok(Target::Dag(name)),
+        other => Err(ApiError::not_found(format!(
+            "no kind {other:?} of dead letters (function or dag)"
+        ))),
+    }
+}
+
+/// Fails with 404 unless `target` is registered.
+async fn registered(gateway: &Gateway, target: &Target) -> ApiResult<()> {
+    let exists = match target {
+        Target::Function(name) => gateway
+            .functions
+            .newest(name)
+            .await?
+            .is_some_and(|r| !r.deleted),
+        Target::Dag(name) => gateway.dags.get(name).await?.is_some_and(|r| !r.deleted),
+    };
+    if exists {
+        Ok(())
+    } else {
+        let (kind, name) = crate::runner::kind_and_name(target);
+        Err(ApiError::not_found(format!(
+            "{kind} {name:?} is not registered"
+        )))
+    }
+}
+
+async fn get_retries(gateway: &Gateway, target: Target) -> ApiResult<Json<RetryPolicy>> {
+    registered(gateway, &target).await?;
+    Ok(Json(gateway.calls.policy(&target).await?))
+}
+
+async fn put_retries(
+    gateway: &Gateway,
+    target: Target,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<RetryPolicy>> {
+    let body = body?;
+    let policy: RetryPolicy = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("not a retry policy: {e}")))?;
+    policy.check().map_err(ApiError::bad_request)?;
+    registered(gateway, &target).await?;
+    gateway.calls.set_policy(&target, &policy).await?;
+    Ok(Json(policy))
+}
+
+#[utoipa::path(get, path = "/v1/functions/{name}/retries", tag = "calls",
+    params(("name" = String, Path, description = "Function name")),
+    responses((status = 200, body = RetryPolicy), (status = 404, body = ErrorBody)))]
+async fn get_function_retries(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<RetryPolicy>> {
+    checked_name(&name)?;
+    get_retries(&gateway, Target::Function(name)).await
+}
+
+#[utoipa::path(put, path = "/v1/functions/{name}/retries", tag = "calls",
+    params(("name" = String, Path, description = "Function name")),
+    request_body = RetryPolicy,
+    responses((status = 200, body = RetryPolicy), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn put_function_retries(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<RetryPolicy>> {
+    checked_name(&name)?;
+    put_retries(&gateway, Target::Function(name), body).await
+}
+
+#[utoipa::path(get, path = "/v1/dags/{name}/retries", tag = "calls",
+    params(("name" = String, Path, description = "DAG name")),
+    responses((status = 200, body = RetryPolicy), (status = 404, body = ErrorBody)))]
+async fn get_dag_retries(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<RetryPolicy>> {
+    checked_name(&name)?;
+    get_retries(&gateway, Target::Dag(name)).await
+}
+
+#[utoipa::path(put, path = "/v1/dags/{name}/retries", tag = "calls",
+    params(("name" = String, Path, description = "DAG name")),
+    request_body = RetryPolicy,
+    responses((status = 200, body = RetryPolicy), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn put_dag_retries(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<RetryPolicy>> {
+    checked_name(&name)?;
+    put_retries(&gateway, Target::Dag(name), body).await
+}
+
+#[utoipa::path(delete, path = "/v1/calls/{id}", tag = "calls",
+    params(("id" = String, Path, description = "The asynchronous call's id")),
+    responses((status = 204, description = "Cancelled: no attempt starts after this"),
+        (status = 404, body = ErrorBody)))]
+async fn cancel_call(
+    State(gateway): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let not_pending = || ApiError::not_found(format!("no pending call {id:?}"));
+    let parsed = ActivationId::parse(&id).ok_or_else(not_pending)?;
+    let Some(call) = gateway.calls.get(parsed.as_str()).await? else {
+        return Err(not_pending());
+    };
+    if !gateway.calls.cancel(parsed.as_str()).await? {
+        return Err(not_pending());
+    }
+    if gateway.config.record_activations {
+        let cancelled = Failure::new(FailureCode::Cancelled, "cancelled");
+        let mut record = record_of(&call, Status::Failed, Some((&cancelled).into()), None);
+        // Outranks the running record of the attempt it stopped.
+        record.attempt = call.attempt;
+        gateway.activations.put(&record).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A dead letter as the API shows it: the call, its attempts, and why it was given up.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeadLetterInfo {
+    /// The call's id (its activation's and result's).
+    pub id: String,
+    /// How the call was made.
+    pub cause: String,
+    /// When it was given up (ms since the Unix epoch).
+    pub failed_ms: u64,
+    /// The last attempt's error: `{code, message, step}`.
+    #[schema(value_type = Object)]
+    pub error: RecordedError,
+    /// Its attempts, oldest first.
+    #[schema(value_type = Vec<Object>)]
+    pub attempts: Vec<squall_state::activations::Attempt>,
+    /// Its input's size in bytes.
+    pub input_bytes: u64,
+    /// The `Idempotency-Key` it was made with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+impl From<DeadLetter> for DeadLetterInfo {
+    fn from(letter: DeadLetter) -> Self {
+        Self {
+            id: letter.call.id,
+            cause: letter.call.cause,
+            failed_ms: letter.failed_ms,
+            error: letter.error,
+            attempts: letter.call.attempts,
+            input_bytes: letter.call.input.len() as u64,
+            idempotency_key: letter.call.idempotency_key,
+        }
+    }
+}
+
+/// A page of dead letters, newest first.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeadLetterPage {
+    /// The dead letters.
+    pub dead_letters: Vec<DeadLetterInfo>,
+    /// Where the next page starts (pass it as `after`); absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// Which dead letters a listing answers.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DeadLetterParams {
+    /// The most answered (1 to 1000, default 100).
+    pub limit: Option<u32>,
+    /// List those after this id: the `next` of the previous page.
+    pub after: Option<String>,
+}
+
+/// How many dead letters a bulk request handled.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Handled {
+    /// Their number.
+    pub count: u64,
+}
+
+#[utoipa::path(get, path = "/v1/dead-letters/{kind}/{name}", tag = "calls",
+    params(("kind" = String, Path, description = "function or dag"),
+        ("name" = String, Path, description = "Its name"), DeadLetterParams),
+    responses((status = 200, body = DeadLetterPage), (status = 400, body = ErrorBody)))]
+async fn list_dead_letters(
+    State(gateway): State<Arc<Gateway>>,
+    Path((kind, name)): Path<(String, String)>,
+    Query(params): Query<DeadLetterParams>,
+) -> ApiResult<Json<DeadLetterPage>> {
+    let target = target_of(&kind, name)?;
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("limit is between 1 and 1000"));
+    }
+    if let Some(after) = &params.after {
+        ActivationId::parse(after)
+            .ok_or_else(|| ApiError::bad_request(format!("{after:?} is not a call id")))?;
+    }
+    let (letters, next) = gateway
+        .calls
+        .dead_letters(&target, params.after.as_deref(), limit)
+        .await?;
+    Ok(Json(DeadLetterPage {
+        dead_letters: letters.into_iter().map(DeadLetterInfo::from).collect(),
+        next,
+    }))
+}
+
+/// Every dead letter of `target`, in pages.
+async fn every_dead_letter(gateway: &Gateway, target: &Target) -> ApiResult<Vec<DeadLetter>> {
+    let mut all = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let (page, next) = gateway
+            .calls
+            .dead_letters(target, after.as_deref(), 1000)
+            .await?;
+        all.extend(page);
+        match next {
+            Some(next) => after = Some(next),
+            None => return Ok(all),
+        }
+    }
+}
+
+#[utoipa::path(delete, path = "/v1/dead-letters/{kind}/{name}", tag = "calls",
+    params(("kind" = String, Path, description = "function or dag"),
+        ("name" = String, Path, description = "Its name")),
+    responses((status = 200, body = Handled)))]
+async fn delete_dead_letters(
+    State(gateway): State<Arc<Gateway>>,
+    Path((kind, name)): Path<(String, String)>,
+) -> ApiResult<Json<Handled>> {
+    let target = target_of(&kind, name)?;
+    let ids: Vec<String> = every_dead_letter(&gateway, &target)
+        .await?
+        .into_iter()
+        .map(|l| l.call.id)
+        .collect();
+    gateway.calls.delete_dead_letters(&target, &ids).await?;
+    Ok(Json(Handled {
+        count: ids.len() as u64,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/dead-letters/{kind}/{name}/redrive", tag = "calls",
+    params(("kind" = String, Path, description = "function or dag"),
+        ("name" = String, Path, description = "Its name")),
+    responses((status = 200, body = Handled)))]
+async fn redrive_dead_letters(
+    State(gateway): State<Arc<Gateway>>,
+    Path((kind, name)): Path<(String, String)>,
+) -> ApiResult<Json<Handled>> {
+    let target = target_of(&kind, name)?;
+    let mut count = 0;
+    for letter in every_dead_letter(&gateway, &target).await? {
+        redrive(&gateway, letter).await?;
+        count += 1;
+    }
+    Ok(Json(Handled { count }))
+}
+
+/// Puts a dead letter's call back to run, here.
+async fn redrive(gateway: &Gateway, letter: DeadLetter) -> ApiResult<()> {
+    let call = gateway.calls.redrive(letter).await?;
+    if gateway.config.record_activations {
+        gateway
+            .recorder()
+            .record(record_of(&call, Status::Running, None, None));
+    }
+    // Held by nobody in the store: if this runner's lease loses, another runner's scan has it.
+    gateway.runner().adopt_when_free(call).await?;
+    Ok(())
+}
+
+async fn dead_letter(
+    gateway: &Gateway,
+    kind: &str,
+    name: String,
+    id: &str,
+) -> ApiResult<DeadLetter> {
+    let target = target_of(kind, name)?;
+    let not_found = || ApiError::not_found(format!("no dead letter {id:?}"));
+    let id = ActivationId::parse(id).ok_or_else(not_found)?;
+    gateway
+        .calls
+        .dead_letter_of(&target, id.as_str())
+        .await?
+        .ok_or_else(not_found)
+}
+
+#[utoipa::path(get, path = "/v1/dead-letters/{kind}/{name}/{id}", tag = "calls",
+    params(("kind" = String, Path, description = "function or dag"),
+        ("name" = String, Path, description = "Its name"),
+        ("id" = String, Path, description = "The call's id")),
+    responses((status = 200, body = DeadLetterInfo), (status = 404, body = ErrorBody)))]
+async fn get_dead_letter(
+    State(gateway): State<Arc<Gateway>>,
+    Path((kind, name, id)): Path<(String, String, String)>,
+) -> ApiResult<Json<DeadLetterInfo>> {
+    Ok(Json(dead_letter(&gateway, &kind, name, &id).await?.into()))
+}
+
+#[utoipa::path(delete, path = "/v1/dead-letters/{kind}/{name}/{id}", tag = "calls",
+    params(("kind" = String, Path, description = "function or dag"),
+        ("name" = String, Path, description = "Its name"),
+        ("id" = String, Path, description = "The call's id")),
+    responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody)))]
+async fn delete_dead_letter(
+    State(gateway): State<Arc<Gateway>>,
+    Path((kind, name, id)): Path<(String, String, String)>,
+) -> ApiResult<StatusCode> {
+    let letter = dead_letter(&gateway, &kind, name, &id).await?;
+    gateway
+        .calls
+        .delete_dead_letters(&letter.call.target, &[letter.call.id])
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/dead-letters/{kind}/{name}/{id}/redrive", tag = "calls",
+    params(("kind" = String, Path, description = "function or dag"),
+        ("name" = String, Path, description = "Its name"),
+        ("id" = String, Path, description = "The call's id")),
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody)))]
+async fn redrive_dead_letter(
+    State(gateway): State<Arc<Gateway>>,
+    Path((kind, name, id)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    let letter = dead_letter(&gateway, &kind, name, &id).await?;
+    let id = letter.call.id.clone();
+    redrive(&gateway, letter).await?;
+    Ok(accepted(&id))
+}
+
 /// The OpenAPI document, generated from the handlers above.
 #[derive(OpenApi)]
 #[openapi(
@@ -1315,9 +1834,13 @@ async fn put_kv(
     paths(healthz, metrics, openapi, executors, register_function, list_functions, get_function,
         delete_function, invoke_function, register_model, list_models, get_model, delete_model,
         invoke_dag, put_dag, list_dags, get_dag, delete_dag,
-        get_result, list_activations, get_activation, list_kv, get_kv, put_kv, delete_kv),
+        get_result, list_activations, get_activation, list_kv, get_kv, put_kv, delete_kv,
+        get_function_retries, put_function_retries, get_dag_retries, put_dag_retries, cancel_call,
+        list_dead_letters, delete_dead_letters, redrive_dead_letters, get_dead_letter,
+        delete_dead_letter, redrive_dead_letter),
     components(schemas(ErrorBody, ErrorDetail, Health, ExecutorInfo, FunctionInfo, FunctionDetail,
-        Accepted, DagInfo, DagSpec, Running, KeyList, ActivationPage)),
+        Accepted, DagInfo, DagSpec, Running, KeyList, ActivationPage, RetryPolicy, DeadLetterInfo,
+        DeadLetterPage, Handled)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

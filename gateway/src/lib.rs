@@ -8,7 +8,8 @@
 //!
 //! The gateway keeps no call state of its own: invocations go to a scheduler over the fabric
 //! ([`squall_scheduler::SchedulerClient`]), functions and DAGs are read from and written to the store, and
-//! asynchronous results are read from their result keys.
+//! asynchronous calls are written to the store before they are answered, then run by the
+//! gateway's [`runner`], which writes their outcomes to their result keys.
 //!
 //! A call sees every registration and deletion answered before it was made: after writing a
 //! function's or DAG's record, and before answering, the gateway tells its schedulers to read
@@ -19,6 +20,8 @@
 //! # Layout
 //! - [`api`]: the routes and handlers, their errors and status mapping, the token check and
 //!   the OpenAPI document ([`api::ApiDoc`]).
+//! - [`runner`]: runs durable asynchronous calls: attempts, retries, dead letters, and calls
+//!   other runners left behind.
 //! - `metrics`: the Prometheus metrics served at `/metrics`.
 //!
 //! # Why a crate of its own
@@ -31,13 +34,16 @@
 //! - `utoipa`: the OpenAPI document generated from the handlers' annotations, so it cannot
 //!   drift from the code.
 //! - `prometheus-client`: the Prometheus project's own Rust client, for `/metrics`.
-//! - `squall-scheduler` for its client, `squall-state` for the registries and results.
+//! - `squall-scheduler` for its client, `squall-state` for the registries, results, records
+//!   and durable calls.
+//! - `tokio`: the runner's tasks, timers and its bound on attempts running at once.
 
 /// The routes and handlers.
 pub mod api;
 mod metrics;
+pub mod runner;
 
 pub use api::{
-    Gateway, GatewayConfig, ACTIVATION_HEADER, CONSISTENCY_HEADER, KEYS_HEADER, PLACEMENT_HEADER,
-    SESSION_HEADER,
+    Gateway, GatewayConfig, ACTIVATION_HEADER, CONSISTENCY_HEADER, IDEMPOTENCY_HEADER, KEYS_HEADER,
+    PLACEMENT_HEADER, REPLAY_HEADER, SESSION_HEADER,
 };

@@ -48,6 +48,9 @@ pub struct Metrics {
     registry: Registry,
     calls: Family<CallLabels, Counter>,
     latency: Family<TargetLabels, Histogram, fn() -> Histogram>,
+    attempts: Family<CallLabels, Counter>,
+    retries: Family<TargetLabels, Counter>,
+    dead_letters: Family<TargetLabels, Counter>,
 }
 
 /// The executors' figures as one scrape saw them.
@@ -136,11 +139,63 @@ impl Metrics {
             "Latency of synchronous invocations as the gateway sees them",
             latency.clone(),
         );
+        let attempts = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "async_attempts",
+            "Attempts of asynchronous calls by kind, name and outcome (ok or an error code)",
+            attempts.clone(),
+        );
+        let retries = Family::<TargetLabels, Counter>::default();
+        registry.register(
+            "async_retries",
+            "Asynchronous calls' attempts scheduled again after a failure",
+            retries.clone(),
+        );
+        let dead_letters = Family::<TargetLabels, Counter>::default();
+        registry.register(
+            "async_dead_letters",
+            "Asynchronous calls given up after their last attempt",
+            dead_letters.clone(),
+        );
         Self {
             registry,
             calls,
             latency,
+            attempts,
+            retries,
+            dead_letters,
         }
+    }
+
+    /// Counts an attempt of an asynchronous call.
+    pub fn attempt(&self, kind: &str, name: &str, failure: Option<FailureCode>) {
+        self.attempts
+            .get_or_create(&CallLabels {
+                kind: kind.into(),
+                name: name.into(),
+                outcome: failure.map_or("ok", FailureCode::as_str).into(),
+            })
+            .inc();
+    }
+
+    /// Counts a retry scheduled.
+    pub fn retry(&self, kind: &str, name: &str) {
+        self.retries
+            .get_or_create(&TargetLabels {
+                kind: kind.into(),
+                name: name.into(),
+            })
+            .inc();
+    }
+
+    /// Counts a call moved to the dead letters.
+    pub fn dead_letter(&self, kind: &str, name: &str) {
+        self.dead_letters
+            .get_or_create(&TargetLabels {
+                kind: kind.into(),
+                name: name.into(),
+            })
+            .inc();
     }
 
     /// Counts a finished synchronous call. Calls refused before they reached a function

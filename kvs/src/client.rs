@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hashbrown::HashMap;
-use squall_lattices::entry::now_ms;
+use squall_lattices::entry::expires_at;
 use squall_lattices::{Counter, Entry, Lattice, LatticeValue, Lww, Timestamp, Write, WriterId};
 use squall_proto::{Key, KeyError, Request, RequestError, RequestId, Response, Topology};
 
@@ -311,13 +311,8 @@ impl Client {
     /// Merges `value` into `key`. Fails with [`Error::Key`] if the key holds another lattice
     /// type (the stored value is then unchanged).
     pub fn put(&mut self, key: &str, value: LatticeValue) -> Result<()> {
-        let key = key.to_string();
-        let mut results = self.put_many(vec![(key.clone(), value)])?;
-        match results.pop() {
-            Some(Ok(())) => Ok(()),
-            Some(Err(error)) => Err(Error::Key { key, error }),
-            None => Err(Error::UnexpectedResponse("no result for the key".into())),
-        }
+        let results = self.put_many(vec![(key.to_string(), value)])?;
+        one_result(key, results)
     }
 
     /// Merges several values at once; returns one result per entry, in order.
@@ -371,10 +366,7 @@ impl Client {
         ttl: Option<Duration>,
     ) -> Result<()> {
         let at = self.next_timestamp();
-        let write = Write {
-            value: Some(value),
-            expiry: Some(Lww::new(at, expires_at(ttl))),
-        };
+        let write = Write::expiring(value, at, ttl);
         let results = self.write_many(vec![(key.to_string(), write)])?;
         one_result(key, results)
     }
@@ -1117,15 +1109,6 @@ fn one_result(key: &str, mut results: Vec<std::result::Result<(), KeyError>>) ->
         }),
         None => Err(Error::UnexpectedResponse("no result for the key".into())),
     }
-}
-
-/// The expiry register's value for a time to live: the time it ends, or 0 for never.
-fn expires_at(ttl: Option<Duration>) -> u64 {
-    ttl.map_or(0, |ttl| {
-        now_ms()
-            .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
-            .max(1)
-    })
 }
 
 /// The entries of a read (GET or SUBSCRIBE), in key order; the first failed key is the error.

@@ -41,6 +41,16 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The expiry register's value for a time to live from now: the time it ends (never 0), or 0
+/// for no expiry.
+pub fn expires_at(ttl: Option<std::time::Duration>) -> u64 {
+    ttl.map_or(0, |ttl| {
+        now_ms()
+            .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+            .max(1)
+    })
+}
+
 /// A key's value with its epoch and expiry (see the module docs).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
@@ -61,6 +71,17 @@ pub struct Write {
     pub value: Option<LatticeValue>,
     /// A new expiry (milliseconds since the Unix epoch, 0 for none), or `None` to leave it.
     pub expiry: Option<Lww<u64>>,
+}
+
+impl Write {
+    /// A write of `value` that expires `ttl` from now (`None`: never, which also clears an
+    /// earlier expiry), the expiry stamped `at`.
+    pub fn expiring(value: LatticeValue, at: Timestamp, ttl: Option<std::time::Duration>) -> Self {
+        Self {
+            value: Some(value),
+            expiry: Some(Lww::new(at, expires_at(ttl))),
+        }
+    }
 }
 
 impl Entry {

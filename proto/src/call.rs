@@ -338,6 +338,8 @@ pub enum FailureCode {
     Unavailable,
     /// A bug or an unexpected state.
     Internal,
+    /// The caller cancelled the call before it finished.
+    Cancelled,
 }
 
 impl FailureCode {
@@ -356,7 +358,28 @@ impl FailureCode {
             FailureCode::ExecutorLost => "executor_lost",
             FailureCode::Unavailable => "unavailable",
             FailureCode::Internal => "internal",
+            FailureCode::Cancelled => "cancelled",
         }
+    }
+
+    /// The code named `name` in the HTTP API's error bodies ([`FailureCode::as_str`]).
+    pub fn from_wire(name: &str) -> Option<Self> {
+        const ALL: [FailureCode; 13] = [
+            FailureCode::NotFound,
+            FailureCode::BadRequest,
+            FailureCode::InvalidComponent,
+            FailureCode::TooLarge,
+            FailureCode::FunctionFailed,
+            FailureCode::Trap,
+            FailureCode::Timeout,
+            FailureCode::OutOfMemory,
+            FailureCode::NoCapacity,
+            FailureCode::ExecutorLost,
+            FailureCode::Unavailable,
+            FailureCode::Internal,
+            FailureCode::Cancelled,
+        ];
+        ALL.into_iter().find(|code| code.as_str() == name)
     }
 }
 
@@ -628,6 +651,18 @@ pub fn decode_message(frame: &[u8]) -> crate::Result<Message> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failure_codes_read_back_from_their_wire_names() {
+        for code in [
+            FailureCode::Trap,
+            FailureCode::Cancelled,
+            FailureCode::NotFound,
+        ] {
+            assert_eq!(FailureCode::from_wire(code.as_str()), Some(code));
+        }
+        assert_eq!(FailureCode::from_wire("nonsense"), None);
+    }
 
     #[test]
     fn messages_round_trip_and_garbage_is_an_error() {

@@ -12,6 +12,11 @@
 //! squall/ns/{namespace}/names/{kind}     the set of names of one kind ([`names`])
 //! squall/ns/{namespace}/{kind}/{name}    one record: a function's, model's or DAG's versions ([`record`])
 //! squall/ns/{namespace}/result/{id}      an asynchronous call's result ([`result`])
+//! squall/ns/{namespace}/activation/{id}  a call's activation record ([`activation`])
+//! squall/ns/{namespace}/call/{id}        an accepted asynchronous call not yet finished ([`call`])
+//! squall/ns/{namespace}/retry/{kind}/{name}        a function's or DAG's retry policy ([`retry_policy`])
+//! squall/ns/{namespace}/dead/{kind}/{name}/{id}    a call that failed every attempt ([`dead_letter`])
+//! squall/ns/{namespace}/idem/{kind}/{name}/{hash}  the call an idempotency key names ([`idempotency`])
 //! squall/code/{sha256}                   content-addressed code, shared by every namespace ([`code`])
 //! squall/code/{sha256}/{index}           its chunks ([`code_chunk`])
 //! squall/load/{node}                     a storage node's load report ([`load_report`])
@@ -77,6 +82,15 @@ impl From<crate::call::Artifact> for Kind {
     }
 }
 
+impl From<&crate::call::Target> for Kind {
+    fn from(target: &crate::call::Target) -> Self {
+        match target {
+            crate::call::Target::Function(_) => Kind::Function,
+            crate::call::Target::Dag(_) => Kind::Dag,
+        }
+    }
+}
+
 /// Whether `key` is in Squall's reserved space.
 pub fn is_reserved(key: &str) -> bool {
     key.starts_with(RESERVED_PREFIX)
@@ -100,6 +114,36 @@ pub fn result(namespace: &str, id: &str) -> Key {
 /// The key of activation record `id` in `namespace` (`id` empty: the records' prefix).
 pub fn activation(namespace: &str, id: &str) -> Key {
     format!("{RESERVED_PREFIX}ns/{namespace}/activation/{id}")
+}
+
+/// The key of accepted asynchronous call `id` in `namespace`, until it finishes (`id` empty:
+/// the pending calls' prefix).
+pub fn call(namespace: &str, id: &str) -> Key {
+    format!("{RESERVED_PREFIX}ns/{namespace}/call/{id}")
+}
+
+/// The key of the retry policy of the function or DAG `name` in `namespace`.
+pub fn retry_policy(namespace: &str, kind: Kind, name: &str) -> Key {
+    format!(
+        "{RESERVED_PREFIX}ns/{namespace}/retry/{}/{name}",
+        kind.segment()
+    )
+}
+
+/// The key of dead letter `id` of the function or DAG `name` (`id` empty: their prefix).
+pub fn dead_letter(namespace: &str, kind: Kind, name: &str, id: &str) -> Key {
+    format!(
+        "{RESERVED_PREFIX}ns/{namespace}/dead/{}/{name}/{id}",
+        kind.segment()
+    )
+}
+
+/// The key naming the call an idempotency key started, by the key's hash (hex).
+pub fn idempotency(namespace: &str, kind: Kind, name: &str, hash: &str) -> Key {
+    format!(
+        "{RESERVED_PREFIX}ns/{namespace}/idem/{}/{name}/{hash}",
+        kind.segment()
+    )
 }
 
 /// The key of the manifest of the code whose SHA-256 (hex) is `sha256`.

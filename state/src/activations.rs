@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use squall_lattices::entry::now_ms;
 use squall_lattices::{LatticeValue, Lww, Timestamp, Write};
 use squall_proto::call::Failure;
 use squall_proto::{keys, Key};
@@ -58,6 +57,12 @@ impl ActivationId {
                 .bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
         .then(|| Self(text.to_string()))
+    }
+
+    /// The start time the id was made for (µs since the Unix epoch).
+    pub fn start_us(&self) -> Option<u64> {
+        let countdown = u64::from_str_radix(self.0.get(..16)?, 16).ok()?;
+        Some(u64::MAX - countdown)
     }
 
     /// The id as text.
@@ -144,6 +149,29 @@ pub struct Activation {
     pub error: Option<RecordedError>,
     /// The attempt this record is of (1: the first).
     pub attempt: u32,
+    /// An asynchronous call's attempts that ended, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<Attempt>,
+    /// The `Idempotency-Key` the call was made with, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// One attempt of an asynchronous call, as its record keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// Its number (1: the first).
+    pub attempt: u32,
+    /// When it started (ms since the Unix epoch).
+    pub start_ms: u64,
+    /// How long it took, in microseconds.
+    pub duration_us: u64,
+    /// Where its steps ran.
+    #[serde(default)]
+    pub placement: Vec<(String, String)>,
+    /// Why it failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<RecordedError>,
 }
 
 impl Activation {
@@ -270,7 +298,7 @@ impl Activations {
     }
 
     /// The store write of `record`, expiring after the retention.
-    fn write_of(&self, record: &Activation) -> Result<(Key, Write)> {
+    pub fn write_of(&self, record: &Activation) -> Result<(Key, Write)> {
         record_write(&self.namespace, self.retention, record)
     }
 
@@ -431,11 +459,11 @@ fn record_write(namespace: &str, retention: Duration, record: &Activation) -> Re
         reason: e.to_string(),
     })?;
     let at = Timestamp::new(record.rank(), rand::random());
-    let retention = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
-    let write = Write {
-        value: Some(LatticeValue::Lww(Lww::new(at, encoded.into()))),
-        expiry: Some(Lww::new(at, now_ms().saturating_add(retention).max(1))),
-    };
+    let write = Write::expiring(
+        LatticeValue::Lww(Lww::new(at, encoded.into())),
+        at,
+        Some(retention),
+    );
     Ok((keys::activation(namespace, &record.id), write))
 }
 
@@ -460,6 +488,7 @@ mod tests {
         let newer = ActivationId::new(2_000);
         assert!(newer < older);
         assert_eq!(ActivationId::parse(newer.as_str()), Some(newer));
+        assert_eq!(ActivationId::new(123_456).start_us(), Some(123_456));
         assert_eq!(ActivationId::parse("not an id"), None);
         assert_eq!(ActivationId::parse(&"G".repeat(32)), None);
     }
@@ -479,7 +508,19 @@ mod tests {
             input_bytes: 1,
             output_bytes: None,
             error: None,
-            attempt: 1,
+            attempt: 2,
+            attempts: vec![Attempt {
+                attempt: 1,
+                start_ms: 100,
+                duration_us: 7,
+                placement: vec![("f".into(), "e1".into())],
+                error: Some(RecordedError {
+                    code: "trap".into(),
+                    message: "boom".into(),
+                    step: None,
+                }),
+            }],
+            idempotency_key: Some("order-1".into()),
         };
         let (key, write) =
             record_write(keys::DEFAULT_NAMESPACE, DEFAULT_RETENTION, &record).expect("encoded");
@@ -504,6 +545,8 @@ mod tests {
             output_bytes: Some(2),
             error: None,
             attempt: 1,
+            attempts: Vec::new(),
+            idempotency_key: None,
         };
         assert!(record.matches(&Filter::default()));
         let by = |function: Option<&str>, dag: Option<&str>, status, since_ms| Filter {

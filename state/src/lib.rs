@@ -15,6 +15,8 @@
 //! - [`dag`]: DAG definitions, their checks, and their registry ([`DagRegistry`]).
 //! - [`results`]: asynchronous calls' results.
 //! - [`activations`]: the record of every call ([`Activations`]), kept for a retention.
+//! - [`calls`]: durable asynchronous calls, their retry policies, dead letters and
+//!   idempotency keys ([`calls::Calls`]).
 //! - [`error`]: [`Error`], with the code each failure has on the wire.
 //! - [`legacy`]: registries written before the namespaced key layout, merged into it.
 //!
@@ -36,6 +38,7 @@
 
 pub mod activations;
 pub mod cache;
+pub mod calls;
 pub mod dag;
 pub mod error;
 pub mod legacy;

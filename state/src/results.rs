@@ -10,7 +10,6 @@
 
 use std::time::Duration;
 
-use squall_lattices::entry::now_ms;
 use squall_lattices::{LatticeValue, Lww, Timestamp, Write};
 use squall_proto::call::CallResult;
 
@@ -19,15 +18,23 @@ use crate::pool::ClientPool;
 /// How long an asynchronous call's result is kept after its last write.
 pub const RESULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
+/// The write of an asynchronous call's outcome (see [`CallResult::rank`]), expiring after
+/// [`RESULT_RETENTION`].
+pub fn result_write(key: &str, result: &CallResult) -> Result<Write, String> {
+    let encoded = result
+        .encode()
+        .map_err(|e| format!("encoding the result of {key}: {e}"))?;
+    let at = Timestamp::new(result.rank(), rand::random());
+    Ok(Write::expiring(
+        LatticeValue::Lww(Lww::new(at, encoded.into())),
+        at,
+        Some(RESULT_RETENTION),
+    ))
+}
+
 /// Writes an asynchronous call's outcome to its result key (see [`CallResult::rank`]).
 pub async fn store_result(kvs: &ClientPool, key: &str, result: CallResult) -> Result<(), String> {
-    let encoded = result.encode().map_err(|e| e.to_string())?;
-    let at = Timestamp::new(result.rank(), rand::random());
-    let retention = u64::try_from(RESULT_RETENTION.as_millis()).unwrap_or(u64::MAX);
-    let write = Write {
-        value: Some(LatticeValue::Lww(Lww::new(at, encoded.into()))),
-        expiry: Some(Lww::new(at, now_ms().saturating_add(retention))),
-    };
+    let write = result_write(key, &result)?;
     let key = key.to_string();
     let results = kvs
         .with(move |client| client.write_many(vec![(key, write)]))

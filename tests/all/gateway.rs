@@ -120,7 +120,13 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
         })
         .expect("the asynchronous call never finished");
     assert_eq!(result.text(), "25");
-    let finished = activation(&base, &id);
+    // The runner writes the record after the result, in its next batch.
+    let finished = Poll::within(WAIT)
+        .until(|| {
+            let record = activation(&base, &id);
+            (record["status"] != "running").then_some(record)
+        })
+        .expect("the record of a finished call");
     assert_eq!(
         (
             finished["status"].as_str(),

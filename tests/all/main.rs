@@ -7,6 +7,7 @@ mod cluster;
 mod commands;
 mod consistency;
 mod crash;
+mod durable;
 mod garbage;
 mod gateway;
 mod squeezenet;

@@ -243,11 +243,13 @@ impl Drop for NodeProcess {
     }
 }
 
-/// An HTTP answer: status, the placement and activation headers, body.
+/// An HTTP answer: status, the placement, activation and replay headers, body.
 pub struct Answer {
     pub status: u16,
     pub placement: String,
     pub activation: String,
+    /// Whether `squall-idempotent-replay: true` came back.
+    pub replay: bool,
     pub body: Vec<u8>,
 }
 
@@ -272,12 +274,26 @@ impl Answer {
 /// Sends an HTTP request (with a bearer token if given) and returns the answer, whatever its
 /// status.
 pub fn http(method: &str, url: &str, token: Option<&str>, body: &[u8]) -> Answer {
+    http_with(method, url, token, &[], body)
+}
+
+/// [`http`] with more headers.
+pub fn http_with(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Answer {
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(120))
         .build();
     let mut request = agent.request(method, url);
     if let Some(token) = token {
         request = request.set("Authorization", &format!("Bearer {token}"));
+    }
+    for (name, value) in headers {
+        request = request.set(name, value);
     }
     let response = match request.send_bytes(body) {
         Ok(response) => response,
@@ -293,12 +309,14 @@ pub fn http(method: &str, url: &str, token: Option<&str>, body: &[u8]) -> Answer
         .header("squall-activation")
         .unwrap_or_default()
         .to_string();
+    let replay = response.header("squall-idempotent-replay") == Some("true");
     let mut body = Vec::new();
     std::io::Read::read_to_end(&mut response.into_reader(), &mut body).expect("read body");
     Answer {
         status,
         placement,
         activation,
+        replay,
         body,
     }
 }

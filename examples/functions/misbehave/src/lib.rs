@@ -11,6 +11,8 @@
 //! - `state:KEY=VALUE`: writes VALUE to KEY, reads it back, answers it.
 //! - `fail`: returns an error.
 //! - `sleep:MS`: sleeps MS milliseconds (a slow function that uses no CPU), answers `slept`.
+//! - `flaky:KEY:N`: adds 1 to the counter KEY and fails while the counter is below N (so
+//!   under retries, attempt N is the first to succeed), then answers the counter.
 
 use std::hint::black_box;
 
@@ -56,6 +58,16 @@ fn handle(input: &[u8]) -> Result<Vec<u8>, String> {
             let ms: u64 = arg.parse().map_err(|e| format!("bad duration: {e}"))?;
             std::thread::sleep(std::time::Duration::from_millis(ms));
             Ok(b"slept".to_vec())
+        }
+        "flaky" => {
+            let (key, wanted) = arg.rsplit_once(':').ok_or("expected flaky:KEY:N")?;
+            let wanted: i64 = wanted.parse().map_err(|e| format!("bad count: {e}"))?;
+            let runs = squall_sdk::state::add(key, 1).map_err(|e| e.to_string())?;
+            if runs < wanted {
+                Err(format!("run {runs} of {wanted}: failing as asked"))
+            } else {
+                Ok(runs.to_string().into_bytes())
+            }
         }
         other => Err(format!("unknown request {other:?}")),
     }

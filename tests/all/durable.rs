@@ -1,0 +1,344 @@
+//! Durable asynchronous calls end to end: retries by policy with every attempt recorded,
+//! dead letters and their redrive, cancels, idempotency keys, and accepted calls that
+//! survive a SIGKILL of `squall up`.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use squall_executor::testing::guest;
+use squall_proto::poll::Poll;
+
+use crate::support::{self, http, http_with, Answer, NodeProcess};
+
+const TOKEN: &str = "s3cret";
+const WAIT: Duration = Duration::from_secs(90);
+
+fn register_misbehave(base: &str) {
+    let registered = http(
+        "PUT",
+        &format!("{base}/v1/functions/misbehave"),
+        Some(TOKEN),
+        &guest("misbehave"),
+    );
+    assert_eq!(registered.status, 201, "{}", registered.text());
+}
+
+fn set_retries(base: &str, policy: &str) -> Answer {
+    http(
+        "PUT",
+        &format!("{base}/v1/functions/misbehave/retries"),
+        Some(TOKEN),
+        policy.as_bytes(),
+    )
+}
+
+fn call_async(base: &str, input: &str) -> String {
+    let accepted = http(
+        "POST",
+        &format!("{base}/v1/functions/misbehave/invoke?async=true"),
+        Some(TOKEN),
+        input.as_bytes(),
+    );
+    assert_eq!(accepted.status, 202, "{}", accepted.text());
+    accepted.json()["id"].as_str().expect("an id").to_string()
+}
+
+/// The call's result once it has one (not 202).
+fn finished(base: &str, id: &str) -> Answer {
+    Poll::within(WAIT)
+        .every(Duration::from_millis(20))
+        .until(|| {
+            let result = http("GET", &format!("{base}/v1/results/{id}"), None, b"");
+            (result.status != 202).then_some(result)
+        })
+        .expect("the call never finished")
+}
+
+/// The activation record `id` once `done` holds of it.
+fn record_when(base: &str, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let last = std::cell::RefCell::new(Value::Null);
+    Poll::within(WAIT)
+        .until(|| {
+            let answer = http(
+                "GET",
+                &format!("{base}/v1/activations/{id}"),
+                Some(TOKEN),
+                b"",
+            );
+            let record = (answer.status == 200).then(|| answer.json())?;
+            last.replace(record.clone());
+            done(&record).then_some(record)
+        })
+        .unwrap_or_else(|e| panic!("the record never got there ({e:?}): {}", last.borrow()))
+}
+
+fn dead_letters(base: &str) -> Vec<Value> {
+    let page = http(
+        "GET",
+        &format!("{base}/v1/dead-letters/function/misbehave"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(page.status, 200, "{}", page.text());
+    page.json()["dead_letters"]
+        .as_array()
+        .expect("a list")
+        .clone()
+}
+
+fn errors(record: &Value) -> Vec<Option<String>> {
+    record["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .map(|a| a["error"]["code"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn failed_calls_retry_by_policy_then_go_to_dead_letters_that_redrive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = support::up(dir.path(), &["--token", TOKEN]);
+    let base = up.field("http");
+    register_misbehave(&base);
+
+    // Policies: checked, and only for registered functions.
+    let default = http(
+        "GET",
+        &format!("{base}/v1/functions/misbehave/retries"),
+        None,
+        b"",
+    );
+    assert_eq!(default.json()["max_retries"], 0, "{}", default.text());
+    for bad in [
+        r#"{"max_retries":-1}"#,
+        r#"{"max_retries":1000}"#,
+        r#"{"backoff_ms":0}"#,
+        r#"{"retries":2}"#,
+        "not json",
+    ] {
+        assert_eq!(set_retries(&base, bad).status, 400, "{bad}");
+    }
+    let unknown = http(
+        "PUT",
+        &format!("{base}/v1/functions/nobody/retries"),
+        Some(TOKEN),
+        br#"{"max_retries":1}"#,
+    );
+    assert_eq!(unknown.status, 404, "{}", unknown.text());
+    let set = set_retries(&base, r#"{"max_retries":2,"backoff_ms":20}"#);
+    assert_eq!(set.status, 200, "{}", set.text());
+    assert_eq!(set.json()["max_retries"], 2);
+
+    // Failing its first two attempts, it succeeds on the third; the record has all three.
+    let id = call_async(&base, "flaky:retry/a:3");
+    let result = finished(&base, &id);
+    assert_eq!((result.status, result.text()), (200, "3".to_string()));
+    let record = record_when(&base, &id, |r| r["status"] == "succeeded");
+    assert_eq!(record["attempt"], 3, "{record}");
+    assert_eq!(
+        errors(&record),
+        vec![
+            Some("function_failed".to_string()),
+            Some("function_failed".to_string()),
+            None
+        ]
+    );
+
+    // Failing every attempt, it ends in the dead letters, failed, after three attempts.
+    let doomed = call_async(&base, "flaky:retry/b:5");
+    let result = finished(&base, &doomed);
+    assert_eq!(result.status, 500, "{}", result.text());
+    assert_eq!(result.error_code(), "function_failed");
+    let letters = dead_letters(&base);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["id"], doomed.as_str());
+    assert_eq!(letters[0]["attempts"].as_array().map(Vec::len), Some(3));
+    let record = record_when(&base, &doomed, |r| r["status"] == "failed");
+    assert_eq!(errors(&record).len(), 3, "{record}");
+
+    // Redriven, it gets its retries again: attempt 4 fails, attempt 5 succeeds.
+    let redriven = http(
+        "POST",
+        &format!("{base}/v1/dead-letters/function/misbehave/{doomed}/redrive"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(redriven.status, 202, "{}", redriven.text());
+    let record = record_when(&base, &doomed, |r| r["status"] == "succeeded");
+    assert_eq!(record["attempt"], 5, "{record}");
+    assert_eq!(record["cause"], "redrive");
+    assert_eq!(finished(&base, &doomed).text(), "5");
+    assert!(dead_letters(&base).is_empty());
+
+    // A permanent failure is not retried; dead letters are deleted one by one or all.
+    let unknown_request = call_async(&base, "no-such-verb");
+    assert_eq!(finished(&base, &unknown_request).status, 500);
+    let second = call_async(&base, "fail");
+    assert_eq!(finished(&base, &second).status, 500);
+    assert_eq!(dead_letters(&base).len(), 2);
+    let one = http(
+        "DELETE",
+        &format!("{base}/v1/dead-letters/function/misbehave/{second}"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(one.status, 204, "{}", one.text());
+    let all = http(
+        "DELETE",
+        &format!("{base}/v1/dead-letters/function/misbehave"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(all.json()["count"], 1, "{}", all.text());
+    assert!(dead_letters(&base).is_empty());
+    assert_eq!(
+        http(
+            "GET",
+            &format!("{base}/v1/dead-letters/function/misbehave"),
+            None,
+            b""
+        )
+        .status,
+        401,
+        "dead letters name calls: reading them needs the token"
+    );
+
+    // A call waiting for its retry is cancelled: no attempt follows, the result says so.
+    assert_eq!(
+        set_retries(
+            &base,
+            r#"{"max_retries":5,"backoff_ms":600000,"max_backoff_ms":600000}"#
+        )
+        .status,
+        200
+    );
+    let waiting = call_async(&base, "fail");
+    record_when(&base, &waiting, |r| {
+        r["attempts"].as_array().is_some_and(|a| a.len() == 1)
+    });
+    let cancel = http(
+        "DELETE",
+        &format!("{base}/v1/calls/{waiting}"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(cancel.status, 204, "{}", cancel.text());
+    let result = finished(&base, &waiting);
+    assert_eq!(
+        (result.status, result.error_code()),
+        (410, "cancelled".to_string())
+    );
+    assert_eq!(
+        http(
+            "DELETE",
+            &format!("{base}/v1/calls/{waiting}"),
+            Some(TOKEN),
+            b""
+        )
+        .status,
+        404
+    );
+    assert!(dead_letters(&base).is_empty());
+}
+
+#[test]
+fn an_idempotency_key_runs_a_call_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = support::up(dir.path(), &["--token", TOKEN]);
+    let base = up.field("http");
+    register_misbehave(&base);
+    let invoke = |query: &str, key: &str| {
+        http_with(
+            "POST",
+            &format!("{base}/v1/functions/misbehave/invoke{query}"),
+            Some(TOKEN),
+            &[("Idempotency-Key", key)],
+            b"flaky:idem/runs:1",
+        )
+    };
+
+    // Synchronous: the repeat answers the first call's output and id, without running.
+    let first = invoke("", "order-1");
+    assert_eq!((first.status, first.text()), (200, "1".to_string()));
+    assert!(!first.replay);
+    let again = invoke("", "order-1");
+    assert_eq!((again.status, again.text()), (200, "1".to_string()));
+    assert!(again.replay);
+    assert_eq!(again.activation, first.activation);
+    // Another key runs it again.
+    assert_eq!(invoke("", "order-2").text(), "2");
+
+    // Asynchronous: the repeat answers the first call's id.
+    let accepted = invoke("?async=true", "order-3");
+    assert_eq!(accepted.status, 202, "{}", accepted.text());
+    let repeat = invoke("?async=true", "order-3");
+    assert_eq!((repeat.status, repeat.replay), (202, true));
+    assert_eq!(repeat.json()["id"], accepted.json()["id"]);
+    let id = accepted.json()["id"].as_str().expect("an id").to_string();
+    assert_eq!(finished(&base, &id).text(), "3");
+    let record = record_when(&base, &id, |r| r["status"] == "succeeded");
+    assert_eq!(record["idempotency_key"], "order-3");
+    // The function ran three times in all (order-1, order-2, order-3).
+    assert_eq!(invoke("", "order-4").text(), "4");
+
+    for bad in ["has space", &"k".repeat(300)] {
+        let refused = invoke("", bad);
+        assert_eq!(refused.status, 400, "{bad}: {}", refused.text());
+    }
+}
+
+/// `squall up` on a data directory, with this gateway id, executors running `capacity`
+/// steps at once.
+fn up_on(data: &std::path::Path, log_dir: &std::path::Path, capacity: &str) -> NodeProcess {
+    let data = data.to_str().expect("a UTF-8 path");
+    NodeProcess::spawn(
+        log_dir,
+        &[
+            "up",
+            "--data-dir",
+            data,
+            "--http-port",
+            "0",
+            "--kvs-port",
+            "0",
+            "--scheduler-port",
+            "0",
+            "--gateway-id",
+            "gateway-under-test",
+            "--capacity",
+            capacity,
+            "--token",
+            TOKEN,
+        ],
+    )
+}
+
+#[test]
+fn accepted_async_calls_survive_a_sigkill_and_all_complete() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut up = up_on(&data, dir.path(), "2");
+    let base = up.field("http");
+    register_misbehave(&base);
+    // Two at a time, 100 ms each: most of the thousand are still waiting at the kill.
+    let ids: Vec<String> = (0..1000).map(|_| call_async(&base, "sleep:100")).collect();
+    let last = ids.last().expect("calls");
+    assert_eq!(
+        http("GET", &format!("{base}/v1/results/{last}"), None, b"").status,
+        202,
+        "calls are still waiting when the node is killed"
+    );
+    up.kill_hard();
+
+    let up = up_on(&data, dir.path(), "64");
+    let base = up.field("http");
+    for id in &ids {
+        let result = finished(&base, id);
+        assert_eq!(
+            (result.status, result.text()),
+            (200, "slept".to_string()),
+            "call {id}"
+        );
+    }
+}
