@@ -84,7 +84,8 @@ struct Records {
     no_activation_records: bool,
     /// The id this gateway leases asynchronous calls under: unique among the gateways
     /// running at once, the same across restarts of one gateway, which then takes back its
-    /// calls at once (default: its HTTP address; a random id with --http-port 0).
+    /// calls at once (default: the host's name and the HTTP port; a random id with
+    /// --http-port 0).
     #[arg(long, env = "SQUALL_GATEWAY_ID")]
     gateway_id: Option<String>,
 }
@@ -96,7 +97,14 @@ impl Records {
         let runner_id = match (&self.gateway_id, port) {
             (Some(id), _) => id.clone(),
             (None, 0) => defaults.runner_id.clone(),
-            (None, port) => format!("{host}:{port}"),
+            // The host's name, not the address it listens on (0.0.0.0 on every host).
+            (None, port) => {
+                let machine = nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|name| name.into_string().ok())
+                    .unwrap_or_else(|| host.to_string());
+                format!("{machine}:{port}")
+            }
         };
         GatewayConfig {
             token,

@@ -21,16 +21,21 @@ use squall_proto::poll::Poll;
 use squall_scheduler::SchedulerClient;
 use squall_state::activations::RecordedError;
 use squall_state::activations::{Filter, Status};
-use squall_state::calls::{check_idempotency_key, Calls, DeadLetter, PendingCall, RetryPolicy};
+use squall_state::calls::{
+    check_idempotency_key, Calls, ConcurrencyLimit, DeadLetter, PendingCall, RetryPolicy,
+};
 use squall_state::dag::dag_key;
 use squall_state::registry::{record_key, validate_name};
 use squall_state::results::store_result;
+use squall_state::triggers::{Trigger, TriggerSpec, Triggers};
 use squall_state::{
     Activation, ActivationId, Activations, ClientPool, DagRecord, DagRegistry, DagSpec,
     FunctionRecord, Registry,
 };
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
+use crate::cron::CronFirer;
+use crate::limits::ConcurrencyLimits;
 use crate::metrics::Metrics;
 use crate::runner::{record_of, Runner};
 
@@ -82,6 +87,8 @@ pub struct Gateway {
     calls: Calls,
     /// Runs asynchronous calls; `None` until first used (it needs the runtime).
     runner: std::sync::OnceLock<Runner>,
+    limits: ConcurrencyLimits,
+    triggers: Triggers,
     /// Writes synchronous calls' records in batches; `None` until the first call (it needs
     /// the runtime the gateway serves on).
     recorder: std::sync::OnceLock<squall_state::activations::Recorder>,
@@ -106,6 +113,8 @@ impl Gateway {
             activations: Activations::new(kvs.clone(), config.activation_retention),
             calls: Calls::new(kvs.clone()),
             runner: std::sync::OnceLock::new(),
+            limits: ConcurrencyLimits::default(),
+            triggers: Triggers::new(kvs.clone()),
             recorder: std::sync::OnceLock::new(),
             kvs,
             metrics: Arc::new(Metrics::new()),
@@ -123,16 +132,17 @@ impl Gateway {
     /// The runner of asynchronous calls, started on first use.
     fn runner(&self) -> &Runner {
         self.runner.get_or_init(|| {
-            let recorder = self
+            let records = self
                 .config
                 .record_activations
-                .then(|| self.recorder().clone());
+                .then(|| (self.recorder().clone(), self.activations.clone()));
             Runner::new(
                 self.config.runner_id.clone(),
                 self.calls.clone(),
                 self.client.clone(),
-                recorder,
+                records,
                 self.metrics.clone(),
+                self.limits.clone(),
             )
         })
     }
@@ -142,6 +152,29 @@ impl Gateway {
     /// once, inside the runtime the gateway serves on.
     pub fn start(self: &Arc<Self>) {
         self.runner().start_scanning();
+        CronFirer::new(
+            self.triggers.clone(),
+            self.calls.clone(),
+            self.runner().clone(),
+            self.config.default_timeout,
+        )
+        .start();
+        // Concurrency limits set through other gateways.
+        let (calls, limits) = (self.calls.clone(), self.limits.clone());
+        tokio::spawn(async move {
+            loop {
+                match calls.concurrency_limits().await {
+                    Ok(stored) => limits.replace(
+                        stored
+                            .into_iter()
+                            .map(|(target, limit)| (target, limit.max_concurrency))
+                            .collect(),
+                    ),
+                    Err(e) => tracing::warn!(cause = %e, "reading concurrency limits"),
+                }
+                tokio::time::sleep(crate::limits::REFRESH_EVERY).await;
+            }
+        });
     }
 
     fn registry(&self, kind: Artifact) -> &Registry {
@@ -185,7 +218,27 @@ impl Gateway {
                 "/v1/dags/{name}/retries",
                 get(get_dag_retries).put(put_dag_retries),
             )
+            .route(
+                "/v1/functions/{name}/concurrency",
+                get(get_function_concurrency)
+                    .put(put_function_concurrency)
+                    .delete(delete_function_concurrency),
+            )
+            .route(
+                "/v1/dags/{name}/concurrency",
+                get(get_dag_concurrency)
+                    .put(put_dag_concurrency)
+                    .delete(delete_dag_concurrency),
+            )
             .route("/v1/calls/{id}", axum::routing::delete(cancel_call))
+            .route("/v1/triggers", get(list_triggers))
+            .route(
+                "/v1/triggers/{name}",
+                put(put_trigger).get(get_trigger).delete(delete_trigger),
+            )
+            .route("/v1/triggers/{name}/pause", post(pause_trigger))
+            .route("/v1/triggers/{name}/resume", post(resume_trigger))
+            .route("/v1/triggers/{name}/fire", post(fire_trigger))
             .route(
                 "/v1/dead-letters/{kind}/{name}",
                 get(list_dead_letters).delete(delete_dead_letters),
@@ -632,7 +685,25 @@ async fn delete_function(
     State(gateway): State<Arc<Gateway>>,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    delete(&gateway, Artifact::Function, &name).await
+    let answer = delete(&gateway, Artifact::Function, &name).await?;
+    forget_settings_of(&gateway, Target::Function(name)).await?;
+    Ok(answer)
+}
+
+/// What a deleted function or DAG leaves: its retry policy and concurrency limit are
+/// deleted (they do not pass to the next one registered under its name), and the triggers
+/// that call it are paused with the reason: they would only fill its dead letters (resuming
+/// one after the target is registered again works).
+async fn forget_settings_of(gateway: &Gateway, target: Target) -> ApiResult<()> {
+    gateway.calls.forget(&target).await?;
+    gateway.limits.set(target.clone(), None);
+    let (kind, name) = crate::runner::kind_and_name(&target);
+    let reason = format!("its {kind} {name:?} was deleted");
+    let paused = gateway.triggers.pause_calling(&target, &reason).await?;
+    if !paused.is_empty() {
+        tracing::info!(?paused, "paused triggers: {reason}");
+    }
+    Ok(())
 }
 
 #[utoipa::path(put, path = "/v1/models/{name}", tag = "models",
@@ -842,13 +913,16 @@ async fn invoke(
     if let Some(key) = &idempotency_key {
         check_idempotency_key(key).map_err(ApiError::bad_request)?;
         if let Some(prior) = gateway.calls.idempotent(&target, key).await? {
-            return replay(
-                gateway,
-                &prior,
-                params.asynchronous.unwrap_or(false),
-                timeout,
-            )
-            .await;
+            // A key whose call left no result (its acceptance failed midway) is stale.
+            if gateway.calls.result_exists(&prior).await? {
+                return replay(
+                    gateway,
+                    &prior,
+                    params.asynchronous.unwrap_or(false),
+                    timeout,
+                )
+                .await;
+            }
         }
     }
     let kind = match &target {
@@ -880,55 +954,60 @@ async fn invoke(
     // and, under an idempotency key, the key's claim and a running result for repeats to
     // wait on.
     let mut writes = Vec::new();
-    let result_of = |result: &CallResult| {
-        squall_state::results::result_write(&result_key, result)
-            .map(|write| (result_key.clone(), write))
-            .map_err(|e| Failure::new(FailureCode::Internal, e))
-    };
     if let Some(key) = &idempotency_key {
-        writes.push(gateway.calls.idempotency_write(
-            &target,
-            key,
-            id.as_str(),
-            gateway.config.activation_retention,
-        ));
+        // Kept while both the record and the result are.
+        let retention = gateway
+            .config
+            .activation_retention
+            .min(squall_state::results::RESULT_RETENTION);
+        writes.push(
+            gateway
+                .calls
+                .idempotency_write(&target, key, id.as_str(), retention),
+        );
     }
     if params.asynchronous.unwrap_or(false) {
-        let now = now_ms();
-        let mut call = PendingCall {
-            id: id.to_string(),
-            target: target.clone(),
+        let mut call = PendingCall::new(
+            id.to_string(),
+            target.clone(),
             input,
             options,
-            cause: "http-async".into(),
-            accepted_ms: now,
-            attempt: 1,
-            not_before_ms: now,
-            lease: None,
-            attempts: Vec::new(),
-            idempotency_key,
-        };
-        call.lease = Some(call.lease_for(gateway.runner().id(), now));
-        writes.push(gateway.calls.call_write(&call)?);
-        writes.push(result_of(&CallResult::Running)?);
-        if gateway.config.record_activations {
-            record.cause = call.cause.clone();
-            writes.push(gateway.activations.write_of(&record)?);
-        }
-        // Held before it is in the store, so that no scan of this runner takes it too. The
-        // 202 promises the call is in the store.
-        let runner = gateway.runner();
-        runner.hold(&call.id);
-        if let Err(e) = gateway.calls.write_all(writes).await {
-            runner.let_go(&call.id);
-            return Err(Failure::new(FailureCode::Unavailable, e.to_string()).into());
-        }
-        runner.run_held(call);
+            "http-async",
+            now_ms(),
+        );
+        call.idempotency_key = idempotency_key;
+        // The 202 promises the call is in the store.
+        gateway
+            .runner()
+            .accept(call, writes)
+            .await
+            .map_err(|e| Failure::new(FailureCode::Unavailable, e.to_string()))?;
         gateway.metrics.accepted(kind, &name);
         return Ok(accepted(&id.to_string()));
     }
+    let _slot = match gateway.limits.try_acquire(&target) {
+        Ok(slot) => slot,
+        Err(max) => {
+            gateway.metrics.throttled(kind, &name);
+            let mut response = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                format!("{kind} {name:?} runs at most {max} calls at once through this gateway"),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return Ok(response);
+        }
+    };
+    let idempotency_keys: Vec<String> = writes.iter().map(|(key, _)| key.clone()).collect();
     if !writes.is_empty() {
-        writes.push(result_of(&CallResult::Running)?);
+        writes.push(
+            gateway
+                .calls
+                .result_write(id.as_str(), &CallResult::Running, 1)?,
+        );
         gateway
             .calls
             .write_all(writes)
@@ -947,13 +1026,32 @@ async fn invoke(
     record.end_ms = Some(record.start_ms + took.as_millis() as u64);
     record.duration_us = Some(took.as_micros() as u64);
     if stores_result {
-        // Repeats under the idempotency key answer from here.
-        let result = match &outcome {
-            Ok(invocation) => CallResult::Succeeded(invocation.output.clone().unwrap_or_default()),
-            Err(failure) => CallResult::Failed(failure.clone()),
-        };
-        if let Err(e) = store_result(&gateway.kvs, &result_key, result).await {
-            tracing::warn!(id = %id, cause = %e, "storing an idempotent call's result");
+        match &outcome {
+            // The call never ran: the key is let go, so that a repeat runs it.
+            Err(failure)
+                if matches!(
+                    failure.code,
+                    FailureCode::NoCapacity | FailureCode::Unavailable
+                ) =>
+            {
+                let mut keys = idempotency_keys;
+                keys.push(result_key.clone());
+                if let Err(e) = gateway.calls.delete(keys).await {
+                    tracing::warn!(id = %id, cause = %e, "letting an idempotency key go");
+                }
+            }
+            // Repeats under the idempotency key answer from here.
+            done => {
+                let result = match done {
+                    Ok(invocation) => {
+                        CallResult::Succeeded(invocation.output.clone().unwrap_or_default())
+                    }
+                    Err(failure) => CallResult::Failed(failure.clone()),
+                };
+                if let Err(e) = store_result(&gateway.kvs, &result_key, result).await {
+                    tracing::warn!(id = %id, cause = %e, "storing an idempotent call's result");
+                }
+            }
         }
     }
     let mut response = match outcome {
@@ -1246,7 +1344,9 @@ async fn delete_dag(
     checked_name(&name)?;
     let existed = gateway.dags.delete(&name).await?;
     gateway.client.refresh(vec![dag_key(&name)]);
-    deleted(existed, "DAG", &name)
+    let answer = deleted(existed, "DAG", &name)?;
+    forget_settings_of(&gateway, Target::Dag(name)).await?;
+    Ok(answer)
 }
 
 /// A result that is not ready.
@@ -1583,6 +1683,283 @@ async fn put_dag_retries(
     put_retries(&gateway, Target::Dag(name), body).await
 }
 
+async fn get_concurrency(gateway: &Gateway, target: Target) -> ApiResult<Json<ConcurrencyLimit>> {
+    registered(gateway, &target).await?;
+    let (kind, name) = crate::runner::kind_and_name(&target);
+    gateway
+        .calls
+        .concurrency_limits()
+        .await?
+        .into_iter()
+        .find(|(t, _)| t == &target)
+        .map(|(_, limit)| Json(limit))
+        .ok_or_else(|| ApiError::not_found(format!("{kind} {name:?} has no concurrency limit")))
+}
+
+async fn put_concurrency(
+    gateway: &Gateway,
+    target: Target,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<ConcurrencyLimit>> {
+    let body = body?;
+    let limit: ConcurrencyLimit = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("not a concurrency limit: {e}")))?;
+    limit.check().map_err(ApiError::bad_request)?;
+    registered(gateway, &target).await?;
+    gateway.calls.set_concurrency(&target, Some(limit)).await?;
+    gateway.limits.set(target, Some(limit.max_concurrency));
+    Ok(Json(limit))
+}
+
+async fn delete_concurrency(gateway: &Gateway, target: Target) -> ApiResult<StatusCode> {
+    gateway.calls.set_concurrency(&target, None).await?;
+    gateway.limits.set(target, None);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/functions/{name}/concurrency", tag = "calls",
+    params(("name" = String, Path, description = "Function name")),
+    responses((status = 200, body = ConcurrencyLimit), (status = 404, body = ErrorBody)))]
+async fn get_function_concurrency(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<ConcurrencyLimit>> {
+    checked_name(&name)?;
+    get_concurrency(&gateway, Target::Function(name)).await
+}
+
+#[utoipa::path(put, path = "/v1/functions/{name}/concurrency", tag = "calls",
+    params(("name" = String, Path, description = "Function name")),
+    request_body = ConcurrencyLimit,
+    responses((status = 200, body = ConcurrencyLimit), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn put_function_concurrency(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<ConcurrencyLimit>> {
+    checked_name(&name)?;
+    put_concurrency(&gateway, Target::Function(name), body).await
+}
+
+#[utoipa::path(delete, path = "/v1/functions/{name}/concurrency", tag = "calls",
+    params(("name" = String, Path, description = "Function name")),
+    responses((status = 204, description = "The limit is lifted")))]
+async fn delete_function_concurrency(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    checked_name(&name)?;
+    delete_concurrency(&gateway, Target::Function(name)).await
+}
+
+#[utoipa::path(get, path = "/v1/dags/{name}/concurrency", tag = "calls",
+    params(("name" = String, Path, description = "DAG name")),
+    responses((status = 200, body = ConcurrencyLimit), (status = 404, body = ErrorBody)))]
+async fn get_dag_concurrency(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<ConcurrencyLimit>> {
+    checked_name(&name)?;
+    get_concurrency(&gateway, Target::Dag(name)).await
+}
+
+#[utoipa::path(put, path = "/v1/dags/{name}/concurrency", tag = "calls",
+    params(("name" = String, Path, description = "DAG name")),
+    request_body = ConcurrencyLimit,
+    responses((status = 200, body = ConcurrencyLimit), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn put_dag_concurrency(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<ConcurrencyLimit>> {
+    checked_name(&name)?;
+    put_concurrency(&gateway, Target::Dag(name), body).await
+}
+
+#[utoipa::path(delete, path = "/v1/dags/{name}/concurrency", tag = "calls",
+    params(("name" = String, Path, description = "DAG name")),
+    responses((status = 204, description = "The limit is lifted")))]
+async fn delete_dag_concurrency(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    checked_name(&name)?;
+    delete_concurrency(&gateway, Target::Dag(name)).await
+}
+
+/// A trigger, as the API shows it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TriggerInfo {
+    /// Its name.
+    pub name: String,
+    /// What it does.
+    pub spec: TriggerSpec,
+    /// Whether it is paused.
+    pub paused: bool,
+    /// Why Squall paused it, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paused_reason: Option<String>,
+    /// Its next tick (ms since the Unix epoch), unless paused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_ms: Option<u64>,
+}
+
+impl From<Trigger> for TriggerInfo {
+    fn from(trigger: Trigger) -> Self {
+        let next_ms = match (&trigger.paused, trigger.spec.check()) {
+            (false, Ok((_, schedule))) => schedule
+                .upcoming(chrono::Utc)
+                .next()
+                .and_then(|t| u64::try_from(t.timestamp_millis()).ok()),
+            _ => None,
+        };
+        Self {
+            name: trigger.name,
+            spec: trigger.spec,
+            paused: trigger.paused,
+            paused_reason: trigger.paused_reason,
+            next_ms,
+        }
+    }
+}
+
+async fn trigger_named(gateway: &Gateway, name: &str) -> ApiResult<Trigger> {
+    checked_name(name)?;
+    gateway
+        .triggers
+        .get(name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no trigger {name:?}")))
+}
+
+#[utoipa::path(put, path = "/v1/triggers/{name}", tag = "triggers",
+    params(("name" = String, Path, description = "Trigger name")),
+    request_body = TriggerSpec,
+    responses((status = 200, body = TriggerInfo), (status = 400, body = ErrorBody)))]
+async fn put_trigger(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<TriggerInfo>> {
+    checked_name(&name)?;
+    let body = body?;
+    let spec: TriggerSpec = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("not a trigger: {e}")))?;
+    let (target, _) = spec.check().map_err(ApiError::bad_request)?;
+    match registered(&gateway, &target).await {
+        Err(e) if e.status == StatusCode::NOT_FOUND => {
+            return Err(ApiError::bad_request(e.body.error.message));
+        }
+        other => other?,
+    }
+    let trigger = Trigger {
+        name,
+        spec,
+        paused: false,
+        paused_reason: None,
+        updated_ms: now_ms(),
+    };
+    gateway.triggers.put(&trigger).await?;
+    Ok(Json(trigger.into()))
+}
+
+#[utoipa::path(get, path = "/v1/triggers", tag = "triggers",
+    responses((status = 200, body = Vec<TriggerInfo>)))]
+async fn list_triggers(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<Vec<TriggerInfo>>> {
+    let triggers = gateway.triggers.list().await?;
+    Ok(Json(triggers.into_iter().map(TriggerInfo::from).collect()))
+}
+
+#[utoipa::path(get, path = "/v1/triggers/{name}", tag = "triggers",
+    params(("name" = String, Path, description = "Trigger name")),
+    responses((status = 200, body = TriggerInfo), (status = 404, body = ErrorBody)))]
+async fn get_trigger(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<TriggerInfo>> {
+    Ok(Json(trigger_named(&gateway, &name).await?.into()))
+}
+
+#[utoipa::path(delete, path = "/v1/triggers/{name}", tag = "triggers",
+    params(("name" = String, Path, description = "Trigger name")),
+    responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody)))]
+async fn delete_trigger(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    trigger_named(&gateway, &name).await?;
+    gateway.triggers.delete(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn set_paused(gateway: &Gateway, name: &str, paused: bool) -> ApiResult<Json<TriggerInfo>> {
+    let mut trigger = trigger_named(gateway, name).await?;
+    if trigger.paused != paused {
+        trigger.paused = paused;
+        trigger.paused_reason = None;
+        // Ticks passed while paused never fire: the schedule goes on from now.
+        trigger.updated_ms = now_ms();
+        gateway.triggers.put(&trigger).await?;
+    }
+    Ok(Json(trigger.into()))
+}
+
+#[utoipa::path(post, path = "/v1/triggers/{name}/pause", tag = "triggers",
+    params(("name" = String, Path, description = "Trigger name")),
+    responses((status = 200, body = TriggerInfo), (status = 404, body = ErrorBody)))]
+async fn pause_trigger(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<TriggerInfo>> {
+    set_paused(&gateway, &name, true).await
+}
+
+#[utoipa::path(post, path = "/v1/triggers/{name}/resume", tag = "triggers",
+    params(("name" = String, Path, description = "Trigger name")),
+    responses((status = 200, body = TriggerInfo), (status = 404, body = ErrorBody)))]
+async fn resume_trigger(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<TriggerInfo>> {
+    set_paused(&gateway, &name, false).await
+}
+
+#[utoipa::path(post, path = "/v1/triggers/{name}/fire", tag = "triggers",
+    params(("name" = String, Path, description = "Trigger name")),
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody)))]
+async fn fire_trigger(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let trigger = trigger_named(&gateway, &name).await?;
+    let (target, _) = trigger.spec.check().map_err(ApiError::bad_request)?;
+    let id = ActivationId::new(Timestamp::now(0).time);
+    let call = PendingCall::new(
+        id.to_string(),
+        target,
+        squall_state::triggers::input_of(&trigger),
+        InvokeOptions {
+            timeout_ms: Some(
+                gateway
+                    .config
+                    .default_timeout
+                    .as_millis()
+                    .try_into()
+                    .unwrap_or(u64::MAX),
+            ),
+            ..InvokeOptions::default()
+        },
+        "trigger-fire",
+        now_ms(),
+    );
+    gateway
+        .runner()
+        .accept(call, Vec::new())
+        .await
+        .map_err(|e| Failure::new(FailureCode::Unavailable, e.to_string()))?;
+    Ok(accepted(id.as_str()))
+}
+
 #[utoipa::path(delete, path = "/v1/calls/{id}", tag = "calls",
     params(("id" = String, Path, description = "The asynchronous call's id")),
     responses((status = 204, description = "Cancelled: no attempt starts after this"),
@@ -1593,17 +1970,13 @@ async fn cancel_call(
 ) -> ApiResult<StatusCode> {
     let not_pending = || ApiError::not_found(format!("no pending call {id:?}"));
     let parsed = ActivationId::parse(&id).ok_or_else(not_pending)?;
-    let Some(call) = gateway.calls.get(parsed.as_str()).await? else {
+    let Some(call) = gateway.calls.cancel(parsed.as_str()).await? else {
         return Err(not_pending());
     };
-    if !gateway.calls.cancel(parsed.as_str()).await? {
-        return Err(not_pending());
-    }
+    gateway.runner().cancel(parsed.as_str());
     if gateway.config.record_activations {
         let cancelled = Failure::new(FailureCode::Cancelled, "cancelled");
-        let mut record = record_of(&call, Status::Failed, Some((&cancelled).into()), None);
-        // Outranks the running record of the attempt it stopped.
-        record.attempt = call.attempt;
+        let record = record_of(&call, Status::Failed, Some((&cancelled).into()), None);
         gateway.activations.put(&record).await?;
     }
     Ok(StatusCode::NO_CONTENT)
@@ -1700,23 +2073,6 @@ async fn list_dead_letters(
     }))
 }
 
-/// Every dead letter of `target`, in pages.
-async fn every_dead_letter(gateway: &Gateway, target: &Target) -> ApiResult<Vec<DeadLetter>> {
-    let mut all = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let (page, next) = gateway
-            .calls
-            .dead_letters(target, after.as_deref(), 1000)
-            .await?;
-        all.extend(page);
-        match next {
-            Some(next) => after = Some(next),
-            None => return Ok(all),
-        }
-    }
-}
-
 #[utoipa::path(delete, path = "/v1/dead-letters/{kind}/{name}", tag = "calls",
     params(("kind" = String, Path, description = "function or dag"),
         ("name" = String, Path, description = "Its name")),
@@ -1726,11 +2082,7 @@ async fn delete_dead_letters(
     Path((kind, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Handled>> {
     let target = target_of(&kind, name)?;
-    let ids: Vec<String> = every_dead_letter(&gateway, &target)
-        .await?
-        .into_iter()
-        .map(|l| l.call.id)
-        .collect();
+    let ids = gateway.calls.dead_letter_ids(&target).await?;
     gateway.calls.delete_dead_letters(&target, &ids).await?;
     Ok(Json(Handled {
         count: ids.len() as u64,
@@ -1747,16 +2099,19 @@ async fn redrive_dead_letters(
 ) -> ApiResult<Json<Handled>> {
     let target = target_of(&kind, name)?;
     let mut count = 0;
-    for letter in every_dead_letter(&gateway, &target).await? {
-        redrive(&gateway, letter).await?;
-        count += 1;
+    for id in gateway.calls.dead_letter_ids(&target).await? {
+        if redrive(&gateway, &target, &id).await? {
+            count += 1;
+        }
     }
     Ok(Json(Handled { count }))
 }
 
-/// Puts a dead letter's call back to run, here.
-async fn redrive(gateway: &Gateway, letter: DeadLetter) -> ApiResult<()> {
-    let call = gateway.calls.redrive(letter).await?;
+/// Puts dead letter `id` of `target` back to run, here; whether it was there.
+async fn redrive(gateway: &Gateway, target: &Target, id: &str) -> ApiResult<bool> {
+    let Some(call) = gateway.calls.redrive(target, id).await? else {
+        return Ok(false);
+    };
     if gateway.config.record_activations {
         gateway
             .recorder()
@@ -1764,7 +2119,7 @@ async fn redrive(gateway: &Gateway, letter: DeadLetter) -> ApiResult<()> {
     }
     // Held by nobody in the store: if this runner's lease loses, another runner's scan has it.
     gateway.runner().adopt_when_free(call).await?;
-    Ok(())
+    Ok(true)
 }
 
 async fn dead_letter(
@@ -1823,7 +2178,9 @@ async fn redrive_dead_letter(
 ) -> ApiResult<Response> {
     let letter = dead_letter(&gateway, &kind, name, &id).await?;
     let id = letter.call.id.clone();
-    redrive(&gateway, letter).await?;
+    if !redrive(&gateway, &letter.call.target, &id).await? {
+        return Err(ApiError::not_found(format!("no dead letter {id:?}")));
+    }
     Ok(accepted(&id))
 }
 
@@ -1836,11 +2193,15 @@ async fn redrive_dead_letter(
         invoke_dag, put_dag, list_dags, get_dag, delete_dag,
         get_result, list_activations, get_activation, list_kv, get_kv, put_kv, delete_kv,
         get_function_retries, put_function_retries, get_dag_retries, put_dag_retries, cancel_call,
+        get_function_concurrency, put_function_concurrency, delete_function_concurrency,
+        get_dag_concurrency, put_dag_concurrency, delete_dag_concurrency,
+        put_trigger, list_triggers, get_trigger, delete_trigger, pause_trigger, resume_trigger,
+        fire_trigger,
         list_dead_letters, delete_dead_letters, redrive_dead_letters, get_dead_letter,
         delete_dead_letter, redrive_dead_letter),
     components(schemas(ErrorBody, ErrorDetail, Health, ExecutorInfo, FunctionInfo, FunctionDetail,
         Accepted, DagInfo, DagSpec, Running, KeyList, ActivationPage, RetryPolicy, DeadLetterInfo,
-        DeadLetterPage, Handled)),
+        DeadLetterPage, Handled, ConcurrencyLimit, TriggerSpec, TriggerInfo)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

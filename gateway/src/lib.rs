@@ -22,6 +22,8 @@
 //!   the OpenAPI document ([`api::ApiDoc`]).
 //! - [`runner`]: runs durable asynchronous calls: attempts, retries, dead letters, and calls
 //!   other runners left behind.
+//! - [`cron`]: fires cron triggers' due ticks as durable calls.
+//! - [`limits`]: concurrency limits per function and DAG, held per gateway.
 //! - `metrics`: the Prometheus metrics served at `/metrics`.
 //!
 //! # Why a crate of its own
@@ -40,6 +42,8 @@
 
 /// The routes and handlers.
 pub mod api;
+pub mod cron;
+pub mod limits;
 mod metrics;
 pub mod runner;
 

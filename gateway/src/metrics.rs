@@ -225,6 +225,17 @@ impl Metrics {
         }
     }
 
+    /// Counts a synchronous call refused over its concurrency limit.
+    pub fn throttled(&self, kind: &str, name: &str) {
+        self.calls
+            .get_or_create(&CallLabels {
+                kind: kind.into(),
+                name: name.into(),
+                outcome: "throttled".into(),
+            })
+            .inc();
+    }
+
     /// Counts an accepted asynchronous call.
     pub fn accepted(&self, kind: &str, name: &str) {
         self.calls

@@ -8,33 +8,41 @@
 //! (and at start) takes calls whose lease ran out, and calls leased to this runner's id that
 //! it is not running, which is how a restarted gateway takes back its own calls at once.
 //!
-//! Every runner has an id (`--gateway-id`, by default the gateway's HTTP address); two
-//! gateways running at once must not share one.
+//! Every runner has an id (`--gateway-id`, by default the host's name and the gateway's HTTP
+//! port); two gateways running at once must not share one.
 //!
 //! # Cost
 //! An accepted call costs one batched store write (call, running result, record), one
-//! awaited invocation, then a result write and the call's delete; a retry costs a re-read
+//! awaited invocation, then a result write and the call's delete; a retry costs two re-reads
 //! (to see a cancel) and a write of the call. [`MAX_RUNNING`] attempts run at once per
-//! runner; the others wait their turn in memory, already safe in the store. A scan reads
-//! every pending call, inputs included: its cost grows with the calls waiting.
+//! runner; the others wait their turn in memory, already safe in the store. A scan lists
+//! every pending call and reads those this runner does not hold, inputs included: its cost
+//! grows with the calls other runners hold.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use squall_lattices::entry::now_ms;
+use squall_lattices::Write;
 use squall_proto::call::{CallResult, Failure, FailureCode, Target};
 use squall_proto::poll::Poll;
+use squall_proto::Key;
 use squall_scheduler::SchedulerClient;
 use squall_state::activations::{Attempt, RecordedError, Recorder, Status};
-use squall_state::calls::{after_failure, claimable, AfterFailure, Calls, PendingCall};
-use squall_state::{Activation, ActivationId};
+use squall_state::calls::{
+    after_failure, claimable, AfterFailure, Calls, PendingCall, RetryPolicy, LEASE_MARGIN,
+};
+use squall_state::{Activation, ActivationId, Activations};
 use tokio::sync::Semaphore;
 
+use crate::limits::ConcurrencyLimits;
 use crate::metrics::Metrics;
 
-/// How often a runner looks for calls nobody runs.
-pub const SCAN_EVERY: Duration = Duration::from_secs(1);
+/// How often a runner looks for calls nobody runs (and once at its start): other runners'
+/// leases outlive their calls' deadlines by [`LEASE_MARGIN`], so looking more often finds
+/// nothing sooner.
+pub const SCAN_EVERY: Duration = Duration::from_secs(5);
 
 /// Attempts one runner runs at once.
 pub const MAX_RUNNING: usize = 256;
@@ -43,11 +51,11 @@ pub const MAX_RUNNING: usize = 256;
 /// stop taking more.
 const MAX_HELD: usize = 100_000;
 
-/// Pending calls read per store listing during a scan.
+/// Pending calls listed per store listing during a scan.
 const SCAN_PAGE: u32 = 500;
 
-/// How long a runner keeps trying to write an outcome before it leaves the call to a scan.
-const OUTCOME_PATIENCE: Duration = Duration::from_secs(60);
+/// How long a runner tries to read a retry policy before it falls back to the default.
+const POLICY_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Runs durable calls. Cheap to clone; must be used inside a tokio runtime.
 #[derive(Clone)]
@@ -60,8 +68,14 @@ struct Inner {
     calls: Calls,
     client: Arc<SchedulerClient>,
     recorder: Option<Recorder>,
+    activations: Option<Activations>,
     metrics: Arc<Metrics>,
+    limits: ConcurrencyLimits,
+    /// The calls this runner runs now.
     held: Mutex<HashSet<String>>,
+    /// Calls cancelled through this gateway while it held them: nothing more is written for
+    /// them, and no attempt starts.
+    cancelled: Mutex<HashSet<String>>,
     running: Semaphore,
 }
 
@@ -73,23 +87,34 @@ impl std::fmt::Debug for Runner {
     }
 }
 
+/// A set's lock, whatever a panicking holder left.
+fn locked(set: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    set.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Runner {
-    /// A runner named `id`; `recorder` writes activation records (`None`: no records).
+    /// A runner named `id`; `records` writes activation records, in batches and at
+    /// acceptance (`None`: no records); attempts wait for a slot under `limits`.
     pub fn new(
         id: String,
         calls: Calls,
         client: Arc<SchedulerClient>,
-        recorder: Option<Recorder>,
+        records: Option<(Recorder, Activations)>,
         metrics: Arc<Metrics>,
+        limits: ConcurrencyLimits,
     ) -> Self {
+        let (recorder, activations) = records.unzip();
         Self {
             inner: Arc::new(Inner {
                 id,
                 calls,
                 client,
                 recorder,
+                activations,
                 metrics,
+                limits,
                 held: Mutex::new(HashSet::new()),
+                cancelled: Mutex::new(HashSet::new()),
                 running: Semaphore::new(MAX_RUNNING),
             }),
         }
@@ -102,49 +127,138 @@ impl Runner {
 
     /// Calls held now.
     pub fn held(&self) -> usize {
-        self.inner.held.lock().map(|h| h.len()).unwrap_or(0)
+        locked(&self.inner.held).len()
+    }
+
+    fn holds(&self, id: &str) -> bool {
+        locked(&self.inner.held).contains(id)
     }
 
     /// Marks call `id` as run here; `false` if it already is.
-    pub fn hold(&self, id: &str) -> bool {
-        self.inner
-            .held
-            .lock()
-            .map(|mut held| held.insert(id.to_string()))
-            .unwrap_or(false)
+    fn hold(&self, id: &str) -> bool {
+        locked(&self.inner.held).insert(id.to_string())
     }
 
-    /// Runs `call`, which this runner [holds](Runner::hold) and the store holds leased to it.
-    pub fn run_held(&self, call: PendingCall) {
+    /// Marks call `id` as no longer run here.
+    fn let_go(&self, id: &str) {
+        locked(&self.inner.held).remove(id);
+        locked(&self.inner.cancelled).remove(id);
+    }
+
+    /// Whether call `id` was cancelled through this gateway while held here.
+    fn is_cancelled(&self, id: &str) -> bool {
+        locked(&self.inner.cancelled).contains(id)
+    }
+
+    /// Tells the runner that call `id` was cancelled (the store already says so): if it
+    /// runs here, no attempt starts after this and nothing more is written for it but a
+    /// success.
+    pub fn cancel(&self, id: &str) {
+        if self.holds(id) {
+            locked(&self.inner.cancelled).insert(id.to_string());
+        }
+    }
+
+    /// Accepts `call` (leased to this runner from now): writes it, its running result, its
+    /// record and `extra` in one round trip, then runs it. When this returns `Ok`, the call
+    /// is in the store. The work is a task of its own, so that a caller that goes away
+    /// midway (a client that disconnects) cannot leave the call held and never run.
+    pub async fn accept(
+        &self,
+        mut call: PendingCall,
+        extra: Vec<(Key, Write)>,
+    ) -> squall_state::Result<()> {
+        call.lease = Some(call.lease_for(&self.inner.id, now_ms()));
+        let mut writes = extra;
+        let cleanup: Vec<Key> = writes.iter().map(|(key, _)| key.clone()).collect();
+        let call_write = self.inner.calls.call_write(&call)?;
+        let mut cleanup = cleanup;
+        cleanup.push(call_write.0.clone());
+        writes.push(call_write);
+        writes.push(
+            self.inner
+                .calls
+                .result_write(&call.id, &CallResult::Running, call.attempt)?,
+        );
+        if let Some(activations) = &self.inner.activations {
+            writes.push(activations.write_of(&record_of(&call, Status::Running, None, None))?);
+        }
+        let runner = self.clone();
+        let accepted = tokio::spawn(async move {
+            // Held before it is in the store, so that no scan of this runner takes it too.
+            runner.hold(&call.id);
+            match runner.inner.calls.write_all(writes).await {
+                Ok(()) => {
+                    runner.run_held(call);
+                    Ok(())
+                }
+                Err(e) => {
+                    // Some writes may have landed: take back the call (and the key's claim),
+                    // so that the refused call does not run. If the store cannot take even
+                    // that, a scan may still run it.
+                    if let Err(cleanup_error) = runner.inner.calls.delete(cleanup).await {
+                        tracing::warn!(id = %call.id, cause = %cleanup_error,
+                            "taking back a call the store half took");
+                    }
+                    runner.let_go(&call.id);
+                    Err(e)
+                }
+            }
+        });
+        accepted
+            .await
+            .map_err(|e| squall_state::Error::Internal(format!("accepting a call panicked: {e}")))?
+    }
+
+    /// Runs `call`, which this runner holds and the store holds leased to it.
+    fn run_held(&self, call: PendingCall) {
         let runner = self.clone();
         tokio::spawn(async move { runner.drive(call).await });
     }
 
-    /// Holds `call`, leases it to this runner in the store, reads it back to see the lease
-    /// held, and runs it; `false` if it is already run here or another runner's lease won.
-    pub async fn adopt(&self, mut call: PendingCall) -> squall_state::Result<bool> {
-        if !self.hold(&call.id) {
+    /// Takes `call` if it is still [`claimable`] here as the store has it now: holds it,
+    /// leases it to this runner, reads the lease back, and runs it. `false` if it is already
+    /// run here, gone, or another runner's lease won. A task of its own, like
+    /// [`Runner::accept`].
+    pub async fn adopt(&self, call: PendingCall) -> squall_state::Result<bool> {
+        let runner = self.clone();
+        let adopted = tokio::spawn(async move {
+            let id = call.id.clone();
+            if !runner.hold(&id) {
+                return Ok(false);
+            }
+            let taken = runner.take(call).await;
+            if !matches!(taken, Ok(true)) {
+                runner.let_go(&id);
+            }
+            taken
+        });
+        adopted
+            .await
+            .map_err(|e| squall_state::Error::Internal(format!("adopting a call panicked: {e}")))?
+    }
+
+    /// The store side of [`Runner::adopt`], for a call held here.
+    async fn take(&self, call: PendingCall) -> squall_state::Result<bool> {
+        // What the page said may be stale: the call may have finished (and been let go) since.
+        let Some(mut call) = self.inner.calls.get(&call.id).await? else {
+            return Ok(false);
+        };
+        if !claimable(&call, &self.inner.id, false, now_ms()) {
             return Ok(false);
         }
         call.lease = Some(call.lease_for(&self.inner.id, now_ms()));
-        let won = match self.inner.calls.put(&call).await {
-            Ok(()) => self.inner.calls.get(&call.id).await,
-            Err(e) => Err(e),
-        };
-        match won {
-            Ok(Some(stored)) if stored.lease == call.lease => {
-                self.run_held(call);
-                Ok(true)
-            }
-            Ok(_) => {
-                self.let_go(&call.id);
-                Ok(false)
-            }
-            Err(e) => {
-                self.let_go(&call.id);
-                Err(e)
-            }
+        self.inner.calls.put(&call).await?;
+        let won = self
+            .inner
+            .calls
+            .get(&call.id)
+            .await?
+            .is_some_and(|stored| stored.lease == call.lease);
+        if won {
+            self.run_held(call);
         }
+        Ok(won)
     }
 
     /// [`Runner::adopt`], once the call is no longer run here: a call given up a moment ago
@@ -153,15 +267,7 @@ impl Runner {
     pub async fn adopt_when_free(&self, call: PendingCall) -> squall_state::Result<bool> {
         let free = Poll::within(Duration::from_secs(5))
             .every(Duration::from_millis(5))
-            .until_async(|| async {
-                let held = self
-                    .inner
-                    .held
-                    .lock()
-                    .map(|held| held.contains(&call.id))
-                    .unwrap_or(true);
-                (!held).then_some(())
-            })
+            .until_async(|| async { (!self.holds(&call.id)).then_some(()) })
             .await;
         if free.is_err() {
             return Ok(false);
@@ -182,22 +288,22 @@ impl Runner {
         });
     }
 
-    /// One pass over the pending calls: takes those [`claimable`] here.
+    /// One pass over the pending calls: takes those [`claimable`] here. Calls held here are
+    /// not read.
     pub async fn scan(&self) -> squall_state::Result<usize> {
         let mut after = None;
         let mut taken = 0;
         loop {
-            let (page, next) = self.inner.calls.pending(after, SCAN_PAGE).await?;
+            let (page, next) = self
+                .inner
+                .calls
+                .pending(after, SCAN_PAGE, |id| self.holds(id))
+                .await?;
             for call in page {
                 if self.held() >= MAX_HELD {
                     return Ok(taken);
                 }
-                let here = self
-                    .inner
-                    .held
-                    .lock()
-                    .map(|held| held.contains(&call.id))
-                    .unwrap_or(true);
+                let here = self.holds(&call.id);
                 if claimable(&call, &self.inner.id, here, now_ms()) && self.adopt(call).await? {
                     taken += 1;
                 }
@@ -209,17 +315,10 @@ impl Runner {
         }
     }
 
-    /// Marks call `id` as no longer run here.
-    pub fn let_go(&self, id: &str) {
-        if let Ok(mut held) = self.inner.held.lock() {
-            held.remove(id);
-        }
-    }
-
-    /// Runs `call`'s attempts until it finishes, is given up, is cancelled, or its outcome
-    /// cannot be written (then a later scan takes it again).
+    /// Runs `call`'s attempts until it finishes, is given up, or is cancelled.
     async fn drive(&self, mut call: PendingCall) {
-        let mut first = true;
+        // The first attempt of a call just taken needs no second look at the store.
+        let mut fresh = true;
         // Attempts in a row that found no executor with room: each waits longer.
         let mut crowded = 0u32;
         loop {
@@ -227,8 +326,17 @@ impl Runner {
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
-            if !first {
-                // A cancel deletes the call: no attempt follows it.
+            // A slot under the target's concurrency limit first: waiting for it holds none of
+            // the runner's own.
+            let slot = self.inner.limits.acquire(&call.target).await;
+            let Ok(permit) = self.inner.running.acquire().await else {
+                break;
+            };
+            if self.is_cancelled(&call.id) {
+                break;
+            }
+            if !fresh {
+                // A cancel through another gateway deletes the call: no attempt follows it.
                 match self.inner.calls.get(&call.id).await {
                     Ok(Some(_)) => {}
                     Ok(None) => break,
@@ -239,13 +347,19 @@ impl Runner {
                     }
                 }
             }
-            first = false;
-            let Ok(permit) = self.inner.running.acquire().await else {
-                break;
-            };
+            fresh = false;
+            // A long wait for a slot or a permit may have outlived the lease: renew it.
+            let now = now_ms();
+            if call.lease.as_ref().is_none_or(|l| {
+                l.until_ms < now + (call.timeout() + LEASE_MARGIN / 2).as_millis() as u64
+            }) {
+                call.lease = Some(call.lease_for(&self.inner.id, now));
+                if let Err(e) = self.inner.calls.put(&call).await {
+                    tracing::warn!(id = %call.id, cause = %e, "renewing a lease");
+                }
+            }
             let start_ms = now_ms();
             let started = Instant::now();
-            let timeout = call.timeout();
             let outcome = self
                 .inner
                 .client
@@ -253,10 +367,10 @@ impl Runner {
                     call.target.clone(),
                     call.input.clone(),
                     call.options.clone(),
-                    timeout + Duration::from_secs(2),
+                    call.timeout() + Duration::from_secs(2),
                 )
                 .await;
-            drop(permit);
+            drop((permit, slot));
             let took = started.elapsed();
             let (kind, name) = kind_and_name(&call.target);
             match outcome {
@@ -271,11 +385,12 @@ impl Runner {
                         error: None,
                     });
                     let output_bytes = output.len() as u64;
-                    if self.finish(&call, CallResult::Succeeded(output)).await {
-                        self.record(&call, Status::Succeeded, None, Some(output_bytes));
-                    }
+                    // A success stands even if the call was cancelled while it ran.
+                    self.finish(&call, CallResult::Succeeded(output)).await;
+                    self.record(&call, Status::Succeeded, None, Some(output_bytes));
                     break;
                 }
+                Err(_) if self.is_cancelled(&call.id) => break,
                 Err(failure) if failure.code == FailureCode::NoCapacity => {
                     crowded += 1;
                     if !self.crowded(&mut call, failure, crowded).await {
@@ -294,6 +409,27 @@ impl Runner {
         self.let_go(&call.id);
     }
 
+    /// The retry policy of `call`'s target: read again until the store answers, the
+    /// default after [`POLICY_PATIENCE`].
+    async fn policy(&self, call: &PendingCall) -> RetryPolicy {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.inner.calls.policy(&call.target).await {
+                Ok(policy) => return policy,
+                Err(e) if started.elapsed() < POLICY_PATIENCE => {
+                    tracing::warn!(id = %call.id, cause = %e, "reading a retry policy; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::error!(id = %call.id, cause = %e, "no retry policy could be read; no retry");
+                    return RetryPolicy::default();
+                }
+            }
+        }
+    }
+
     /// Handles a failed attempt; whether another follows.
     async fn failed(
         &self,
@@ -302,14 +438,7 @@ impl Runner {
         start_ms: u64,
         took: Duration,
     ) -> bool {
-        let policy = match self.inner.calls.policy(&call.target).await {
-            Ok(policy) => policy,
-            Err(e) => {
-                tracing::warn!(id = %call.id, cause = %e, "reading a retry policy");
-                call.not_before_ms = now_ms() + 1000;
-                return true;
-            }
-        };
+        let policy = self.policy(call).await;
         let now = now_ms();
         let error = RecordedError::from(&failure);
         let next = after_failure(&policy, call, failure.code, now);
@@ -322,6 +451,12 @@ impl Runner {
         });
         match next {
             AfterFailure::Retry { attempt, at_ms } => {
+                // Cancelled meanwhile (through another gateway): a write now would bring the
+                // deleted call back.
+                let gone = matches!(self.inner.calls.get(&call.id).await, Ok(None));
+                if gone || self.is_cancelled(&call.id) {
+                    return false;
+                }
                 call.attempt = attempt;
                 call.not_before_ms = at_ms;
                 call.lease = Some(call.lease_for(&self.inner.id, now));
@@ -336,21 +471,21 @@ impl Runner {
                 true
             }
             AfterFailure::DeadLetter | AfterFailure::Requeue { .. } => {
+                if self.is_cancelled(&call.id) {
+                    return false;
+                }
                 let (kind, name) = kind_and_name(&call.target);
                 let letter = call.clone();
                 let calls = self.inner.calls.clone();
-                let moved = self
-                    .persist("moving a call to the dead letters", || {
-                        let calls = calls.clone();
-                        let letter = letter.clone();
-                        let error = error.clone();
-                        async move { calls.dead_letter(letter, error).await }
-                    })
-                    .await;
-                if moved {
-                    self.inner.metrics.dead_letter(kind, name);
-                    self.record(call, Status::Failed, Some(error), None);
-                }
+                self.persist("moving a call to the dead letters", || {
+                    let calls = calls.clone();
+                    let letter = letter.clone();
+                    let error = error.clone();
+                    async move { calls.dead_letter(letter, error).await }
+                })
+                .await;
+                self.inner.metrics.dead_letter(kind, name);
+                self.record(call, Status::Failed, Some(error), None);
                 false
             }
         }
@@ -359,30 +494,15 @@ impl Runner {
     /// Handles an attempt that found no executor with room (it does not count): the same
     /// attempt waits 100 ms, doubled for each such attempt in a row up to 1.6 s, with up to
     /// half as much again at random, so that a crowd of waiting calls does not hammer the
-    /// scheduler; the lease is renewed before it could run out. Whether it runs again (not
-    /// past the call's maximum age).
+    /// scheduler. Whether it runs again (not past the call's maximum age).
     async fn crowded(&self, call: &mut PendingCall, failure: Failure, crowded: u32) -> bool {
-        let policy = self
-            .inner
-            .calls
-            .policy(&call.target)
-            .await
-            .unwrap_or_default();
+        let policy = self.policy(call).await;
         let now = now_ms();
         match after_failure(&policy, call, failure.code, now) {
             AfterFailure::Requeue { .. } => {
                 let base = 100u64 << crowded.saturating_sub(1).min(4);
                 let wait = base + rand::random::<u64>() % (base / 2 + 1);
                 call.not_before_ms = now + wait;
-                let renew = call.lease.as_ref().is_none_or(|lease| {
-                    lease.until_ms < call.lease_for(&self.inner.id, now).until_ms - 5000
-                });
-                if renew {
-                    call.lease = Some(call.lease_for(&self.inner.id, now));
-                    if let Err(e) = self.inner.calls.put(call).await {
-                        tracing::warn!(id = %call.id, cause = %e, "renewing a lease");
-                    }
-                }
                 true
             }
             _ => {
@@ -393,38 +513,34 @@ impl Runner {
         }
     }
 
-    /// Writes a finished call's result and deletes it; whether that was done.
-    async fn finish(&self, call: &PendingCall, result: CallResult) -> bool {
+    /// Writes a finished call's result and deletes it.
+    async fn finish(&self, call: &PendingCall, result: CallResult) {
         let calls = self.inner.calls.clone();
-        let id = call.id.clone();
+        let (id, attempt) = (call.id.clone(), call.attempt);
         self.persist("writing a call's result", || {
             let calls = calls.clone();
             let id = id.clone();
             let result = result.clone();
-            async move { calls.finish(&id, &result).await }
+            async move { calls.finish(&id, &result, attempt).await }
         })
         .await
     }
 
-    /// Retries a store write for up to [`OUTCOME_PATIENCE`]; whether it was done.
-    async fn persist<F, Fut>(&self, what: &str, write: F) -> bool
+    /// Retries a store write until it is done: the call stays held meanwhile, so no scan
+    /// here runs it again, and its lease keeps other runners off it for a while.
+    async fn persist<F, Fut>(&self, what: &str, write: F)
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = squall_state::Result<()>>,
     {
-        let started = Instant::now();
         let mut pause = Duration::from_millis(50);
         loop {
             match write().await {
-                Ok(()) => return true,
-                Err(e) if started.elapsed() < OUTCOME_PATIENCE => {
+                Ok(()) => return,
+                Err(e) => {
                     tracing::warn!(cause = %e, "{what}; trying again");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => {
-                    tracing::error!(cause = %e, "{what}; left to a later scan");
-                    return false;
                 }
             }
         }

@@ -219,7 +219,7 @@ impl Plan {
 }
 
 /// What a caller invokes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Target {
     /// A function, by name (its newest version).
     Function(String),

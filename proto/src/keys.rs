@@ -17,6 +17,9 @@
 //! squall/ns/{namespace}/retry/{kind}/{name}        a function's or DAG's retry policy ([`retry_policy`])
 //! squall/ns/{namespace}/dead/{kind}/{name}/{id}    a call that failed every attempt ([`dead_letter`])
 //! squall/ns/{namespace}/idem/{kind}/{name}/{hash}  the call an idempotency key names ([`idempotency`])
+//! squall/ns/{namespace}/limit/{kind}/{name}        a function's or DAG's concurrency limit ([`concurrency_limit`])
+//! squall/ns/{namespace}/trigger/{name}   a trigger ([`trigger`])
+//! squall/ns/{namespace}/trigger-fired/{name}       the latest tick it fired ([`trigger_fired`])
 //! squall/code/{sha256}                   content-addressed code, shared by every namespace ([`code`])
 //! squall/code/{sha256}/{index}           its chunks ([`code_chunk`])
 //! squall/load/{node}                     a storage node's load report ([`load_report`])
@@ -136,6 +139,28 @@ pub fn dead_letter(namespace: &str, kind: Kind, name: &str, id: &str) -> Key {
         "{RESERVED_PREFIX}ns/{namespace}/dead/{}/{name}/{id}",
         kind.segment()
     )
+}
+
+/// The key of the concurrency limit of the function or DAG `name` in `namespace` (`None`:
+/// the limits' prefix).
+pub fn concurrency_limit(namespace: &str, target: Option<(Kind, &str)>) -> Key {
+    match target {
+        Some((kind, name)) => format!(
+            "{RESERVED_PREFIX}ns/{namespace}/limit/{}/{name}",
+            kind.segment()
+        ),
+        None => format!("{RESERVED_PREFIX}ns/{namespace}/limit/"),
+    }
+}
+
+/// The key of trigger `name` in `namespace` (`name` empty: the triggers' prefix).
+pub fn trigger(namespace: &str, name: &str) -> Key {
+    format!("{RESERVED_PREFIX}ns/{namespace}/trigger/{name}")
+}
+
+/// The key of the latest tick trigger `name` fired.
+pub fn trigger_fired(namespace: &str, name: &str) -> Key {
+    format!("{RESERVED_PREFIX}ns/{namespace}/trigger-fired/{name}")
 }
 
 /// The key naming the call an idempotency key started, by the key's hash (hex).

@@ -50,6 +50,12 @@ impl ActivationId {
         ))
     }
 
+    /// The id for a call that starts at `start_us`, with its last 16 digits given rather than
+    /// random (an id every gateway computes alike, as a trigger's tick's).
+    pub fn with_suffix(start_us: u64, suffix: u64) -> Self {
+        Self(format!("{:016x}{suffix:016x}", u64::MAX - start_us))
+    }
+
     /// Checks an id from a request: 32 lowercase hex digits.
     pub fn parse(text: &str) -> Option<Self> {
         (text.len() == 32
@@ -469,13 +475,7 @@ fn record_write(namespace: &str, retention: Duration, record: &Activation) -> Re
 
 /// A stored record, or `None` (with a warning) if it does not decode.
 fn decode(id: &str, value: LatticeValue) -> Option<Activation> {
-    let LatticeValue::Lww(register) = value else {
-        tracing::warn!(%id, "an activation record is not a register");
-        return None;
-    };
-    rmp_serde::from_slice(&register.value)
-        .map_err(|e| tracing::warn!(%id, cause = %e, "an activation record does not decode"))
-        .ok()
+    crate::register::decode(id, value)
 }
 
 #[cfg(test)]

@@ -111,6 +111,26 @@ impl RetryPolicy {
     }
 }
 
+/// How many calls of one function or DAG run at once, at most, through one gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ConcurrencyLimit {
+    /// 1 to 100 000.
+    pub max_concurrency: u32,
+}
+
+impl ConcurrencyLimit {
+    /// Checks the limit's bounds.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if (1..=100_000).contains(&self.max_concurrency) {
+            Ok(())
+        } else {
+            Err("max_concurrency is between 1 and 100000 (delete the limit to lift it)".into())
+        }
+    }
+}
+
 /// Who holds a call, and until when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
@@ -149,6 +169,30 @@ pub struct PendingCall {
 }
 
 impl PendingCall {
+    /// A call accepted at `now_ms`, its first attempt due at once, held by nobody yet.
+    pub fn new(
+        id: String,
+        target: Target,
+        input: Bytes,
+        options: InvokeOptions,
+        cause: &str,
+        now_ms: u64,
+    ) -> Self {
+        Self {
+            id,
+            target,
+            input,
+            options,
+            cause: cause.to_string(),
+            accepted_ms: now_ms,
+            attempt: 1,
+            not_before_ms: now_ms,
+            lease: None,
+            attempts: Vec::new(),
+            idempotency_key: None,
+        }
+    }
+
     /// The call's deadline per attempt.
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.options.timeout_ms.unwrap_or(30_000))
@@ -317,22 +361,7 @@ fn all_written(
     Ok(())
 }
 
-fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>> {
-    rmp_serde::to_vec_named(value).map_err(|e| Error::BadValue {
-        key: key.to_string(),
-        reason: e.to_string(),
-    })
-}
-
-fn decode<T: for<'de> Deserialize<'de>>(key: &str, value: LatticeValue) -> Option<T> {
-    let LatticeValue::Lww(register) = value else {
-        tracing::warn!(%key, "a call record is not a register");
-        return None;
-    };
-    rmp_serde::from_slice(&register.value)
-        .map_err(|e| tracing::warn!(%key, cause = %e, "a call record does not decode"))
-        .ok()
-}
+use crate::register::decode;
 
 impl Calls {
     /// Calls of the default namespace.
@@ -345,10 +374,7 @@ impl Calls {
     }
 
     fn register(&self, key: &str, value: &impl Serialize) -> Result<LatticeValue> {
-        Ok(LatticeValue::Lww(Lww::new(
-            Timestamp::now(self.writer),
-            encode(key, value)?.into(),
-        )))
+        crate::register::encode(key, value, Timestamp::now(self.writer))
     }
 
     /// The store write of `call` (no expiry).
@@ -401,16 +427,43 @@ impl Calls {
         all_written(keys, results)
     }
 
-    /// Ends call `id` with `result`: the result written, then the call deleted.
-    pub async fn finish(&self, id: &str, result: &CallResult) -> Result<()> {
+    /// Whether call `id` has a result (running or finished).
+    pub async fn result_exists(&self, id: &str) -> Result<bool> {
+        let key = keys::result(&self.namespace, id);
+        Ok(self
+            .kvs
+            .with(move |client| client.get(&key))
+            .await?
+            .is_some())
+    }
+
+    /// Ends call `id` with attempt `attempt`'s `result`: the result written, then the call
+    /// deleted.
+    pub async fn finish(&self, id: &str, result: &CallResult, attempt: u32) -> Result<()> {
         let result_key = keys::result(&self.namespace, id);
-        let write = result_write(&result_key, result).map_err(|reason| Error::BadValue {
-            key: result_key.clone(),
-            reason,
-        })?;
+        let write = self.result_of(&result_key, result, attempt)?;
         self.write_all(vec![(result_key, write)]).await?;
         self.delete_keys(vec![keys::call(&self.namespace, id)])
             .await
+    }
+
+    fn result_of(&self, key: &str, result: &CallResult, attempt: u32) -> Result<Write> {
+        result_write(key, result, attempt).map_err(|reason| Error::BadValue {
+            key: key.to_string(),
+            reason,
+        })
+    }
+
+    /// The write of call `id`'s result: `result`, as of attempt `attempt`.
+    pub fn result_write(
+        &self,
+        id: &str,
+        result: &CallResult,
+        attempt: u32,
+    ) -> Result<(Key, Write)> {
+        let key = keys::result(&self.namespace, id);
+        let write = self.result_of(&key, result, attempt)?;
+        Ok((key, write))
     }
 
     /// Gives `call` up: a dead letter and a failed result written, then the call deleted,
@@ -432,73 +485,76 @@ impl Calls {
         let letter_key = keys::dead_letter(&self.namespace, kind, &name, &id);
         let at = Timestamp::now(self.writer);
         let letter_write = Write::expiring(
-            LatticeValue::Lww(Lww::new(at, encode(&letter_key, &letter)?.into())),
+            crate::register::encode(&letter_key, &letter, at)?,
             at,
             Some(DEAD_LETTER_RETENTION),
         );
-        let result_key = keys::result(&self.namespace, &id);
-        let result_write =
-            result_write(&result_key, &CallResult::Failed(failure)).map_err(|reason| {
-                Error::BadValue {
-                    key: result_key.clone(),
-                    reason,
-                }
-            })?;
-        self.write_all(vec![(letter_key, letter_write), (result_key, result_write)])
+        let failed = self.result_write(&id, &CallResult::Failed(failure), letter.call.attempt)?;
+        self.write_all(vec![(letter_key, letter_write), failed])
             .await?;
         self.delete_keys(vec![keys::call(&self.namespace, &id)])
             .await?;
         self.trim_dead_letters(kind, &name).await
     }
 
-    /// Deletes the oldest dead letters of a target past [`MAX_DEAD_LETTERS`].
+    /// Deletes the oldest dead letters of a target past [`MAX_DEAD_LETTERS`] (ids sort newest
+    /// first).
     async fn trim_dead_letters(&self, kind: keys::Kind, name: &str) -> Result<()> {
         let prefix = keys::dead_letter(&self.namespace, kind, name, "");
-        let mut after: Option<Key> = None;
-        let mut seen = 0usize;
-        let mut excess = Vec::new();
-        loop {
-            let (page_prefix, page_after) = (prefix.clone(), after.clone());
-            let (page, next) = self
-                .kvs
-                .with(move |client| client.list(&page_prefix, page_after.as_deref(), 1000))
-                .await?;
-            for key in page {
-                seen += 1;
-                if seen > MAX_DEAD_LETTERS {
-                    excess.push(key);
-                }
-            }
-            match next {
-                Some(next) => after = Some(next),
-                None => break,
-            }
-        }
+        let excess: Vec<Key> = self
+            .kvs
+            .keys_with_prefix(&prefix)
+            .await?
+            .into_iter()
+            .skip(MAX_DEAD_LETTERS)
+            .collect();
         if excess.is_empty() {
             return Ok(());
         }
         self.delete_keys(excess).await
     }
 
-    /// Up to `limit` pending calls after the key `after`, and the key to resume after.
+    /// Up to `limit` pending calls after the key `after`, leaving out (unread) those whose id
+    /// `skip` names; and the key to resume after.
     pub async fn pending(
         &self,
         after: Option<Key>,
         limit: u32,
+        skip: impl Fn(&str) -> bool,
     ) -> Result<(Vec<PendingCall>, Option<Key>)> {
         let prefix = keys::call(&self.namespace, "");
+        let list_prefix = prefix.clone();
         let (page, next) = self
             .kvs
-            .with(move |client| client.list(&prefix, after.as_deref(), limit))
+            .with(move |client| client.list(&list_prefix, after.as_deref(), limit))
             .await?;
-        let reads = page.clone();
+        let reads: Vec<Key> = page
+            .into_iter()
+            .filter(|key| !skip(key.strip_prefix(&prefix).unwrap_or(key)))
+            .collect();
+        if reads.is_empty() {
+            return Ok((Vec::new(), next));
+        }
+        let keys = reads.clone();
         let values = self.kvs.with(move |client| client.get_many(&reads)).await?;
-        let calls = page
+        let calls = keys
             .iter()
             .zip(values)
             .filter_map(|(key, value)| value.and_then(|v| decode(key, v)))
             .collect();
         Ok((calls, next))
+    }
+
+    /// The ids of every dead letter of `target` (keys only: no input is read).
+    pub async fn dead_letter_ids(&self, target: &Target) -> Result<Vec<String>> {
+        let prefix = keys::dead_letter(&self.namespace, target.into(), target.name(), "");
+        Ok(self
+            .kvs
+            .keys_with_prefix(&prefix)
+            .await?
+            .iter()
+            .map(|key| key.strip_prefix(&prefix).unwrap_or(key).to_string())
+            .collect())
     }
 
     /// Up to `limit` dead letters of `target`, newest first, after id `after`; and the id to
@@ -544,12 +600,14 @@ impl Calls {
         self.delete_keys(keys).await
     }
 
-    /// Puts a dead letter's call back as pending, due now and held by nobody (its age
-    /// counted from now), then deletes the dead letter. The call keeps its id and its
-    /// attempts; the next attempt is numbered after them. Its result reads as the last
-    /// failure until an attempt succeeds (a stored failure is only ever superseded by a
-    /// success, see [`CallResult::rank`]).
-    pub async fn redrive(&self, letter: DeadLetter) -> Result<PendingCall> {
+    /// Puts dead letter `id` of `target` back as a pending call, due now and held by nobody
+    /// (its age counted from now, its result back to running), then deletes the dead letter
+    /// once the call reads back. The call keeps its id and its attempts; the next attempt
+    /// is numbered after them. `None` if there is no such dead letter.
+    pub async fn redrive(&self, target: &Target, id: &str) -> Result<Option<PendingCall>> {
+        let Some(letter) = self.dead_letter_of(target, id).await? else {
+            return Ok(None);
+        };
         let now = squall_lattices::entry::now_ms();
         let mut call = letter.call;
         call.attempt = call.attempts.iter().map(|a| a.attempt).max().unwrap_or(0) + 1;
@@ -557,28 +615,33 @@ impl Calls {
         call.not_before_ms = now;
         call.lease = None;
         call.cause = "redrive".into();
-        self.put(&call).await?;
-        self.delete_dead_letters(&call.target, std::slice::from_ref(&call.id))
+        let running = self.result_write(&call.id, &CallResult::Running, call.attempt)?;
+        self.write_all(vec![self.call_write(&call)?, running])
             .await?;
-        Ok(call)
+        if self.get(&call.id).await?.is_none() {
+            return Err(Error::Internal(format!(
+                "redriven call {} did not read back; its dead letter is kept",
+                call.id
+            )));
+        }
+        self.delete_dead_letters(target, std::slice::from_ref(&call.id))
+            .await?;
+        Ok(Some(call))
     }
 
-    /// Cancels pending call `id`: deleted, its result failed as cancelled. `false` if it was
-    /// not pending. An attempt already running finishes, and its result stands if it
-    /// succeeds; no attempt follows it.
-    pub async fn cancel(&self, id: &str) -> Result<bool> {
-        if self.get(id).await?.is_none() {
-            return Ok(false);
-        }
-        self.finish(
-            id,
-            &CallResult::Failed(squall_proto::call::Failure::new(
-                FailureCode::Cancelled,
-                "cancelled",
-            )),
-        )
-        .await?;
-        Ok(true)
+    /// Cancels pending call `id`: deleted, its result failed as cancelled. The call as it
+    /// was, or `None` if it was not pending. An attempt already running finishes, and its
+    /// result stands if it succeeds; no attempt follows it.
+    pub async fn cancel(&self, id: &str) -> Result<Option<PendingCall>> {
+        let Some(call) = self.get(id).await? else {
+            return Ok(None);
+        };
+        let cancelled = CallResult::Failed(squall_proto::call::Failure::new(
+            FailureCode::Cancelled,
+            "cancelled",
+        ));
+        self.finish(id, &cancelled, call.attempt).await?;
+        Ok(Some(call))
     }
 
     /// The retry policy of `target` (the default if none was set).
@@ -587,6 +650,21 @@ impl Calls {
         let read = key.clone();
         let value = self.kvs.with(move |client| client.get(&read)).await?;
         Ok(value.and_then(|v| decode(&key, v)).unwrap_or_default())
+    }
+
+    /// Deletes what was set for `target`: its retry policy and its concurrency limit (a
+    /// deleted function's settings do not pass to the next one registered under its name).
+    pub async fn forget(&self, target: &Target) -> Result<()> {
+        self.delete_keys(vec![
+            keys::retry_policy(&self.namespace, target.into(), target.name()),
+            keys::concurrency_limit(&self.namespace, Some((target.into(), target.name()))),
+        ])
+        .await
+    }
+
+    /// Deletes keys (best effort, for cleaning up after a failed write).
+    pub async fn delete(&self, keys: Vec<Key>) -> Result<()> {
+        self.delete_keys(keys).await
     }
 
     /// Sets the retry policy of `target`.
@@ -601,6 +679,46 @@ impl Calls {
             },
         )])
         .await
+    }
+
+    /// Sets (or, with `None`, lifts) the concurrency limit of `target`.
+    pub async fn set_concurrency(
+        &self,
+        target: &Target,
+        limit: Option<ConcurrencyLimit>,
+    ) -> Result<()> {
+        let key = keys::concurrency_limit(&self.namespace, Some((target.into(), target.name())));
+        match limit {
+            Some(limit) => {
+                let value = self.register(&key, &limit)?;
+                self.write_all(vec![(
+                    key,
+                    Write {
+                        value: Some(value),
+                        expiry: None,
+                    },
+                )])
+                .await
+            }
+            None => self.delete_keys(vec![key]).await,
+        }
+    }
+
+    /// Every concurrency limit set in the namespace.
+    pub async fn concurrency_limits(&self) -> Result<Vec<(Target, ConcurrencyLimit)>> {
+        let prefix = keys::concurrency_limit(&self.namespace, None);
+        let mut limits = Vec::new();
+        for (key, value) in self.kvs.entries_with_prefix(&prefix).await? {
+            let target = match key.strip_prefix(&prefix).and_then(|k| k.split_once('/')) {
+                Some(("fn", name)) => Target::Function(name.to_string()),
+                Some(("dag", name)) => Target::Dag(name.to_string()),
+                _ => continue,
+            };
+            if let Some(limit) = decode::<ConcurrencyLimit>(&key, value) {
+                limits.push((target, limit));
+            }
+        }
+        Ok(limits)
     }
 
     fn idempotency_key(&self, target: &Target, idempotency_key: &str) -> Key {
@@ -662,19 +780,16 @@ mod tests {
     use super::*;
 
     fn call(attempt: u32, accepted_ms: u64) -> PendingCall {
-        PendingCall {
-            id: "id".into(),
-            target: Target::Function("f".into()),
-            input: Bytes::new(),
-            options: InvokeOptions::default(),
-            cause: "http-async".into(),
+        let mut call = PendingCall::new(
+            "id".into(),
+            Target::Function("f".into()),
+            Bytes::new(),
+            InvokeOptions::default(),
+            "http-async",
             accepted_ms,
-            attempt,
-            not_before_ms: accepted_ms,
-            lease: None,
-            attempts: Vec::new(),
-            idempotency_key: None,
-        }
+        );
+        call.attempt = attempt;
+        call
     }
 
     fn attempt(n: u32, start_ms: u64) -> Attempt {

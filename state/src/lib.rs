@@ -17,6 +17,8 @@
 //! - [`activations`]: the record of every call ([`Activations`]), kept for a retention.
 //! - [`calls`]: durable asynchronous calls, their retry policies, dead letters and
 //!   idempotency keys ([`calls::Calls`]).
+//! - [`register`]: how those records are kept: MessagePack in a last-writer-wins register.
+//! - [`triggers`]: cron triggers ([`triggers::Triggers`]), and which tick fires when.
 //! - [`error`]: [`Error`], with the code each failure has on the wire.
 //! - [`legacy`]: registries written before the namespaced key layout, merged into it.
 //!
@@ -33,6 +35,7 @@
 //! - `tokio`: the pool runs store round trips on the blocking threads; `lru`: the cache's
 //!   recency order; `sha2`: content addresses of code; `rmp-serde`: records in the store, like
 //!   every other record.
+//! - `cron` and `chrono`: cron schedules of triggers (see [`triggers`] for why).
 //! - `utoipa` (feature `openapi`, which the gateway turns on): the schema of a DAG definition
 //!   in the generated OpenAPI document.
 
@@ -45,9 +48,11 @@ pub mod legacy;
 pub mod limits;
 pub mod pins;
 pub mod pool;
+pub mod register;
 pub mod registry;
 pub mod results;
 pub mod session;
+pub mod triggers;
 
 pub use activations::{Activation, ActivationId, Activations};
 pub use cache::{Cache, CacheConfig, CacheStats};

@@ -93,3 +93,40 @@ impl ClientPool {
             .map_err(|e| Error::Internal(format!("a store request panicked: {e}")))?
     }
 }
+
+/// Keys listed per store listing by [`ClientPool::keys_with_prefix`].
+const LIST_PAGE: u32 = 1000;
+
+impl ClientPool {
+    /// Every live key starting with `prefix`, in order, a listing of [`LIST_PAGE`] at a time.
+    pub async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<squall_kvs::Key>> {
+        let mut keys = Vec::new();
+        let mut after: Option<squall_kvs::Key> = None;
+        loop {
+            let (page_prefix, page_after) = (prefix.to_string(), after.clone());
+            let (page, next) = self
+                .with(move |client| client.list(&page_prefix, page_after.as_deref(), LIST_PAGE))
+                .await?;
+            keys.extend(page);
+            match next {
+                Some(next) => after = Some(next),
+                None => return Ok(keys),
+            }
+        }
+    }
+
+    /// Every live key starting with `prefix` and its value, in key order.
+    pub async fn entries_with_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(squall_kvs::Key, squall_lattices::LatticeValue)>> {
+        let keys = self.keys_with_prefix(prefix).await?;
+        let reads = keys.clone();
+        let values = self.with(move |client| client.get_many(&reads)).await?;
+        Ok(keys
+            .into_iter()
+            .zip(values)
+            .filter_map(|(key, value)| value.map(|v| (key, v)))
+            .collect())
+    }
+}

@@ -1,9 +1,10 @@
 //! Results of asynchronous calls, kept in the store under [`squall_proto::keys::result`] so that
 //! any gateway can answer for any call and a restarted scheduler loses none.
 //!
-//! A result key is an LWW register whose timestamp is the outcome's rank
-//! ([`CallResult::rank`]): a finished outcome always beats `Running`, whatever order the writes
-//! arrive in.
+//! A result key is an LWW register whose timestamp is the attempt's number and the outcome's
+//! rank ([`CallResult::rank`]): within an attempt a finished outcome always beats `Running`,
+//! whatever order the writes arrive in, and a later attempt's outcome (a retry's, a redriven
+//! call's) beats an earlier one's.
 //!
 //! Results expire [`RESULT_RETENTION`] after their last write (the store reaps them and
 //! reclaims their space), as Lambda's and OpenWhisk's results of asynchronous calls do.
@@ -18,13 +19,13 @@ use crate::pool::ClientPool;
 /// How long an asynchronous call's result is kept after its last write.
 pub const RESULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
-/// The write of an asynchronous call's outcome (see [`CallResult::rank`]), expiring after
-/// [`RESULT_RETENTION`].
-pub fn result_write(key: &str, result: &CallResult) -> Result<Write, String> {
+/// The write of attempt `attempt`'s outcome of an asynchronous call (see the module docs),
+/// expiring after [`RESULT_RETENTION`].
+pub fn result_write(key: &str, result: &CallResult, attempt: u32) -> Result<Write, String> {
     let encoded = result
         .encode()
         .map_err(|e| format!("encoding the result of {key}: {e}"))?;
-    let at = Timestamp::new(result.rank(), rand::random());
+    let at = Timestamp::new(u64::from(attempt) * 4 + result.rank(), rand::random());
     Ok(Write::expiring(
         LatticeValue::Lww(Lww::new(at, encoded.into())),
         at,
@@ -34,7 +35,7 @@ pub fn result_write(key: &str, result: &CallResult) -> Result<Write, String> {
 
 /// Writes an asynchronous call's outcome to its result key (see [`CallResult::rank`]).
 pub async fn store_result(kvs: &ClientPool, key: &str, result: CallResult) -> Result<(), String> {
-    let write = result_write(key, &result)?;
+    let write = result_write(key, &result, 1)?;
     let key = key.to_string();
     let results = kvs
         .with(move |client| client.write_many(vec![(key, write)]))

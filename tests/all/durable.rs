@@ -1,6 +1,6 @@
 //! Durable asynchronous calls end to end: retries by policy with every attempt recorded,
-//! dead letters and their redrive, cancels, idempotency keys, and accepted calls that
-//! survive a SIGKILL of `squall up`.
+//! dead letters and their redrive, cancels, idempotency keys, accepted calls that survive a
+//! SIGKILL of `squall up`, and concurrency limits.
 
 use std::time::Duration;
 
@@ -171,12 +171,42 @@ fn failed_calls_retry_by_policy_then_go_to_dead_letters_that_redrive() {
     assert_eq!(finished(&base, &doomed).text(), "5");
     assert!(dead_letters(&base).is_empty());
 
-    // A permanent failure is not retried; dead letters are deleted one by one or all.
+    // A permanent failure (no such function) is not retried: one attempt, then its own
+    // dead letters.
+    let nobody = http(
+        "POST",
+        &format!("{base}/v1/functions/nobody/invoke?async=true"),
+        Some(TOKEN),
+        b"x",
+    );
+    assert_eq!(nobody.status, 202, "{}", nobody.text());
+    let nobody = nobody.json()["id"].as_str().expect("an id").to_string();
+    assert_eq!(finished(&base, &nobody).status, 404);
+    let letters = http(
+        "GET",
+        &format!("{base}/v1/dead-letters/function/nobody"),
+        Some(TOKEN),
+        b"",
+    )
+    .json();
+    assert_eq!(
+        letters["dead_letters"][0]["attempts"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "{letters}"
+    );
+
+    // The function's own errors are retried; dead letters are deleted one by one or all.
     let unknown_request = call_async(&base, "no-such-verb");
     assert_eq!(finished(&base, &unknown_request).status, 500);
     let second = call_async(&base, "fail");
     assert_eq!(finished(&base, &second).status, 500);
-    assert_eq!(dead_letters(&base).len(), 2);
+    let letters = dead_letters(&base);
+    assert_eq!(letters.len(), 2);
+    assert!(letters
+        .iter()
+        .all(|l| l["attempts"].as_array().map(Vec::len) == Some(3)));
     let one = http(
         "DELETE",
         &format!("{base}/v1/dead-letters/function/misbehave/{second}"),
@@ -240,6 +270,37 @@ fn failed_calls_retry_by_policy_then_go_to_dead_letters_that_redrive() {
         404
     );
     assert!(dead_letters(&base).is_empty());
+
+    // A call waiting for its first attempt (here, for a slot under a concurrency limit of
+    // one) is cancelled: it never runs.
+    assert_eq!(
+        http(
+            "PUT",
+            &format!("{base}/v1/functions/misbehave/concurrency"),
+            Some(TOKEN),
+            br#"{"max_concurrency":1}"#,
+        )
+        .status,
+        200
+    );
+    let busy = call_async(&base, "sleep:1500");
+    let queued = call_async(&base, "flaky:cancel/queued:1");
+    let cancel = http(
+        "DELETE",
+        &format!("{base}/v1/calls/{queued}"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(cancel.status, 204, "{}", cancel.text());
+    assert_eq!(finished(&base, &busy).status, 200);
+    assert_eq!(finished(&base, &queued).status, 410);
+    let ran = http(
+        "POST",
+        &format!("{base}/v1/functions/misbehave/invoke"),
+        Some(TOKEN),
+        b"flaky:cancel/queued:1",
+    );
+    assert_eq!(ran.text(), "1", "the cancelled call never ran");
 }
 
 #[test]
@@ -288,6 +349,98 @@ fn an_idempotency_key_runs_a_call_once() {
     }
 }
 
+#[test]
+fn a_concurrency_limit_refuses_synchronous_calls_over_it_and_queues_asynchronous_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = support::up(dir.path(), &["--token", TOKEN]);
+    let base = up.field("http");
+    register_misbehave(&base);
+    let limit = |name: &str, body: &str| {
+        http(
+            "PUT",
+            &format!("{base}/v1/functions/{name}/concurrency"),
+            Some(TOKEN),
+            body.as_bytes(),
+        )
+    };
+    for bad in [
+        r#"{"max_concurrency":0}"#,
+        r#"{"max_concurrency":-1}"#,
+        r#"{"max_concurrency":1000000}"#,
+        r#"{}"#,
+    ] {
+        assert_eq!(limit("misbehave", bad).status, 400, "{bad}");
+    }
+    assert_eq!(limit("nobody", r#"{"max_concurrency":1}"#).status, 404);
+    let set = limit("misbehave", r#"{"max_concurrency":2}"#);
+    assert_eq!(set.status, 200, "{}", set.text());
+
+    // Five at once, each sleeping 1.5 s: two run, three are refused with Retry-After.
+    let start = std::sync::Arc::new(std::sync::Barrier::new(5));
+    let callers: Vec<_> = (0..5)
+        .map(|_| {
+            let (base, start) = (base.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                http(
+                    "POST",
+                    &format!("{base}/v1/functions/misbehave/invoke"),
+                    Some(TOKEN),
+                    b"sleep:1500",
+                )
+            })
+        })
+        .collect();
+    let mut answers: Vec<Answer> = callers
+        .into_iter()
+        .map(|c| c.join().expect("a caller"))
+        .collect();
+    answers.sort_by_key(|a| a.status);
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+    assert_eq!(statuses, vec![200, 200, 429, 429, 429]);
+    assert_eq!(answers[4].error_code(), "too_many_requests");
+    assert_eq!(answers[4].retry_after.as_deref(), Some("1"));
+
+    // Asynchronous calls wait for a slot, without counting attempts: one at a time, four
+    // calls all succeed, and no two run at once.
+    assert_eq!(limit("misbehave", r#"{"max_concurrency":1}"#).status, 200);
+    let ids: Vec<String> = (0..4).map(|_| call_async(&base, "sleep:200")).collect();
+    let mut runs: Vec<(u64, u64)> = ids
+        .iter()
+        .map(|id| {
+            assert_eq!(finished(&base, id).status, 200);
+            let record = record_when(&base, id, |r| r["status"] == "succeeded");
+            let attempts = record["attempts"].as_array().expect("attempts").clone();
+            assert_eq!(attempts.len(), 1, "{record}");
+            let start = attempts[0]["start_ms"].as_u64().expect("a start");
+            let took = attempts[0]["duration_us"].as_u64().expect("a duration") / 1000;
+            (start, start + took)
+        })
+        .collect();
+    runs.sort();
+    for pair in runs.windows(2) {
+        // Milliseconds are rounded down: one of slack.
+        assert!(pair[1].0 + 1 >= pair[0].1, "two calls overlapped: {runs:?}");
+    }
+    let lifted = http(
+        "DELETE",
+        &format!("{base}/v1/functions/misbehave/concurrency"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(lifted.status, 204);
+    assert_eq!(
+        http(
+            "GET",
+            &format!("{base}/v1/functions/misbehave/concurrency"),
+            None,
+            b""
+        )
+        .status,
+        404
+    );
+}
+
 /// `squall up` on a data directory, with this gateway id, executors running `capacity`
 /// steps at once.
 fn up_on(data: &std::path::Path, log_dir: &std::path::Path, capacity: &str) -> NodeProcess {
@@ -321,8 +474,11 @@ fn accepted_async_calls_survive_a_sigkill_and_all_complete() {
     let mut up = up_on(&data, dir.path(), "2");
     let base = up.field("http");
     register_misbehave(&base);
-    // Two at a time, 100 ms each: most of the thousand are still waiting at the kill.
-    let ids: Vec<String> = (0..1000).map(|_| call_async(&base, "sleep:100")).collect();
+    // 100 ms each on an executor that takes two at a time before it counts as busy: most of
+    // the thousand are still waiting at the kill. Each counts its runs under a key of its own.
+    let ids: Vec<String> = (0..1000)
+        .map(|i| call_async(&base, &format!("tally:sigkill/{i}:100")))
+        .collect();
     let last = ids.last().expect("calls");
     assert_eq!(
         http("GET", &format!("{base}/v1/results/{last}"), None, b"").status,
@@ -333,12 +489,24 @@ fn accepted_async_calls_survive_a_sigkill_and_all_complete() {
 
     let up = up_on(&data, dir.path(), "64");
     let base = up.field("http");
+    // Every call ran, at least once and at most twice: a call runs again only if the kill
+    // came while it ran (its outcome unwritten), and a runner runs at most MAX_RUNNING at once.
+    let mut twice = 0;
     for id in &ids {
         let result = finished(&base, id);
-        assert_eq!(
-            (result.status, result.text()),
-            (200, "slept".to_string()),
-            "call {id}"
-        );
+        assert_eq!(result.status, 200, "call {id}: {}", result.text());
+        match result.text().as_str() {
+            "1" => {}
+            "2" => twice += 1,
+            other => panic!("call {id} ran {other} times"),
+        }
     }
+    assert!(
+        twice <= squall_gateway::runner::MAX_RUNNING,
+        "{twice} calls ran twice"
+    );
+    eprintln!(
+        "{twice} of the {} calls were running at the kill and ran again",
+        ids.len()
+    );
 }

@@ -12,3 +12,4 @@ mod garbage;
 mod gateway;
 mod squeezenet;
 mod support;
+mod triggers;

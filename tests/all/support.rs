@@ -250,6 +250,8 @@ pub struct Answer {
     pub activation: String,
     /// Whether `squall-idempotent-replay: true` came back.
     pub replay: bool,
+    /// The `Retry-After` header, if any.
+    pub retry_after: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -310,6 +312,7 @@ pub fn http_with(
         .unwrap_or_default()
         .to_string();
     let replay = response.header("squall-idempotent-replay") == Some("true");
+    let retry_after = response.header("retry-after").map(str::to_string);
     let mut body = Vec::new();
     std::io::Read::read_to_end(&mut response.into_reader(), &mut body).expect("read body");
     Answer {
@@ -317,6 +320,7 @@ pub fn http_with(
         placement,
         activation,
         replay,
+        retry_after,
         body,
     }
 }

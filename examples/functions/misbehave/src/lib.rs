@@ -13,6 +13,8 @@
 //! - `sleep:MS`: sleeps MS milliseconds (a slow function that uses no CPU), answers `slept`.
 //! - `flaky:KEY:N`: adds 1 to the counter KEY and fails while the counter is below N (so
 //!   under retries, attempt N is the first to succeed), then answers the counter.
+//! - `tally:KEY:MS`: adds 1 to the counter KEY, sleeps MS milliseconds, answers the counter
+//!   (so a call that ran twice answers 2).
 
 use std::hint::black_box;
 
@@ -68,6 +70,13 @@ fn handle(input: &[u8]) -> Result<Vec<u8>, String> {
             } else {
                 Ok(runs.to_string().into_bytes())
             }
+        }
+        "tally" => {
+            let (key, ms) = arg.rsplit_once(':').ok_or("expected tally:KEY:MS")?;
+            let ms: u64 = ms.parse().map_err(|e| format!("bad duration: {e}"))?;
+            let runs = squall_sdk::state::add(key, 1).map_err(|e| e.to_string())?;
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            Ok(runs.to_string().into_bytes())
         }
         other => Err(format!("unknown request {other:?}")),
     }

@@ -1,0 +1,174 @@
+//! Firing cron triggers (see [`squall_state::triggers`] for the design): every gateway
+//! looks at the triggers every [`CHECK_EVERY`], and fires the ticks it sees due as durable
+//! asynchronous calls through its [`Runner`].
+//!
+//! # Cost
+//! The triggers and where each stands are read from the store every [`REFRESH_EVERY`] (one
+//! listing, and one read per trigger); working out due ticks is in memory. A firing costs a
+//! read of the tick's result key, the call's acceptance (one batched write) and a max merge.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use squall_lattices::entry::now_ms;
+use squall_proto::call::{InvokeOptions, Target};
+use squall_state::calls::{Calls, PendingCall};
+use squall_state::triggers::{due, input_of, tick_id, Due, Trigger, Triggers};
+
+use crate::runner::Runner;
+
+/// How often due ticks are looked for.
+pub const CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// How often the triggers are read from the store.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(1);
+
+/// The widest spread of gateways' looks at one tick.
+const SPREAD_MS: u64 = 500;
+
+/// A trigger this gateway fires, as last read.
+struct Armed {
+    trigger: Trigger,
+    target: Target,
+    schedule: cron::Schedule,
+}
+
+/// Fires cron triggers. Cheap to clone.
+#[derive(Clone)]
+pub struct CronFirer {
+    triggers: Triggers,
+    calls: Calls,
+    runner: Runner,
+    timeout: Duration,
+}
+
+impl CronFirer {
+    /// Fires through `runner`; calls get `timeout` as their deadline.
+    pub fn new(triggers: Triggers, calls: Calls, runner: Runner, timeout: Duration) -> Self {
+        Self {
+            triggers,
+            calls,
+            runner,
+            timeout,
+        }
+    }
+
+    /// Fires due ticks until the runtime stops.
+    pub fn start(self) {
+        tokio::spawn(async move { self.run().await });
+    }
+
+    async fn run(self) {
+        let mut armed: Vec<Armed> = Vec::new();
+        // Where each trigger stands: the store's max register, or what this gateway fired.
+        let mut through: HashMap<String, u64> = HashMap::new();
+        let mut refreshed: Option<Instant> = None;
+        loop {
+            if refreshed.is_none_or(|at| at.elapsed() >= REFRESH_EVERY) {
+                match self.refresh(&mut through).await {
+                    Ok(fresh) => armed = fresh,
+                    Err(e) => tracing::warn!(cause = %e, "reading triggers"),
+                }
+                refreshed = Some(Instant::now());
+            }
+            let now = now_ms();
+            for one in &armed {
+                let name = &one.trigger.name;
+                // Ticks before the trigger was created, changed or resumed never fire.
+                let from = through
+                    .get(name)
+                    .copied()
+                    .unwrap_or(0)
+                    .max(one.trigger.updated_ms);
+                if let Some(tick) = due(&one.schedule, from, now) {
+                    through.insert(name.clone(), tick.tick_ms);
+                    let (firer, trigger, target) =
+                        (self.clone(), one.trigger.clone(), one.target.clone());
+                    tokio::spawn(async move { firer.fire(trigger, target, tick).await });
+                }
+            }
+            tokio::time::sleep(CHECK_EVERY).await;
+        }
+    }
+
+    /// The triggers to fire, and where each stands in the store.
+    async fn refresh(
+        &self,
+        through: &mut HashMap<String, u64>,
+    ) -> squall_state::Result<Vec<Armed>> {
+        let mut armed = Vec::new();
+        let mut names = HashSet::new();
+        for trigger in self.triggers.list().await? {
+            if trigger.paused {
+                continue;
+            }
+            let (target, schedule) = match trigger.spec.check() {
+                Ok(checked) => checked,
+                Err(e) => {
+                    tracing::warn!(trigger = %trigger.name, cause = %e, "a stored trigger is not valid");
+                    continue;
+                }
+            };
+            let fired = self.triggers.fired_through(&trigger.name).await?;
+            let known = through.entry(trigger.name.clone()).or_insert(0);
+            *known = (*known).max(fired);
+            names.insert(trigger.name.clone());
+            armed.push(Armed {
+                trigger,
+                target,
+                schedule,
+            });
+        }
+        through.retain(|name, _| names.contains(name));
+        Ok(armed)
+    }
+
+    /// Fires `tick` of `trigger`, unless another gateway did; tries again for a while if
+    /// the store does not answer.
+    async fn fire(&self, trigger: Trigger, target: Target, tick: Due) {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (self.runner.id(), &trigger.name, tick.tick_ms).hash(&mut hasher);
+        tokio::time::sleep(Duration::from_millis(hasher.finish() % SPREAD_MS)).await;
+        let mut pause = Duration::from_millis(100);
+        for _ in 0..10 {
+            match self.fire_once(&trigger, &target, tick).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(trigger = %trigger.name, cause = %e, "firing a trigger; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        tracing::error!(trigger = %trigger.name, tick = tick.tick_ms, "a tick could not be fired");
+    }
+
+    async fn fire_once(
+        &self,
+        trigger: &Trigger,
+        target: &Target,
+        tick: Due,
+    ) -> squall_state::Result<()> {
+        let id = tick_id(&trigger.name, tick.tick_ms);
+        if !self.calls.result_exists(id.as_str()).await? {
+            if tick.missed > 0 {
+                tracing::warn!(trigger = %trigger.name, missed = tick.missed,
+                    "ticks were missed while no gateway ran; the latest fires, late");
+            }
+            let call = PendingCall::new(
+                id.to_string(),
+                target.clone(),
+                input_of(trigger),
+                InvokeOptions {
+                    timeout_ms: Some(self.timeout.as_millis().try_into().unwrap_or(u64::MAX)),
+                    ..InvokeOptions::default()
+                },
+                if tick.late { "cron-late" } else { "cron" },
+                now_ms(),
+            );
+            self.runner.accept(call, Vec::new()).await?;
+        }
+        self.triggers.mark_fired(&trigger.name, tick.tick_ms).await
+    }
+}

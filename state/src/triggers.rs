@@ -1,0 +1,387 @@
+//! Triggers: functions and DAGs started by a schedule rather than a caller.
+//!
+//! A trigger ([`Trigger`]) is kept under [`squall_proto::keys::trigger`]: its kind (`cron`
+//! today), its schedule in UTC, its target and the input each firing passes. Every gateway
+//! fires the triggers it sees due, as durable asynchronous calls (see [`crate::calls`]), so a
+//! firing survives the gateway that made it and is retried by the target's policy.
+//!
+//! # One firing per tick, without coordination
+//! A tick's call has an id computed from the trigger and the tick ([`tick_id`]), the same in
+//! every gateway. A gateway that sees a tick due waits a spread of up to half a second
+//! (different for each gateway and tick), then fires only if the tick's result key does not
+//! exist yet. Two gateways fire the same tick only if both look within one store round trip
+//! of each other; then both run it (the record shows one id, the function's effects twice).
+//! The ticks fired so far are a max register per trigger ([`Triggers::fired_through`]), so a
+//! restarted gateway knows where the schedule stands: if ticks were missed while every
+//! gateway was down, the latest of them fires once, marked late (cause `cron-late`), and the
+//! others are counted, not fired.
+//!
+//! # Why the `cron` crate
+//! `cron` (with `chrono` for its times) is the most used cron expression parser for Rust: six-
+//! or seven-field expressions with seconds and years, ranges, steps and names, and iteration
+//! forwards and backwards from any instant, which is what finding the latest due tick needs.
+//! Five-field expressions (the classic crontab) are read with a seconds field of 0.
+
+use std::str::FromStr;
+
+use bytes::Bytes;
+use chrono::{DateTime, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use squall_lattices::{Entry, LatticeValue, Max, Timestamp, Write};
+use squall_proto::call::Target;
+use squall_proto::keys;
+
+use crate::activations::ActivationId;
+use crate::pool::ClientPool;
+use crate::register::decode;
+use crate::{Error, Result};
+
+/// The largest input a trigger passes.
+pub const MAX_INPUT: usize = 1 << 20;
+
+/// Ticks counted at most when working out how many were missed.
+const MAX_COUNTED: u64 = 10_000;
+
+/// A tick fired this much after its time is marked late.
+pub const LATE_AFTER_MS: u64 = 5_000;
+
+/// A trigger as created: `PUT /v1/triggers/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TriggerSpec {
+    /// `cron`.
+    pub kind: String,
+    /// A cron expression in UTC: `sec min hour day-of-month month day-of-week [year]`, or the
+    /// classic five fields (minutes first; seconds are then 0).
+    pub schedule: String,
+    /// The function it calls (or `dag`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
+    /// The DAG it calls (or `function`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dag: Option<String>,
+    /// The input of every call it makes (text).
+    #[serde(default)]
+    pub input: String,
+}
+
+impl TriggerSpec {
+    /// Checks the spec (not whether its target exists); its target and parsed schedule.
+    pub fn check(&self) -> std::result::Result<(Target, cron::Schedule), String> {
+        if self.kind != "cron" {
+            return Err(format!(
+                "unknown trigger kind {:?}: cron is the only kind (kv-change is not built yet)",
+                self.kind
+            ));
+        }
+        let target = match (&self.function, &self.dag) {
+            (Some(f), None) => Target::Function(f.clone()),
+            (None, Some(d)) => Target::Dag(d.clone()),
+            _ => return Err("a trigger names one function or one DAG".into()),
+        };
+        keys::validate_name(target.name()).map_err(|e| e.to_string())?;
+        if self.input.len() > MAX_INPUT {
+            return Err(format!("a trigger's input is at most {MAX_INPUT} bytes"));
+        }
+        Ok((target, parse_schedule(&self.schedule)?))
+    }
+}
+
+/// A stored trigger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trigger {
+    /// Its name.
+    pub name: String,
+    /// What it does.
+    pub spec: TriggerSpec,
+    /// Whether it is paused (it fires nothing; ticks passed while paused are not fired).
+    pub paused: bool,
+    /// Why it was paused, if Squall paused it (its target was deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_reason: Option<String>,
+    /// When it was created or last changed (ms since the Unix epoch).
+    pub updated_ms: u64,
+}
+
+/// Parses a cron expression (see [`TriggerSpec::schedule`]).
+pub fn parse_schedule(text: &str) -> std::result::Result<cron::Schedule, String> {
+    let fields = text.split_whitespace().count();
+    let expression = match fields {
+        5 => format!("0 {text}"),
+        6 | 7 => text.to_string(),
+        n => {
+            return Err(format!(
+                "a cron schedule has 5, 6 or 7 fields, not {n}: {text:?}"
+            ))
+        }
+    };
+    cron::Schedule::from_str(&expression).map_err(|e| format!("bad cron schedule {text:?}: {e}"))
+}
+
+fn time_of(ms: u64) -> DateTime<Utc> {
+    let ms = i64::try_from(ms).unwrap_or(i64::MAX);
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+fn ms_of(time: DateTime<Utc>) -> u64 {
+    u64::try_from(time.timestamp_millis()).unwrap_or(0)
+}
+
+/// A tick to fire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    /// Its time (ms since the Unix epoch).
+    pub tick_ms: u64,
+    /// Whether it fires late: more than [`LATE_AFTER_MS`] after its time, or after missed
+    /// ticks.
+    pub late: bool,
+    /// Ticks before it that were missed and are not fired (counted up to 10 000).
+    pub missed: u64,
+}
+
+/// The tick to fire at `now_ms`, if any: the latest tick of `schedule` after `fired_through_ms`
+/// and no later than `now_ms`.
+pub fn due(schedule: &cron::Schedule, fired_through_ms: u64, now_ms: u64) -> Option<Due> {
+    let latest = schedule
+        .after(&time_of(now_ms.saturating_add(1)))
+        .next_back()
+        .map(ms_of)?;
+    if latest <= fired_through_ms || latest > now_ms {
+        return None;
+    }
+    let missed = schedule
+        .after(&time_of(fired_through_ms))
+        .map(ms_of)
+        .take_while(|&t| t < latest)
+        .take(MAX_COUNTED as usize)
+        .count() as u64;
+    // A trigger never fired has nothing missed: its first tick is the latest.
+    let missed = if fired_through_ms == 0 { 0 } else { missed };
+    Some(Due {
+        tick_ms: latest,
+        late: missed > 0 || now_ms - latest > LATE_AFTER_MS,
+        missed,
+    })
+}
+
+/// The call id of `trigger`'s tick at `tick_ms`: the same in every gateway, sorted by the
+/// tick like any activation id.
+pub fn tick_id(trigger: &str, tick_ms: u64) -> ActivationId {
+    let hash = Sha256::digest(format!("{trigger}\n{tick_ms}").as_bytes());
+    let mut suffix = [0u8; 8];
+    suffix.copy_from_slice(&hash[..8]);
+    ActivationId::with_suffix(tick_ms.saturating_mul(1000), u64::from_be_bytes(suffix))
+}
+
+/// The triggers of one namespace in the store. Cheap to clone.
+#[derive(Clone)]
+pub struct Triggers {
+    kvs: ClientPool,
+    namespace: String,
+    writer: u64,
+}
+
+impl std::fmt::Debug for Triggers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Triggers")
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Triggers {
+    /// Triggers of the default namespace.
+    pub fn new(kvs: ClientPool) -> Self {
+        Self {
+            kvs,
+            namespace: keys::DEFAULT_NAMESPACE.to_string(),
+            writer: rand::random(),
+        }
+    }
+
+    /// Writes `trigger`.
+    pub async fn put(&self, trigger: &Trigger) -> Result<()> {
+        let key = keys::trigger(&self.namespace, &trigger.name);
+        let value = crate::register::encode(&key, trigger, Timestamp::now(self.writer))?;
+        let write = Write {
+            value: Some(value),
+            expiry: None,
+        };
+        let results = self
+            .kvs
+            .with(move |client| client.write_many(vec![(key, write)]))
+            .await?;
+        match results.into_iter().next() {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(Error::BadValue {
+                key: trigger.name.clone(),
+                reason: e.to_string(),
+            }),
+            None => Err(Error::Internal("no answer for the trigger's write".into())),
+        }
+    }
+
+    /// The trigger `name`.
+    pub async fn get(&self, name: &str) -> Result<Option<Trigger>> {
+        let key = keys::trigger(&self.namespace, name);
+        let read = key.clone();
+        let value = self.kvs.with(move |client| client.get(&read)).await?;
+        Ok(value.and_then(|v| decode(&key, v)))
+    }
+
+    /// Every trigger, by name.
+    pub async fn list(&self) -> Result<Vec<Trigger>> {
+        let prefix = keys::trigger(&self.namespace, "");
+        Ok(self
+            .kvs
+            .entries_with_prefix(&prefix)
+            .await?
+            .into_iter()
+            .filter_map(|(key, value)| decode(&key, value))
+            .collect())
+    }
+
+    /// Deletes trigger `name` (and where its schedule stood).
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        let at = Timestamp::now(self.writer);
+        let deletes = vec![
+            (keys::trigger(&self.namespace, name), Entry::tombstone(at)),
+            (
+                keys::trigger_fired(&self.namespace, name),
+                Entry::tombstone(at),
+            ),
+        ];
+        self.kvs
+            .with(move |client| client.merge_many(deletes))
+            .await?;
+        Ok(())
+    }
+
+    /// The latest tick of trigger `name` fired so far (ms since the Unix epoch; 0: none).
+    pub async fn fired_through(&self, name: &str) -> Result<u64> {
+        let key = keys::trigger_fired(&self.namespace, name);
+        let value = self.kvs.with(move |client| client.get(&key)).await?;
+        Ok(match value {
+            Some(LatticeValue::Max(max)) => u64::try_from(max.0).unwrap_or(0),
+            _ => 0,
+        })
+    }
+
+    /// Records that trigger `name`'s tick `tick_ms` fired (a max register: never goes back).
+    pub async fn mark_fired(&self, name: &str, tick_ms: u64) -> Result<()> {
+        let key = keys::trigger_fired(&self.namespace, name);
+        let value = LatticeValue::Max(Max(i64::try_from(tick_ms).unwrap_or(i64::MAX)));
+        self.kvs.with(move |client| client.put(&key, value)).await?;
+        Ok(())
+    }
+
+    /// Pauses every trigger that calls `target`, saying why.
+    pub async fn pause_calling(&self, target: &Target, reason: &str) -> Result<Vec<String>> {
+        let mut paused = Vec::new();
+        for mut trigger in self.list().await? {
+            let calls = match trigger.spec.check() {
+                Ok((t, _)) => &t == target,
+                Err(_) => false,
+            };
+            if calls && !trigger.paused {
+                trigger.paused = true;
+                trigger.paused_reason = Some(reason.to_string());
+                trigger.updated_ms = squall_lattices::entry::now_ms();
+                self.put(&trigger).await?;
+                paused.push(trigger.name.clone());
+            }
+        }
+        Ok(paused)
+    }
+}
+
+/// The input of a trigger's calls.
+pub fn input_of(trigger: &Trigger) -> Bytes {
+    Bytes::copy_from_slice(trigger.spec.input.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(kind: &str, schedule: &str) -> TriggerSpec {
+        TriggerSpec {
+            kind: kind.into(),
+            schedule: schedule.into(),
+            function: Some("f".into()),
+            dag: None,
+            input: String::new(),
+        }
+    }
+
+    #[test]
+    fn specs_are_checked() {
+        assert!(spec("cron", "*/5 * * * *").check().is_ok());
+        assert!(spec("cron", "*/2 * * * * *").check().is_ok());
+        for (kind, schedule) in [
+            ("kv-change", "* * * * *"),
+            ("cron", "every minute"),
+            ("cron", "61 * * * *"),
+            ("cron", "* * *"),
+        ] {
+            assert!(spec(kind, schedule).check().is_err(), "{kind} {schedule}");
+        }
+        let mut both = spec("cron", "* * * * *");
+        both.dag = Some("d".into());
+        assert!(both.check().is_err());
+        let mut neither = spec("cron", "* * * * *");
+        neither.function = None;
+        assert!(neither.check().is_err());
+        let mut bad_name = spec("cron", "* * * * *");
+        bad_name.function = Some("a/b".into());
+        assert!(bad_name.check().is_err());
+    }
+
+    #[test]
+    fn the_latest_due_tick_fires_and_missed_ones_are_counted() {
+        // Every 10 seconds.
+        let schedule = parse_schedule("*/10 * * * * *").expect("parses");
+        let base = 1_700_000_000_000u64; // a multiple of 10 s
+                                         // Nothing new since the last fired tick.
+        assert_eq!(due(&schedule, base, base + 9_999), None);
+        // The next tick, on time.
+        assert_eq!(
+            due(&schedule, base, base + 10_200),
+            Some(Due {
+                tick_ms: base + 10_000,
+                late: false,
+                missed: 0
+            })
+        );
+        // Three ticks passed: the latest fires, late, two missed.
+        assert_eq!(
+            due(&schedule, base, base + 30_500),
+            Some(Due {
+                tick_ms: base + 30_000,
+                late: true,
+                missed: 2
+            })
+        );
+        // A tick fired long after its time is late.
+        assert!(due(&schedule, base, base + 19_000).is_some_and(|d| d.late));
+        // Never fired: the latest tick, not late, nothing missed.
+        assert_eq!(
+            due(&schedule, 0, base + 10_200).map(|d| (d.tick_ms, d.missed, d.late)),
+            Some((base + 10_000, 0, false))
+        );
+    }
+
+    #[test]
+    fn tick_ids_are_the_same_everywhere_and_differ_per_tick_and_trigger() {
+        let id = tick_id("nightly", 1_000);
+        assert_eq!(id, tick_id("nightly", 1_000));
+        assert_ne!(id, tick_id("nightly", 2_000));
+        assert_ne!(id, tick_id("hourly", 1_000));
+        assert_eq!(id.start_us(), Some(1_000_000));
+        assert!(ActivationId::parse(id.as_str()).is_some());
+    }
+}
