@@ -98,7 +98,7 @@ impl ClientPool {
 const LIST_PAGE: u32 = 1000;
 
 impl ClientPool {
-    /// Every live key starting with `prefix`, in order, a listing of [`LIST_PAGE`] at a time.
+    /// Every live key starting with `prefix`, in order, a listing of 1 000 at a time.
     pub async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<squall_kvs::Key>> {
         let mut keys = Vec::new();
         let mut after: Option<squall_kvs::Key> = None;
