@@ -163,12 +163,14 @@ impl Gateway {
         let (calls, limits) = (self.calls.clone(), self.limits.clone());
         tokio::spawn(async move {
             loop {
+                let generation = limits.generation();
                 match calls.concurrency_limits().await {
                     Ok(stored) => limits.replace(
                         stored
                             .into_iter()
                             .map(|(target, limit)| (target, limit.max_concurrency))
                             .collect(),
+                        generation,
                     ),
                     Err(e) => tracing::warn!(cause = %e, "reading concurrency limits"),
                 }
@@ -394,15 +396,18 @@ impl IntoResponse for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 /// Refuses mutating requests without the token, when one is set, and reads of activation
-/// records and dead letters too: they name asynchronous calls, whose ids read their results.
+/// records, dead letters and triggers too: they name asynchronous calls, whose ids read
+/// their results.
 async fn authorize(State(gateway): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
     let mutating = !matches!(
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS
     );
     let path = request.uri().path();
-    let guarded =
-        mutating || path.starts_with("/v1/activations") || path.starts_with("/v1/dead-letters");
+    let guarded = mutating
+        || path.starts_with("/v1/activations")
+        || path.starts_with("/v1/dead-letters")
+        || path.starts_with("/v1/triggers");
     if let (true, Some(token)) = (guarded, &gateway.config.token) {
         let given = request
             .headers()
@@ -1518,6 +1523,7 @@ async fn get_kv(
         )
         .into_response(),
         LatticeValue::Max(Max(n)) | LatticeValue::Min(Min(n)) => n.to_string().into_response(),
+        LatticeValue::Counter(counter) => counter.value().to_string().into_response(),
         _ => {
             return Err(ApiError::bad_request(format!(
                 "key {key:?} holds a {kind} value; read it with `squall kv get`"
@@ -1858,6 +1864,7 @@ async fn put_trigger(
         paused: false,
         paused_reason: None,
         updated_ms: now_ms(),
+        salt: rand::random(),
     };
     gateway.triggers.put(&trigger).await?;
     Ok(Json(trigger.into()))

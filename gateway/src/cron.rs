@@ -3,12 +3,14 @@
 //! asynchronous calls through its [`Runner`].
 //!
 //! # Cost
-//! The triggers and where each stands are read from the store every [`REFRESH_EVERY`] (one
-//! listing, and one read per trigger); working out due ticks is in memory. A firing costs a
-//! read of the tick's result key, the call's acceptance (one batched write) and a max merge.
+//! The triggers and where each stands are read from the store every [`REFRESH_EVERY`] (two
+//! listings and two batched reads); working out due ticks is in memory. A firing costs a
+//! read of the tick's result key (and of its call if the result says running), the call's
+//! acceptance (one batched write) and a max merge.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use squall_lattices::entry::now_ms;
@@ -26,6 +28,9 @@ pub const REFRESH_EVERY: Duration = Duration::from_secs(1);
 
 /// The widest spread of gateways' looks at one tick.
 const SPREAD_MS: u64 = 500;
+
+/// Where each trigger stands, by name: the latest tick fired or being fired.
+type Through = Arc<Mutex<HashMap<String, u64>>>;
 
 /// A trigger this gateway fires, as last read.
 struct Armed {
@@ -61,12 +66,13 @@ impl CronFirer {
 
     async fn run(self) {
         let mut armed: Vec<Armed> = Vec::new();
-        // Where each trigger stands: the store's max register, or what this gateway fired.
-        let mut through: HashMap<String, u64> = HashMap::new();
+        // Where each trigger stands: the store's max register, or what this gateway fired
+        // (a firing that finally fails puts its trigger back, so the tick is looked at again).
+        let through: Through = Arc::default();
         let mut refreshed: Option<Instant> = None;
         loop {
             if refreshed.is_none_or(|at| at.elapsed() >= REFRESH_EVERY) {
-                match self.refresh(&mut through).await {
+                match self.refresh(&through).await {
                     Ok(fresh) => armed = fresh,
                     Err(e) => tracing::warn!(cause = %e, "reading triggers"),
                 }
@@ -75,17 +81,35 @@ impl CronFirer {
             let now = now_ms();
             for one in &armed {
                 let name = &one.trigger.name;
-                // Ticks before the trigger was created, changed or resumed never fire.
-                let from = through
-                    .get(name)
-                    .copied()
-                    .unwrap_or(0)
-                    .max(one.trigger.updated_ms);
-                if let Some(tick) = due(&one.schedule, from, now) {
-                    through.insert(name.clone(), tick.tick_ms);
-                    let (firer, trigger, target) =
-                        (self.clone(), one.trigger.clone(), one.target.clone());
-                    tokio::spawn(async move { firer.fire(trigger, target, tick).await });
+                let tick = {
+                    let mut known = through.lock().unwrap_or_else(|p| p.into_inner());
+                    // Ticks before the trigger was created, changed or resumed never fire.
+                    let from = known
+                        .get(name)
+                        .copied()
+                        .unwrap_or(0)
+                        .max(one.trigger.updated_ms);
+                    let tick = due(&one.schedule, from, now);
+                    if let Some(tick) = tick {
+                        known.insert(name.clone(), tick.tick_ms);
+                    }
+                    tick
+                };
+                if let Some(tick) = tick {
+                    let (firer, trigger, target, through) = (
+                        self.clone(),
+                        one.trigger.clone(),
+                        one.target.clone(),
+                        through.clone(),
+                    );
+                    tokio::spawn(async move {
+                        if !firer.fire(&trigger, target, tick).await {
+                            let mut known = through.lock().unwrap_or_else(|p| p.into_inner());
+                            if known.get(&trigger.name) == Some(&tick.tick_ms) {
+                                known.insert(trigger.name.clone(), tick.tick_ms - 1);
+                            }
+                        }
+                    });
                 }
             }
             tokio::time::sleep(CHECK_EVERY).await;
@@ -93,10 +117,8 @@ impl CronFirer {
     }
 
     /// The triggers to fire, and where each stands in the store.
-    async fn refresh(
-        &self,
-        through: &mut HashMap<String, u64>,
-    ) -> squall_state::Result<Vec<Armed>> {
+    async fn refresh(&self, through: &Through) -> squall_state::Result<Vec<Armed>> {
+        let fired = self.triggers.fired_through().await?;
         let mut armed = Vec::new();
         let mut names = HashSet::new();
         for trigger in self.triggers.list().await? {
@@ -110,9 +132,6 @@ impl CronFirer {
                     continue;
                 }
             };
-            let fired = self.triggers.fired_through(&trigger.name).await?;
-            let known = through.entry(trigger.name.clone()).or_insert(0);
-            *known = (*known).max(fired);
             names.insert(trigger.name.clone());
             armed.push(Armed {
                 trigger,
@@ -120,20 +139,26 @@ impl CronFirer {
                 schedule,
             });
         }
-        through.retain(|name, _| names.contains(name));
+        let mut known = through.lock().unwrap_or_else(|p| p.into_inner());
+        known.retain(|name, _| names.contains(name));
+        for name in names {
+            let stored = fired.get(&name).copied().unwrap_or(0);
+            let at = known.entry(name).or_insert(0);
+            *at = (*at).max(stored);
+        }
         Ok(armed)
     }
 
     /// Fires `tick` of `trigger`, unless another gateway did; tries again for a while if
-    /// the store does not answer.
-    async fn fire(&self, trigger: Trigger, target: Target, tick: Due) {
+    /// the store does not answer. Whether the tick is fired.
+    async fn fire(&self, trigger: &Trigger, target: Target, tick: Due) -> bool {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         (self.runner.id(), &trigger.name, tick.tick_ms).hash(&mut hasher);
         tokio::time::sleep(Duration::from_millis(hasher.finish() % SPREAD_MS)).await;
         let mut pause = Duration::from_millis(100);
         for _ in 0..10 {
-            match self.fire_once(&trigger, &target, tick).await {
-                Ok(()) => return,
+            match self.fire_once(trigger, &target, tick).await {
+                Ok(()) => return true,
                 Err(e) => {
                     tracing::warn!(trigger = %trigger.name, cause = %e, "firing a trigger; trying again");
                     tokio::time::sleep(pause).await;
@@ -141,7 +166,9 @@ impl CronFirer {
                 }
             }
         }
-        tracing::error!(trigger = %trigger.name, tick = tick.tick_ms, "a tick could not be fired");
+        tracing::error!(trigger = %trigger.name, tick = tick.tick_ms,
+            "a tick could not be fired; the next look tries again");
+        false
     }
 
     async fn fire_once(
@@ -150,8 +177,8 @@ impl CronFirer {
         target: &Target,
         tick: Due,
     ) -> squall_state::Result<()> {
-        let id = tick_id(&trigger.name, tick.tick_ms);
-        if !self.calls.result_exists(id.as_str()).await? {
+        let id = tick_id(trigger, tick.tick_ms);
+        if !self.calls.taken(id.as_str()).await? {
             if tick.missed > 0 {
                 tracing::warn!(trigger = %trigger.name, missed = tick.missed,
                     "ticks were missed while no gateway ran; the latest fires, late");

@@ -13,7 +13,7 @@
 //! the store for those set elsewhere. With no limit set, a call costs one atomic load.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +32,8 @@ pub struct ConcurrencyLimits {
 struct Inner {
     /// Whether any limit is set: the fast path for calls when none is.
     any: AtomicBool,
+    /// Counts limits set or lifted here, so that a refresh read before one does not undo it.
+    generation: AtomicU64,
     slots: Mutex<Slots>,
 }
 
@@ -64,6 +66,7 @@ impl ConcurrencyLimits {
     /// Sets (`Some`) or lifts (`None`) the limit of `target`.
     pub fn set(&self, target: Target, max: Option<u32>) {
         let mut slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
         match max {
             Some(max) => {
                 slots.max.insert(target, max);
@@ -77,9 +80,20 @@ impl ConcurrencyLimits {
             .store(!slots.max.is_empty(), Ordering::Release);
     }
 
-    /// Replaces every limit with `limits` (as the store has them).
-    pub fn replace(&self, limits: HashMap<Target, u32>) {
+    /// How many limits were set or lifted here so far: take it before reading the store
+    /// for [`ConcurrencyLimits::replace`].
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
+    }
+
+    /// Replaces every limit with `limits` (as the store had them when read), unless a limit
+    /// was set or lifted here since `generation`: then the read may predate it, and the
+    /// next refresh brings the rest.
+    pub fn replace(&self, limits: HashMap<Target, u32>, generation: u64) {
         let mut slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if self.inner.generation.load(Ordering::Acquire) != generation {
+            return;
+        }
         slots.max = limits;
         self.inner
             .any
@@ -108,12 +122,19 @@ impl ConcurrencyLimits {
     }
 
     /// [`ConcurrencyLimits::try_acquire`], waiting for a slot: 10 ms, doubling up to 500 ms
-    /// between tries.
-    pub async fn acquire(&self, target: &Target) -> Option<Slot> {
+    /// between tries; `Err(())` once `give_up` says so (asked before every try).
+    pub async fn acquire(
+        &self,
+        target: &Target,
+        give_up: impl Fn() -> bool,
+    ) -> Result<Option<Slot>, ()> {
         let mut pause = Duration::from_millis(10);
         loop {
+            if give_up() {
+                return Err(());
+            }
             match self.try_acquire(target) {
-                Ok(slot) => return slot,
+                Ok(slot) => return Ok(slot),
                 Err(_) => {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(500));
@@ -147,7 +168,12 @@ mod tests {
         limits.set(f.clone(), None);
         assert!(limits.try_acquire(&f).expect("no limit").is_none());
         drop((second, third));
-        limits.replace(HashMap::from([(g.clone(), 1)]));
+        // A refresh read before a limit was set here does not undo it.
+        let before = limits.generation();
+        limits.set(f.clone(), Some(5));
+        limits.replace(HashMap::new(), before);
+        assert!(limits.try_acquire(&f).expect("a slot").is_some());
+        limits.replace(HashMap::from([(g.clone(), 1)]), limits.generation());
         let only = limits.try_acquire(&g).expect("a slot");
         assert!(only.is_some());
         assert!(limits.try_acquire(&g).is_err());

@@ -139,9 +139,11 @@ impl Runner {
         locked(&self.inner.held).insert(id.to_string())
     }
 
-    /// Marks call `id` as no longer run here.
+    /// Marks call `id` as no longer run here. Takes the locks in the order
+    /// [`Runner::cancel`] does.
     fn let_go(&self, id: &str) {
-        locked(&self.inner.held).remove(id);
+        let mut held = locked(&self.inner.held);
+        held.remove(id);
         locked(&self.inner.cancelled).remove(id);
     }
 
@@ -154,7 +156,10 @@ impl Runner {
     /// runs here, no attempt starts after this and nothing more is written for it but a
     /// success.
     pub fn cancel(&self, id: &str) {
-        if self.holds(id) {
+        // Under the held set's lock, so that the call cannot be let go in between and leave
+        // a marker nobody clears.
+        let held = locked(&self.inner.held);
+        if held.contains(id) {
             locked(&self.inner.cancelled).insert(id.to_string());
         }
     }
@@ -186,7 +191,10 @@ impl Runner {
         let runner = self.clone();
         let accepted = tokio::spawn(async move {
             // Held before it is in the store, so that no scan of this runner takes it too.
-            runner.hold(&call.id);
+            // Already held: the same call (a cron tick) is being accepted or run here.
+            if !runner.hold(&call.id) {
+                return Ok(());
+            }
             match runner.inner.calls.write_all(writes).await {
                 Ok(()) => {
                     runner.run_held(call);
@@ -327,18 +335,37 @@ impl Runner {
                 tokio::time::sleep(wait).await;
             }
             // A slot under the target's concurrency limit first: waiting for it holds none of
-            // the runner's own.
-            let slot = self.inner.limits.acquire(&call.target).await;
+            // the runner's own. A cancel ends the wait.
+            let waiting = Instant::now();
+            let Ok(slot) = self
+                .inner
+                .limits
+                .acquire(&call.target, || self.is_cancelled(&call.id))
+                .await
+            else {
+                break;
+            };
             let Ok(permit) = self.inner.running.acquire().await else {
                 break;
             };
             if self.is_cancelled(&call.id) {
                 break;
             }
-            if !fresh {
-                // A cancel through another gateway deletes the call: no attempt follows it.
+            // After a retry's wait, or a long wait for a slot or a permit, look at the store
+            // again: a cancel through another gateway deletes the call, and a wait past the
+            // lease may have let another runner take it.
+            if !fresh || waiting.elapsed() > LEASE_MARGIN / 2 {
                 match self.inner.calls.get(&call.id).await {
-                    Ok(Some(_)) => {}
+                    Ok(Some(stored)) => {
+                        let ours = stored
+                            .lease
+                            .as_ref()
+                            .is_none_or(|l| l.owner == self.inner.id || l.until_ms <= now_ms());
+                        if !ours {
+                            tracing::info!(id = %call.id, "another runner took the call while it waited here");
+                            break;
+                        }
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         tracing::warn!(id = %call.id, cause = %e, "re-reading a pending call");
@@ -348,7 +375,7 @@ impl Runner {
                 }
             }
             fresh = false;
-            // A long wait for a slot or a permit may have outlived the lease: renew it.
+            // A wait may have brought the lease near its end: renew it.
             let now = now_ms();
             if call.lease.as_ref().is_none_or(|l| {
                 l.until_ms < now + (call.timeout() + LEASE_MARGIN / 2).as_millis() as u64
@@ -477,13 +504,18 @@ impl Runner {
                 let (kind, name) = kind_and_name(&call.target);
                 let letter = call.clone();
                 let calls = self.inner.calls.clone();
-                self.persist("moving a call to the dead letters", || {
-                    let calls = calls.clone();
-                    let letter = letter.clone();
-                    let error = error.clone();
-                    async move { calls.dead_letter(letter, error).await }
-                })
-                .await;
+                let moved = self
+                    .persist("moving a call to the dead letters", || {
+                        let calls = calls.clone();
+                        let letter = letter.clone();
+                        let error = error.clone();
+                        async move { calls.dead_letter(letter, error).await }
+                    })
+                    .await;
+                if moved.is_err() {
+                    // No dead letter can hold it: the failure is its outcome all the same.
+                    self.finish(call, CallResult::Failed(failure)).await;
+                }
                 self.inner.metrics.dead_letter(kind, name);
                 self.record(call, Status::Failed, Some(error), None);
                 false
@@ -513,22 +545,39 @@ impl Runner {
         }
     }
 
-    /// Writes a finished call's result and deletes it.
+    /// Writes a finished call's result and deletes it. A result the store refuses (an
+    /// output over its limits) is written as a `too_large` failure instead.
     async fn finish(&self, call: &PendingCall, result: CallResult) {
         let calls = self.inner.calls.clone();
         let (id, attempt) = (call.id.clone(), call.attempt);
-        self.persist("writing a call's result", || {
-            let calls = calls.clone();
-            let id = id.clone();
-            let result = result.clone();
-            async move { calls.finish(&id, &result, attempt).await }
-        })
-        .await
+        let write = |result: CallResult| {
+            let (calls, id) = (calls.clone(), id.clone());
+            move || {
+                let (calls, id, result) = (calls.clone(), id.clone(), result.clone());
+                async move { calls.finish(&id, &result, attempt).await }
+            }
+        };
+        if let Err(refused) = self.persist("writing a call's result", write(result)).await {
+            let failure = Failure::new(
+                FailureCode::TooLarge,
+                format!("the output could not be stored: {refused}"),
+            );
+            if let Err(e) = self
+                .persist(
+                    "writing a call's failure",
+                    write(CallResult::Failed(failure)),
+                )
+                .await
+            {
+                tracing::error!(id = %call.id, cause = %e, "no outcome could be written");
+            }
+        }
     }
 
     /// Retries a store write until it is done: the call stays held meanwhile, so no scan
-    /// here runs it again, and its lease keeps other runners off it for a while.
-    async fn persist<F, Fut>(&self, what: &str, write: F)
+    /// here runs it again, and its lease keeps other runners off it for a while. A value the
+    /// store refuses is an error at once: trying again cannot change it.
+    async fn persist<F, Fut>(&self, what: &str, write: F) -> squall_state::Result<()>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = squall_state::Result<()>>,
@@ -536,7 +585,11 @@ impl Runner {
         let mut pause = Duration::from_millis(50);
         loop {
             match write().await {
-                Ok(()) => return,
+                Ok(()) => return Ok(()),
+                Err(e @ squall_state::Error::BadValue { .. }) => {
+                    tracing::warn!(cause = %e, "{what}: refused");
+                    return Err(e);
+                }
                 Err(e) => {
                     tracing::warn!(cause = %e, "{what}; trying again");
                     tokio::time::sleep(pause).await;

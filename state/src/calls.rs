@@ -427,6 +427,22 @@ impl Calls {
         all_written(keys, results)
     }
 
+    /// Whether call `id` was accepted and still stands: its result is finished, or it is
+    /// pending. A running result with no pending call is what an acceptance that failed
+    /// midway leaves: the call is not taken.
+    pub async fn taken(&self, id: &str) -> Result<bool> {
+        let key = keys::result(&self.namespace, id);
+        match self.kvs.with(move |client| client.get(&key)).await? {
+            None => Ok(false),
+            Some(LatticeValue::Lww(register))
+                if matches!(CallResult::decode(&register.value), Ok(CallResult::Running)) =>
+            {
+                Ok(self.get(id).await?.is_some())
+            }
+            Some(_) => Ok(true),
+        }
+    }
+
     /// Whether call `id` has a result (running or finished).
     pub async fn result_exists(&self, id: &str) -> Result<bool> {
         let key = keys::result(&self.namespace, id);

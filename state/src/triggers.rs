@@ -12,9 +12,10 @@
 //! exist yet. Two gateways fire the same tick only if both look within one store round trip
 //! of each other; then both run it (the record shows one id, the function's effects twice).
 //! The ticks fired so far are a max register per trigger ([`Triggers::fired_through`]), so a
-//! restarted gateway knows where the schedule stands: if ticks were missed while every
-//! gateway was down, the latest of them fires once, marked late (cause `cron-late`), and the
-//! others are counted, not fired.
+//! restarted gateway knows where the schedule stands ([`due`]): up to [`CATCH_UP`] ticks
+//! behind (a stalled gateway, a slow store, a short outage), each fires in turn, late ones
+//! marked late (cause `cron-late`); further behind (every gateway was down), only the latest
+//! fires, late, and the others are counted, not fired.
 //!
 //! # Why the `cron` crate
 //! `cron` (with `chrono` for its times) is the most used cron expression parser for Rust: six-
@@ -103,13 +104,59 @@ pub struct Trigger {
     pub paused_reason: Option<String>,
     /// When it was created or last changed (ms since the Unix epoch).
     pub updated_ms: u64,
+    /// Random bits of its ticks' call ids, chosen when it is created, so that nobody who
+    /// knows only its name and schedule can compute them (an id reads its result).
+    #[serde(default)]
+    pub salt: u64,
 }
 
-/// Parses a cron expression (see [`TriggerSpec::schedule`]).
+/// A classic crontab day-of-week field (0 to 7, 0 and 7 both Sunday) in the `cron` crate's
+/// numbering (1 to 7, 1 Sunday). Names and `*` pass as they are; steps are not days.
+fn crontab_weekdays(field: &str) -> std::result::Result<String, String> {
+    let day = |text: &str| -> std::result::Result<String, String> {
+        match text.parse::<u8>() {
+            Ok(n @ 0..=6) => Ok((n + 1).to_string()),
+            Ok(7) => Ok("1".into()),
+            Ok(n) => Err(format!("day of week {n} is not between 0 and 7")),
+            Err(_) => Ok(text.to_string()),
+        }
+    };
+    let parts: std::result::Result<Vec<String>, String> = field
+        .split(',')
+        .map(|part| {
+            let (range, step) = match part.split_once('/') {
+                Some((range, step)) => (range, Some(step)),
+                None => (part, None),
+            };
+            let range = match range.split_once('-') {
+                Some((from, to)) => format!("{}-{}", day(from)?, day(to)?),
+                None => day(range)?,
+            };
+            Ok(match step {
+                Some(step) => format!("{range}/{step}"),
+                None => range,
+            })
+        })
+        .collect();
+    Ok(parts?.join(","))
+}
+
+/// Parses a cron expression (see [`TriggerSpec::schedule`]). Five fields are read as
+/// crontab reads them (minute first, days of the week 0 to 7 from Sunday); six or seven as
+/// the `cron` crate does (seconds first, days of the week 1 to 7 from Sunday, or names). A
+/// day of the month and a day of the week both set must both match (crontab fires when
+/// either does): use one of them, or names.
 pub fn parse_schedule(text: &str) -> std::result::Result<cron::Schedule, String> {
-    let fields = text.split_whitespace().count();
-    let expression = match fields {
-        5 => format!("0 {text}"),
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let expression = match fields.len() {
+        5 => format!(
+            "0 {} {} {} {} {}",
+            fields[0],
+            fields[1],
+            fields[2],
+            fields[3],
+            crontab_weekdays(fields[4])?
+        ),
         6 | 7 => text.to_string(),
         n => {
             return Err(format!(
@@ -143,35 +190,63 @@ pub struct Due {
     pub missed: u64,
 }
 
-/// The tick to fire at `now_ms`, if any: the latest tick of `schedule` after `fired_through_ms`
-/// and no later than `now_ms`.
+/// How many ticks behind a trigger may fall and still fire each of them (a gateway that
+/// stalled, a store that was slow); further behind, only the latest fires.
+pub const CATCH_UP: usize = 10;
+
+/// The tick to fire at `now_ms`, if any, for a trigger that fired its ticks through
+/// `fired_through_ms`: the next tick, if no more than [`CATCH_UP`] are due (late if fired
+/// more than [`LATE_AFTER_MS`] after its time); else only the latest, late, the others
+/// counted as missed. A trigger never fired (`0`) fires its latest tick.
 pub fn due(schedule: &cron::Schedule, fired_through_ms: u64, now_ms: u64) -> Option<Due> {
-    let latest = schedule
-        .after(&time_of(now_ms.saturating_add(1)))
-        .next_back()
-        .map(ms_of)?;
-    if latest <= fired_through_ms || latest > now_ms {
-        return None;
+    let latest = || {
+        schedule
+            .after(&time_of(now_ms.saturating_add(1)))
+            .next_back()
+            .map(ms_of)
+            .filter(|&t| t > fired_through_ms && t <= now_ms)
+    };
+    if fired_through_ms == 0 {
+        return latest().map(|tick_ms| Due {
+            tick_ms,
+            late: false,
+            missed: 0,
+        });
     }
-    let missed = schedule
+    let pending: Vec<u64> = schedule
         .after(&time_of(fired_through_ms))
         .map(ms_of)
-        .take_while(|&t| t < latest)
-        .take(MAX_COUNTED as usize)
-        .count() as u64;
-    // A trigger never fired has nothing missed: its first tick is the latest.
-    let missed = if fired_through_ms == 0 { 0 } else { missed };
-    Some(Due {
-        tick_ms: latest,
-        late: missed > 0 || now_ms - latest > LATE_AFTER_MS,
-        missed,
-    })
+        .take_while(|&t| t <= now_ms)
+        .take(CATCH_UP + 1)
+        .collect();
+    match pending.len() {
+        0 => None,
+        n if n <= CATCH_UP => Some(Due {
+            tick_ms: pending[0],
+            late: now_ms - pending[0] > LATE_AFTER_MS,
+            missed: 0,
+        }),
+        _ => {
+            let tick_ms = latest()?;
+            let missed = schedule
+                .after(&time_of(fired_through_ms))
+                .map(ms_of)
+                .take_while(|&t| t < tick_ms)
+                .take(MAX_COUNTED as usize)
+                .count() as u64;
+            Some(Due {
+                tick_ms,
+                late: true,
+                missed,
+            })
+        }
+    }
 }
 
 /// The call id of `trigger`'s tick at `tick_ms`: the same in every gateway, sorted by the
 /// tick like any activation id.
-pub fn tick_id(trigger: &str, tick_ms: u64) -> ActivationId {
-    let hash = Sha256::digest(format!("{trigger}\n{tick_ms}").as_bytes());
+pub fn tick_id(trigger: &Trigger, tick_ms: u64) -> ActivationId {
+    let hash = Sha256::digest(format!("{}\n{}\n{tick_ms}", trigger.name, trigger.salt).as_bytes());
     let mut suffix = [0u8; 8];
     suffix.copy_from_slice(&hash[..8]);
     ActivationId::with_suffix(tick_ms.saturating_mul(1000), u64::from_be_bytes(suffix))
@@ -261,14 +336,23 @@ impl Triggers {
         Ok(())
     }
 
-    /// The latest tick of trigger `name` fired so far (ms since the Unix epoch; 0: none).
-    pub async fn fired_through(&self, name: &str) -> Result<u64> {
-        let key = keys::trigger_fired(&self.namespace, name);
-        let value = self.kvs.with(move |client| client.get(&key)).await?;
-        Ok(match value {
-            Some(LatticeValue::Max(max)) => u64::try_from(max.0).unwrap_or(0),
-            _ => 0,
-        })
+    /// The latest tick each trigger fired so far (ms since the Unix epoch), by name, in one
+    /// listing and one batched read.
+    pub async fn fired_through(&self) -> Result<std::collections::HashMap<String, u64>> {
+        let prefix = keys::trigger_fired(&self.namespace, "");
+        Ok(self
+            .kvs
+            .entries_with_prefix(&prefix)
+            .await?
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let name = key.strip_prefix(&prefix)?.to_string();
+                match value {
+                    LatticeValue::Max(max) => Some((name, u64::try_from(max.0).unwrap_or(0))),
+                    _ => None,
+                }
+            })
+            .collect())
     }
 
     /// Records that trigger `name`'s tick `tick_ms` fired (a max register: never goes back).
@@ -357,13 +441,27 @@ mod tests {
                 missed: 0
             })
         );
-        // Three ticks passed: the latest fires, late, two missed.
+        // Three ticks passed (a gateway stalled): each fires in turn, the first one late.
         assert_eq!(
             due(&schedule, base, base + 30_500),
             Some(Due {
-                tick_ms: base + 30_000,
+                tick_ms: base + 10_000,
                 late: true,
-                missed: 2
+                missed: 0
+            })
+        );
+        assert_eq!(
+            due(&schedule, base + 10_000, base + 30_500).map(|d| d.tick_ms),
+            Some(base + 20_000)
+        );
+        // Twenty passed (every gateway was down): only the latest fires, late, nineteen
+        // missed.
+        assert_eq!(
+            due(&schedule, base, base + 200_500),
+            Some(Due {
+                tick_ms: base + 200_000,
+                late: true,
+                missed: 19
             })
         );
         // A tick fired long after its time is late.
@@ -375,12 +473,44 @@ mod tests {
         );
     }
 
+    fn trigger(name: &str, salt: u64) -> Trigger {
+        Trigger {
+            name: name.into(),
+            spec: spec("cron", "* * * * *"),
+            paused: false,
+            paused_reason: None,
+            updated_ms: 0,
+            salt,
+        }
+    }
+
+    #[test]
+    fn five_fields_read_as_crontab_reads_them() {
+        let base = 1_700_000_000_000u64; // Tuesday 2023-11-14 22:13:20 UTC
+        let next = |expression: &str| {
+            let schedule = parse_schedule(expression).expect("parses");
+            schedule
+                .after(&time_of(base))
+                .next()
+                .map(|t| t.format("%a %H:%M:%S").to_string())
+        };
+        // 1-5 is Monday to Friday, 0 and 7 are Sunday.
+        assert_eq!(next("0 9 * * 1-5").as_deref(), Some("Wed 09:00:00"));
+        assert_eq!(next("0 9 * * 0").as_deref(), Some("Sun 09:00:00"));
+        assert_eq!(next("0 9 * * 7").as_deref(), Some("Sun 09:00:00"));
+        assert_eq!(next("0 9 * * SAT").as_deref(), Some("Sat 09:00:00"));
+        assert_eq!(next("*/15 * * * 2").as_deref(), Some("Tue 22:15:00"));
+        assert!(parse_schedule("0 9 * * 8").is_err());
+    }
+
     #[test]
     fn tick_ids_are_the_same_everywhere_and_differ_per_tick_and_trigger() {
-        let id = tick_id("nightly", 1_000);
-        assert_eq!(id, tick_id("nightly", 1_000));
-        assert_ne!(id, tick_id("nightly", 2_000));
-        assert_ne!(id, tick_id("hourly", 1_000));
+        let nightly = trigger("nightly", 7);
+        let id = tick_id(&nightly, 1_000);
+        assert_eq!(id, tick_id(&nightly, 1_000));
+        assert_ne!(id, tick_id(&nightly, 2_000));
+        assert_ne!(id, tick_id(&trigger("hourly", 7), 1_000));
+        assert_ne!(id, tick_id(&trigger("nightly", 8), 1_000));
         assert_eq!(id.start_us(), Some(1_000_000));
         assert!(ActivationId::parse(id.as_str()).is_some());
     }
