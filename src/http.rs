@@ -166,6 +166,28 @@ enum ActivationCommand {
         /// The activation id (from `ls`, or an answer's `squall-activation` header).
         id: String,
     },
+    /// Print what a call logged and printed, step by step: time, function, stream, line.
+    Logs {
+        /// The activation id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The function (or, with --dag, the DAG) whose calls' logs are printed.
+    name: String,
+    /// NAME is a DAG.
+    #[arg(long)]
+    dag: bool,
+    /// Keep printing the logs of calls as they finish (polls once a second; Ctrl-C stops).
+    #[arg(long, short)]
+    follow: bool,
+    /// How many of the latest calls to print first.
+    #[arg(long, default_value_t = 10)]
+    limit: u32,
 }
 
 #[derive(Debug, Args)]
@@ -316,12 +338,121 @@ pub fn run_activation(args: ActivationArgs) -> anyhow::Result<ExitCode> {
         ActivationCommand::Get { id } => {
             let body = send(
                 c,
-                request(c, "GET", &format!("/v1/activations/{id}")).call(),
+                request(c, "GET", &format!("/v1/activations/{}", encoded(&id))).call(),
             )?;
             print_json(&json(&body)?)?;
         }
+        ActivationCommand::Logs { id } => {
+            let path = format!("/v1/activations/{}/logs", encoded(&id));
+            let logs = json(&send(c, request(c, "GET", &path).call())?)?;
+            let mut out = std::io::stdout().lock();
+            for line in logs["logs"].as_array().into_iter().flatten() {
+                print_line(&mut out, None, line)?;
+            }
+            let dropped = logs["dropped"].as_u64().unwrap_or(0);
+            if dropped > 0 {
+                writeln!(out, "({dropped} lines or parts of lines were left out)")?;
+            }
+            out.flush()?;
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Percent-encodes a path segment.
+fn encoded(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// Prints one log line: `time  [activation]  function  stream: text`.
+fn print_line(out: &mut impl Write, activation: Option<&str>, line: &Value) -> anyhow::Result<()> {
+    let ms = line["ms"].as_i64().unwrap_or(0);
+    let time = chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+        .unwrap_or_else(|| ms.to_string());
+    let activation = activation.map(|a| format!("{a}  ")).unwrap_or_default();
+    writeln!(
+        out,
+        "{time}  {activation}{}  {}: {}",
+        line["function"].as_str().unwrap_or("?"),
+        line["stream"].as_str().unwrap_or("?"),
+        line["text"].as_str().unwrap_or(""),
+    )?;
+    Ok(())
+}
+
+/// How far back `squall logs --follow` looks again for calls that were still running: a
+/// call that runs longer than this and was not yet seen finished is not printed.
+const FOLLOW_WINDOW_MS: u64 = 15 * 60 * 1000;
+
+/// `squall logs`: the log lines of a function's (or DAG's) latest calls, oldest first, and
+/// with `--follow` those of each call that finishes afterwards.
+pub fn run_logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
+    let c = &args.connection;
+    let filter = if args.dag { "dag" } else { "function" };
+    let mut printed: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut since: Option<u64> = None;
+    loop {
+        let limit = if since.is_some() { 200 } else { args.limit };
+        let mut listing = request(c, "GET", "/v1/activations")
+            .query(filter, &args.name)
+            .query("logs", "true")
+            .query("limit", &limit.clamp(1, 200).to_string());
+        if let Some(since) = since {
+            listing = listing.query("since", &since.to_string());
+        }
+        let page = json(&send(c, listing.call())?)?;
+        let mut records: Vec<&Value> = page["activations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .collect();
+        records.reverse();
+        let mut out = std::io::stdout().lock();
+        for record in records {
+            let id = record["id"].as_str().unwrap_or("?");
+            let start_ms = record["start_ms"].as_u64().unwrap_or(0);
+            if record["status"] == "running" || printed.contains_key(id) {
+                continue;
+            }
+            printed.insert(id.to_string(), start_ms);
+            let mut steps: Vec<&Value> = record["steps"].as_array().into_iter().flatten().collect();
+            steps.sort_by_key(|s| (s["start_us"].as_u64(), s["step"].as_u64()));
+            let mut dropped = 0;
+            for step in steps {
+                dropped += step["logs_dropped"].as_u64().unwrap_or(0);
+                for line in step["logs"].as_array().into_iter().flatten() {
+                    print_line(&mut out, Some(id), line)?;
+                }
+            }
+            if dropped > 0 {
+                writeln!(
+                    out,
+                    "{id}  ({dropped} lines or parts of lines were left out)"
+                )?;
+            }
+        }
+        out.flush()?;
+        drop(out);
+        if !args.follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let from = now.saturating_sub(FOLLOW_WINDOW_MS);
+        printed.retain(|_, start| *start >= from);
+        since = Some(from);
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 pub fn run_call(args: CallCommand) -> anyhow::Result<ExitCode> {

@@ -57,8 +57,10 @@ enum Command {
     Model(http::ModelArgs),
     /// Call a function and print its output (through a gateway).
     Call(http::CallCommand),
-    /// List and show the records of calls (through a gateway).
+    /// List and show the records of calls, and what they logged (through a gateway).
     Activation(http::ActivationArgs),
+    /// Print what a function's or DAG's calls logged; --follow keeps printing.
+    Logs(http::LogsArgs),
     /// Run an executor that joins schedulers.
     Executor(roles::ExecutorArgs),
     /// Run a scheduler.
@@ -231,6 +233,10 @@ fn main() -> ExitCode {
         Command::Activation(args) => {
             init_tracing("warn");
             http::run_activation(args)
+        }
+        Command::Logs(args) => {
+            init_tracing("warn");
+            http::run_logs(args)
         }
         Command::Kvs(args) => {
             init_tracing("info");

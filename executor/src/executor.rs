@@ -37,6 +37,7 @@ use crate::bindings::{Handler, HandlerPre};
 use crate::config::Config;
 use crate::host::{log_output, CallContext, CallState, Limiter};
 use crate::nn::Models;
+use crate::report::{CpuTimed, StepTrace};
 use crate::runtime::{NestedCall, Runtime};
 use crate::{Error, Result};
 
@@ -53,6 +54,8 @@ pub struct CallOptions {
     /// pins stay in [`Executor::pins`] until released there (`release`, or `expire` after the
     /// deadline), which [`crate::ExecutorNode`] does for the runs it serves.
     pub run: Option<RunContext>,
+    /// Collects the call's log lines, CPU time and memory for its activation record.
+    pub trace: Option<StepTrace>,
 }
 
 /// Counters of an executor's calls.
@@ -274,6 +277,7 @@ impl Executor {
             0,
             deadline,
             session,
+            options.trace,
         )
         .await
     }
@@ -306,6 +310,7 @@ impl Executor {
             depth: 0,
             session: inner.cache.session(Consistency::Lww),
             fatal: None,
+            trace: None,
         };
         let (store, handler, uses) = inner.instance(&loaded, call, false).await?;
         let mut warm = loaded.warm.lock().unwrap_or_else(|p| p.into_inner());
@@ -566,10 +571,11 @@ impl Inner {
         call: CallContext,
         evict: bool,
     ) -> Result<(Store<CallState>, Handler, u64)> {
-        let limiter = Limiter {
+        let mut limiter = Limiter {
             memory_bytes: usize::try_from(loaded.limits.memory_bytes).unwrap_or(usize::MAX),
             table_elements: usize::try_from(loaded.limits.table_elements).unwrap_or(usize::MAX),
             hit: false,
+            memory_in_use: 0,
         };
         let warm = if loaded.limits.reuse_instances {
             loaded.warm.lock().unwrap_or_else(|p| p.into_inner()).pop()
@@ -580,6 +586,8 @@ impl Inner {
             self.warm_starts.fetch_add(1, Ordering::Relaxed);
             let state = warm.store.data_mut();
             state.call = call;
+            // The instance's memories are as its last call left them.
+            limiter.memory_in_use = state.limiter.memory_in_use;
             state.limiter = limiter;
             warm.store.set_epoch_deadline(1);
             return Ok((warm.store, warm.handler, warm.uses));
@@ -651,6 +659,7 @@ pub(crate) async fn run(
     depth: u32,
     deadline: Instant,
     session: Session,
+    trace: Option<StepTrace>,
 ) -> Result<Vec<u8>> {
     if depth > inner.config.max_call_depth {
         return Err(Error::CallDepthExceeded {
@@ -690,19 +699,33 @@ pub(crate) async fn run(
         depth,
         session,
         fatal: None,
+        trace: trace.clone(),
     };
     let tick = inner.config.epoch_tick.max(Duration::from_millis(1));
     let (mut store, handler, uses) = inner.instance(&loaded, call, true).await?;
+    let memory_before = store.data().limiter.memory_in_use;
     // The epoch stops a guest that computes; this outer bound also covers host waits (and is
     // a little later, so a spinning guest is reported by its trap).
-    let outcome = tokio::time::timeout(
-        deadline.saturating_duration_since(Instant::now()) + tick * 4,
-        handler.call_handle(&mut store, &input),
-    )
-    .await;
+    let bound = deadline.saturating_duration_since(Instant::now()) + tick * 4;
+    let outcome = match &trace {
+        // The step's own call measures its CPU time (its nested calls run within its polls).
+        Some(trace) if depth == 0 => {
+            let timed = CpuTimed::new(handler.call_handle(&mut store, &input), trace.clone());
+            tokio::time::timeout(bound, timed).await
+        }
+        _ => tokio::time::timeout(bound, handler.call_handle(&mut store, &input)).await,
+    };
     let state = store.data_mut();
-    log_output(&function, "stdout", &state.stdout);
-    log_output(&function, "stderr", &state.stderr);
+    log_output(&function, "stdout", &state.stdout, trace.as_ref());
+    log_output(&function, "stderr", &state.stderr, trace.as_ref());
+    if let (Some(trace), 0) = (&trace, depth) {
+        let memory = state.limiter.memory_in_use;
+        trace.ran(
+            loaded.record.version,
+            memory as u64,
+            memory.saturating_sub(memory_before) as u64,
+        );
+    }
     let fatal = state.call.fatal.take();
     let memory_hit = state.limiter.hit;
     let result = match outcome {
@@ -841,7 +864,8 @@ impl Runtime for Inner {
         depth: u32,
         deadline: Instant,
         session: Session,
+        trace: Option<StepTrace>,
     ) -> NestedCall {
-        Box::pin(run(self, name, input, depth, deadline, session))
+        Box::pin(run(self, name, input, depth, deadline, session, trace))
     }
 }

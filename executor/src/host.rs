@@ -20,6 +20,7 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use crate::report::StepTrace;
 use crate::runtime::Runtime;
 use crate::Error;
 use squall_proto::keys::{self, MAX_KEY_BYTES, RESERVED_PREFIX};
@@ -62,6 +63,9 @@ pub struct CallContext {
     /// Set when a host function ends the guest because of an error that must reach the
     /// caller as it is (a nested timeout, a too-deep chain).
     pub fatal: Option<Error>,
+    /// The step's trace, when its record asks for a report: log lines go there too, and
+    /// nested calls share it.
+    pub trace: Option<StepTrace>,
 }
 
 impl CallState {
@@ -302,7 +306,10 @@ impl squall::function::invoke::Host for CallState {
         let deadline = self.call.deadline;
         // The nested call shares the caller's session: in repeatable read, the run's pins.
         let session = self.call.session.clone();
-        let nested = executor.call(name, input, depth, deadline, session).await;
+        let trace = self.call.trace.clone();
+        let nested = executor
+            .call(name, input, depth, deadline, session, trace)
+            .await;
         match nested {
             Ok(output) => Ok(Ok(output)),
             Err(Error::State(squall_state::Error::NotFound { name })) => {
@@ -327,6 +334,16 @@ impl squall::function::log::Host for CallState {
     async fn log(&mut self, level: Level, message: String) -> WasmResult<()> {
         let function = &*self.call.function;
         let message: String = message.chars().take(4096).collect();
+        if let Some(trace) = &self.call.trace {
+            let stream = match level {
+                Level::Trace => "trace",
+                Level::Debug => "debug",
+                Level::Info => "info",
+                Level::Warn => "warn",
+                Level::Error => "error",
+            };
+            trace.log(stream, function, message.clone());
+        }
         match level {
             Level::Trace => tracing::trace!(target: "squall::guest", function, "{message}"),
             Level::Debug => tracing::debug!(target: "squall::guest", function, "{message}"),
@@ -348,6 +365,8 @@ pub struct Limiter {
     pub table_elements: usize,
     /// Set when a growth was refused.
     pub hit: bool,
+    /// Bytes of linear memory the store's memories hold now.
+    pub memory_in_use: usize,
 }
 
 /// Instances, tables and memories one store may hold: a component of the handler world built
@@ -359,7 +378,7 @@ const MAX_MEMORIES: usize = 8;
 impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> WasmResult<bool> {
@@ -367,6 +386,9 @@ impl ResourceLimiter for Limiter {
             self.hit = true;
             return Ok(false);
         }
+        self.memory_in_use = self
+            .memory_in_use
+            .saturating_add(desired.saturating_sub(current));
         Ok(true)
     }
 
@@ -499,9 +521,18 @@ impl tokio::io::AsyncWrite for GuestOutput {
     }
 }
 
-/// Writes a guest's captured output to the log, one event per line.
-pub fn log_output(function: &str, stream: &'static str, output: &GuestOutput) {
+/// Writes a guest's captured output to the log, one event per line, and to the step's trace
+/// if it has one.
+pub fn log_output(
+    function: &str,
+    stream: &'static str,
+    output: &GuestOutput,
+    trace: Option<&StepTrace>,
+) {
     let (bytes, dropped) = output.take();
+    if let Some(trace) = trace {
+        trace.output(stream, function, &bytes, dropped);
+    }
     if !bytes.is_empty() {
         for line in String::from_utf8_lossy(&bytes).lines() {
             tracing::info!(target: "squall::guest", function, stream, "{line}");

@@ -26,6 +26,8 @@
 //! - [`nn`]: models loaded once per executor, inference with tract; `nn_host`: the `wasi:nn`
 //!   imports over them.
 //! - [`error`]: [`Error`]: how a registration or call fails, and its code on the wire.
+//! - [`report`]: what a step collects for its call's activation record (log lines, CPU time,
+//!   memory).
 //! - `testing` (feature `testing`): builds the example guests for tests and benchmarks.
 //!
 //! Modules depend downward only: `executor` -> `host`, `nn_host` -> `host`, `runtime` ->
@@ -41,6 +43,8 @@
 //! - `squall-state`: the store client pool, the colocated cache and the registries, shared
 //!   with the roles that must not link wasmtime.
 //! - `tract-onnx`: `wasi:nn`'s backend, pure-Rust ONNX inference (no native library).
+//! - `nix`: the thread CPU clock (`clock_gettime`) for the CPU time a call's record reports,
+//!   without an `unsafe` call into libc here.
 
 mod bindings;
 pub mod config;
@@ -50,6 +54,7 @@ mod host;
 pub mod nn;
 mod nn_host;
 pub mod node;
+pub mod report;
 mod runtime;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -9,6 +9,7 @@ use wasmtime::Result as WasmResult;
 use crate::bindings::wasi::nn::{errors, graph, inference, tensor};
 use crate::host::CallState;
 use crate::nn::{ElementType, ErrorCode, ExecutionContext, Graph, Model, NnError, Tensor};
+use crate::report::thread_cpu_time;
 
 type Answer<T> = WasmResult<Result<T, Resource<NnError>>>;
 
@@ -25,7 +26,17 @@ impl CallState {
         work: impl FnOnce() -> Result<T, NnError> + Send + 'static,
     ) -> Result<T, NnError> {
         let remaining = self.remaining();
-        match tokio::time::timeout(remaining, tokio::task::spawn_blocking(work)).await {
+        // The blocking thread's CPU time counts for the step's record.
+        let trace = self.call.trace.clone();
+        let measured = move || {
+            let before = trace.as_ref().map(|_| thread_cpu_time());
+            let result = work();
+            if let (Some(trace), Some(before)) = (&trace, before) {
+                trace.add_cpu(thread_cpu_time().saturating_sub(before));
+            }
+            result
+        };
+        match tokio::time::timeout(remaining, tokio::task::spawn_blocking(measured)).await {
             Ok(Ok(result)) => result,
             Ok(Err(e)) => Err(NnError::new(
                 ErrorCode::RuntimeError,

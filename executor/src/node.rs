@@ -38,12 +38,14 @@ use squall_proto::call::{
     FunctionVersion, LimitsRequest, Message, Outcome, PinRef, Plan, StepIndex, MAX_STEPS,
 };
 use squall_proto::fabric::{Fabric, Mailbox};
+use squall_proto::report::{merge_reports, StepReport};
 use tokio::task::JoinHandle;
 
 use squall_state::pins::{PinFuture, PinSource, PinnedValues, RunContext};
 use squall_state::results::store_result;
 use squall_state::{ClientPool, FunctionRecord};
 
+use crate::report::{now_us, StepTrace};
 use crate::{CallOptions, Error, Executor};
 use squall_lattices::causal::{raise, raise_all};
 
@@ -220,8 +222,16 @@ struct Shared {
     draining: AtomicBool,
 }
 
-/// An output that has arrived for a step: from which step, the data, and the run's pins.
-type Arrived = (StepIndex, Bytes, Vec<PinRef>);
+/// An output that has arrived for a step.
+struct Arrived {
+    /// The step that produced it.
+    from: StepIndex,
+    data: Bytes,
+    /// The run's pins along its path.
+    pins: Vec<PinRef>,
+    /// The reports of the steps along its path (when the plan asks for them).
+    reports: Vec<StepReport>,
+}
 
 /// A step waiting for its plan or its inputs.
 struct Pending {
@@ -274,7 +284,16 @@ fn handle(shared: &Arc<Shared>, waiting: &mut Waiting, message: Message) {
             from,
             data,
             pins,
-        } => output(shared, waiting, call, step, from, data, pins),
+            reports,
+        } => {
+            let arrived = Arrived {
+                from,
+                data,
+                pins,
+                reports,
+            };
+            output(shared, waiting, call, step, arrived)
+        }
         Message::Refresh { keys } => refresh(shared, keys),
         Message::Cancel { call } => cancel(shared, waiting, call),
         Message::Release { call } => shared.executor.pins().release(call),
@@ -309,6 +328,7 @@ fn schedule(shared: &Arc<Shared>, waiting: &mut Waiting, plan: Arc<Plan>, input:
             shared,
             &plan,
             Err(Failure::new(FailureCode::BadRequest, problem)),
+            Vec::new(),
         );
         return;
     }
@@ -324,7 +344,7 @@ fn schedule(shared: &Arc<Shared>, waiting: &mut Waiting, plan: Arc<Plan>, input:
                 plan.clone(),
                 step,
                 input.clone(),
-                Vec::new(),
+                (Vec::new(), Vec::new()),
                 deadline,
             );
             continue;
@@ -340,7 +360,7 @@ fn schedule(shared: &Arc<Shared>, waiting: &mut Waiting, plan: Arc<Plan>, input:
         // Outputs that came first, from steps that are not this step's inputs, go.
         entry
             .arrived
-            .retain(|(from, _, _)| spec.inputs.contains(from));
+            .retain(|arrived| spec.inputs.contains(&arrived.from));
         entry.plan = Some(plan.clone());
         entry.deadline = deadline;
         try_start(shared, &mut waiting.steps, (plan.call, step));
@@ -353,10 +373,9 @@ fn output(
     waiting: &mut Waiting,
     call: CallId,
     step: StepIndex,
-    from: StepIndex,
-    data: Bytes,
-    pins: Vec<PinRef>,
+    arrived: Arrived,
 ) {
+    let from = arrived.from;
     if waiting.ended.contains_key(&call) {
         return;
     }
@@ -384,8 +403,8 @@ fn output(
             from,
             "output from a step that is not an input dropped"
         );
-    } else if !entry.arrived.iter().any(|(f, _, _)| *f == from) {
-        entry.arrived.push((from, data, pins));
+    } else if !entry.arrived.iter().any(|a| a.from == from) {
+        entry.arrived.push(arrived);
     }
     try_start(shared, steps, (call, step));
 }
@@ -493,7 +512,7 @@ fn try_start(
     if !spec
         .inputs
         .iter()
-        .all(|i| entry.arrived.iter().any(|(from, _, _)| from == i))
+        .all(|i| entry.arrived.iter().any(|a| a.from == *i))
     {
         return;
     }
@@ -504,20 +523,21 @@ fn try_start(
     let spec = &plan.steps[key.1 as usize];
     // The inputs in edge order, with the run's pins along each.
     let mut arrived = entry.arrived;
-    let ordered: Vec<(Bytes, Vec<PinRef>)> = spec
+    let ordered: Vec<Arrived> = spec
         .inputs
         .iter()
         .filter_map(|i| {
-            let at = arrived.iter().position(|(from, _, _)| from == i)?;
-            let (_, data, pins) = arrived.swap_remove(at);
-            Some((data, pins))
+            let at = arrived.iter().position(|a| a.from == *i)?;
+            Some(arrived.swap_remove(at))
         })
         .collect();
     // Every distinct version handed on (parallel branches may hold different ones of a key:
-    // the step reads their join).
+    // the step reads their join), and every earlier step's report once.
     let mut pins: Vec<PinRef> = Vec::new();
-    for (_, refs) in &ordered {
-        for pin in refs {
+    let mut reports: Vec<StepReport> = Vec::new();
+    for path in &ordered {
+        merge_reports(&mut reports, &path.reports);
+        for pin in &path.pins {
             if !pins
                 .iter()
                 .any(|p| p.key == pin.key && p.digest == pin.digest)
@@ -526,10 +546,10 @@ fn try_start(
             }
         }
     }
-    let input = if let [(only, _)] = &ordered[..] {
-        only.clone()
+    let input = if let [only] = &ordered[..] {
+        only.data.clone()
     } else {
-        let ordered: Vec<Bytes> = ordered.into_iter().map(|(data, _)| data).collect();
+        let ordered: Vec<Bytes> = ordered.into_iter().map(|a| a.data).collect();
         match rmp_serde::to_vec(&ordered) {
             Ok(encoded) => Bytes::from(encoded),
             Err(e) => {
@@ -541,13 +561,14 @@ fn try_start(
                         message: format!("encoding the inputs: {e}"),
                         step: Some(spec.function.clone()),
                     }),
+                    reports,
                 );
                 return;
             }
         }
     };
     let deadline = entry.deadline;
-    spawn_step(shared, plan, key.1, input, pins, deadline);
+    spawn_step(shared, plan, key.1, input, (pins, reports), deadline);
 }
 
 fn spawn_step(
@@ -555,11 +576,11 @@ fn spawn_step(
     plan: Arc<Plan>,
     step: StepIndex,
     input: Bytes,
-    pins: Vec<PinRef>,
+    upstream: (Vec<PinRef>, Vec<StepReport>),
     deadline: Instant,
 ) {
     let shared = shared.clone();
-    tokio::spawn(async move { run_step(shared, plan, step, input, pins, deadline).await });
+    tokio::spawn(async move { run_step(shared, plan, step, input, upstream, deadline).await });
 }
 
 async fn run_step(
@@ -567,7 +588,7 @@ async fn run_step(
     plan: Arc<Plan>,
     step: StepIndex,
     input: Bytes,
-    upstream: Vec<PinRef>,
+    (upstream, mut reports): (Vec<PinRef>, Vec<StepReport>),
     deadline: Instant,
 ) {
     let spec = &plan.steps[step as usize];
@@ -615,12 +636,20 @@ async fn run_step(
         }
     });
     shared.running.fetch_add(1, Ordering::Relaxed);
+    let trace = plan.report.then(StepTrace::new);
     let options = CallOptions {
         consistency: plan.consistency,
         timeout: Some(deadline.saturating_duration_since(Instant::now())),
         run,
+        trace: trace.clone(),
     };
+    let (start_us, started) = (now_us(), Instant::now());
     let result = shared.executor.call(&spec.function, &input, options).await;
+    if let Some(trace) = trace {
+        let id = &shared.config.id;
+        let report = trace.report(step, &spec.function, id, start_us, started.elapsed());
+        reports.push(report);
+    }
     shared.running.fetch_sub(1, Ordering::Relaxed);
     shared.steps.fetch_add(1, Ordering::Relaxed);
     let output = match result {
@@ -631,7 +660,7 @@ async fn run_step(
                 Error::Failed { message, .. } => message.clone(),
                 other => other.to_string(),
             };
-            report(&shared, &plan, Err(failed(e.code(), message)));
+            report(&shared, &plan, Err(failed(e.code(), message)), reports);
             return;
         }
     };
@@ -651,7 +680,7 @@ async fn run_step(
                 raise_all(&mut cut, &held.cut());
             }
         }
-        report_cut(&shared, &plan, outcome, cut);
+        report_cut(&shared, &plan, outcome, cut, reports);
         return;
     }
     // What the run has pinned, for the next steps: here (this step and the run's other
@@ -670,6 +699,7 @@ async fn run_step(
             from: step,
             data: output.clone(),
             pins: pins.clone(),
+            reports: reports.clone(),
         };
         if let Err(e) = shared.fabric.send(&to.executor, message) {
             let message = format!(
@@ -680,6 +710,7 @@ async fn run_step(
                 &shared,
                 &plan,
                 Err(failed(FailureCode::Unavailable, message)),
+                reports,
             );
             return;
         }
@@ -747,16 +778,29 @@ impl PinSource for FabricPins {
     }
 }
 
-fn report(shared: &Shared, plan: &Plan, outcome: Result<Outcome, Failure>) {
-    report_cut(shared, plan, outcome, Dependencies::new());
+fn report(
+    shared: &Shared,
+    plan: &Plan,
+    outcome: Result<Outcome, Failure>,
+    reports: Vec<StepReport>,
+) {
+    report_cut(shared, plan, outcome, Dependencies::new(), reports);
 }
 
-/// Reports a call's outcome with, in causal mode, the run's cut (for its session).
-fn report_cut(shared: &Shared, plan: &Plan, outcome: Result<Outcome, Failure>, cut: Dependencies) {
+/// Reports a call's outcome with, in causal mode, the run's cut (for its session), and the
+/// reports of the steps that led here.
+fn report_cut(
+    shared: &Shared,
+    plan: &Plan,
+    outcome: Result<Outcome, Failure>,
+    cut: Dependencies,
+    reports: Vec<StepReport>,
+) {
     let message = Message::Done {
         call: plan.call,
         outcome,
         cut,
+        reports,
     };
     if let Err(e) = shared.fabric.send(&plan.report_to, message) {
         tracing::warn!(call = plan.call, to = %plan.report_to, cause = %e, "outcome not reported");

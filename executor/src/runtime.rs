@@ -16,6 +16,7 @@ use squall_lattices::{Counter, Timestamp};
 use squall_state::session::Session;
 
 use crate::nn::Models;
+use crate::report::StepTrace;
 use crate::Result;
 
 /// A nested call under way.
@@ -33,7 +34,8 @@ pub(crate) trait Runtime: Send + Sync {
     /// The models loaded for `wasi:nn`.
     fn models(&self) -> &Models;
 
-    /// Runs `name` as a call nested `depth` deep, within `deadline`, in the caller's `session`.
+    /// Runs `name` as a call nested `depth` deep, within `deadline`, in the caller's `session`,
+    /// logging into the caller's step `trace` if it has one.
     fn call(
         self: Arc<Self>,
         name: String,
@@ -41,5 +43,6 @@ pub(crate) trait Runtime: Send + Sync {
         depth: u32,
         deadline: Instant,
         session: Session,
+        trace: Option<StepTrace>,
     ) -> NestedCall;
 }

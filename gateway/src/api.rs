@@ -260,6 +260,7 @@ impl Gateway {
             .route("/v1/results/{id}", get(get_result))
             .route("/v1/activations", get(list_activations))
             .route("/v1/activations/{id}", get(get_activation))
+            .route("/v1/activations/{id}/logs", get(activation_logs))
             .route("/v1/kv", get(list_kv))
             .route("/v1/kv/{*key}", get(get_kv).put(put_kv).delete(delete_kv))
             .fallback(|| async {
@@ -913,6 +914,7 @@ async fn invoke(
         keys,
         result_key: None,
         session,
+        report: gateway.config.record_activations,
     };
     let idempotency_key = text(IDEMPOTENCY_HEADER)?.filter(|k| !k.is_empty());
     if let Some(key) = &idempotency_key {
@@ -954,6 +956,7 @@ async fn invoke(
         attempt: 1,
         attempts: Vec::new(),
         idempotency_key: idempotency_key.clone(),
+        steps: Vec::new(),
     };
     // What is written before the call runs, in one round trip: an asynchronous call itself,
     // and, under an idempotency key, the key's claim and a running result for repeats to
@@ -1023,8 +1026,12 @@ async fn invoke(
     let started = Instant::now();
     // The scheduler answers by the deadline; the margin covers its report.
     let wait = timeout + Duration::from_secs(2);
-    let outcome = gateway.client.invoke(target, input, options, wait).await;
+    let (outcome, steps) = gateway
+        .client
+        .invoke_reported(target, input, options, wait)
+        .await;
     let took = started.elapsed();
+    record.steps = steps;
     gateway
         .metrics
         .observe(kind, &name, took, outcome.as_ref().err().map(|f| f.code));
@@ -1188,6 +1195,9 @@ pub struct ActivationParams {
     pub limit: Option<u32>,
     /// Resume after this id: the `next` of the previous page.
     pub after: Option<String>,
+    /// Whether the records keep their steps' log lines (left out unless `true`, since they
+    /// make pages large; `GET /v1/activations/{id}` and its `/logs` always have them).
+    pub logs: Option<bool>,
 }
 
 /// A page of activation records, newest first.
@@ -1245,11 +1255,80 @@ async fn list_activations(
         status,
         since_ms: params.since,
     };
-    let (activations, next) = gateway
+    let (mut activations, next) = gateway
         .activations
         .list(&filter, after.as_ref(), limit, ACTIVATION_SCAN)
         .await?;
+    if params.logs != Some(true) {
+        for step in activations.iter_mut().flat_map(|a| a.steps.iter_mut()) {
+            step.logs = Vec::new();
+        }
+    }
     Ok(Json(ActivationPage { activations, next }))
+}
+
+/// One line of a call's logs, as `GET /v1/activations/{id}/logs` answers it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct LogEntry {
+    /// When it was logged (ms since the Unix epoch).
+    pub ms: u64,
+    /// The index of the step (in the DAG's plan) whose run logged it.
+    pub step: u16,
+    /// The function that logged it (a step's nested calls log under their own names).
+    pub function: String,
+    /// `stdout`, `stderr`, or the level of a `log` call (`trace` to `error`).
+    pub stream: String,
+    /// The line.
+    pub text: String,
+}
+
+/// A call's log lines, in the order its steps ran.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ActivationLogs {
+    /// The activation.
+    pub id: String,
+    /// Where the call is in its life (`running` records may gain lines).
+    pub status: String,
+    /// The lines, by step in start order, each step's oldest first.
+    pub logs: Vec<LogEntry>,
+    /// Lines (or parts of lines) left out because a step's bounds were reached.
+    pub dropped: u64,
+}
+
+#[utoipa::path(get, path = "/v1/activations/{id}/logs", tag = "activations",
+    params(("id" = String, Path, description = "The activation id (the squall-activation header)")),
+    responses((status = 200, body = ActivationLogs), (status = 404, body = ErrorBody)))]
+async fn activation_logs(
+    State(gateway): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ActivationLogs>> {
+    Ok(Json(logs_of(activation_named(&gateway, &id).await?)))
+}
+
+/// A record's log lines, by step in start order.
+fn logs_of(record: Activation) -> ActivationLogs {
+    let mut steps = record.steps;
+    steps.sort_by_key(|s| (s.start_us, s.step));
+    let dropped = steps.iter().map(|s| u64::from(s.logs_dropped)).sum();
+    let logs = steps
+        .into_iter()
+        .flat_map(|step| {
+            let index = step.step;
+            step.logs.into_iter().map(move |line| LogEntry {
+                ms: line.ms,
+                step: index,
+                function: line.function,
+                stream: line.stream,
+                text: line.text,
+            })
+        })
+        .collect();
+    ActivationLogs {
+        id: record.id,
+        status: record.status.as_str().to_string(),
+        logs,
+        dropped,
+    }
 }
 
 #[utoipa::path(get, path = "/v1/activations/{id}", tag = "activations",
@@ -1259,14 +1338,18 @@ async fn get_activation(
     State(gateway): State<Arc<Gateway>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Activation>> {
+    Ok(Json(activation_named(&gateway, &id).await?))
+}
+
+/// The record `id`, or 404.
+async fn activation_named(gateway: &Gateway, id: &str) -> ApiResult<Activation> {
     let not_found = || ApiError::not_found(format!("no activation {id:?}"));
-    let parsed = ActivationId::parse(&id).ok_or_else(not_found)?;
-    let record = gateway
+    let parsed = ActivationId::parse(id).ok_or_else(not_found)?;
+    gateway
         .activations
         .get(&parsed)
         .await?
-        .ok_or_else(not_found)?;
-    Ok(Json(record))
+        .ok_or_else(not_found)
 }
 
 /// A DAG, as registered.
@@ -2198,7 +2281,7 @@ async fn redrive_dead_letter(
     paths(healthz, metrics, openapi, executors, register_function, list_functions, get_function,
         delete_function, invoke_function, register_model, list_models, get_model, delete_model,
         invoke_dag, put_dag, list_dags, get_dag, delete_dag,
-        get_result, list_activations, get_activation, list_kv, get_kv, put_kv, delete_kv,
+        get_result, list_activations, get_activation, activation_logs, list_kv, get_kv, put_kv, delete_kv,
         get_function_retries, put_function_retries, get_dag_retries, put_dag_retries, cancel_call,
         get_function_concurrency, put_function_concurrency, delete_function_concurrency,
         get_dag_concurrency, put_dag_concurrency, delete_dag_concurrency,
@@ -2208,7 +2291,8 @@ async fn redrive_dead_letter(
         delete_dead_letter, redrive_dead_letter),
     components(schemas(ErrorBody, ErrorDetail, Health, ExecutorInfo, FunctionInfo, FunctionDetail,
         Accepted, DagInfo, DagSpec, Running, KeyList, ActivationPage, RetryPolicy, DeadLetterInfo,
-        DeadLetterPage, Handled, ConcurrencyLimit, TriggerSpec, TriggerInfo)),
+        DeadLetterPage, Handled, ConcurrencyLimit, TriggerSpec, TriggerInfo, ActivationLogs,
+        LogEntry)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

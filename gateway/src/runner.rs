@@ -27,6 +27,7 @@ use squall_lattices::entry::now_ms;
 use squall_lattices::Write;
 use squall_proto::call::{CallResult, Failure, FailureCode, Target};
 use squall_proto::poll::Poll;
+use squall_proto::report::StepReport;
 use squall_proto::Key;
 use squall_scheduler::SchedulerClient;
 use squall_state::activations::{Attempt, RecordedError, Recorder, Status};
@@ -387,13 +388,15 @@ impl Runner {
             }
             let start_ms = now_ms();
             let started = Instant::now();
-            let outcome = self
+            let mut options = call.options.clone();
+            options.report = self.inner.recorder.is_some();
+            let (outcome, steps) = self
                 .inner
                 .client
-                .invoke(
+                .invoke_reported(
                     call.target.clone(),
                     call.input.clone(),
-                    call.options.clone(),
+                    options,
                     call.timeout() + Duration::from_secs(2),
                 )
                 .await;
@@ -414,7 +417,7 @@ impl Runner {
                     let output_bytes = output.len() as u64;
                     // A success stands even if the call was cancelled while it ran.
                     self.finish(&call, CallResult::Succeeded(output)).await;
-                    self.record(&call, Status::Succeeded, None, Some(output_bytes));
+                    self.record(&call, Status::Succeeded, None, Some(output_bytes), steps);
                     break;
                 }
                 Err(_) if self.is_cancelled(&call.id) => break,
@@ -427,7 +430,7 @@ impl Runner {
                 Err(failure) => {
                     crowded = 0;
                     self.inner.metrics.attempt(kind, name, Some(failure.code));
-                    if !self.failed(&mut call, failure, start_ms, took).await {
+                    if !self.failed(&mut call, failure, start_ms, took, steps).await {
                         break;
                     }
                 }
@@ -464,6 +467,7 @@ impl Runner {
         failure: Failure,
         start_ms: u64,
         took: Duration,
+        steps: Vec<StepReport>,
     ) -> bool {
         let policy = self.policy(call).await;
         let now = now_ms();
@@ -473,7 +477,10 @@ impl Runner {
             attempt: call.attempt,
             start_ms,
             duration_us: took.as_micros() as u64,
-            placement: Vec::new(),
+            placement: steps
+                .iter()
+                .map(|s| (s.function.clone(), s.executor.clone()))
+                .collect(),
             error: Some(error.clone()),
         });
         match next {
@@ -494,7 +501,7 @@ impl Runner {
                 }
                 let (kind, name) = kind_and_name(&call.target);
                 self.inner.metrics.retry(kind, name);
-                self.record(call, Status::Running, Some(error), None);
+                self.record(call, Status::Running, Some(error), None, steps);
                 true
             }
             AfterFailure::DeadLetter | AfterFailure::Requeue { .. } => {
@@ -517,7 +524,7 @@ impl Runner {
                     self.finish(call, CallResult::Failed(failure)).await;
                 }
                 self.inner.metrics.dead_letter(kind, name);
-                self.record(call, Status::Failed, Some(error), None);
+                self.record(call, Status::Failed, Some(error), None, steps);
                 false
             }
         }
@@ -540,7 +547,8 @@ impl Runner {
             _ => {
                 let (kind, name) = kind_and_name(&call.target);
                 self.inner.metrics.attempt(kind, name, Some(failure.code));
-                self.failed(call, failure, now, Duration::ZERO).await
+                self.failed(call, failure, now, Duration::ZERO, Vec::new())
+                    .await
             }
         }
     }
@@ -606,11 +614,15 @@ impl Runner {
         status: Status,
         error: Option<RecordedError>,
         output_bytes: Option<u64>,
+        steps: Vec<StepReport>,
     ) {
         let Some(recorder) = &self.inner.recorder else {
             return;
         };
-        recorder.record(record_of(call, status, error, output_bytes));
+        let mut record = record_of(call, status, error, output_bytes);
+        // The latest attempt's steps (earlier attempts keep their placement and error).
+        record.steps = steps;
+        recorder.record(record);
     }
 }
 
@@ -659,6 +671,7 @@ pub fn record_of(
         attempt: call.attempt,
         attempts: call.attempts.clone(),
         idempotency_key: call.idempotency_key.clone(),
+        steps: Vec::new(),
     }
 }
 

@@ -18,6 +18,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use squall_lattices::{Dependencies, VectorClock};
 
+use crate::report::StepReport;
+
 /// Identifies one call among a scheduler's calls (random, so schedulers need not coordinate).
 pub type CallId = u64;
 /// A step's index in its plan.
@@ -163,6 +165,9 @@ pub struct Plan {
     pub report_to: String,
     /// For an asynchronous call, the store key the sink writes a [`CallResult`] to.
     pub result_key: Option<String>,
+    /// Whether each step reports its run ([`InvokeOptions::report`]).
+    #[serde(default)]
+    pub report: bool,
 }
 
 /// One step of a plan.
@@ -252,6 +257,10 @@ pub struct InvokeOptions {
     /// what its earlier calls read and wrote.
     #[serde(default)]
     pub session: Option<String>,
+    /// Whether each step reports its run ([`StepReport`]: timings, CPU, memory, log lines)
+    /// for the call's activation record.
+    #[serde(default)]
+    pub report: bool,
 }
 
 /// What a registration stores.
@@ -498,6 +507,9 @@ pub enum Message {
         data: Bytes,
         /// Repeatable read: the versions the run has pinned so far, along this path.
         pins: Vec<PinRef>,
+        /// The reports of the steps along this path, when the plan asks for them.
+        #[serde(default)]
+        reports: Vec<StepReport>,
     },
     /// Executor to executor: send me these keys' versions pinned by this run.
     FetchPins {
@@ -533,6 +545,10 @@ pub enum Message {
         /// session's next calls start from them).
         #[serde(default)]
         cut: Dependencies,
+        /// The reports of the steps that led here (the failing step's included), when the
+        /// plan asks for them.
+        #[serde(default)]
+        reports: Vec<StepReport>,
     },
     /// Scheduler to executor: the call has ended (one of its steps failed, or its deadline
     /// passed); drop its steps still waiting for inputs.
@@ -597,6 +613,9 @@ pub enum Message {
         request: u64,
         /// The output, or why there is none.
         result: Result<Invocation, Failure>,
+        /// The steps' reports, when the call asked for them (also for a failed call).
+        #[serde(default)]
+        reports: Vec<StepReport>,
     },
     /// Gateway to scheduler: which executors are there?
     Status {
@@ -689,6 +708,7 @@ mod tests {
             floors: Dependencies::from([("k".into(), [(1, 2)].into_iter().collect())]),
             report_to: "tcp://127.0.0.1:3".into(),
             result_key: None,
+            report: true,
         });
         assert_eq!(plan.steps_on("tcp://127.0.0.1:2").collect::<Vec<_>>(), [1]);
         assert_eq!(plan.check(), Ok(()));
@@ -722,6 +742,7 @@ mod tests {
                         [(2, 1)].into_iter().collect(),
                     )]),
                 }],
+                reports: Vec::new(),
             },
             Message::FetchPins {
                 request: 9,
@@ -756,6 +777,21 @@ mod tests {
                     step: Some("incr".into()),
                 }),
                 cut: Dependencies::from([("k".into(), [(1, 3)].into_iter().collect())]),
+                reports: vec![StepReport {
+                    step: 1,
+                    function: "incr".into(),
+                    version: 3,
+                    executor: "e1".into(),
+                    cpu_us: 12,
+                    logs: vec![crate::report::LogLine {
+                        ms: 1,
+                        stream: "stdout".into(),
+                        function: "incr".into(),
+                        text: "hello".into(),
+                    }],
+                    logs_dropped: 2,
+                    ..StepReport::default()
+                }],
             },
             Message::Heartbeat(ExecutorStatus {
                 id: "e1".into(),

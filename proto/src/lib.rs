@@ -22,6 +22,8 @@
 //! - [`fabric`]: the mailboxes and sockets those messages travel on (ZeroMQ PUSH/PULL).
 //! - [`keys`]: the key layout: which store key holds which of Squall's records.
 //! - [`ready`]: the READY line every process prints once it serves, and its reader.
+//! - [`report`]: what each step of a call reports for its activation record (timings, CPU,
+//!   memory, log lines).
 //! - [`poll`]: waiting for a condition within a bound (tests, benchmarks, process starters).
 //! - [`Request`], [`Response`] and their parts: what travels.
 //! - [`encode_request`], [`decode_request`], [`encode_response`], [`decode_response`]: the codec.
@@ -42,6 +44,7 @@ pub mod fabric;
 pub mod keys;
 pub mod poll;
 pub mod ready;
+pub mod report;
 
 use serde::{Deserialize, Serialize};
 use squall_lattices::{Entry, LatticeValue, TypeMismatch, Write};

@@ -12,6 +12,7 @@ use squall_proto::call::{
     LimitsRequest, Message, Target,
 };
 use squall_proto::fabric::{Fabric, Mailbox};
+use squall_proto::report::StepReport;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -167,6 +168,19 @@ impl SchedulerClient {
         options: InvokeOptions,
         wait: Duration,
     ) -> Result<Invocation, Failure> {
+        self.invoke_reported(target, input, options, wait).await.0
+    }
+
+    /// Runs `target` like [`SchedulerClient::invoke`], and also answers its steps' reports
+    /// (empty unless `options.report` is set; for a failed call, those that reached the
+    /// scheduler with its failure).
+    pub async fn invoke_reported(
+        &self,
+        target: Target,
+        input: Bytes,
+        options: InvokeOptions,
+        wait: Duration,
+    ) -> (Result<Invocation, Failure>, Vec<StepReport>) {
         let session = options.session.clone();
         let answer = self
             .request(wait, session.as_deref(), |request, reply_to| {
@@ -178,10 +192,13 @@ impl SchedulerClient {
                     options,
                 }
             })
-            .await?;
+            .await;
         match answer {
-            Message::Invoked { result, .. } => result,
-            other => Err(unexpected(&other)),
+            Ok(Message::Invoked {
+                result, reports, ..
+            }) => (result, reports),
+            Ok(other) => (Err(unexpected(&other)), Vec::new()),
+            Err(failure) => (Err(failure), Vec::new()),
         }
     }
 

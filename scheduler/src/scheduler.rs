@@ -42,6 +42,7 @@ use squall_proto::call::{
     InvokeOptions, LimitsRequest, Message, Outcome, Plan, Target,
 };
 use squall_proto::fabric::{Fabric, Mailbox};
+use squall_proto::report::StepReport;
 use squall_state::dag::{DagRegistry, Shape};
 use squall_state::results::store_result;
 use squall_state::{ClientPool, Registry};
@@ -229,7 +230,12 @@ fn handle(shared: &Arc<Shared>, message: Message) {
             input,
             options,
         } => invoke_message(shared, request, reply_to, target, input, options),
-        Message::Done { call, outcome, cut } => done(shared, call, outcome, cut),
+        Message::Done {
+            call,
+            outcome,
+            cut,
+            reports,
+        } => done(shared, call, outcome, cut, reports),
         Message::Register {
             request,
             reply_to,
@@ -265,7 +271,7 @@ fn heartbeat(shared: &Arc<Shared>, status: ExecutorStatus) {
         let failed = fail_calls_on(&mut state, &[(status.addr.clone(), old)], "restarted");
         drop(state);
         for (tracked, failure) in failed {
-            finish(shared, tracked, Err(failure));
+            finish(shared, tracked, Err(failure), Vec::new());
         }
         state = shared.state();
     }
@@ -317,13 +323,19 @@ fn invoke_message(
                 consistency: options.consistency,
                 session: None,
             };
-            finish(&shared, tracked, Err(failure));
+            finish(&shared, tracked, Err(failure), Vec::new());
         }
     });
 }
 
 /// A call's outcome from its sink (or a failing step): answer the caller, and raise a causal session's floors.
-fn done(shared: &Arc<Shared>, call: CallId, outcome: Result<Outcome, Failure>, cut: Dependencies) {
+fn done(
+    shared: &Arc<Shared>,
+    call: CallId,
+    outcome: Result<Outcome, Failure>,
+    cut: Dependencies,
+    reports: Vec<StepReport>,
+) {
     let tracked = untrack(shared, call);
     match tracked {
         Some(tracked) => {
@@ -336,7 +348,7 @@ fn done(shared: &Arc<Shared>, call: CallId, outcome: Result<Outcome, Failure>, c
                     }
                 }
             }
-            finish(shared, tracked, outcome)
+            finish(shared, tracked, outcome, reports)
         }
         // A second failure of a call that already failed, or a call given up on.
         None => tracing::debug!(call, "outcome of a call no longer tracked"),
@@ -569,6 +581,7 @@ async fn invoke(
         floors,
         report_to: shared.addr.clone(),
         result_key: options.result_key.clone(),
+        report: options.report,
     });
     tracing::trace!(call, name = %plan.name, ?placement, "call placed");
     let mut sent: HashSet<&str> = HashSet::new();
@@ -585,7 +598,7 @@ async fn invoke(
             if let Some(tracked) = tracked {
                 let failure =
                     Failure::new(FailureCode::Unavailable, format!("sending the plan: {e}"));
-                finish(shared, tracked, Err(failure));
+                finish(shared, tracked, Err(failure), Vec::new());
             }
             return Ok(());
         }
@@ -594,7 +607,12 @@ async fn invoke(
 }
 
 /// Answers the caller of a finished call (and stores an asynchronous call's failure).
-fn finish(shared: &Arc<Shared>, tracked: Tracked, outcome: Result<Outcome, Failure>) {
+fn finish(
+    shared: &Arc<Shared>,
+    tracked: Tracked,
+    outcome: Result<Outcome, Failure>,
+    reports: Vec<StepReport>,
+) {
     if outcome.is_ok() && tracked.consistency.pins() {
         tell(shared, &tracked, Message::Release { call: tracked.call });
     }
@@ -628,6 +646,7 @@ fn finish(shared: &Arc<Shared>, tracked: Tracked, outcome: Result<Outcome, Failu
         Message::Invoked {
             request: tracked.request,
             result,
+            reports,
         },
     );
 }
@@ -725,7 +744,7 @@ fn expire(shared: &Arc<Shared>) {
         failed
     };
     for (tracked, failure) in failed {
-        finish(shared, tracked, Err(failure));
+        finish(shared, tracked, Err(failure), Vec::new());
     }
 }
 

@@ -24,6 +24,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use squall_lattices::{LatticeValue, Lww, Timestamp, Write};
 use squall_proto::call::Failure;
+use squall_proto::report::StepReport;
 use squall_proto::{keys, Key};
 
 use crate::pool::ClientPool;
@@ -161,6 +162,11 @@ pub struct Activation {
     /// The `Idempotency-Key` the call was made with, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// What each step reported of its run (the latest attempt's): version, executor, start,
+    /// duration, CPU time, memory, and its log lines (bounded; `logs_dropped` counts what was
+    /// left out). Steps that never ran (the call failed before them) are missing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepReport>,
 }
 
 /// One attempt of an asynchronous call, as its record keeps it.
@@ -521,6 +527,13 @@ mod tests {
                 }),
             }],
             idempotency_key: Some("order-1".into()),
+            steps: vec![StepReport {
+                step: 0,
+                function: "f".into(),
+                cpu_us: 3,
+                logs_dropped: 1,
+                ..StepReport::default()
+            }],
         };
         let (key, write) =
             record_write(keys::DEFAULT_NAMESPACE, DEFAULT_RETENTION, &record).expect("encoded");
@@ -547,6 +560,7 @@ mod tests {
             attempt: 1,
             attempts: Vec::new(),
             idempotency_key: None,
+            steps: Vec::new(),
         };
         assert!(record.matches(&Filter::default()));
         let by = |function: Option<&str>, dag: Option<&str>, status, since_ms| Filter {

@@ -412,3 +412,202 @@ fn dags_cross_executor_processes_and_a_killed_executor_fails_its_call_early() {
     assert_eq!((next.status, next.text().as_str()), (200, "ok"));
     assert_eq!(next.placement, format!("misbehave@{survivor}"));
 }
+
+/// The steps of record `id` once it is finished (sync records are written after the answer).
+fn finished_steps(base: &str, id: &str) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let record = Poll::within(WAIT)
+        .until(|| {
+            let record = activation(base, id);
+            (record["status"] != "running").then_some(record)
+        })
+        .expect("a finished record");
+    let steps = record["steps"].as_array().cloned().unwrap_or_default();
+    (record, steps)
+}
+
+fn logs_of(base: &str, id: &str) -> serde_json::Value {
+    let answer = http(
+        "GET",
+        &format!("{base}/v1/activations/{id}/logs"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    answer.json()
+}
+
+fn texts(logs: &serde_json::Value) -> Vec<(String, String)> {
+    logs["logs"]
+        .as_array()
+        .expect("lines")
+        .iter()
+        .map(|l| {
+            (
+                l["stream"].as_str().unwrap_or("?").to_string(),
+                l["text"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn records_keep_each_steps_logs_cpu_time_and_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = support::up(dir.path(), &["--token", TOKEN]);
+    let base = up.field("http");
+    for name in ["incr", "misbehave"] {
+        register(&base, name, "");
+    }
+    let dag = r#"{"functions":["misbehave","incr"],"edges":[["misbehave","incr"]]}"#;
+    assert_eq!(put_dag(&base, "chat", dag).status, 201);
+
+    // Each step of a DAG reports its run; the first step's log lines and stdout are kept.
+    let answer = invoke(&base, "/v1/dags/chat/invoke", "chatty:3");
+    assert_eq!((answer.status, answer.text().as_str()), (200, "4"));
+    let (record, steps) = finished_steps(&base, &answer.activation);
+    assert_eq!(record["status"], "succeeded");
+    assert_eq!(steps.len(), 2, "{record}");
+    for (index, (step, function)) in steps.iter().zip(["misbehave", "incr"]).enumerate() {
+        assert_eq!(step["step"], index, "{record}");
+        assert_eq!(step["function"], function);
+        assert_eq!(step["executor"], "executor-0");
+        assert!(step["version"].as_u64() >= Some(1), "{record}");
+        assert!(step["memory_bytes"].as_u64() > Some(0), "{record}");
+        assert!(step["start_us"].as_u64() > Some(0), "{record}");
+    }
+    let logs = logs_of(&base, &answer.activation);
+    assert_eq!(
+        texts(&logs),
+        [
+            ("info", "log line 0"),
+            ("info", "log line 1"),
+            ("info", "log line 2"),
+            ("stdout", "out line 0"),
+            ("stdout", "out line 1"),
+            ("stdout", "out line 2"),
+        ]
+        .map(|(s, t)| (s.to_string(), t.to_string()))
+    );
+    assert_eq!(logs["dropped"], 0);
+    assert_eq!(logs["logs"][0]["function"], "misbehave");
+
+    // CPU time is CPU, not wall-clock time: a spinning guest spends about its duration, a
+    // sleeping one next to nothing.
+    let spun = invoke(&base, "/v1/functions/misbehave/invoke", "spin:300");
+    assert_eq!(spun.status, 200, "{}", spun.text());
+    let (record, steps) = finished_steps(&base, &spun.activation);
+    assert!(steps[0]["cpu_us"].as_u64() >= Some(150_000), "{record}");
+    let slept = invoke(&base, "/v1/functions/misbehave/invoke", "sleep:300");
+    assert_eq!(slept.status, 200, "{}", slept.text());
+    let (record, steps) = finished_steps(&base, &slept.activation);
+    assert!(
+        steps[0]["duration_us"].as_u64() >= Some(300_000),
+        "{record}"
+    );
+    assert!(steps[0]["cpu_us"].as_u64() < Some(150_000), "{record}");
+
+    // The memory a call grows is reported.
+    let huge = invoke(&base, "/v1/functions/misbehave/invoke", "huge:3000000");
+    assert_eq!(huge.status, 200);
+    let (record, steps) = finished_steps(&base, &huge.activation);
+    assert!(
+        steps[0]["memory_growth_bytes"].as_u64() >= Some(3_000_000),
+        "{record}"
+    );
+    assert!(
+        steps[0]["memory_bytes"].as_u64() >= Some(3_000_000),
+        "{record}"
+    );
+
+    // A failing call keeps what it logged before failing.
+    let failed = invoke(&base, "/v1/functions/misbehave/invoke", "fail");
+    assert_eq!(failed.status, 500, "{}", failed.text());
+    let (record, _) = finished_steps(&base, &failed.activation);
+    assert_eq!(record["status"], "failed");
+    assert_eq!(
+        texts(&logs_of(&base, &failed.activation)),
+        [("warn".to_string(), "about to fail".to_string())]
+    );
+
+    // Logs are bounded per step, and what is left out is counted.
+    let chatty = invoke(&base, "/v1/functions/misbehave/invoke", "chatty:400");
+    assert_eq!(chatty.text(), "400");
+    let (_, _) = finished_steps(&base, &chatty.activation);
+    let logs = logs_of(&base, &chatty.activation);
+    let kept = logs["logs"].as_array().expect("lines").len();
+    assert_eq!(kept, squall_proto::report::MAX_LOG_LINES);
+    assert_eq!(logs["dropped"], 800 - kept);
+
+    // An asynchronous call's record has its steps too.
+    let accepted = invoke(
+        &base,
+        "/v1/functions/misbehave/invoke?async=true",
+        "chatty:1",
+    );
+    assert_eq!(accepted.status, 202);
+    let (record, _) = finished_steps(&base, &accepted.activation);
+    assert_eq!(record["status"], "succeeded", "{record}");
+    assert_eq!(
+        texts(&logs_of(&base, &accepted.activation)),
+        [("info", "log line 0"), ("stdout", "out line 0")]
+            .map(|(s, t)| (s.to_string(), t.to_string()))
+    );
+
+    // Listings leave the lines out unless asked.
+    let page = |query: &str| {
+        http(
+            "GET",
+            &format!("{base}/v1/activations?function=misbehave&limit=1{query}"),
+            Some(TOKEN),
+            b"",
+        )
+        .json()
+    };
+    let bare = page("");
+    assert_eq!(bare["activations"][0]["id"], accepted.activation.as_str());
+    assert!(bare["activations"][0]["steps"][0]["logs"]
+        .as_array()
+        .is_some_and(|l| l.is_empty()));
+    assert_eq!(
+        page("&logs=true")["activations"][0]["steps"][0]["logs"][0]["text"],
+        "log line 0"
+    );
+    assert_eq!(
+        http(
+            "GET",
+            &format!("{base}/v1/activations/{}/logs", "0".repeat(32)),
+            Some(TOKEN),
+            b""
+        )
+        .status,
+        404
+    );
+
+    // The CLI prints them.
+    let cli = |args: &[&str]| {
+        let output = support::squall()
+            .args(args)
+            .args(["--gateway", &base, "--token", TOKEN])
+            .output()
+            .expect("run squall");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let printed = cli(&["activation", "logs", &failed.activation]);
+    assert!(
+        printed
+            .trim_end()
+            .ends_with("misbehave  warn: about to fail"),
+        "{printed}"
+    );
+    let printed = cli(&["logs", "misbehave", "--limit", "2"]);
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(lines.len(), 2 + kept + 1, "{printed}");
+    assert!(lines[kept].contains("left out"), "{printed}");
+    let expected = format!("{}  misbehave  info: log line 0", accepted.activation);
+    assert!(lines[kept + 1].ends_with(&expected), "{printed}");
+}

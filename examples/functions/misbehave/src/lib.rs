@@ -9,7 +9,10 @@
 //! - `recurse:NAME`: calls the function NAME with the same input, forever.
 //! - `print`: writes to stdout and stderr, then answers `printed`.
 //! - `state:KEY=VALUE`: writes VALUE to KEY, reads it back, answers it.
-//! - `fail`: returns an error.
+//! - `fail`: logs a warning, then returns an error.
+//! - `chatty:N`: logs N lines (`log line I`) and prints N lines to stdout (`out line I`),
+//!   answers N.
+//! - `spin:MS`: computes for MS milliseconds of wall-clock time, answers `spun`.
 //! - `sleep:MS`: sleeps MS milliseconds (a slow function that uses no CPU), answers `slept`.
 //! - `flaky:KEY:N`: adds 1 to the counter KEY and fails while the counter is below N (so
 //!   under retries, attempt N is the first to succeed), then answers the counter.
@@ -55,7 +58,29 @@ fn handle(input: &[u8]) -> Result<Vec<u8>, String> {
             let read = squall_sdk::state::get_bytes(key).map_err(|e| e.to_string())?;
             read.ok_or_else(|| "written value not found".to_string())
         }
-        "fail" => Err("asked to fail".into()),
+        "fail" => {
+            squall_sdk::log::warn("about to fail");
+            Err("asked to fail".into())
+        }
+        "chatty" => {
+            let n: u32 = arg.parse().map_err(|e| format!("bad count: {e}"))?;
+            for i in 0..n {
+                squall_sdk::log::info(&format!("log line {i}"));
+                println!("out line {i}");
+            }
+            Ok(n.to_string().into_bytes())
+        }
+        "spin" => {
+            let ms: u64 = arg.parse().map_err(|e| format!("bad duration: {e}"))?;
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+            let mut x = 0u64;
+            while std::time::Instant::now() < until {
+                for i in 0..1000 {
+                    x = black_box(x.wrapping_add(i));
+                }
+            }
+            Ok(b"spun".to_vec())
+        }
         "sleep" => {
             let ms: u64 = arg.parse().map_err(|e| format!("bad duration: {e}"))?;
             std::thread::sleep(std::time::Duration::from_millis(ms));
