@@ -16,10 +16,10 @@ use crate::roles::DEFAULT_HTTP_PORT;
 pub struct Connection {
     /// The gateway's URL.
     #[arg(long, global = true, env = "SQUALL_GATEWAY", default_value_t = format!("http://127.0.0.1:{DEFAULT_HTTP_PORT}"))]
-    gateway: String,
+    pub(crate) gateway: String,
     /// Bearer token for mutating requests.
     #[arg(long, global = true, env = "SQUALL_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    pub(crate) token: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -134,60 +134,14 @@ pub struct CallArgs {
     /// than earlier calls of the session read or wrote).
     #[arg(long, env = "SQUALL_SESSION")]
     session: Option<String>,
-}
-
-#[derive(Debug, Args)]
-pub struct ActivationArgs {
-    #[command(flatten)]
-    connection: Connection,
-    #[command(subcommand)]
-    command: ActivationCommand,
-}
-
-#[derive(Debug, Subcommand)]
-enum ActivationCommand {
-    /// List call records, newest first: id, status, target, duration, start.
-    Ls {
-        /// Only calls of this function.
-        #[arg(long)]
-        function: Option<String>,
-        /// Only runs of this DAG.
-        #[arg(long)]
-        dag: Option<String>,
-        /// Only calls in this status: running, succeeded or failed.
-        #[arg(long)]
-        status: Option<String>,
-        /// The most records listed.
-        #[arg(long, default_value_t = 20)]
-        limit: u32,
-    },
-    /// Show one record as JSON.
-    Get {
-        /// The activation id (from `ls`, or an answer's `squall-activation` header).
-        id: String,
-    },
-    /// Print what a call logged and printed, step by step: time, function, stream, line.
-    Logs {
-        /// The activation id.
-        id: String,
-    },
-}
-
-#[derive(Debug, Args)]
-pub struct LogsArgs {
-    #[command(flatten)]
-    connection: Connection,
-    /// The function (or, with --dag, the DAG) whose calls' logs are printed.
-    name: String,
-    /// NAME is a DAG.
+    /// Run it asynchronously: print the call's id once it is in the store (its result is at
+    /// `GET /v1/results/{id}`).
+    #[arg(long = "async")]
+    asynchronous: bool,
+    /// An idempotency key: while the first call's record is kept, a repeat with the same key
+    /// answers the first call's output (or id) and runs nothing.
     #[arg(long)]
-    dag: bool,
-    /// Keep printing the logs of calls as they finish (polls once a second; Ctrl-C stops).
-    #[arg(long, short)]
-    follow: bool,
-    /// How many of the latest calls to print first.
-    #[arg(long, default_value_t = 10)]
-    limit: u32,
+    idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -205,7 +159,7 @@ fn agent() -> ureq::Agent {
         .build()
 }
 
-fn request(connection: &Connection, method: &str, path: &str) -> ureq::Request {
+pub(crate) fn request(connection: &Connection, method: &str, path: &str) -> ureq::Request {
     let url = format!("{}{path}", connection.gateway.trim_end_matches('/'));
     let request = agent().request(method, &url);
     match &connection.token {
@@ -215,7 +169,7 @@ fn request(connection: &Connection, method: &str, path: &str) -> ureq::Request {
 }
 
 /// Sends and returns the body; an error status becomes an error with the gateway's message.
-fn send(
+pub(crate) fn send(
     connection: &Connection,
     result: Result<ureq::Response, ureq::Error>,
 ) -> anyhow::Result<Vec<u8>> {
@@ -251,16 +205,16 @@ fn send(
     Ok(body)
 }
 
-fn json(body: &[u8]) -> anyhow::Result<Value> {
+pub(crate) fn json(body: &[u8]) -> anyhow::Result<Value> {
     serde_json::from_slice(body).context("the gateway's answer is not JSON")
 }
 
-fn print_json(value: &Value) -> anyhow::Result<()> {
+pub(crate) fn print_json(value: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
-fn read_input(input: Option<&str>) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn read_input(input: Option<&str>) -> anyhow::Result<Vec<u8>> {
     match input {
         Some("-") => {
             let mut buffer = Vec::new();
@@ -276,11 +230,18 @@ fn read_input(input: Option<&str>) -> anyhow::Result<Vec<u8>> {
 
 fn call(connection: &Connection, kind: &str, args: &CallArgs) -> anyhow::Result<ExitCode> {
     let input = read_input(args.input.as_deref())?;
-    let mut path = format!("/v1/{kind}/{}/invoke", args.name);
+    let path = format!("/v1/{kind}/{}/invoke", args.name);
+    let mut call = request(connection, "POST", &path);
     if let Some(ms) = args.timeout_ms {
-        path.push_str(&format!("?timeout_ms={ms}"));
+        call = call.query("timeout_ms", &ms.to_string());
     }
-    let mut call = request(connection, "POST", &path).set(
+    if args.asynchronous {
+        call = call.query("async", "true");
+    }
+    if let Some(key) = &args.idempotency_key {
+        call = call.set(squall_gateway::IDEMPOTENCY_HEADER, key);
+    }
+    let mut call = call.set(
         squall_gateway::CONSISTENCY_HEADER,
         args.consistency.as_str(),
     );
@@ -290,7 +251,11 @@ fn call(connection: &Connection, kind: &str, args: &CallArgs) -> anyhow::Result<
     if let Some(session) = &args.session {
         call = call.set(squall_gateway::SESSION_HEADER, session);
     }
-    let output = send(connection, call.send_bytes(&input))?;
+    let mut output = send(connection, call.send_bytes(&input))?;
+    if args.asynchronous {
+        let accepted = json(&output)?;
+        output = accepted["id"].as_str().unwrap_or("?").as_bytes().to_vec();
+    }
     let mut out = std::io::stdout().lock();
     out.write_all(&output)?;
     if !output.ends_with(b"\n") && !output.is_empty() {
@@ -298,161 +263,6 @@ fn call(connection: &Connection, kind: &str, args: &CallArgs) -> anyhow::Result<
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
-}
-
-pub fn run_activation(args: ActivationArgs) -> anyhow::Result<ExitCode> {
-    let c = &args.connection;
-    match args.command {
-        ActivationCommand::Ls {
-            function,
-            dag,
-            status,
-            limit,
-        } => {
-            let mut listing =
-                request(c, "GET", "/v1/activations").query("limit", &limit.to_string());
-            for (name, value) in [("function", function), ("dag", dag), ("status", status)] {
-                if let Some(value) = value {
-                    listing = listing.query(name, &value);
-                }
-            }
-            let page = json(&send(c, listing.call())?)?;
-            let mut out = std::io::stdout().lock();
-            for record in page["activations"].as_array().into_iter().flatten() {
-                let duration = record["duration_us"]
-                    .as_u64()
-                    .map_or("-".to_string(), |us| format!("{:.3}ms", us as f64 / 1000.0));
-                writeln!(
-                    out,
-                    "{}  {:<9}  {} {:<24}  {:>10}  {}",
-                    record["id"].as_str().unwrap_or("?"),
-                    record["status"].as_str().unwrap_or("?"),
-                    record["kind"].as_str().unwrap_or("?"),
-                    record["name"].as_str().unwrap_or("?"),
-                    duration,
-                    record["start_ms"].as_u64().unwrap_or(0),
-                )?;
-            }
-            out.flush()?;
-        }
-        ActivationCommand::Get { id } => {
-            let body = send(
-                c,
-                request(c, "GET", &format!("/v1/activations/{}", encoded(&id))).call(),
-            )?;
-            print_json(&json(&body)?)?;
-        }
-        ActivationCommand::Logs { id } => {
-            let path = format!("/v1/activations/{}/logs", encoded(&id));
-            let logs = json(&send(c, request(c, "GET", &path).call())?)?;
-            let mut out = std::io::stdout().lock();
-            for line in logs["logs"].as_array().into_iter().flatten() {
-                print_line(&mut out, None, line)?;
-            }
-            let dropped = logs["dropped"].as_u64().unwrap_or(0);
-            if dropped > 0 {
-                writeln!(out, "({dropped} lines or parts of lines were left out)")?;
-            }
-            out.flush()?;
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Percent-encodes a path segment.
-fn encoded(segment: &str) -> String {
-    segment
-        .bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
-}
-
-/// Prints one log line: `time  [activation]  function  stream: text`.
-fn print_line(out: &mut impl Write, activation: Option<&str>, line: &Value) -> anyhow::Result<()> {
-    let ms = line["ms"].as_i64().unwrap_or(0);
-    let time = chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
-        .unwrap_or_else(|| ms.to_string());
-    let activation = activation.map(|a| format!("{a}  ")).unwrap_or_default();
-    writeln!(
-        out,
-        "{time}  {activation}{}  {}: {}",
-        line["function"].as_str().unwrap_or("?"),
-        line["stream"].as_str().unwrap_or("?"),
-        line["text"].as_str().unwrap_or(""),
-    )?;
-    Ok(())
-}
-
-/// How far back `squall logs --follow` looks again for calls that were still running: a
-/// call that runs longer than this and was not yet seen finished is not printed.
-const FOLLOW_WINDOW_MS: u64 = 15 * 60 * 1000;
-
-/// `squall logs`: the log lines of a function's (or DAG's) latest calls, oldest first, and
-/// with `--follow` those of each call that finishes afterwards.
-pub fn run_logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
-    let c = &args.connection;
-    let filter = if args.dag { "dag" } else { "function" };
-    let mut printed: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
-    let mut since: Option<u64> = None;
-    loop {
-        let limit = if since.is_some() { 200 } else { args.limit };
-        let mut listing = request(c, "GET", "/v1/activations")
-            .query(filter, &args.name)
-            .query("logs", "true")
-            .query("limit", &limit.clamp(1, 200).to_string());
-        if let Some(since) = since {
-            listing = listing.query("since", &since.to_string());
-        }
-        let page = json(&send(c, listing.call())?)?;
-        let mut records: Vec<&Value> = page["activations"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .collect();
-        records.reverse();
-        let mut out = std::io::stdout().lock();
-        for record in records {
-            let id = record["id"].as_str().unwrap_or("?");
-            let start_ms = record["start_ms"].as_u64().unwrap_or(0);
-            if record["status"] == "running" || printed.contains_key(id) {
-                continue;
-            }
-            printed.insert(id.to_string(), start_ms);
-            let mut steps: Vec<&Value> = record["steps"].as_array().into_iter().flatten().collect();
-            steps.sort_by_key(|s| (s["start_us"].as_u64(), s["step"].as_u64()));
-            let mut dropped = 0;
-            for step in steps {
-                dropped += step["logs_dropped"].as_u64().unwrap_or(0);
-                for line in step["logs"].as_array().into_iter().flatten() {
-                    print_line(&mut out, Some(id), line)?;
-                }
-            }
-            if dropped > 0 {
-                writeln!(
-                    out,
-                    "{id}  ({dropped} lines or parts of lines were left out)"
-                )?;
-            }
-        }
-        out.flush()?;
-        drop(out);
-        if !args.follow {
-            return Ok(ExitCode::SUCCESS);
-        }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let from = now.saturating_sub(FOLLOW_WINDOW_MS);
-        printed.retain(|_, start| *start >= from);
-        since = Some(from);
-        std::thread::sleep(Duration::from_secs(1));
-    }
 }
 
 pub fn run_call(args: CallCommand) -> anyhow::Result<ExitCode> {

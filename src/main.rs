@@ -20,6 +20,7 @@
 
 mod cluster;
 mod config;
+mod events;
 mod http;
 mod kv;
 mod roles;
@@ -58,9 +59,13 @@ enum Command {
     /// Call a function and print its output (through a gateway).
     Call(http::CallCommand),
     /// List and show the records of calls, and what they logged (through a gateway).
-    Activation(http::ActivationArgs),
+    Activation(events::ActivationArgs),
     /// Print what a function's or DAG's calls logged; --follow keeps printing.
-    Logs(http::LogsArgs),
+    Logs(events::LogsArgs),
+    /// Create, list, pause, resume, fire and delete triggers (through a gateway).
+    Trigger(events::TriggerArgs),
+    /// List, redrive and delete the calls that failed every attempt (through a gateway).
+    DeadLetters(events::DeadLetterArgs),
     /// Run an executor that joins schedulers.
     Executor(roles::ExecutorArgs),
     /// Run a scheduler.
@@ -232,11 +237,19 @@ fn main() -> ExitCode {
         }
         Command::Activation(args) => {
             init_tracing("warn");
-            http::run_activation(args)
+            events::run_activation(args)
         }
         Command::Logs(args) => {
             init_tracing("warn");
-            http::run_logs(args)
+            events::run_logs(args)
+        }
+        Command::Trigger(args) => {
+            init_tracing("warn");
+            events::run_trigger(args)
+        }
+        Command::DeadLetters(args) => {
+            init_tracing("warn");
+            events::run_dead_letters(args)
         }
         Command::Kvs(args) => {
             init_tracing("info");

@@ -10,10 +10,10 @@ use squall_proto::poll::Poll;
 
 use crate::support::{self, http, http_with, Answer, NodeProcess};
 
-const TOKEN: &str = "s3cret";
+pub(crate) const TOKEN: &str = "s3cret";
 const WAIT: Duration = Duration::from_secs(90);
 
-fn register_misbehave(base: &str) {
+pub(crate) fn register_misbehave(base: &str) {
     let registered = http(
         "PUT",
         &format!("{base}/v1/functions/misbehave"),

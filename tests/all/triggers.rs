@@ -4,12 +4,11 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use squall_executor::testing::guest;
 use squall_proto::poll::Poll;
 
+use crate::durable::{register_misbehave, TOKEN};
 use crate::support::{self, http, NodeProcess};
 
-const TOKEN: &str = "s3cret";
 const WAIT: Duration = Duration::from_secs(90);
 
 fn put_trigger(base: &str, name: &str, spec: &str) -> crate::support::Answer {
@@ -59,13 +58,7 @@ fn a_cron_trigger_with_two_gateways_runs_each_tick_once() {
         ],
     );
     let other = second.field("http");
-    let registered = http(
-        "PUT",
-        &format!("{base}/v1/functions/misbehave"),
-        Some(TOKEN),
-        &guest("misbehave"),
-    );
-    assert_eq!(registered.status, 201, "{}", registered.text());
+    register_misbehave(&base);
 
     for bad in [
         r#"{"kind":"kv-change","schedule":"* * * * *","function":"misbehave"}"#,
@@ -189,4 +182,118 @@ fn a_cron_trigger_with_two_gateways_runs_each_tick_once() {
         .status,
         204
     );
+}
+
+/// Runs `squall ARGS --gateway BASE --token TOKEN`; its stdout, after checking it succeeded.
+fn cli(base: &str, args: &[&str]) -> String {
+    let output = support::squall()
+        .args(args)
+        .args(["--gateway", base, "--token", TOKEN])
+        .output()
+        .expect("run squall");
+    assert!(
+        output.status.success(),
+        "squall {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn the_cli_manages_triggers_dead_letters_and_idempotent_calls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = support::up(dir.path(), &["--token", TOKEN]);
+    let base = up.field("http");
+    register_misbehave(&base);
+
+    // Triggers: create, list, pause, resume, fire, delete.
+    let created = cli(
+        &base,
+        &[
+            "trigger",
+            "create",
+            "yearly",
+            "--cron",
+            "0 0 1 1 *",
+            "--function",
+            "misbehave",
+            "--input",
+            "echo:hi",
+        ],
+    );
+    let created: Value = serde_json::from_str(&created).expect("JSON");
+    assert_eq!(created["spec"]["schedule"], "0 0 1 1 *");
+    let listed = cli(&base, &["trigger", "ls"]);
+    assert!(
+        listed.starts_with("yearly") && listed.contains("active  cron  function misbehave"),
+        "{listed}"
+    );
+    cli(&base, &["trigger", "pause", "yearly"]);
+    assert!(cli(&base, &["trigger", "ls"]).contains("paused"));
+    cli(&base, &["trigger", "resume", "yearly"]);
+    assert!(cli(&base, &["trigger", "ls"]).contains("active"));
+    let id = cli(&base, &["trigger", "fire", "yearly"])
+        .trim()
+        .to_string();
+    assert_eq!(id.len(), 32, "{id}");
+    let result = Poll::within(WAIT)
+        .until(|| {
+            let result = http("GET", &format!("{base}/v1/results/{id}"), None, b"");
+            (result.status == 200).then(|| result.text())
+        })
+        .expect("the fired call's result");
+    assert_eq!(result, "hi");
+    cli(&base, &["trigger", "rm", "yearly"]);
+    assert_eq!(cli(&base, &["trigger", "ls"]), "");
+
+    // Dead letters: a call that fails (no retries by default) is listed, redriven, deleted.
+    let id = cli(&base, &["call", "misbehave", "fail", "--async"])
+        .trim()
+        .to_string();
+    assert_eq!(id.len(), 32, "{id}");
+    let listed_once = || {
+        Poll::within(WAIT)
+            .until(|| {
+                let listed = cli(&base, &["dead-letters", "ls", "misbehave"]);
+                listed.starts_with(&id).then_some(listed)
+            })
+            .expect("the dead letter")
+    };
+    let listed = listed_once();
+    assert!(
+        listed.contains("1 attempts  function_failed: asked to fail"),
+        "{listed}"
+    );
+    assert_eq!(
+        cli(&base, &["dead-letters", "redrive", "misbehave", &id]).trim(),
+        "1 redriven"
+    );
+    // It fails again: a dead letter once more, with both attempts.
+    Poll::within(WAIT)
+        .until(|| {
+            cli(&base, &["dead-letters", "ls", "misbehave"])
+                .contains("2 attempts")
+                .then_some(())
+        })
+        .expect("the redriven call's dead letter");
+    assert_eq!(
+        cli(&base, &["dead-letters", "rm", "misbehave"]).trim(),
+        "1 deleted"
+    );
+    assert_eq!(cli(&base, &["dead-letters", "ls", "misbehave"]), "");
+
+    // An idempotency key runs the call once.
+    for _ in 0..2 {
+        let answer = cli(
+            &base,
+            &[
+                "call",
+                "misbehave",
+                "tally:cli/runs:0",
+                "--idempotency-key",
+                "order-7",
+            ],
+        );
+        assert_eq!(answer.trim(), "1");
+    }
 }
