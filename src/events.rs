@@ -2,6 +2,7 @@
 //! `squall logs`), triggers (`squall trigger`) and dead letters (`squall dead-letters`), all
 //! through a gateway's HTTP API (see the README's sections on each).
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -164,29 +165,33 @@ const FOLLOW_WINDOW_MS: u64 = 15 * 60 * 1000;
 pub fn run_logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
     let c = &args.connection;
     let filter = if args.dag { "dag" } else { "function" };
-    let mut printed: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
-    let mut since: Option<u64> = None;
+    // Finished records printed, by id, with their start (to forget them once out of the window).
+    let mut printed: HashMap<String, u64> = HashMap::new();
+    // The window's end: the newest start seen (the gateway's clock, not this machine's).
+    let mut newest: Option<u64> = None;
+    let mut first = true;
     loop {
-        let limit = if since.is_some() { 200 } else { args.limit };
-        let mut listing = request(c, "GET", "/v1/activations")
-            .query(filter, &args.name)
-            .query("logs", "true")
-            .query("limit", &limit.clamp(1, 200).to_string());
-        if let Some(since) = since {
-            listing = listing.query("since", &since.to_string());
-        }
-        let page = json(&send(c, listing.call())?)?;
-        let mut records: Vec<&Value> = page["activations"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .collect();
-        records.reverse();
+        let since = (!first).then(|| {
+            newest
+                .unwrap_or_else(now_ms)
+                .saturating_sub(FOLLOW_WINDOW_MS)
+        });
+        let records = match finished_records(c, filter, &args.name, args.limit, since) {
+            Ok(records) => records,
+            Err(e) if args.follow && !first => {
+                eprintln!("{e:#} (trying again)");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let mut out = std::io::stdout().lock();
-        for record in records {
+        // Oldest first.
+        for record in records.iter().rev() {
             let id = record["id"].as_str().unwrap_or("?");
             let start_ms = record["start_ms"].as_u64().unwrap_or(0);
-            if record["status"] == "running" || printed.contains_key(id) {
+            newest = newest.max(Some(start_ms));
+            if printed.contains_key(id) {
                 continue;
             }
             printed.insert(id.to_string(), start_ms);
@@ -211,14 +216,61 @@ pub fn run_logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
         if !args.follow {
             return Ok(ExitCode::SUCCESS);
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let from = now.saturating_sub(FOLLOW_WINDOW_MS);
-        printed.retain(|_, start| *start >= from);
-        since = Some(from);
+        if first && newest.is_none() {
+            // Nothing yet: follow from now.
+            newest = Some(now_ms());
+        }
+        first = false;
+        if let Some(newest) = newest {
+            let from = newest.saturating_sub(FOLLOW_WINDOW_MS);
+            printed.retain(|_, start| *start >= from);
+        }
         std::thread::sleep(Duration::from_secs(1));
     }
+}
+
+/// Pages `squall logs --follow` reads per poll at most (each of up to 200 records).
+const FOLLOW_PAGES: usize = 10;
+
+/// The finished records (with their logs) of NAME, newest first: the latest `limit` ones, or,
+/// from `since` on, up to [`FOLLOW_PAGES`] pages of them.
+fn finished_records(
+    c: &Connection,
+    filter: &str,
+    name: &str,
+    limit: u32,
+    since: Option<u64>,
+) -> anyhow::Result<Vec<Value>> {
+    let mut records = Vec::new();
+    let mut after: Option<String> = None;
+    for _ in 0..FOLLOW_PAGES {
+        let limit = if since.is_some() { 200 } else { limit };
+        let mut listing = request(c, "GET", "/v1/activations")
+            .query(filter, name)
+            .query("logs", "true")
+            .query("limit", &limit.clamp(1, 200).to_string());
+        if let Some(since) = since {
+            listing = listing.query("since", &since.to_string());
+        }
+        if let Some(after) = &after {
+            listing = listing.query("after", after);
+        }
+        let mut page = json(&send(c, listing.call())?)?;
+        if let Value::Array(found) = page["activations"].take() {
+            records.extend(found.into_iter().filter(|r| r["status"] != "running"));
+        }
+        match (page["next"].as_str(), since) {
+            (Some(next), Some(_)) => after = Some(next.to_string()),
+            _ => break,
+        }
+    }
+    Ok(records)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Debug, Args)]

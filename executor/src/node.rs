@@ -643,9 +643,9 @@ async fn run_step(
         run,
         trace: trace.clone(),
     };
-    let (start_us, started) = (now_us(), Instant::now());
+    let started = trace.as_ref().map(|_| (now_us(), Instant::now()));
     let result = shared.executor.call(&spec.function, &input, options).await;
-    if let Some(trace) = trace {
+    if let (Some(trace), Some((start_us, started))) = (trace, started) {
         let id = &shared.config.id;
         let report = trace.report(step, &spec.function, id, start_us, started.elapsed());
         reports.push(report);
@@ -794,8 +794,10 @@ fn report_cut(
     plan: &Plan,
     outcome: Result<Outcome, Failure>,
     cut: Dependencies,
-    reports: Vec<StepReport>,
+    mut reports: Vec<StepReport>,
 ) {
+    // In plan order (a fan-in step merges its paths' reports in edge order).
+    reports.sort_by_key(|r| r.step);
     let message = Message::Done {
         call: plan.call,
         outcome,

@@ -201,6 +201,34 @@ impl Activation {
             && filter.since_ms.is_none_or(|since| self.start_ms >= since)
     }
 
+    /// Cuts the steps' log lines to `max_bytes` of text in all, each step keeping up to an
+    /// equal share; what is cut is counted in the step's `logs_dropped`.
+    pub fn bound_logs(&mut self, max_bytes: usize) {
+        let steps = self.steps.len().max(1);
+        let share = max_bytes / steps;
+        for step in &mut self.steps {
+            let mut kept = 0usize;
+            let before = step.logs.len();
+            step.logs.retain(|line| {
+                kept += line.text.len();
+                kept <= share
+            });
+            let cut = (before - step.logs.len()) as u32;
+            step.logs_dropped = step.logs_dropped.saturating_add(cut);
+        }
+    }
+
+    /// About how many bytes the record takes stored (its log text and a margin for the rest).
+    fn estimated_bytes(&self) -> usize {
+        let lines: usize = self
+            .steps
+            .iter()
+            .flat_map(|s| s.logs.iter())
+            .map(|l| l.text.len() + l.function.len() + 32)
+            .sum();
+        lines + 512 + 256 * self.steps.len() + 128 * self.attempts.len()
+    }
+
     /// The record's rank as a last-writer-wins register: a later attempt beats an earlier
     /// one, and within an attempt finished beats running.
     fn rank(&self) -> u64 {
@@ -257,6 +285,14 @@ pub const QUEUED_RECORDS: usize = 65_536;
 /// Records written per round trip by the background writer.
 const RECORDS_PER_BATCH: usize = 512;
 
+/// The most bytes of log text one record keeps, over all its steps: each step keeps up to an
+/// equal share, so the failing last step of a long DAG keeps its lines too.
+pub const MAX_RECORD_LOG_BYTES: usize = 64 << 10;
+
+/// About the most bytes of records one write of the background writer carries (well under
+/// the store's request limit).
+const BATCH_BYTES: usize = 4 << 20;
+
 /// How long the background writer lets a batch gather after its first record: records reach
 /// the store at most this much later than their calls end.
 const BATCH_LINGER: Duration = Duration::from_millis(5);
@@ -269,8 +305,10 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Queues `record`; drops it (counted) if the writer is that far behind.
-    pub fn record(&self, record: Activation) {
+    /// Queues `record` (its log lines cut to [`MAX_RECORD_LOG_BYTES`]); drops it (counted)
+    /// if the writer is that far behind.
+    pub fn record(&self, mut record: Activation) {
+        record.bound_logs(MAX_RECORD_LOG_BYTES);
         if self.sender.try_send(record).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -369,18 +407,20 @@ impl Activations {
                         Err(_) => break,
                     }
                 }
-                match activations.put_many(&batch).await {
-                    Ok(refused) if refused.is_empty() => {}
-                    Ok(refused) => {
-                        lost.fetch_add(refused.len() as u64, Ordering::Relaxed);
-                        tracing::warn!(
-                            count = refused.len(),
-                            "the store refused activation records"
-                        );
-                    }
-                    Err(e) => {
-                        lost.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                        tracing::warn!(count = batch.len(), cause = %e, "activation records were not written");
+                for chunk in by_bytes(&batch, BATCH_BYTES) {
+                    match activations.put_many(chunk).await {
+                        Ok(refused) if refused.is_empty() => {}
+                        Ok(refused) => {
+                            lost.fetch_add(refused.len() as u64, Ordering::Relaxed);
+                            tracing::warn!(
+                                count = refused.len(),
+                                "the store refused activation records"
+                            );
+                        }
+                        Err(e) => {
+                            lost.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                            tracing::warn!(count = chunk.len(), cause = %e, "activation records were not written");
+                        }
                     }
                 }
                 batch.clear();
@@ -465,6 +505,24 @@ impl Activations {
 }
 
 /// The store write of `record` in `namespace`, expiring after `retention`.
+/// `records` in runs of about `max_bytes` at most (a larger record alone).
+fn by_bytes(records: &[Activation], max_bytes: usize) -> Vec<&[Activation]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, record) in records.iter().enumerate() {
+        let size = record.estimated_bytes();
+        if i > start && bytes + size > max_bytes {
+            chunks.push(&records[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < records.len() {
+        chunks.push(&records[start..]);
+    }
+    chunks
+}
+
 fn record_write(namespace: &str, retention: Duration, record: &Activation) -> Result<(Key, Write)> {
     let encoded = rmp_serde::to_vec_named(record).map_err(|e| Error::BadValue {
         key: record.id.clone(),
@@ -540,6 +598,72 @@ mod tests {
         assert!(key.ends_with(&record.id));
         let value = write.value.expect("a value");
         assert_eq!(decode(&record.id, value), Some(record));
+    }
+
+    #[test]
+    fn logs_are_bounded_per_record_with_a_share_per_step() {
+        let line = |text: &str| squall_proto::report::LogLine {
+            ms: 0,
+            stream: "info".into(),
+            function: "f".into(),
+            text: text.into(),
+        };
+        let step = |n: usize| StepReport {
+            logs: (0..n).map(|_| line(&"x".repeat(100))).collect(),
+            ..StepReport::default()
+        };
+        let mut record = sample(1);
+        record.steps = vec![step(100), step(3)];
+        record.bound_logs(1000);
+        assert_eq!(record.steps[0].logs.len(), 5);
+        assert_eq!(record.steps[0].logs_dropped, 95);
+        assert_eq!(record.steps[1].logs.len(), 3);
+        assert_eq!(record.steps[1].logs_dropped, 0);
+    }
+
+    #[test]
+    fn batches_are_cut_by_bytes() {
+        let big = |i| {
+            let mut record = sample(i);
+            record.steps = vec![StepReport {
+                logs: vec![squall_proto::report::LogLine {
+                    ms: 0,
+                    stream: "info".into(),
+                    function: "f".into(),
+                    text: "y".repeat(3000),
+                }],
+                ..StepReport::default()
+            }];
+            record
+        };
+        let records: Vec<Activation> = (0..10).map(big).collect();
+        let chunks = by_bytes(&records, 10_000);
+        assert!(chunks.len() >= 4, "{}", chunks.len());
+        assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), 10);
+        assert!(chunks.iter().all(|c| !c.is_empty()));
+        assert_eq!(by_bytes(&records[..1], 10).len(), 1);
+        assert!(by_bytes(&[], 10).is_empty());
+    }
+
+    fn sample(start_us: u64) -> Activation {
+        Activation {
+            id: ActivationId::new(start_us).to_string(),
+            kind: "function".into(),
+            name: "f".into(),
+            cause: "http".into(),
+            status: Status::Succeeded,
+            start_ms: start_us / 1000,
+            end_ms: None,
+            duration_us: None,
+            placement: Vec::new(),
+            input_bytes: 0,
+            output_bytes: None,
+            error: None,
+            attempt: 1,
+            attempts: Vec::new(),
+            idempotency_key: None,
+            steps: Vec::new(),
+        }
     }
 
     #[test]

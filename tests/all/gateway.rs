@@ -491,20 +491,25 @@ fn records_keep_each_steps_logs_cpu_time_and_memory() {
     assert_eq!(logs["dropped"], 0);
     assert_eq!(logs["logs"][0]["function"], "misbehave");
 
-    // CPU time is CPU, not wall-clock time: a spinning guest spends about its duration, a
-    // sleeping one next to nothing.
-    let spun = invoke(&base, "/v1/functions/misbehave/invoke", "spin:300");
-    assert_eq!(spun.status, 200, "{}", spun.text());
-    let (record, steps) = finished_steps(&base, &spun.activation);
-    assert!(steps[0]["cpu_us"].as_u64() >= Some(150_000), "{record}");
-    let slept = invoke(&base, "/v1/functions/misbehave/invoke", "sleep:300");
-    assert_eq!(slept.status, 200, "{}", slept.text());
-    let (record, steps) = finished_steps(&base, &slept.activation);
+    // CPU time is CPU, not wall-clock time: a spinning guest spends much of its duration
+    // (the machine is shared with other tests: a fraction is asserted), a sleeping one next
+    // to nothing.
+    let cpu_of = |input: &str| {
+        let answer = invoke(&base, "/v1/functions/misbehave/invoke", input);
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let (record, steps) = finished_steps(&base, &answer.activation);
+        let cpu = steps[0]["cpu_us"].as_u64().expect("cpu_us");
+        let duration = steps[0]["duration_us"].as_u64().expect("duration_us");
+        (cpu, duration, record)
+    };
+    let (spun, _, record) = cpu_of("spin:300");
+    assert!(spun >= 30_000, "{record}");
+    let (slept, duration, record) = cpu_of("sleep:300");
+    assert!(duration >= 300_000, "{record}");
     assert!(
-        steps[0]["duration_us"].as_u64() >= Some(300_000),
-        "{record}"
+        slept * 5 < spun,
+        "slept {slept} µs of CPU, spun {spun}: {record}"
     );
-    assert!(steps[0]["cpu_us"].as_u64() < Some(150_000), "{record}");
 
     // The memory a call grows is reported.
     let huge = invoke(&base, "/v1/functions/misbehave/invoke", "huge:3000000");
