@@ -283,13 +283,18 @@ pub struct TriggerArgs {
 
 #[derive(Debug, Subcommand)]
 enum TriggerCommand {
-    /// Create (or replace) a trigger that calls a function or DAG on a cron schedule (UTC).
+    /// Create (or replace) a trigger that calls a function or DAG on a cron schedule (UTC),
+    /// or for each write to keys with a prefix.
     Create {
         /// The trigger's name.
         name: String,
         /// The schedule: `sec min hour day month weekday [year]`, or the classic five fields.
+        #[arg(long, conflicts_with = "prefix", required_unless_present = "prefix")]
+        cron: Option<String>,
+        /// A `kv-change` trigger: the key prefix whose writes call the target (each write's
+        /// change is the call's input).
         #[arg(long)]
-        cron: String,
+        prefix: Option<String>,
         /// The function it calls.
         #[arg(long, conflicts_with = "dag", required_unless_present = "dag")]
         function: Option<String>,
@@ -336,11 +341,20 @@ pub fn run_trigger(args: TriggerArgs) -> anyhow::Result<ExitCode> {
         TriggerCommand::Create {
             name,
             cron,
+            prefix,
             function,
             dag,
             input,
         } => {
-            let mut spec = serde_json::json!({ "kind": "cron", "schedule": cron, "input": input });
+            let mut spec = match (cron, prefix) {
+                (Some(cron), None) => {
+                    serde_json::json!({ "kind": "cron", "schedule": cron, "input": input })
+                }
+                (None, Some(prefix)) => {
+                    serde_json::json!({ "kind": "kv-change", "prefix": prefix })
+                }
+                _ => bail!("give --cron or --prefix"),
+            };
             match (function, dag) {
                 (Some(function), None) => spec["function"] = Value::String(function),
                 (None, Some(dag)) => spec["dag"] = Value::String(dag),
@@ -371,12 +385,15 @@ pub fn run_trigger(args: TriggerArgs) -> anyhow::Result<ExitCode> {
                     "active"
                 };
                 let next = utc(trigger["next_ms"].as_i64());
+                let when = spec["schedule"]
+                    .as_str()
+                    .or(spec["prefix"].as_str())
+                    .unwrap_or("?");
                 writeln!(
                     out,
-                    "{:<24}  {state:<6}  {:<4}  {target:<30}  {:<20}  {next}",
+                    "{:<24}  {state:<6}  {:<9}  {target:<30}  {when:<20}  {next}",
                     trigger["name"].as_str().unwrap_or("?"),
                     spec["kind"].as_str().unwrap_or("?"),
-                    spec["schedule"].as_str().unwrap_or("?"),
                 )?;
             }
             out.flush()?;

@@ -27,7 +27,7 @@ use squall_state::calls::{
 use squall_state::dag::dag_key;
 use squall_state::registry::{record_key, validate_name};
 use squall_state::results::store_result;
-use squall_state::triggers::{Trigger, TriggerSpec, Triggers};
+use squall_state::triggers::{Firing, Trigger, TriggerSpec, Triggers};
 use squall_state::{
     Activation, ActivationId, Activations, ClientPool, DagRecord, DagRegistry, DagSpec,
     FunctionRecord, Registry,
@@ -35,6 +35,7 @@ use squall_state::{
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::cron::CronFirer;
+use crate::feed::ChangeFeed;
 use crate::limits::ConcurrencyLimits;
 use crate::metrics::Metrics;
 use crate::runner::{record_of, Runner};
@@ -156,6 +157,15 @@ impl Gateway {
             self.triggers.clone(),
             self.calls.clone(),
             self.runner().clone(),
+            self.config.default_timeout,
+        )
+        .start();
+        ChangeFeed::new(
+            self.kvs.clone(),
+            self.triggers.clone(),
+            self.calls.clone(),
+            self.runner().clone(),
+            self.config.runner_id.clone(),
             self.config.default_timeout,
         )
         .start();
@@ -1896,7 +1906,7 @@ pub struct TriggerInfo {
 impl From<Trigger> for TriggerInfo {
     fn from(trigger: Trigger) -> Self {
         let next_ms = match (&trigger.paused, trigger.spec.check()) {
-            (false, Ok((_, schedule))) => schedule
+            (false, Ok((_, Firing::Cron(schedule)))) => schedule
                 .upcoming(chrono::Utc)
                 .next()
                 .and_then(|t| u64::try_from(t.timestamp_millis()).ok()),
@@ -1934,12 +1944,21 @@ async fn put_trigger(
     let body = body?;
     let spec: TriggerSpec = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("not a trigger: {e}")))?;
-    let (target, _) = spec.check().map_err(ApiError::bad_request)?;
+    let (target, firing) = spec.check().map_err(ApiError::bad_request)?;
     match registered(&gateway, &target).await {
         Err(e) if e.status == StatusCode::NOT_FOUND => {
             return Err(ApiError::bad_request(e.body.error.message));
         }
         other => other?,
+    }
+    if let Firing::KvChange(_) = firing {
+        // Every shard journals clients' writes from here on, before the trigger exists: no
+        // write acknowledged after this answer escapes it.
+        gateway
+            .kvs
+            .with(|client| client.journal(true))
+            .await
+            .map_err(|e| Failure::new(FailureCode::Unavailable, e.to_string()))?;
     }
     let trigger = Trigger {
         name,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use squall_lattices::entry::now_ms;
 use squall_proto::call::{InvokeOptions, Target};
 use squall_state::calls::{Calls, PendingCall};
-use squall_state::triggers::{due, input_of, tick_id, Due, Trigger, Triggers};
+use squall_state::triggers::{due, input_of, tick_id, Due, Firing, Trigger, Triggers};
 
 use crate::runner::Runner;
 
@@ -126,7 +126,9 @@ impl CronFirer {
                 continue;
             }
             let (target, schedule) = match trigger.spec.check() {
-                Ok(checked) => checked,
+                Ok((target, Firing::Cron(schedule))) => (target, *schedule),
+                // Fired by the change feed.
+                Ok((_, Firing::KvChange(_))) => continue,
                 Err(e) => {
                     tracing::warn!(trigger = %trigger.name, cause = %e, "a stored trigger is not valid");
                     continue;

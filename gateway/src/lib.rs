@@ -43,6 +43,7 @@
 /// The routes and handlers.
 pub mod api;
 pub mod cron;
+pub mod feed;
 pub mod limits;
 mod metrics;
 pub mod runner;

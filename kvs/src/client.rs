@@ -445,6 +445,76 @@ impl Client {
         Ok((keys, next))
     }
 
+    /// Every shard's endpoint (every member's, in a cluster), in the layout's order: what
+    /// [`Client::changes`] reads from.
+    pub fn shard_endpoints(&mut self) -> Result<Vec<String>> {
+        if self.layout.is_none() {
+            self.refresh()?;
+        }
+        Ok(self
+            .layout
+            .as_ref()
+            .map(|layout| layout.endpoints.clone())
+            .unwrap_or_default())
+    }
+
+    /// Switches every shard's change journal on or off, durably (see
+    /// [`crate::journal`]). Fails unless every shard answered.
+    pub fn journal(&mut self, on: bool) -> Result<()> {
+        let (exchanged, _) = self.send_to_every_shard(&Request::Journal { on })?;
+        for response in exchanged.into_all()? {
+            match response {
+                Response::Changes { on: now, .. } if now == on => {}
+                Response::Error(e) => return Err(Error::Request(e)),
+                other => {
+                    return Err(Error::UnexpectedResponse(format!(
+                        "a journal switch answered {}",
+                        other.kind()
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The changes the shard at `endpoint` journaled after sequence number `after` (at most
+    /// `limit`, oldest first), which also forgets those up to `after`; how many it had to
+    /// drop since it last answered; and whether it journals.
+    pub fn changes(
+        &mut self,
+        endpoint: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<(Vec<squall_proto::Change>, u64, bool)> {
+        if self.layout.is_none() {
+            self.refresh()?;
+        }
+        let Some(layout) = self.layout.as_mut() else {
+            return Err(Error::UnexpectedResponse("no layout".into()));
+        };
+        let Some(index) = layout.endpoints.iter().position(|e| e == endpoint) else {
+            return Err(Error::Config(format!(
+                "{endpoint} is not a shard of this store"
+            )));
+        };
+        let request = Request::Changes { after, limit };
+        let exchanged = exchange(
+            &self.config.retry(),
+            &mut self.next_id,
+            &layout.endpoints,
+            &mut layout.connections,
+            &[(index, request)],
+        )?;
+        match exchanged.into_all()?.pop() {
+            Some(Response::Changes { changes, lost, on }) => Ok((changes, lost, on)),
+            Some(Response::Error(e)) => Err(Error::Request(e)),
+            other => Err(Error::UnexpectedResponse(format!(
+                "a changes request answered {}",
+                other.map_or("nothing", |r| r.kind())
+            ))),
+        }
+    }
+
     /// A timestamp of this client's clock, later than every one it gave before.
     fn next_timestamp(&mut self) -> Timestamp {
         let now = Timestamp::now(self.config.writer);

@@ -70,6 +70,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 mod exchange;
+pub mod journal;
 pub mod log;
 pub mod node;
 pub mod placement;

@@ -16,6 +16,7 @@ use squall_proto::Topology;
 use squall_proto::Member;
 
 use crate::cluster::{Agent, ReplicaCheck, Shared};
+use crate::journal::{self, Journal};
 use crate::log::{recover, remove_files, Recovered, ShardLog, Store};
 use crate::ring::Ring;
 use crate::shard::Shard;
@@ -137,9 +138,11 @@ impl Node {
         for (index, (((context, socket), store), log)) in
             sockets.into_iter().zip(stores).zip(logs).enumerate()
         {
+            let journal = Journal::recover(&store);
             let shard = Shard {
                 index: index as u32,
                 socket,
+                journal,
                 store,
                 log,
                 ring: ring.clone(),
@@ -241,7 +244,12 @@ impl Node {
                 misplaced |= !recovered.files.is_empty();
             }
             for (key, value) in entries {
-                let owner = ring.owner(&key) as usize;
+                // A shard's journal stays its own (its sequence numbers are the shard's).
+                let owner = if journal::is_journal_key(&key) {
+                    index.min(config.shards.saturating_sub(1))
+                } else {
+                    ring.owner(&key) as usize
+                };
                 misplaced |= owner != index;
                 match stores[owner].entry(key) {
                     std::collections::btree_map::Entry::Occupied(mut slot) => {

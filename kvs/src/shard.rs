@@ -23,6 +23,7 @@ use squall_proto::{
 };
 
 use crate::cluster::{ReplicaCheck, Shared};
+use crate::journal::{self, Journal};
 use crate::log::{remove_files, ShardLog, Snapshot, Store};
 use crate::ring::Ring;
 use crate::subscription::Subscriptions;
@@ -64,6 +65,8 @@ enum Outgoing {
         keys: Vec<Key>,
         more: bool,
     },
+    /// A JOURNAL switch: answered only if the commit succeeds (the switch is in the log).
+    Changes { id: RequestId, on: bool },
     /// A SUBSCRIBE's values: sent only if the commit succeeds, like a GET's.
     Subscribed {
         id: RequestId,
@@ -105,6 +108,8 @@ pub(crate) struct Shard {
     pub(crate) load: Load,
     /// When keys expire and tombstones may be forgotten.
     pub(crate) deadlines: Deadlines,
+    /// Clients' writes kept for `kv-change` triggers, once switched on.
+    pub(crate) journal: Journal,
 }
 
 /// Keys due for work at a time: an expiry to reap, a tombstone to forget. Kept in step with
@@ -462,7 +467,8 @@ impl Shard {
                 inner @ (Request::Get { .. }
                 | Request::Put { .. }
                 | Request::Write { .. }
-                | Request::Merge { .. }) => {
+                | Request::Merge { .. }
+                | Request::Copy { .. }) => {
                     let mine = self.replicas.generation();
                     (inner, self.cluster.is_some() && generation < mine)
                 }
@@ -497,9 +503,27 @@ impl Shard {
     fn answer(&mut self, id: RequestId, request: Request, stale: bool) -> Outgoing {
         match request {
             Request::Get { keys } => self.get_all(id, &keys, stale),
-            Request::Put { entries } => self.put_all(id, entries, stale, Self::put),
-            Request::Write { entries } => self.put_all(id, entries, stale, Self::write),
-            Request::Merge { entries } => self.put_all(id, entries, stale, Self::merge_entry),
+            Request::Put { entries } => self.put_all(id, entries, stale, Self::put_journaled),
+            Request::Write { entries } => self.put_all(id, entries, stale, Self::write_journaled),
+            Request::Merge { entries } => self.put_all(id, entries, stale, Self::merge_journaled),
+            Request::Copy { entries } => self.put_all(id, entries, stale, Self::merge_entry),
+            Request::Changes { after, limit } => {
+                let (changes, lost) = self.journal.take(&mut self.store, after, limit);
+                let on = self.journal.is_on();
+                Outgoing::Ready(encode(id, &Response::Changes { changes, lost, on }))
+            }
+            Request::Journal { on } => {
+                match self.journal.switch(&mut self.store, self.log.as_mut(), on) {
+                    // Answered after the batch's commit, like a write.
+                    Ok(()) => Outgoing::Changes { id, on },
+                    Err(e) => error_reply(
+                        id,
+                        RequestError::Unavailable {
+                            reason: e.to_string(),
+                        },
+                    ),
+                }
+            }
             Request::List {
                 prefix,
                 after,
@@ -743,6 +767,10 @@ impl Shard {
         let mut range = self.store.range::<str, _>((start, Bound::Unbounded));
         let mut more = false;
         for (key, value) in range.by_ref() {
+            // The journal is this shard's own: never handed to other nodes.
+            if journal::is_journal_key(key) {
+                continue;
+            }
             let size = key.len() + encoded_len(value);
             if entries.len() >= limit.max(1) || (!entries.is_empty() && bytes + size > SCAN_BYTES) {
                 more = true;
@@ -770,6 +798,67 @@ impl Shard {
         self.changed.remove(key);
         self.deadlines.set(&key.to_string(), None);
         true
+    }
+
+    /// A client's PUT, journaled when the journal is on.
+    fn put_journaled(&mut self, key: Key, value: LatticeValue) -> Result<(), KeyError> {
+        if !self.journals(&key) {
+            return self.put(key, value);
+        }
+        let written = value.clone();
+        self.put(key.clone(), value)?;
+        self.journal_write(&key, Some(written), false);
+        Ok(())
+    }
+
+    /// A client's write with an expiry, journaled when the journal is on.
+    fn write_journaled(&mut self, key: Key, write: Write) -> Result<(), KeyError> {
+        if !self.journals(&key) {
+            return self.write(key, write);
+        }
+        let written = write.value.clone();
+        self.write(key.clone(), write)?;
+        self.journal_write(&key, written, false);
+        Ok(())
+    }
+
+    /// A client's exact merge (a delete, a causal or counter write), journaled when the
+    /// journal is on.
+    fn merge_journaled(&mut self, key: Key, entry: Entry) -> Result<(), KeyError> {
+        if !self.journals(&key) {
+            return self.merge_entry(key, entry);
+        }
+        let (written, deleted) = (entry.value.clone(), entry.value.is_none());
+        self.merge_entry(key.clone(), entry)?;
+        self.journal_write(&key, written, deleted);
+        Ok(())
+    }
+
+    /// Whether a client's write of `key` enters the journal: the journal is on and the key
+    /// is not one of Squall's own.
+    fn journals(&self, key: &str) -> bool {
+        self.journal.is_on() && !key.starts_with(squall_proto::keys::RESERVED_PREFIX)
+    }
+
+    /// Journals a write of `key` just merged, with the key's live value after it. Appended
+    /// to the log with the batch, so it is as durable as the write when the batch's replies
+    /// go.
+    fn journal_write(&mut self, key: &str, written: Option<LatticeValue>, deleted: bool) {
+        let after = self
+            .store
+            .get(key)
+            .and_then(|entry| entry.live(now_ms()))
+            .cloned();
+        if let Err(e) = self.journal.record(
+            &mut self.store,
+            self.log.as_mut(),
+            key,
+            written,
+            deleted,
+            after,
+        ) {
+            tracing::error!(shard = self.index, key, cause = %e, "a write could not be journaled");
+        }
     }
 
     /// A client's write of `value`: given its epoch here ([`Write::lift`]), then merged.
@@ -914,6 +1003,20 @@ impl Shard {
                 (Outgoing::Keys { id, keys, more }, Ok(())) => {
                     encode(id, &Response::Keys { keys, more })
                 }
+                (Outgoing::Changes { id, on }, Ok(())) => encode(
+                    id,
+                    &Response::Changes {
+                        changes: Vec::new(),
+                        lost: 0,
+                        on,
+                    },
+                ),
+                (Outgoing::Changes { id, .. }, Err(reason)) => encode(
+                    id,
+                    &Response::Error(RequestError::Unavailable {
+                        reason: reason.clone(),
+                    }),
+                ),
                 (Outgoing::Keys { id, .. }, Err(reason)) => encode(
                     id,
                     &Response::Error(RequestError::Unavailable {
@@ -1063,7 +1166,7 @@ fn key_count(request: &Request) -> usize {
         Request::Get { keys } => keys.len(),
         Request::Put { entries } => entries.len(),
         Request::Write { entries } => entries.len(),
-        Request::Merge { entries } => entries.len(),
+        Request::Merge { entries } | Request::Copy { entries } => entries.len(),
         Request::Drop { entries } => entries.len(),
         Request::Subscribe { keys, .. } | Request::Unsubscribe { keys, .. } => keys.len(),
         Request::Scan { only, .. } => only.len(),
@@ -1075,6 +1178,8 @@ fn key_count(request: &Request) -> usize {
         | Request::Status
         | Request::Stats { .. }
         | Request::Replicate { .. }
+        | Request::Changes { .. }
+        | Request::Journal { .. }
         | Request::List { .. } => 0,
     }
 }

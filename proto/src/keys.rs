@@ -163,6 +163,23 @@ pub fn trigger_fired(namespace: &str, name: &str) -> Key {
     format!("{RESERVED_PREFIX}ns/{namespace}/trigger-fired/{name}")
 }
 
+/// The key of the change feed's position in the journal of the shard at `endpoint`: the last
+/// sequence number whose changes have been delivered (a max register).
+pub fn journal_position(namespace: &str, endpoint: &str) -> Key {
+    format!("{RESERVED_PREFIX}ns/{namespace}/journal-position/{endpoint}")
+}
+
+/// The key of the change feed's lease: which gateway delivers the journals' changes, until
+/// when.
+pub fn change_feed_lease(namespace: &str) -> Key {
+    format!("{RESERVED_PREFIX}ns/{namespace}/change-feed-lease")
+}
+
+/// The key counting the changes shards dropped before the feed took them (a counter).
+pub fn changes_lost(namespace: &str) -> Key {
+    format!("{RESERVED_PREFIX}ns/{namespace}/changes-lost")
+}
+
 /// The key naming the call an idempotency key started, by the key's hash (hex).
 pub fn idempotency(namespace: &str, kind: Kind, name: &str, hash: &str) -> Key {
     format!(

@@ -180,6 +180,45 @@ pub enum Request {
         /// The most keys answered.
         limit: u32,
     },
+    /// Entries copied between replicas (hand-off and gossip): merged exactly as a
+    /// [`Request::Merge`]'s, but not a client's write, so they enter no change journal.
+    /// Answered as a PUT.
+    Copy {
+        /// Keys and the entries to merge into them, answered in the same order.
+        entries: Vec<(Key, Entry)>,
+    },
+    /// To a shard: the clients' writes it journaled after sequence number `after`, up to
+    /// `limit` of them, oldest first; the changes up to `after` are forgotten (the caller
+    /// keeps its position durably). Answered with [`Response::Changes`].
+    Changes {
+        /// The last sequence number the caller has handled (0: none).
+        after: u64,
+        /// The most changes answered.
+        limit: u32,
+    },
+    /// To a shard: journal every client's write from now on (`on`), durably, or stop.
+    /// Answered with [`Response::Changes`] (no changes).
+    Journal {
+        /// Whether to journal.
+        on: bool,
+    },
+}
+
+/// A client's write as a shard's change journal keeps it (see [`Request::Changes`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    /// Its sequence number in the shard's journal: increasing, not contiguous.
+    pub seq: u64,
+    /// When the shard applied it (ms since the Unix epoch).
+    pub ms: u64,
+    /// The key written.
+    pub key: Key,
+    /// The value written (`None` for a delete or an expiry alone).
+    pub written: Option<LatticeValue>,
+    /// Whether it was a delete.
+    pub deleted: bool,
+    /// The key's live value after the write (`None`: deleted or expired).
+    pub after: Option<LatticeValue>,
 }
 
 /// A storage node's answer.
@@ -238,6 +277,15 @@ pub enum Response {
         /// Whether more follow (list from the last key answered).
         more: bool,
     },
+    /// A shard's answer to [`Request::Changes`] and [`Request::Journal`].
+    Changes {
+        /// The changes, oldest first.
+        changes: Vec<Change>,
+        /// Changes the shard had to drop (its journal was full) since it last answered.
+        lost: u64,
+        /// Whether the shard journals.
+        on: bool,
+    },
 }
 
 impl Request {
@@ -261,6 +309,9 @@ impl Request {
             Request::Write { .. } => "write",
             Request::Merge { .. } => "merge",
             Request::List { .. } => "list",
+            Request::Copy { .. } => "copy",
+            Request::Changes { .. } => "changes",
+            Request::Journal { .. } => "journal",
         }
     }
 }
@@ -282,6 +333,7 @@ impl Response {
             Response::Stats(_) => "stats",
             Response::Error(_) => "error",
             Response::Keys { .. } => "keys",
+            Response::Changes { .. } => "changes",
         }
     }
 }
@@ -627,6 +679,11 @@ mod tests {
                 .prop_map(|(key, replicas)| Request::Replicate { key, replicas }),
             proptest::collection::vec((".{0,8}", entry()), 0..3)
                 .prop_map(|entries| Request::Merge { entries }),
+            proptest::collection::vec((".{0,8}", entry()), 0..3)
+                .prop_map(|entries| Request::Copy { entries }),
+            (any::<u64>(), any::<u32>())
+                .prop_map(|(after, limit)| Request::Changes { after, limit }),
+            any::<bool>().prop_map(|on| Request::Journal { on }),
             proptest::collection::vec(
                 (
                     ".{0,8}",

@@ -52,31 +52,76 @@ pub const LATE_AFTER_MS: u64 = 5_000;
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TriggerSpec {
-    /// `cron`.
+    /// `cron` or `kv-change`.
     pub kind: String,
-    /// A cron expression in UTC: `sec min hour day-of-month month day-of-week [year]`, or the
-    /// classic five fields (minutes first; seconds are then 0).
+    /// `cron`: a cron expression in UTC: `sec min hour day-of-month month day-of-week
+    /// [year]`, or the classic five fields (minutes first; seconds are then 0).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub schedule: String,
+    /// `kv-change`: the key prefix whose writes fire it (empty: every key outside Squall's
+    /// own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
     /// The function it calls (or `dag`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub function: Option<String>,
     /// The DAG it calls (or `function`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dag: Option<String>,
-    /// The input of every call it makes (text).
+    /// `cron`: the input of every call it makes (text). (A `kv-change` call's input is the
+    /// change, as JSON.)
     #[serde(default)]
     pub input: String,
 }
 
+/// What fires a trigger.
+#[derive(Debug, Clone)]
+pub enum Firing {
+    /// The ticks of a schedule.
+    Cron(Box<cron::Schedule>),
+    /// Clients' writes to keys with this prefix.
+    KvChange(String),
+}
+
+/// The longest key prefix a `kv-change` trigger takes.
+pub const MAX_PREFIX: usize = 1024;
+
 impl TriggerSpec {
-    /// Checks the spec (not whether its target exists); its target and parsed schedule.
-    pub fn check(&self) -> std::result::Result<(Target, cron::Schedule), String> {
-        if self.kind != "cron" {
-            return Err(format!(
-                "unknown trigger kind {:?}: cron is the only kind (kv-change is not built yet)",
-                self.kind
-            ));
-        }
+    /// Checks the spec (not whether its target exists); its target and what fires it.
+    pub fn check(&self) -> std::result::Result<(Target, Firing), String> {
+        let firing = match (self.kind.as_str(), &self.prefix) {
+            ("cron", None) => Firing::Cron(Box::new(parse_schedule(&self.schedule)?)),
+            ("cron", Some(_)) => return Err("a cron trigger takes a schedule, not a prefix".into()),
+            ("kv-change", prefix) => {
+                if !self.schedule.is_empty() {
+                    return Err("a kv-change trigger takes a prefix, not a schedule".into());
+                }
+                if !self.input.is_empty() {
+                    return Err(
+                        "a kv-change trigger's calls take the change as input; give no input"
+                            .into(),
+                    );
+                }
+                let prefix = prefix.clone().unwrap_or_default();
+                // (A shorter prefix such as `s` matches only users' keys: Squall's own are
+                // never journaled.)
+                if prefix.starts_with(keys::RESERVED_PREFIX) {
+                    return Err(format!(
+                        "prefix {prefix:?} reaches Squall's own keys ({}...)",
+                        keys::RESERVED_PREFIX
+                    ));
+                }
+                if prefix.len() > MAX_PREFIX {
+                    return Err(format!("a prefix is at most {MAX_PREFIX} bytes"));
+                }
+                Firing::KvChange(prefix)
+            }
+            (other, _) => {
+                return Err(format!(
+                    "unknown trigger kind {other:?} (cron or kv-change)"
+                ))
+            }
+        };
         let target = match (&self.function, &self.dag) {
             (Some(f), None) => Target::Function(f.clone()),
             (None, Some(d)) => Target::Dag(d.clone()),
@@ -86,7 +131,7 @@ impl TriggerSpec {
         if self.input.len() > MAX_INPUT {
             return Err(format!("a trigger's input is at most {MAX_INPUT} bytes"));
         }
-        Ok((target, parse_schedule(&self.schedule)?))
+        Ok((target, firing))
     }
 }
 
@@ -252,6 +297,17 @@ pub fn tick_id(trigger: &Trigger, tick_ms: u64) -> ActivationId {
     ActivationId::with_suffix(tick_ms.saturating_mul(1000), u64::from_be_bytes(suffix))
 }
 
+/// The id of the call that delivers change `seq` of the shard at `endpoint` to `trigger`:
+/// the same in every gateway, so a change delivered again (after a crash) is recognised.
+pub fn change_id(trigger: &Trigger, endpoint: &str, seq: u64) -> ActivationId {
+    let hash =
+        Sha256::digest(format!("{}\n{}\n{endpoint}\n{seq}", trigger.name, trigger.salt).as_bytes());
+    let mut suffix = [0u8; 8];
+    suffix.copy_from_slice(&hash[..8]);
+    // Sequence numbers are microseconds of the shard's clock.
+    ActivationId::with_suffix(seq, u64::from_be_bytes(suffix))
+}
+
 /// The triggers of one namespace in the store. Cheap to clone.
 #[derive(Clone)]
 pub struct Triggers {
@@ -396,6 +452,7 @@ mod tests {
         TriggerSpec {
             kind: kind.into(),
             schedule: schedule.into(),
+            prefix: None,
             function: Some("f".into()),
             dag: None,
             input: String::new(),
@@ -423,6 +480,26 @@ mod tests {
         let mut bad_name = spec("cron", "* * * * *");
         bad_name.function = Some("a/b".into());
         assert!(bad_name.check().is_err());
+        let kv = |prefix: &str| TriggerSpec {
+            prefix: Some(prefix.into()),
+            ..spec("kv-change", "")
+        };
+        assert!(matches!(kv("orders/").check(), Ok((_, Firing::KvChange(p))) if p == "orders/"));
+        assert!(kv("").check().is_ok());
+        assert!(kv("s").check().is_ok());
+        for bad in ["squall/", "squall/ns/default/x"] {
+            assert!(kv(bad).check().is_err(), "{bad}");
+        }
+        assert!(kv(&"x".repeat(MAX_PREFIX + 1)).check().is_err());
+        let mut scheduled = kv("a/");
+        scheduled.schedule = "* * * * *".into();
+        assert!(scheduled.check().is_err());
+        let mut with_input = kv("a/");
+        with_input.input = "x".into();
+        assert!(with_input.check().is_err());
+        let mut cron_with_prefix = spec("cron", "* * * * *");
+        cron_with_prefix.prefix = Some("a/".into());
+        assert!(cron_with_prefix.check().is_err());
     }
 
     #[test]

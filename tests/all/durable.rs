@@ -444,6 +444,17 @@ fn a_concurrency_limit_refuses_synchronous_calls_over_it_and_queues_asynchronous
 /// `squall up` on a data directory, with this gateway id, executors running `capacity`
 /// steps at once.
 fn up_on(data: &std::path::Path, log_dir: &std::path::Path, capacity: &str) -> NodeProcess {
+    up_on_data(data, log_dir, "0", capacity)
+}
+
+/// `squall up` on a data directory, its store on `kvs_port` (0: any), with a fixed gateway
+/// id, executors running `capacity` steps at once.
+pub(crate) fn up_on_data(
+    data: &std::path::Path,
+    log_dir: &std::path::Path,
+    kvs_port: &str,
+    capacity: &str,
+) -> NodeProcess {
     let data = data.to_str().expect("a UTF-8 path");
     NodeProcess::spawn(
         log_dir,
@@ -454,7 +465,7 @@ fn up_on(data: &std::path::Path, log_dir: &std::path::Path, capacity: &str) -> N
             "--http-port",
             "0",
             "--kvs-port",
-            "0",
+            kvs_port,
             "--scheduler-port",
             "0",
             "--gateway-id",

@@ -2,6 +2,7 @@
 //!
 //! One test binary (one link) with a module per topic; `support` spawns and stops nodes.
 
+mod changes;
 mod cli;
 mod cluster;
 mod commands;

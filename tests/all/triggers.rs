@@ -11,7 +11,7 @@ use crate::support::{self, http, NodeProcess};
 
 const WAIT: Duration = Duration::from_secs(90);
 
-fn put_trigger(base: &str, name: &str, spec: &str) -> crate::support::Answer {
+pub(crate) fn put_trigger(base: &str, name: &str, spec: &str) -> crate::support::Answer {
     http(
         "PUT",
         &format!("{base}/v1/triggers/{name}"),
@@ -20,8 +20,8 @@ fn put_trigger(base: &str, name: &str, spec: &str) -> crate::support::Answer {
     )
 }
 
-/// The records of `misbehave`'s calls made by a cron trigger.
-fn cron_records(base: &str) -> Vec<Value> {
+/// The records of `misbehave`'s calls made by a trigger whose cause starts with `cause`.
+pub(crate) fn trigger_records(base: &str, cause: &str) -> Vec<Value> {
     let page = http(
         "GET",
         &format!("{base}/v1/activations?function=misbehave&limit=200"),
@@ -33,9 +33,14 @@ fn cron_records(base: &str) -> Vec<Value> {
         .as_array()
         .expect("records")
         .iter()
-        .filter(|r| r["cause"].as_str().is_some_and(|c| c.starts_with("cron")))
+        .filter(|r| r["cause"].as_str().is_some_and(|c| c.starts_with(cause)))
         .cloned()
         .collect()
+}
+
+/// The records of `misbehave`'s calls made by a cron trigger.
+fn cron_records(base: &str) -> Vec<Value> {
+    trigger_records(base, "cron")
 }
 
 #[test]
@@ -225,7 +230,7 @@ fn the_cli_manages_triggers_dead_letters_and_idempotent_calls() {
     assert_eq!(created["spec"]["schedule"], "0 0 1 1 *");
     let listed = cli(&base, &["trigger", "ls"]);
     assert!(
-        listed.starts_with("yearly") && listed.contains("active  cron  function misbehave"),
+        listed.starts_with("yearly") && listed.contains("active  cron       function misbehave"),
         "{listed}"
     );
     cli(&base, &["trigger", "pause", "yearly"]);
@@ -245,6 +250,26 @@ fn the_cli_manages_triggers_dead_letters_and_idempotent_calls() {
     assert_eq!(result, "hi");
     cli(&base, &["trigger", "rm", "yearly"]);
     assert_eq!(cli(&base, &["trigger", "ls"]), "");
+    let on_writes = cli(
+        &base,
+        &[
+            "trigger",
+            "create",
+            "writes",
+            "--prefix",
+            "cli/",
+            "--function",
+            "misbehave",
+        ],
+    );
+    let on_writes: Value = serde_json::from_str(&on_writes).expect("JSON");
+    assert_eq!(on_writes["spec"]["kind"], "kv-change");
+    let listed = cli(&base, &["trigger", "ls"]);
+    assert!(
+        listed.contains("active  kv-change  function misbehave") && listed.contains("cli/"),
+        "{listed}"
+    );
+    cli(&base, &["trigger", "rm", "writes"]);
 
     // Dead letters: a call that fails (no retries by default) is listed, redriven, deleted.
     let id = cli(&base, &["call", "misbehave", "fail", "--async"])

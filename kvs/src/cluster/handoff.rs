@@ -327,7 +327,7 @@ pub(super) fn distribute(
             .into_iter()
             .map(|(endpoint, entries)| {
                 let keys = entries.iter().map(|(k, _)| k.clone()).collect();
-                let request = routed(placement.generation(), Request::Merge { entries });
+                let request = routed(placement.generation(), Request::Copy { entries });
                 (keys, (endpoint, request))
             })
             .unzip();

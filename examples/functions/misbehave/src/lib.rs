@@ -13,6 +13,9 @@
 //! - `chatty:N`: logs N lines (`log line I`) and prints N lines to stdout (`out line I`),
 //!   answers N.
 //! - `spin:MS`: computes for MS milliseconds of wall-clock time, answers `spun`.
+//! - a `kv-change` trigger's event (JSON): adds 1 to the counter `seen/KEY` and the value
+//!   written (a last-writer-wins register's text) to the set `seen-values/KEY`, so a test
+//!   counts the writes delivered; answers `seen`.
 //! - `sleep:MS`: sleeps MS milliseconds (a slow function that uses no CPU), answers `slept`.
 //! - `flaky:KEY:N`: adds 1 to the counter KEY and fails while the counter is below N (so
 //!   under retries, attempt N is the first to succeed), then answers the counter.
@@ -23,6 +26,9 @@ use std::hint::black_box;
 
 fn handle(input: &[u8]) -> Result<Vec<u8>, String> {
     let text = std::str::from_utf8(input).map_err(|e| e.to_string())?;
+    if text.starts_with('{') {
+        return seen(text);
+    }
     let (verb, arg) = text.split_once(':').unwrap_or((text, ""));
     match verb {
         "ok" => Ok(b"ok".to_vec()),
@@ -105,6 +111,26 @@ fn handle(input: &[u8]) -> Result<Vec<u8>, String> {
         }
         other => Err(format!("unknown request {other:?}")),
     }
+}
+
+/// Counts a `kv-change` event (its fields in serde_json's sorted order, values without quotes
+/// inside: what Squall's tests write).
+fn seen(event: &str) -> Result<Vec<u8>, String> {
+    let field = |start: &str| -> Option<&str> {
+        let from = event.find(start)? + start.len();
+        let len = event[from..].find('"')?;
+        Some(&event[from..from + len])
+    };
+    let key = field("\"key\":\"").ok_or("an event without a key")?;
+    squall_sdk::state::add(&format!("seen/{key}"), 1).map_err(|e| e.to_string())?;
+    if let Some(written) = field("\"written\":{\"type\":\"lww\",\"value\":\"") {
+        let value = squall_sdk::lattices::LatticeValue::Set(
+            std::iter::once(written.as_bytes().to_vec().into()).collect(),
+        );
+        squall_sdk::state::merge(&format!("seen-values/{key}"), &value)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(b"seen".to_vec())
 }
 
 #[allow(unconditional_recursion)] // on purpose: it recurses until the stack overflows

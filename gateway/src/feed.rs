@@ -1,0 +1,372 @@
+//! The change feed: delivers the store's journaled writes (see `squall_kvs::journal`) to
+//! `kv-change` triggers, each change as a durable asynchronous call.
+//!
+//! # One deliverer, positions in the store
+//! One gateway at a time delivers: the holder of a lease in the store (renewed
+//! every 3 s, taken over by another gateway once [`LEASE_MS`] passed without a renewal).
+//! For each shard of the store it asks for the changes after its position, accepts one call
+//! per change and matching trigger (through the [`Runner`], so the call is in the store before
+//! the position moves), then stores the new position (a max register per shard) and asks
+//! again, which lets the shard forget what was delivered.
+//!
+//! # What can be delivered twice, and what never is lost
+//! A change's call id is computed from the trigger, the shard and the change's sequence
+//! number ([`change_id`]), the same in every gateway. A deliverer that dies after accepting
+//! calls and before storing its position leaves those changes to the next one, which finds
+//! their calls already taken and skips them; it checks each change it delivers until it has
+//! stored a position of its own. Two gateways deliver at once only when a lease is taken over
+//! within one store round trip of its renewal; then a change may run twice (the record shows
+//! it). A change is forgotten by its shard only once a position past it is in the store, and
+//! a position moves only past changes whose calls are in the store: a SIGKILL at any point
+//! loses nothing. A shard whose journal filled up (no deliverer for a long while) drops its
+//! oldest changes and says how many: they are logged as an error and counted under
+//! [`keys::changes_lost`] (shown with each `kv-change` trigger).
+//!
+//! # The event
+//! A call's input is the change as JSON: `{"trigger","key","op":"write"|"delete","seq","ms",
+//! "written","after"}`, values as `{"type":...,"value":...}` (text for last-writer-wins
+//! registers, numbers for counters and max/min, arrays of text for sets; other types carry
+//! only their type). Calls run concurrently, so two writes of one key may run in either order:
+//! `seq` orders them.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+use squall_lattices::{Counter, LatticeValue, Lww, Max, Min, Timestamp};
+use squall_proto::call::{InvokeOptions, Target};
+use squall_proto::{keys, Change};
+use squall_state::calls::{Calls, PendingCall};
+use squall_state::triggers::{change_id, Firing, Trigger, Triggers};
+use squall_state::ClientPool;
+
+use crate::runner::Runner;
+
+/// How long a lease lasts without renewal.
+pub const LEASE_MS: u64 = 10_000;
+/// How often the holder renews its lease.
+const LEASE_RENEW: Duration = Duration::from_secs(3);
+/// How often the triggers are read from the store.
+const REFRESH_EVERY: Duration = Duration::from_secs(1);
+/// How long the feed waits when no shard had a change (the bound on a change's wait before
+/// its delivery starts, when the feed is idle).
+const IDLE_WAIT: Duration = Duration::from_millis(2);
+/// How often the journals are drained while no `kv-change` trigger exists (their changes
+/// are then dropped, so that a deleted trigger leaves nothing to grow).
+const DRAIN_EVERY: Duration = Duration::from_secs(1);
+/// Changes asked of a shard at once.
+const BATCH: u32 = 512;
+
+/// A `kv-change` trigger as last read.
+struct Armed {
+    trigger: Trigger,
+    target: Target,
+    prefix: String,
+}
+
+/// Delivers journaled changes to `kv-change` triggers. See the module docs.
+pub struct ChangeFeed {
+    kvs: ClientPool,
+    triggers: Triggers,
+    calls: Calls,
+    runner: Runner,
+    id: String,
+    namespace: String,
+    timeout: Duration,
+    /// Where each shard stands, once read from the store.
+    positions: HashMap<String, u64>,
+    /// Shards whose changes after the stored position were delivered by this gateway (the
+    /// others' may have been by an earlier deliverer: each is checked).
+    trusted: HashSet<String>,
+    /// Whether some shard journals (as its last answer said; assumed at the start).
+    journals_on: bool,
+}
+
+impl ChangeFeed {
+    /// A feed delivering through `runner`, as the gateway `id`; calls get `timeout`.
+    pub fn new(
+        kvs: ClientPool,
+        triggers: Triggers,
+        calls: Calls,
+        runner: Runner,
+        id: String,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            kvs,
+            triggers,
+            calls,
+            runner,
+            id,
+            namespace: keys::DEFAULT_NAMESPACE.to_string(),
+            timeout,
+            positions: HashMap::new(),
+            trusted: HashSet::new(),
+            journals_on: true,
+        }
+    }
+
+    /// Delivers until the runtime stops.
+    pub fn start(self) {
+        tokio::spawn(async move { self.run().await });
+    }
+
+    async fn run(mut self) {
+        let mut armed: Vec<Armed> = Vec::new();
+        let mut refreshed: Option<Instant> = None;
+        let mut leased: Option<Instant> = None;
+        loop {
+            if refreshed.is_none_or(|at| at.elapsed() >= REFRESH_EVERY) {
+                match self.kv_triggers().await {
+                    Ok(fresh) => armed = fresh,
+                    Err(e) => tracing::warn!(cause = %e, "reading kv-change triggers"),
+                }
+                refreshed = Some(Instant::now());
+            }
+            if armed.is_empty() && !self.journals_on {
+                // Nothing to deliver and nothing journaled: look again later.
+                tokio::time::sleep(REFRESH_EVERY).await;
+                continue;
+            }
+            if leased.is_none_or(|at| at.elapsed() >= LEASE_RENEW) {
+                match self.lease().await {
+                    Ok(true) => leased = Some(Instant::now()),
+                    Ok(false) => {
+                        // Another gateway delivers; what this one knew may be stale.
+                        leased = None;
+                        self.positions.clear();
+                        self.trusted.clear();
+                        tokio::time::sleep(LEASE_RENEW).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "taking the change feed's lease");
+                        leased = None;
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+            }
+            match self.round(&mut armed).await {
+                Ok(true) => {}
+                Ok(false) if armed.is_empty() => tokio::time::sleep(DRAIN_EVERY).await,
+                Ok(false) => tokio::time::sleep(IDLE_WAIT).await,
+                Err(e) => {
+                    tracing::warn!(cause = %e, "delivering changes; trying again");
+                    self.positions.clear();
+                    self.trusted.clear();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// The `kv-change` triggers that are not paused.
+    async fn kv_triggers(&self) -> squall_state::Result<Vec<Armed>> {
+        let mut armed = Vec::new();
+        for trigger in self.triggers.list().await? {
+            if trigger.paused {
+                continue;
+            }
+            if let Ok((target, Firing::KvChange(prefix))) = trigger.spec.check() {
+                armed.push(Armed {
+                    trigger,
+                    target,
+                    prefix,
+                });
+            }
+        }
+        Ok(armed)
+    }
+
+    /// Takes or renews the lease; whether this gateway holds it.
+    async fn lease(&self) -> squall_state::Result<bool> {
+        let key = keys::change_feed_lease(&self.namespace);
+        let read = key.clone();
+        let now = squall_lattices::entry::now_ms();
+        let held = self.kvs.with(move |client| client.get(&read)).await?;
+        if let Some(LatticeValue::Lww(lease)) = &held {
+            let text = String::from_utf8_lossy(&lease.value).into_owned();
+            let (owner, until) = text.split_once('\n').unwrap_or(("", "0"));
+            let until: u64 = until.parse().unwrap_or(0);
+            if owner != self.id && until > now {
+                return Ok(false);
+            }
+        }
+        let value = LatticeValue::Lww(Lww::new(
+            Timestamp::now(0),
+            Bytes::from(format!("{}\n{}", self.id, now + LEASE_MS)),
+        ));
+        let write = key.clone();
+        self.kvs
+            .with(move |client| client.put(&write, value))
+            .await?;
+        // Two gateways that wrote at once: the later write stands, and both read it.
+        let confirmed = self.kvs.with(move |client| client.get(&key)).await?;
+        Ok(matches!(confirmed, Some(LatticeValue::Lww(lease))
+            if String::from_utf8_lossy(&lease.value).starts_with(&format!("{}\n", self.id))))
+    }
+
+    /// One pass over every shard; whether any had changes.
+    async fn round(&mut self, armed: &mut Vec<Armed>) -> squall_state::Result<bool> {
+        let endpoints = self.kvs.with(|client| client.shard_endpoints()).await?;
+        let mut busy = false;
+        let mut journals_on = false;
+        for endpoint in endpoints {
+            let after = self.position(&endpoint).await?;
+            let asked = endpoint.clone();
+            let (changes, lost, on) = self
+                .kvs
+                .with(move |client| client.changes(&asked, after, BATCH))
+                .await?;
+            journals_on |= on;
+            if lost > 0 {
+                tracing::error!(shard = %endpoint, lost, "a shard's journal was full: changes were dropped before a trigger saw them");
+                let key = keys::changes_lost(&self.namespace);
+                let delta = i64::try_from(lost).unwrap_or(i64::MAX);
+                if let Err(e) = self
+                    .kvs
+                    .with(move |client| client.increment(&key, delta))
+                    .await
+                {
+                    tracing::warn!(cause = %e, "counting lost changes");
+                }
+            }
+            let Some(last) = changes.last().map(|c| c.seq) else {
+                continue;
+            };
+            if !busy {
+                // The triggers as they are now, before delivering: a trigger paused, changed
+                // or deleted before these writes were made fires nothing for them.
+                *armed = self.kv_triggers().await?;
+            }
+            busy = true;
+            let check = !self.trusted.contains(&endpoint);
+            for change in &changes {
+                for one in armed.iter() {
+                    if change.key.starts_with(&one.prefix) && change.ms >= one.trigger.updated_ms {
+                        self.deliver(one, &endpoint, change, check).await?;
+                    }
+                }
+            }
+            // Every change up to `last` is a call in the store: the position moves past them.
+            let key = keys::journal_position(&self.namespace, &endpoint);
+            let value = LatticeValue::Max(Max(i64::try_from(last).unwrap_or(i64::MAX)));
+            self.kvs.with(move |client| client.put(&key, value)).await?;
+            self.positions.insert(endpoint.clone(), last);
+            self.trusted.insert(endpoint);
+        }
+        self.journals_on = journals_on;
+        Ok(busy)
+    }
+
+    /// The stored position of the shard at `endpoint`.
+    async fn position(&mut self, endpoint: &str) -> squall_state::Result<u64> {
+        if let Some(&known) = self.positions.get(endpoint) {
+            return Ok(known);
+        }
+        let key = keys::journal_position(&self.namespace, endpoint);
+        let stored = match self.kvs.with(move |client| client.get(&key)).await? {
+            Some(LatticeValue::Max(Max(n))) => u64::try_from(n).unwrap_or(0),
+            _ => 0,
+        };
+        self.positions.insert(endpoint.to_string(), stored);
+        Ok(stored)
+    }
+
+    /// Accepts the call delivering `change` to a trigger (unless, when `check`, an earlier
+    /// deliverer already did).
+    async fn deliver(
+        &self,
+        one: &Armed,
+        endpoint: &str,
+        change: &Change,
+        check: bool,
+    ) -> squall_state::Result<()> {
+        let id = change_id(&one.trigger, endpoint, change.seq);
+        if check && self.calls.taken(id.as_str()).await? {
+            return Ok(());
+        }
+        let input = serde_json::to_vec(&event(&one.trigger.name, change))
+            .map_err(|e| squall_state::Error::Internal(format!("encoding a change: {e}")))?;
+        let call = PendingCall::new(
+            id.to_string(),
+            one.target.clone(),
+            Bytes::from(input),
+            InvokeOptions {
+                timeout_ms: Some(self.timeout.as_millis().try_into().unwrap_or(u64::MAX)),
+                ..InvokeOptions::default()
+            },
+            "kv-change",
+            squall_lattices::entry::now_ms(),
+        );
+        self.runner.accept(call, Vec::new()).await
+    }
+}
+
+/// A change as a `kv-change` call's input.
+pub fn event(trigger: &str, change: &Change) -> Value {
+    json!({
+        "trigger": trigger,
+        "key": change.key,
+        "op": if change.deleted { "delete" } else { "write" },
+        "seq": change.seq,
+        "ms": change.ms,
+        "written": change.written.as_ref().map(value_json),
+        "after": change.after.as_ref().map(value_json),
+    })
+}
+
+/// A value in an event: its type and, for the types the HTTP API reads, its value.
+fn value_json(value: &LatticeValue) -> Value {
+    let kind = value.lattice_type().name();
+    match value {
+        LatticeValue::Lww(register) => {
+            json!({"type": kind, "value": String::from_utf8_lossy(&register.value)})
+        }
+        LatticeValue::Counter(counter) => json!({"type": kind, "value": Counter::value(counter)}),
+        LatticeValue::Max(Max(n)) | LatticeValue::Min(Min(n)) => json!({"type": kind, "value": n}),
+        LatticeValue::Set(set) => json!({
+            "type": kind,
+            "value": set.0.iter().map(|e| String::from_utf8_lossy(e).into_owned()).collect::<Vec<_>>(),
+        }),
+        _ => json!({ "type": kind }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_carry_the_key_the_values_and_the_order() {
+        let change = Change {
+            seq: 7,
+            ms: 1,
+            key: "orders/1".into(),
+            written: Some(LatticeValue::Lww(Lww::new(
+                Timestamp::new(1, 1),
+                Bytes::from_static(b"paid"),
+            ))),
+            deleted: false,
+            after: Some(LatticeValue::Max(Max(3))),
+        };
+        let event = event("t", &change);
+        assert_eq!(event["key"], "orders/1");
+        assert_eq!(event["op"], "write");
+        assert_eq!(event["seq"], 7);
+        assert_eq!(event["written"]["value"], "paid");
+        assert_eq!(event["after"]["type"], "max");
+        assert_eq!(event["after"]["value"], 3);
+        let deleted = Change {
+            deleted: true,
+            written: None,
+            after: None,
+            ..change
+        };
+        let event = super::event("t", &deleted);
+        assert_eq!(event["op"], "delete");
+        assert!(event["after"].is_null());
+    }
+}

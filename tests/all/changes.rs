@@ -1,0 +1,227 @@
+//! `kv-change` triggers end to end: a trigger fires once per acknowledged write, from the
+//! HTTP API and from functions, deletes included, and no write is lost across a SIGKILL of
+//! `squall up` between its acknowledgement and its delivery.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use squall_kvs::{Client, ClientConfig};
+use squall_proto::poll::Poll;
+
+use crate::durable::{register_misbehave, up_on_data, TOKEN};
+use crate::support::{self, http, NodeProcess};
+use crate::triggers::{put_trigger, trigger_records};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// The counter `seen/KEY` (deliveries of KEY's writes to `misbehave`), 0 if absent.
+fn seen(base: &str, key: &str) -> i64 {
+    let answer = http("GET", &format!("{base}/v1/kv/seen/{key}"), Some(TOKEN), b"");
+    match answer.status {
+        404 => 0,
+        200 => answer.text().parse().expect("a counter"),
+        other => panic!("reading seen/{key}: {other} {}", answer.text()),
+    }
+}
+
+/// The values delivered for KEY.
+fn seen_values(base: &str, key: &str) -> HashSet<String> {
+    let answer = http(
+        "GET",
+        &format!("{base}/v1/kv/seen-values/{key}"),
+        Some(TOKEN),
+        b"",
+    );
+    match answer.status {
+        404 => HashSet::new(),
+        200 => serde_json::from_slice::<Vec<String>>(&answer.body)
+            .expect("a set")
+            .into_iter()
+            .collect(),
+        other => panic!("reading seen-values/{key}: {other} {}", answer.text()),
+    }
+}
+
+#[test]
+fn a_kv_change_trigger_fires_once_per_write_from_http_and_from_functions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = support::up(dir.path(), &["--token", TOKEN]);
+    let base = up.field("http");
+    register_misbehave(&base);
+    // Bad triggers: 400, nothing stored.
+    for bad in [
+        r#"{"kind":"kv-change","prefix":"squall/ns/","function":"misbehave"}"#,
+        r#"{"kind":"kv-change","prefix":"a/","schedule":"* * * * *","function":"misbehave"}"#,
+        r#"{"kind":"kv-change","prefix":"a/","input":"x","function":"misbehave"}"#,
+        r#"{"kind":"kv-change","prefix":"a/","function":"nope"}"#,
+        r#"{"kind":"kv-delta","prefix":"a/","function":"misbehave"}"#,
+    ] {
+        let refused = put_trigger(&base, "bad", bad);
+        assert_eq!(refused.status, 400, "{bad}: {}", refused.text());
+    }
+    assert_eq!(
+        http("GET", &format!("{base}/v1/triggers/bad"), Some(TOKEN), b"").status,
+        404
+    );
+    let created = put_trigger(
+        &base,
+        "orders",
+        r#"{"kind":"kv-change","prefix":"orders/","function":"misbehave"}"#,
+    );
+    assert_eq!(created.status, 200, "{}", created.text());
+    assert_eq!(created.json()["spec"]["prefix"], "orders/");
+
+    // Three writes of one key over HTTP, one write by a function, a key outside the
+    // prefix, and a delete.
+    for value in ["1", "2", "3"] {
+        let put = http(
+            "PUT",
+            &format!("{base}/v1/kv/orders/a"),
+            Some(TOKEN),
+            value.as_bytes(),
+        );
+        assert_eq!(put.status, 204, "{}", put.text());
+    }
+    let by_function = http(
+        "POST",
+        &format!("{base}/v1/functions/misbehave/invoke"),
+        Some(TOKEN),
+        b"state:orders/b=4",
+    );
+    assert_eq!(by_function.text(), "4");
+    let other = http("PUT", &format!("{base}/v1/kv/other/a"), Some(TOKEN), b"5");
+    assert_eq!(other.status, 204);
+    let deleted = http(
+        "DELETE",
+        &format!("{base}/v1/kv/orders/a"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(deleted.status, 204, "{}", deleted.text());
+
+    Poll::within(WAIT)
+        .until(|| (seen(&base, "orders/a") == 4 && seen(&base, "orders/b") == 1).then_some(()))
+        .unwrap_or_else(|_| {
+            panic!(
+                "deliveries: orders/a {}, orders/b {}",
+                seen(&base, "orders/a"),
+                seen(&base, "orders/b")
+            )
+        });
+    assert_eq!(
+        seen_values(&base, "orders/a"),
+        ["1", "2", "3"].map(String::from).into_iter().collect()
+    );
+    // Every delivery has its record; the delete is one of them; nothing else fired.
+    let records = Poll::within(WAIT)
+        .until(|| {
+            let records = trigger_records(&base, "kv-change");
+            let done = records.iter().all(|r| r["status"] == "succeeded");
+            (records.len() == 5 && done).then_some(records)
+        })
+        .unwrap_or_else(|_| panic!("records: {:?}", trigger_records(&base, "kv-change")));
+    assert!(
+        records.iter().all(|r| r["status"] == "succeeded"),
+        "{records:?}"
+    );
+    assert_eq!(seen(&base, "other/a"), 0);
+    assert_eq!(seen(&base, "orders/a"), 4, "no write was delivered twice");
+
+    // Paused, it fires nothing (writes meanwhile are not delivered later); resumed, it fires
+    // again.
+    let paused = http(
+        "POST",
+        &format!("{base}/v1/triggers/orders/pause"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(paused.status, 200, "{}", paused.text());
+    http("PUT", &format!("{base}/v1/kv/orders/c"), Some(TOKEN), b"6");
+    let resumed = http(
+        "POST",
+        &format!("{base}/v1/triggers/orders/resume"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(resumed.status, 200, "{}", resumed.text());
+    http("PUT", &format!("{base}/v1/kv/orders/d"), Some(TOKEN), b"7");
+    Poll::within(WAIT)
+        .until(|| (seen(&base, "orders/d") == 1).then_some(()))
+        .expect("the write after the resume is delivered");
+    assert_eq!(seen(&base, "orders/c"), 0, "a write while paused fired");
+}
+
+/// `squall up` on a data directory with a fixed store port (so its shards keep their
+/// addresses across the restart).
+fn up_on(data: &std::path::Path, log_dir: &std::path::Path, kvs_port: &str) -> NodeProcess {
+    up_on_data(data, log_dir, kvs_port, "4")
+}
+
+/// Writes `load/{i % 100}` = `i` for each `i` in `range` until acknowledged (retrying across
+/// the node's death), or gives up on those not acknowledged once `stop` says so.
+fn write_all(kvs: &str, range: std::ops::Range<u32>) -> Vec<u32> {
+    let mut client = Client::connect(kvs, ClientConfig::default()).expect("a store client");
+    let mut acked = Vec::new();
+    for i in range {
+        match client.put_lww(&format!("load/{}", i % 100), i.to_string()) {
+            Ok(()) => acked.push(i),
+            Err(_) => break,
+        }
+    }
+    acked
+}
+
+#[test]
+fn ten_thousand_writes_under_a_kv_change_trigger_survive_a_sigkill_each_delivered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    // A fixed port, free now: taken from the OS, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+        .to_string();
+    let mut up = up_on(&data, dir.path(), &port);
+    let base = up.field("http");
+    register_misbehave(&base);
+    let created = put_trigger(
+        &base,
+        "load",
+        r#"{"kind":"kv-change","prefix":"load/","function":"misbehave"}"#,
+    );
+    assert_eq!(created.status, 200, "{}", created.text());
+    let kvs = up.field("kvs");
+    let mut acked = write_all(&kvs, 0..5_000);
+    assert_eq!(acked.len(), 5_000);
+    // Killed while most of those wait for their delivery.
+    up.kill_hard();
+    let up = up_on(&data, dir.path(), &port);
+    let base = up.field("http");
+    assert_eq!(up.field("kvs"), kvs, "the store listens where it did");
+    acked.extend(write_all(&kvs, 5_000..10_000));
+    assert_eq!(acked.len(), 10_000);
+    // Every acknowledged write is delivered: its value is among its key's delivered values.
+    for key in 0..100u32 {
+        let expected: HashSet<String> = acked
+            .iter()
+            .filter(|i| *i % 100 == key)
+            .map(|i| i.to_string())
+            .collect();
+        let delivered = Poll::within(WAIT)
+            .every(Duration::from_millis(100))
+            .until(|| {
+                let got = seen_values(&base, &format!("load/{key}"));
+                expected.is_subset(&got).then_some(got)
+            })
+            .unwrap_or_else(|_| {
+                let got = seen_values(&base, &format!("load/{key}"));
+                let missing: Vec<_> = expected.difference(&got).take(10).collect();
+                panic!(
+                    "load/{key}: {} of {} writes undelivered, e.g. {missing:?}",
+                    expected.len() - expected.intersection(&got).count(),
+                    expected.len()
+                )
+            });
+        assert_eq!(delivered, expected, "load/{key}: nothing else delivered");
+    }
+}
