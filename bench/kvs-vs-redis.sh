@@ -4,11 +4,6 @@
 # harness (see `--help`), e.g. `bench/kvs-vs-redis.sh --rounds 5 --duration 3`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v redis-server >/dev/null 2>&1; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server
-  # The package starts a system service; the benchmark runs its own instances.
-  (service redis-server stop || true) >/dev/null 2>&1
-fi
+source bench/install-redis.sh
 cargo build --release --locked -p squall -p squall-bench --bins
 exec target/release/kvs-vs-redis --squall target/release/squall "$@"

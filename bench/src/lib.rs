@@ -9,6 +9,8 @@
 //! `hdrhistogram` records latencies (microsecond resolution, constant memory, mergeable across
 //! threads and rounds); `criterion` drives the micro-benchmarks in `benches/`.
 
+pub mod redis;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

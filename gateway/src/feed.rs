@@ -208,57 +208,108 @@ impl ChangeFeed {
             if String::from_utf8_lossy(&lease.value).starts_with(&format!("{}\n", self.id))))
     }
 
-    /// One pass over every shard; whether any had changes.
+    /// One pass over every shard; whether any had changes. A shard that cannot be read is
+    /// logged and left for the next pass; the others go on.
     async fn round(&mut self, armed: &mut Vec<Armed>) -> squall_state::Result<bool> {
         let endpoints = self.kvs.with(|client| client.shard_endpoints()).await?;
-        let mut busy = false;
         let mut journals_on = false;
+        // Every shard's changes first, then the triggers as they are now: a trigger read
+        // after the changes knows of every pause, change, creation or deletion made before
+        // those writes were acknowledged.
+        let mut taken: Vec<(String, Vec<Change>)> = Vec::new();
+        let mut switched_off = Vec::new();
         for endpoint in endpoints {
-            let after = self.position(&endpoint).await?;
-            let asked = endpoint.clone();
-            let (changes, lost, on) = self
-                .kvs
-                .with(move |client| client.changes(&asked, after, BATCH))
-                .await?;
-            journals_on |= on;
-            if lost > 0 {
-                tracing::error!(shard = %endpoint, lost, "a shard's journal was full: changes were dropped before a trigger saw them");
-                let key = keys::changes_lost(&self.namespace);
-                let delta = i64::try_from(lost).unwrap_or(i64::MAX);
-                if let Err(e) = self
-                    .kvs
-                    .with(move |client| client.increment(&key, delta))
-                    .await
-                {
-                    tracing::warn!(cause = %e, "counting lost changes");
-                }
-            }
-            let Some(last) = changes.last().map(|c| c.seq) else {
-                continue;
-            };
-            if !busy {
-                // The triggers as they are now, before delivering: a trigger paused, changed
-                // or deleted before these writes were made fires nothing for them.
-                *armed = self.kv_triggers().await?;
-            }
-            busy = true;
-            let check = !self.trusted.contains(&endpoint);
-            for change in &changes {
-                for one in armed.iter() {
-                    if change.key.starts_with(&one.prefix) && change.ms >= one.trigger.updated_ms {
-                        self.deliver(one, &endpoint, change, check).await?;
+            match self.take(&endpoint).await {
+                Ok((changes, on)) => {
+                    journals_on |= on;
+                    if !on {
+                        switched_off.push(endpoint.clone());
+                    }
+                    if !changes.is_empty() {
+                        taken.push((endpoint, changes));
                     }
                 }
+                Err(e) => {
+                    tracing::warn!(shard = %endpoint, cause = %e, "reading a shard's changes");
+                    self.positions.remove(&endpoint);
+                    self.trusted.remove(&endpoint);
+                }
             }
-            // Every change up to `last` is a call in the store: the position moves past them.
-            let key = keys::journal_position(&self.namespace, &endpoint);
-            let value = LatticeValue::Max(Max(i64::try_from(last).unwrap_or(i64::MAX)));
-            self.kvs.with(move |client| client.put(&key, value)).await?;
-            self.positions.insert(endpoint.clone(), last);
-            self.trusted.insert(endpoint);
+        }
+        if taken.is_empty() && switched_off.is_empty() {
+            self.journals_on = journals_on;
+            return Ok(false);
+        }
+        *armed = self.kv_triggers().await?;
+        if !armed.is_empty() && !switched_off.is_empty() {
+            // A shard added since the triggers were created (more shards after a restart, a
+            // new cluster member) journals nothing until told.
+            tracing::info!(shards = ?switched_off, "switching on shards' change journals");
+            if let Err(e) = self.kvs.with(|client| client.journal(true)).await {
+                tracing::warn!(cause = %e, "switching journals on");
+            }
+            journals_on = true;
         }
         self.journals_on = journals_on;
+        let busy = !taken.is_empty();
+        for (endpoint, changes) in taken {
+            if let Err(e) = self.deliver_all(armed, &endpoint, &changes).await {
+                tracing::warn!(shard = %endpoint, cause = %e, "delivering changes; trying again");
+                self.positions.remove(&endpoint);
+                self.trusted.remove(&endpoint);
+            }
+        }
         Ok(busy)
+    }
+
+    /// The changes of the shard at `endpoint` after its position, and whether it journals.
+    async fn take(&mut self, endpoint: &str) -> squall_state::Result<(Vec<Change>, bool)> {
+        let after = self.position(endpoint).await?;
+        let asked = endpoint.to_string();
+        let (changes, lost, on) = self
+            .kvs
+            .with(move |client| client.changes(&asked, after, BATCH))
+            .await?;
+        if lost > 0 {
+            tracing::error!(shard = %endpoint, lost, "a shard's journal was full: changes were dropped before a trigger saw them");
+            let key = keys::changes_lost(&self.namespace);
+            let delta = i64::try_from(lost).unwrap_or(i64::MAX);
+            if let Err(e) = self
+                .kvs
+                .with(move |client| client.increment(&key, delta))
+                .await
+            {
+                tracing::warn!(cause = %e, "counting lost changes");
+            }
+        }
+        Ok((changes, on))
+    }
+
+    /// Delivers a shard's changes to the triggers they match, then moves its position past
+    /// them (every one is a call in the store by then).
+    async fn deliver_all(
+        &mut self,
+        armed: &[Armed],
+        endpoint: &str,
+        changes: &[Change],
+    ) -> squall_state::Result<()> {
+        let Some(last) = changes.last().map(|c| c.seq) else {
+            return Ok(());
+        };
+        let check = !self.trusted.contains(endpoint);
+        for change in changes {
+            for one in armed {
+                if change.key.starts_with(&one.prefix) && change.ms >= one.trigger.updated_ms {
+                    self.deliver(one, endpoint, change, check).await?;
+                }
+            }
+        }
+        let key = keys::journal_position(&self.namespace, endpoint);
+        let value = LatticeValue::Max(Max(i64::try_from(last).unwrap_or(i64::MAX)));
+        self.kvs.with(move |client| client.put(&key, value)).await?;
+        self.positions.insert(endpoint.to_string(), last);
+        self.trusted.insert(endpoint.to_string());
+        Ok(())
     }
 
     /// The stored position of the shard at `endpoint`.
@@ -318,12 +369,22 @@ pub fn event(trigger: &str, change: &Change) -> Value {
     })
 }
 
-/// A value in an event: its type and, for the types the HTTP API reads, its value.
+/// The largest value an event carries; a larger one is given by its size alone.
+pub const MAX_EVENT_VALUE: usize = 64 << 10;
+
+/// A value in an event: its type and, for the types the HTTP API reads, its value (a
+/// register's text up to [`MAX_EVENT_VALUE`] bytes, else its `bytes` alone).
 fn value_json(value: &LatticeValue) -> Value {
     let kind = value.lattice_type().name();
     match value {
+        LatticeValue::Lww(register) if register.value.len() > MAX_EVENT_VALUE => {
+            json!({"type": kind, "bytes": register.value.len()})
+        }
         LatticeValue::Lww(register) => {
             json!({"type": kind, "value": String::from_utf8_lossy(&register.value)})
+        }
+        LatticeValue::Set(set) if set.0.len() > 1024 => {
+            json!({"type": kind, "elements": set.0.len()})
         }
         LatticeValue::Counter(counter) => json!({"type": kind, "value": Counter::value(counter)}),
         LatticeValue::Max(Max(n)) | LatticeValue::Min(Min(n)) => json!({"type": kind, "value": n}),

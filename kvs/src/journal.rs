@@ -194,6 +194,8 @@ impl Journal {
     /// Forgets the changes up to `after`, then answers up to `limit` of those after it,
     /// oldest first, and how many were dropped (journal full) since the last answer.
     pub fn take(&mut self, store: &mut Store, after: u64, limit: u32) -> (Vec<Change>, u64) {
+        // New changes number after what the consumer has seen, whatever the clock says.
+        self.last_seq = self.last_seq.max(after);
         while let Some(oldest) = self.oldest(store) {
             if seq_of(&oldest).is_some_and(|seq| seq <= after) {
                 self.forget(store, &oldest);

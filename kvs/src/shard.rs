@@ -67,6 +67,9 @@ enum Outgoing {
     },
     /// A JOURNAL switch: answered only if the commit succeeds (the switch is in the log).
     Changes { id: RequestId, on: bool },
+    /// An encoded answer sent only if the commit succeeds (a CHANGES answer may hold the
+    /// batch's own writes).
+    Committed { id: RequestId, frame: Vec<u8> },
     /// A SUBSCRIBE's values: sent only if the commit succeeds, like a GET's.
     Subscribed {
         id: RequestId,
@@ -506,11 +509,15 @@ impl Shard {
             Request::Put { entries } => self.put_all(id, entries, stale, Self::put_journaled),
             Request::Write { entries } => self.put_all(id, entries, stale, Self::write_journaled),
             Request::Merge { entries } => self.put_all(id, entries, stale, Self::merge_journaled),
-            Request::Copy { entries } => self.put_all(id, entries, stale, Self::merge_entry),
+            Request::Copy { entries } => self.put_all(id, entries, stale, Self::copy_entry),
             Request::Changes { after, limit } => {
                 let (changes, lost) = self.journal.take(&mut self.store, after, limit);
                 let on = self.journal.is_on();
-                Outgoing::Ready(encode(id, &Response::Changes { changes, lost, on }))
+                // Changes of this batch are durable only once it commits.
+                Outgoing::Committed {
+                    id,
+                    frame: encode(id, &Response::Changes { changes, lost, on }),
+                }
             }
             Request::Journal { on } => {
                 match self.journal.switch(&mut self.store, self.log.as_mut(), on) {
@@ -742,7 +749,7 @@ impl Shard {
             if !key.starts_with(prefix) {
                 break;
             }
-            if entry.live(now).is_none() {
+            if entry.live(now).is_none() || journal::is_journal_key(key) {
                 continue;
             }
             if keys.len() >= limit as usize {
@@ -802,63 +809,72 @@ impl Shard {
 
     /// A client's PUT, journaled when the journal is on.
     fn put_journaled(&mut self, key: Key, value: LatticeValue) -> Result<(), KeyError> {
-        if !self.journals(&key) {
+        if !self.journals(&key)? {
             return self.put(key, value);
         }
         let written = value.clone();
         self.put(key.clone(), value)?;
-        self.journal_write(&key, Some(written), false);
-        Ok(())
+        self.journal_write(&key, Some(written), false)
     }
 
     /// A client's write with an expiry, journaled when the journal is on.
     fn write_journaled(&mut self, key: Key, write: Write) -> Result<(), KeyError> {
-        if !self.journals(&key) {
+        if !self.journals(&key)? {
             return self.write(key, write);
         }
         let written = write.value.clone();
         self.write(key.clone(), write)?;
-        self.journal_write(&key, written, false);
-        Ok(())
+        self.journal_write(&key, written, false)
     }
 
     /// A client's exact merge (a delete, a causal or counter write), journaled when the
     /// journal is on.
     fn merge_journaled(&mut self, key: Key, entry: Entry) -> Result<(), KeyError> {
-        if !self.journals(&key) {
+        if !self.journals(&key)? {
             return self.merge_entry(key, entry);
         }
         let (written, deleted) = (entry.value.clone(), entry.value.is_none());
         self.merge_entry(key.clone(), entry)?;
-        self.journal_write(&key, written, deleted);
-        Ok(())
+        self.journal_write(&key, written, deleted)
+    }
+
+    /// A copy from another replica: merged, never journaled. The journal's own keys are
+    /// refused (they are this shard's).
+    fn copy_entry(&mut self, key: Key, entry: Entry) -> Result<(), KeyError> {
+        refuse_journal_key(&key)?;
+        self.merge_entry(key, entry)
     }
 
     /// Whether a client's write of `key` enters the journal: the journal is on and the key
-    /// is not one of Squall's own.
-    fn journals(&self, key: &str) -> bool {
-        self.journal.is_on() && !key.starts_with(squall_proto::keys::RESERVED_PREFIX)
+    /// is not one of Squall's own. The journal's own keys are refused.
+    fn journals(&self, key: &str) -> Result<bool, KeyError> {
+        refuse_journal_key(key)?;
+        Ok(self.journal.is_on() && !key.starts_with(squall_proto::keys::RESERVED_PREFIX))
     }
 
     /// Journals a write of `key` just merged, with the key's live value after it. Appended
     /// to the log with the batch, so it is as durable as the write when the batch's replies
     /// go.
-    fn journal_write(&mut self, key: &str, written: Option<LatticeValue>, deleted: bool) {
+    fn journal_write(
+        &mut self,
+        key: &str,
+        written: Option<LatticeValue>,
+        deleted: bool,
+    ) -> Result<(), KeyError> {
         let after = self
             .store
             .get(key)
             .and_then(|entry| entry.live(now_ms()))
             .cloned();
-        if let Err(e) = self.journal.record(
-            &mut self.store,
-            self.log.as_mut(),
-            key,
-            written,
-            deleted,
-            after,
-        ) {
-            tracing::error!(shard = self.index, key, cause = %e, "a write could not be journaled");
-        }
+        self.journal
+            .record(&mut self.store, self.log.as_mut(), key, written, deleted, after)
+            .map_err(|e| {
+                tracing::error!(shard = self.index, key, cause = %e, "a write could not be journaled");
+                // Merged but not journaled: the write is not acknowledged.
+                KeyError::NotDurable {
+                    reason: format!("journaling the write: {e}"),
+                }
+            })
     }
 
     /// A client's write of `value`: given its epoch here ([`Write::lift`]), then merged.
@@ -1011,6 +1027,13 @@ impl Shard {
                         on,
                     },
                 ),
+                (Outgoing::Committed { frame, .. }, Ok(())) => frame,
+                (Outgoing::Committed { id, .. }, Err(reason)) => encode(
+                    id,
+                    &Response::Error(RequestError::Unavailable {
+                        reason: reason.clone(),
+                    }),
+                ),
                 (Outgoing::Changes { id, .. }, Err(reason)) => encode(
                     id,
                     &Response::Error(RequestError::Unavailable {
@@ -1147,6 +1170,16 @@ impl Shard {
             }
         }
     }
+}
+
+/// Refuses a client's or a peer's write of one of the journal's own keys.
+fn refuse_journal_key(key: &str) -> Result<(), KeyError> {
+    if journal::is_journal_key(key) {
+        return Err(KeyError::Reserved {
+            key: key.to_string(),
+        });
+    }
+    Ok(())
 }
 
 fn encode(id: RequestId, response: &Response) -> Vec<u8> {

@@ -505,6 +505,13 @@ pub enum KeyError {
         /// What the log reported.
         reason: String,
     },
+    /// The key is one a storage node keeps for itself (a shard's change journal): nothing
+    /// else writes it.
+    #[error("{key:?} is kept by the storage node for itself")]
+    Reserved {
+        /// The key.
+        key: String,
+    },
 }
 
 /// Why a whole request failed.

@@ -3,6 +3,7 @@
 //! `squall up` between its acknowledgement and its delivery.
 
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use squall_kvs::{Client, ClientConfig};
@@ -70,6 +71,16 @@ fn a_kv_change_trigger_fires_once_per_write_from_http_and_from_functions() {
     );
     assert_eq!(created.status, 200, "{}", created.text());
     assert_eq!(created.json()["spec"]["prefix"], "orders/");
+    // A shard's journal is its own: no client writes it, no listing shows it.
+    let mut client = Client::connect(&up.field("kvs"), ClientConfig::default()).expect("client");
+    for key in [
+        "squall/journal/00000000000000000001",
+        "squall/journal-switch",
+    ] {
+        assert!(client.put_lww(key, "x").is_err(), "{key} was written");
+    }
+    let (listed, _) = client.list("squall/journal", None, 100).expect("a listing");
+    assert!(listed.is_empty(), "{listed:?}");
 
     // Three writes of one key over HTTP, one write by a function, a key outside the
     // prefix, and a delete.
@@ -157,18 +168,34 @@ fn up_on(data: &std::path::Path, log_dir: &std::path::Path, kvs_port: &str) -> N
     up_on_data(data, log_dir, kvs_port, "4")
 }
 
-/// Writes `load/{i % 100}` = `i` for each `i` in `range` until acknowledged (retrying across
-/// the node's death), or gives up on those not acknowledged once `stop` says so.
-fn write_all(kvs: &str, range: std::ops::Range<u32>) -> Vec<u32> {
-    let mut client = Client::connect(kvs, ClientConfig::default()).expect("a store client");
-    let mut acked = Vec::new();
-    for i in range {
-        match client.put_lww(&format!("load/{}", i % 100), i.to_string()) {
-            Ok(()) => acked.push(i),
-            Err(_) => break,
+/// Writes `load/{i % 100}` = `i` for `i` from 0 to `count`, in order, each until it is
+/// acknowledged (a write that fails, the store being down, is made again once it is back);
+/// notes each acknowledged `i`.
+fn write_all(kvs: String, count: u32, acked: Arc<Mutex<Vec<u32>>>) {
+    let mut client: Option<Client> = None;
+    let mut i = 0;
+    while i < count {
+        let connected = match client.as_mut() {
+            Some(client) => client,
+            None => match Client::connect(&kvs, ClientConfig::default()) {
+                Ok(fresh) => client.insert(fresh),
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            },
+        };
+        match connected.put_lww(&format!("load/{}", i % 100), i.to_string()) {
+            Ok(()) => {
+                acked.lock().expect("acked").push(i);
+                i += 1;
+            }
+            Err(_) => {
+                client = None;
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
-    acked
 }
 
 #[test]
@@ -191,14 +218,22 @@ fn ten_thousand_writes_under_a_kv_change_trigger_survive_a_sigkill_each_delivere
     );
     assert_eq!(created.status, 200, "{}", created.text());
     let kvs = up.field("kvs");
-    let mut acked = write_all(&kvs, 0..5_000);
-    assert_eq!(acked.len(), 5_000);
-    // Killed while most of those wait for their delivery.
+    // Killed while writes are under way, most of the acknowledged ones still waiting for
+    // their delivery.
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let writer = {
+        let (kvs, acked) = (kvs.clone(), acked.clone());
+        std::thread::spawn(move || write_all(kvs, 10_000, acked))
+    };
+    Poll::within(WAIT)
+        .until(|| (acked.lock().expect("acked").len() >= 5_000).then_some(()))
+        .expect("5 000 writes acknowledged");
     up.kill_hard();
     let up = up_on(&data, dir.path(), &port);
     let base = up.field("http");
     assert_eq!(up.field("kvs"), kvs, "the store listens where it did");
-    acked.extend(write_all(&kvs, 5_000..10_000));
+    writer.join().expect("the writer");
+    let acked = acked.lock().expect("acked").clone();
     assert_eq!(acked.len(), 10_000);
     // Every acknowledged write is delivered: its value is among its key's delivered values.
     for key in 0..100u32 {

@@ -13,19 +13,18 @@
 //!
 //! Run it with `bench/kvs-vs-redis.sh`, which builds it and installs Redis if needed.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::Parser;
 use hdrhistogram::Histogram;
+use squall_bench::redis::{self, Redis, Server};
 use squall_bench::{closed_loop, median, process_cpu_time, LoadResult};
 use squall_kvs::{Client, ClientConfig};
-use squall_proto::poll::Poll;
 
 #[derive(Debug, Parser)]
 #[command(about = "Squall's KVS against Redis, same load generator, same run")]
@@ -83,23 +82,6 @@ impl Durability {
 }
 
 /// A server process under test.
-struct Server {
-    child: Child,
-}
-
-impl Server {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start_squall(
     binary: &Path,
     data: &Path,
@@ -134,105 +116,6 @@ fn start_squall(
         .and_then(|fields| squall_proto::ready::field(&fields, "addr").map(str::to_string))
         .with_context(|| format!("squall kvs did not print READY: {line:?}"))?;
     Ok((server, addr))
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn start_redis(
-    binary: &Path,
-    data: &Path,
-    durability: Durability,
-) -> anyhow::Result<(Server, u16)> {
-    std::fs::create_dir_all(data)?;
-    let port = free_port()?;
-    let child = Command::new(binary)
-        .args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-        ])
-        .args([
-            "--appendfsync",
-            match durability {
-                Durability::Always => "always",
-                Durability::EverySecond => "everysec",
-            },
-        ])
-        .arg("--dir")
-        .arg(data)
-        .args(["--protected-mode", "no", "--loglevel", "warning"])
-        .stdout(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {} (install redis-server)", binary.display()))?;
-    let server = Server { child };
-    Poll::within(Duration::from_secs(10))
-        .every(Duration::from_millis(50))
-        .until(|| {
-            let mut redis = Redis::connect(port).ok()?;
-            redis.command(&[b"PING"]).ok()
-        })
-        .context("redis-server did not answer PING within 10 s")?;
-    Ok((server, port))
-}
-
-/// A minimal RESP client: one connection, one command at a time, like the Squall client.
-struct Redis {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-    request: Vec<u8>,
-    line: Vec<u8>,
-    reply: Vec<u8>,
-}
-
-impl Redis {
-    fn connect(port: u16) -> anyhow::Result<Self> {
-        let stream = TcpStream::connect(("127.0.0.1", port))?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        Ok(Self {
-            reader: BufReader::new(stream.try_clone()?),
-            writer: stream,
-            request: Vec::with_capacity(512),
-            line: Vec::with_capacity(64),
-            reply: Vec::with_capacity(512),
-        })
-    }
-
-    /// Sends a command and reads its reply; a bulk reply is left in `self.reply`.
-    fn command(&mut self, args: &[&[u8]]) -> anyhow::Result<Option<usize>> {
-        self.request.clear();
-        write!(self.request, "*{}\r\n", args.len())?;
-        for arg in args {
-            write!(self.request, "${}\r\n", arg.len())?;
-            self.request.extend_from_slice(arg);
-            self.request.extend_from_slice(b"\r\n");
-        }
-        self.writer.write_all(&self.request)?;
-        self.line.clear();
-        self.reader.read_until(b'\n', &mut self.line)?;
-        match self.line.first() {
-            Some(b'+') => Ok(None),
-            Some(b'$') => {
-                let len: i64 = std::str::from_utf8(&self.line[1..])?.trim().parse()?;
-                if len < 0 {
-                    bail!("key not found");
-                }
-                self.reply.resize(len as usize + 2, 0);
-                self.reader.read_exact(&mut self.reply)?;
-                Ok(Some(len as usize))
-            }
-            _ => bail!("redis error: {}", String::from_utf8_lossy(&self.line)),
-        }
-    }
 }
 
 fn key(i: usize) -> String {
@@ -419,10 +302,15 @@ fn main() -> anyhow::Result<()> {
             durability,
             args.shards,
         )?;
-        let (redis, redis_port) = start_redis(
+        let appendfsync = match durability {
+            Durability::Always => "always",
+            Durability::EverySecond => "everysec",
+        };
+        let (redis, redis_port) = redis::start(
             &args.redis_server,
             &work.path().join(format!("redis-{tag}")),
-            durability,
+            appendfsync,
+            &[],
         )?;
         preload(&args, &squall_addr, redis_port)?;
         let ops: &[Op] = match durability {

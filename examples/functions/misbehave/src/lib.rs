@@ -15,7 +15,9 @@
 //! - `spin:MS`: computes for MS milliseconds of wall-clock time, answers `spun`.
 //! - a `kv-change` trigger's event (JSON): adds 1 to the counter `seen/KEY` and the value
 //!   written (a last-writer-wins register's text) to the set `seen-values/KEY`, so a test
-//!   counts the writes delivered; answers `seen`.
+//!   counts the writes delivered; answers `seen`. For a key under `lat/`, first writes the
+//!   wall-clock time it started (µs since the Unix epoch) to `started/KEY`, and nothing else
+//!   (the trigger-latency benchmark).
 //! - `sleep:MS`: sleeps MS milliseconds (a slow function that uses no CPU), answers `slept`.
 //! - `flaky:KEY:N`: adds 1 to the counter KEY and fails while the counter is below N (so
 //!   under retries, attempt N is the first to succeed), then answers the counter.
@@ -122,6 +124,15 @@ fn seen(event: &str) -> Result<Vec<u8>, String> {
         Some(&event[from..from + len])
     };
     let key = field("\"key\":\"").ok_or("an event without a key")?;
+    if key.starts_with("lat/") {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| e.to_string())?
+            .as_micros();
+        squall_sdk::state::put_bytes(&format!("started/{key}"), started.to_string().as_bytes())
+            .map_err(|e| e.to_string())?;
+        return Ok(b"started".to_vec());
+    }
     squall_sdk::state::add(&format!("seen/{key}"), 1).map_err(|e| e.to_string())?;
     if let Some(written) = field("\"written\":{\"type\":\"lww\",\"value\":\"") {
         let value = squall_sdk::lattices::LatticeValue::Set(
