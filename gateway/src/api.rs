@@ -469,7 +469,8 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
         .status(Duration::from_secs(2))
         .await
         .unwrap_or_default();
-    let text = gateway.metrics.render(&executors);
+    let dropped = gateway.recorder.get().map_or(0, |r| r.dropped());
+    let text = gateway.metrics.render(&executors, dropped);
     (
         [(
             header::CONTENT_TYPE,

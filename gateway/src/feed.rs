@@ -57,6 +57,8 @@ const IDLE_WAIT: Duration = Duration::from_millis(2);
 const DRAIN_EVERY: Duration = Duration::from_secs(1);
 /// Changes asked of a shard at once.
 const BATCH: u32 = 512;
+/// Calls accepted at once.
+const DELIVERING: usize = 64;
 
 /// A `kv-change` trigger as last read.
 struct Armed {
@@ -297,12 +299,48 @@ impl ChangeFeed {
             return Ok(());
         };
         let check = !self.trusted.contains(endpoint);
+        // Up to DELIVERING acceptances at once (each a store round trip), in any order: the
+        // calls run concurrently anyway.
+        let mut delivering = tokio::task::JoinSet::new();
+        let mut failed = None;
         for change in changes {
             for one in armed {
-                if change.key.starts_with(&one.prefix) && change.ms >= one.trigger.updated_ms {
-                    self.deliver(one, endpoint, change, check).await?;
+                if !(change.key.starts_with(&one.prefix) && change.ms >= one.trigger.updated_ms) {
+                    continue;
                 }
+                while delivering.len() >= DELIVERING {
+                    if let Some(Ok(Err(e))) = delivering.join_next().await {
+                        failed.get_or_insert(e);
+                    }
+                }
+                let delivery = Delivery {
+                    calls: self.calls.clone(),
+                    runner: self.runner.clone(),
+                    trigger: one.trigger.clone(),
+                    target: one.target.clone(),
+                    endpoint: endpoint.to_string(),
+                    timeout: self.timeout,
+                };
+                let change = change.clone();
+                delivering.spawn(async move { delivery.deliver(&change, check).await });
             }
+        }
+        while let Some(joined) = delivering.join_next().await {
+            match joined {
+                Ok(Err(e)) => {
+                    failed.get_or_insert(e);
+                }
+                Err(e) => {
+                    failed.get_or_insert(squall_state::Error::Internal(format!(
+                        "a delivery task failed: {e}"
+                    )));
+                }
+                Ok(Ok(())) => {}
+            }
+        }
+        if let Some(e) = failed {
+            // The position stays: the next pass delivers these changes again, checking each.
+            return Err(e);
         }
         let key = keys::journal_position(&self.namespace, endpoint);
         let value = LatticeValue::Max(Max(i64::try_from(last).unwrap_or(i64::MAX)));
@@ -325,25 +363,32 @@ impl ChangeFeed {
         self.positions.insert(endpoint.to_string(), stored);
         Ok(stored)
     }
+}
 
-    /// Accepts the call delivering `change` to a trigger (unless, when `check`, an earlier
+/// One trigger's delivery of a shard's changes: what accepting a call needs, owned, so that
+/// deliveries run as tasks of their own.
+struct Delivery {
+    calls: Calls,
+    runner: Runner,
+    trigger: Trigger,
+    target: Target,
+    endpoint: String,
+    timeout: Duration,
+}
+
+impl Delivery {
+    /// Accepts the call delivering `change` to the trigger (unless, when `check`, an earlier
     /// deliverer already did).
-    async fn deliver(
-        &self,
-        one: &Armed,
-        endpoint: &str,
-        change: &Change,
-        check: bool,
-    ) -> squall_state::Result<()> {
-        let id = change_id(&one.trigger, endpoint, change.seq);
+    async fn deliver(&self, change: &Change, check: bool) -> squall_state::Result<()> {
+        let id = change_id(&self.trigger, &self.endpoint, change.seq);
         if check && self.calls.taken(id.as_str()).await? {
             return Ok(());
         }
-        let input = serde_json::to_vec(&event(&one.trigger.name, change))
+        let input = serde_json::to_vec(&event(&self.trigger.name, change))
             .map_err(|e| squall_state::Error::Internal(format!("encoding a change: {e}")))?;
         let call = PendingCall::new(
             id.to_string(),
-            one.target.clone(),
+            self.target.clone(),
             Bytes::from(input),
             InvokeOptions {
                 timeout_ms: Some(self.timeout.as_millis().try_into().unwrap_or(u64::MAX)),

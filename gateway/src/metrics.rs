@@ -247,10 +247,17 @@ impl Metrics {
             .inc();
     }
 
-    /// The metrics in the OpenMetrics text format, with the executors' figures as of now.
-    pub fn render(&self, executors: &[ExecutorStatus]) -> String {
+    /// The metrics in the OpenMetrics text format, with the executors' figures as of now and
+    /// the activation records this gateway dropped so far (its writer was that far behind,
+    /// or the store refused them).
+    pub fn render(&self, executors: &[ExecutorStatus], records_dropped: u64) -> String {
         let mut scrape = Registry::with_prefix("squall");
         scrape.register_collector(Box::new(ExecutorFigures(executors.to_vec())));
+        scrape.register(
+            "activation_records_dropped",
+            "Activation records not written: queued past the writer's bound, or refused by the store",
+            ConstCounter::new(records_dropped),
+        );
         let mut text = String::new();
         let encoded = encode_registry(&mut text, &self.registry)
             .and_then(|()| encode_registry(&mut text, &scrape))
@@ -288,11 +295,18 @@ mod tests {
             Duration::from_millis(3),
             Some(FailureCode::Trap),
         );
-        let text = metrics.render(&[ExecutorStatus {
-            id: "e1".into(),
-            cache_hits: 7,
-            ..ExecutorStatus::default()
-        }]);
+        let text = metrics.render(
+            &[ExecutorStatus {
+                id: "e1".into(),
+                cache_hits: 7,
+                ..ExecutorStatus::default()
+            }],
+            3,
+        );
+        assert!(
+            text.contains("squall_activation_records_dropped_total 3"),
+            "{text}"
+        );
         assert!(
             text.contains(r#"squall_calls_total{kind="dag",name="sq_incr",outcome="ok"} 1"#),
             "{text}"
@@ -339,7 +353,7 @@ mod tests {
                                 ..ExecutorStatus::default()
                             })
                             .collect();
-                        let text = metrics.render(&executors);
+                        let text = metrics.render(&executors, 0);
                         for i in 0..3 {
                             let line =
                                 format!("squall_executor_steps_total{{executor=\"e{i}\"}} {round}");
@@ -361,7 +375,7 @@ mod tests {
             id: "gone".into(),
             ..ExecutorStatus::default()
         };
-        assert!(metrics.render(&[one]).contains(r#"executor="gone""#));
-        assert!(!metrics.render(&[]).contains(r#"executor="gone""#));
+        assert!(metrics.render(&[one], 0).contains(r#"executor="gone""#));
+        assert!(!metrics.render(&[], 0).contains(r#"executor="gone""#));
     }
 }
