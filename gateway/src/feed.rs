@@ -58,7 +58,7 @@ const DRAIN_EVERY: Duration = Duration::from_secs(1);
 /// Changes asked of a shard at once.
 const BATCH: u32 = 512;
 /// Calls accepted at once.
-const DELIVERING: usize = 64;
+const DELIVERING: usize = 16;
 
 /// A `kv-change` trigger as last read.
 struct Armed {
@@ -83,6 +83,37 @@ pub struct ChangeFeed {
     trusted: HashSet<String>,
     /// Whether some shard journals (as its last answer said; assumed at the start).
     journals_on: bool,
+    /// The writes delivered lately, by trigger and digest: the copies of one write that
+    /// other replicas journaled, and a write its client sent again, are delivered once.
+    recent: Recent,
+}
+
+/// A bounded set of (trigger, write digest) pairs, forgetting the oldest first.
+#[derive(Default)]
+struct Recent {
+    seen: HashSet<(String, u64)>,
+    order: std::collections::VecDeque<(String, u64)>,
+}
+
+/// Writes remembered by [`Recent`]: far more than a round delivers, so that the copies of a
+/// write on several replicas meet within it.
+const RECENT: usize = 1 << 18;
+
+impl Recent {
+    /// Notes a delivery; whether it is the first of this write for this trigger.
+    fn first(&mut self, trigger: &str, digest: u64) -> bool {
+        let entry = (trigger.to_string(), digest);
+        if !self.seen.insert(entry.clone()) {
+            return false;
+        }
+        self.order.push_back(entry);
+        while self.order.len() > RECENT {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        true
+    }
 }
 
 impl ChangeFeed {
@@ -106,6 +137,7 @@ impl ChangeFeed {
             positions: HashMap::new(),
             trusted: HashSet::new(),
             journals_on: true,
+            recent: Recent::default(),
         }
     }
 
@@ -303,10 +335,18 @@ impl ChangeFeed {
         // calls run concurrently anyway.
         let mut delivering = tokio::task::JoinSet::new();
         let mut failed = None;
+        let mut noted = Vec::new();
         for change in changes {
             for one in armed {
                 if !(change.key.starts_with(&one.prefix) && change.ms >= one.trigger.updated_ms) {
                     continue;
+                }
+                if change.digest != 0 {
+                    if !self.recent.first(&one.trigger.name, change.digest) {
+                        // Another replica's copy of a write delivered already.
+                        continue;
+                    }
+                    noted.push((one.trigger.name.clone(), change.digest));
                 }
                 while delivering.len() >= DELIVERING {
                     if let Some(Ok(Err(e))) = delivering.join_next().await {
@@ -339,7 +379,11 @@ impl ChangeFeed {
             }
         }
         if let Some(e) = failed {
-            // The position stays: the next pass delivers these changes again, checking each.
+            // The position stays: the next pass delivers these changes again, checking each
+            // (and so must not take them for copies of themselves).
+            for delivered in noted {
+                self.recent.seen.remove(&delivered);
+            }
             return Err(e);
         }
         let key = keys::journal_position(&self.namespace, endpoint);
@@ -446,6 +490,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn recent_writes_are_delivered_once_and_the_oldest_forgotten() {
+        let mut recent = Recent::default();
+        assert!(recent.first("t", 1));
+        assert!(!recent.first("t", 1));
+        assert!(recent.first("u", 1), "another trigger delivers it too");
+        for digest in 2..(RECENT as u64 + 10) {
+            recent.first("t", digest);
+        }
+        assert!(recent.seen.len() <= RECENT);
+        assert!(recent.first("t", 1), "forgotten once old");
+    }
+
+    #[test]
     fn events_carry_the_key_the_values_and_the_order() {
         let change = Change {
             seq: 7,
@@ -457,6 +514,7 @@ mod tests {
             ))),
             deleted: false,
             after: Some(LatticeValue::Max(Max(3))),
+            digest: 9,
         };
         let event = event("t", &change);
         assert_eq!(event["key"], "orders/1");

@@ -146,27 +146,19 @@ impl Journal {
         Ok(())
     }
 
-    /// Journals a client's write of `key` (appended to `log` with the write's batch): what
-    /// was written and the key's live value after it. Drops the oldest changes, counted,
-    /// if the journal is full.
+    /// Journals a client's write (appended to `log` with the write's batch): `change` as the
+    /// shard saw it (the key, what was written, the value after it, the write's digest), given
+    /// its sequence number and time here. Drops the oldest changes, counted, if the journal is
+    /// full.
     pub fn record(
         &mut self,
         store: &mut Store,
         log: Option<&mut ShardLog>,
-        key: &str,
-        written: Option<LatticeValue>,
-        deleted: bool,
-        after: Option<LatticeValue>,
+        mut change: Change,
     ) -> Result<()> {
         let seq = now_us().max(self.last_seq + 1);
-        let change = Change {
-            seq,
-            ms: seq_ms(now_us()),
-            key: key.to_string(),
-            written,
-            deleted,
-            after,
-        };
+        change.seq = seq;
+        change.ms = seq_ms(now_us());
         let encoded = rmp_serde::to_vec(&change)
             .map_err(|e| squall_proto::Error::Encode(format!("a journal entry: {e}")))?;
         let entry = Entry::of(LatticeValue::Lww(Lww::new(
@@ -243,6 +235,16 @@ impl Journal {
     }
 }
 
+/// The digest of a client's write of `key` as sent (see [`Change::digest`]).
+pub fn write_digest(key: &str, write: &impl serde::Serialize) -> u64 {
+    let encoded = rmp_serde::to_vec(write).unwrap_or_default();
+    let mut bytes = Vec::with_capacity(key.len() + 1 + encoded.len());
+    bytes.extend_from_slice(key.as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(&encoded);
+    xxhash_rust::xxh3::xxh3_64(&bytes)
+}
+
 fn decode(entry: &Entry) -> Option<Change> {
     match entry.value.as_ref()? {
         LatticeValue::Lww(lww) => rmp_serde::from_slice(&lww.value).ok(),
@@ -271,6 +273,18 @@ fn seq_ms(us: u64) -> u64 {
 mod tests {
     use super::*;
 
+    fn change(key: &str, value: LatticeValue) -> Change {
+        Change {
+            seq: 0,
+            ms: 0,
+            key: key.to_string(),
+            written: Some(value.clone()),
+            deleted: false,
+            after: Some(value),
+            digest: 1,
+        }
+    }
+
     fn lww(text: &'static str) -> LatticeValue {
         LatticeValue::Lww(Lww::new(
             Timestamp::new(1, 1),
@@ -286,14 +300,7 @@ mod tests {
         journal.switch(&mut store, None, true).expect("switched");
         for (key, value) in [("a", "1"), ("b", "2"), ("a", "3")] {
             journal
-                .record(
-                    &mut store,
-                    None,
-                    key,
-                    Some(lww(value)),
-                    false,
-                    Some(lww(value)),
-                )
+                .record(&mut store, None, change(key, lww(value)))
                 .expect("recorded");
         }
         let (changes, lost) = journal.take(&mut store, 0, 10);
@@ -319,7 +326,7 @@ mod tests {
         journal.bytes = MAX_BYTES - 100;
         for _ in 0..3 {
             journal
-                .record(&mut store, None, "k", Some(lww("v")), false, None)
+                .record(&mut store, None, change("k", lww("v")))
                 .expect("recorded");
         }
         let (changes, lost) = journal.take(&mut store, 0, 10);

@@ -812,9 +812,10 @@ impl Shard {
         if !self.journals(&key)? {
             return self.put(key, value);
         }
+        let digest = journal::write_digest(&key, &value);
         let written = value.clone();
         self.put(key.clone(), value)?;
-        self.journal_write(&key, Some(written), false)
+        self.journal_write(&key, Some(written), false, digest)
     }
 
     /// A client's write with an expiry, journaled when the journal is on.
@@ -822,9 +823,10 @@ impl Shard {
         if !self.journals(&key)? {
             return self.write(key, write);
         }
+        let digest = journal::write_digest(&key, &write);
         let written = write.value.clone();
         self.write(key.clone(), write)?;
-        self.journal_write(&key, written, false)
+        self.journal_write(&key, written, false, digest)
     }
 
     /// A client's exact merge (a delete, a causal or counter write), journaled when the
@@ -833,9 +835,10 @@ impl Shard {
         if !self.journals(&key)? {
             return self.merge_entry(key, entry);
         }
+        let digest = journal::write_digest(&key, &entry);
         let (written, deleted) = (entry.value.clone(), entry.value.is_none());
         self.merge_entry(key.clone(), entry)?;
-        self.journal_write(&key, written, deleted)
+        self.journal_write(&key, written, deleted, digest)
     }
 
     /// A copy from another replica: merged, never journaled. The journal's own keys are
@@ -860,14 +863,24 @@ impl Shard {
         key: &str,
         written: Option<LatticeValue>,
         deleted: bool,
+        digest: u64,
     ) -> Result<(), KeyError> {
         let after = self
             .store
             .get(key)
             .and_then(|entry| entry.live(now_ms()))
             .cloned();
+        let change = squall_proto::Change {
+            seq: 0,
+            ms: 0,
+            key: key.to_string(),
+            written,
+            deleted,
+            after,
+            digest,
+        };
         self.journal
-            .record(&mut self.store, self.log.as_mut(), key, written, deleted, after)
+            .record(&mut self.store, self.log.as_mut(), change)
             .map_err(|e| {
                 tracing::error!(shard = self.index, key, cause = %e, "a write could not be journaled");
                 // Merged but not journaled: the write is not acknowledged.

@@ -219,6 +219,11 @@ pub struct Change {
     pub deleted: bool,
     /// The key's live value after the write (`None`: deleted or expired).
     pub after: Option<LatticeValue>,
+    /// Identifies the write as its client sent it (a hash of the key and the write): equal
+    /// at every replica that took it, and for a write sent again after a timeout, so a
+    /// consumer delivers each write once whatever the number of its copies.
+    #[serde(default)]
+    pub digest: u64,
 }
 
 /// A storage node's answer.

@@ -168,6 +168,22 @@ fn up_on(data: &std::path::Path, log_dir: &std::path::Path, kvs_port: &str) -> N
     up_on_data(data, log_dir, kvs_port, "4")
 }
 
+/// A store port for a node that must come back where it was: below the range the OS hands
+/// out for port 0 (so no other test's process takes it meanwhile), with the ports its shards
+/// take after it (one per core) free now.
+fn fixed_ports() -> u16 {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as u16;
+    for _ in 0..1000 {
+        let port = 20_000 + rand::random::<u16>() % 10_000;
+        let free =
+            (port..=port + cores).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if free {
+            return port;
+        }
+    }
+    panic!("no free ports between 20000 and 30000");
+}
+
 /// Writes `load/{i % 100}` = `i` for `i` from 0 to `count`, in order, each until it is
 /// acknowledged (a write that fails, the store being down, is made again once it is back);
 /// notes each acknowledged `i`.
@@ -202,12 +218,7 @@ fn write_all(kvs: String, count: u32, acked: Arc<Mutex<Vec<u32>>>) {
 fn ten_thousand_writes_under_a_kv_change_trigger_survive_a_sigkill_each_delivered() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    // A fixed port, free now: taken from the OS, then released.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-        .to_string();
+    let port = fixed_ports().to_string();
     let mut up = up_on(&data, dir.path(), &port);
     let base = up.field("http");
     register_misbehave(&base);
@@ -259,4 +270,44 @@ fn ten_thousand_writes_under_a_kv_change_trigger_survive_a_sigkill_each_delivere
             });
         assert_eq!(delivered, expected, "load/{key}: nothing else delivered");
     }
+}
+
+#[test]
+fn in_a_cluster_each_write_fires_once_whatever_its_replicas() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Two storage nodes, every key on both (replication 2): each write is journaled twice.
+    let up = crate::cluster::cluster_up(dir.path(), &["--kvs", "2", "--executors", "1"]);
+    let base = up.field("http");
+    register_misbehave(&base);
+    let created = put_trigger(
+        &base,
+        "replicated",
+        r#"{"kind":"kv-change","prefix":"c/","function":"misbehave"}"#,
+    );
+    assert_eq!(created.status, 200, "{}", created.text());
+    for i in 0..50 {
+        let put = http(
+            "PUT",
+            &format!("{base}/v1/kv/c/{i}"),
+            Some(TOKEN),
+            i.to_string().as_bytes(),
+        );
+        assert_eq!(put.status, 204, "{}", put.text());
+    }
+    // A last write: once it is delivered, both replicas' copies of the earlier ones were read.
+    http("PUT", &format!("{base}/v1/kv/c/last"), Some(TOKEN), b"x");
+    Poll::within(WAIT)
+        .until(|| (seen(&base, "c/last") >= 1).then_some(()))
+        .expect("the last write delivered");
+    for i in 0..50 {
+        let key = format!("c/{i}");
+        let delivered = Poll::within(WAIT)
+            .until(|| {
+                let n = seen(&base, &key);
+                (n >= 1).then_some(n)
+            })
+            .expect("delivered");
+        assert_eq!(delivered, 1, "{key} was delivered {delivered} times");
+    }
+    assert_eq!(seen(&base, "c/last"), 1);
 }

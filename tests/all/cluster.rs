@@ -260,7 +260,7 @@ fn keys_stay_readable_while_a_node_joins_and_another_leaves() {
 }
 
 /// `squall cluster up` with fast policy periods, in-memory storage.
-fn cluster_up(dir: &Path, extra: &[&str]) -> NodeProcess {
+pub(crate) fn cluster_up(dir: &Path, extra: &[&str]) -> NodeProcess {
     let mut args = vec![
         "cluster",
         "up",
