@@ -260,6 +260,17 @@ async fn serve_http(
     Ok((url, server))
 }
 
+/// How long a stopping gateway waits for its last calls' activation records to be written.
+const RECORDS_FLUSH: Duration = Duration::from_secs(5);
+
+/// Writes the activation records still queued (at most [`RECORDS_FLUSH`]), saying so if
+/// some could not be.
+async fn flush_records(gateway: &Gateway) {
+    if !gateway.flush_records(RECORDS_FLUSH).await {
+        tracing::warn!("some activation records were not written before the gateway stopped");
+    }
+}
+
 /// Waits for a stop, then for the HTTP server to finish its requests (at most [`HTTP_DRAIN`]);
 /// fails if the server stops first.
 async fn finish_http(
@@ -381,7 +392,8 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             .config(args.token.token.clone(), &args.host.host, args.http_port);
         let gateway = Gateway::new(client, pool, config);
         gateway.start();
-        let (url, server) = serve_http(&args.host.host, args.http_port, gateway, &stop).await?;
+        let (url, server) =
+            serve_http(&args.host.host, args.http_port, gateway.clone(), &stop).await?;
         eprintln!("squall up");
         eprintln!("  gateway     {url}");
         eprintln!(
@@ -415,6 +427,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             ])
         );
         finish_http(&stop, server).await?;
+        flush_records(&gateway).await;
         drop(executors);
         drop(scheduler);
         anyhow::Ok(())
@@ -514,8 +527,11 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
             .config(args.token.token.clone(), &args.host.host, args.http_port);
         let gateway = Gateway::new(client, pool, config);
         gateway.start();
-        let (url, server) = serve_http(&args.host.host, args.http_port, gateway, &stop).await?;
+        let (url, server) =
+            serve_http(&args.host.host, args.http_port, gateway.clone(), &stop).await?;
         println!("{}", ready::format(&[("http", &url)]));
-        finish_http(&stop, server).await
+        let finished = finish_http(&stop, server).await;
+        flush_records(&gateway).await;
+        finished
     })
 }

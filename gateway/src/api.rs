@@ -130,6 +130,16 @@ impl Gateway {
         self.recorder.get_or_init(|| self.activations.recorder())
     }
 
+    /// Waits (at most `within`) until the activation records of the calls answered so far
+    /// are written; whether they all were. For a gateway that stops: after its last answer,
+    /// before the process ends.
+    pub async fn flush_records(&self, within: Duration) -> bool {
+        match self.recorder.get() {
+            Some(recorder) => recorder.flush(within).await,
+            None => true,
+        }
+    }
+
     /// The runner of asynchronous calls, started on first use.
     fn runner(&self) -> &Runner {
         self.runner.get_or_init(|| {

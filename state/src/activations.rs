@@ -302,6 +302,8 @@ const BATCH_LINGER: Duration = Duration::from_millis(5);
 pub struct Recorder {
     sender: tokio::sync::mpsc::Sender<Activation>,
     dropped: Arc<AtomicU64>,
+    /// Records queued and not yet written (or given up on).
+    pending: Arc<AtomicU64>,
 }
 
 impl Recorder {
@@ -309,9 +311,25 @@ impl Recorder {
     /// if the writer is that far behind.
     pub fn record(&self, mut record: Activation) {
         record.bound_logs(MAX_RECORD_LOG_BYTES);
+        self.pending.fetch_add(1, Ordering::AcqRel);
         if self.sender.try_send(record).is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Waits until every record queued so far is written (or given up on), at most `within`;
+    /// whether they all were. A stopping gateway calls it once its requests are answered, so
+    /// the records of its last calls are not lost with the process.
+    pub async fn flush(&self, within: Duration) -> bool {
+        let started = std::time::Instant::now();
+        while self.pending.load(Ordering::Acquire) > 0 {
+            if started.elapsed() >= within {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        true
     }
 
     /// Records dropped or not written since the start.
@@ -391,8 +409,10 @@ impl Activations {
     pub fn recorder(&self) -> Recorder {
         let (sender, mut receiver) = tokio::sync::mpsc::channel::<Activation>(QUEUED_RECORDS);
         let dropped = Arc::new(AtomicU64::new(0));
+        let pending = Arc::new(AtomicU64::new(0));
         let activations = self.clone();
         let lost = dropped.clone();
+        let written = pending.clone();
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(RECORDS_PER_BATCH);
             while receiver.recv_many(&mut batch, RECORDS_PER_BATCH).await > 0 {
@@ -422,11 +442,16 @@ impl Activations {
                             tracing::warn!(count = chunk.len(), cause = %e, "activation records were not written");
                         }
                     }
+                    written.fetch_sub(chunk.len() as u64, Ordering::AcqRel);
                 }
                 batch.clear();
             }
         });
-        Recorder { sender, dropped }
+        Recorder {
+            sender,
+            dropped,
+            pending,
+        }
     }
 
     /// The record `id`, if it is kept.

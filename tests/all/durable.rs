@@ -521,3 +521,41 @@ fn accepted_async_calls_survive_a_sigkill_and_all_complete() {
         ids.len()
     );
 }
+
+#[test]
+fn a_stopping_gateway_writes_its_last_calls_records_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut up = up_on(&data, dir.path(), "4");
+    let base = up.field("http");
+    register_misbehave(&base);
+    let ids: Vec<String> = (0..20)
+        .map(|_| {
+            let answer = http(
+                "POST",
+                &format!("{base}/v1/functions/misbehave/invoke"),
+                Some(TOKEN),
+                b"ok",
+            );
+            assert_eq!(answer.status, 200, "{}", answer.text());
+            answer.activation
+        })
+        .collect();
+    // Stopped at once after the last answer, before the record writer's linger is over.
+    up.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        up.wait_exit(Duration::from_secs(30)).is_some(),
+        "squall up did not stop"
+    );
+    let up = up_on(&data, dir.path(), "4");
+    let base = up.field("http");
+    for id in &ids {
+        let record = http(
+            "GET",
+            &format!("{base}/v1/activations/{id}"),
+            Some(TOKEN),
+            b"",
+        );
+        assert_eq!(record.status, 200, "record {id}: {}", record.text());
+    }
+}
