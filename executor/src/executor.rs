@@ -38,7 +38,7 @@ use crate::config::Config;
 use crate::host::{log_output, CallContext, CallState, Limiter};
 use crate::nn::Models;
 use crate::report::{CpuTimed, StepTrace};
-use crate::runtime::{NestedCall, Runtime};
+use crate::runtime::{CallScope, NestedCall, Runtime};
 use crate::{Error, Result};
 
 /// Options of one call.
@@ -56,6 +56,9 @@ pub struct CallOptions {
     pub run: Option<RunContext>,
     /// Collects the call's log lines, CPU time and memory for its activation record.
     pub trace: Option<StepTrace>,
+    /// Which attempt of its call this is (0 or 1: the first), as the guest's
+    /// `context.attempt` answers it.
+    pub attempt: u32,
 }
 
 /// Counters of an executor's calls.
@@ -277,7 +280,10 @@ impl Executor {
             0,
             deadline,
             session,
-            options.trace,
+            CallScope {
+                trace: options.trace,
+                attempt: options.attempt.max(1),
+            },
         )
         .await
     }
@@ -311,6 +317,7 @@ impl Executor {
             session: inner.cache.session(Consistency::Lww),
             fatal: None,
             trace: None,
+            attempt: 1,
         };
         let (store, handler, uses) = inner.instance(&loaded, call, false).await?;
         let mut warm = loaded.warm.lock().unwrap_or_else(|p| p.into_inner());
@@ -659,8 +666,9 @@ pub(crate) async fn run(
     depth: u32,
     deadline: Instant,
     session: Session,
-    trace: Option<StepTrace>,
+    scope: CallScope,
 ) -> Result<Vec<u8>> {
+    let CallScope { trace, attempt } = scope;
     if depth > inner.config.max_call_depth {
         return Err(Error::CallDepthExceeded {
             function: name,
@@ -700,6 +708,7 @@ pub(crate) async fn run(
         session,
         fatal: None,
         trace: trace.clone(),
+        attempt,
     };
     let tick = inner.config.epoch_tick.max(Duration::from_millis(1));
     let (mut store, handler, uses) = inner.instance(&loaded, call, true).await?;
@@ -864,8 +873,8 @@ impl Runtime for Inner {
         depth: u32,
         deadline: Instant,
         session: Session,
-        trace: Option<StepTrace>,
+        scope: CallScope,
     ) -> NestedCall {
-        Box::pin(run(self, name, input, depth, deadline, session, trace))
+        Box::pin(run(self, name, input, depth, deadline, session, scope))
     }
 }

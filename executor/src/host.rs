@@ -21,7 +21,7 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::report::StepTrace;
-use crate::runtime::Runtime;
+use crate::runtime::{CallScope, Runtime};
 use crate::Error;
 use squall_proto::keys::{self, MAX_KEY_BYTES, RESERVED_PREFIX};
 use squall_state::session::Session;
@@ -66,6 +66,8 @@ pub struct CallContext {
     /// The step's trace, when its record asks for a report: log lines go there too, and
     /// nested calls share it.
     pub trace: Option<StepTrace>,
+    /// Which attempt of its call this is (1: the first).
+    pub attempt: u32,
 }
 
 impl CallState {
@@ -306,9 +308,12 @@ impl squall::function::invoke::Host for CallState {
         let deadline = self.call.deadline;
         // The nested call shares the caller's session: in repeatable read, the run's pins.
         let session = self.call.session.clone();
-        let trace = self.call.trace.clone();
+        let scope = CallScope {
+            trace: self.call.trace.clone(),
+            attempt: self.call.attempt,
+        };
         let nested = executor
-            .call(name, input, depth, deadline, session, trace)
+            .call(name, input, depth, deadline, session, scope)
             .await;
         match nested {
             Ok(output) => Ok(Ok(output)),
@@ -327,6 +332,12 @@ impl squall::function::invoke::Host for CallState {
                 Err(wasmtime::Error::msg(message))
             }
         }
+    }
+}
+
+impl squall::function::context::Host for CallState {
+    async fn attempt(&mut self) -> WasmResult<u32> {
+        Ok(self.call.attempt.max(1))
     }
 }
 

@@ -642,6 +642,7 @@ async fn run_step(
         timeout: Some(deadline.saturating_duration_since(Instant::now())),
         run,
         trace: trace.clone(),
+        attempt: plan.attempt,
     };
     let started = trace.as_ref().map(|_| (now_us(), Instant::now()));
     let result = shared.executor.call(&spec.function, &input, options).await;

@@ -22,6 +22,16 @@ use crate::Result;
 /// A nested call under way.
 pub(crate) type NestedCall = Pin<Box<dyn Future<Output = Result<Vec<u8>>> + Send>>;
 
+/// What a call hands on to its nested calls besides its session: its step's trace (when the
+/// record asks for a report) and its attempt.
+#[derive(Debug, Clone, Default)]
+pub struct CallScope {
+    /// The step's trace, shared by its nested calls.
+    pub trace: Option<StepTrace>,
+    /// The attempt of the call (1: the first).
+    pub attempt: u32,
+}
+
 /// What the imports may ask of the executor.
 pub(crate) trait Runtime: Send + Sync {
     /// A timestamp for a last-writer-wins write, later than every earlier one of this executor.
@@ -43,6 +53,6 @@ pub(crate) trait Runtime: Send + Sync {
         depth: u32,
         deadline: Instant,
         session: Session,
-        trace: Option<StepTrace>,
+        scope: CallScope,
     ) -> NestedCall;
 }

@@ -936,6 +936,7 @@ async fn invoke(
         result_key: None,
         session,
         report: gateway.config.record_activations,
+        attempt: 1,
     };
     let idempotency_key = text(IDEMPOTENCY_HEADER)?.filter(|k| !k.is_empty());
     if let Some(key) = &idempotency_key {

@@ -390,6 +390,7 @@ impl Runner {
             let started = Instant::now();
             let mut options = call.options.clone();
             options.report = self.inner.recorder.is_some();
+            options.attempt = call.attempt;
             let (outcome, steps) = self
                 .inner
                 .client

@@ -168,6 +168,9 @@ pub struct Plan {
     /// Whether each step reports its run ([`InvokeOptions::report`]).
     #[serde(default)]
     pub report: bool,
+    /// Which attempt of its call this run is ([`InvokeOptions::attempt`]).
+    #[serde(default)]
+    pub attempt: u32,
 }
 
 /// One step of a plan.
@@ -261,6 +264,10 @@ pub struct InvokeOptions {
     /// for the call's activation record.
     #[serde(default)]
     pub report: bool,
+    /// Which attempt of an asynchronous call this run is (0 or 1: the first), told to the
+    /// functions (`context.attempt`).
+    #[serde(default)]
+    pub attempt: u32,
 }
 
 /// What a registration stores.
@@ -709,6 +716,7 @@ mod tests {
             report_to: "tcp://127.0.0.1:3".into(),
             result_key: None,
             report: true,
+            attempt: 2,
         });
         assert_eq!(plan.steps_on("tcp://127.0.0.1:2").collect::<Vec<_>>(), [1]);
         assert_eq!(plan.check(), Ok(()));

@@ -582,6 +582,7 @@ async fn invoke(
         report_to: shared.addr.clone(),
         result_key: options.result_key.clone(),
         report: options.report,
+        attempt: options.attempt,
     });
     tracing::trace!(call, name = %plan.name, ?placement, "call placed");
     let mut sent: HashSet<&str> = HashSet::new();

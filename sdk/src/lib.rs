@@ -50,9 +50,18 @@ pub mod bindings {
 
 pub use squall_lattices as lattices;
 
+use bindings::squall::function::context as raw_context;
 use bindings::squall::function::invoke as raw_invoke;
 use bindings::squall::function::log as raw_log;
 use bindings::squall::function::state as raw_state;
+
+/// Which attempt of its call this run is: 1 for the first, then 2, 3, ... for an
+/// asynchronous call's retries (and its runs after a redrive). A function that is retried
+/// runs again from the start, its writes and counter `add`s included, so it must be
+/// idempotent; the attempt lets it tell a retry from a first run.
+pub fn attempt() -> u32 {
+    raw_context::attempt()
+}
 
 /// Exports a function `fn(&[u8]) -> Result<Vec<u8>, String>` as the component's `handle`.
 ///
@@ -100,6 +109,8 @@ pub fn inputs(input: &[u8]) -> Result<Vec<Vec<u8>>, String> {
 ///
 /// Returns the function's output, or why it failed. Traps, timeouts and too-deep call chains
 /// in the callee end this call too (they are not returned here).
+///
+/// See also [`attempt`].
 pub fn call(name: &str, input: &[u8]) -> Result<Vec<u8>, CallError> {
     raw_invoke::call(name, input).map_err(|e| match e {
         raw_invoke::CallError::NotFound(message) => CallError::NotFound(message),

@@ -559,3 +559,25 @@ fn a_stopping_gateway_writes_its_last_calls_records_first() {
         assert_eq!(record.status, 200, "record {id}: {}", record.text());
     }
 }
+
+#[test]
+fn a_function_learns_which_attempt_it_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = support::up(dir.path(), &["--token", TOKEN]);
+    let base = up.field("http");
+    register_misbehave(&base);
+    // Synchronous calls are attempt 1.
+    let sync = http(
+        "POST",
+        &format!("{base}/v1/functions/misbehave/invoke"),
+        Some(TOKEN),
+        b"upto:1",
+    );
+    assert_eq!(sync.text(), "1");
+    let set = set_retries(&base, r#"{"max_retries":3,"backoff_ms":50}"#);
+    assert_eq!(set.status, 200, "{}", set.text());
+    // Fails on attempts 1 and 2, answers on the third: the guest saw each attempt's number.
+    let id = call_async(&base, "upto:3");
+    let result = finished(&base, &id);
+    assert_eq!((result.status, result.text().as_str()), (200, "3"));
+}

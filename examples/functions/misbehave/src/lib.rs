@@ -13,6 +13,7 @@
 //! - `chatty:N`: logs N lines (`log line I`) and prints N lines to stdout (`out line I`),
 //!   answers N.
 //! - `spin:MS`: computes for MS milliseconds of wall-clock time, answers `spun`.
+//! - `upto:N`: fails while its call's attempt is below N, then answers the attempt.
 //! - a `kv-change` trigger's event (JSON): adds 1 to the counter `seen/KEY` and the value
 //!   written (a last-writer-wins register's text) to the set `seen-values/KEY`, so a test
 //!   counts the writes delivered; answers `seen`. For a key under `lat/`, first writes the
@@ -77,6 +78,15 @@ fn handle(input: &[u8]) -> Result<Vec<u8>, String> {
                 println!("out line {i}");
             }
             Ok(n.to_string().into_bytes())
+        }
+        "upto" => {
+            let wanted: u32 = arg.parse().map_err(|e| format!("bad attempt: {e}"))?;
+            let attempt = squall_sdk::attempt();
+            if attempt < wanted {
+                Err(format!("attempt {attempt} of {wanted}: failing as asked"))
+            } else {
+                Ok(attempt.to_string().into_bytes())
+            }
         }
         "spin" => {
             let ms: u64 = arg.parse().map_err(|e| format!("bad duration: {e}"))?;
