@@ -88,31 +88,56 @@ pub struct ChangeFeed {
     recent: Recent,
 }
 
-/// A bounded set of (trigger, write digest) pairs, forgetting the oldest first.
+/// The writes delivered lately, counted by trigger, digest and shard: a write seen on one
+/// shard is delivered as often as that shard has journaled it beyond what any other shard
+/// journaled of it, so the copies of one write on its replicas are delivered once, and two
+/// writes that look alike on one shard (a counter's same total after a delete, a set's same
+/// element added again) are both delivered. Forgets the oldest digests first.
 #[derive(Default)]
 struct Recent {
-    seen: HashSet<(String, u64)>,
+    counts: HashMap<(String, u64), HashMap<String, u32>>,
     order: std::collections::VecDeque<(String, u64)>,
 }
 
-/// Writes remembered by [`Recent`]: far more than a round delivers, so that the copies of a
+/// Digests remembered by [`Recent`]: far more than a round delivers, so that the copies of a
 /// write on several replicas meet within it.
 const RECENT: usize = 1 << 18;
 
 impl Recent {
-    /// Notes a delivery; whether it is the first of this write for this trigger.
-    fn first(&mut self, trigger: &str, digest: u64) -> bool {
+    /// Notes that `shard` journaled a write with this digest; whether to deliver it (it is
+    /// not a copy of one delivered from another shard).
+    fn note(&mut self, trigger: &str, digest: u64, shard: &str) -> bool {
         let entry = (trigger.to_string(), digest);
-        if !self.seen.insert(entry.clone()) {
-            return false;
-        }
-        self.order.push_back(entry);
-        while self.order.len() > RECENT {
-            if let Some(old) = self.order.pop_front() {
-                self.seen.remove(&old);
+        let counts = match self.counts.get_mut(&entry) {
+            Some(counts) => counts,
+            None => {
+                self.order.push_back(entry.clone());
+                while self.order.len() > RECENT {
+                    if let Some(old) = self.order.pop_front() {
+                        self.counts.remove(&old);
+                    }
+                }
+                self.counts.entry(entry).or_default()
             }
+        };
+        let mine = counts.entry(shard.to_string()).or_insert(0);
+        *mine += 1;
+        let mine = *mine;
+        counts
+            .iter()
+            .filter(|(other, _)| other.as_str() != shard)
+            .all(|(_, &theirs)| mine > theirs)
+    }
+
+    /// Takes back a note whose delivery failed (the change is read and noted again).
+    fn undo(&mut self, trigger: &str, digest: u64, shard: &str) {
+        if let Some(count) = self
+            .counts
+            .get_mut(&(trigger.to_string(), digest))
+            .and_then(|counts| counts.get_mut(shard))
+        {
+            *count = count.saturating_sub(1);
         }
-        true
     }
 }
 
@@ -332,25 +357,24 @@ impl ChangeFeed {
         };
         let check = !self.trusted.contains(endpoint);
         // Up to DELIVERING acceptances at once (each a store round trip), in any order: the
-        // calls run concurrently anyway.
+        // calls run concurrently anyway. Each task answers its (trigger, digest) with its
+        // outcome, so a failed one's note is taken back (and only it).
         let mut delivering = tokio::task::JoinSet::new();
-        let mut failed = None;
-        let mut noted = Vec::new();
+        let mut failed: Option<squall_state::Error> = None;
         for change in changes {
             for one in armed {
                 if !(change.key.starts_with(&one.prefix) && change.ms >= one.trigger.updated_ms) {
                     continue;
                 }
-                if change.digest != 0 {
-                    if !self.recent.first(&one.trigger.name, change.digest) {
-                        // Another replica's copy of a write delivered already.
-                        continue;
-                    }
-                    noted.push((one.trigger.name.clone(), change.digest));
+                if change.digest != 0
+                    && !self.recent.note(&one.trigger.name, change.digest, endpoint)
+                {
+                    // Another replica's copy of a write delivered already.
+                    continue;
                 }
                 while delivering.len() >= DELIVERING {
-                    if let Some(Ok(Err(e))) = delivering.join_next().await {
-                        failed.get_or_insert(e);
+                    if let Some(joined) = delivering.join_next().await {
+                        self.delivered(joined, endpoint, &mut failed);
                     }
                 }
                 let delivery = Delivery {
@@ -362,28 +386,17 @@ impl ChangeFeed {
                     timeout: self.timeout,
                 };
                 let change = change.clone();
-                delivering.spawn(async move { delivery.deliver(&change, check).await });
+                delivering.spawn(async move {
+                    let outcome = delivery.deliver(&change, check).await;
+                    (delivery.trigger.name, change.digest, outcome)
+                });
             }
         }
         while let Some(joined) = delivering.join_next().await {
-            match joined {
-                Ok(Err(e)) => {
-                    failed.get_or_insert(e);
-                }
-                Err(e) => {
-                    failed.get_or_insert(squall_state::Error::Internal(format!(
-                        "a delivery task failed: {e}"
-                    )));
-                }
-                Ok(Ok(())) => {}
-            }
+            self.delivered(joined, endpoint, &mut failed);
         }
         if let Some(e) = failed {
-            // The position stays: the next pass delivers these changes again, checking each
-            // (and so must not take them for copies of themselves).
-            for delivered in noted {
-                self.recent.seen.remove(&delivered);
-            }
+            // The position stays: the next pass reads these changes again, checking each.
             return Err(e);
         }
         let key = keys::journal_position(&self.namespace, endpoint);
@@ -392,6 +405,31 @@ impl ChangeFeed {
         self.positions.insert(endpoint.to_string(), last);
         self.trusted.insert(endpoint.to_string());
         Ok(())
+    }
+
+    /// Takes a delivery task's outcome: a failure (the first is kept in `failed`) takes
+    /// back its note; a task that panicked counts as failed, its note kept (its change is
+    /// read again, and checked, all the same).
+    fn delivered(
+        &mut self,
+        joined: Result<(String, u64, squall_state::Result<()>), tokio::task::JoinError>,
+        endpoint: &str,
+        failed: &mut Option<squall_state::Error>,
+    ) {
+        match joined {
+            Ok((_, _, Ok(()))) => {}
+            Ok((trigger, digest, Err(e))) => {
+                if digest != 0 {
+                    self.recent.undo(&trigger, digest, endpoint);
+                }
+                failed.get_or_insert(e);
+            }
+            Err(e) => {
+                failed.get_or_insert(squall_state::Error::Internal(format!(
+                    "a delivery task failed: {e}"
+                )));
+            }
+        }
     }
 
     /// The stored position of the shard at `endpoint`.
@@ -490,16 +528,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn recent_writes_are_delivered_once_and_the_oldest_forgotten() {
+    fn a_write_is_delivered_once_whatever_its_copies_and_alike_writes_each() {
         let mut recent = Recent::default();
-        assert!(recent.first("t", 1));
-        assert!(!recent.first("t", 1));
-        assert!(recent.first("u", 1), "another trigger delivers it too");
-        for digest in 2..(RECENT as u64 + 10) {
-            recent.first("t", digest);
+        // One write, journaled by two replicas: delivered once.
+        assert!(recent.note("t", 1, "a"));
+        assert!(!recent.note("t", 1, "b"));
+        // Another trigger delivers it too.
+        assert!(recent.note("u", 1, "b"));
+        // The same bytes written again (a second write that looks alike): on both replicas,
+        // delivered once more.
+        assert!(recent.note("t", 1, "b"));
+        assert!(!recent.note("t", 1, "a"));
+        // A failed delivery is taken back: its change, read again, is delivered.
+        assert!(recent.note("t", 7, "a"));
+        recent.undo("t", 7, "a");
+        assert!(recent.note("t", 7, "a"));
+        // Bounded, the oldest forgotten.
+        for digest in 100..(RECENT as u64 + 110) {
+            recent.note("t", digest, "a");
         }
-        assert!(recent.seen.len() <= RECENT);
-        assert!(recent.first("t", 1), "forgotten once old");
+        assert!(recent.counts.len() <= RECENT);
+        assert!(recent.note("t", 1, "b"), "forgotten once old");
     }
 
     #[test]

@@ -302,8 +302,10 @@ const BATCH_LINGER: Duration = Duration::from_millis(5);
 pub struct Recorder {
     sender: tokio::sync::mpsc::Sender<Activation>,
     dropped: Arc<AtomicU64>,
-    /// Records queued and not yet written (or given up on).
-    pending: Arc<AtomicU64>,
+    /// Records queued so far.
+    queued: Arc<AtomicU64>,
+    /// Records the writer has written (or given up on) so far, in the order queued.
+    done: Arc<AtomicU64>,
 }
 
 impl Recorder {
@@ -311,19 +313,23 @@ impl Recorder {
     /// if the writer is that far behind.
     pub fn record(&self, mut record: Activation) {
         record.bound_logs(MAX_RECORD_LOG_BYTES);
-        self.pending.fetch_add(1, Ordering::AcqRel);
+        // Counted before it is sent, so the writer never counts it done first; taken back if
+        // the queue is full.
+        self.queued.fetch_add(1, Ordering::AcqRel);
         if self.sender.try_send(record).is_err() {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.queued.fetch_sub(1, Ordering::AcqRel);
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Waits until every record queued so far is written (or given up on), at most `within`;
-    /// whether they all were. A stopping gateway calls it once its requests are answered, so
-    /// the records of its last calls are not lost with the process.
+    /// Waits until every record queued before this call is written (or given up on), at
+    /// most `within`; whether they all were. Records queued meanwhile (asynchronous calls
+    /// still finishing) are not waited for. A stopping gateway calls it once its requests are
+    /// answered, so the records of its last calls are not lost with the process.
     pub async fn flush(&self, within: Duration) -> bool {
+        let target = self.queued.load(Ordering::Acquire);
         let started = std::time::Instant::now();
-        while self.pending.load(Ordering::Acquire) > 0 {
+        while self.done.load(Ordering::Acquire) < target {
             if started.elapsed() >= within {
                 return false;
             }
@@ -409,10 +415,11 @@ impl Activations {
     pub fn recorder(&self) -> Recorder {
         let (sender, mut receiver) = tokio::sync::mpsc::channel::<Activation>(QUEUED_RECORDS);
         let dropped = Arc::new(AtomicU64::new(0));
-        let pending = Arc::new(AtomicU64::new(0));
+        let queued = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicU64::new(0));
         let activations = self.clone();
         let lost = dropped.clone();
-        let written = pending.clone();
+        let written = done.clone();
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(RECORDS_PER_BATCH);
             while receiver.recv_many(&mut batch, RECORDS_PER_BATCH).await > 0 {
@@ -442,7 +449,7 @@ impl Activations {
                             tracing::warn!(count = chunk.len(), cause = %e, "activation records were not written");
                         }
                     }
-                    written.fetch_sub(chunk.len() as u64, Ordering::AcqRel);
+                    written.fetch_add(chunk.len() as u64, Ordering::AcqRel);
                 }
                 batch.clear();
             }
@@ -450,7 +457,8 @@ impl Activations {
         Recorder {
             sender,
             dropped,
-            pending,
+            queued,
+            done,
         }
     }
 
