@@ -1972,14 +1972,16 @@ async fn put_trigger(
             .await
             .map_err(|e| Failure::new(FailureCode::Unavailable, e.to_string()))?;
     }
-    let trigger = Trigger {
+    let mut trigger = Trigger {
         name,
         spec,
         paused: false,
         paused_reason: None,
-        updated_ms: now_ms(),
+        updated_ms: 0,
+        updated_us: 0,
         salt: rand::random(),
     };
+    trigger.touch();
     gateway.triggers.put(&trigger).await?;
     Ok(Json(trigger.into()))
 }
@@ -2018,8 +2020,8 @@ async fn set_paused(gateway: &Gateway, name: &str, paused: bool) -> ApiResult<Js
     if trigger.paused != paused {
         trigger.paused = paused;
         trigger.paused_reason = None;
-        // Ticks passed while paused never fire: the schedule goes on from now.
-        trigger.updated_ms = now_ms();
+        // Ticks passed (and writes made) while paused never fire: it goes on from now.
+        trigger.touch();
         gateway.triggers.put(&trigger).await?;
     }
     Ok(Json(trigger.into()))

@@ -363,7 +363,10 @@ impl ChangeFeed {
         let mut failed: Option<squall_state::Error> = None;
         for change in changes {
             for one in armed {
-                if !(change.key.starts_with(&one.prefix) && change.ms >= one.trigger.updated_ms) {
+                // Writes before the trigger was created, resumed or changed fire nothing.
+                if !(change.key.starts_with(&one.prefix)
+                    && change.seq >= one.trigger.fires_from_us())
+                {
                     continue;
                 }
                 if change.digest != 0

@@ -149,10 +149,35 @@ pub struct Trigger {
     pub paused_reason: Option<String>,
     /// When it was created or last changed (ms since the Unix epoch).
     pub updated_ms: u64,
+    /// The same instant in microseconds (0 in triggers stored before it was kept): writes
+    /// journaled before it do not fire a `kv-change` trigger ([`Trigger::fires_from_us`]).
+    #[serde(default)]
+    pub updated_us: u64,
     /// Random bits of its ticks' call ids, chosen when it is created, so that nobody who
     /// knows only its name and schedule can compute them (an id reads its result).
     #[serde(default)]
     pub salt: u64,
+}
+
+impl Trigger {
+    /// Notes that it was created or changed now.
+    pub fn touch(&mut self) {
+        let us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        self.updated_us = us;
+        self.updated_ms = us / 1000;
+    }
+
+    /// The first microsecond whose writes fire it (a `kv-change` trigger compares it with
+    /// the change's sequence number, the shard's clock in microseconds).
+    pub fn fires_from_us(&self) -> u64 {
+        if self.updated_us > 0 {
+            self.updated_us
+        } else {
+            self.updated_ms.saturating_mul(1000)
+        }
+    }
 }
 
 /// A classic crontab day-of-week field (0 to 7, 0 and 7 both Sunday) in the `cron` crate's
@@ -430,7 +455,7 @@ impl Triggers {
             if calls && !trigger.paused {
                 trigger.paused = true;
                 trigger.paused_reason = Some(reason.to_string());
-                trigger.updated_ms = squall_lattices::entry::now_ms();
+                trigger.touch();
                 self.put(&trigger).await?;
                 paused.push(trigger.name.clone());
             }
@@ -557,6 +582,7 @@ mod tests {
             paused: false,
             paused_reason: None,
             updated_ms: 0,
+            updated_us: 0,
             salt,
         }
     }
