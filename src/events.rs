@@ -173,7 +173,7 @@ pub fn run_logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
     loop {
         let since = (!first).then(|| {
             newest
-                .unwrap_or_else(now_ms)
+                .unwrap_or_else(squall_lattices::entry::now_ms)
                 .saturating_sub(FOLLOW_WINDOW_MS)
         });
         let records = match finished_records(c, filter, &args.name, args.limit, since) {
@@ -218,7 +218,7 @@ pub fn run_logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
         }
         if first && newest.is_none() {
             // Nothing yet: follow from now.
-            newest = Some(now_ms());
+            newest = Some(squall_lattices::entry::now_ms());
         }
         first = false;
         if let Some(newest) = newest {
@@ -265,12 +265,6 @@ fn finished_records(
         }
     }
     Ok(records)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Debug, Args)]

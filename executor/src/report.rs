@@ -70,7 +70,7 @@ impl StepTrace {
         }
         collected.bytes += text.len();
         collected.logs.push(LogLine {
-            ms: now_ms(),
+            ms: squall_lattices::entry::now_ms(),
             stream: stream.to_string(),
             function: function.to_string(),
             text,
@@ -167,14 +167,6 @@ impl<F: Future> Future for CpuTimed<F> {
         self.trace.add_cpu(before.elapsed());
         polled
     }
-}
-
-/// Now, in milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Now, in microseconds since the Unix epoch.

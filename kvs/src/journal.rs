@@ -156,9 +156,10 @@ impl Journal {
         log: Option<&mut ShardLog>,
         mut change: Change,
     ) -> Result<()> {
-        let seq = now_us().max(self.last_seq + 1);
+        let now = now_us();
+        let seq = now.max(self.last_seq + 1);
         change.seq = seq;
-        change.ms = seq_ms(now_us());
+        change.ms = seq_ms(now);
         let encoded = rmp_serde::to_vec(&change)
             .map_err(|e| squall_proto::Error::Encode(format!("a journal entry: {e}")))?;
         let entry = Entry::of(LatticeValue::Lww(Lww::new(
