@@ -88,6 +88,13 @@ struct Records {
     /// --http-port 0).
     #[arg(long, env = "SQUALL_GATEWAY_ID")]
     gateway_id: Option<String>,
+    /// The deepest chain of `kv-change` trigger calls (a call fired by a write that a
+    /// trigger's call made, and so on): a delivery deeper than this is not made, but kept as
+    /// a dead letter with a `chain_too_deep` error, so a function whose writes fire its own
+    /// trigger stops.
+    #[arg(long, env = "SQUALL_MAX_TRIGGER_CHAIN", default_value_t = squall_gateway::feed::DEFAULT_MAX_CHAIN,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_trigger_chain: u32,
 }
 
 impl Records {
@@ -111,6 +118,7 @@ impl Records {
             record_activations: !self.no_activation_records,
             activation_retention: Duration::from_secs_f64(self.activation_retention_h * 3600.0),
             runner_id,
+            max_trigger_chain: self.max_trigger_chain,
             ..defaults
         }
     }

@@ -59,6 +59,9 @@ pub struct CallOptions {
     /// Which attempt of its call this is (0 or 1: the first), as the guest's
     /// `context.attempt` answers it.
     pub attempt: u32,
+    /// How many `kv-change` deliveries led to this call: its writes (and its nested calls')
+    /// carry it to the store's journal.
+    pub chain: u32,
 }
 
 /// Counters of an executor's calls.
@@ -272,7 +275,8 @@ impl Executor {
                 session
             }
             (mode, _) => self.inner.cache.session(mode),
-        };
+        }
+        .in_chain(options.chain);
         run(
             self.inner.clone(),
             name.to_string(),

@@ -643,6 +643,7 @@ async fn run_step(
         run,
         trace: trace.clone(),
         attempt: plan.attempt,
+        chain: plan.chain,
     };
     let started = trace.as_ref().map(|_| (now_us(), Instant::now()));
     let result = shared.executor.call(&spec.function, &input, options).await;

@@ -60,6 +60,8 @@ pub struct GatewayConfig {
     /// [`crate::runner`]): unique among gateways running at once, the same across restarts
     /// of one gateway, so that a restarted gateway takes back its calls at once.
     pub runner_id: String,
+    /// The deepest chain of `kv-change` trigger calls delivered (see [`crate::feed`]).
+    pub max_trigger_chain: u32,
 }
 
 impl Default for GatewayConfig {
@@ -72,6 +74,7 @@ impl Default for GatewayConfig {
             record_activations: true,
             activation_retention: squall_state::activations::DEFAULT_RETENTION,
             runner_id: format!("gateway-{:016x}", rand::random::<u64>()),
+            max_trigger_chain: crate::feed::DEFAULT_MAX_CHAIN,
         }
     }
 }
@@ -178,6 +181,7 @@ impl Gateway {
             self.config.runner_id.clone(),
             self.config.default_timeout,
         )
+        .with_max_chain(self.config.max_trigger_chain)
         .start();
         // Concurrency limits set through other gateways.
         let (calls, limits) = (self.calls.clone(), self.limits.clone());
@@ -366,6 +370,7 @@ pub fn status_of(code: FailureCode) -> StatusCode {
         | FailureCode::OutOfMemory
         | FailureCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         FailureCode::Cancelled => StatusCode::GONE,
+        FailureCode::ChainTooDeep => StatusCode::LOOP_DETECTED,
     }
 }
 
@@ -937,6 +942,7 @@ async fn invoke(
         session,
         report: gateway.config.record_activations,
         attempt: 1,
+        chain: 0,
     };
     let idempotency_key = text(IDEMPOTENCY_HEADER)?.filter(|k| !k.is_empty());
     if let Some(key) = &idempotency_key {
@@ -979,6 +985,7 @@ async fn invoke(
         attempts: Vec::new(),
         idempotency_key: idempotency_key.clone(),
         steps: Vec::new(),
+        chain: 0,
     };
     // What is written before the call runs, in one round trip: an asynchronous call itself,
     // and, under an idempotency key, the key's claim and a running result for repeats to

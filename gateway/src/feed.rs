@@ -26,8 +26,17 @@
 //! A call's input is the change as JSON: `{"trigger","key","op":"write"|"delete","seq","ms",
 //! "written","after"}`, values as `{"type":...,"value":...}` (text for last-writer-wins
 //! registers, numbers for counters and max/min, arrays of text for sets; other types carry
-//! only their type). Calls run concurrently, so two writes of one key may run in either order:
-//! `seq` orders them.
+//! only their type), and `"chain"`, how many trigger calls led to the write (0: none). Calls
+//! run concurrently, so two writes of one key may run in either order: `seq` orders them.
+//!
+//! # Trigger chains stop
+//! A trigger's call runs with `chain` one more than the change it delivers
+//! ([`InvokeOptions::chain`]); its writes, and its nested calls' writes, reach the store as
+//! [`squall_proto::Request::PutChained`], so the shard journals them with that depth. A
+//! change whose delivery would go deeper than the gateway's limit (`--max-trigger-chain`,
+//! 16 by default) is not run: it becomes a dead letter of the target with a `chain_too_deep`
+//! error and a failed record, so a function whose writes fire its own trigger runs the limit's
+//! number of times and stops, visibly. Redriving the dead letter runs that one call.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -35,7 +44,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::{json, Value};
 use squall_lattices::{Counter, LatticeValue, Lww, Max, Min, Timestamp};
-use squall_proto::call::{InvokeOptions, Target};
+use squall_proto::call::{Failure, FailureCode, InvokeOptions, Target};
 use squall_proto::{keys, Change};
 use squall_state::calls::{Calls, PendingCall};
 use squall_state::triggers::{change_id, Firing, Trigger, Triggers};
@@ -59,6 +68,9 @@ const DRAIN_EVERY: Duration = Duration::from_secs(1);
 const BATCH: u32 = 512;
 /// Calls accepted at once.
 const DELIVERING: usize = 16;
+/// How deep a chain of `kv-change` trigger calls may go by default: a function whose writes
+/// fire its own trigger runs this many times, then its next delivery is a dead letter.
+pub const DEFAULT_MAX_CHAIN: u32 = 16;
 
 /// A `kv-change` trigger as last read.
 struct Armed {
@@ -86,6 +98,8 @@ pub struct ChangeFeed {
     /// The writes delivered lately, by trigger and digest: the copies of one write that
     /// other replicas journaled, and a write its client sent again, are delivered once.
     recent: Recent,
+    /// The deepest trigger chain delivered (see the module docs).
+    max_chain: u32,
 }
 
 /// The writes delivered lately, counted by trigger, digest and shard: a write seen on one
@@ -163,7 +177,14 @@ impl ChangeFeed {
             trusted: HashSet::new(),
             journals_on: true,
             recent: Recent::default(),
+            max_chain: DEFAULT_MAX_CHAIN,
         }
+    }
+
+    /// The feed with another limit on trigger chains (at least 1).
+    pub fn with_max_chain(mut self, max_chain: u32) -> Self {
+        self.max_chain = max_chain.max(1);
+        self
     }
 
     /// Delivers until the runtime stops.
@@ -387,6 +408,7 @@ impl ChangeFeed {
                     target: one.target.clone(),
                     endpoint: endpoint.to_string(),
                     timeout: self.timeout,
+                    max_chain: self.max_chain,
                 };
                 let change = change.clone();
                 delivering.spawn(async move {
@@ -459,6 +481,7 @@ struct Delivery {
     target: Target,
     endpoint: String,
     timeout: Duration,
+    max_chain: u32,
 }
 
 impl Delivery {
@@ -471,19 +494,44 @@ impl Delivery {
         }
         let input = serde_json::to_vec(&event(&self.trigger.name, change))
             .map_err(|e| squall_state::Error::Internal(format!("encoding a change: {e}")))?;
+        let chain = change.chain.saturating_add(1);
         let call = PendingCall::new(
             id.to_string(),
             self.target.clone(),
             Bytes::from(input),
             InvokeOptions {
                 timeout_ms: Some(self.timeout.as_millis().try_into().unwrap_or(u64::MAX)),
+                chain,
                 ..InvokeOptions::default()
             },
             "kv-change",
             squall_lattices::entry::now_ms(),
         );
-        self.runner.accept(call, Vec::new()).await
+        match chain_too_deep(&self.trigger.name, change, self.max_chain) {
+            Some(failure) => {
+                tracing::warn!(trigger = %self.trigger.name, key = %change.key, chain,
+                    "a trigger chain went too deep: the delivery is a dead letter");
+                self.runner.refuse(call, failure).await
+            }
+            None => self.runner.accept(call, Vec::new()).await,
+        }
     }
+}
+
+/// Why delivering `change` to `trigger` would make a trigger chain deeper than `max_chain`,
+/// if it would.
+fn chain_too_deep(trigger: &str, change: &Change, max_chain: u32) -> Option<Failure> {
+    (change.chain >= max_chain).then(|| {
+        Failure::new(
+            FailureCode::ChainTooDeep,
+            format!(
+                "trigger {trigger:?}: the write of {:?} came from a chain of {} trigger calls, \
+                 the limit (--max-trigger-chain); is a function writing what fires its own \
+                 trigger?",
+                change.key, change.chain
+            ),
+        )
+    })
 }
 
 /// A change as a `kv-change` call's input.
@@ -496,6 +544,7 @@ pub fn event(trigger: &str, change: &Change) -> Value {
         "ms": change.ms,
         "written": change.written.as_ref().map(value_json),
         "after": change.after.as_ref().map(value_json),
+        "chain": change.chain,
     })
 }
 
@@ -567,8 +616,10 @@ mod tests {
             deleted: false,
             after: Some(LatticeValue::Max(Max(3))),
             digest: 9,
+            chain: 2,
         };
         let event = event("t", &change);
+        assert_eq!(event["chain"], 2);
         assert_eq!(event["key"], "orders/1");
         assert_eq!(event["op"], "write");
         assert_eq!(event["seq"], 7);
@@ -584,5 +635,28 @@ mod tests {
         let event = super::event("t", &deleted);
         assert_eq!(event["op"], "delete");
         assert!(event["after"].is_null());
+    }
+
+    #[test]
+    fn a_chain_stops_at_the_limit_with_its_reason() {
+        let change = |chain| Change {
+            seq: 1,
+            ms: 1,
+            key: "loop/k".into(),
+            written: None,
+            deleted: true,
+            after: None,
+            digest: 0,
+            chain,
+        };
+        // A write from outside any trigger's call, and one from a call 15 deep: delivered
+        // (as calls 1 and 16 deep).
+        assert!(chain_too_deep("t", &change(0), 16).is_none());
+        assert!(chain_too_deep("t", &change(15), 16).is_none());
+        // From a call 16 deep: the 17th would go past the limit.
+        let failure = chain_too_deep("t", &change(16), 16).expect("too deep");
+        assert_eq!(failure.code, FailureCode::ChainTooDeep);
+        assert!(failure.message.contains("loop/k"), "{}", failure.message);
+        assert!(chain_too_deep("t", &change(u32::MAX), 1).is_some());
     }
 }

@@ -608,6 +608,22 @@ impl Runner {
         }
     }
 
+    /// Refuses `call` without running it (a `kv-change` delivery too deep in a trigger
+    /// chain): makes it a dead letter, with a failed result and record. When this returns
+    /// `Ok`, the dead letter is in the store (its id taken, like an accepted call's); it can be
+    /// redriven like any other.
+    pub async fn refuse(&self, call: PendingCall, failure: Failure) -> squall_state::Result<()> {
+        let error = RecordedError::from(&failure);
+        self.inner
+            .calls
+            .dead_letter(call.clone(), error.clone())
+            .await?;
+        let (kind, name) = kind_and_name(&call.target);
+        self.inner.metrics.dead_letter(kind, name);
+        self.record(&call, Status::Failed, Some(error), None, Vec::new());
+        Ok(())
+    }
+
     /// Queues the record of `call` as it now stands.
     fn record(
         &self,
@@ -673,6 +689,7 @@ pub fn record_of(
         attempts: call.attempts.clone(),
         idempotency_key: call.idempotency_key.clone(),
         steps: Vec::new(),
+        chain: call.options.chain,
     }
 }
 

@@ -323,6 +323,19 @@ impl Client {
         self.write_routed(entries, |entries| Request::Put { entries })
     }
 
+    /// Merges `value` into `key` for a call `chain` `kv-change` deliveries deep (0: a write
+    /// from outside any trigger's call, an ordinary [`Client::put`]): the store journals the
+    /// write with that depth, so the triggers it fires can stop a loop.
+    pub fn put_in_chain(&mut self, key: &str, value: LatticeValue, chain: u32) -> Result<()> {
+        let entries = vec![(key.to_string(), value)];
+        let results = if chain == 0 {
+            self.put_many(entries)?
+        } else {
+            self.write_routed(entries, |entries| Request::PutChained { chain, entries })?
+        };
+        one_result(key, results)
+    }
+
     /// Several writes with expiries (or expiries alone) at once; one result per entry.
     pub fn write_many(&mut self, entries: Vec<(Key, Write)>) -> Result<Vec<Result<(), KeyError>>> {
         self.write_routed(entries, |entries| Request::Write { entries })

@@ -283,6 +283,7 @@ mod tests {
             deleted: false,
             after: Some(value),
             digest: 1,
+            chain: 0,
         }
     }
 

@@ -469,6 +469,7 @@ impl Shard {
             } => match *request {
                 inner @ (Request::Get { .. }
                 | Request::Put { .. }
+                | Request::PutChained { .. }
                 | Request::Write { .. }
                 | Request::Merge { .. }
                 | Request::Copy { .. }) => {
@@ -506,7 +507,14 @@ impl Shard {
     fn answer(&mut self, id: RequestId, request: Request, stale: bool) -> Outgoing {
         match request {
             Request::Get { keys } => self.get_all(id, &keys, stale),
-            Request::Put { entries } => self.put_all(id, entries, stale, Self::put_journaled),
+            Request::Put { entries } => self.put_all(id, entries, stale, |shard, key, value| {
+                shard.put_journaled(key, value, 0)
+            }),
+            Request::PutChained { chain, entries } => {
+                self.put_all(id, entries, stale, |shard, key, value| {
+                    shard.put_journaled(key, value, chain)
+                })
+            }
             Request::Write { entries } => self.put_all(id, entries, stale, Self::write_journaled),
             Request::Merge { entries } => self.put_all(id, entries, stale, Self::merge_journaled),
             Request::Copy { entries } => self.put_all(id, entries, stale, Self::copy_entry),
@@ -604,7 +612,7 @@ impl Shard {
         id: RequestId,
         entries: Vec<(Key, T)>,
         stale: bool,
-        apply: fn(&mut Self, Key, T) -> Result<(), KeyError>,
+        mut apply: impl FnMut(&mut Self, Key, T) -> Result<(), KeyError>,
     ) -> Outgoing {
         let results = entries
             .into_iter()
@@ -807,15 +815,16 @@ impl Shard {
         true
     }
 
-    /// A client's PUT, journaled when the journal is on.
-    fn put_journaled(&mut self, key: Key, value: LatticeValue) -> Result<(), KeyError> {
+    /// A client's PUT, journaled when the journal is on, with the depth of the trigger chain
+    /// that made it ([`squall_proto::Change::chain`]).
+    fn put_journaled(&mut self, key: Key, value: LatticeValue, chain: u32) -> Result<(), KeyError> {
         if !self.journals(&key)? {
             return self.put(key, value);
         }
         let digest = journal::write_digest(&key, &value);
         let written = value.clone();
         self.put(key.clone(), value)?;
-        self.journal_write(&key, Some(written), false, digest)
+        self.journal_write(&key, Some(written), false, digest, chain)
     }
 
     /// A client's write with an expiry, journaled when the journal is on.
@@ -826,7 +835,7 @@ impl Shard {
         let digest = journal::write_digest(&key, &write);
         let written = write.value.clone();
         self.write(key.clone(), write)?;
-        self.journal_write(&key, written, false, digest)
+        self.journal_write(&key, written, false, digest, 0)
     }
 
     /// A client's exact merge (a delete, a causal or counter write), journaled when the
@@ -838,7 +847,7 @@ impl Shard {
         let digest = journal::write_digest(&key, &entry);
         let (written, deleted) = (entry.value.clone(), entry.value.is_none());
         self.merge_entry(key.clone(), entry)?;
-        self.journal_write(&key, written, deleted, digest)
+        self.journal_write(&key, written, deleted, digest, 0)
     }
 
     /// A copy from another replica: merged, never journaled. The journal's own keys are
@@ -864,6 +873,7 @@ impl Shard {
         written: Option<LatticeValue>,
         deleted: bool,
         digest: u64,
+        chain: u32,
     ) -> Result<(), KeyError> {
         let after = self
             .store
@@ -878,6 +888,7 @@ impl Shard {
             deleted,
             after,
             digest,
+            chain,
         };
         self.journal
             .record(&mut self.store, self.log.as_mut(), change)
@@ -1210,7 +1221,7 @@ fn encode(id: RequestId, response: &Response) -> Vec<u8> {
 fn key_count(request: &Request) -> usize {
     match request {
         Request::Get { keys } => keys.len(),
-        Request::Put { entries } => entries.len(),
+        Request::Put { entries } | Request::PutChained { entries, .. } => entries.len(),
         Request::Write { entries } => entries.len(),
         Request::Merge { entries } | Request::Copy { entries } => entries.len(),
         Request::Drop { entries } => entries.len(),

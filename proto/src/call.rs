@@ -171,6 +171,9 @@ pub struct Plan {
     /// Which attempt of its call this run is ([`InvokeOptions::attempt`]).
     #[serde(default)]
     pub attempt: u32,
+    /// How many `kv-change` deliveries led to this run ([`InvokeOptions::chain`]).
+    #[serde(default)]
+    pub chain: u32,
 }
 
 /// One step of a plan.
@@ -268,6 +271,11 @@ pub struct InvokeOptions {
     /// functions (`context.attempt`).
     #[serde(default)]
     pub attempt: u32,
+    /// How many `kv-change` deliveries led to this call (0: none; 1: a trigger fired on a
+    /// write from outside any trigger's call). Its writes carry it, so a trigger whose
+    /// function writes what fires it stops at the gateway's limit instead of looping.
+    #[serde(default)]
+    pub chain: u32,
 }
 
 /// What a registration stores.
@@ -356,6 +364,9 @@ pub enum FailureCode {
     Internal,
     /// The caller cancelled the call before it finished.
     Cancelled,
+    /// A `kv-change` delivery was not made: the writes that fired it came from a chain of
+    /// trigger calls as deep as the limit (a function whose writes fire its own trigger).
+    ChainTooDeep,
 }
 
 impl FailureCode {
@@ -375,12 +386,13 @@ impl FailureCode {
             FailureCode::Unavailable => "unavailable",
             FailureCode::Internal => "internal",
             FailureCode::Cancelled => "cancelled",
+            FailureCode::ChainTooDeep => "chain_too_deep",
         }
     }
 
     /// The code named `name` in the HTTP API's error bodies ([`FailureCode::as_str`]).
     pub fn from_wire(name: &str) -> Option<Self> {
-        const ALL: [FailureCode; 13] = [
+        const ALL: [FailureCode; 14] = [
             FailureCode::NotFound,
             FailureCode::BadRequest,
             FailureCode::InvalidComponent,
@@ -394,6 +406,7 @@ impl FailureCode {
             FailureCode::Unavailable,
             FailureCode::Internal,
             FailureCode::Cancelled,
+            FailureCode::ChainTooDeep,
         ];
         ALL.into_iter().find(|code| code.as_str() == name)
     }
@@ -684,6 +697,7 @@ mod tests {
             FailureCode::Trap,
             FailureCode::Cancelled,
             FailureCode::NotFound,
+            FailureCode::ChainTooDeep,
         ] {
             assert_eq!(FailureCode::from_wire(code.as_str()), Some(code));
         }
@@ -717,6 +731,7 @@ mod tests {
             result_key: None,
             report: true,
             attempt: 2,
+            chain: 3,
         });
         assert_eq!(plan.steps_on("tcp://127.0.0.1:2").collect::<Vec<_>>(), [1]);
         assert_eq!(plan.check(), Ok(()));

@@ -202,6 +202,15 @@ pub enum Request {
         /// Whether to journal.
         on: bool,
     },
+    /// A [`Request::Put`] made by a call that a `kv-change` trigger started, `chain`
+    /// deliveries deep: its changes are journaled with that depth ([`Change::chain`]), so the
+    /// triggers they fire in turn can stop a loop. Answered as a PUT.
+    PutChained {
+        /// How many `kv-change` deliveries led to the writing call (1: a trigger's call).
+        chain: u32,
+        /// Keys and the values to merge into them, answered in the same order.
+        entries: Vec<(Key, LatticeValue)>,
+    },
 }
 
 /// A client's write as a shard's change journal keeps it (see [`Request::Changes`]).
@@ -224,6 +233,10 @@ pub struct Change {
     /// consumer delivers each write once whatever the number of its copies.
     #[serde(default)]
     pub digest: u64,
+    /// How many `kv-change` deliveries led to the call that wrote it (0: a write from outside
+    /// any trigger's call, see [`Request::PutChained`]).
+    #[serde(default)]
+    pub chain: u32,
 }
 
 /// A storage node's answer.
@@ -317,6 +330,7 @@ impl Request {
             Request::Copy { .. } => "copy",
             Request::Changes { .. } => "changes",
             Request::Journal { .. } => "journal",
+            Request::PutChained { .. } => "put-chained",
         }
     }
 }
@@ -696,6 +710,11 @@ mod tests {
             (any::<u64>(), any::<u32>())
                 .prop_map(|(after, limit)| Request::Changes { after, limit }),
             any::<bool>().prop_map(|on| Request::Journal { on }),
+            (
+                any::<u32>(),
+                proptest::collection::vec((".{0,8}", lattice_value()), 0..3)
+            )
+                .prop_map(|(chain, entries)| Request::PutChained { chain, entries }),
             proptest::collection::vec(
                 (
                     ".{0,8}",

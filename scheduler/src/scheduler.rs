@@ -583,6 +583,7 @@ async fn invoke(
         result_key: options.result_key.clone(),
         report: options.report,
         attempt: options.attempt,
+        chain: options.chain,
     });
     tracing::trace!(call, name = %plan.name, ?placement, "call placed");
     let mut sent: HashSet<&str> = HashSet::new();

@@ -167,6 +167,13 @@ pub struct Activation {
     /// left out). Steps that never ran (the call failed before them) are missing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<StepReport>,
+    /// How many `kv-change` trigger calls led to this one (0, left out: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub chain: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// One attempt of an asynchronous call, as its record keeps it.
@@ -625,6 +632,7 @@ mod tests {
                 logs_dropped: 1,
                 ..StepReport::default()
             }],
+            chain: 4,
         };
         let (key, write) =
             record_write(keys::DEFAULT_NAMESPACE, DEFAULT_RETENTION, &record).expect("encoded");
@@ -696,6 +704,7 @@ mod tests {
             attempts: Vec::new(),
             idempotency_key: None,
             steps: Vec::new(),
+            chain: 0,
         }
     }
 
@@ -718,6 +727,7 @@ mod tests {
             attempts: Vec::new(),
             idempotency_key: None,
             steps: Vec::new(),
+            chain: 0,
         };
         assert!(record.matches(&Filter::default()));
         let by = |function: Option<&str>, dag: Option<&str>, status, since_ms| Filter {

@@ -230,11 +230,22 @@ impl Cache {
     /// Merges `value` into `key` in the store, then into the cache; returns the merged value
     /// as the cache now knows it.
     pub async fn merge(&self, key: &str, value: LatticeValue) -> Result<LatticeValue> {
+        self.merge_in_chain(key, value, 0).await
+    }
+
+    /// [`Cache::merge`] for a call `chain` `kv-change` deliveries deep, which the store
+    /// journals with the write ([`squall_kvs::Client::put_in_chain`]).
+    pub async fn merge_in_chain(
+        &self,
+        key: &str,
+        value: LatticeValue,
+        chain: u32,
+    ) -> Result<LatticeValue> {
         let owned_key = key.to_string();
         let written = value.clone();
         self.inner
             .kvs
-            .with(move |client| client.put(&owned_key, written))
+            .with(move |client| client.put_in_chain(&owned_key, written, chain))
             .await?;
         let held = {
             let mut entries = self.entries();

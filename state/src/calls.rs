@@ -252,7 +252,8 @@ pub fn retryable(code: FailureCode) -> Option<bool> {
         | FailureCode::BadRequest
         | FailureCode::InvalidComponent
         | FailureCode::TooLarge
-        | FailureCode::Cancelled => Some(false),
+        | FailureCode::Cancelled
+        | FailureCode::ChainTooDeep => Some(false),
         FailureCode::FunctionFailed
         | FailureCode::Trap
         | FailureCode::Timeout

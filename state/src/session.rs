@@ -43,6 +43,7 @@ impl Cache {
             cache: self.clone(),
             mode,
             run,
+            chain: 0,
         }
     }
 
@@ -61,6 +62,7 @@ impl Cache {
                 pins,
                 upstream: Some(context),
             }),
+            chain: 0,
         }
     }
 }
@@ -77,6 +79,8 @@ pub struct Session {
     cache: Cache,
     mode: Consistency,
     run: Option<RunView>,
+    /// How many `kv-change` deliveries led to the call ([`Session::in_chain`]).
+    chain: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -86,6 +90,13 @@ struct RunView {
 }
 
 impl Session {
+    /// The session of a call `chain` `kv-change` deliveries deep: its writes are journaled
+    /// with that depth ([`Cache::merge_in_chain`]).
+    pub fn in_chain(mut self, chain: u32) -> Self {
+        self.chain = chain;
+        self
+    }
+
     /// The mode this session reads in.
     pub fn mode(&self) -> Consistency {
         self.mode
@@ -136,11 +147,14 @@ impl Session {
             self.get(key).await?;
         }
         let Some(run) = &self.run else {
-            return self.cache.merge(key, value).await;
+            return self.cache.merge_in_chain(key, value, self.chain).await;
         };
         // The run's view before the write, so the write extends what the run has seen.
         let before = self.run_view(run, key).await?;
-        let merged = self.cache.merge(key, value.clone()).await?;
+        let merged = self
+            .cache
+            .merge_in_chain(key, value.clone(), self.chain)
+            .await?;
         Ok(run.pins.write(key, before, value, merged))
     }
 

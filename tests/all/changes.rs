@@ -43,6 +43,14 @@ fn seen_values(base: &str, key: &str) -> HashSet<String> {
     }
 }
 
+/// Registers `misbehave` and a `kv-change` trigger `name` calling it on writes under `prefix`.
+fn misbehave_on_writes(base: &str, name: &str, prefix: &str) {
+    register_misbehave(base);
+    let spec = format!(r#"{{"kind":"kv-change","prefix":"{prefix}","function":"misbehave"}}"#);
+    let created = put_trigger(base, name, &spec);
+    assert_eq!(created.status, 200, "{}", created.text());
+}
+
 #[test]
 fn a_kv_change_trigger_fires_once_per_write_from_http_and_from_functions() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -162,6 +170,78 @@ fn a_kv_change_trigger_fires_once_per_write_from_http_and_from_functions() {
     assert_eq!(seen(&base, "orders/c"), 0, "a write while paused fired");
 }
 
+#[test]
+fn a_trigger_whose_function_writes_what_fires_it_stops_at_the_chain_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = support::up(dir.path(), &["--token", TOKEN, "--max-trigger-chain", "3"]);
+    let base = up.field("http");
+    // `misbehave` counts each event under `seen/KEY`: under this prefix, each of its writes
+    // fires the trigger again, one key deeper.
+    misbehave_on_writes(&base, "loop", "seen/");
+    let put = http("PUT", &format!("{base}/v1/kv/seen/a"), Some(TOKEN), b"x");
+    assert_eq!(put.status, 204, "{}", put.text());
+
+    // Calls 1, 2 and 3 deep run; the fourth delivery is a dead letter with its reason.
+    let letters = Poll::within(WAIT)
+        .until(|| {
+            let letters = crate::durable::dead_letters(&base);
+            (!letters.is_empty()).then_some(letters)
+        })
+        .unwrap_or_else(|_| {
+            panic!(
+                "no dead letter; records: {:?}",
+                trigger_records(&base, "kv-change")
+            )
+        });
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["error"]["code"], "chain_too_deep", "{letters:?}");
+    let records = Poll::within(WAIT)
+        .until(|| {
+            let records = trigger_records(&base, "kv-change");
+            let done = records.iter().all(|r| r["status"] != "running");
+            (records.len() == 4 && done).then_some(records)
+        })
+        .unwrap_or_else(|_| panic!("records: {:?}", trigger_records(&base, "kv-change")));
+    let mut chains: Vec<(u64, String)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["chain"].as_u64().expect("a chain depth"),
+                r["status"].as_str().expect("a status").to_string(),
+            )
+        })
+        .collect();
+    chains.sort();
+    assert_eq!(
+        chains,
+        [
+            (1, "succeeded"),
+            (2, "succeeded"),
+            (3, "succeeded"),
+            (4, "failed")
+        ]
+        .map(|(chain, status)| (chain, status.to_string()))
+    );
+    let failed = records
+        .iter()
+        .find(|r| r["status"] == "failed")
+        .expect("failed");
+    assert_eq!(failed["error"]["code"], "chain_too_deep", "{failed}");
+    // What the three calls wrote, and nothing deeper.
+    assert_eq!(seen(&base, "seen/a"), 1);
+    assert_eq!(seen(&base, "seen/seen/a"), 1);
+    assert_eq!(seen(&base, "seen/seen/seen/a"), 1);
+    assert_eq!(seen(&base, "seen/seen/seen/seen/a"), 0);
+    // Writes from outside any trigger's call start a chain anew.
+    let again = http("PUT", &format!("{base}/v1/kv/seen/b"), Some(TOKEN), b"y");
+    assert_eq!(again.status, 204, "{}", again.text());
+    Poll::within(WAIT)
+        .until(|| (crate::durable::dead_letters(&base).len() == 2).then_some(()))
+        .unwrap_or_else(|_| panic!("the second chain did not stop"));
+    assert_eq!(seen(&base, "seen/seen/seen/b"), 1);
+    assert_eq!(seen(&base, "seen/seen/seen/seen/b"), 0);
+}
+
 /// `squall up` on a data directory with a fixed store port (so its shards keep their
 /// addresses across the restart).
 fn up_on(data: &std::path::Path, log_dir: &std::path::Path, kvs_port: &str) -> NodeProcess {
@@ -221,13 +301,7 @@ fn ten_thousand_writes_under_a_kv_change_trigger_survive_a_sigkill_each_delivere
     let port = fixed_ports().to_string();
     let mut up = up_on(&data, dir.path(), &port);
     let base = up.field("http");
-    register_misbehave(&base);
-    let created = put_trigger(
-        &base,
-        "load",
-        r#"{"kind":"kv-change","prefix":"load/","function":"misbehave"}"#,
-    );
-    assert_eq!(created.status, 200, "{}", created.text());
+    misbehave_on_writes(&base, "load", "load/");
     let kvs = up.field("kvs");
     // Killed while writes are under way, most of the acknowledged ones still waiting for
     // their delivery.
@@ -278,13 +352,7 @@ fn in_a_cluster_each_write_fires_once_whatever_its_replicas() {
     // Two storage nodes, every key on both (replication 2): each write is journaled twice.
     let up = crate::cluster::cluster_up(dir.path(), &["--kvs", "2", "--executors", "1"]);
     let base = up.field("http");
-    register_misbehave(&base);
-    let created = put_trigger(
-        &base,
-        "replicated",
-        r#"{"kind":"kv-change","prefix":"c/","function":"misbehave"}"#,
-    );
-    assert_eq!(created.status, 200, "{}", created.text());
+    misbehave_on_writes(&base, "replicated", "c/");
     for i in 0..50 {
         let put = http(
             "PUT",

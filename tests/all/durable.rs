@@ -72,7 +72,7 @@ fn record_when(base: &str, id: &str, done: impl Fn(&Value) -> bool) -> Value {
         .unwrap_or_else(|e| panic!("the record never got there ({e:?}): {}", last.borrow()))
 }
 
-fn dead_letters(base: &str) -> Vec<Value> {
+pub(crate) fn dead_letters(base: &str) -> Vec<Value> {
     let page = http(
         "GET",
         &format!("{base}/v1/dead-letters/function/misbehave"),
