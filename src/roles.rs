@@ -79,6 +79,9 @@ struct Records {
     /// Hours an activation record is kept (fractions allowed).
     #[arg(long, env = "SQUALL_ACTIVATION_RETENTION_H", default_value_t = 24.0, value_parser = hours)]
     activation_retention_h: f64,
+    /// Mebibytes of activation records kept (fractions allowed): past it, the oldest go.
+    #[arg(long, env = "SQUALL_ACTIVATION_RETENTION_MB", default_value_t = 1024.0, value_parser = mebibytes)]
+    activation_retention_mb: f64,
     /// Write no activation records (to measure what they cost).
     #[arg(long, env = "SQUALL_NO_ACTIVATION_RECORDS")]
     no_activation_records: bool,
@@ -117,6 +120,7 @@ impl Records {
             token,
             record_activations: !self.no_activation_records,
             activation_retention: Duration::from_secs_f64(self.activation_retention_h * 3600.0),
+            activation_retention_bytes: (self.activation_retention_mb * 1048576.0) as u64,
             runner_id,
             max_trigger_chain: self.max_trigger_chain,
             ..defaults
@@ -130,6 +134,14 @@ fn hours(text: &str) -> Result<f64, String> {
         .ok()
         .filter(|h| (1.0 / 3600.0..=87_600.0).contains(h))
         .ok_or_else(|| format!("{text:?} is not a number of hours between 1/3600 and 87600"))
+}
+
+/// A number of mebibytes between 1/1024 (one KiB) and a million.
+fn mebibytes(text: &str) -> Result<f64, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|mb| (1.0 / 1024.0..=1_000_000.0).contains(mb))
+        .ok_or_else(|| format!("{text:?} is not a number of MiB between 1/1024 and 1000000"))
 }
 
 /// Steps an executor runs at once.

@@ -56,6 +56,8 @@ pub struct GatewayConfig {
     pub record_activations: bool,
     /// How long activation records are kept.
     pub activation_retention: Duration,
+    /// How many bytes of activation records are kept (the oldest go first).
+    pub activation_retention_bytes: u64,
     /// The id this gateway's runner of asynchronous calls leases calls under (see
     /// [`crate::runner`]): unique among gateways running at once, the same across restarts
     /// of one gateway, so that a restarted gateway takes back its calls at once.
@@ -73,11 +75,15 @@ impl Default for GatewayConfig {
             default_timeout: Duration::from_secs(30),
             record_activations: true,
             activation_retention: squall_state::activations::DEFAULT_RETENTION,
+            activation_retention_bytes: squall_state::activations::DEFAULT_RETENTION_BYTES,
             runner_id: format!("gateway-{:016x}", rand::random::<u64>()),
             max_trigger_chain: crate::feed::DEFAULT_MAX_CHAIN,
         }
     }
 }
+
+/// How often records past the byte cap are looked for.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
 
 /// What the handlers share.
 pub struct Gateway {
@@ -115,7 +121,7 @@ impl Gateway {
             models: Registry::direct(kvs.clone()).models(),
             dags: DagRegistry::new(kvs.clone(), None),
             activations: Activations::new(kvs.clone(), config.activation_retention),
-            calls: Calls::new(kvs.clone()),
+            calls: Calls::new(kvs.clone()).with_result_retention(config.activation_retention),
             runner: std::sync::OnceLock::new(),
             limits: ConcurrencyLimits::default(),
             triggers: Triggers::new(kvs.clone()),
@@ -183,6 +189,27 @@ impl Gateway {
         )
         .with_max_chain(self.config.max_trigger_chain)
         .start();
+        if self.config.record_activations {
+            // Records past the byte cap go, oldest first.
+            let (activations, cap) = (
+                self.activations.clone(),
+                self.config.activation_retention_bytes,
+            );
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(TRIM_EVERY).await;
+                    match activations.trim(cap).await {
+                        Ok(trimmed) if trimmed.records > 0 => tracing::info!(
+                            records = trimmed.records,
+                            bytes = trimmed.bytes,
+                            "activation records past the byte cap deleted"
+                        ),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(cause = %e, "trimming activation records"),
+                    }
+                }
+            });
+        }
         // Concurrency limits set through other gateways.
         let (calls, limits) = (self.calls.clone(), self.limits.clone());
         tokio::spawn(async move {
@@ -992,11 +1019,8 @@ async fn invoke(
     // wait on.
     let mut writes = Vec::new();
     if let Some(key) = &idempotency_key {
-        // Kept while both the record and the result are.
-        let retention = gateway
-            .config
-            .activation_retention
-            .min(squall_state::results::RESULT_RETENTION);
+        // Kept while the record and the result are.
+        let retention = gateway.config.activation_retention;
         writes.push(
             gateway
                 .calls

@@ -471,6 +471,24 @@ impl Client {
             .unwrap_or_default())
     }
 
+    /// Every shard's load report (keys and bytes held, accesses), in the layout's order.
+    /// Fails unless every shard answered.
+    pub fn stats(&mut self) -> Result<Vec<squall_proto::LoadReport>> {
+        let (exchanged, _) = self.send_to_every_shard(&Request::Stats { top: 0 })?;
+        exchanged
+            .into_all()?
+            .into_iter()
+            .map(|response| match response {
+                Response::Stats(report) => Ok(report),
+                Response::Error(e) => Err(Error::Request(e)),
+                other => Err(Error::UnexpectedResponse(format!(
+                    "a {} to a stats request",
+                    other.kind()
+                ))),
+            })
+            .collect()
+    }
+
     /// Switches every shard's change journal on or off, durably (see
     /// [`crate::journal`]). Fails unless every shard answered.
     pub fn journal(&mut self, on: bool) -> Result<()> {

@@ -8,7 +8,6 @@ use bytes::Bytes;
 use squall_kvs::{Client, ClientConfig, Config, Node};
 use squall_lattices::{Counter, LatticeValue};
 use squall_proto::poll::Poll;
-use squall_proto::{decode_response, encode_request, Request, Response};
 
 fn config(data_dir: Option<&Path>, tombstone_grace_ms: u64) -> Config {
     Config {
@@ -33,22 +32,9 @@ fn text(value: Option<LatticeValue>) -> Option<Bytes> {
 
 /// Keys held by the node's shards, tombstones included (their load reports).
 fn keys_held(node: &Node) -> u64 {
-    let context = zmq::Context::new();
-    node.topology()
-        .shards
-        .iter()
-        .map(|endpoint| {
-            let socket = context.socket(zmq::DEALER).expect("socket");
-            socket.connect(endpoint).expect("connect");
-            let frame = encode_request(1, &Request::Stats { top: 0 }).expect("encode");
-            socket.send(frame, 0).expect("send");
-            assert_eq!(socket.poll(zmq::POLLIN, 5_000).expect("poll"), 1);
-            match decode_response(&socket.recv_bytes(0).expect("recv")).expect("decode") {
-                (_, Response::Stats(report)) => report.keys,
-                (_, other) => panic!("unexpected {other:?}"),
-            }
-        })
-        .sum()
+    let reports = client(node).stats().expect("the shards' reports");
+    assert_eq!(reports.len(), node.topology().shards.len());
+    reports.iter().map(|report| report.keys).sum()
 }
 
 #[test]

@@ -13,6 +13,7 @@
 //! squall/ns/{namespace}/{kind}/{name}    one record: a function's, model's or DAG's versions ([`record`])
 //! squall/ns/{namespace}/result/{id}      an asynchronous call's result ([`result`])
 //! squall/ns/{namespace}/activation/{id}  a call's activation record ([`activation`])
+//! squall/ns/{namespace}/activation-bytes/{second}  bytes of records started in a span ([`activation_bytes`])
 //! squall/ns/{namespace}/call/{id}        an accepted asynchronous call not yet finished ([`call`])
 //! squall/ns/{namespace}/retry/{kind}/{name}        a function's or DAG's retry policy ([`retry_policy`])
 //! squall/ns/{namespace}/dead/{kind}/{name}/{id}    a call that failed every attempt ([`dead_letter`])
@@ -117,6 +118,13 @@ pub fn result(namespace: &str, id: &str) -> Key {
 /// The key of activation record `id` in `namespace` (`id` empty: the records' prefix).
 pub fn activation(namespace: &str, id: &str) -> Key {
     format!("{RESERVED_PREFIX}ns/{namespace}/activation/{id}")
+}
+
+/// The counter of the bytes of activation records in `namespace` that started in the span
+/// beginning at second `bucket` (its text: twelve digits, so spans sort oldest first; empty:
+/// the counters' prefix).
+pub fn activation_bytes(namespace: &str, bucket: &str) -> Key {
+    format!("{RESERVED_PREFIX}ns/{namespace}/activation-bytes/{bucket}")
 }
 
 /// The key of accepted asynchronous call `id` in `namespace`, until it finishes (`id` empty:

@@ -6,6 +6,19 @@
 //! input and output. Records expire after the retention the gateway is given (24 h by
 //! default, [`DEFAULT_RETENTION`]); the store reaps them and reclaims their space.
 //!
+//! # The byte cap
+//! Records are also bounded by bytes ([`DEFAULT_RETENTION_BYTES`]). The record writer counts
+//! the bytes it writes per ten seconds of the records' start times, in a counter per span
+//! ([`keys::activation_bytes`], one more write per batch); [`Activations::trim`] adds the
+//! spans up from the newest and deletes the records older than the span where the sum passes
+//! the cap, and in that span its oldest records, as many as its share past the cap (as if
+//! its records were alike in size), taking their bytes off the counters. It reads the
+//! counters and lists only that span's records and those it deletes, so it costs little
+//! while under the cap. What the cap counts: each record as
+//! the writer wrote it (an asynchronous call's record written at acceptance is not counted,
+//! its final record is); gateways trimming at once may both take a span's deleted share off,
+//! which only keeps more than the cap until the counters are written again.
+//!
 //! Ids sort newest first ([`ActivationId`]): the hex of the start time counted down from
 //! the end of time, then random bits. The store lists keys in order, so a listing of the
 //! records' prefix is newest first, and a page resumes after the last id seen, as OpenWhisk's
@@ -32,6 +45,28 @@ use crate::{Error, Result};
 
 /// How long records are kept unless configured otherwise.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// How many bytes of records are kept unless configured otherwise.
+pub const DEFAULT_RETENTION_BYTES: u64 = 1 << 30;
+
+/// Seconds of start times whose records' bytes are counted together for the byte cap.
+const SPAN_SECONDS: u64 = 10;
+
+/// The span (its first second) of a record that started at `start_ms`.
+fn span_of(start_ms: u64) -> u64 {
+    start_ms / 1000 / SPAN_SECONDS * SPAN_SECONDS
+}
+
+/// What one [`Activations::trim`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Trimmed {
+    /// Bytes of records counted before it.
+    pub counted_bytes: u64,
+    /// Records it deleted.
+    pub records: u64,
+    /// Bytes it took off the counters.
+    pub bytes: u64,
+}
 
 /// The most records one listing answers.
 pub const MAX_PAGE: u32 = 200;
@@ -383,24 +418,186 @@ impl Activations {
         record_write(&self.namespace, self.retention, record)
     }
 
-    /// Writes `records` in one round trip per shard; the ids of those not written.
+    /// Writes `records` in one round trip per shard, then adds the bytes written to their
+    /// spans' counters (see the module docs); the ids of those not written.
     async fn put_many(&self, records: &[Activation]) -> Result<Vec<String>> {
         let mut writes = Vec::with_capacity(records.len());
         let mut ids = Vec::with_capacity(records.len());
+        let mut sizes = Vec::with_capacity(records.len());
         for record in records {
-            writes.push(self.write_of(record)?);
+            let write = self.write_of(record)?;
+            sizes.push((span_of(record.start_ms), stored_bytes(&write)));
+            writes.push(write);
             ids.push(record.id.clone());
         }
-        let results = self
-            .kvs
-            .with(move |client| client.write_many(writes))
-            .await?;
-        Ok(ids
+        let namespace = self.namespace.clone();
+        self.kvs
+            .with(move |client| {
+                let results = client.write_many(writes)?;
+                let mut spans: std::collections::BTreeMap<u64, i64> = Default::default();
+                for ((span, bytes), result) in sizes.into_iter().zip(&results) {
+                    if result.is_ok() {
+                        *spans.entry(span).or_default() += bytes;
+                    }
+                }
+                for (span, bytes) in spans {
+                    let key = keys::activation_bytes(&namespace, &format!("{span:012}"));
+                    // Not counted if this fails: the cap then keeps a little more.
+                    if let Err(e) = client.increment(&key, bytes) {
+                        tracing::debug!(cause = %e, "counting activation record bytes");
+                    }
+                }
+                Ok(ids
+                    .into_iter()
+                    .zip(results)
+                    .filter(|(_, r)| r.is_err())
+                    .map(|(id, _)| id)
+                    .collect())
+            })
+            .await
+    }
+
+    /// Deletes the oldest records past `cap_bytes` (see the module docs), and the counters
+    /// of spans past the retention.
+    pub async fn trim(&self, cap_bytes: u64) -> Result<Trimmed> {
+        let prefix = keys::activation_bytes(&self.namespace, "");
+        let counted = self.kvs.entries_with_prefix(&prefix).await?;
+        let mut spans: Vec<(Key, u64, u64)> = counted
             .into_iter()
-            .zip(results)
-            .filter(|(_, r)| r.is_err())
-            .map(|(id, _)| id)
-            .collect())
+            .filter_map(|(key, value)| {
+                let span = key.strip_prefix(&prefix)?.parse::<u64>().ok()?;
+                let bytes = match value {
+                    LatticeValue::Counter(counter) => {
+                        u64::try_from(squall_lattices::Counter::value(&counter)).unwrap_or(0)
+                    }
+                    _ => 0,
+                };
+                Some((key, span, bytes))
+            })
+            .collect();
+        spans.sort_by_key(|(_, span, _)| std::cmp::Reverse(*span));
+        let expired_before = span_of(
+            squall_lattices::entry::now_ms()
+                .saturating_sub(self.retention.as_millis() as u64 + SPAN_SECONDS * 1000),
+        );
+        let plan = trim_plan(
+            &spans
+                .iter()
+                .map(|(_, span, bytes)| (*span, *bytes))
+                .collect::<Vec<_>>(),
+            cap_bytes,
+            expired_before,
+        );
+        let mut trimmed = Trimmed {
+            counted_bytes: spans.iter().map(|(_, _, b)| b).sum(),
+            ..Trimmed::default()
+        };
+        if let Some((span, room, bytes)) = plan.crossing {
+            // The span's records, newest first: its oldest share past the cap goes.
+            let listed = self.ids_started_between(span * 1000, (span + SPAN_SECONDS) * 1000);
+            let in_span = listed.await?;
+            let keep =
+                (in_span.len() as u128 * u128::from(room) / u128::from(bytes.max(1))) as usize;
+            let doomed: Vec<Key> = in_span.into_iter().skip(keep).collect();
+            trimmed.records += doomed.len() as u64;
+            self.delete_records(doomed).await?;
+            trimmed.records += self.delete_started_before(span * 1000).await?;
+        }
+        let mut dropped: Vec<Key> = Vec::new();
+        for (key, span, bytes) in &spans {
+            if plan.drop_spans_before.is_some_and(|before| *span < before) {
+                dropped.push(key.clone());
+                trimmed.bytes += bytes;
+            }
+        }
+        if let Some((span, room, bytes)) = plan.crossing.filter(|(_, room, bytes)| room < bytes) {
+            let key = keys::activation_bytes(&self.namespace, &format!("{span:012}"));
+            let bytes = bytes - room;
+            let delta = -i64::try_from(bytes).unwrap_or(i64::MAX);
+            self.kvs
+                .with(move |client| client.increment(&key, delta))
+                .await?;
+            trimmed.bytes += bytes;
+        }
+        if !dropped.is_empty() {
+            self.kvs
+                .with(move |client| {
+                    for key in dropped {
+                        client.delete(&key)?;
+                    }
+                    Ok(())
+                })
+                .await?;
+        }
+        Ok(trimmed)
+    }
+
+    /// The keys of the records that started at or after `from_ms` and before `to_ms`,
+    /// newest first.
+    async fn ids_started_between(&self, from_ms: u64, to_ms: u64) -> Result<Vec<Key>> {
+        let prefix = keys::activation(&self.namespace, "");
+        let mut after = Some(self.before_key(to_ms));
+        let mut found = Vec::new();
+        while let Some(from) = after.take() {
+            let (page, next) = self.records_after(from).await?;
+            for key in page {
+                let start_ms = key
+                    .strip_prefix(&prefix)
+                    .and_then(ActivationId::parse)
+                    .and_then(|id| id.start_us())
+                    .map_or(0, |us| us / 1000);
+                if start_ms < from_ms {
+                    return Ok(found);
+                }
+                found.push(key);
+            }
+            after = next;
+        }
+        Ok(found)
+    }
+
+    /// A page of record keys after `after` (older records), and where the next one starts.
+    async fn records_after(&self, after: Key) -> Result<(Vec<Key>, Option<Key>)> {
+        let prefix = keys::activation(&self.namespace, "");
+        self.kvs
+            .with(move |client| client.list(&prefix, Some(&after), 1000))
+            .await
+    }
+
+    /// The key the records that started before `ms` are listed after (ids sort newest
+    /// first).
+    fn before_key(&self, ms: u64) -> Key {
+        let id = ActivationId::with_suffix(ms.saturating_mul(1000), u64::MAX);
+        keys::activation(&self.namespace, id.as_str())
+    }
+
+    /// Deletes every record that started before `cut_ms`; how many.
+    async fn delete_started_before(&self, cut_ms: u64) -> Result<u64> {
+        let mut after = Some(self.before_key(cut_ms));
+        let mut deleted = 0u64;
+        while let Some(from) = after.take() {
+            let (page, next) = self.records_after(from).await?;
+            deleted += page.len() as u64;
+            self.delete_records(page).await?;
+            after = next;
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes the records under `keys`.
+    async fn delete_records(&self, keys: Vec<Key>) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let at = Timestamp::now(rand::random());
+        let tombstones: Vec<(Key, squall_lattices::Entry)> = keys
+            .into_iter()
+            .map(|key| (key, squall_lattices::Entry::tombstone(at)))
+            .collect();
+        self.kvs
+            .with(move |client| client.merge_many(tombstones))
+            .await?;
+        Ok(())
     }
 
     /// Writes `record` now, expiring after the retention.
@@ -563,6 +760,48 @@ fn by_bytes(records: &[Activation], max_bytes: usize) -> Vec<&[Activation]> {
     chunks
 }
 
+/// What [`Activations::trim`] does, decided from the spans' counters alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct TrimPlan {
+    /// The span where the sum passes the cap, the bytes of it that fit, and its bytes: the
+    /// records before it go, and its oldest share past the cap.
+    crossing: Option<(u64, u64, u64)>,
+    /// Delete the counters of spans before this one (their records are deleted or expired).
+    drop_spans_before: Option<u64>,
+}
+
+/// The plan for spans `(first second, bytes)` newest first, under `cap_bytes`, the spans
+/// before `expired_before` being past the retention.
+fn trim_plan(spans: &[(u64, u64)], cap_bytes: u64, expired_before: u64) -> TrimPlan {
+    let mut kept = 0u64;
+    for &(span, bytes) in spans {
+        if kept.saturating_add(bytes) <= cap_bytes {
+            kept += bytes;
+            continue;
+        }
+        return TrimPlan {
+            crossing: Some((span, cap_bytes - kept, bytes)),
+            drop_spans_before: Some(span),
+        };
+    }
+    TrimPlan {
+        crossing: None,
+        drop_spans_before: spans
+            .iter()
+            .any(|&(span, _)| span < expired_before)
+            .then_some(expired_before),
+    }
+}
+
+/// The bytes a record's write takes in the store, about (its key and value).
+fn stored_bytes((key, write): &(Key, Write)) -> i64 {
+    let value = match &write.value {
+        Some(LatticeValue::Lww(register)) => register.value.len(),
+        _ => 0,
+    };
+    (key.len() + value) as i64
+}
+
 fn record_write(namespace: &str, retention: Duration, record: &Activation) -> Result<(Key, Write)> {
     let encoded = rmp_serde::to_vec_named(record).map_err(|e| Error::BadValue {
         key: record.id.clone(),
@@ -639,6 +878,36 @@ mod tests {
         assert!(key.ends_with(&record.id));
         let value = write.value.expect("a value");
         assert_eq!(decode(&record.id, value), Some(record));
+    }
+
+    #[test]
+    fn the_byte_cap_cuts_where_the_newest_spans_pass_it() {
+        // Spans of 10 s, newest first: 100 + 100 bytes fit a cap of 250; the third span
+        // (seconds 80..90) keeps 50 of its 200 bytes (its newest quarter of records).
+        let spans = [(100, 100), (90, 100), (80, 200), (70, 500)];
+        let plan = trim_plan(&spans, 250, 0);
+        assert_eq!(
+            plan,
+            TrimPlan {
+                crossing: Some((80, 50, 200)),
+                drop_spans_before: Some(80),
+            }
+        );
+        // Exactly at the cap: nothing to cut.
+        assert_eq!(trim_plan(&spans, 900, 0), TrimPlan::default());
+        // A cap of nothing deletes every record, newest span included.
+        assert_eq!(trim_plan(&spans, 0, 0).crossing, Some((100, 0, 100)));
+        // Under the cap, counters of spans past the retention go.
+        let expired = trim_plan(&spans, 10_000, 85);
+        assert_eq!(
+            expired,
+            TrimPlan {
+                crossing: None,
+                drop_spans_before: Some(85),
+            }
+        );
+        assert_eq!(trim_plan(&spans, 10_000, 70), TrimPlan::default());
+        assert_eq!(span_of(87_999), 80);
     }
 
     #[test]

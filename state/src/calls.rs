@@ -336,6 +336,8 @@ pub struct Calls {
     kvs: ClientPool,
     namespace: String,
     writer: u64,
+    /// How long results are kept after their last write.
+    result_retention: Duration,
 }
 
 impl std::fmt::Debug for Calls {
@@ -371,7 +373,14 @@ impl Calls {
             kvs,
             namespace: keys::DEFAULT_NAMESPACE.to_string(),
             writer: rand::random(),
+            result_retention: crate::results::RESULT_RETENTION,
         }
+    }
+
+    /// The same calls, their results kept for `retention` after their last write.
+    pub fn with_result_retention(mut self, retention: Duration) -> Self {
+        self.result_retention = retention;
+        self
     }
 
     fn register(&self, key: &str, value: &impl Serialize) -> Result<LatticeValue> {
@@ -465,9 +474,11 @@ impl Calls {
     }
 
     fn result_of(&self, key: &str, result: &CallResult, attempt: u32) -> Result<Write> {
-        result_write(key, result, attempt).map_err(|reason| Error::BadValue {
-            key: key.to_string(),
-            reason,
+        result_write(key, result, attempt, self.result_retention).map_err(|reason| {
+            Error::BadValue {
+                key: key.to_string(),
+                reason,
+            }
         })
     }
 

@@ -6,8 +6,9 @@
 //! whatever order the writes arrive in, and a later attempt's outcome (a retry's, a redriven
 //! call's) beats an earlier one's.
 //!
-//! Results expire [`RESULT_RETENTION`] after their last write (the store reaps them and
-//! reclaims their space), as Lambda's and OpenWhisk's results of asynchronous calls do.
+//! Results expire after their last write, [`RESULT_RETENTION`] unless the writer is given
+//! another (the gateway keeps them as long as activation records), and the store reaps them
+//! and reclaims their space, as Lambda's and OpenWhisk's results of asynchronous calls do.
 
 use std::time::Duration;
 
@@ -20,8 +21,13 @@ use crate::pool::ClientPool;
 pub const RESULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 /// The write of attempt `attempt`'s outcome of an asynchronous call (see the module docs),
-/// expiring after [`RESULT_RETENTION`].
-pub fn result_write(key: &str, result: &CallResult, attempt: u32) -> Result<Write, String> {
+/// expiring after `retention`.
+pub fn result_write(
+    key: &str,
+    result: &CallResult,
+    attempt: u32,
+    retention: Duration,
+) -> Result<Write, String> {
     let encoded = result
         .encode()
         .map_err(|e| format!("encoding the result of {key}: {e}"))?;
@@ -29,13 +35,13 @@ pub fn result_write(key: &str, result: &CallResult, attempt: u32) -> Result<Writ
     Ok(Write::expiring(
         LatticeValue::Lww(Lww::new(at, encoded.into())),
         at,
-        Some(RESULT_RETENTION),
+        Some(retention),
     ))
 }
 
 /// Writes an asynchronous call's outcome to its result key (see [`CallResult::rank`]).
 pub async fn store_result(kvs: &ClientPool, key: &str, result: CallResult) -> Result<(), String> {
-    let write = result_write(key, &result, 1)?;
+    let write = result_write(key, &result, 1, RESULT_RETENTION)?;
     let key = key.to_string();
     let results = kvs
         .with(move |client| client.write_many(vec![(key, write)]))

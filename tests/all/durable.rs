@@ -73,17 +73,12 @@ fn record_when(base: &str, id: &str, done: impl Fn(&Value) -> bool) -> Value {
 }
 
 pub(crate) fn dead_letters(base: &str) -> Vec<Value> {
-    let page = http(
-        "GET",
-        &format!("{base}/v1/dead-letters/function/misbehave"),
-        Some(TOKEN),
-        b"",
-    );
-    assert_eq!(page.status, 200, "{}", page.text());
-    page.json()["dead_letters"]
-        .as_array()
-        .expect("a list")
-        .clone()
+    support::listed(
+        base,
+        "/v1/dead-letters/function/misbehave",
+        "dead_letters",
+        TOKEN,
+    )
 }
 
 fn errors(record: &Value) -> Vec<Option<String>> {
@@ -580,4 +575,126 @@ fn a_function_learns_which_attempt_it_runs() {
     let id = call_async(&base, "upto:3");
     let result = finished(&base, &id);
     assert_eq!((result.status, result.text().as_str()), (200, "3"));
+}
+
+/// The bytes the store at `kvs` holds, over its shards.
+fn store_bytes(kvs: &str) -> u64 {
+    squall_kvs::Client::connect(kvs, squall_kvs::ClientConfig::default())
+        .expect("a store client")
+        .stats()
+        .expect("the shards' reports")
+        .iter()
+        .map(|report| report.bytes)
+        .sum()
+}
+
+/// Ids of `misbehave`'s records, newest first (one page).
+fn record_ids(base: &str) -> Vec<String> {
+    support::listed(
+        base,
+        "/v1/activations?function=misbehave&limit=200",
+        "activations",
+        TOKEN,
+    )
+    .iter()
+    .map(|r| r["id"].as_str().expect("an id").to_string())
+    .collect()
+}
+
+/// A synchronous call of `misbehave` that logs and prints 20 lines each (a record of over
+/// 1 KiB); its activation id.
+fn chatty_call(base: &str) -> String {
+    let answer = http(
+        "POST",
+        &format!("{base}/v1/functions/misbehave/invoke"),
+        Some(TOKEN),
+        b"chatty:20",
+    );
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    answer.activation
+}
+
+#[test]
+fn records_and_results_leave_the_store_after_their_retention_and_their_space_comes_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Kept 1.8 s.
+    let up = support::up(
+        dir.path(),
+        &["--token", TOKEN, "--activation-retention-h", "0.0005"],
+    );
+    let (base, kvs) = (up.field("http"), up.field("kvs"));
+    register_misbehave(&base);
+    let before = store_bytes(&kvs);
+    for _ in 0..40 {
+        chatty_call(&base);
+    }
+    let async_id = call_async(&base, "chatty:20");
+    assert_eq!(finished(&base, &async_id).status, 200);
+    let peak = Poll::within(WAIT)
+        .until(|| {
+            let bytes = store_bytes(&kvs);
+            (record_ids(&base).len() == 41).then_some(bytes)
+        })
+        .expect("the records were written");
+    assert!(peak > before + 40 * 1000, "{before} -> {peak}");
+    // Records and the result expire, and the store gives their space back.
+    Poll::within(WAIT)
+        .until(|| {
+            let result = http("GET", &format!("{base}/v1/results/{async_id}"), None, b"");
+            let gone = record_ids(&base).is_empty() && result.status == 404;
+            let bytes = store_bytes(&kvs);
+            (gone && bytes.saturating_sub(before) < (peak - before) / 10).then_some(())
+        })
+        .unwrap_or_else(|_| {
+            panic!(
+                "still {} records, {} bytes (from {before} to {peak})",
+                record_ids(&base).len(),
+                store_bytes(&kvs)
+            )
+        });
+}
+
+#[test]
+fn records_past_the_byte_cap_go_oldest_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 64 KiB of records.
+    let up = support::up(
+        dir.path(),
+        &["--token", TOKEN, "--activation-retention-mb", "0.0625"],
+    );
+    let base = up.field("http");
+    register_misbehave(&base);
+    let mut ids = Vec::new();
+    for _ in 0..150 {
+        ids.push(chatty_call(&base));
+    }
+    let record_bytes = |id: &str| {
+        let record = http(
+            "GET",
+            &format!("{base}/v1/activations/{id}"),
+            Some(TOKEN),
+            b"",
+        );
+        (record.status == 200).then_some(record.body.len())
+    };
+    // Each record is over 1 KiB of log lines: 150 of them are well past 64 KiB.
+    let newest = ids.last().expect("an id");
+    assert!(
+        Poll::within(WAIT)
+            .until(|| record_bytes(newest))
+            .expect("the newest record")
+            > 1024
+    );
+    let kept = Poll::within(WAIT)
+        .until(|| {
+            let kept = record_ids(&base);
+            (kept.len() < 100).then_some(kept)
+        })
+        .unwrap_or_else(|_| panic!("still {} records", record_ids(&base).len()));
+    assert!(!kept.is_empty(), "the newest records stay");
+    assert_eq!(&kept[0], newest, "the newest record is kept");
+    assert_eq!(record_bytes(&ids[0]), None, "the oldest record is gone");
+    // What is kept is about the cap (records as listed are JSON, a little larger than stored).
+    let listed: usize = kept.iter().filter_map(|id| record_bytes(id)).sum();
+    assert!(listed < 2 * 64 * 1024, "{listed} bytes of records kept");
 }

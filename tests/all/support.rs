@@ -273,6 +273,16 @@ impl Answer {
     }
 }
 
+/// The array `field` of the JSON answer to `GET {base}{path}` (which must answer 200).
+pub fn listed(base: &str, path: &str, field: &str, token: &str) -> Vec<Value> {
+    let page = http("GET", &format!("{base}{path}"), Some(token), b"");
+    assert_eq!(page.status, 200, "{}", page.text());
+    page.json()[field]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {field} in {}", page.text()))
+        .clone()
+}
+
 /// Sends an HTTP request (with a bearer token if given) and returns the answer, whatever its
 /// status.
 pub fn http(method: &str, url: &str, token: Option<&str>, body: &[u8]) -> Answer {

@@ -22,20 +22,15 @@ pub(crate) fn put_trigger(base: &str, name: &str, spec: &str) -> crate::support:
 
 /// The records of `misbehave`'s calls made by a trigger whose cause starts with `cause`.
 pub(crate) fn trigger_records(base: &str, cause: &str) -> Vec<Value> {
-    let page = http(
-        "GET",
-        &format!("{base}/v1/activations?function=misbehave&limit=200"),
-        Some(TOKEN),
-        b"",
-    );
-    assert_eq!(page.status, 200, "{}", page.text());
-    page.json()["activations"]
-        .as_array()
-        .expect("records")
-        .iter()
-        .filter(|r| r["cause"].as_str().is_some_and(|c| c.starts_with(cause)))
-        .cloned()
-        .collect()
+    support::listed(
+        base,
+        "/v1/activations?function=misbehave&limit=200",
+        "activations",
+        TOKEN,
+    )
+    .into_iter()
+    .filter(|r| r["cause"].as_str().is_some_and(|c| c.starts_with(cause)))
+    .collect()
 }
 
 /// The records of `misbehave`'s calls made by a cron trigger.
