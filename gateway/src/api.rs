@@ -26,7 +26,6 @@ use squall_state::calls::{
 };
 use squall_state::dag::dag_key;
 use squall_state::registry::{record_key, validate_name};
-use squall_state::results::store_result;
 use squall_state::triggers::{Firing, Trigger, TriggerSpec, Triggers};
 use squall_state::{
     Activation, ActivationId, Activations, ClientPool, DagRecord, DagRegistry, DagSpec,
@@ -191,15 +190,16 @@ impl Gateway {
         .start();
         if self.config.record_activations {
             // Records past the byte cap go, oldest first.
-            let (activations, cap) = (
+            let (activations, cap, owner) = (
                 self.activations.clone(),
                 self.config.activation_retention_bytes,
+                self.config.runner_id.clone(),
             );
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(TRIM_EVERY).await;
-                    match activations.trim(cap).await {
-                        Ok(trimmed) if trimmed.records > 0 => tracing::info!(
+                    match activations.trim(cap, &owner).await {
+                        Ok(Some(trimmed)) if trimmed.records > 0 => tracing::info!(
                             records = trimmed.records,
                             bytes = trimmed.bytes,
                             "activation records past the byte cap deleted"
@@ -1113,7 +1113,12 @@ async fn invoke(
                     }
                     Err(failure) => CallResult::Failed(failure.clone()),
                 };
-                if let Err(e) = store_result(&gateway.kvs, &result_key, result).await {
+                // Kept as long as the idempotency key's claim and the record.
+                let stored = match gateway.calls.result_write(id.as_str(), &result, 1) {
+                    Ok(write) => gateway.calls.write_all(vec![write]).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = stored {
                     tracing::warn!(id = %id, cause = %e, "storing an idempotent call's result");
                 }
             }

@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::{json, Value};
-use squall_lattices::{Counter, LatticeValue, Lww, Max, Min, Timestamp};
+use squall_lattices::{Counter, LatticeValue, Max, Min};
 use squall_proto::call::{Failure, FailureCode, InvokeOptions, Target};
 use squall_proto::{keys, Change};
 use squall_state::calls::{Calls, PendingCall};
@@ -263,29 +263,7 @@ impl ChangeFeed {
     /// Takes or renews the lease; whether this gateway holds it.
     async fn lease(&self) -> squall_state::Result<bool> {
         let key = keys::change_feed_lease(&self.namespace);
-        let read = key.clone();
-        let now = squall_lattices::entry::now_ms();
-        let held = self.kvs.with(move |client| client.get(&read)).await?;
-        if let Some(LatticeValue::Lww(lease)) = &held {
-            let text = String::from_utf8_lossy(&lease.value).into_owned();
-            let (owner, until) = text.split_once('\n').unwrap_or(("", "0"));
-            let until: u64 = until.parse().unwrap_or(0);
-            if owner != self.id && until > now {
-                return Ok(false);
-            }
-        }
-        let value = LatticeValue::Lww(Lww::new(
-            Timestamp::now(0),
-            Bytes::from(format!("{}\n{}", self.id, now + LEASE_MS)),
-        ));
-        let write = key.clone();
-        self.kvs
-            .with(move |client| client.put(&write, value))
-            .await?;
-        // Two gateways that wrote at once: the later write stands, and both read it.
-        let confirmed = self.kvs.with(move |client| client.get(&key)).await?;
-        Ok(matches!(confirmed, Some(LatticeValue::Lww(lease))
-            if String::from_utf8_lossy(&lease.value).starts_with(&format!("{}\n", self.id))))
+        squall_state::lease::take(&self.kvs, &key, &self.id, LEASE_MS).await
     }
 
     /// One pass over every shard; whether any had changes. A shard that cannot be read is
@@ -578,6 +556,7 @@ fn value_json(value: &LatticeValue) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use squall_lattices::{Lww, Timestamp};
 
     #[test]
     fn a_write_is_delivered_once_whatever_its_copies_and_alike_writes_each() {

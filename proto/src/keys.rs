@@ -14,6 +14,7 @@
 //! squall/ns/{namespace}/result/{id}      an asynchronous call's result ([`result`])
 //! squall/ns/{namespace}/activation/{id}  a call's activation record ([`activation`])
 //! squall/ns/{namespace}/activation-bytes/{second}  bytes of records started in a span ([`activation_bytes`])
+//! squall/ns/{namespace}/lease/{what}     which gateway does a piece of upkeep ([`lease`])
 //! squall/ns/{namespace}/call/{id}        an accepted asynchronous call not yet finished ([`call`])
 //! squall/ns/{namespace}/retry/{kind}/{name}        a function's or DAG's retry policy ([`retry_policy`])
 //! squall/ns/{namespace}/dead/{kind}/{name}/{id}    a call that failed every attempt ([`dead_letter`])
@@ -181,6 +182,12 @@ pub fn journal_position(namespace: &str, endpoint: &str) -> Key {
 /// when.
 pub fn change_feed_lease(namespace: &str) -> Key {
     format!("{RESERVED_PREFIX}ns/{namespace}/change-feed-lease")
+}
+
+/// The lease on a piece of upkeep one gateway at a time does in `namespace` (`what`: e.g.
+/// `activation-trim`), see `squall_state::lease`.
+pub fn lease(namespace: &str, what: &str) -> Key {
+    format!("{RESERVED_PREFIX}ns/{namespace}/lease/{what}")
 }
 
 /// The key counting the changes shards dropped before the feed took them (a counter).

@@ -14,10 +14,11 @@
 //! the cap, and in that span its oldest records, as many as its share past the cap (as if
 //! its records were alike in size), taking their bytes off the counters. It reads the
 //! counters and lists only that span's records and those it deletes, so it costs little
-//! while under the cap. What the cap counts: each record as
-//! the writer wrote it (an asynchronous call's record written at acceptance is not counted,
-//! its final record is); gateways trimming at once may both take a span's deleted share off,
-//! which only keeps more than the cap until the counters are written again.
+//! while under the cap. One gateway trims at a time (a lease, [`crate::lease`]); it writes
+//! the counters before it deletes, so a failure midway leaves records uncounted (kept until
+//! their retention), never deleted beyond the cap. What the cap counts: each finished record
+//! once, as the writer wrote it (a running record, written again later, is not counted);
+//! each gateway's record writer keeps its own entries of the counters.
 //!
 //! Ids sort newest first ([`ActivationId`]): the hex of the start time counted down from
 //! the end of time, then random bits. The store lists keys in order, so a listing of the
@@ -35,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use squall_lattices::{LatticeValue, Lww, Timestamp, Write};
+use squall_lattices::{Counter, LatticeValue, Lww, Timestamp, Write};
 use squall_proto::call::Failure;
 use squall_proto::report::StepReport;
 use squall_proto::{keys, Key};
@@ -56,6 +57,15 @@ const SPAN_SECONDS: u64 = 10;
 fn span_of(start_ms: u64) -> u64 {
     start_ms / 1000 / SPAN_SECONDS * SPAN_SECONDS
 }
+
+/// The start and end (ms since the Unix epoch) of the span starting at second `span`.
+fn span_ms(span: u64) -> (u64, u64) {
+    let start = span.saturating_mul(1000);
+    (start, start.saturating_add(SPAN_SECONDS * 1000))
+}
+
+/// How long one gateway holds the lease on trimming records (renewed every trim).
+const TRIM_LEASE_MS: u64 = 30_000;
 
 /// What one [`Activations::trim`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -392,6 +402,10 @@ pub struct Activations {
     kvs: ClientPool,
     namespace: String,
     retention: Duration,
+    /// This handle's contributions to the spans' byte counters (a counter entry of its own
+    /// writer, as executors keep theirs), the spans past the retention forgotten.
+    spans: Arc<std::sync::Mutex<std::collections::BTreeMap<u64, Counter>>>,
+    writer: u64,
 }
 
 impl std::fmt::Debug for Activations {
@@ -410,7 +424,30 @@ impl Activations {
             kvs,
             namespace: keys::DEFAULT_NAMESPACE.to_string(),
             retention,
+            spans: Arc::default(),
+            writer: rand::random(),
         }
+    }
+
+    /// Adds `deltas` (span, bytes) to this handle's contributions to the spans' counters;
+    /// the counters' writes. Forgets the spans past the retention.
+    fn count(&self, deltas: impl IntoIterator<Item = (u64, i64)>) -> Vec<(Key, LatticeValue)> {
+        let mut spans = self.spans.lock().unwrap_or_else(|p| p.into_inner());
+        let mut writes = Vec::new();
+        for (span, delta) in deltas {
+            let counter = spans.entry(span).or_default();
+            counter.add(self.writer, delta);
+            writes.push((self.span_key(span), LatticeValue::Counter(counter.clone())));
+        }
+        let oldest = span_of(squall_lattices::entry::now_ms().saturating_sub(
+            (self.retention.as_millis() as u64).saturating_add(SPAN_SECONDS * 1000),
+        ));
+        spans.retain(|&span, _| span >= oldest);
+        writes
+    }
+
+    fn span_key(&self, span: u64) -> Key {
+        keys::activation_bytes(&self.namespace, &format!("{span:012}"))
     }
 
     /// The store write of `record`, expiring after the retention.
@@ -418,48 +455,54 @@ impl Activations {
         record_write(&self.namespace, self.retention, record)
     }
 
-    /// Writes `records` in one round trip per shard, then adds the bytes written to their
-    /// spans' counters (see the module docs); the ids of those not written.
+    /// Writes `records` in one round trip per shard, then adds the bytes of the finished
+    /// ones written to their spans' counters (see the module docs); the ids of those not
+    /// written.
     async fn put_many(&self, records: &[Activation]) -> Result<Vec<String>> {
         let mut writes = Vec::with_capacity(records.len());
         let mut ids = Vec::with_capacity(records.len());
         let mut sizes = Vec::with_capacity(records.len());
         for record in records {
             let write = self.write_of(record)?;
-            sizes.push((span_of(record.start_ms), stored_bytes(&write)));
+            // A record is counted once, finished: a running one is written again.
+            let counted = record.status != Status::Running;
+            sizes.push(counted.then(|| (span_of(record.start_ms), stored_bytes(&write))));
             writes.push(write);
             ids.push(record.id.clone());
         }
-        let namespace = self.namespace.clone();
-        self.kvs
-            .with(move |client| {
-                let results = client.write_many(writes)?;
-                let mut spans: std::collections::BTreeMap<u64, i64> = Default::default();
-                for ((span, bytes), result) in sizes.into_iter().zip(&results) {
-                    if result.is_ok() {
-                        *spans.entry(span).or_default() += bytes;
-                    }
-                }
-                for (span, bytes) in spans {
-                    let key = keys::activation_bytes(&namespace, &format!("{span:012}"));
-                    // Not counted if this fails: the cap then keeps a little more.
-                    if let Err(e) = client.increment(&key, bytes) {
-                        tracing::debug!(cause = %e, "counting activation record bytes");
-                    }
-                }
-                Ok(ids
-                    .into_iter()
-                    .zip(results)
-                    .filter(|(_, r)| r.is_err())
-                    .map(|(id, _)| id)
-                    .collect())
-            })
-            .await
+        let results = self
+            .kvs
+            .with(move |client| client.write_many(writes))
+            .await?;
+        let mut spans: std::collections::BTreeMap<u64, i64> = Default::default();
+        for (size, result) in sizes.into_iter().zip(&results) {
+            if let (Some((span, bytes)), Ok(())) = (size, result) {
+                *spans.entry(span).or_default() += bytes;
+            }
+        }
+        if !spans.is_empty() {
+            let counters = self.count(spans);
+            // Not counted if this fails: the cap then keeps a little more.
+            if let Err(e) = self.kvs.with(move |client| client.put_many(counters)).await {
+                tracing::debug!(cause = %e, "counting activation record bytes");
+            }
+        }
+        Ok(ids
+            .into_iter()
+            .zip(results)
+            .filter(|(_, r)| r.is_err())
+            .map(|(id, _)| id)
+            .collect())
     }
 
     /// Deletes the oldest records past `cap_bytes` (see the module docs), and the counters
-    /// of spans past the retention.
-    pub async fn trim(&self, cap_bytes: u64) -> Result<Trimmed> {
+    /// of spans past the retention. Trims only while `owner` holds the trimming lease (one
+    /// gateway at a time); `None` when another holds it.
+    pub async fn trim(&self, cap_bytes: u64, owner: &str) -> Result<Option<Trimmed>> {
+        let lease = keys::lease(&self.namespace, "activation-trim");
+        if !crate::lease::take(&self.kvs, &lease, owner, TRIM_LEASE_MS).await? {
+            return Ok(None);
+        }
         let prefix = keys::activation_bytes(&self.namespace, "");
         let counted = self.kvs.entries_with_prefix(&prefix).await?;
         let mut spans: Vec<(Key, u64, u64)> = counted
@@ -467,101 +510,114 @@ impl Activations {
             .filter_map(|(key, value)| {
                 let span = key.strip_prefix(&prefix)?.parse::<u64>().ok()?;
                 let bytes = match value {
-                    LatticeValue::Counter(counter) => {
-                        u64::try_from(squall_lattices::Counter::value(&counter)).unwrap_or(0)
-                    }
+                    LatticeValue::Counter(counter) => u64::try_from(counter.value()).unwrap_or(0),
                     _ => 0,
                 };
                 Some((key, span, bytes))
             })
             .collect();
         spans.sort_by_key(|(_, span, _)| std::cmp::Reverse(*span));
-        let expired_before = span_of(
-            squall_lattices::entry::now_ms()
-                .saturating_sub(self.retention.as_millis() as u64 + SPAN_SECONDS * 1000),
-        );
-        let plan = trim_plan(
-            &spans
-                .iter()
-                .map(|(_, span, bytes)| (*span, *bytes))
-                .collect::<Vec<_>>(),
-            cap_bytes,
-            expired_before,
-        );
+        let expired_before = span_of(squall_lattices::entry::now_ms().saturating_sub(
+            (self.retention.as_millis() as u64).saturating_add(SPAN_SECONDS * 1000),
+        ));
+        let sizes: Vec<(u64, u64)> = spans.iter().map(|(_, span, b)| (*span, *b)).collect();
+        let plan = trim_plan(&sizes, cap_bytes, expired_before);
         let mut trimmed = Trimmed {
-            counted_bytes: spans.iter().map(|(_, _, b)| b).sum(),
+            counted_bytes: sizes.iter().map(|(_, b)| b).sum(),
             ..Trimmed::default()
         };
+        // The counters first: a failure midway then leaves records uncounted (kept until
+        // their retention), never counted twice and deleted beyond the cap.
+        let dropped: Vec<(Key, u64, u64)> = spans
+            .into_iter()
+            .filter(|(_, span, _)| plan.drop_spans_before.is_some_and(|before| *span < before))
+            .collect();
+        let oldest_dropped = dropped.iter().map(|(_, span, _)| *span).min();
+        if let Some((span, room, bytes)) = plan.crossing.filter(|(_, room, bytes)| room < bytes) {
+            let delta = -i64::try_from(bytes - room).unwrap_or(i64::MAX);
+            let counters = self.count([(span, delta)]);
+            self.kvs
+                .with(move |client| client.put_many(counters))
+                .await?;
+            trimmed.bytes += bytes - room;
+        }
+        if !dropped.is_empty() {
+            trimmed.bytes += dropped.iter().map(|(_, _, b)| b).sum::<u64>();
+            let keys: Vec<Key> = dropped.into_iter().map(|(key, _, _)| key).collect();
+            self.delete_keys(keys).await?;
+        }
         if let Some((span, room, bytes)) = plan.crossing {
             // The span's records, newest first: its oldest share past the cap goes.
-            let listed = self.ids_started_between(span * 1000, (span + SPAN_SECONDS) * 1000);
-            let in_span = listed.await?;
+            let (from, to) = span_ms(span);
+            let in_span = self.ids_started_between(from, to).await?;
             let keep =
                 (in_span.len() as u128 * u128::from(room) / u128::from(bytes.max(1))) as usize;
             let doomed: Vec<Key> = in_span.into_iter().skip(keep).collect();
             trimmed.records += doomed.len() as u64;
-            self.delete_records(doomed).await?;
-            trimmed.records += self.delete_started_before(span * 1000).await?;
-        }
-        let mut dropped: Vec<Key> = Vec::new();
-        for (key, span, bytes) in &spans {
-            if plan.drop_spans_before.is_some_and(|before| *span < before) {
-                dropped.push(key.clone());
-                trimmed.bytes += bytes;
+            self.delete_keys(doomed).await?;
+            // And every record of the spans before it that were counted.
+            if let Some(oldest) = oldest_dropped {
+                let (from, _) = span_ms(oldest);
+                let (to, _) = span_ms(span);
+                trimmed.records += self.delete_started_between(from, to).await?;
             }
         }
-        if let Some((span, room, bytes)) = plan.crossing.filter(|(_, room, bytes)| room < bytes) {
-            let key = keys::activation_bytes(&self.namespace, &format!("{span:012}"));
-            let bytes = bytes - room;
-            let delta = -i64::try_from(bytes).unwrap_or(i64::MAX);
-            self.kvs
-                .with(move |client| client.increment(&key, delta))
-                .await?;
-            trimmed.bytes += bytes;
-        }
-        if !dropped.is_empty() {
-            self.kvs
-                .with(move |client| {
-                    for key in dropped {
-                        client.delete(&key)?;
-                    }
-                    Ok(())
-                })
-                .await?;
-        }
-        Ok(trimmed)
+        Ok(Some(trimmed))
     }
 
     /// The keys of the records that started at or after `from_ms` and before `to_ms`,
     /// newest first.
     async fn ids_started_between(&self, from_ms: u64, to_ms: u64) -> Result<Vec<Key>> {
-        let prefix = keys::activation(&self.namespace, "");
-        let mut after = Some(self.before_key(to_ms));
         let mut found = Vec::new();
+        let mut after = Some(self.before_key(to_ms));
         while let Some(from) = after.take() {
-            let (page, next) = self.records_after(from).await?;
-            for key in page {
-                let start_ms = key
-                    .strip_prefix(&prefix)
-                    .and_then(ActivationId::parse)
-                    .and_then(|id| id.start_us())
-                    .map_or(0, |us| us / 1000);
-                if start_ms < from_ms {
-                    return Ok(found);
-                }
-                found.push(key);
-            }
-            after = next;
+            let (page, next, done) = self.records_after(from, from_ms).await?;
+            found.extend(page);
+            after = next.filter(|_| !done);
         }
         Ok(found)
     }
 
-    /// A page of record keys after `after` (older records), and where the next one starts.
-    async fn records_after(&self, after: Key) -> Result<(Vec<Key>, Option<Key>)> {
+    /// Deletes the records that started at or after `from_ms` and before `to_ms`, a page at
+    /// a time; how many.
+    async fn delete_started_between(&self, from_ms: u64, to_ms: u64) -> Result<u64> {
+        let mut deleted = 0u64;
+        let mut after = Some(self.before_key(to_ms));
+        while let Some(from) = after.take() {
+            let (page, next, done) = self.records_after(from, from_ms).await?;
+            deleted += page.len() as u64;
+            self.delete_keys(page).await?;
+            after = next.filter(|_| !done);
+        }
+        Ok(deleted)
+    }
+
+    /// A page of record keys after `after` (older records) that started at or after
+    /// `from_ms`; where the next page starts; whether an older record ended the listing.
+    async fn records_after(
+        &self,
+        after: Key,
+        from_ms: u64,
+    ) -> Result<(Vec<Key>, Option<Key>, bool)> {
         let prefix = keys::activation(&self.namespace, "");
-        self.kvs
-            .with(move |client| client.list(&prefix, Some(&after), 1000))
-            .await
+        let list_prefix = prefix.clone();
+        let (mut page, next) = self
+            .kvs
+            .with(move |client| client.list(&list_prefix, Some(&after), 1000))
+            .await?;
+        let started = |key: &Key| {
+            key.strip_prefix(&prefix)
+                .and_then(ActivationId::parse)
+                .and_then(|id| id.start_us())
+                .map_or(0, |us| us / 1000)
+        };
+        let keep = page
+            .iter()
+            .take_while(|key| started(key) >= from_ms)
+            .count();
+        let done = keep < page.len();
+        page.truncate(keep);
+        Ok((page, next, done))
     }
 
     /// The key the records that started before `ms` are listed after (ids sort newest
@@ -571,25 +627,12 @@ impl Activations {
         keys::activation(&self.namespace, id.as_str())
     }
 
-    /// Deletes every record that started before `cut_ms`; how many.
-    async fn delete_started_before(&self, cut_ms: u64) -> Result<u64> {
-        let mut after = Some(self.before_key(cut_ms));
-        let mut deleted = 0u64;
-        while let Some(from) = after.take() {
-            let (page, next) = self.records_after(from).await?;
-            deleted += page.len() as u64;
-            self.delete_records(page).await?;
-            after = next;
-        }
-        Ok(deleted)
-    }
-
-    /// Deletes the records under `keys`.
-    async fn delete_records(&self, keys: Vec<Key>) -> Result<()> {
+    /// Deletes `keys` (records, counters).
+    async fn delete_keys(&self, keys: Vec<Key>) -> Result<()> {
         if keys.is_empty() {
             return Ok(());
         }
-        let at = Timestamp::now(rand::random());
+        let at = Timestamp::now(self.writer);
         let tombstones: Vec<(Key, squall_lattices::Entry)> = keys
             .into_iter()
             .map(|key| (key, squall_lattices::Entry::tombstone(at)))

@@ -240,6 +240,10 @@ pub enum AfterFailure {
     DeadLetter,
 }
 
+/// How long a running result is kept at least: longer than any call stays pending
+/// (`max_age_s` is at most a week), so a pending call's result never expires under it.
+pub const PENDING_RESULT_RETENTION: Duration = Duration::from_secs(8 * 24 * 3600);
+
 /// How long a call that found no executor with room waits before trying again.
 pub const REQUEUE_DELAY: Duration = Duration::from_millis(100);
 
@@ -474,11 +478,15 @@ impl Calls {
     }
 
     fn result_of(&self, key: &str, result: &CallResult, attempt: u32) -> Result<Write> {
-        result_write(key, result, attempt, self.result_retention).map_err(|reason| {
-            Error::BadValue {
-                key: key.to_string(),
-                reason,
-            }
+        // A running result stands while its call is pending, which may be longer than the
+        // retention (its outcome's write then sets the retention).
+        let retention = match result {
+            CallResult::Running => self.result_retention.max(PENDING_RESULT_RETENTION),
+            _ => self.result_retention,
+        };
+        result_write(key, result, attempt, retention).map_err(|reason| Error::BadValue {
+            key: key.to_string(),
+            reason,
         })
     }
 

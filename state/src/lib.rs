@@ -20,6 +20,7 @@
 //! - [`register`]: how those records are kept: MessagePack in a last-writer-wins register.
 //! - [`triggers`]: cron triggers ([`triggers::Triggers`]), and which tick fires when.
 //! - [`error`]: [`Error`], with the code each failure has on the wire.
+//! - [`lease`]: leases in the store: which gateway does a piece of upkeep for a while.
 //! - [`legacy`]: registries written before the namespaced key layout, merged into it.
 //!
 //! Where each of these keeps its keys is [`squall_proto::keys`]: one layout for every crate.
@@ -44,6 +45,7 @@ pub mod cache;
 pub mod calls;
 pub mod dag;
 pub mod error;
+pub mod lease;
 pub mod legacy;
 pub mod limits;
 pub mod pins;

@@ -62,7 +62,16 @@ impl ClientPool {
         let taken = self.inner.idle.lock().ok().and_then(|mut idle| idle.pop());
         let mut client = match taken {
             Some(client) => client,
-            None => Client::connect(&self.inner.address, self.inner.config.clone())?,
+            // A writer id of its own: a counter's entries are per writer, and each client
+            // keeps its own running totals, so two clients of one writer would overwrite
+            // each other's increments.
+            None => Client::connect(
+                &self.inner.address,
+                ClientConfig {
+                    writer: rand::random(),
+                    ..self.inner.config.clone()
+                },
+            )?,
         };
         let result = f(&mut client);
         let healthy = match &result {
@@ -121,12 +130,19 @@ impl ClientPool {
         prefix: &str,
     ) -> Result<Vec<(squall_kvs::Key, squall_lattices::LatticeValue)>> {
         let keys = self.keys_with_prefix(prefix).await?;
-        let reads = keys.clone();
-        let values = self.with(move |client| client.get_many(&reads)).await?;
-        Ok(keys
-            .into_iter()
-            .zip(values)
-            .filter_map(|(key, value)| value.map(|v| (key, v)))
-            .collect())
+        let mut entries = Vec::with_capacity(keys.len());
+        // Read in pages: a shard takes a bounded number of keys per request.
+        for chunk in keys.chunks(LIST_PAGE as usize) {
+            let reads = chunk.to_vec();
+            let values = self.with(move |client| client.get_many(&reads)).await?;
+            entries.extend(
+                chunk
+                    .iter()
+                    .cloned()
+                    .zip(values)
+                    .filter_map(|(key, value)| value.map(|v| (key, v))),
+            );
+        }
+        Ok(entries)
     }
 }
