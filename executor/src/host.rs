@@ -308,13 +308,39 @@ impl squall::function::invoke::Host for CallState {
         let deadline = self.call.deadline;
         // The nested call shares the caller's session: in repeatable read, the run's pins.
         let session = self.call.session.clone();
+        let trace = self.call.trace.clone();
         let scope = CallScope {
-            trace: self.call.trace.clone(),
+            trace: trace.clone(),
             attempt: self.call.attempt,
         };
+        // What the step's record keeps of the call (when it asks for a report).
+        let noted = trace.as_ref().map(|_| {
+            (
+                name.clone(),
+                input.len() as u64,
+                crate::report::now_us(),
+                Instant::now(),
+            )
+        });
         let nested = executor
             .call(name, input, depth, deadline, session, scope)
             .await;
+        if let (Some(trace), Some((function, input_bytes, start_us, started))) = (trace, noted) {
+            let (output_bytes, error) = match &nested {
+                Ok(output) => (Some(output.len() as u64), None),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            trace.nested(squall_proto::report::NestedCall {
+                function,
+                caller: self.call.function.to_string(),
+                depth,
+                start_us,
+                duration_us: started.elapsed().as_micros().try_into().unwrap_or(u64::MAX),
+                input_bytes,
+                output_bytes,
+                error,
+            });
+        }
         match nested {
             Ok(output) => Ok(Ok(output)),
             Err(Error::State(squall_state::Error::NotFound { name })) => {

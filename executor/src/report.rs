@@ -25,7 +25,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use squall_proto::report::{
-    truncate_line, LogLine, StepReport, MAX_LINE_BYTES, MAX_LOG_BYTES, MAX_LOG_LINES,
+    truncate_line, LogLine, NestedCall, StepReport, MAX_LINE_BYTES, MAX_LOG_BYTES, MAX_LOG_LINES,
+    MAX_NESTED_CALLS,
 };
 
 /// Collects one step's log lines (bounded by [`MAX_LOG_BYTES`] and [`MAX_LOG_LINES`]), CPU
@@ -44,6 +45,8 @@ struct Collected {
     version: u64,
     memory_bytes: u64,
     memory_growth_bytes: u64,
+    calls: Vec<NestedCall>,
+    calls_dropped: u32,
 }
 
 impl StepTrace {
@@ -89,6 +92,16 @@ impl StepTrace {
         }
     }
 
+    /// Keeps a nested call that ended, if the step's bound allows (else counts it).
+    pub fn nested(&self, call: NestedCall) {
+        let mut collected = self.lock();
+        if collected.calls.len() >= MAX_NESTED_CALLS {
+            collected.calls_dropped = collected.calls_dropped.saturating_add(1);
+        } else {
+            collected.calls.push(call);
+        }
+    }
+
     /// Adds CPU time spent for the step.
     pub fn add_cpu(&self, spent: Duration) {
         self.lock().cpu += spent;
@@ -126,6 +139,8 @@ impl StepTrace {
             memory_growth_bytes: collected.memory_growth_bytes,
             logs: std::mem::take(&mut collected.logs),
             logs_dropped: collected.dropped,
+            calls: std::mem::take(&mut collected.calls),
+            calls_dropped: collected.calls_dropped,
         }
     }
 }

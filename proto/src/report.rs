@@ -66,6 +66,40 @@ pub struct StepReport {
     /// Lines (or parts of lines) left out because the step's bounds were reached.
     #[serde(default)]
     pub logs_dropped: u32,
+    /// The calls its guest made to other functions (and theirs, deeper), in the order they
+    /// ended, at most [`MAX_NESTED_CALLS`].
+    #[serde(default)]
+    pub calls: Vec<NestedCall>,
+    /// Nested calls left out past [`MAX_NESTED_CALLS`].
+    #[serde(default)]
+    pub calls_dropped: u32,
+}
+
+/// The most nested calls one step's report keeps.
+pub const MAX_NESTED_CALLS: usize = 256;
+
+/// A call a step's guest made to another function (through `squall:function/invoke`), as
+/// the step's report keeps it: the nested call's own record within its caller's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NestedCall {
+    /// The function called.
+    pub function: String,
+    /// The function that called it.
+    pub caller: String,
+    /// How deep it ran (1: called by the step's own function).
+    pub depth: u32,
+    /// When it started (µs since the Unix epoch).
+    pub start_us: u64,
+    /// How long it took, in microseconds.
+    pub duration_us: u64,
+    /// Its input's size in bytes.
+    pub input_bytes: u64,
+    /// Its output's size in bytes, if it succeeded.
+    #[serde(default)]
+    pub output_bytes: Option<u64>,
+    /// Why it failed, if it did.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Merges `more` into `reports`, keeping one report per step (outputs of one step reach a

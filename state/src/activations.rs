@@ -278,7 +278,8 @@ impl Activation {
             .flat_map(|s| s.logs.iter())
             .map(|l| l.text.len() + l.function.len() + 32)
             .sum();
-        lines + 512 + 256 * self.steps.len() + 128 * self.attempts.len()
+        let calls: usize = self.steps.iter().map(|s| s.calls.len() * 128).sum();
+        lines + calls + 512 + 256 * self.steps.len() + 128 * self.attempts.len()
     }
 
     /// The record's rank as a last-writer-wins register: a later attempt beats an earlier
@@ -470,23 +471,27 @@ impl Activations {
             writes.push(write);
             ids.push(record.id.clone());
         }
+        // The records and then their counters, on one blocking thread.
+        let counting = self.clone();
         let results = self
             .kvs
-            .with(move |client| client.write_many(writes))
+            .with(move |client| {
+                let results = client.write_many(writes)?;
+                let mut spans: std::collections::BTreeMap<u64, i64> = Default::default();
+                for (size, result) in sizes.into_iter().zip(&results) {
+                    if let (Some((span, bytes)), Ok(())) = (size, result) {
+                        *spans.entry(span).or_default() += bytes;
+                    }
+                }
+                if !spans.is_empty() {
+                    // Not counted if this fails: the cap then keeps a little more.
+                    if let Err(e) = client.put_many(counting.count(spans)) {
+                        tracing::debug!(cause = %e, "counting activation record bytes");
+                    }
+                }
+                Ok(results)
+            })
             .await?;
-        let mut spans: std::collections::BTreeMap<u64, i64> = Default::default();
-        for (size, result) in sizes.into_iter().zip(&results) {
-            if let (Some((span, bytes)), Ok(())) = (size, result) {
-                *spans.entry(span).or_default() += bytes;
-            }
-        }
-        if !spans.is_empty() {
-            let counters = self.count(spans);
-            // Not counted if this fails: the cap then keeps a little more.
-            if let Err(e) = self.kvs.with(move |client| client.put_many(counters)).await {
-                tracing::debug!(cause = %e, "counting activation record bytes");
-            }
-        }
         Ok(ids
             .into_iter()
             .zip(results)

@@ -455,7 +455,7 @@ fn records_keep_each_steps_logs_cpu_time_and_memory() {
     let dir = tempfile::tempdir().expect("tempdir");
     let up = support::up(dir.path(), &["--token", TOKEN]);
     let base = up.field("http");
-    for name in ["incr", "misbehave"] {
+    for name in ["incr", "square", "compose", "misbehave"] {
         register(&base, name, "");
     }
     let dag = r#"{"functions":["misbehave","incr"],"edges":[["misbehave","incr"]]}"#;
@@ -490,6 +490,49 @@ fn records_keep_each_steps_logs_cpu_time_and_memory() {
     );
     assert_eq!(logs["dropped"], 0);
     assert_eq!(logs["logs"][0]["function"], "misbehave");
+
+    // Nested calls are in their caller's step, in the order they ended, failures included.
+    let composed = invoke(&base, "/v1/functions/compose/invoke", "3");
+    assert_eq!(composed.text(), "16");
+    let (record, steps) = finished_steps(&base, &composed.activation);
+    let calls = steps[0]["calls"].as_array().expect("nested calls");
+    let summary: Vec<(&str, &str, u64, u64, u64)> = calls
+        .iter()
+        .map(|c| {
+            (
+                c["function"].as_str().expect("function"),
+                c["caller"].as_str().expect("caller"),
+                c["depth"].as_u64().expect("depth"),
+                c["input_bytes"].as_u64().expect("input"),
+                c["output_bytes"].as_u64().expect("output"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [("incr", "compose", 1, 1, 1), ("square", "compose", 1, 1, 2)],
+        "{record}"
+    );
+    assert!(calls
+        .iter()
+        .all(|c| c["error"].is_null() && c["start_us"].as_u64() > Some(0)));
+    let deep = invoke(&base, "/v1/functions/misbehave/invoke", "recurse:misbehave");
+    assert_eq!(deep.status, 500, "{}", deep.text());
+    let (record, steps) = finished_steps(&base, &deep.activation);
+    let calls = steps[0]["calls"].as_array().expect("nested calls");
+    assert!(calls.len() >= 8, "{record}");
+    assert!(
+        calls
+            .iter()
+            .all(|c| c["function"] == "misbehave" && c["error"].is_string()),
+        "{record}"
+    );
+    // The deepest ended first; the depths count down from there.
+    assert!(
+        calls[0]["depth"].as_u64() > calls[1]["depth"].as_u64(),
+        "{record}"
+    );
+    assert_eq!(calls.last().expect("a call")["depth"], 1, "{record}");
 
     // CPU time is CPU, not wall-clock time: a spinning guest spends much of its duration
     // (the machine is shared with other tests: a fraction is asserted), a sleeping one next
