@@ -359,6 +359,15 @@ pub struct ErrorDetail {
 }
 
 impl ApiError {
+    /// The error as an activation record keeps it.
+    fn recorded(&self) -> squall_state::activations::RecordedError {
+        squall_state::activations::RecordedError {
+            code: self.body.error.code.clone(),
+            message: self.body.error.message.clone(),
+            step: self.body.error.step.clone(),
+        }
+    }
+
     fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
         Self {
             status,
@@ -916,6 +925,63 @@ async fn invoke(
     headers: &HeaderMap,
     input: Bytes,
 ) -> ApiResult<Response> {
+    let start_us = Timestamp::now(0).time;
+    let id = ActivationId::new(start_us);
+    let (kind, name) = crate::runner::kind_and_name(&target);
+    let (kind, name) = (kind.to_string(), name.to_string());
+    let input_bytes = input.len() as u64;
+    let asynchronous = params.asynchronous.unwrap_or(false);
+    match run_invocation(gateway, target, params, headers, input, &id, start_us).await {
+        Ok(response) => Ok(response),
+        // Refused before it ran (a bad header, the store unavailable for an asynchronous
+        // call's acceptance): answered with an id and a record all the same.
+        Err(refused) => {
+            if gateway.config.record_activations {
+                let took = Duration::from_micros(Timestamp::now(0).time.saturating_sub(start_us));
+                let mut record = Activation {
+                    id: id.to_string(),
+                    kind,
+                    name,
+                    cause: if asynchronous { "http-async" } else { "http" }.into(),
+                    status: Status::Failed,
+                    start_ms: start_us / 1000,
+                    end_ms: Some(start_us / 1000 + took.as_millis() as u64),
+                    duration_us: Some(took.as_micros() as u64),
+                    placement: Vec::new(),
+                    input_bytes,
+                    output_bytes: None,
+                    error: Some(refused.recorded()),
+                    attempt: 1,
+                    attempts: Vec::new(),
+                    idempotency_key: None,
+                    steps: Vec::new(),
+                    chain: 0,
+                };
+                record.idempotency_key = headers
+                    .get(IDEMPOTENCY_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|k| !k.is_empty() && check_idempotency_key(k).is_ok())
+                    .map(str::to_string);
+                gateway.recorder().record(record);
+            }
+            let mut response = refused.into_response();
+            with_activation(&mut response, &id);
+            Ok(response)
+        }
+    }
+}
+
+/// The body of [`invoke`] for the call `id`, started at `start_us`: its errors are the
+/// refusals [`invoke`] records.
+async fn run_invocation(
+    gateway: &Gateway,
+    target: Target,
+    params: InvokeParams,
+    headers: &HeaderMap,
+    input: Bytes,
+    id: &ActivationId,
+    start_us: u64,
+) -> ApiResult<Response> {
     let text = |name: &str| -> ApiResult<Option<String>> {
         headers
             .get(name)
@@ -992,8 +1058,6 @@ async fn invoke(
         Target::Dag(_) => "dag",
     };
     let name = target.name().to_string();
-    let start_us = Timestamp::now(0).time;
-    let id = ActivationId::new(start_us);
     let result_key = keys::result(keys::DEFAULT_NAMESPACE, id.as_str());
     let mut record = Activation {
         id: id.to_string(),
@@ -1050,15 +1114,23 @@ async fn invoke(
         Ok(slot) => slot,
         Err(max) => {
             gateway.metrics.throttled(kind, &name);
-            let mut response = ApiError::new(
+            let refused = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_requests",
                 format!("{kind} {name:?} runs at most {max} calls at once through this gateway"),
-            )
-            .into_response();
+            );
+            if gateway.config.record_activations {
+                record.status = Status::Failed;
+                record.end_ms = Some(now_ms());
+                record.duration_us = Some(Timestamp::now(0).time.saturating_sub(start_us).max(1));
+                record.error = Some(refused.recorded());
+                gateway.recorder().record(record);
+            }
+            let mut response = refused.into_response();
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            with_activation(&mut response, id);
             return Ok(response);
         }
     };
@@ -1151,7 +1223,7 @@ async fn invoke(
             ApiError::from(failure).into_response()
         }
     };
-    with_activation(&mut response, &id);
+    with_activation(&mut response, id);
     if gateway.config.record_activations {
         // Off the answer's path, batched: a record that cannot be written is logged and
         // counted, the answer stands.

@@ -395,6 +395,20 @@ fn a_concurrency_limit_refuses_synchronous_calls_over_it_and_queues_asynchronous
     assert_eq!(statuses, vec![200, 200, 429, 429, 429]);
     assert_eq!(answers[4].error_code(), "too_many_requests");
     assert_eq!(answers[4].retry_after.as_deref(), Some("1"));
+    // A refused call has an id and a record too, as has one refused for a bad header.
+    let refused = record_when(&base, &answers[4].activation, |r| r["status"] == "failed");
+    assert_eq!(refused["error"]["code"], "too_many_requests", "{refused}");
+    let bad = support::http_with(
+        "POST",
+        &format!("{base}/v1/functions/misbehave/invoke"),
+        Some(TOKEN),
+        &[("squall-consistency", "eventually")],
+        b"ok",
+    );
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    let refused = record_when(&base, &bad.activation, |r| r["status"] == "failed");
+    assert_eq!(refused["error"]["code"], "bad_request", "{refused}");
+    assert_eq!(refused["name"], "misbehave", "{refused}");
 
     // Asynchronous calls wait for a slot, without counting attempts: one at a time, four
     // calls all succeed, and no two run at once.
