@@ -328,7 +328,14 @@ impl squall::function::invoke::Host for CallState {
         if let (Some(trace), Some((function, input_bytes, start_us, started))) = (trace, noted) {
             let (output_bytes, error) = match &nested {
                 Ok(output) => (Some(output.len() as u64), None),
-                Err(e) => (None, Some(e.to_string())),
+                Err(e) => {
+                    let mut error = e.to_string();
+                    squall_proto::report::truncate_line(
+                        &mut error,
+                        squall_proto::report::MAX_LINE_BYTES,
+                    );
+                    (None, Some(error))
+                }
             };
             trace.nested(squall_proto::report::NestedCall {
                 function,

@@ -1141,11 +1141,15 @@ async fn run_invocation(
                 .calls
                 .result_write(id.as_str(), &CallResult::Running, 1)?,
         );
-        gateway
-            .calls
-            .write_all(writes)
-            .await
-            .map_err(|e| Failure::new(FailureCode::Unavailable, e.to_string()))?;
+        if let Err(e) = gateway.calls.write_all(writes).await {
+            // Some may have landed: let the key go, so that a repeat runs the call.
+            let mut keys = idempotency_keys.clone();
+            keys.push(result_key.clone());
+            if let Err(cleanup) = gateway.calls.delete(keys).await {
+                tracing::warn!(id = %id, cause = %cleanup, "letting an idempotency key go");
+            }
+            return Err(Failure::new(FailureCode::Unavailable, e.to_string()).into());
+        }
     }
     let stores_result = record.idempotency_key.is_some();
     let started = Instant::now();

@@ -26,8 +26,14 @@
 //! A call's input is the change as JSON: `{"trigger","key","op":"write"|"delete","seq","ms",
 //! "written","after"}`, values as `{"type":...,"value":...}` (text for last-writer-wins
 //! registers, numbers for counters and max/min, arrays of text for sets; other types carry
-//! only their type), and `"chain"`, how many trigger calls led to the write (0: none). Calls
-//! run concurrently, so two writes of one key may run in either order: `seq` orders them.
+//! only their type), and `"chain"`, how many trigger calls led to the write (0: none).
+//!
+//! # Order per key
+//! A trigger's deliveries of one key are accepted one after another, in the order the shard
+//! journaled them, each with its place ([`CallOrder`]: the trigger and key, the change's
+//! sequence number), and the runner starts each only once the earlier ones ended (succeeded
+//! or became dead letters after their retries); different keys run concurrently. See
+//! [`crate::runner`] for what holds across runners.
 //!
 //! # Trigger chains stop
 //! A trigger's call runs with `chain` one more than the change it delivers
@@ -46,7 +52,7 @@ use serde_json::{json, Value};
 use squall_lattices::{Counter, LatticeValue, Max, Min};
 use squall_proto::call::{Failure, FailureCode, InvokeOptions, Target};
 use squall_proto::{keys, Change};
-use squall_state::calls::{Calls, PendingCall};
+use squall_state::calls::{CallOrder, Calls, PendingCall};
 use squall_state::triggers::{change_id, Firing, Trigger, Triggers};
 use squall_state::ClientPool;
 
@@ -358,10 +364,13 @@ impl ChangeFeed {
         // Up to DELIVERING acceptances at once (each a store round trip), in any order: the
         // calls run concurrently anyway. Each task answers its (trigger, digest) with its
         // outcome, so a failed one's note is taken back (and only it).
-        let mut delivering = tokio::task::JoinSet::new();
-        let mut failed: Option<squall_state::Error> = None;
+        // One task per trigger and key, accepting that key's changes one after another in
+        // order, so the runner holds (and runs) them in order; a failed acceptance leaves the
+        // key's later changes to the next pass.
+        let mut groups: Vec<(usize, Vec<Change>)> = Vec::new();
+        let mut group_of: HashMap<(usize, &str), usize> = HashMap::new();
         for change in changes {
-            for one in armed {
+            for (trigger, one) in armed.iter().enumerate() {
                 // Writes before the trigger was created, resumed or changed fire nothing.
                 if !(change.key.starts_with(&one.prefix)
                     && change.seq >= one.trigger.fires_from_us())
@@ -374,26 +383,49 @@ impl ChangeFeed {
                     // Another replica's copy of a write delivered already.
                     continue;
                 }
-                while delivering.len() >= DELIVERING {
-                    if let Some(joined) = delivering.join_next().await {
-                        self.delivered(joined, endpoint, &mut failed);
-                    }
-                }
-                let delivery = Delivery {
-                    calls: self.calls.clone(),
-                    runner: self.runner.clone(),
-                    trigger: one.trigger.clone(),
-                    target: one.target.clone(),
-                    endpoint: endpoint.to_string(),
-                    timeout: self.timeout,
-                    max_chain: self.max_chain,
-                };
-                let change = change.clone();
-                delivering.spawn(async move {
-                    let outcome = delivery.deliver(&change, check).await;
-                    (delivery.trigger.name, change.digest, outcome)
-                });
+                let group = *group_of
+                    .entry((trigger, change.key.as_str()))
+                    .or_insert_with(|| {
+                        groups.push((trigger, Vec::new()));
+                        groups.len() - 1
+                    });
+                groups[group].1.push(change.clone());
             }
+        }
+        let mut delivering = tokio::task::JoinSet::new();
+        let mut failed: Option<squall_state::Error> = None;
+        for (trigger, group) in groups {
+            while delivering.len() >= DELIVERING {
+                if let Some(joined) = delivering.join_next().await {
+                    self.delivered(joined, endpoint, &mut failed);
+                }
+            }
+            let one = &armed[trigger];
+            let delivery = Delivery {
+                calls: self.calls.clone(),
+                runner: self.runner.clone(),
+                trigger: one.trigger.clone(),
+                target: one.target.clone(),
+                endpoint: endpoint.to_string(),
+                timeout: self.timeout,
+                max_chain: self.max_chain,
+            };
+            delivering.spawn(async move {
+                let mut outcomes = Vec::with_capacity(group.len());
+                let mut stopped = false;
+                for change in group {
+                    let outcome = if stopped {
+                        Err(squall_state::Error::Internal(
+                            "an earlier change of the key was not accepted".into(),
+                        ))
+                    } else {
+                        delivery.deliver(&change, check).await
+                    };
+                    stopped |= outcome.is_err();
+                    outcomes.push((change.digest, outcome));
+                }
+                (delivery.trigger.name, outcomes)
+            });
         }
         while let Some(joined) = delivering.join_next().await {
             self.delivered(joined, endpoint, &mut failed);
@@ -410,22 +442,25 @@ impl ChangeFeed {
         Ok(())
     }
 
-    /// Takes a delivery task's outcome: a failure (the first is kept in `failed`) takes
-    /// back its note; a task that panicked counts as failed, its note kept (its change is
+    /// Takes a delivery task's outcomes: a failure (the first is kept in `failed`) takes
+    /// back its note; a task that panicked counts as failed, its notes kept (its changes are
     /// read again, and checked, all the same).
     fn delivered(
         &mut self,
-        joined: Result<(String, u64, squall_state::Result<()>), tokio::task::JoinError>,
+        joined: Result<Delivered, tokio::task::JoinError>,
         endpoint: &str,
         failed: &mut Option<squall_state::Error>,
     ) {
         match joined {
-            Ok((_, _, Ok(()))) => {}
-            Ok((trigger, digest, Err(e))) => {
-                if digest != 0 {
-                    self.recent.undo(&trigger, digest, endpoint);
+            Ok((trigger, outcomes)) => {
+                for (digest, outcome) in outcomes {
+                    if let Err(e) = outcome {
+                        if digest != 0 {
+                            self.recent.undo(&trigger, digest, endpoint);
+                        }
+                        failed.get_or_insert(e);
+                    }
                 }
-                failed.get_or_insert(e);
             }
             Err(e) => {
                 failed.get_or_insert(squall_state::Error::Internal(format!(
@@ -450,6 +485,9 @@ impl ChangeFeed {
     }
 }
 
+/// What a delivery task did: its trigger, and each change's digest and outcome.
+type Delivered = (String, Vec<(u64, squall_state::Result<()>)>);
+
 /// One trigger's delivery of a shard's changes: what accepting a call needs, owned, so that
 /// deliveries run as tasks of their own.
 struct Delivery {
@@ -473,7 +511,7 @@ impl Delivery {
         let input = serde_json::to_vec(&event(&self.trigger.name, change))
             .map_err(|e| squall_state::Error::Internal(format!("encoding a change: {e}")))?;
         let chain = change.chain.saturating_add(1);
-        let call = PendingCall::new(
+        let mut call = PendingCall::new(
             id.to_string(),
             self.target.clone(),
             Bytes::from(input),
@@ -485,6 +523,11 @@ impl Delivery {
             "kv-change",
             squall_lattices::entry::now_ms(),
         );
+        // The key's deliveries run one after another, in the order written.
+        call.order = Some(CallOrder {
+            group: format!("{}\n{}", self.trigger.name, change.key),
+            seq: change.seq,
+        });
         match chain_too_deep(&self.trigger.name, change, self.max_chain) {
             Some(failure) => {
                 tracing::warn!(trigger = %self.trigger.name, key = %change.key, chain,

@@ -11,6 +11,15 @@
 //! Every runner has an id (`--gateway-id`, by default the host's name and the gateway's HTTP
 //! port); two gateways running at once must not share one.
 //!
+//! # Calls in order
+//! A call with a place in a group ([`PendingCall::order`]: a `kv-change` trigger's
+//! deliveries of one key) starts its first attempt only once this runner holds no call of
+//! its group with a lower place; a call taken by a scan also waits for the scan to end, so
+//! that it sees the earlier calls the same scan takes. A call that keeps failing holds its
+//! group through its retries, and the group goes on once it succeeds or becomes a dead
+//! letter. The order holds among the calls one runner holds: calls of one group held by two
+//! runners (a lease taken over while calls ran) do not wait for each other.
+//!
 //! # Cost
 //! An accepted call costs one batched store write (call, running result, record), one
 //! awaited invocation, then a result write and the call's delete; a retry costs two re-reads
@@ -19,7 +28,8 @@
 //! every pending call and reads those this runner does not hold, inputs included: its cost
 //! grows with the calls other runners hold.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,7 +42,8 @@ use squall_proto::Key;
 use squall_scheduler::SchedulerClient;
 use squall_state::activations::{Attempt, RecordedError, Recorder, Status};
 use squall_state::calls::{
-    after_failure, claimable, AfterFailure, Calls, PendingCall, RetryPolicy, LEASE_MARGIN,
+    after_failure, claimable, AfterFailure, CallOrder, Calls, PendingCall, RetryPolicy,
+    LEASE_MARGIN,
 };
 use squall_state::{Activation, ActivationId, Activations};
 use tokio::sync::Semaphore;
@@ -78,6 +89,33 @@ struct Inner {
     /// them, and no attempt starts.
     cancelled: Mutex<HashSet<String>>,
     running: Semaphore,
+    /// The calls held here that run in order, by group: their places and ids.
+    ordered: Mutex<HashMap<String, BTreeSet<(u64, String)>>>,
+    /// Woken when an ordered call is let go or a scan ends.
+    turns: tokio::sync::Notify,
+    /// Scans under way.
+    scanning: AtomicUsize,
+}
+
+/// How long a call waiting for its turn sleeps before it looks again, whatever wakes it.
+const TURN_POLL: Duration = Duration::from_millis(50);
+
+/// Counts a scan under way while it lives, and wakes the calls waiting for their turn when
+/// it ends.
+struct Scanning<'a>(&'a Inner);
+
+impl<'a> Scanning<'a> {
+    fn new(inner: &'a Inner) -> Self {
+        inner.scanning.fetch_add(1, Ordering::AcqRel);
+        Self(inner)
+    }
+}
+
+impl Drop for Scanning<'_> {
+    fn drop(&mut self) {
+        self.0.scanning.fetch_sub(1, Ordering::AcqRel);
+        self.0.turns.notify_waiters();
+    }
 }
 
 impl std::fmt::Debug for Runner {
@@ -117,6 +155,9 @@ impl Runner {
                 held: Mutex::new(HashSet::new()),
                 cancelled: Mutex::new(HashSet::new()),
                 running: Semaphore::new(MAX_RUNNING),
+                ordered: Mutex::new(HashMap::new()),
+                turns: tokio::sync::Notify::new(),
+                scanning: AtomicUsize::new(0),
             }),
         }
     }
@@ -146,6 +187,51 @@ impl Runner {
         let mut held = locked(&self.inner.held);
         held.remove(id);
         locked(&self.inner.cancelled).remove(id);
+    }
+
+    /// The ordered calls' lock, whatever a panicking holder left.
+    fn ordered(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeSet<(u64, String)>>> {
+        self.inner.ordered.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes an ordered call held here.
+    fn enlist(&self, order: &CallOrder, id: &str) {
+        self.ordered()
+            .entry(order.group.clone())
+            .or_default()
+            .insert((order.seq, id.to_string()));
+    }
+
+    /// Forgets an ordered call let go, and wakes the calls waiting for their turn.
+    fn delist(&self, order: &CallOrder, id: &str) {
+        {
+            let mut ordered = self.ordered();
+            if let Some(group) = ordered.get_mut(&order.group) {
+                group.remove(&(order.seq, id.to_string()));
+                if group.is_empty() {
+                    ordered.remove(&order.group);
+                }
+            }
+        }
+        self.inner.turns.notify_waiters();
+    }
+
+    /// Waits until call `id` is the first of its group held here (and, if a scan took it,
+    /// that scan ended), or it is cancelled.
+    async fn wait_turn(&self, order: &CallOrder, id: &str, after_scan: bool) {
+        loop {
+            let notified = self.inner.turns.notified();
+            let first = self
+                .ordered()
+                .get(&order.group)
+                .and_then(|group| group.first().cloned())
+                .is_none_or(|(seq, first)| (seq, first.as_str()) == (order.seq, id));
+            let scanned = !after_scan || self.inner.scanning.load(Ordering::Acquire) == 0;
+            if (first && scanned) || self.is_cancelled(id) {
+                return;
+            }
+            let _ = tokio::time::timeout(TURN_POLL, notified).await;
+        }
     }
 
     /// Whether call `id` was cancelled through this gateway while held here.
@@ -181,11 +267,12 @@ impl Runner {
         let mut cleanup = cleanup;
         cleanup.push(call_write.0.clone());
         writes.push(call_write);
-        writes.push(
+        let running =
             self.inner
                 .calls
-                .result_write(&call.id, &CallResult::Running, call.attempt)?,
-        );
+                .result_write(&call.id, &CallResult::Running, call.attempt)?;
+        cleanup.push(running.0.clone());
+        writes.push(running);
         if let Some(activations) = &self.inner.activations {
             writes.push(activations.write_of(&record_of(&call, Status::Running, None, None))?);
         }
@@ -198,7 +285,7 @@ impl Runner {
             }
             match runner.inner.calls.write_all(writes).await {
                 Ok(()) => {
-                    runner.run_held(call);
+                    runner.run_held(call, false);
                     Ok(())
                 }
                 Err(e) => {
@@ -219,10 +306,14 @@ impl Runner {
             .map_err(|e| squall_state::Error::Internal(format!("accepting a call panicked: {e}")))?
     }
 
-    /// Runs `call`, which this runner holds and the store holds leased to it.
-    fn run_held(&self, call: PendingCall) {
+    /// Runs `call`, which this runner holds and the store holds leased to it (`after_scan`:
+    /// a scan took it).
+    fn run_held(&self, call: PendingCall, after_scan: bool) {
+        if let Some(order) = &call.order {
+            self.enlist(order, &call.id);
+        }
         let runner = self.clone();
-        tokio::spawn(async move { runner.drive(call).await });
+        tokio::spawn(async move { runner.drive(call, after_scan).await });
     }
 
     /// Takes `call` if it is still [`claimable`] here as the store has it now: holds it,
@@ -265,7 +356,7 @@ impl Runner {
             .await?
             .is_some_and(|stored| stored.lease == call.lease);
         if won {
-            self.run_held(call);
+            self.run_held(call, true);
         }
         Ok(won)
     }
@@ -300,6 +391,7 @@ impl Runner {
     /// One pass over the pending calls: takes those [`claimable`] here. Calls held here are
     /// not read.
     pub async fn scan(&self) -> squall_state::Result<usize> {
+        let _scanning = Scanning::new(&self.inner);
         let mut after = None;
         let mut taken = 0;
         loop {
@@ -325,9 +417,15 @@ impl Runner {
     }
 
     /// Runs `call`'s attempts until it finishes, is given up, or is cancelled.
-    async fn drive(&self, mut call: PendingCall) {
-        // The first attempt of a call just taken needs no second look at the store.
-        let mut fresh = true;
+    async fn drive(&self, mut call: PendingCall, after_scan: bool) {
+        let order = call.order.clone();
+        let turn = Instant::now();
+        if let Some(order) = &order {
+            self.wait_turn(order, &call.id, after_scan).await;
+        }
+        // The first attempt of a call just taken needs no second look at the store, unless it
+        // waited long for its turn.
+        let mut fresh = turn.elapsed() < LEASE_MARGIN / 2;
         // Attempts in a row that found no executor with room: each waits longer.
         let mut crowded = 0u32;
         loop {
@@ -436,6 +534,9 @@ impl Runner {
                     }
                 }
             }
+        }
+        if let Some(order) = &order {
+            self.delist(order, &call.id);
         }
         self.let_go(&call.id);
     }

@@ -278,7 +278,14 @@ impl Activation {
             .flat_map(|s| s.logs.iter())
             .map(|l| l.text.len() + l.function.len() + 32)
             .sum();
-        let calls: usize = self.steps.iter().map(|s| s.calls.len() * 128).sum();
+        let calls: usize = self
+            .steps
+            .iter()
+            .flat_map(|s| s.calls.iter())
+            .map(|c| {
+                96 + c.function.len() + c.caller.len() + c.error.as_ref().map_or(0, String::len)
+            })
+            .sum();
         lines + calls + 512 + 256 * self.steps.len() + 128 * self.attempts.len()
     }
 
@@ -484,7 +491,8 @@ impl Activations {
                     }
                 }
                 if !spans.is_empty() {
-                    // Not counted if this fails: the cap then keeps a little more.
+                    // If this fails, the bytes go with this writer's next write of the span
+                    // (its totals are kept), or are never counted.
                     if let Err(e) = client.put_many(counting.count(spans)) {
                         tracing::debug!(cause = %e, "counting activation record bytes");
                     }
@@ -554,12 +562,16 @@ impl Activations {
         if let Some((span, room, bytes)) = plan.crossing {
             // The span's records, newest first: its oldest share past the cap goes.
             let (from, to) = span_ms(span);
-            let in_span = self.ids_started_between(from, to).await?;
-            let keep =
-                (in_span.len() as u128 * u128::from(room) / u128::from(bytes.max(1))) as usize;
-            let doomed: Vec<Key> = in_span.into_iter().skip(keep).collect();
+            // As many as the share past the cap of the records counted: records that ended
+            // since the counters were read are among the newest, and stay.
+            let mut in_span = self.ids_started_between(from, to).await?;
+            let doom = (in_span.len() as u128 * u128::from(bytes - room) / u128::from(bytes.max(1)))
+                as usize;
+            let doomed = in_span.split_off(in_span.len() - doom.min(in_span.len()));
             trimmed.records += doomed.len() as u64;
-            self.delete_keys(doomed).await?;
+            for page in doomed.chunks(1000) {
+                self.delete_keys(page.to_vec()).await?;
+            }
             // And every record of the spans before it that were counted.
             if let Some(oldest) = oldest_dropped {
                 let (from, _) = span_ms(oldest);
@@ -823,6 +835,11 @@ struct TrimPlan {
 fn trim_plan(spans: &[(u64, u64)], cap_bytes: u64, expired_before: u64) -> TrimPlan {
     let mut kept = 0u64;
     for &(span, bytes) in spans {
+        if span < expired_before {
+            // This one and the older ones are past the retention: their records expire, and
+            // their bytes count no more.
+            break;
+        }
         if kept.saturating_add(bytes) <= cap_bytes {
             kept += bytes;
             continue;
@@ -955,6 +972,14 @@ mod tests {
             }
         );
         assert_eq!(trim_plan(&spans, 10_000, 70), TrimPlan::default());
+        // Spans past the retention count no more towards the cap.
+        assert_eq!(
+            trim_plan(&spans, 250, 85),
+            TrimPlan {
+                crossing: None,
+                drop_spans_before: Some(85),
+            }
+        );
         assert_eq!(span_of(87_999), 80);
     }
 

@@ -166,6 +166,21 @@ pub struct PendingCall {
     pub attempts: Vec<Attempt>,
     /// The `Idempotency-Key` it was made with.
     pub idempotency_key: Option<String>,
+    /// Its place among calls that run one after another (a `kv-change` trigger's
+    /// deliveries of one key), if it has one.
+    #[serde(default)]
+    pub order: Option<CallOrder>,
+}
+
+/// A call's place among calls that run one after another: a runner starts a call of a
+/// group only once it holds no call of that group with a lower `seq` (see the gateway's
+/// runner for what that promises).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CallOrder {
+    /// The group (for a `kv-change` trigger: the trigger and the key).
+    pub group: String,
+    /// Its place in the group: lower runs first.
+    pub seq: u64,
 }
 
 impl PendingCall {
@@ -190,6 +205,7 @@ impl PendingCall {
             lease: None,
             attempts: Vec::new(),
             idempotency_key: None,
+            order: None,
         }
     }
 

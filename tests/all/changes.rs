@@ -171,6 +171,42 @@ fn a_kv_change_trigger_fires_once_per_write_from_http_and_from_functions() {
 }
 
 #[test]
+fn a_keys_deliveries_run_one_after_another_in_the_order_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = support::up(dir.path(), &["--token", TOKEN]);
+    let base = up.field("http");
+    // For keys under `ord/`, `misbehave` reads `order/KEY`, waits 3 ms and writes it back
+    // with the value appended: concurrent or reordered runs lose or swap values.
+    misbehave_on_writes(&base, "ordered", "ord/");
+    for i in 1..=30 {
+        for key in ["a", "b"] {
+            let put = http(
+                "PUT",
+                &format!("{base}/v1/kv/ord/{key}"),
+                Some(TOKEN),
+                format!("{key}{i}").as_bytes(),
+            );
+            assert_eq!(put.status, 204, "{}", put.text());
+        }
+    }
+    let order = |key: &str| {
+        let answer = http(
+            "GET",
+            &format!("{base}/v1/kv/order/ord/{key}"),
+            Some(TOKEN),
+            b"",
+        );
+        (answer.status == 200).then(|| answer.text())
+    };
+    for key in ["a", "b"] {
+        let expected: String = (1..=30).map(|i| format!(",{key}{i}")).collect();
+        Poll::within(WAIT)
+            .until(|| (order(key).as_deref() == Some(expected.as_str())).then_some(()))
+            .unwrap_or_else(|_| panic!("ord/{key} delivered as {:?}", order(key)));
+    }
+}
+
+#[test]
 fn a_trigger_whose_function_writes_what_fires_it_stops_at_the_chain_limit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let up = support::up(dir.path(), &["--token", TOKEN, "--max-trigger-chain", "3"]);

@@ -18,7 +18,10 @@
 //!   written (a last-writer-wins register's text) to the set `seen-values/KEY`, so a test
 //!   counts the writes delivered; answers `seen`. For a key under `lat/`, first writes the
 //!   wall-clock time it started (µs since the Unix epoch) to `started/KEY`, and nothing else
-//!   (the trigger-latency benchmark).
+//!   (the trigger-latency benchmark). For a key under `ord/`, reads the register
+//!   `order/KEY`, waits 3 ms, and writes it back with `,VALUE` appended, and nothing else: a
+//!   read-modify-write that keeps every value, in order, only if the key's deliveries run
+//!   one at a time in order.
 //! - `sleep:MS`: sleeps MS milliseconds (a slow function that uses no CPU), answers `slept`.
 //! - `flaky:KEY:N`: adds 1 to the counter KEY and fails while the counter is below N (so
 //!   under retries, attempt N is the first to succeed), then answers the counter.
@@ -142,6 +145,17 @@ fn seen(event: &str) -> Result<Vec<u8>, String> {
         squall_sdk::state::put_bytes(&format!("started/{key}"), started.to_string().as_bytes())
             .map_err(|e| e.to_string())?;
         return Ok(b"started".to_vec());
+    }
+    if key.starts_with("ord/") {
+        let written = field("\"written\":{\"type\":\"lww\",\"value\":\"").unwrap_or("?");
+        let order = format!("order/{key}");
+        let mut so_far = squall_sdk::state::get_bytes(&order)
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        so_far.extend_from_slice(format!(",{written}").as_bytes());
+        squall_sdk::state::put_bytes(&order, &so_far).map_err(|e| e.to_string())?;
+        return Ok(b"ordered".to_vec());
     }
     squall_sdk::state::add(&format!("seen/{key}"), 1).map_err(|e| e.to_string())?;
     if let Some(written) = field("\"written\":{\"type\":\"lww\",\"value\":\"") {
