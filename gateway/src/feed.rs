@@ -31,9 +31,11 @@
 //! # Order per key
 //! A trigger's deliveries of one key are accepted one after another, in the order the shard
 //! journaled them, each with its place ([`CallOrder`]: the trigger and key, the change's
-//! sequence number), and the runner starts each only once the earlier ones ended (succeeded
-//! or became dead letters after their retries); different keys run concurrently. See
-//! [`crate::runner`] for what holds across runners.
+//! sequence number), and the runner holding them starts each only once the earlier ones it
+//! holds ended (succeeded or became dead letters after their retries); different keys run
+//! concurrently. The order is lost when a gateway dies with calls pending (see
+//! [`crate::runner`]), and in a cluster it is that of the replicas' sequence numbers, which
+//! follow each shard's clock.
 //!
 //! # Trigger chains stop
 //! A trigger's call runs with `chain` one more than the change it delivers
@@ -361,10 +363,9 @@ impl ChangeFeed {
             return Ok(());
         };
         let check = !self.trusted.contains(endpoint);
-        // Up to DELIVERING acceptances at once (each a store round trip), in any order: the
-        // calls run concurrently anyway. Each task answers its (trigger, digest) with its
-        // outcome, so a failed one's note is taken back (and only it).
-        // One task per trigger and key, accepting that key's changes one after another in
+        // Up to DELIVERING tasks at once, each answering its changes' digests with their
+        // outcomes, so a failed one's note is taken back (and only it). One task per trigger
+        // and key, accepting that key's changes one after another in
         // order, so the runner holds (and runs) them in order; a failed acceptance leaves the
         // key's later changes to the next pass.
         let mut groups: Vec<(usize, Vec<Change>)> = Vec::new();

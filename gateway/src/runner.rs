@@ -14,11 +14,15 @@
 //! # Calls in order
 //! A call with a place in a group ([`PendingCall::order`]: a `kv-change` trigger's
 //! deliveries of one key) starts its first attempt only once this runner holds no call of
-//! its group with a lower place; a call taken by a scan also waits for the scan to end, so
-//! that it sees the earlier calls the same scan takes. A call that keeps failing holds its
-//! group through its retries, and the group goes on once it succeeds or becomes a dead
-//! letter. The order holds among the calls one runner holds: calls of one group held by two
-//! runners (a lease taken over while calls ran) do not wait for each other.
+//! its group with a lower place and no other call of its group has started here (a
+//! redriven call with an old place waits for the one running); a call taken by a scan also
+//! waits for scans to end, so that it sees the earlier calls the same scan takes. A call
+//! that keeps failing holds its group through its retries, and the group goes on once it
+//! succeeds or becomes a dead letter. A waiting call renews its lease (read back, as a
+//! scan's take is), so other runners do not take it while it waits. What this does not
+//! promise: calls of one group held by two runners do not wait for each other, which
+//! happens when a runner dies (the others take its calls as their leases run out, not in
+//! their order, while the change feed's new holder goes on with newer changes).
 //!
 //! # Cost
 //! An accepted call costs one batched store write (call, running result, record), one
@@ -89,8 +93,8 @@ struct Inner {
     /// them, and no attempt starts.
     cancelled: Mutex<HashSet<String>>,
     running: Semaphore,
-    /// The calls held here that run in order, by group: their places and ids.
-    ordered: Mutex<HashMap<String, BTreeSet<(u64, String)>>>,
+    /// The calls held here that run in order, by group.
+    ordered: Mutex<HashMap<String, Group>>,
     /// Woken when an ordered call is let go or a scan ends.
     turns: tokio::sync::Notify,
     /// Scans under way.
@@ -99,6 +103,65 @@ struct Inner {
 
 /// How long a call waiting for its turn sleeps before it looks again, whatever wakes it.
 const TURN_POLL: Duration = Duration::from_millis(50);
+
+/// The calls of one group held here.
+#[derive(Default)]
+struct Group {
+    /// Their places and ids.
+    held: BTreeSet<(u64, String)>,
+    /// The one whose attempts have started, if one has.
+    started: Option<String>,
+}
+
+impl Group {
+    /// Takes the turn of call `id` at place `seq` if it is the first held and no other
+    /// call has started; whether it did.
+    fn take(&mut self, seq: u64, id: &str) -> bool {
+        let first = self
+            .held
+            .first()
+            .is_none_or(|(first_seq, first)| (*first_seq, first.as_str()) == (seq, id));
+        if first && self.started.as_deref().is_none_or(|s| s == id) {
+            self.started = Some(id.to_string());
+            return true;
+        }
+        false
+    }
+
+    /// Forgets call `id` at place `seq`; whether the group is empty now.
+    fn remove(&mut self, seq: u64, id: &str) -> bool {
+        self.held.remove(&(seq, id.to_string()));
+        if self.started.as_deref() == Some(id) {
+            self.started = None;
+        }
+        self.held.is_empty()
+    }
+}
+
+/// What waiting for a turn came to.
+enum Turn {
+    /// The call may start; whether it waited at all.
+    Go { waited: bool },
+    /// Another runner took the call, or it is gone from the store.
+    Lost,
+}
+
+/// Lets a call go when its drive ends, however it ends (a panic included): its group's
+/// next call may then start.
+struct Driving<'a> {
+    runner: &'a Runner,
+    id: String,
+    order: Option<CallOrder>,
+}
+
+impl Drop for Driving<'_> {
+    fn drop(&mut self) {
+        if let Some(order) = &self.order {
+            self.runner.delist(order, &self.id);
+        }
+        self.runner.let_go(&self.id);
+    }
+}
 
 /// Counts a scan under way while it lives, and wakes the calls waiting for their turn when
 /// it ends.
@@ -190,7 +253,7 @@ impl Runner {
     }
 
     /// The ordered calls' lock, whatever a panicking holder left.
-    fn ordered(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeSet<(u64, String)>>> {
+    fn ordered(&self) -> std::sync::MutexGuard<'_, HashMap<String, Group>> {
         self.inner.ordered.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -199,6 +262,7 @@ impl Runner {
         self.ordered()
             .entry(order.group.clone())
             .or_default()
+            .held
             .insert((order.seq, id.to_string()));
     }
 
@@ -207,8 +271,7 @@ impl Runner {
         {
             let mut ordered = self.ordered();
             if let Some(group) = ordered.get_mut(&order.group) {
-                group.remove(&(order.seq, id.to_string()));
-                if group.is_empty() {
+                if group.remove(order.seq, id) {
                     ordered.remove(&order.group);
                 }
             }
@@ -216,21 +279,73 @@ impl Runner {
         self.inner.turns.notify_waiters();
     }
 
-    /// Waits until call `id` is the first of its group held here (and, if a scan took it,
-    /// that scan ended), or it is cancelled.
-    async fn wait_turn(&self, order: &CallOrder, id: &str, after_scan: bool) {
+    /// Takes the turn of `call` in its group if it is its turn: it is the first of its
+    /// group held here, no other call of the group has started, and (if a scan took it) no
+    /// scan is under way.
+    fn take_turn(&self, order: &CallOrder, id: &str, after_scan: bool) -> bool {
+        if after_scan && self.inner.scanning.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let mut ordered = self.ordered();
+        ordered
+            .get_mut(&order.group)
+            .is_none_or(|group| group.take(order.seq, id))
+    }
+
+    /// Waits for `call`'s turn in its group (see the module docs), renewing its lease every
+    /// [`LEASE_MARGIN`] / 2 while it waits; a cancel ends the wait.
+    async fn wait_turn(&self, call: &mut PendingCall, order: &CallOrder, after_scan: bool) -> Turn {
+        let mut waited = false;
+        let mut renewed = Instant::now();
         loop {
             let notified = self.inner.turns.notified();
-            let first = self
-                .ordered()
-                .get(&order.group)
-                .and_then(|group| group.first().cloned())
-                .is_none_or(|(seq, first)| (seq, first.as_str()) == (order.seq, id));
-            let scanned = !after_scan || self.inner.scanning.load(Ordering::Acquire) == 0;
-            if (first && scanned) || self.is_cancelled(id) {
-                return;
+            if self.take_turn(order, &call.id, after_scan) || self.is_cancelled(&call.id) {
+                return Turn::Go { waited };
             }
+            waited = true;
             let _ = tokio::time::timeout(TURN_POLL, notified).await;
+            if renewed.elapsed() >= LEASE_MARGIN / 2 {
+                renewed = Instant::now();
+                if !self.renew_waiting(call).await {
+                    return Turn::Lost;
+                }
+            }
+        }
+    }
+
+    /// Whether this runner may go on running `stored` (the call as the store has it): its
+    /// lease is this runner's, ran out, or there is none.
+    fn may_run(&self, stored: &PendingCall) -> bool {
+        stored
+            .lease
+            .as_ref()
+            .is_none_or(|l| l.owner == self.inner.id || l.until_ms <= now_ms())
+    }
+
+    /// Renews the lease of a waiting call, read back as a scan's take is; whether this
+    /// runner still holds it (a store that does not answer leaves the call waiting here).
+    async fn renew_waiting(&self, call: &mut PendingCall) -> bool {
+        match self.inner.calls.get(&call.id).await {
+            Ok(None) => return false,
+            Ok(Some(stored)) => {
+                if !self.may_run(&stored) {
+                    return false;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(id = %call.id, cause = %e, "re-reading a waiting call");
+                return true;
+            }
+        }
+        call.lease = Some(call.lease_for(&self.inner.id, now_ms()));
+        if let Err(e) = self.inner.calls.put(call).await {
+            tracing::warn!(id = %call.id, cause = %e, "renewing a waiting call's lease");
+            return true;
+        }
+        match self.inner.calls.get(&call.id).await {
+            Ok(Some(stored)) => stored.lease == call.lease,
+            Ok(None) => false,
+            Err(_) => true,
         }
     }
 
@@ -419,13 +534,23 @@ impl Runner {
     /// Runs `call`'s attempts until it finishes, is given up, or is cancelled.
     async fn drive(&self, mut call: PendingCall, after_scan: bool) {
         let order = call.order.clone();
-        let turn = Instant::now();
-        if let Some(order) = &order {
-            self.wait_turn(order, &call.id, after_scan).await;
-        }
+        let _driving = Driving {
+            runner: self,
+            id: call.id.clone(),
+            order: order.clone(),
+        };
         // The first attempt of a call just taken needs no second look at the store, unless it
-        // waited long for its turn.
-        let mut fresh = turn.elapsed() < LEASE_MARGIN / 2;
+        // waited for its turn.
+        let mut fresh = true;
+        if let Some(order) = &order {
+            match self.wait_turn(&mut call, order, after_scan).await {
+                Turn::Go { waited } => fresh = !waited,
+                Turn::Lost => {
+                    tracing::info!(id = %call.id, "another runner took the call while it waited for its turn");
+                    return;
+                }
+            }
+        }
         // Attempts in a row that found no executor with room: each waits longer.
         let mut crowded = 0u32;
         loop {
@@ -456,11 +581,7 @@ impl Runner {
             if !fresh || waiting.elapsed() > LEASE_MARGIN / 2 {
                 match self.inner.calls.get(&call.id).await {
                     Ok(Some(stored)) => {
-                        let ours = stored
-                            .lease
-                            .as_ref()
-                            .is_none_or(|l| l.owner == self.inner.id || l.until_ms <= now_ms());
-                        if !ours {
+                        if !self.may_run(&stored) {
                             tracing::info!(id = %call.id, "another runner took the call while it waited here");
                             break;
                         }
@@ -535,10 +656,6 @@ impl Runner {
                 }
             }
         }
-        if let Some(order) = &order {
-            self.delist(order, &call.id);
-        }
-        self.let_go(&call.id);
     }
 
     /// The retry policy of `call`'s target: read again until the store answers, the
@@ -797,4 +914,32 @@ pub fn record_of(
 /// A failure for a call that cannot be accepted.
 pub fn unavailable(e: impl std::fmt::Display) -> Failure {
     Failure::new(FailureCode::Unavailable, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_runs_its_calls_one_at_a_time_in_place_order() {
+        let mut group = Group::default();
+        for (seq, id) in [(2, "b"), (1, "a"), (3, "c")] {
+            group.held.insert((seq, id.to_string()));
+        }
+        // Only the first place starts, and again when asked again.
+        assert!(!group.take(2, "b"));
+        assert!(group.take(1, "a"));
+        assert!(group.take(1, "a"));
+        // A redriven call with an older place waits for the one started.
+        group.held.insert((0, "old".to_string()));
+        assert!(!group.take(0, "old"));
+        assert!(!group.remove(1, "a"));
+        assert!(group.take(0, "old"));
+        assert!(!group.take(2, "b"));
+        assert!(!group.remove(0, "old"));
+        assert!(group.take(2, "b"));
+        assert!(!group.remove(2, "b"));
+        assert!(group.take(3, "c"));
+        assert!(group.remove(3, "c"), "empty once the last goes");
+    }
 }
