@@ -297,9 +297,16 @@ async fn finish_http(
     stop: &Stop,
     mut server: tokio::task::JoinHandle<std::io::Result<()>>,
 ) -> anyhow::Result<()> {
+    // The server ends on its own once a stop is asked for, maybe before this task looks:
+    // the stop is looked at first, and a server that ended after one is no failure.
     tokio::select! {
+        biased;
         _ = stop.requested() => tracing::info!("shutting down"),
-        result = &mut server => anyhow::bail!("the HTTP server stopped: {result:?}"),
+        result = &mut server => {
+            anyhow::ensure!(stop.is_requested(), "the HTTP server stopped: {result:?}");
+            tracing::info!("shutting down");
+            return Ok(());
+        }
     }
     if tokio::time::timeout(HTTP_DRAIN, server).await.is_err() {
         tracing::warn!("requests still under way after {HTTP_DRAIN:?}: dropped");

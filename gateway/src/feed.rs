@@ -7,7 +7,17 @@
 //! For each shard of the store it asks for the changes after its position, accepts one call
 //! per change and matching trigger (through the [`Runner`], so the call is in the store before
 //! the position moves), then stores the new position (a max register per shard) and asks
-//! again, which lets the shard forget what was delivered.
+//! again, which lets the shard forget what was delivered. An idle feed does not poll: it
+//! holds a wait on each shard ([`squall_proto::Request::AwaitChange`]), which the shard
+//! answers right after the commit that made a change durable.
+//!
+//! # A delivery starts before its call is in the store
+//! A change's call starts its first attempt while the write that accepts it is on its way
+//! ([`Runner::accept_started`]): the change itself is the promise, kept in its shard's
+//! journal until a position past it is stored, which happens only once the call is in the
+//! store. The attempt writes nothing (result, retry, record) before that write landed; if it
+//! fails, the attempt's outcome is dropped and the change is delivered again, so its
+//! function may run twice (at least once, as always).
 //!
 //! # What can be delivered twice, and what never is lost
 //! A change's call id is computed from the trigger, the shard and the change's sequence
@@ -47,6 +57,8 @@
 //! number of times and stops, visibly. Redriving the dead letter runs that one call.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -66,9 +78,11 @@ pub const LEASE_MS: u64 = 10_000;
 const LEASE_RENEW: Duration = Duration::from_secs(3);
 /// How often the triggers are read from the store.
 const REFRESH_EVERY: Duration = Duration::from_secs(1);
-/// How long the feed waits when no shard had a change (the bound on a change's wait before
-/// its delivery starts, when the feed is idle).
-const IDLE_WAIT: Duration = Duration::from_millis(2);
+/// How long the feed waits when no shard had a change and none woke it (the bound on a
+/// change's wait when the shards' wake-ups fail).
+const IDLE_WAIT: Duration = Duration::from_millis(50);
+/// How long a shard holds a wake-up request (see [`Wakers`]).
+const AWAIT_CHANGE: Duration = Duration::from_millis(900);
 /// How often the journals are drained while no `kv-change` trigger exists (their changes
 /// are then dropped, so that a deleted trigger leaves nothing to grow).
 const DRAIN_EVERY: Duration = Duration::from_secs(1);
@@ -108,6 +122,92 @@ pub struct ChangeFeed {
     recent: Recent,
     /// The deepest trigger chain delivered (see the module docs).
     max_chain: u32,
+    /// Wake the feed when a shard journals a change.
+    wakers: Wakers,
+}
+
+/// Wakes an idle feed the moment a shard journals a change: one task per shard holds a
+/// [`squall_proto::Request::AwaitChange`] on it, which the shard answers right after the
+/// commit that made a change durable, and sends it again. They run while this gateway
+/// holds the feed's lease. A waker that fails leaves the feed to look every [`IDLE_WAIT`].
+#[derive(Default)]
+struct Wakers {
+    wake: Arc<tokio::sync::Notify>,
+    /// The shards watched, each with its task's stop flag.
+    watching: HashMap<String, Arc<AtomicBool>>,
+}
+
+impl Wakers {
+    /// Watches exactly the shards at `endpoints`.
+    fn watch(&mut self, kvs: &ClientPool, endpoints: &[String]) {
+        self.watching.retain(|endpoint, stop| {
+            let kept = endpoints.contains(endpoint);
+            if !kept {
+                stop.store(true, Ordering::Relaxed);
+            }
+            kept
+        });
+        for endpoint in endpoints {
+            if self.watching.contains_key(endpoint) {
+                continue;
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            self.watching.insert(endpoint.clone(), stop.clone());
+            tokio::spawn(wake_on_changes(
+                kvs.clone(),
+                endpoint.clone(),
+                self.wake.clone(),
+                stop,
+            ));
+        }
+    }
+
+    /// Stops every waker.
+    fn stop(&mut self) {
+        for (_, stop) in self.watching.drain() {
+            stop.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits until a shard journaled a change since the last wake-up, at most [`IDLE_WAIT`].
+    async fn idle(&self) {
+        let _ = tokio::time::timeout(IDLE_WAIT, self.wake.notified()).await;
+    }
+}
+
+impl Drop for Wakers {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One shard's waker (see [`Wakers`]): notifies `wake` whenever the shard's newest change
+/// is newer than the last it saw.
+async fn wake_on_changes(
+    kvs: ClientPool,
+    endpoint: String,
+    wake: Arc<tokio::sync::Notify>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut newest = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let asked = endpoint.clone();
+        match kvs
+            .with(move |client| client.await_change(&asked, newest, AWAIT_CHANGE))
+            .await
+        {
+            Ok((seen, _)) => {
+                if seen > newest {
+                    newest = seen;
+                    wake.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::debug!(shard = %endpoint, cause = %e, "waiting for a shard's changes");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 /// The writes delivered lately, counted by trigger, digest and shard: a write seen on one
@@ -186,6 +286,7 @@ impl ChangeFeed {
             journals_on: true,
             recent: Recent::default(),
             max_chain: DEFAULT_MAX_CHAIN,
+            wakers: Wakers::default(),
         }
     }
 
@@ -225,6 +326,7 @@ impl ChangeFeed {
                         leased = None;
                         self.positions.clear();
                         self.trusted.clear();
+                        self.wakers.stop();
                         tokio::time::sleep(LEASE_RENEW).await;
                         continue;
                     }
@@ -239,7 +341,7 @@ impl ChangeFeed {
             match self.round(&mut armed).await {
                 Ok(true) => {}
                 Ok(false) if armed.is_empty() => tokio::time::sleep(DRAIN_EVERY).await,
-                Ok(false) => tokio::time::sleep(IDLE_WAIT).await,
+                Ok(false) => self.wakers.idle().await,
                 Err(e) => {
                     tracing::warn!(cause = %e, "delivering changes; trying again");
                     self.positions.clear();
@@ -278,6 +380,9 @@ impl ChangeFeed {
     /// logged and left for the next pass; the others go on.
     async fn round(&mut self, armed: &mut Vec<Armed>) -> squall_state::Result<bool> {
         let endpoints = self.kvs.with(|client| client.shard_endpoints()).await?;
+        if !armed.is_empty() {
+            self.wakers.watch(&self.kvs, &endpoints);
+        }
         let mut journals_on = false;
         // Every shard's changes first, then the triggers as they are now: a trigger read
         // after the changes knows of every pause, change, creation or deletion made before
@@ -535,7 +640,9 @@ impl Delivery {
                     "a trigger chain went too deep: the delivery is a dead letter");
                 self.runner.refuse(call, failure).await
             }
-            None => self.runner.accept(call, Vec::new()).await,
+            // Started while its acceptance is on its way: this change stays in its shard's
+            // journal until the call is in the store, so a refusal loses nothing.
+            None => self.runner.accept_started(call, Vec::new()).await,
         }
     }
 }

@@ -25,8 +25,9 @@
 //! their order, while the change feed's new holder goes on with newer changes).
 //!
 //! # Cost
-//! An accepted call costs one batched store write (call, running result, record), one
-//! awaited invocation, then a result write and the call's delete; a retry costs two re-reads
+//! An accepted call costs one batched store write (call, running result, record; a change
+//! feed's call starts its attempt while that write is on its way, see
+//! [`Runner::accept_started`]), one awaited invocation, then a result write and the call's delete; a retry costs two re-reads
 //! (to see a cancel) and a write of the call. [`MAX_RUNNING`] attempts run at once per
 //! runner; the others wait their turn in memory, already safe in the store. A scan lists
 //! every pending call and reads those this runner does not hold, inputs included: its cost
@@ -72,6 +73,32 @@ const SCAN_PAGE: u32 = 500;
 
 /// How long a runner tries to read a retry policy before it falls back to the default.
 const POLICY_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Whether the writes that accept a call are in the store: a call started with
+/// [`Runner::accept_started`] runs its first attempt while they are on their way, and waits
+/// for them before it writes or reads anything of its own.
+enum Landing {
+    /// In the store.
+    Landed,
+    /// On their way: the acceptor says whether they landed.
+    Pending(tokio::sync::oneshot::Receiver<bool>),
+    /// Refused: the call is not the runner's to finish.
+    Refused,
+}
+
+impl Landing {
+    /// Waits for the writes; whether they landed.
+    async fn landed(&mut self) -> bool {
+        if let Landing::Pending(landing) = self {
+            *self = if landing.await.unwrap_or(false) {
+                Landing::Landed
+            } else {
+                Landing::Refused
+            };
+        }
+        matches!(self, Landing::Landed)
+    }
+}
 
 /// Runs durable calls. Cheap to clone; must be used inside a tokio runtime.
 #[derive(Clone)]
@@ -294,7 +321,13 @@ impl Runner {
 
     /// Waits for `call`'s turn in its group (see the module docs), renewing its lease every
     /// [`LEASE_MARGIN`] / 2 while it waits; a cancel ends the wait.
-    async fn wait_turn(&self, call: &mut PendingCall, order: &CallOrder, after_scan: bool) -> Turn {
+    async fn wait_turn(
+        &self,
+        call: &mut PendingCall,
+        order: &CallOrder,
+        after_scan: bool,
+        landing: &mut Landing,
+    ) -> Turn {
         let mut waited = false;
         let mut renewed = Instant::now();
         loop {
@@ -303,6 +336,10 @@ impl Runner {
                 return Turn::Go { waited };
             }
             waited = true;
+            // A waiting call reads and renews its lease in the store: only once it is there.
+            if !landing.landed().await {
+                return Turn::Lost;
+            }
             let _ = tokio::time::timeout(TURN_POLL, notified).await;
             if renewed.elapsed() >= LEASE_MARGIN / 2 {
                 renewed = Instant::now();
@@ -372,8 +409,32 @@ impl Runner {
     /// midway (a client that disconnects) cannot leave the call held and never run.
     pub async fn accept(
         &self,
+        call: PendingCall,
+        extra: Vec<(Key, Write)>,
+    ) -> squall_state::Result<()> {
+        self.accept_as(call, extra, false).await
+    }
+
+    /// [`Runner::accept`], but the call's first attempt starts at once, while the writes that
+    /// accept it are on their way to the store: the call starts one durable write sooner.
+    /// What the attempt leaves (its result, the call's next attempt, its record) is written
+    /// only once they landed; if they fail, the attempt's outcome is dropped and the error
+    /// returned, so a caller that offers the call again may run it a second time. For
+    /// callers whose promise is the change it delivers (the change feed keeps a change until
+    /// its call is in the store), never for a call a client was told is refused.
+    pub async fn accept_started(
+        &self,
+        call: PendingCall,
+        extra: Vec<(Key, Write)>,
+    ) -> squall_state::Result<()> {
+        self.accept_as(call, extra, true).await
+    }
+
+    async fn accept_as(
+        &self,
         mut call: PendingCall,
         extra: Vec<(Key, Write)>,
+        started: bool,
     ) -> squall_state::Result<()> {
         call.lease = Some(call.lease_for(&self.inner.id, now_ms()));
         let mut writes = extra;
@@ -398,9 +459,29 @@ impl Runner {
             if !runner.hold(&call.id) {
                 return Ok(());
             }
+            if started {
+                let (landed, landing) = tokio::sync::oneshot::channel();
+                let id = call.id.clone();
+                let attempt = runner.run_held(call, false, Landing::Pending(landing));
+                let written = runner.inner.calls.write_all(writes).await;
+                // The attempt waits for this before it writes anything.
+                let _ = landed.send(written.is_ok());
+                if let Err(e) = &written {
+                    // Some writes may have landed: take them back.
+                    if let Err(cleanup_error) = runner.inner.calls.delete(cleanup).await {
+                        tracing::warn!(id = %id, cause = %cleanup_error,
+                            "taking back a call the store half took");
+                    }
+                    tracing::debug!(id = %id, cause = %e, "a call started before it was accepted was refused");
+                    // The attempt's end lets the call go: until then an offer of the same call
+                    // would find it held here and take it for accepted.
+                    let _ = attempt.await;
+                }
+                return written;
+            }
             match runner.inner.calls.write_all(writes).await {
                 Ok(()) => {
-                    runner.run_held(call, false);
+                    let _attempt = runner.run_held(call, false, Landing::Landed);
                     Ok(())
                 }
                 Err(e) => {
@@ -423,12 +504,17 @@ impl Runner {
 
     /// Runs `call`, which this runner holds and the store holds leased to it (`after_scan`:
     /// a scan took it).
-    fn run_held(&self, call: PendingCall, after_scan: bool) {
+    fn run_held(
+        &self,
+        call: PendingCall,
+        after_scan: bool,
+        landing: Landing,
+    ) -> tokio::task::JoinHandle<()> {
         if let Some(order) = &call.order {
             self.enlist(order, &call.id);
         }
         let runner = self.clone();
-        tokio::spawn(async move { runner.drive(call, after_scan).await });
+        tokio::spawn(async move { runner.drive(call, after_scan, landing).await })
     }
 
     /// Takes `call` if it is still [`claimable`] here as the store has it now: holds it,
@@ -471,7 +557,7 @@ impl Runner {
             .await?
             .is_some_and(|stored| stored.lease == call.lease);
         if won {
-            self.run_held(call, true);
+            let _attempt = self.run_held(call, true, Landing::Landed);
         }
         Ok(won)
     }
@@ -532,7 +618,7 @@ impl Runner {
     }
 
     /// Runs `call`'s attempts until it finishes, is given up, or is cancelled.
-    async fn drive(&self, mut call: PendingCall, after_scan: bool) {
+    async fn drive(&self, mut call: PendingCall, after_scan: bool, mut landing: Landing) {
         let order = call.order.clone();
         let _driving = Driving {
             runner: self,
@@ -543,7 +629,10 @@ impl Runner {
         // waited for its turn.
         let mut fresh = true;
         if let Some(order) = &order {
-            match self.wait_turn(&mut call, order, after_scan).await {
+            match self
+                .wait_turn(&mut call, order, after_scan, &mut landing)
+                .await
+            {
                 Turn::Go { waited } => fresh = !waited,
                 Turn::Lost => {
                     tracing::info!(id = %call.id, "another runner took the call while it waited for its turn");
@@ -579,6 +668,9 @@ impl Runner {
             // again: a cancel through another gateway deletes the call, and a wait past the
             // lease may have let another runner take it.
             if !fresh || waiting.elapsed() > LEASE_MARGIN / 2 {
+                if !landing.landed().await {
+                    break;
+                }
                 match self.inner.calls.get(&call.id).await {
                     Ok(Some(stored)) => {
                         if !self.may_run(&stored) {
@@ -600,6 +692,9 @@ impl Runner {
             if call.lease.as_ref().is_none_or(|l| {
                 l.until_ms < now + (call.timeout() + LEASE_MARGIN / 2).as_millis() as u64
             }) {
+                if !landing.landed().await {
+                    break;
+                }
                 call.lease = Some(call.lease_for(&self.inner.id, now));
                 if let Err(e) = self.inner.calls.put(&call).await {
                     tracing::warn!(id = %call.id, cause = %e, "renewing a lease");
@@ -622,6 +717,10 @@ impl Runner {
                 .await;
             drop((permit, slot));
             let took = started.elapsed();
+            // Nothing of the attempt is written before the call itself is in the store.
+            if !landing.landed().await {
+                break;
+            }
             let (kind, name) = kind_and_name(&call.target);
             match outcome {
                 Ok(invocation) => {

@@ -517,6 +517,43 @@ impl Client {
         after: u64,
         limit: u32,
     ) -> Result<(Vec<squall_proto::Change>, u64, bool)> {
+        match self.ask_shard(endpoint, Request::Changes { after, limit })? {
+            Response::Changes { changes, lost, on } => Ok((changes, lost, on)),
+            Response::Error(e) => Err(Error::Request(e)),
+            other => Err(Error::UnexpectedResponse(format!(
+                "a changes request answered {}",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// Waits until the shard at `endpoint` has journaled a change with a sequence number
+    /// above `after`, or `wait` passed (at most [`squall_proto::MAX_AWAIT_MS`] and half this
+    /// client's timeout); the newest sequence number the shard gave, and whether it
+    /// journals. Forgets nothing.
+    pub fn await_change(
+        &mut self,
+        endpoint: &str,
+        after: u64,
+        wait: Duration,
+    ) -> Result<(u64, bool)> {
+        let wait = wait.min(self.config.timeout / 2);
+        let request = Request::AwaitChange {
+            after,
+            wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
+        };
+        match self.ask_shard(endpoint, request)? {
+            Response::Journaled { newest, on } => Ok((newest, on)),
+            Response::Error(e) => Err(Error::Request(e)),
+            other => Err(Error::UnexpectedResponse(format!(
+                "an await-change request answered {}",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// Sends `request` to the shard at `endpoint` of this store; its answer.
+    fn ask_shard(&mut self, endpoint: &str, request: Request) -> Result<Response> {
         if self.layout.is_none() {
             self.refresh()?;
         }
@@ -528,7 +565,6 @@ impl Client {
                 "{endpoint} is not a shard of this store"
             )));
         };
-        let request = Request::Changes { after, limit };
         let exchanged = exchange(
             &self.config.retry(),
             &mut self.next_id,
@@ -536,14 +572,10 @@ impl Client {
             &mut layout.connections,
             &[(index, request)],
         )?;
-        match exchanged.into_all()?.pop() {
-            Some(Response::Changes { changes, lost, on }) => Ok((changes, lost, on)),
-            Some(Response::Error(e)) => Err(Error::Request(e)),
-            other => Err(Error::UnexpectedResponse(format!(
-                "a changes request answered {}",
-                other.map_or("nothing", |r| r.kind())
-            ))),
-        }
+        exchanged
+            .into_all()?
+            .pop()
+            .ok_or_else(|| Error::UnexpectedResponse("no answer from the shard".into()))
     }
 
     /// A timestamp of this client's clock, later than every one it gave before.

@@ -24,6 +24,11 @@
 //! changes already taken, which the consumer skips by its position and which are forgotten
 //! again at its next request (and for good at the next compaction).
 //!
+//! A consumer with nothing to take waits for the next change instead of asking again and
+//! again ([`Request::AwaitChange`]): the shard holds the request and answers it with the
+//! newest sequence number right after the commit that made a newer change durable (or when
+//! its wait ends), forgetting nothing.
+//!
 //! # Only when asked, and bounded
 //! A shard journals only once switched on ([`Request::Journal`], kept durably under
 //! [`SWITCH_KEY`]), which creating a `kv-change` trigger does, so a store without such
@@ -38,6 +43,7 @@
 //!
 //! [`Request::Changes`]: squall_proto::Request::Changes
 //! [`Request::Journal`]: squall_proto::Request::Journal
+//! [`Request::AwaitChange`]: squall_proto::Request::AwaitChange
 //! [`Request::Copy`]: squall_proto::Request::Copy
 //! [`Response::Changes`]: squall_proto::Response::Changes
 
@@ -112,6 +118,11 @@ impl Journal {
             journal.bytes += size_of(entry);
         }
         journal
+    }
+
+    /// The newest sequence number given to a change (0: none since the journal began).
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
     }
 
     /// Whether the shard journals clients' writes.

@@ -157,6 +157,7 @@ impl Node {
                 changed: hashbrown::HashSet::new(),
                 load: Default::default(),
                 deadlines: Default::default(),
+                awaiting: Vec::new(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("squall-shard-{index}"))

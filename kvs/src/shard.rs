@@ -19,7 +19,7 @@ use squall_lattices::entry::now_ms;
 use squall_lattices::{Entry, Lattice, LatticeValue, Write};
 use squall_proto::{
     decode_request, encode_response, peek_id, Key, KeyError, Request, RequestError, RequestId,
-    Response, Topology,
+    Response, Topology, MAX_AWAIT_MS,
 };
 
 use crate::cluster::{ReplicaCheck, Shared};
@@ -70,6 +70,13 @@ enum Outgoing {
     /// An encoded answer sent only if the commit succeeds (a CHANGES answer may hold the
     /// batch's own writes).
     Committed { id: RequestId, frame: Vec<u8> },
+    /// An AWAIT-CHANGE that found no newer change: held (once the batch committed) until
+    /// the shard journals one or `until` passes.
+    Await {
+        id: RequestId,
+        after: u64,
+        until: Instant,
+    },
     /// A SUBSCRIBE's values: sent only if the commit succeeds, like a GET's.
     Subscribed {
         id: RequestId,
@@ -84,6 +91,19 @@ struct Envelope {
     delimited: bool,
     reply: Outgoing,
 }
+
+/// A consumer's [`Request::AwaitChange`] held until the shard journals a newer change.
+pub(crate) struct Awaiting {
+    identity: zmq::Message,
+    delimited: bool,
+    id: RequestId,
+    after: u64,
+    until: Instant,
+}
+
+/// Held AWAIT-CHANGE requests per shard; more are answered at once (one deliverer waits on
+/// each shard, so this is far more than needed).
+const MAX_AWAITING: usize = 64;
 
 /// A running shard's state. Owned by its thread.
 pub(crate) struct Shard {
@@ -113,6 +133,8 @@ pub(crate) struct Shard {
     pub(crate) deadlines: Deadlines,
     /// Clients' writes kept for `kv-change` triggers, once switched on.
     pub(crate) journal: Journal,
+    /// Consumers waiting for the journal's next change.
+    pub(crate) awaiting: Vec<Awaiting>,
 }
 
 /// Keys due for work at a time: an expiry to reap, a tombstone to forget. Kept in step with
@@ -525,6 +547,29 @@ impl Shard {
                 Outgoing::Committed {
                     id,
                     frame: encode(id, &Response::Changes { changes, lost, on }),
+                }
+            }
+            Request::AwaitChange { after, wait_ms } => {
+                let newest = self.journal.last_seq();
+                if newest > after {
+                    // Answered after the batch's commit: the change may be this batch's.
+                    Outgoing::Committed {
+                        id,
+                        frame: encode(
+                            id,
+                            &Response::Journaled {
+                                newest,
+                                on: self.journal.is_on(),
+                            },
+                        ),
+                    }
+                } else {
+                    let wait = Duration::from_millis(u64::from(wait_ms.min(MAX_AWAIT_MS)));
+                    Outgoing::Await {
+                        id,
+                        after,
+                        until: Instant::now() + wait,
+                    }
                 }
             }
             Request::Journal { on } => {
@@ -1030,7 +1075,12 @@ impl Shard {
             }
         }
         for envelope in outbox.drain(..) {
-            let frame = match (envelope.reply, &committed) {
+            let Envelope {
+                identity,
+                delimited,
+                reply,
+            } = envelope;
+            let frame = match (reply, &committed) {
                 (Outgoing::Ready(frame), _) => frame,
                 (Outgoing::Get { id, values }, Ok(())) => encode(id, &Response::Get(values)),
                 (Outgoing::Get { id, .. }, Err(reason)) => encode(
@@ -1058,7 +1108,20 @@ impl Shard {
                         reason: reason.clone(),
                     }),
                 ),
-                (Outgoing::Changes { id, .. }, Err(reason)) => encode(
+                (Outgoing::Await { id, after, until }, Ok(())) => {
+                    if self.awaiting.len() < MAX_AWAITING {
+                        self.awaiting.push(Awaiting {
+                            identity,
+                            delimited,
+                            id,
+                            after,
+                            until,
+                        });
+                        continue;
+                    }
+                    self.journaled(id)
+                }
+                (Outgoing::Changes { id, .. } | Outgoing::Await { id, .. }, Err(reason)) => encode(
                     id,
                     &Response::Error(RequestError::Unavailable {
                         reason: reason.clone(),
@@ -1096,19 +1159,59 @@ impl Shard {
                     encode(id, &Response::Put(failed))
                 }
             };
-            let sent = self
-                .socket
-                .send(envelope.identity, zmq::SNDMORE)
-                .and_then(|()| {
-                    if envelope.delimited {
-                        self.socket.send(&[][..], zmq::SNDMORE)
-                    } else {
-                        Ok(())
-                    }
-                })
-                .and_then(|()| self.socket.send(frame, 0));
-            if let Err(e) = sent {
-                tracing::debug!(shard = self.index, cause = %e, "reply not sent (client gone?)");
+            self.send(identity, delimited, frame);
+        }
+        if committed.is_ok() {
+            self.answer_awaiting();
+        }
+    }
+
+    /// Sends one reply.
+    fn send(&self, identity: zmq::Message, delimited: bool, frame: Vec<u8>) {
+        let sent = self
+            .socket
+            .send(identity, zmq::SNDMORE)
+            .and_then(|()| {
+                if delimited {
+                    self.socket.send(&[][..], zmq::SNDMORE)
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| self.socket.send(frame, 0));
+        if let Err(e) = sent {
+            tracing::debug!(shard = self.index, cause = %e, "reply not sent (client gone?)");
+        }
+    }
+
+    /// The answer to an AWAIT-CHANGE: the newest sequence number given.
+    fn journaled(&self, id: RequestId) -> Vec<u8> {
+        encode(
+            id,
+            &Response::Journaled {
+                newest: self.journal.last_seq(),
+                on: self.journal.is_on(),
+            },
+        )
+    }
+
+    /// Answers the held AWAIT-CHANGE requests that a newer change (committed by now) or
+    /// their time is up for.
+    fn answer_awaiting(&mut self) {
+        if self.awaiting.is_empty() {
+            return;
+        }
+        let newest = self.journal.last_seq();
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.awaiting.len() {
+            let waiter = &self.awaiting[i];
+            if waiter.after < newest || waiter.until <= now {
+                let waiter = self.awaiting.swap_remove(i);
+                let frame = self.journaled(waiter.id);
+                self.send(waiter.identity, waiter.delimited, frame);
+            } else {
+                i += 1;
             }
         }
     }
@@ -1148,6 +1251,7 @@ impl Shard {
     /// Periodic work between batches: expiry, interval fsync, and compaction one slice at a
     /// time.
     fn maintain(&mut self) {
+        self.answer_awaiting();
         self.subscriptions.expire(self.index);
         self.expire_due();
         let Some(log) = &mut self.log else {
@@ -1236,6 +1340,7 @@ fn key_count(request: &Request) -> usize {
         | Request::Stats { .. }
         | Request::Replicate { .. }
         | Request::Changes { .. }
+        | Request::AwaitChange { .. }
         | Request::Journal { .. }
         | Request::List { .. } => 0,
     }

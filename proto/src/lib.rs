@@ -55,6 +55,8 @@ pub const MAGIC: [u8; 2] = *b"SQ";
 pub const VERSION: u16 = 2;
 /// Bytes before the body: magic, version, request id.
 pub const HEADER_LEN: usize = 12;
+/// The longest a shard holds a [`Request::AwaitChange`] (well under a client's timeout).
+pub const MAX_AWAIT_MS: u32 = 1000;
 /// The deepest nesting a body may have (nested maps, clocks); deeper bodies are rejected
 /// rather than risking the decoder's stack.
 pub const MAX_DEPTH: usize = 64;
@@ -196,6 +198,16 @@ pub enum Request {
         /// The most changes answered.
         limit: u32,
     },
+    /// To a shard: answer once it has journaled a change with a sequence number above
+    /// `after`, or after `wait_ms` (at most [`MAX_AWAIT_MS`]) if none came, with
+    /// [`Response::Journaled`]. Forgets nothing: a consumer waits with it instead of asking
+    /// for changes again and again, so a change reaches it as soon as it is durable.
+    AwaitChange {
+        /// The newest sequence number the caller knows of.
+        after: u64,
+        /// How long the shard may hold the request, in milliseconds.
+        wait_ms: u32,
+    },
     /// To a shard: journal every client's write from now on (`on`), durably, or stop.
     /// Answered with [`Response::Changes`] (no changes).
     Journal {
@@ -295,6 +307,13 @@ pub enum Response {
         /// Whether more follow (list from the last key answered).
         more: bool,
     },
+    /// A shard's answer to [`Request::AwaitChange`].
+    Journaled {
+        /// The newest sequence number the shard has given a change (0: none yet).
+        newest: u64,
+        /// Whether the shard journals.
+        on: bool,
+    },
     /// A shard's answer to [`Request::Changes`] and [`Request::Journal`].
     Changes {
         /// The changes, oldest first.
@@ -329,6 +348,7 @@ impl Request {
             Request::List { .. } => "list",
             Request::Copy { .. } => "copy",
             Request::Changes { .. } => "changes",
+            Request::AwaitChange { .. } => "await-change",
             Request::Journal { .. } => "journal",
             Request::PutChained { .. } => "put-chained",
         }
@@ -353,6 +373,7 @@ impl Response {
             Response::Error(_) => "error",
             Response::Keys { .. } => "keys",
             Response::Changes { .. } => "changes",
+            Response::Journaled { .. } => "journaled",
         }
     }
 }
