@@ -7,9 +7,10 @@
 //! For each shard of the store it asks for the changes after its position, accepts one call
 //! per change and matching trigger (through the [`Runner`], so the call is in the store before
 //! the position moves), then stores the new position (a max register per shard) and asks
-//! again, which lets the shard forget what was delivered. An idle feed does not poll: it
-//! holds a wait on each shard ([`squall_proto::Request::AwaitChange`]), which the shard
-//! answers right after the commit that made a change durable.
+//! again, which lets the shard forget what was delivered. An idle feed holds a wait on each
+//! shard ([`squall_proto::Request::AwaitChange`]), which the shard answers right after the
+//! commit that made a change durable, and reads the shards every 50 ms in case a
+//! wait failed.
 //!
 //! # A delivery starts before its call is in the store
 //! A change's call starts its first attempt while the write that accepts it is on its way
@@ -197,7 +198,8 @@ async fn wake_on_changes(
             .await
         {
             Ok((seen, _)) => {
-                if seen > newest {
+                // Lower: the shard's journal started again lower (a clock set back).
+                if seen != newest {
                     newest = seen;
                     wake.notify_one();
                 }
@@ -315,6 +317,7 @@ impl ChangeFeed {
             }
             if armed.is_empty() && !self.journals_on {
                 // Nothing to deliver and nothing journaled: look again later.
+                self.wakers.stop();
                 tokio::time::sleep(REFRESH_EVERY).await;
                 continue;
             }
@@ -641,7 +644,10 @@ impl Delivery {
                 self.runner.refuse(call, failure).await
             }
             // Started while its acceptance is on its way: this change stays in its shard's
-            // journal until the call is in the store, so a refusal loses nothing.
+            // journal until the call is in the store, so a refusal loses nothing. Not while
+            // the changes are checked (at the start, and after any failure, when the store
+            // may be refusing writes): each pass would run the function again.
+            None if check => self.runner.accept(call, Vec::new()).await,
             None => self.runner.accept_started(call, Vec::new()).await,
         }
     }

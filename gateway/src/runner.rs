@@ -473,8 +473,10 @@ impl Runner {
                             "taking back a call the store half took");
                     }
                     tracing::debug!(id = %id, cause = %e, "a call started before it was accepted was refused");
-                    // The attempt's end lets the call go: until then an offer of the same call
-                    // would find it held here and take it for accepted.
+                    // Nothing of the attempt is written before its call landed: stop it where
+                    // it is. Its end lets the call go (until then an offer of the same call
+                    // would find it held here and take it for accepted).
+                    attempt.abort();
                     let _ = attempt.await;
                 }
                 return written;
@@ -635,7 +637,7 @@ impl Runner {
             {
                 Turn::Go { waited } => fresh = !waited,
                 Turn::Lost => {
-                    tracing::info!(id = %call.id, "another runner took the call while it waited for its turn");
+                    tracing::info!(id = %call.id, "the call was not accepted, or another runner took it while it waited for its turn");
                     return;
                 }
             }

@@ -139,6 +139,8 @@ impl Node {
             sockets.into_iter().zip(stores).zip(logs).enumerate()
         {
             let journal = Journal::recover(&store);
+            // What was recovered is in the log.
+            let durable_seq = journal.last_seq();
             let shard = Shard {
                 index: index as u32,
                 socket,
@@ -158,6 +160,7 @@ impl Node {
                 load: Default::default(),
                 deadlines: Default::default(),
                 awaiting: Vec::new(),
+                durable_seq,
             };
             let thread = std::thread::Builder::new()
                 .name(format!("squall-shard-{index}"))

@@ -135,6 +135,8 @@ pub(crate) struct Shard {
     pub(crate) journal: Journal,
     /// Consumers waiting for the journal's next change.
     pub(crate) awaiting: Vec<Awaiting>,
+    /// The newest sequence number of a change known durable (committed).
+    pub(crate) durable_seq: u64,
 }
 
 /// Keys due for work at a time: an expiry to reap, a tombstone to forget. Kept in step with
@@ -1119,7 +1121,14 @@ impl Shard {
                         });
                         continue;
                     }
-                    self.journaled(id)
+                    // Refused, not answered early: the waiter backs off instead of asking
+                    // again at once.
+                    encode(
+                        id,
+                        &Response::Error(RequestError::Unavailable {
+                            reason: format!("{MAX_AWAITING} waits are held already"),
+                        }),
+                    )
                 }
                 (Outgoing::Changes { id, .. } | Outgoing::Await { id, .. }, Err(reason)) => encode(
                     id,
@@ -1162,6 +1171,7 @@ impl Shard {
             self.send(identity, delimited, frame);
         }
         if committed.is_ok() {
+            self.durable_seq = self.journal.last_seq();
             self.answer_awaiting();
         }
     }
@@ -1184,24 +1194,24 @@ impl Shard {
         }
     }
 
-    /// The answer to an AWAIT-CHANGE: the newest sequence number given.
+    /// The answer to a held AWAIT-CHANGE: the newest sequence number known durable.
     fn journaled(&self, id: RequestId) -> Vec<u8> {
         encode(
             id,
             &Response::Journaled {
-                newest: self.journal.last_seq(),
+                newest: self.durable_seq,
                 on: self.journal.is_on(),
             },
         )
     }
 
-    /// Answers the held AWAIT-CHANGE requests that a newer change (committed by now) or
-    /// their time is up for.
+    /// Answers the held AWAIT-CHANGE requests that a newer durable change or their time is
+    /// up for.
     fn answer_awaiting(&mut self) {
         if self.awaiting.is_empty() {
             return;
         }
-        let newest = self.journal.last_seq();
+        let newest = self.durable_seq;
         let now = Instant::now();
         let mut i = 0;
         while i < self.awaiting.len() {
