@@ -9,8 +9,8 @@
 //! the position moves), then stores the new position (a max register per shard) and asks
 //! again, which lets the shard forget what was delivered. An idle feed holds a wait on each
 //! shard ([`squall_proto::Request::AwaitChange`]), which the shard answers right after the
-//! commit that made a change durable, and reads the shards every 50 ms in case a
-//! wait failed.
+//! commit that made a change durable; it then reads the shards that woke it, and every shard
+//! after a busy pass or 50 ms without a wake-up (in case a wait failed).
 //!
 //! # A delivery starts before its call is in the store
 //! A change's call starts its first attempt while the write that accepts it is on its way
@@ -134,6 +134,8 @@ pub struct ChangeFeed {
 #[derive(Default)]
 struct Wakers {
     wake: Arc<tokio::sync::Notify>,
+    /// The shards that woke the feed since it last looked.
+    woken: Arc<std::sync::Mutex<HashSet<String>>>,
     /// The shards watched, each with its task's stop flag.
     watching: HashMap<String, Arc<AtomicBool>>,
 }
@@ -157,7 +159,7 @@ impl Wakers {
             tokio::spawn(wake_on_changes(
                 kvs.clone(),
                 endpoint.clone(),
-                self.wake.clone(),
+                (self.wake.clone(), self.woken.clone()),
                 stop,
             ));
         }
@@ -170,9 +172,17 @@ impl Wakers {
         }
     }
 
-    /// Waits until a shard journaled a change since the last wake-up, at most [`IDLE_WAIT`].
-    async fn idle(&self) {
+    /// Waits until a shard journaled a change since the last wake-up, at most [`IDLE_WAIT`];
+    /// the shards that woke the feed (`None`: none did, every shard is to be read).
+    async fn idle(&self) -> Option<HashSet<String>> {
         let _ = tokio::time::timeout(IDLE_WAIT, self.wake.notified()).await;
+        let woken = std::mem::take(
+            &mut *self
+                .woken
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        (!woken.is_empty()).then_some(woken)
     }
 }
 
@@ -187,7 +197,10 @@ impl Drop for Wakers {
 async fn wake_on_changes(
     kvs: ClientPool,
     endpoint: String,
-    wake: Arc<tokio::sync::Notify>,
+    (wake, woken): (
+        Arc<tokio::sync::Notify>,
+        Arc<std::sync::Mutex<HashSet<String>>>,
+    ),
     stop: Arc<AtomicBool>,
 ) {
     let mut newest = 0;
@@ -201,6 +214,10 @@ async fn wake_on_changes(
                 // Lower: the shard's journal started again lower (a clock set back).
                 if seen != newest {
                     newest = seen;
+                    woken
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(endpoint.clone());
                     wake.notify_one();
                 }
             }
@@ -307,6 +324,8 @@ impl ChangeFeed {
         let mut armed: Vec<Armed> = Vec::new();
         let mut refreshed: Option<Instant> = None;
         let mut leased: Option<Instant> = None;
+        // The shards to read next, if a wake-up named them (else every shard).
+        let mut only: Option<HashSet<String>> = None;
         loop {
             if refreshed.is_none_or(|at| at.elapsed() >= REFRESH_EVERY) {
                 match self.kv_triggers().await {
@@ -341,10 +360,11 @@ impl ChangeFeed {
                     }
                 }
             }
-            match self.round(&mut armed).await {
+            match self.round(&mut armed, only.take()).await {
                 Ok(true) => {}
                 Ok(false) if armed.is_empty() => tokio::time::sleep(DRAIN_EVERY).await,
-                Ok(false) => self.wakers.idle().await,
+                // A wake-up names its shards: only they are read next.
+                Ok(false) => only = self.wakers.idle().await,
                 Err(e) => {
                     tracing::warn!(cause = %e, "delivering changes; trying again");
                     self.positions.clear();
@@ -379,12 +399,20 @@ impl ChangeFeed {
         squall_state::lease::take(&self.kvs, &key, &self.id, LEASE_MS).await
     }
 
-    /// One pass over every shard; whether any had changes. A shard that cannot be read is
-    /// logged and left for the next pass; the others go on.
-    async fn round(&mut self, armed: &mut Vec<Armed>) -> squall_state::Result<bool> {
-        let endpoints = self.kvs.with(|client| client.shard_endpoints()).await?;
+    /// One pass over every shard (or over `only` those, which woke the feed); whether any
+    /// had changes. A shard that cannot be read is logged and left for the next pass; the
+    /// others go on.
+    async fn round(
+        &mut self,
+        armed: &mut Vec<Armed>,
+        only: Option<HashSet<String>>,
+    ) -> squall_state::Result<bool> {
+        let mut endpoints = self.kvs.with(|client| client.shard_endpoints()).await?;
         if !armed.is_empty() {
             self.wakers.watch(&self.kvs, &endpoints);
+        }
+        if let Some(only) = only {
+            endpoints.retain(|endpoint| only.contains(endpoint));
         }
         let mut journals_on = false;
         // Every shard's changes first, then the triggers as they are now: a trigger read
