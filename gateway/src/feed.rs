@@ -133,11 +133,24 @@ pub struct ChangeFeed {
 /// holds the feed's lease. A waker that fails leaves the feed to look every [`IDLE_WAIT`].
 #[derive(Default)]
 struct Wakers {
-    wake: Arc<tokio::sync::Notify>,
-    /// The shards that woke the feed since it last looked.
-    woken: Arc<std::sync::Mutex<HashSet<String>>>,
+    wake: Arc<Wake>,
     /// The shards watched, each with its task's stop flag.
     watching: HashMap<String, Arc<AtomicBool>>,
+}
+
+/// What the wakers share with the feed: the shards that woke it since it last looked.
+#[derive(Default)]
+struct Wake {
+    notify: tokio::sync::Notify,
+    woken: std::sync::Mutex<HashSet<String>>,
+}
+
+impl Wake {
+    fn woken(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.woken
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl Wakers {
@@ -159,7 +172,7 @@ impl Wakers {
             tokio::spawn(wake_on_changes(
                 kvs.clone(),
                 endpoint.clone(),
-                (self.wake.clone(), self.woken.clone()),
+                self.wake.clone(),
                 stop,
             ));
         }
@@ -175,13 +188,8 @@ impl Wakers {
     /// Waits until a shard journaled a change since the last wake-up, at most [`IDLE_WAIT`];
     /// the shards that woke the feed (`None`: none did, every shard is to be read).
     async fn idle(&self) -> Option<HashSet<String>> {
-        let _ = tokio::time::timeout(IDLE_WAIT, self.wake.notified()).await;
-        let woken = std::mem::take(
-            &mut *self
-                .woken
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let _ = tokio::time::timeout(IDLE_WAIT, self.wake.notify.notified()).await;
+        let woken = std::mem::take(&mut *self.wake.woken());
         (!woken.is_empty()).then_some(woken)
     }
 }
@@ -192,15 +200,12 @@ impl Drop for Wakers {
     }
 }
 
-/// One shard's waker (see [`Wakers`]): notifies `wake` whenever the shard's newest change
-/// is newer than the last it saw.
+/// One shard's waker (see [`Wakers`]): wakes the feed, naming the shard, whenever the
+/// shard's newest change is not the last it saw.
 async fn wake_on_changes(
     kvs: ClientPool,
     endpoint: String,
-    (wake, woken): (
-        Arc<tokio::sync::Notify>,
-        Arc<std::sync::Mutex<HashSet<String>>>,
-    ),
+    wake: Arc<Wake>,
     stop: Arc<AtomicBool>,
 ) {
     let mut newest = 0;
@@ -214,11 +219,8 @@ async fn wake_on_changes(
                 // Lower: the shard's journal started again lower (a clock set back).
                 if seen != newest {
                     newest = seen;
-                    woken
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert(endpoint.clone());
-                    wake.notify_one();
+                    wake.woken().insert(endpoint.clone());
+                    wake.notify.notify_one();
                 }
             }
             Err(e) => {

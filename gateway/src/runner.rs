@@ -459,31 +459,26 @@ impl Runner {
             if !runner.hold(&call.id) {
                 return Ok(());
             }
-            if started {
+            let id = call.id.clone();
+            // Started at once, the attempt waits for the writes before it writes anything;
+            // else it starts once they landed.
+            let (started, pending) = if started {
                 let (landed, landing) = tokio::sync::oneshot::channel();
-                let id = call.id.clone();
                 let attempt = runner.run_held(call, false, Landing::Pending(landing));
-                let written = runner.inner.calls.write_all(writes).await;
-                // The attempt waits for this before it writes anything.
+                (Some((landed, attempt)), None)
+            } else {
+                (None, Some(call))
+            };
+            let written = runner.inner.calls.write_all(writes).await;
+            let attempt = started.map(|(landed, attempt)| {
                 let _ = landed.send(written.is_ok());
-                if let Err(e) = &written {
-                    // Some writes may have landed: take them back.
-                    if let Err(cleanup_error) = runner.inner.calls.delete(cleanup).await {
-                        tracing::warn!(id = %id, cause = %cleanup_error,
-                            "taking back a call the store half took");
-                    }
-                    tracing::debug!(id = %id, cause = %e, "a call started before it was accepted was refused");
-                    // Nothing of the attempt is written before its call landed: stop it where
-                    // it is. Its end lets the call go (until then an offer of the same call
-                    // would find it held here and take it for accepted).
-                    attempt.abort();
-                    let _ = attempt.await;
-                }
-                return written;
-            }
-            match runner.inner.calls.write_all(writes).await {
+                attempt
+            });
+            match written {
                 Ok(()) => {
-                    let _attempt = runner.run_held(call, false, Landing::Landed);
+                    if let Some(call) = pending {
+                        let _attempt = runner.run_held(call, false, Landing::Landed);
+                    }
                     Ok(())
                 }
                 Err(e) => {
@@ -491,10 +486,19 @@ impl Runner {
                     // so that the refused call does not run. If the store cannot take even
                     // that, a scan may still run it.
                     if let Err(cleanup_error) = runner.inner.calls.delete(cleanup).await {
-                        tracing::warn!(id = %call.id, cause = %cleanup_error,
+                        tracing::warn!(id = %id, cause = %cleanup_error,
                             "taking back a call the store half took");
                     }
-                    runner.let_go(&call.id);
+                    match attempt {
+                        // Nothing of the attempt is written before its call landed: stop it
+                        // where it is. Its end lets the call go (until then an offer of the
+                        // same call would find it held here and take it for accepted).
+                        Some(attempt) => {
+                            attempt.abort();
+                            let _ = attempt.await;
+                        }
+                        None => runner.let_go(&id),
+                    }
                     Err(e)
                 }
             }

@@ -70,8 +70,8 @@ enum Outgoing {
     /// An encoded answer sent only if the commit succeeds (a CHANGES answer may hold the
     /// batch's own writes).
     Committed { id: RequestId, frame: Vec<u8> },
-    /// An AWAIT-CHANGE that found no newer change: held (once the batch committed) until
-    /// the shard journals one or `until` passes.
+    /// An AWAIT-CHANGE: answered once the batch committed if a newer change is durable by
+    /// then, else held until the shard commits one or `until` passes.
     Await {
         id: RequestId,
         after: u64,
@@ -101,8 +101,8 @@ pub(crate) struct Awaiting {
     until: Instant,
 }
 
-/// Held AWAIT-CHANGE requests per shard; more are answered at once (one deliverer waits on
-/// each shard, so this is far more than needed).
+/// Held AWAIT-CHANGE requests per shard; more are refused (one deliverer waits on each
+/// shard, so this is far more than needed).
 const MAX_AWAITING: usize = 64;
 
 /// A running shard's state. Owned by its thread.
@@ -552,26 +552,11 @@ impl Shard {
                 }
             }
             Request::AwaitChange { after, wait_ms } => {
-                let newest = self.journal.last_seq();
-                if newest > after {
-                    // Answered after the batch's commit: the change may be this batch's.
-                    Outgoing::Committed {
-                        id,
-                        frame: encode(
-                            id,
-                            &Response::Journaled {
-                                newest,
-                                on: self.journal.is_on(),
-                            },
-                        ),
-                    }
-                } else {
-                    let wait = Duration::from_millis(u64::from(wait_ms.min(MAX_AWAIT_MS)));
-                    Outgoing::Await {
-                        id,
-                        after,
-                        until: Instant::now() + wait,
-                    }
+                let wait = Duration::from_millis(u64::from(wait_ms.min(MAX_AWAIT_MS)));
+                Outgoing::Await {
+                    id,
+                    after,
+                    until: Instant::now() + wait,
                 }
             }
             Request::Journal { on } => {
@@ -1076,6 +1061,9 @@ impl Shard {
                 keys.store(self.store.len() as u64, Ordering::Release);
             }
         }
+        if committed.is_ok() {
+            self.durable_seq = self.journal.last_seq();
+        }
         for envelope in outbox.drain(..) {
             let Envelope {
                 identity,
@@ -1110,6 +1098,9 @@ impl Shard {
                         reason: reason.clone(),
                     }),
                 ),
+                (Outgoing::Await { id, after, .. }, Ok(())) if after < self.durable_seq => {
+                    self.journaled(id)
+                }
                 (Outgoing::Await { id, after, until }, Ok(())) => {
                     if self.awaiting.len() < MAX_AWAITING {
                         self.awaiting.push(Awaiting {
@@ -1171,7 +1162,6 @@ impl Shard {
             self.send(identity, delimited, frame);
         }
         if committed.is_ok() {
-            self.durable_seq = self.journal.last_seq();
             self.answer_awaiting();
         }
     }
@@ -1194,7 +1184,7 @@ impl Shard {
         }
     }
 
-    /// The answer to a held AWAIT-CHANGE: the newest sequence number known durable.
+    /// The answer to an AWAIT-CHANGE: the newest sequence number known durable.
     fn journaled(&self, id: RequestId) -> Vec<u8> {
         encode(
             id,

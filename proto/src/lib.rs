@@ -309,7 +309,7 @@ pub enum Response {
     },
     /// A shard's answer to [`Request::AwaitChange`].
     Journaled {
-        /// The newest sequence number the shard has given a change (0: none yet).
+        /// The newest sequence number of a change the shard has made durable (0: none yet).
         newest: u64,
         /// Whether the shard journals.
         on: bool,
