@@ -234,7 +234,7 @@ pub struct UpArgs {
     /// death; stopping the cluster loses everything).
     #[arg(long)]
     in_memory: bool,
-    /// Bearer token the gateway requires on every mutating request.
+    /// Bearer token the gateway requires on every mutating request (at least 16 characters).
     #[arg(long, env = "SQUALL_TOKEN", hide_env_values = true)]
     token: Option<String>,
     #[command(flatten)]
@@ -248,6 +248,9 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         LocalConfig, LocalProvisioner, Monitor, MonitorConfig, Provisioner, Role,
     };
 
+    if let Some(token) = &args.token {
+        crate::roles::secret(token).map_err(|e| anyhow::anyhow!("--token: {e}"))?;
+    }
     let mut policy = args.policy.config()?;
     // Unless told otherwise, the pools scale down no further than they started.
     if args.policy.min_nodes.is_none() {

@@ -1,9 +1,16 @@
 //! The commands that talk to a running gateway over HTTP: `squall fn`, `squall model`,
 //! `squall dag`, `squall call` and `squall activation`. Errors from the gateway are shown as its JSON error says
 //! (`code: message`), and the exit code is non-zero.
+//!
+//! An `https://` gateway is reached over TLS (rustls on `ring`, as the gateway serves it),
+//! its certificate verified against the system's CA certificates (`rustls-native-certs`
+//! reads them where OpenSSL would), or with `--ca-cert FILE` against the CA certificates in
+//! that file only, as curl's `--cacert` does (a private CA, a self-signed gateway).
 
 use std::io::{Read, Write};
+use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -20,6 +27,10 @@ pub struct Connection {
     /// Bearer token for mutating requests.
     #[arg(long, global = true, env = "SQUALL_TOKEN", hide_env_values = true)]
     pub(crate) token: Option<String>,
+    /// PEM file of the CA certificates that an `https://` gateway's certificate must chain
+    /// to, instead of the system's.
+    #[arg(long, global = true, env = "SQUALL_CA_CERT")]
+    pub(crate) ca_cert: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -152,16 +163,116 @@ pub struct CallCommand {
     call: CallArgs,
 }
 
-fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new()
+fn agent(connection: &Connection) -> ureq::Agent {
+    let agent = ureq::AgentBuilder::new()
         .timeout_connect(Duration::from_secs(5))
-        .timeout(Duration::from_secs(600))
-        .build()
+        .timeout(Duration::from_secs(600));
+    if connection.gateway.starts_with("https://") {
+        agent.tls_connector(Arc::new(Tls::new(connection.ca_cert.as_deref())))
+    } else {
+        agent
+    }
+    .build()
+}
+
+/// TLS for ureq with rustls: the client configuration, or why it could not be made (told
+/// when a connection is tried, as the reason the gateway cannot be reached).
+struct Tls(Result<Arc<rustls::ClientConfig>, String>);
+
+impl Tls {
+    /// Trusting the CA certificates in PEM file `ca`, or else the system's.
+    fn new(ca: Option<&Path>) -> Self {
+        Self(Self::config(ca))
+    }
+
+    fn config(ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        match ca {
+            Some(ca) => {
+                let certs = rustls::pki_types::CertificateDer::pem_file_iter(ca)
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| format!("reading the CA certificates {}: {e}", ca.display()))?;
+                let (added, _) = roots.add_parsable_certificates(certs);
+                if added == 0 {
+                    return Err(format!("{} holds no usable CA certificate", ca.display()));
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(found.certs);
+                if roots.is_empty() {
+                    return Err("no CA certificate found on this system: give --ca-cert".into());
+                }
+            }
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(Arc::new(config))
+    }
+}
+
+impl ureq::TlsConnector for Tls {
+    fn connect(
+        &self,
+        dns_name: &str,
+        mut io: Box<dyn ureq::ReadWrite>,
+    ) -> Result<Box<dyn ureq::ReadWrite>, ureq::Error> {
+        let other = |e: String| ureq::Error::from(std::io::Error::other(e));
+        let config = self.0.clone().map_err(other)?;
+        // An IPv6 address comes in brackets, which a server name has not.
+        let name = dns_name.trim_start_matches('[').trim_end_matches(']');
+        let name = rustls::pki_types::ServerName::try_from(name.to_string())
+            .map_err(|e| other(format!("{name} is not a server name: {e}")))?;
+        let mut session = rustls::ClientConnection::new(config, name)
+            .map_err(|e| other(format!("starting TLS: {e}")))?;
+        // The handshake now, so that a certificate that fails verification is the error.
+        session
+            .complete_io(&mut io)
+            .map_err(|e| other(format!("TLS handshake: {e}")))?;
+        Ok(Box::new(TlsStream(rustls::StreamOwned::new(session, io))))
+    }
+}
+
+/// A TLS connection as ureq reads and writes it.
+struct TlsStream(rustls::StreamOwned<rustls::ClientConnection, Box<dyn ureq::ReadWrite>>);
+
+impl Read for TlsStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for TlsStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl std::fmt::Debug for TlsStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsStream").finish_non_exhaustive()
+    }
+}
+
+impl ureq::ReadWrite for TlsStream {
+    fn socket(&self) -> Option<&std::net::TcpStream> {
+        self.0.get_ref().socket()
+    }
 }
 
 pub(crate) fn request(connection: &Connection, method: &str, path: &str) -> ureq::Request {
     let url = format!("{}{path}", connection.gateway.trim_end_matches('/'));
-    let request = agent().request(method, &url);
+    let request = agent(connection).request(method, &url);
     match &connection.token {
         Some(token) => request.set("Authorization", &format!("Bearer {token}")),
         None => request,

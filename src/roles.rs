@@ -68,9 +68,68 @@ struct Schedulers {
 /// The gateway's bearer token.
 #[derive(Debug, Args)]
 struct Token {
-    /// Bearer token required on every mutating HTTP request.
+    /// Bearer token required on every mutating HTTP request (at least 16 characters).
     #[arg(long, env = "SQUALL_TOKEN", hide_env_values = true)]
     token: Option<String>,
+}
+
+impl Token {
+    /// The token, if one is given and it is long enough (checked at start, and never
+    /// printed: a refused secret may still be one in use elsewhere).
+    fn checked(&self) -> anyhow::Result<Option<String>> {
+        match &self.token {
+            Some(token) => Ok(Some(
+                secret(token).map_err(|e| anyhow::anyhow!("--token: {e}"))?,
+            )),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The fewest characters a secret given to a server may have.
+const MIN_SECRET: usize = 16;
+
+/// A secret a server is given: refused when empty, blank or shorter than [`MIN_SECRET`]
+/// (an empty `SQUALL_TOKEN` would otherwise lock every mutating request, and a short one is
+/// guessed).
+pub(crate) fn secret(value: &str) -> Result<String, String> {
+    if value.trim().is_empty() {
+        return Err(
+            "an empty secret guards nothing: give one of at least 16 characters \
+                    (for example `openssl rand -hex 24`), or none at all"
+                .into(),
+        );
+    }
+    let length = value.chars().count();
+    if length < MIN_SECRET {
+        return Err(format!(
+            "a secret of {length} characters is too short to guard the gateway: give one of \
+             at least {MIN_SECRET} (for example `openssl rand -hex 24`)"
+        ));
+    }
+    Ok(value.to_string())
+}
+
+/// TLS on the gateway's HTTP port.
+#[derive(Debug, Args)]
+struct Tls {
+    /// PEM file with the gateway's certificate chain, its own certificate first: the HTTP
+    /// port then speaks HTTPS only (with --tls-key).
+    #[arg(long, env = "SQUALL_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "SQUALL_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl Tls {
+    /// The server configuration, read and checked now so that a bad file fails the start.
+    fn config(&self) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(squall_gateway::tls::server_config(cert, key)?)),
+            _ => Ok(None),
+        }
+    }
 }
 
 /// The records the gateway keeps of calls.
@@ -184,6 +243,8 @@ pub struct UpArgs {
     #[command(flatten)]
     token: Token,
     #[command(flatten)]
+    tls: Tls,
+    #[command(flatten)]
     records: Records,
     #[command(flatten)]
     capacity: Capacity,
@@ -241,6 +302,8 @@ pub struct GatewayArgs {
     #[command(flatten)]
     token: Token,
     #[command(flatten)]
+    tls: Tls,
+    #[command(flatten)]
     records: Records,
 }
 
@@ -258,25 +321,41 @@ fn runtime() -> anyhow::Result<(tokio::runtime::Runtime, Stop)> {
 /// How long the HTTP server may take, once stopped, to finish the requests it has.
 const HTTP_DRAIN: Duration = Duration::from_secs(10);
 
-/// Serves the gateway until `stop`: then it takes no new connection and finishes the
-/// requests under way (axum's graceful shutdown).
+/// Serves the gateway until `stop`, over TLS when `tls` is given: then it takes no new
+/// connection and finishes the requests under way (axum's graceful shutdown).
 async fn serve_http(
     host: &str,
     port: u16,
+    tls: Option<Arc<rustls::ServerConfig>>,
     gateway: Arc<Gateway>,
     stop: &Stop,
 ) -> anyhow::Result<(String, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind((host, port))
         .await
         .with_context(|| format!("binding the gateway to {host}:{port}"))?;
-    let url = format!("http://{}", listener.local_addr()?);
+    let address = listener.local_addr()?;
     let router = gateway.router();
     let stop = stop.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move { stop.requested().await })
-            .await
-    });
+    let stopped = async move { stop.requested().await };
+    let (url, server) = match tls {
+        Some(config) => {
+            let listener = squall_gateway::tls::TlsListener::new(listener, config)?;
+            let server = tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            });
+            (format!("https://{address}"), server)
+        }
+        None => {
+            let server = tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            });
+            (format!("http://{address}"), server)
+        }
+    };
     Ok((url, server))
 }
 
@@ -350,6 +429,8 @@ fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
 }
 
 pub fn up(args: UpArgs) -> anyhow::Result<()> {
+    let token = args.token.checked()?;
+    let tls = args.tls.config()?;
     let defaults = squall_kvs::Config::default();
     // Absolute, so the summary says exactly where the data is.
     let data_dir = if args.in_memory {
@@ -416,11 +497,11 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         joined(&client, executors.len()).await?;
         let config = args
             .records
-            .config(args.token.token.clone(), &args.host.host, args.http_port);
+            .config(token.clone(), &args.host.host, args.http_port);
         let gateway = Gateway::new(client, pool, config);
         gateway.start();
         let (url, server) =
-            serve_http(&args.host.host, args.http_port, gateway.clone(), &stop).await?;
+            serve_http(&args.host.host, args.http_port, tls, gateway.clone(), &stop).await?;
         eprintln!("squall up");
         eprintln!("  gateway     {url}");
         eprintln!(
@@ -438,7 +519,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         }
         eprintln!(
             "  token       {}",
-            if args.token.token.is_some() {
+            if token.is_some() {
                 "required on mutating requests"
             } else {
                 "none"
@@ -539,6 +620,8 @@ pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
 }
 
 pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let token = args.token.checked()?;
+    let tls = args.tls.config()?;
     let (runtime, stop) = runtime()?;
     runtime.block_on(async {
         let fabric = Fabric::new();
@@ -551,14 +634,36 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         );
         let config = args
             .records
-            .config(args.token.token.clone(), &args.host.host, args.http_port);
+            .config(token.clone(), &args.host.host, args.http_port);
         let gateway = Gateway::new(client, pool, config);
         gateway.start();
         let (url, server) =
-            serve_http(&args.host.host, args.http_port, gateway.clone(), &stop).await?;
+            serve_http(&args.host.host, args.http_port, tls, gateway.clone(), &stop).await?;
         println!("{}", ready::format(&[("http", &url)]));
         let finished = finish_http(&stop, server).await;
         flush_records(&gateway).await;
         finished
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_must_be_long_enough_and_is_never_echoed() {
+        assert!(secret("0123456789abcdef").is_ok());
+        assert!(secret("a-token-of-exactly-sixteen").is_ok());
+        for refused in ["", "   ", "\t\n", "s3cret", "0123456789abcde"] {
+            let said = secret(refused).expect_err(refused);
+            assert!(said.contains("16"), "{said}");
+            assert!(
+                refused.trim().is_empty() || !said.contains(refused),
+                "{said}"
+            );
+        }
+        // Characters, not bytes: sixteen of them in any script.
+        assert!(secret(&"é".repeat(16)).is_ok());
+        assert!(secret(&"é".repeat(8)).is_err());
+    }
 }

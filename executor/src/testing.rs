@@ -1,8 +1,10 @@
 //! Builds the example guests (`examples/functions`) for tests and benchmarks.
 //!
 //! They are built from source with the same toolchain, for `wasm32-wasip2`, once per process,
-//! into `target/guests` (a target directory of their own, so this never waits on the lock of
-//! the build that is running the tests).
+//! into the guests' own target directory, `examples/functions/target`: the one
+//! `cargo build --release --target wasm32-wasip2` in `examples/functions` uses (the README's
+//! quick start), so that build finds them built, and one apart from the host's, so this
+//! never waits on the lock of the build that is running the tests.
 //!
 //! Also the consistency checker's reading of what the `observe` probe reports
 //! ([`observations`], [`repeatable_read_violations`]), shared by the anomaly test and the
@@ -25,10 +27,7 @@ pub fn examples_dir() -> PathBuf {
 }
 
 fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("target")
-        .join("guests")
+    examples_dir().join("target")
 }
 
 /// Builds the example guests (once per process) and returns the directory holding

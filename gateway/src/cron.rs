@@ -1,15 +1,19 @@
 //! Firing cron triggers (see [`squall_state::triggers`] for the design): every gateway
 //! looks at the triggers every [`CHECK_EVERY`], and fires the ticks it sees due as durable
-//! asynchronous calls through its [`Runner`].
+//! asynchronous calls through its [`Runner`]: at once while it holds the lease on firing
+//! first, else after a fallback (two seconds and a spread) and only if the tick is still not
+//! taken.
 //!
 //! # Cost
 //! The triggers and where each stands are read from the store every [`REFRESH_EVERY`] (two
-//! listings and two batched reads); working out due ticks is in memory. A firing costs a
-//! read of the tick's result key (and of its call if the result says running), the call's
-//! acceptance (one batched write) and a max merge.
+//! listings and two batched reads), and while a trigger is armed the lease is taken or
+//! renewed every three seconds (two reads and a write); working out due ticks is in memory.
+//! A firing costs a read of the tick's result key (and of its call if the result says
+//! running), the call's acceptance (one batched write) and a max merge.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,8 +30,18 @@ pub const CHECK_EVERY: Duration = Duration::from_millis(250);
 /// How often the triggers are read from the store.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(1);
 
-/// The widest spread of gateways' looks at one tick.
+/// The widest spread of gateways' looks at one tick, past [`FALLBACK_MS`].
 const SPREAD_MS: u64 = 500;
+
+/// How long a gateway that does not hold the lease on firing waits before it fires a tick
+/// the holder did not take.
+const FALLBACK_MS: u64 = 2_000;
+
+/// How long the lease on firing lasts without renewal.
+const LEASE_MS: u64 = 10_000;
+
+/// How often the lease on firing is taken or renewed.
+const LEASE_RENEW: Duration = Duration::from_secs(3);
 
 /// Where each trigger stands, by name: the latest tick fired or being fired.
 type Through = Arc<Mutex<HashMap<String, u64>>>;
@@ -46,6 +60,8 @@ pub struct CronFirer {
     calls: Calls,
     runner: Runner,
     timeout: Duration,
+    /// Whether this gateway holds the lease on firing first, as last taken or renewed.
+    leading: Arc<AtomicBool>,
 }
 
 impl CronFirer {
@@ -56,6 +72,7 @@ impl CronFirer {
             calls,
             runner,
             timeout,
+            leading: Arc::default(),
         }
     }
 
@@ -70,6 +87,7 @@ impl CronFirer {
         // (a firing that finally fails puts its trigger back, so the tick is looked at again).
         let through: Through = Arc::default();
         let mut refreshed: Option<Instant> = None;
+        let mut leased: Option<Instant> = None;
         loop {
             if refreshed.is_none_or(|at| at.elapsed() >= REFRESH_EVERY) {
                 match self.refresh(&through).await {
@@ -77,6 +95,16 @@ impl CronFirer {
                     Err(e) => tracing::warn!(cause = %e, "reading triggers"),
                 }
                 refreshed = Some(Instant::now());
+            }
+            // Only while there is something to fire: an idle gateway writes nothing.
+            if !armed.is_empty() && leased.is_none_or(|at| at.elapsed() >= LEASE_RENEW) {
+                let held = self.triggers.lease_cron(self.runner.id(), LEASE_MS).await;
+                if let Err(e) = &held {
+                    tracing::warn!(cause = %e, "taking the lease on firing cron ticks");
+                }
+                self.leading
+                    .store(matches!(held, Ok(true)), Ordering::Relaxed);
+                leased = Some(Instant::now());
             }
             let now = now_ms();
             for one in &armed {
@@ -151,12 +179,16 @@ impl CronFirer {
         Ok(armed)
     }
 
-    /// Fires `tick` of `trigger`, unless another gateway did; tries again for a while if
-    /// the store does not answer. Whether the tick is fired.
+    /// Fires `tick` of `trigger`, unless another gateway did (at once while this gateway
+    /// holds the lease, else after a fallback); tries again for a while if the store does not
+    /// answer. Whether the tick is fired.
     async fn fire(&self, trigger: &Trigger, target: Target, tick: Due) -> bool {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (self.runner.id(), &trigger.name, tick.tick_ms).hash(&mut hasher);
-        tokio::time::sleep(Duration::from_millis(hasher.finish() % SPREAD_MS)).await;
+        if !self.leading.load(Ordering::Relaxed) {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            (self.runner.id(), &trigger.name, tick.tick_ms).hash(&mut hasher);
+            let wait = FALLBACK_MS + hasher.finish() % SPREAD_MS;
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
         let mut pause = Duration::from_millis(100);
         for _ in 0..10 {
             match self.fire_once(trigger, &target, tick).await {

@@ -25,6 +25,7 @@
 //! - [`cron`]: fires cron triggers' due ticks as durable calls.
 //! - [`limits`]: concurrency limits per function and DAG, held per gateway.
 //! - `metrics`: the Prometheus metrics served at `/metrics`.
+//! - [`tls`]: HTTPS on the gateway's port (`--tls-cert`, `--tls-key`).
 //!
 //! # Why a crate of its own
 //! HTTP is one way in among others (the CLI and other roles speak the call fabric): the
@@ -36,6 +37,7 @@
 //! - `utoipa`: the OpenAPI document generated from the handlers' annotations, so it cannot
 //!   drift from the code.
 //! - `prometheus-client`: the Prometheus project's own Rust client, for `/metrics`.
+//! - `rustls` and `tokio-rustls`: TLS without a system OpenSSL (see [`tls`] for why).
 //! - `squall-scheduler` for its client, `squall-state` for the registries, results, records
 //!   and durable calls.
 //! - `tokio`: the runner's tasks, timers and its bound on attempts running at once.
@@ -47,6 +49,7 @@ pub mod feed;
 pub mod limits;
 mod metrics;
 pub mod runner;
+pub mod tls;
 
 pub use api::{
     Gateway, GatewayConfig, ACTIVATION_HEADER, CONSISTENCY_HEADER, IDEMPOTENCY_HEADER, KEYS_HEADER,

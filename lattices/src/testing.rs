@@ -295,3 +295,72 @@ mod laws {
         }
     }
 }
+
+/// One edit of a byte string, for [`mutated`].
+#[derive(Debug, Clone)]
+pub enum Edit {
+    /// Flips bit `bit` of the byte at an index.
+    Flip(prop::sample::Index, u8),
+    /// Writes a byte over the byte at an index.
+    Set(prop::sample::Index, u8),
+    /// Inserts a byte before an index.
+    Insert(prop::sample::Index, u8),
+    /// Removes the byte at an index.
+    Remove(prop::sample::Index),
+    /// Cuts the string at an index.
+    Truncate(prop::sample::Index),
+    /// Repeats a run of bytes (a length or a count read twice).
+    Repeat(prop::sample::Index, u8),
+}
+
+/// Up to `max_edits` edits (at least one), for mutating valid encodings: a decoder fed a
+/// near-miss of a valid input goes deeper than one fed random bytes.
+pub fn edits(max_edits: usize) -> impl Strategy<Value = Vec<Edit>> {
+    let index = any::<prop::sample::Index>;
+    let edit = prop_oneof![
+        (index(), 0u8..8).prop_map(|(at, bit)| Edit::Flip(at, bit)),
+        (
+            index(),
+            prop_oneof![
+                Just(0u8),
+                Just(0x7f),
+                Just(0x80),
+                Just(0xc0),
+                Just(0xff),
+                any::<u8>()
+            ]
+        )
+            .prop_map(|(at, byte)| Edit::Set(at, byte)),
+        (index(), any::<u8>()).prop_map(|(at, byte)| Edit::Insert(at, byte)),
+        index().prop_map(Edit::Remove),
+        index().prop_map(Edit::Truncate),
+        (index(), 1u8..16).prop_map(|(at, len)| Edit::Repeat(at, len)),
+    ];
+    vec(edit, 1..=max_edits.max(1))
+}
+
+/// `bytes` with `edits` applied, in order (an edit of an empty string inserts or does
+/// nothing).
+pub fn mutated(bytes: &[u8], edits: &[Edit]) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    for edit in edits {
+        let len = out.len();
+        match edit {
+            Edit::Insert(at, byte) => out.insert(at.index(len + 1), *byte),
+            _ if len == 0 => {}
+            Edit::Flip(at, bit) => out[at.index(len)] ^= 1 << bit,
+            Edit::Set(at, byte) => out[at.index(len)] = *byte,
+            Edit::Remove(at) => {
+                out.remove(at.index(len));
+            }
+            Edit::Truncate(at) => out.truncate(at.index(len)),
+            Edit::Repeat(at, run) => {
+                let start = at.index(len);
+                let end = (start + usize::from(*run)).min(len);
+                let copy = out[start..end].to_vec();
+                out.splice(end..end, copy);
+            }
+        }
+    }
+    out
+}

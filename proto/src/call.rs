@@ -704,8 +704,8 @@ mod tests {
         assert_eq!(FailureCode::from_wire("nonsense"), None);
     }
 
-    #[test]
-    fn messages_round_trip_and_garbage_is_an_error() {
+    /// A plan of two steps, and one message of each kind that carries data.
+    fn sample_messages() -> (Arc<Plan>, Vec<Message>) {
         let plan = Arc::new(Plan {
             call: 7,
             name: "sq_incr".into(),
@@ -733,20 +733,9 @@ mod tests {
             attempt: 2,
             chain: 3,
         });
-        assert_eq!(plan.steps_on("tcp://127.0.0.1:2").collect::<Vec<_>>(), [1]);
-        assert_eq!(plan.check(), Ok(()));
-        let mut dangling = (*plan).clone();
-        dangling.steps[0].outputs = vec![2];
-        assert!(dangling.check().is_err());
-        let mut huge = (*plan).clone();
-        huge.steps = vec![plan.steps[0].clone(); MAX_STEPS + 1];
-        assert!(huge.check().is_err());
-        let mut greedy = (*plan).clone();
-        greedy.read_set = vec!["k".into(); MAX_DECLARED_KEYS + 1];
-        assert!(greedy.check().is_err());
-        let messages = [
+        let messages = vec![
             Message::Schedule {
-                plan,
+                plan: plan.clone(),
                 input: Bytes::from_static(b"3"),
             },
             Message::Cancel { call: 7 },
@@ -822,12 +811,62 @@ mod tests {
                 ..ExecutorStatus::default()
             }),
         ];
+        (plan, messages)
+    }
+
+    #[test]
+    fn messages_round_trip_and_garbage_is_an_error() {
+        let (plan, messages) = sample_messages();
+        assert_eq!(plan.steps_on("tcp://127.0.0.1:2").collect::<Vec<_>>(), [1]);
+        assert_eq!(plan.check(), Ok(()));
+        let mut dangling = (*plan).clone();
+        dangling.steps[0].outputs = vec![2];
+        assert!(dangling.check().is_err());
+        let mut huge = (*plan).clone();
+        huge.steps = vec![plan.steps[0].clone(); MAX_STEPS + 1];
+        assert!(huge.check().is_err());
+        let mut greedy = (*plan).clone();
+        greedy.read_set = vec!["k".into(); MAX_DECLARED_KEYS + 1];
+        assert!(greedy.check().is_err());
         for message in messages {
             let frame = encode_message(&message).expect("encodes");
             assert_eq!(decode_message(&frame).expect("decodes"), message);
             assert!(decode_message(&frame[..frame.len() - 1]).is_err());
         }
         assert!(decode_message(b"SQ\x00\x01garbage!garbage").is_err());
+    }
+
+    proptest::proptest! {
+        /// Valid frames with a few bytes changed: an error or a message, never a panic; a
+        /// plan that decodes is checked without a panic, and what decodes encodes again.
+        #[test]
+        fn mutated_messages_never_panic(
+            which in proptest::prelude::any::<proptest::sample::Index>(),
+            edits in squall_lattices::testing::edits(4),
+        ) {
+            let (_, messages) = sample_messages();
+            let message = &messages[which.index(messages.len())];
+            let frame = encode_message(message).expect("encodes");
+            let frame = squall_lattices::testing::mutated(&frame, &edits);
+            if let Ok(decoded) = decode_message(&frame) {
+                if let Message::Schedule { plan, .. } = &decoded {
+                    let _ = plan.check();
+                }
+                let again = encode_message(&decoded).expect("re-encodes");
+                proptest::prop_assert_eq!(decode_message(&again).expect("decodes again"), decoded);
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_are_an_error_or_a_message(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        ) {
+            let mut frame = encode_message(&Message::Cancel { call: 1 }).expect("encodes");
+            frame.truncate(crate::HEADER_LEN);
+            frame.extend_from_slice(&body);
+            let _ = decode_message(&frame);
+            let _ = CallResult::decode(&body);
+        }
     }
 
     #[test]

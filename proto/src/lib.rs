@@ -787,6 +787,22 @@ mod tests {
             let _ = decode_response(&frame);
         }
 
+        /// Valid frames with a few bytes changed: an error or a request, never a panic, and
+        /// what decodes encodes again to a frame that decodes to the same.
+        #[test]
+        fn mutated_frames_never_panic(
+            request in request(),
+            edits in squall_lattices::testing::edits(4),
+        ) {
+            let frame = encode_request(11, &request).expect("encode");
+            let frame = squall_lattices::testing::mutated(&frame, &edits);
+            if let Ok((id, decoded)) = decode_request(&frame) {
+                let again = encode_request(id, &decoded).expect("re-encode");
+                prop_assert_eq!(decode_request(&again).expect("decode again"), (id, decoded));
+            }
+            let _ = decode_response(&frame);
+        }
+
         #[test]
         fn truncated_frames_are_errors(request in request(), cut in any::<prop::sample::Index>()) {
             let frame = encode_request(7, &request).expect("encode");

@@ -378,4 +378,54 @@ mod tests {
         assert!(error(&spec(&["a", "b"], &[("a", "b"), ("a", "b")])).contains("twice"));
         assert!(error(&spec(&["bad name"], &[])).contains("invalid function name"));
     }
+
+    /// Names that are valid, invalid, repeated or hostile.
+    fn name() -> impl proptest::strategy::Strategy<Value = String> + Clone {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => "[abcd]",
+            1 => Just(String::new()),
+            1 => Just("../x".to_string()),
+            1 => Just("squall/fn".to_string()),
+            1 => "\\PC{0,12}",
+            1 => Just("n".repeat(300)),
+        ]
+    }
+
+    /// Bodies a client may send as a DAG: structured ones, valid JSON with a few bytes
+    /// changed, and arbitrary bytes.
+    fn dag_body() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+        let structured =
+            (vec(name(), 0..6), vec((name(), name()), 0..8)).prop_map(|(functions, edges)| {
+                serde_json::to_vec(&serde_json::json!({"functions": functions, "edges": edges}))
+                    .expect("JSON")
+            });
+        prop_oneof![
+            3 => structured.clone(),
+            2 => (structured, squall_lattices::testing::edits(3))
+                .prop_map(|(body, edits)| squall_lattices::testing::mutated(&body, &edits)),
+            1 => vec(any::<u8>(), 0..128),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever the body, an error or a shape, never a panic; a shape runs each function
+        /// once, every step after the steps it takes from, and ends in one sink.
+        #[test]
+        fn any_dag_body_is_an_error_or_a_sound_shape(body in dag_body()) {
+            let Ok(spec) = serde_json::from_slice::<DagSpec>(&body) else {
+                return Ok(());
+            };
+            if let Ok(shape) = Shape::of(&spec) {
+                proptest::prop_assert_eq!(shape.steps.len(), spec.functions.len());
+                for (i, step) in shape.steps.iter().enumerate() {
+                    proptest::prop_assert!(step.inputs.iter().all(|&from| usize::from(from) < i));
+                }
+                let sinks = shape.steps.iter().filter(|s| s.outputs.is_empty()).count();
+                proptest::prop_assert_eq!(sinks, 1);
+            }
+        }
+    }
 }

@@ -7,10 +7,15 @@
 //!
 //! # One firing per tick, without coordination
 //! A tick's call has an id computed from the trigger and the tick ([`tick_id`]), the same in
-//! every gateway. A gateway that sees a tick due waits a spread of up to half a second
-//! (different for each gateway and tick), then fires only if the tick's result key does not
-//! exist yet. Two gateways fire the same tick only if both look within one store round trip
-//! of each other; then both run it (the record shows one id, the function's effects twice).
+//! every gateway, and a gateway fires a tick only if the tick's result key does not exist
+//! yet. One gateway at a time holds a lease on firing first ([`Triggers::lease_cron`], see
+//! [`crate::lease`]) and fires each tick as it falls due; the others wait a fallback of two
+//! seconds and more (a spread, different for each gateway and tick), look, and fire only
+//! the ticks still not taken: those of a holder that died, until one of them takes its lease
+//! over. A tick runs twice (one record, one id, the function's effects twice) only when the
+//! holder's acceptance of it lands later than the fallback (a store stalled for seconds), or
+//! when two gateways both believe they hold the lease (a renewal and a take-over within one
+//! store round trip of its expiry) and look within one round trip of each other.
 //! The ticks fired so far are a max register per trigger ([`Triggers::fired_through`]), so a
 //! restarted gateway knows where the schedule stands ([`due`]): up to [`CATCH_UP`] ticks
 //! behind (a stalled gateway, a slow store, a short outage), each fires in turn, late ones
@@ -237,8 +242,13 @@ pub fn parse_schedule(text: &str) -> std::result::Result<cron::Schedule, String>
     cron::Schedule::from_str(&expression).map_err(|e| format!("bad cron schedule {text:?}: {e}"))
 }
 
+/// 2101-01-01T00:00:00Z: the `cron` crate's schedules end with the year 2100, and it panics
+/// stepping past the latest time `chrono` holds, so a later instant (a corrupt position, a
+/// clock far ahead) is read as this one, after every tick.
+const END_OF_SCHEDULES_MS: u64 = 4_133_980_800_000;
+
 fn time_of(ms: u64) -> DateTime<Utc> {
-    let ms = i64::try_from(ms).unwrap_or(i64::MAX);
+    let ms = i64::try_from(ms.min(END_OF_SCHEDULES_MS)).unwrap_or(i64::MAX);
     Utc.timestamp_millis_opt(ms)
         .single()
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
@@ -415,6 +425,13 @@ impl Triggers {
             .with(move |client| client.merge_many(deletes))
             .await?;
         Ok(())
+    }
+
+    /// Takes or renews the lease on firing cron ticks first for `owner` until `lease_ms`
+    /// from now; whether `owner` holds it (see the module docs).
+    pub async fn lease_cron(&self, owner: &str, lease_ms: u64) -> Result<bool> {
+        let key = keys::lease(&self.namespace, "cron");
+        crate::lease::take(&self.kvs, &key, owner, lease_ms).await
     }
 
     /// The latest tick each trigger fired so far (ms since the Unix epoch), by name, in one
@@ -616,5 +633,77 @@ mod tests {
         assert_ne!(id, tick_id(&trigger("nightly", 8), 1_000));
         assert_eq!(id.start_us(), Some(1_000_000));
         assert!(ActivationId::parse(id.as_str()).is_some());
+    }
+
+    /// One field of a cron expression: valid forms, edge values, names and junk.
+    fn cron_field() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => Just("*".to_string()),
+            3 => "[0-9]{1,2}",
+            1 => "[0-9]{1,2}-[0-9]{1,3}",
+            1 => "\\*/[0-9]{1,3}",
+            1 => "[0-9]{1,2}/[0-9]{1,2}",
+            1 => "[0-9]{1,2},[0-9]{1,2}",
+            1 => "(MON|sun|JAN|dec|L|\\?|#|W|0|7|8|60|99)",
+            1 => "[0-9]{8,24}",
+            1 => "\\PC{0,5}",
+        ]
+    }
+
+    proptest::proptest! {
+        /// Any schedule text: an error or a schedule, never a panic; a schedule's due tick
+        /// lies after what was fired and at or before now, whatever the two instants.
+        #[test]
+        fn any_schedule_is_an_error_or_ticks_in_range(
+            fields in proptest::collection::vec(cron_field(), 0..9),
+            fired in proptest::prelude::prop_oneof![
+                proptest::prelude::Just(0u64),
+                0u64..5_000_000_000_000,
+                proptest::prelude::any::<u64>(),
+            ],
+            now in proptest::prelude::prop_oneof![
+                1_700_000_000_000u64..1_800_000_000_000,
+                proptest::prelude::any::<u64>(),
+            ],
+        ) {
+            let text = fields.join(" ");
+            if let Ok(schedule) = parse_schedule(&text) {
+                if let Some(tick) = due(&schedule, fired, now) {
+                    proptest::prop_assert!(tick.tick_ms > fired && tick.tick_ms <= now, "{tick:?}");
+                }
+            }
+        }
+
+        /// Any body sent as a trigger: an error or a checked trigger, never a panic.
+        #[test]
+        fn any_trigger_body_is_an_error_or_checked(
+            kind in proptest::prelude::prop_oneof![
+                proptest::prelude::Just("cron"),
+                proptest::prelude::Just("kv-change"),
+                proptest::prelude::Just("webhook"),
+            ],
+            fields in proptest::collection::vec(cron_field(), 0..8),
+            function in proptest::option::of("[a-z./]{0,6}"),
+            dag in proptest::option::of("[a-z]{0,3}"),
+            prefix in proptest::option::of("\\PC{0,6}"),
+            edits in proptest::option::of(squall_lattices::testing::edits(3)),
+        ) {
+            let body = serde_json::to_vec(&serde_json::json!({
+                "kind": kind,
+                "schedule": fields.join(" "),
+                "function": function,
+                "dag": dag,
+                "prefix": prefix,
+            }))
+            .expect("JSON");
+            let body = match &edits {
+                Some(edits) => squall_lattices::testing::mutated(&body, edits),
+                None => body,
+            };
+            if let Ok(spec) = serde_json::from_slice::<TriggerSpec>(&body) {
+                let _ = spec.check();
+            }
+        }
     }
 }

@@ -9,7 +9,7 @@ use squall_executor::testing::guests;
 
 use crate::support::{squall, NodeProcess};
 
-const TOKEN: &str = "from-the-file";
+const TOKEN: &str = "from-the-config-file";
 
 /// Runs `squall ARGS` in `dir` (so `dir/squall.toml` applies), with `stdin` as input.
 fn run(dir: &Path, args: &[&str], stdin: &[u8]) -> Output {

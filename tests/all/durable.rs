@@ -10,7 +10,7 @@ use squall_proto::poll::Poll;
 
 use crate::support::{self, http, http_with, Answer, NodeProcess};
 
-pub(crate) const TOKEN: &str = "s3cret";
+pub(crate) const TOKEN: &str = "a-test-token-of-32-characters-ok";
 const WAIT: Duration = Duration::from_secs(90);
 
 pub(crate) fn register_misbehave(base: &str) {

@@ -9,7 +9,7 @@ use squall_proto::poll::Poll;
 
 use crate::support::{self, http, Answer};
 
-const TOKEN: &str = "s3cret";
+const TOKEN: &str = "a-test-token-of-32-characters-ok";
 const WAIT: Duration = Duration::from_secs(60);
 
 fn register(base: &str, name: &str, query: &str) {

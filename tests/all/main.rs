@@ -13,4 +13,5 @@ mod garbage;
 mod gateway;
 mod squeezenet;
 mod support;
+mod tls;
 mod triggers;

@@ -17,18 +17,21 @@ use squall_proto::poll::Poll;
 /// How long a node may take to print READY (recovery of a large log included).
 const READY_DEADLINE: Duration = Duration::from_secs(30);
 
-/// `squall up` on OS-assigned ports, in memory; `extra` arguments follow.
+/// `squall up` on OS-assigned ports, in memory.
+pub const UP: [&str; 8] = [
+    "up",
+    "--in-memory",
+    "--http-port",
+    "0",
+    "--kvs-port",
+    "0",
+    "--scheduler-port",
+    "0",
+];
+
+/// [`UP`], with `extra` arguments after.
 pub fn up(log_dir: &Path, extra: &[&str]) -> NodeProcess {
-    let mut args = vec![
-        "up",
-        "--in-memory",
-        "--http-port",
-        "0",
-        "--kvs-port",
-        "0",
-        "--scheduler-port",
-        "0",
-    ];
+    let mut args = UP.to_vec();
     args.extend_from_slice(extra);
     NodeProcess::spawn(log_dir, &args)
 }

@@ -103,16 +103,26 @@ fn a_cron_trigger_with_two_gateways_runs_each_tick_once() {
 
     // Once the last ticks have run, every tick ran once: the function ran as many times as
     // there are ticks' records, and the counts its runs answered are 1, 2, ..., n.
+    let mut last = String::new();
     let (counts, runs) = Poll::within(WAIT)
         .until(|| {
             let records = cron_records(&base);
+            let runs = http("GET", &format!("{base}/v1/kv/cron/runs"), None, b"").text();
+            last = format!(
+                "runs {runs}; records (id, status, attempt): {:?}",
+                records
+                    .iter()
+                    .map(|r| (
+                        r["id"].to_string(),
+                        r["status"].to_string(),
+                        r["attempt"].to_string()
+                    ))
+                    .collect::<Vec<_>>()
+            );
             if records.iter().any(|r| r["status"] != "succeeded") {
                 return None;
             }
-            let runs: u64 = http("GET", &format!("{base}/v1/kv/cron/runs"), None, b"")
-                .text()
-                .parse()
-                .ok()?;
+            let runs: u64 = runs.parse().ok()?;
             if runs != records.len() as u64 {
                 return None;
             }
@@ -127,7 +137,7 @@ fn a_cron_trigger_with_two_gateways_runs_each_tick_once() {
             counts.sort_unstable();
             Some((counts, runs))
         })
-        .expect("every tick ran once (runs and records never agreed)");
+        .unwrap_or_else(|_| panic!("every tick ran once: runs and records never agreed: {last}"));
     let expected: Vec<u64> = (1..=runs).collect();
     assert_eq!(counts, expected);
 
