@@ -234,7 +234,8 @@ pub struct UpArgs {
     /// death; stopping the cluster loses everything).
     #[arg(long)]
     in_memory: bool,
-    /// Bearer token the gateway requires on every mutating request (at least 16 characters).
+    /// Bearer token the gateway requires on every request but `/healthz` (at least 16
+    /// characters).
     #[arg(long, env = "SQUALL_TOKEN", hide_env_values = true)]
     token: Option<String>,
     #[command(flatten)]

@@ -8,9 +8,9 @@
 //! that file only, as curl's `--cacert` does (a private CA, a self-signed gateway).
 
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -24,7 +24,7 @@ pub struct Connection {
     /// The gateway's URL.
     #[arg(long, global = true, env = "SQUALL_GATEWAY", default_value_t = format!("http://127.0.0.1:{DEFAULT_HTTP_PORT}"))]
     pub(crate) gateway: String,
-    /// Bearer token for mutating requests.
+    /// Bearer token the gateway requires.
     #[arg(long, global = true, env = "SQUALL_TOKEN", hide_env_values = true)]
     pub(crate) token: Option<String>,
     /// PEM file of the CA certificates that an `https://` gateway's certificate must chain
@@ -167,12 +167,28 @@ fn agent(connection: &Connection) -> ureq::Agent {
     let agent = ureq::AgentBuilder::new()
         .timeout_connect(Duration::from_secs(5))
         .timeout(Duration::from_secs(600));
-    if connection.gateway.starts_with("https://") {
-        agent.tls_connector(Arc::new(Tls::new(connection.ca_cert.as_deref())))
+    let https = connection
+        .gateway
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
+    if https {
+        agent.tls_connector(tls(connection.ca_cert.as_deref()))
     } else {
         agent
     }
     .build()
+}
+
+/// The TLS setup for `ca`, made once per process (reading the system's CA certificates
+/// takes milliseconds, and `logs --follow` asks again and again).
+fn tls(ca: Option<&Path>) -> Arc<Tls> {
+    static MADE: OnceLock<(Option<PathBuf>, Arc<Tls>)> = OnceLock::new();
+    let (made_for, made) = MADE.get_or_init(|| (ca.map(Path::to_path_buf), Arc::new(Tls::new(ca))));
+    if made_for.as_deref() == ca {
+        made.clone()
+    } else {
+        Arc::new(Tls::new(ca))
+    }
 }
 
 /// TLS for ureq with rustls: the client configuration, or why it could not be made (told

@@ -68,7 +68,7 @@ struct Schedulers {
 /// The gateway's bearer token.
 #[derive(Debug, Args)]
 struct Token {
-    /// Bearer token required on every mutating HTTP request (at least 16 characters).
+    /// Bearer token required on every HTTP request but `/healthz` (at least 16 characters).
     #[arg(long, env = "SQUALL_TOKEN", hide_env_values = true)]
     token: Option<String>,
 }
@@ -90,7 +90,7 @@ impl Token {
 const MIN_SECRET: usize = 16;
 
 /// A secret a server is given: refused when empty, blank or shorter than [`MIN_SECRET`]
-/// (an empty `SQUALL_TOKEN` would otherwise lock every mutating request, and a short one is
+/// (an empty `SQUALL_TOKEN` would otherwise lock every request, and a short one is
 /// guessed).
 pub(crate) fn secret(value: &str) -> Result<String, String> {
     if value.trim().is_empty() {
@@ -100,11 +100,10 @@ pub(crate) fn secret(value: &str) -> Result<String, String> {
                 .into(),
         );
     }
-    let length = value.chars().count();
-    if length < MIN_SECRET {
+    if value.chars().count() < MIN_SECRET {
         return Err(format!(
-            "a secret of {length} characters is too short to guard the gateway: give one of \
-             at least {MIN_SECRET} (for example `openssl rand -hex 24`)"
+            "the secret is too short to guard the gateway: give one of at least {MIN_SECRET} \
+             characters (for example `openssl rand -hex 24`)"
         ));
     }
     Ok(value.to_string())
@@ -115,10 +114,10 @@ pub(crate) fn secret(value: &str) -> Result<String, String> {
 struct Tls {
     /// PEM file with the gateway's certificate chain, its own certificate first: the HTTP
     /// port then speaks HTTPS only (with --tls-key).
-    #[arg(long, env = "SQUALL_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "SQUALL_TLS_CERT")]
     tls_cert: Option<PathBuf>,
     /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1).
-    #[arg(long, env = "SQUALL_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "SQUALL_TLS_KEY")]
     tls_key: Option<PathBuf>,
 }
 
@@ -127,7 +126,10 @@ impl Tls {
     fn config(&self) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
         match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Ok(Some(squall_gateway::tls::server_config(cert, key)?)),
-            _ => Ok(None),
+            (None, None) => Ok(None),
+            // Set apart in `squall.toml` (whose settings clap takes as defaults, which its
+            // `requires` does not look at): never a silent fall-back to plain HTTP.
+            _ => anyhow::bail!("--tls-cert and --tls-key go together: give both or neither"),
         }
     }
 }
@@ -520,7 +522,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         eprintln!(
             "  token       {}",
             if token.is_some() {
-                "required on mutating requests"
+                "required on every request but /healthz"
             } else {
                 "none"
             }
@@ -653,7 +655,7 @@ mod tests {
     #[test]
     fn a_secret_must_be_long_enough_and_is_never_echoed() {
         assert!(secret("0123456789abcdef").is_ok());
-        assert!(secret("a-token-of-exactly-sixteen").is_ok());
+        assert!(secret("a-token-of-27-characters-ok").is_ok());
         for refused in ["", "   ", "\t\n", "s3cret", "0123456789abcde"] {
             let said = secret(refused).expect_err(refused);
             assert!(said.contains("16"), "{said}");

@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,9 @@ const LEASE_MS: u64 = 10_000;
 /// How often the lease on firing is taken or renewed.
 const LEASE_RENEW: Duration = Duration::from_secs(3);
 
+/// How long before its lease ends a holder stops believing it holds it.
+const LEASE_MARGIN_MS: u64 = 1_000;
+
 /// Where each trigger stands, by name: the latest tick fired or being fired.
 type Through = Arc<Mutex<HashMap<String, u64>>>;
 
@@ -60,8 +63,10 @@ pub struct CronFirer {
     calls: Calls,
     runner: Runner,
     timeout: Duration,
-    /// Whether this gateway holds the lease on firing first, as last taken or renewed.
-    leading: Arc<AtomicBool>,
+    /// Until when (ms since the Unix epoch) this gateway holds the lease on firing first, as
+    /// last taken or renewed: a second before the lease itself ends, counted from before the
+    /// take, so a take that the store answered late cannot leave a belief the lease outlived.
+    leading_until: Arc<AtomicU64>,
 }
 
 impl CronFirer {
@@ -72,7 +77,7 @@ impl CronFirer {
             calls,
             runner,
             timeout,
-            leading: Arc::default(),
+            leading_until: Arc::default(),
         }
     }
 
@@ -87,7 +92,8 @@ impl CronFirer {
         // (a firing that finally fails puts its trigger back, so the tick is looked at again).
         let through: Through = Arc::default();
         let mut refreshed: Option<Instant> = None;
-        let mut leased: Option<Instant> = None;
+        let wanted = Arc::new(AtomicBool::new(false));
+        tokio::spawn(self.clone().hold_lease(wanted.clone()));
         loop {
             if refreshed.is_none_or(|at| at.elapsed() >= REFRESH_EVERY) {
                 match self.refresh(&through).await {
@@ -96,16 +102,9 @@ impl CronFirer {
                 }
                 refreshed = Some(Instant::now());
             }
-            // Only while there is something to fire: an idle gateway writes nothing.
-            if !armed.is_empty() && leased.is_none_or(|at| at.elapsed() >= LEASE_RENEW) {
-                let held = self.triggers.lease_cron(self.runner.id(), LEASE_MS).await;
-                if let Err(e) = &held {
-                    tracing::warn!(cause = %e, "taking the lease on firing cron ticks");
-                }
-                self.leading
-                    .store(matches!(held, Ok(true)), Ordering::Relaxed);
-                leased = Some(Instant::now());
-            }
+            // The lease is held only while there is something to fire: an idle gateway
+            // writes nothing.
+            wanted.store(!armed.is_empty(), Ordering::Relaxed);
             let now = now_ms();
             for one in &armed {
                 let name = &one.trigger.name;
@@ -142,6 +141,34 @@ impl CronFirer {
             }
             tokio::time::sleep(CHECK_EVERY).await;
         }
+    }
+
+    /// Takes and renews the lease on firing first while `wanted`, in a task of its own so
+    /// that a slow store delays no firing.
+    async fn hold_lease(self, wanted: Arc<AtomicBool>) {
+        loop {
+            if !wanted.load(Ordering::Relaxed) {
+                self.leading_until.store(0, Ordering::Relaxed);
+                tokio::time::sleep(CHECK_EVERY).await;
+                continue;
+            }
+            let asked = now_ms();
+            let until = match self.triggers.lease_cron(self.runner.id(), LEASE_MS).await {
+                Ok(true) => asked + LEASE_MS - LEASE_MARGIN_MS,
+                Ok(false) => 0,
+                Err(e) => {
+                    tracing::warn!(cause = %e, "taking the lease on firing cron ticks");
+                    0
+                }
+            };
+            self.leading_until.store(until, Ordering::Relaxed);
+            tokio::time::sleep(LEASE_RENEW).await;
+        }
+    }
+
+    /// Whether this gateway holds the lease on firing first.
+    fn leading(&self) -> bool {
+        now_ms() < self.leading_until.load(Ordering::Relaxed)
     }
 
     /// The triggers to fire, and where each stands in the store.
@@ -183,7 +210,7 @@ impl CronFirer {
     /// holds the lease, else after a fallback); tries again for a while if the store does not
     /// answer. Whether the tick is fired.
     async fn fire(&self, trigger: &Trigger, target: Target, tick: Due) -> bool {
-        if !self.leading.load(Ordering::Relaxed) {
+        if !self.leading() {
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
             (self.runner.id(), &trigger.name, tick.tick_ms).hash(&mut hasher);
             let wait = FALLBACK_MS + hasher.finish() % SPREAD_MS;

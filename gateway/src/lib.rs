@@ -2,7 +2,7 @@
 //!
 //! Control endpoints speak JSON; function input and output are raw bytes. Every error is
 //! `{"error":{"code":...,"message":...}}` (plus `"step"` when a DAG step failed) with a fitting
-//! status. With a token configured, every mutating request (PUT, POST, DELETE) must carry
+//! status. With a token configured, every request but `GET /healthz` must carry
 //! `Authorization: Bearer <token>`. The OpenAPI document of this API is generated from these
 //! handlers (`utoipa`) and served at `/v1/openapi.json`.
 //!

@@ -2,9 +2,9 @@
 //!
 //! [`TlsListener`] is an [`axum::serve::Listener`]: a task of its own accepts TCP connections
 //! and runs each TLS handshake as a task of its own (at most [`HANDSHAKE_TIMEOUT`] each, at
-//! most [`MAX_HANDSHAKES`] at once), so a client that connects and sends nothing holds up no
-//! other; finished handshakes are handed to axum, which serves HTTP over them as over plain
-//! TCP, graceful shutdown included. With TLS on, the port speaks nothing else: a plain HTTP
+//! most [`MAX_HANDSHAKES`] at once, past which new connections are closed), so a client that
+//! connects and sends nothing holds up no other; finished handshakes are handed to axum,
+//! which serves HTTP over them as over plain TCP, graceful shutdown included. With TLS on, the port speaks nothing else: a plain HTTP
 //! request there fails its handshake and is dropped.
 //!
 //! # Cost and lifetime
@@ -32,16 +32,17 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 /// The longest a client may take to finish its handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The most handshakes under way at once: past it, new connections wait in the kernel's
-/// backlog until one ends.
-pub const MAX_HANDSHAKES: usize = 256;
+/// The most handshakes under way at once: past it, a new connection is closed at once (and
+/// a warning logged), so that clients that connect and send nothing are seen, not waited on.
+pub const MAX_HANDSHAKES: usize = 1024;
 
 /// Connections whose handshake is done and that axum has not taken yet.
 const READY_QUEUE: usize = 64;
@@ -150,8 +151,11 @@ impl axum::serve::Listener for TlsListener {
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.ready.recv().await {
             Some(connection) => connection,
-            // The accepting task ends only once this listener is dropped.
-            None => std::future::pending().await,
+            // The accepting task ends on its own only if it panicked.
+            None => {
+                tracing::error!("the TLS accepting task ended: no new connection is taken");
+                std::future::pending().await
+            }
         }
     }
 
@@ -160,17 +164,15 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-/// Accepts connections and hands each to a handshake task, until the listener is dropped.
+/// Accepts connections and runs each one's handshake as a task of its own, until the
+/// listener is dropped (the handshakes under way end with it: they belong to this task).
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
 ) {
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let mut handshakes = JoinSet::new();
     loop {
-        let Ok(permit) = handshakes.clone().acquire_owned().await else {
-            return;
-        };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -179,16 +181,22 @@ async fn accept_loop(
                     continue;
                 }
             },
+            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => continue,
             _ = ready.closed() => return,
         };
+        // Past the cap a new connection is closed at once, rather than left waiting unseen
+        // behind the clients that hold the handshakes.
+        if handshakes.len() >= MAX_HANDSHAKES {
+            tracing::warn!(%peer, "{MAX_HANDSHAKES} TLS handshakes under way: a connection refused");
+            continue;
+        }
         // TLS writes a response as records of its own: sent at once, not held back for more.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(%peer, cause = %e, "setting TCP_NODELAY");
         }
         let acceptor = acceptor.clone();
         let ready = ready.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
+        handshakes.spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => {
                     // Fails only once the listener is gone: the connection is then dropped.

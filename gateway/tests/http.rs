@@ -140,8 +140,8 @@ fn requests_map_to_their_statuses_and_codes() {
     let setup = setup(&runtime);
     let router = &setup.router;
     runtime.block_on(async {
-        // Health, metrics and the API's description need no token. With no scheduler to
-        // send calls to, the gateway is not healthy.
+        // Health needs no token. With no scheduler to send calls to, the gateway is not
+        // healthy.
         let health = send(router, request("GET", "/healthz", None, b"")).await;
         assert_eq!(
             (health.status, health.code().as_str()),
@@ -149,7 +149,7 @@ fn requests_map_to_their_statuses_and_codes() {
             "{}",
             health.body
         );
-        let metrics = send(router, request("GET", "/metrics", None, b"")).await;
+        let metrics = send(router, request("GET", "/metrics", Some(TOKEN), b"")).await;
         assert_eq!(metrics.status, StatusCode::OK);
         assert!(
             metrics
@@ -159,22 +159,28 @@ fn requests_map_to_their_statuses_and_codes() {
             metrics.content_type
         );
         assert!(metrics.body.ends_with("# EOF\n"), "{}", metrics.body);
-        let openapi = send(router, request("GET", "/v1/openapi.json", None, b"")).await;
+        let openapi = send(router, request("GET", "/v1/openapi.json", Some(TOKEN), b"")).await;
         assert_eq!(openapi.status, StatusCode::OK);
         assert!(openapi.body.contains("\"/v1/dags/{name}/invoke\""));
 
-        // Mutating requests need the token.
+        // Every other request needs the token, reads included.
         for token in [None, Some("wrong")] {
-            let refused = send(router, request("PUT", "/v1/kv/k", token, b"v")).await;
-            assert_eq!(
-                (refused.status, refused.code().as_str()),
-                (StatusCode::UNAUTHORIZED, "unauthorized"),
-                "{token:?}"
-            );
+            for (method, path) in [
+                ("PUT", "/v1/kv/k"),
+                ("GET", "/v1/kv/k"),
+                ("GET", "/metrics"),
+            ] {
+                let refused = send(router, request(method, path, token, b"v")).await;
+                assert_eq!(
+                    (refused.status, refused.code().as_str()),
+                    (StatusCode::UNAUTHORIZED, "unauthorized"),
+                    "{method} {path} {token:?}"
+                );
+            }
         }
 
         // Routing.
-        let nowhere = send(router, request("GET", "/v1/nowhere", None, b"")).await;
+        let nowhere = send(router, request("GET", "/v1/nowhere", Some(TOKEN), b"")).await;
         assert_eq!(
             (nowhere.status, nowhere.code().as_str()),
             (StatusCode::NOT_FOUND, "not_found")
@@ -186,20 +192,28 @@ fn requests_map_to_their_statuses_and_codes() {
         );
 
         // Names, records and results that do not exist.
-        let bad_name = send(router, request("GET", "/v1/functions/a%20b", None, b"")).await;
+        let bad_name = send(
+            router,
+            request("GET", "/v1/functions/a%20b", Some(TOKEN), b""),
+        )
+        .await;
         assert_eq!(
             (bad_name.status, bad_name.code().as_str()),
             (StatusCode::BAD_REQUEST, "bad_request")
         );
         for path in ["/v1/functions/nope", "/v1/models/nope", "/v1/dags/nope"] {
-            let missing = send(router, request("GET", path, None, b"")).await;
+            let missing = send(router, request("GET", path, Some(TOKEN), b"")).await;
             assert_eq!(
                 (missing.status, missing.code().as_str()),
                 (StatusCode::NOT_FOUND, "not_found"),
                 "{path}"
             );
         }
-        let result = send(router, request("GET", "/v1/results/0123abcd", None, b"")).await;
+        let result = send(
+            router,
+            request("GET", "/v1/results/0123abcd", Some(TOKEN), b""),
+        )
+        .await;
         assert_eq!(result.status, StatusCode::NOT_FOUND, "{}", result.body);
 
         // DAGs are checked at registration.
@@ -240,9 +254,9 @@ fn requests_map_to_their_statuses_and_codes() {
         )
         .await;
         assert_eq!(put.status, StatusCode::NO_CONTENT, "{}", put.body);
-        let got = send(router, request("GET", "/v1/kv/users/1", None, b"")).await;
+        let got = send(router, request("GET", "/v1/kv/users/1", Some(TOKEN), b"")).await;
         assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "ada"));
-        let absent = send(router, request("GET", "/v1/kv/users/2", None, b"")).await;
+        let absent = send(router, request("GET", "/v1/kv/users/2", Some(TOKEN), b"")).await;
         assert_eq!(absent.status, StatusCode::NOT_FOUND);
         let bad_type = send(
             router,
@@ -259,7 +273,7 @@ fn requests_map_to_their_statuses_and_codes() {
             (StatusCode::BAD_REQUEST, "bad_request")
         );
         let long_key = format!("/v1/kv/{}", "k".repeat(1025));
-        let long = send(router, request("GET", &long_key, None, b"")).await;
+        let long = send(router, request("GET", &long_key, Some(TOKEN), b"")).await;
         assert_eq!(long.status, StatusCode::BAD_REQUEST, "{}", long.body);
 
         // Deletes, expiries and listings.
@@ -285,12 +299,16 @@ fn requests_map_to_their_statuses_and_codes() {
             let put = send(router, request("PUT", uri, token, b"x")).await;
             assert_eq!(put.status, status, "PUT {uri}: {}", put.body);
         }
-        let listed = send(router, request("GET", "/v1/kv?prefix=users/", None, b"")).await;
+        let listed = send(
+            router,
+            request("GET", "/v1/kv?prefix=users/", Some(TOKEN), b""),
+        )
+        .await;
         assert_eq!(listed.status, StatusCode::OK, "{}", listed.body);
         assert_eq!(listed.body, r#"{"keys":["users/1","users/3"]}"#);
         let page = send(
             router,
-            request("GET", "/v1/kv?prefix=users/&limit=1", None, b""),
+            request("GET", "/v1/kv?prefix=users/&limit=1", Some(TOKEN), b""),
         )
         .await;
         assert_eq!(page.body, r#"{"keys":["users/1"],"next":"users/1"}"#);
@@ -299,7 +317,7 @@ fn requests_map_to_their_statuses_and_codes() {
             request(
                 "GET",
                 "/v1/kv?prefix=users/&limit=1&after=users/1",
-                None,
+                Some(TOKEN),
                 b"",
             ),
         )
@@ -310,7 +328,7 @@ fn requests_map_to_their_statuses_and_codes() {
             "/v1/kv?limit=1001",
             "/v1/kv?prefix=squall/",
         ] {
-            let refused = send(router, request("GET", uri, None, b"")).await;
+            let refused = send(router, request("GET", uri, Some(TOKEN), b"")).await;
             assert_eq!(
                 refused.status,
                 StatusCode::BAD_REQUEST,
@@ -332,9 +350,13 @@ fn requests_map_to_their_statuses_and_codes() {
         )
         .await;
         assert_eq!(deleted.status, StatusCode::NO_CONTENT, "{}", deleted.body);
-        let gone = send(router, request("GET", "/v1/kv/users/1", None, b"")).await;
+        let gone = send(router, request("GET", "/v1/kv/users/1", Some(TOKEN), b"")).await;
         assert_eq!(gone.status, StatusCode::NOT_FOUND);
-        let listed = send(router, request("GET", "/v1/kv?prefix=users/", None, b"")).await;
+        let listed = send(
+            router,
+            request("GET", "/v1/kv?prefix=users/", Some(TOKEN), b""),
+        )
+        .await;
         assert_eq!(listed.body, r#"{"keys":["users/3"]}"#);
     });
 }

@@ -62,6 +62,21 @@ fn settle(router: &Router, members: usize) {
         .unwrap_or_else(|_| panic!("the cluster did not settle with {members} members: {last:?}"));
 }
 
+/// Waits until the members hold `expected` entries in all, as their stats report them (sent
+/// every few hundred milliseconds, so a settled view's last hand-off may not be counted yet).
+fn held_becomes(router: &Router, expected: u64) {
+    let mut last = None;
+    Poll::within(Duration::from_secs(20))
+        .every(Duration::from_millis(50))
+        .until(|| {
+            let status = squall_kvs::router::status(router.address()).ok()?;
+            let held: u64 = status.members.iter().map(|m| m.stats.keys).sum();
+            last = Some((held, status));
+            (held == expected).then_some(())
+        })
+        .unwrap_or_else(|_| panic!("the members never held {expected} entries: {last:?}"));
+}
+
 fn text(value: Option<LatticeValue>) -> Option<Bytes> {
     match value {
         Some(LatticeValue::Lww(lww)) => Some(lww.value.clone()),
@@ -148,9 +163,7 @@ fn a_joining_node_receives_its_keys_and_a_leaving_one_hands_them_off() {
     }
     assert!(on_c > 100, "the new node holds {on_c} keys");
     // Every node holds exactly its keys: the old owners dropped what moved.
-    let status = squall_kvs::router::status(router.address()).expect("status");
-    let held: u64 = status.members.iter().map(|m| m.stats.keys).sum();
-    assert_eq!(held, 2 * 400, "{status:?}");
+    held_becomes(&router, 2 * 400);
 
     assert!(b.leave(Duration::from_secs(10)), "hand-off finished");
     settle(&router, 2);
@@ -204,9 +217,7 @@ fn a_key_given_more_replicas_gets_them_and_gives_them_back() {
     settle(&router, 3);
     client.refresh().expect("refresh");
     assert_eq!(holders(&mut client), 2);
-    let status = squall_kvs::router::status(router.address()).expect("status");
-    let held: u64 = status.members.iter().map(|m| m.stats.keys).sum();
-    assert_eq!(held, 2 * 101, "the third copy was dropped: {status:?}");
+    held_becomes(&router, 2 * 101);
     assert_eq!(
         text(client.get("hot").expect("get")),
         Some(Bytes::from("ice"))
@@ -237,9 +248,7 @@ fn deletes_move_with_their_keys_and_a_late_old_copy_cannot_undo_them() {
     settle(&router, 3);
     client.refresh().expect("refresh");
     // Tombstones are entries like any other: every key, deleted or not, has two replicas.
-    let status = squall_kvs::router::status(router.address()).expect("status");
-    let held: u64 = status.members.iter().map(|m| m.stats.keys).sum();
-    assert_eq!(held, 2 * 400, "{status:?}");
+    held_becomes(&router, 2 * 400);
     // A copy from before the delete, arriving late (as from a node back from a partition),
     // merges under the tombstone.
     for result in client.merge_many(old).expect("merge") {

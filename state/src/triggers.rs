@@ -13,9 +13,13 @@
 //! seconds and more (a spread, different for each gateway and tick), look, and fire only
 //! the ticks still not taken: those of a holder that died, until one of them takes its lease
 //! over. A tick runs twice (one record, one id, the function's effects twice) only when the
-//! holder's acceptance of it lands later than the fallback (a store stalled for seconds), or
-//! when two gateways both believe they hold the lease (a renewal and a take-over within one
-//! store round trip of its expiry) and look within one round trip of each other.
+//! holder's acceptance of it lands later than the fallback (a store stalled for seconds, or
+//! gateways' clocks two seconds or more apart), or when two gateways both believe they hold
+//! the lease and look within one store round trip of each other: two that take a free lease
+//! within one round trip (both read their own write back, and both lead until the next
+//! renewal, three seconds on), or a renewal and a take-over within one round trip of its
+//! expiry. Clocks more than the lease (ten seconds) apart make the lease itself unreliable:
+//! gateways' clocks must be kept in step (NTP).
 //! The ticks fired so far are a max register per trigger ([`Triggers::fired_through`]), so a
 //! restarted gateway knows where the schedule stands ([`due`]): up to [`CATCH_UP`] ticks
 //! behind (a stalled gateway, a slow store, a short outage), each fires in turn, late ones

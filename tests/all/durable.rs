@@ -48,7 +48,7 @@ fn finished(base: &str, id: &str) -> Answer {
     Poll::within(WAIT)
         .every(Duration::from_millis(20))
         .until(|| {
-            let result = http("GET", &format!("{base}/v1/results/{id}"), None, b"");
+            let result = http("GET", &format!("{base}/v1/results/{id}"), Some(TOKEN), b"");
             (result.status != 202).then_some(result)
         })
         .expect("the call never finished")
@@ -101,7 +101,7 @@ fn failed_calls_retry_by_policy_then_go_to_dead_letters_that_redrive() {
     let default = http(
         "GET",
         &format!("{base}/v1/functions/misbehave/retries"),
-        None,
+        Some(TOKEN),
         b"",
     );
     assert_eq!(default.json()["max_retries"], 0, "{}", default.text());
@@ -442,7 +442,7 @@ fn a_concurrency_limit_refuses_synchronous_calls_over_it_and_queues_asynchronous
         http(
             "GET",
             &format!("{base}/v1/functions/misbehave/concurrency"),
-            None,
+            Some(TOKEN),
             b""
         )
         .status,
@@ -501,7 +501,13 @@ fn accepted_async_calls_survive_a_sigkill_and_all_complete() {
         .collect();
     let last = ids.last().expect("calls");
     assert_eq!(
-        http("GET", &format!("{base}/v1/results/{last}"), None, b"").status,
+        http(
+            "GET",
+            &format!("{base}/v1/results/{last}"),
+            Some(TOKEN),
+            b""
+        )
+        .status,
         202,
         "calls are still waiting when the node is killed"
     );
@@ -654,7 +660,12 @@ fn records_and_results_leave_the_store_after_their_retention_and_their_space_com
     // Records and the result expire, and the store gives their space back.
     Poll::within(WAIT)
         .until(|| {
-            let result = http("GET", &format!("{base}/v1/results/{async_id}"), None, b"");
+            let result = http(
+                "GET",
+                &format!("{base}/v1/results/{async_id}"),
+                Some(TOKEN),
+                b"",
+            );
             let gone = record_ids(&base).is_empty() && result.status == 404;
             let bytes = store_bytes(&kvs);
             (gone && bytes.saturating_sub(before) < (peak - before) / 10).then_some(())

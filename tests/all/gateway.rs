@@ -114,7 +114,7 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
     );
     let result = Poll::within(WAIT)
         .until(|| {
-            let result = http("GET", &format!("{base}/v1/results/{id}"), None, b"");
+            let result = http("GET", &format!("{base}/v1/results/{id}"), Some(TOKEN), b"");
             assert!(matches!(result.status, 200 | 202), "{}", result.text());
             (result.status == 200).then_some(result)
         })
@@ -136,7 +136,13 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
         (Some("succeeded"), Some("http-async"), Some("dag"))
     );
     assert_eq!(
-        http("GET", &format!("{base}/v1/results/0123abcd"), None, b"").status,
+        http(
+            "GET",
+            &format!("{base}/v1/results/0123abcd"),
+            Some(TOKEN),
+            b""
+        )
+        .status,
         404
     );
 
@@ -226,13 +232,28 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
         );
         assert_eq!(refused.status, 400, "{bad}: {}", refused.text());
     }
-    // Records name asynchronous calls, whose ids read their results: the token guards them.
-    let anonymous = http("GET", &format!("{base}/v1/activations"), None, b"");
-    assert_eq!(anonymous.status, 401);
+    // With a token, every request but /healthz needs it, reads included.
+    for path in [
+        "/v1/activations",
+        "/v1/kv/users/1",
+        "/v1/functions",
+        "/v1/results/0123abcd",
+        "/metrics",
+        "/v1/openapi.json",
+    ] {
+        let anonymous = http("GET", &format!("{base}{path}"), None, b"");
+        assert_eq!(anonymous.status, 401, "{path}");
+        let wrong = http("GET", &format!("{base}{path}"), Some("not-the-token"), b"");
+        assert_eq!(wrong.status, 401, "{path}");
+    }
+    assert_eq!(
+        http("GET", &format!("{base}/healthz"), None, b"").status,
+        200
+    );
     let reserved = http(
         "GET",
         &format!("{base}/v1/kv/squall/ns/default/result/x"),
-        None,
+        Some(TOKEN),
         b"",
     );
     assert_eq!(reserved.status, 400);
@@ -261,7 +282,7 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
         );
     }
     assert_eq!(
-        http("GET", &format!("{base}/v1/dags/bad"), None, b"").status,
+        http("GET", &format!("{base}/v1/dags/bad"), Some(TOKEN), b"").status,
         404
     );
     let huge = vec![b'x'; 65 << 20];
@@ -287,7 +308,7 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
     );
 
     // Listing and deleting.
-    let listed = http("GET", &format!("{base}/v1/functions"), None, b"").json();
+    let listed = http("GET", &format!("{base}/v1/functions"), Some(TOKEN), b"").json();
     assert_eq!(listed.as_array().map(Vec::len), Some(4), "{listed}");
     assert_eq!(
         http(
@@ -300,7 +321,13 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
         204
     );
     assert_eq!(
-        http("GET", &format!("{base}/v1/functions/join"), None, b"").status,
+        http(
+            "GET",
+            &format!("{base}/v1/functions/join"),
+            Some(TOKEN),
+            b""
+        )
+        .status,
         404
     );
     assert_eq!(invoke(&base, "/v1/functions/join/invoke", "").status, 404);
@@ -317,7 +344,7 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
         204
     );
     assert_eq!(
-        http("GET", &format!("{base}/v1/kv/users/1"), None, b"").text(),
+        http("GET", &format!("{base}/v1/kv/users/1"), Some(TOKEN), b"").text(),
         "ada"
     );
     assert_eq!(
@@ -328,12 +355,12 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
         http("GET", &format!("{base}/healthz"), None, b"").json()["executors"],
         1
     );
-    let metrics = http("GET", &format!("{base}/metrics"), None, b"").text();
+    let metrics = http("GET", &format!("{base}/metrics"), Some(TOKEN), b"").text();
     assert!(
         metrics.contains(r#"squall_calls_total{kind="dag",name="sq_incr",outcome="ok"} 1"#),
         "{metrics}"
     );
-    let openapi = http("GET", &format!("{base}/v1/openapi.json"), None, b"").json();
+    let openapi = http("GET", &format!("{base}/v1/openapi.json"), Some(TOKEN), b"").json();
     assert!(openapi["paths"]["/v1/dags/{name}/invoke"]["post"].is_object());
 }
 
@@ -376,7 +403,7 @@ fn dags_cross_executor_processes_and_a_killed_executor_fails_its_call_early() {
     // apart), so that a heartbeat sent during the earlier call cannot pass for it.
     let mut seen: Option<(String, Instant)> = None;
     let busy = Poll::within(WAIT).until(|| {
-        let listed = http("GET", &format!("{base}/v1/executors"), None, b"").json();
+        let listed = http("GET", &format!("{base}/v1/executors"), Some(TOKEN), b"").json();
         let busy: Vec<String> = listed
             .as_array()
             .into_iter()

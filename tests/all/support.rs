@@ -86,9 +86,13 @@ pub fn roles(log_dir: &Path, gateway_args: &[&str], executors: &[(&str, &str)]) 
             )
         })
         .collect();
+    let token = gateway_args
+        .windows(2)
+        .find(|pair| pair[0] == "--token")
+        .map(|pair| pair[1]);
     Poll::within(READY_DEADLINE)
         .until(|| {
-            let listed = http("GET", &format!("{base}/v1/executors"), None, b"").json();
+            let listed = http("GET", &format!("{base}/v1/executors"), token, b"").json();
             (listed.as_array().map(Vec::len) == Some(executors.len())).then_some(())
         })
         .expect("executors did not join");

@@ -164,7 +164,10 @@ fn the_gateway_serves_https_that_the_cli_verifies() {
         assert!(!refused.status.success(), "{}", text(&refused));
         let said = text(&refused);
         // (A system without CA certificates says so instead.)
-        assert!(said.contains("certificate"), "{said}");
+        assert!(
+            said.contains("invalid peer certificate") || said.contains("no CA certificate found"),
+            "{said}"
+        );
     }
 
     // A client offering HTTP/2 first (as curl and browsers do) agrees on HTTP/1.1, which is
@@ -262,6 +265,14 @@ fn bad_certificates_keys_and_secrets_stop_the_start() {
     assert!(said.contains("cannot serve"), "{said}");
     let said = refused_start(dir.path(), &["--tls-cert", arg(&cert)]);
     assert!(said.contains("--tls-key"), "{said}");
+    // Half of the pair in the config file is no silent fall-back to plain HTTP either.
+    let config = write(
+        dir.path(),
+        "squall.toml",
+        &format!("tls-cert = {:?}\n", arg(&cert)),
+    );
+    let said = refused_start(dir.path(), &["--config", arg(&config)]);
+    assert!(said.contains("go together"), "{said}");
 
     // A short or empty secret is refused, and never printed.
     let said = refused_start(dir.path(), &["--token", "hunter2"]);

@@ -107,7 +107,7 @@ fn a_cron_trigger_with_two_gateways_runs_each_tick_once() {
     let (counts, runs) = Poll::within(WAIT)
         .until(|| {
             let records = cron_records(&base);
-            let runs = http("GET", &format!("{base}/v1/kv/cron/runs"), None, b"").text();
+            let runs = http("GET", &format!("{base}/v1/kv/cron/runs"), Some(TOKEN), b"").text();
             last = format!(
                 "runs {runs}; records (id, status, attempt): {:?}",
                 records
@@ -130,7 +130,7 @@ fn a_cron_trigger_with_two_gateways_runs_each_tick_once() {
                 .iter()
                 .map(|r| {
                     let id = r["id"].as_str().expect("an id");
-                    let result = http("GET", &format!("{base}/v1/results/{id}"), None, b"");
+                    let result = http("GET", &format!("{base}/v1/results/{id}"), Some(TOKEN), b"");
                     result.text().parse().expect("a count")
                 })
                 .collect();
@@ -248,7 +248,7 @@ fn the_cli_manages_triggers_dead_letters_and_idempotent_calls() {
     assert_eq!(id.len(), 32, "{id}");
     let result = Poll::within(WAIT)
         .until(|| {
-            let result = http("GET", &format!("{base}/v1/results/{id}"), None, b"");
+            let result = http("GET", &format!("{base}/v1/results/{id}"), Some(TOKEN), b"");
             (result.status == 200).then(|| result.text())
         })
         .expect("the fired call's result");
