@@ -18,6 +18,7 @@
 //! gateway serves plain HTTP), `serde_json` (the gateway's JSON), `axum` (serving the gateway),
 //! `tokio` (the roles' runtime, and SIGINT and SIGTERM: see `signals`).
 
+mod access;
 mod cluster;
 mod config;
 mod events;
@@ -66,6 +67,8 @@ enum Command {
     Trigger(events::TriggerArgs),
     /// List, redrive and delete the calls that failed every attempt (through a gateway).
     DeadLetters(events::DeadLetterArgs),
+    /// Make, list and revoke API keys (through a gateway, as admin).
+    Key(access::KeyArgs),
     /// Run an executor that joins schedulers.
     Executor(roles::ExecutorArgs),
     /// Run a scheduler.
@@ -246,6 +249,10 @@ fn main() -> ExitCode {
         Command::Trigger(args) => {
             init_tracing("warn");
             events::run_trigger(args)
+        }
+        Command::Key(args) => {
+            init_tracing("warn");
+            access::run(args)
         }
         Command::DeadLetters(args) => {
             init_tracing("warn");

@@ -21,6 +21,7 @@ use squall_proto::poll::Poll;
 use squall_scheduler::SchedulerClient;
 use squall_state::activations::RecordedError;
 use squall_state::activations::{Filter, Status};
+use squall_state::api_keys::{ApiKeyRecord, ApiKeys, Refusal, Role};
 use squall_state::calls::{
     check_idempotency_key, Calls, ConcurrencyLimit, DeadLetter, PendingCall, RetryPolicy,
 };
@@ -33,6 +34,7 @@ use squall_state::{
 };
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
+use crate::auth::{KeyCheck, Verdict};
 use crate::cron::CronFirer;
 use crate::feed::ChangeFeed;
 use crate::limits::ConcurrencyLimits;
@@ -103,6 +105,8 @@ pub struct Gateway {
     recorder: std::sync::OnceLock<squall_state::activations::Recorder>,
     config: GatewayConfig,
     writer: u64,
+    api_keys: ApiKeys,
+    key_check: KeyCheck,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -125,6 +129,8 @@ impl Gateway {
             limits: ConcurrencyLimits::default(),
             triggers: Triggers::new(kvs.clone()),
             recorder: std::sync::OnceLock::new(),
+            api_keys: ApiKeys::new(kvs.clone()),
+            key_check: KeyCheck::new(ApiKeys::new(kvs.clone())),
             kvs,
             metrics: Arc::new(Metrics::new()),
             config,
@@ -312,6 +318,8 @@ impl Gateway {
             .route("/v1/activations", get(list_activations))
             .route("/v1/activations/{id}", get(get_activation))
             .route("/v1/activations/{id}/logs", get(activation_logs))
+            .route("/v1/keys", get(list_api_keys).post(create_api_key))
+            .route("/v1/keys/{id}", axum::routing::delete(revoke_api_key))
             .route("/v1/kv", get(list_kv))
             .route("/v1/kv/{*key}", get(get_kv).put(put_kv).delete(delete_kv))
             .fallback(|| async {
@@ -457,32 +465,50 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// When a token is set, refuses every request without it but `GET /healthz` (the liveness
-/// probe, which tells nothing but that the gateway answers): reads too, since keys,
-/// results, records and metrics all tell what a user's functions did.
+/// When a token is set, lets a request in only with a bearer key whose role allows it (see
+/// [`crate::auth`]): 401 without one or with one not known, expired or revoked, 403 with one
+/// too weak for the request. `GET /healthz` needs none.
 async fn authorize(State(gateway): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
-    let guarded = request.uri().path() != "/healthz";
-    if let (true, Some(token)) = (guarded, &gateway.config.token) {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|given| same(given.as_bytes(), token.as_bytes())) {
-            return ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this endpoint needs `Authorization: Bearer <token>` with the gateway's token",
-            )
-            .into_response();
+    let Some(token) = &gateway.config.token else {
+        return next.run(request).await;
+    };
+    let Some(needed) = crate::auth::required_role(request.method(), request.uri().path()) else {
+        return next.run(request).await;
+    };
+    let unauthorized = |message: &str| {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response()
+    };
+    let Some(given) = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return unauthorized(
+            "this endpoint needs `Authorization: Bearer <key>` with an API key or the gateway's token",
+        );
+    };
+    match gateway.key_check.check(given, token).await {
+        Ok(Verdict::Admitted { role, .. }) if role >= needed => next.run(request).await,
+        Ok(Verdict::Admitted { role, .. }) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this key's role is {role}; this request needs {needed} or above"),
+        )
+        .into_response(),
+        // Expired and revoked are told only to whoever holds the key's secret.
+        Ok(Verdict::Refused(Refusal::Expired)) => unauthorized("this API key has expired"),
+        Ok(Verdict::Refused(Refusal::Revoked)) => unauthorized("this API key was revoked"),
+        Ok(Verdict::Refused(Refusal::Unknown)) => {
+            unauthorized("the key is neither an API key of this cluster nor the gateway's token")
         }
+        Err(e) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("the key could not be checked: {e}"),
+        )
+        .into_response(),
     }
-    next.run(request).await
-}
-
-/// Compares in time independent of where the inputs differ.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// `GET /healthz` answer.
@@ -2411,6 +2437,124 @@ async fn redrive_dead_letter(
     Ok(accepted(&id))
 }
 
+/// `POST /v1/keys` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewApiKey {
+    /// What the key is for (a name: letters, digits, `-`, `_`, `.`).
+    pub name: String,
+    /// `read`, `invoke`, `deploy` or `admin`.
+    pub role: String,
+    /// Seconds until it stops working (default: never).
+    #[serde(default)]
+    pub expires_in_s: Option<u64>,
+}
+
+/// An API key as listed: never its secret, nor the secret's hash.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ApiKeyInfo {
+    /// Its public id (the part of the key after `sqk_`, before the secret).
+    pub id: String,
+    /// What it is for.
+    pub name: String,
+    /// `read`, `invoke`, `deploy` or `admin`.
+    pub role: String,
+    /// The namespace it acts in.
+    pub namespace: String,
+    /// When it was made (ms since the Unix epoch).
+    pub created_ms: u64,
+    /// When it stops working, if ever.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<u64>,
+    /// When it was revoked, if it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoked_ms: Option<u64>,
+    /// The key itself: only in the answer that made it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+impl From<ApiKeyRecord> for ApiKeyInfo {
+    fn from(record: ApiKeyRecord) -> Self {
+        Self {
+            id: record.id,
+            name: record.name,
+            role: record.role.to_string(),
+            namespace: record.namespace,
+            created_ms: record.created_ms,
+            expires_ms: record.expires_ms,
+            revoked_ms: record.revoked_ms,
+            key: None,
+        }
+    }
+}
+
+/// `GET /v1/keys` answer.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ApiKeyList {
+    /// Every key, oldest first (revoked and expired ones included).
+    pub keys: Vec<ApiKeyInfo>,
+}
+
+#[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = NewApiKey,
+    responses((status = 201, body = ApiKeyInfo), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
+async fn create_api_key(
+    State(gateway): State<Arc<Gateway>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<ApiKeyInfo>)> {
+    let asked: NewApiKey = serde_json::from_slice(&body?).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body must be {{\"name\":...,\"role\":...,\"expires_in_s\":...}}: {e}"
+        ))
+    })?;
+    checked_name(&asked.name)?;
+    let role: Role = asked.role.parse().map_err(ApiError::bad_request)?;
+    let expires_ms = match asked.expires_in_s {
+        Some(0) => return Err(ApiError::bad_request("expires_in_s must be at least 1")),
+        Some(s) => Some(now_ms().saturating_add(s.saturating_mul(1000))),
+        None => None,
+    };
+    let issued = gateway
+        .api_keys
+        .create(&asked.name, role, keys::DEFAULT_NAMESPACE, expires_ms)
+        .await?;
+    tracing::info!(id = %issued.record.id, name = %issued.record.name, %role, "API key made");
+    let mut info = ApiKeyInfo::from(issued.record);
+    info.key = Some(issued.key);
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+#[utoipa::path(get, path = "/v1/keys", tag = "keys",
+    responses((status = 200, body = ApiKeyList), (status = 403, body = ErrorBody)))]
+async fn list_api_keys(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<ApiKeyList>> {
+    let mut records = gateway.api_keys.list().await?;
+    records.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+    Ok(Json(ApiKeyList {
+        keys: records.into_iter().map(ApiKeyInfo::from).collect(),
+    }))
+}
+
+#[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys",
+    params(("id" = String, Path, description = "The key's id")),
+    responses((status = 200, body = ApiKeyInfo), (status = 404, body = ErrorBody)))]
+async fn revoke_api_key(
+    State(gateway): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ApiKeyInfo>> {
+    if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::bad_request("a key's id is 16 hex digits"));
+    }
+    let revoked = gateway
+        .api_keys
+        .revoke(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no API key {id}")))?;
+    gateway.key_check.forget(&id);
+    tracing::info!(%id, "API key revoked");
+    Ok(Json(revoked.into()))
+}
+
 /// The OpenAPI document, generated from the handlers above.
 #[derive(OpenApi)]
 #[openapi(
@@ -2425,11 +2569,11 @@ async fn redrive_dead_letter(
         put_trigger, list_triggers, get_trigger, delete_trigger, pause_trigger, resume_trigger,
         fire_trigger,
         list_dead_letters, delete_dead_letters, redrive_dead_letters, get_dead_letter,
-        delete_dead_letter, redrive_dead_letter),
+        delete_dead_letter, redrive_dead_letter, create_api_key, list_api_keys, revoke_api_key),
     components(schemas(ErrorBody, ErrorDetail, Health, ExecutorInfo, FunctionInfo, FunctionDetail,
         Accepted, DagInfo, DagSpec, Running, KeyList, ActivationPage, RetryPolicy, DeadLetterInfo,
         DeadLetterPage, Handled, ConcurrencyLimit, TriggerSpec, TriggerInfo, ActivationLogs,
-        LogEntry)),
+        LogEntry, NewApiKey, ApiKeyInfo, ApiKeyList)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -2,8 +2,8 @@
 //!
 //! Control endpoints speak JSON; function input and output are raw bytes. Every error is
 //! `{"error":{"code":...,"message":...}}` (plus `"step"` when a DAG step failed) with a fitting
-//! status. With a token configured, every request but `GET /healthz` must carry
-//! `Authorization: Bearer <token>`. The OpenAPI document of this API is generated from these
+//! status. With a token configured, every request but `GET /healthz` must carry a key with a
+//! role that allows it (see [`auth`]): the token itself, or an API key made with it. The OpenAPI document of this API is generated from these
 //! handlers (`utoipa`) and served at `/v1/openapi.json`.
 //!
 //! The gateway keeps no call state of its own: invocations go to a scheduler over the fabric
@@ -18,8 +18,10 @@
 //! Caches elsewhere learn of the change by the store's push.
 //!
 //! # Layout
-//! - [`api`]: the routes and handlers, their errors and status mapping, the token check and
-//!   the OpenAPI document ([`api::ApiDoc`]).
+//! - [`api`]: the routes and handlers, their errors and status mapping, and the OpenAPI
+//!   document ([`api::ApiDoc`]).
+//! - [`auth`]: the role each request needs and the check of its bearer key (the token or an
+//!   API key).
 //! - [`runner`]: runs durable asynchronous calls: attempts, retries, dead letters, and calls
 //!   other runners left behind.
 //! - [`cron`]: fires cron triggers' due ticks as durable calls.
@@ -44,6 +46,7 @@
 
 /// The routes and handlers.
 pub mod api;
+pub mod auth;
 pub mod cron;
 pub mod feed;
 pub mod limits;

@@ -22,6 +22,7 @@
 //! squall/ns/{namespace}/limit/{kind}/{name}        a function's or DAG's concurrency limit ([`concurrency_limit`])
 //! squall/ns/{namespace}/trigger/{name}   a trigger ([`trigger`])
 //! squall/ns/{namespace}/trigger-fired/{name}       the latest tick it fired ([`trigger_fired`])
+//! squall/api-key/{id}                    an API key: its role, namespace and secret's hash ([`api_key`])
 //! squall/code/{sha256}                   content-addressed code, shared by every namespace ([`code`])
 //! squall/code/{sha256}/{index}           its chunks ([`code_chunk`])
 //! squall/load/{node}                     a storage node's load report ([`load_report`])
@@ -176,6 +177,12 @@ pub fn trigger_fired(namespace: &str, name: &str) -> Key {
 /// sequence number whose changes have been delivered (a max register).
 pub fn journal_position(namespace: &str, endpoint: &str) -> Key {
     format!("{RESERVED_PREFIX}ns/{namespace}/journal-position/{endpoint}")
+}
+
+/// The key of API key `id`'s record (its namespace is in the record: a key may be made for
+/// any namespace, by an admin).
+pub fn api_key(id: &str) -> Key {
+    format!("{RESERVED_PREFIX}api-key/{id}")
 }
 
 /// The key of the change feed's lease: which gateway delivers the journals' changes, until

@@ -41,6 +41,7 @@
 //!   in the generated OpenAPI document.
 
 pub mod activations;
+pub mod api_keys;
 pub mod cache;
 pub mod calls;
 pub mod dag;

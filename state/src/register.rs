@@ -16,6 +16,57 @@ pub fn encode<T: Serialize>(key: &str, value: &T, at: Timestamp) -> Result<Latti
     Ok(LatticeValue::Lww(Lww::new(at, bytes.into())))
 }
 
+/// Writes `record` under `key` in one round trip, stamped `at`.
+pub async fn put<T: Serialize>(
+    kvs: &crate::pool::ClientPool,
+    key: String,
+    record: &T,
+    at: Timestamp,
+) -> Result<()> {
+    let value = encode(&key, record, at)?;
+    let write = squall_lattices::Write {
+        value: Some(value),
+        expiry: None,
+    };
+    let name = key.clone();
+    let results = kvs
+        .with(move |client| client.write_many(vec![(key, write)]))
+        .await?;
+    match results.into_iter().next() {
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(Error::BadValue {
+            key: name,
+            reason: e.to_string(),
+        }),
+        None => Err(Error::Internal(format!(
+            "no answer for the write of {name}"
+        ))),
+    }
+}
+
+/// The record under `key`, if there is one that decodes.
+pub async fn get<T: for<'de> Deserialize<'de>>(
+    kvs: &crate::pool::ClientPool,
+    key: String,
+) -> Result<Option<T>> {
+    let read = key.clone();
+    let value = kvs.with(move |client| client.get(&read)).await?;
+    Ok(value.and_then(|v| decode(&key, v)))
+}
+
+/// Every record under keys starting with `prefix` that decodes.
+pub async fn list<T: for<'de> Deserialize<'de>>(
+    kvs: &crate::pool::ClientPool,
+    prefix: &str,
+) -> Result<Vec<T>> {
+    Ok(kvs
+        .entries_with_prefix(prefix)
+        .await?
+        .into_iter()
+        .filter_map(|(key, value)| decode(&key, value))
+        .collect())
+}
+
 /// The record in the register stored under `key`, or `None` (with a warning) if the value is
 /// not a register or does not decode: a bad record is skipped, never fatal.
 pub fn decode<T: for<'de> Deserialize<'de>>(key: &str, value: LatticeValue) -> Option<T> {

@@ -38,14 +38,13 @@ use bytes::Bytes;
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use squall_lattices::{Entry, LatticeValue, Max, Timestamp, Write};
+use squall_lattices::{Entry, LatticeValue, Max, Timestamp};
 use squall_proto::call::Target;
 use squall_proto::keys;
 
 use crate::activations::ActivationId;
 use crate::pool::ClientPool;
-use crate::register::decode;
-use crate::{Error, Result};
+use crate::Result;
 
 /// The largest input a trigger passes.
 pub const MAX_INPUT: usize = 1 << 20;
@@ -376,43 +375,17 @@ impl Triggers {
     /// Writes `trigger`.
     pub async fn put(&self, trigger: &Trigger) -> Result<()> {
         let key = keys::trigger(&self.namespace, &trigger.name);
-        let value = crate::register::encode(&key, trigger, Timestamp::now(self.writer))?;
-        let write = Write {
-            value: Some(value),
-            expiry: None,
-        };
-        let results = self
-            .kvs
-            .with(move |client| client.write_many(vec![(key, write)]))
-            .await?;
-        match results.into_iter().next() {
-            Some(Ok(())) => Ok(()),
-            Some(Err(e)) => Err(Error::BadValue {
-                key: trigger.name.clone(),
-                reason: e.to_string(),
-            }),
-            None => Err(Error::Internal("no answer for the trigger's write".into())),
-        }
+        crate::register::put(&self.kvs, key, trigger, Timestamp::now(self.writer)).await
     }
 
     /// The trigger `name`.
     pub async fn get(&self, name: &str) -> Result<Option<Trigger>> {
-        let key = keys::trigger(&self.namespace, name);
-        let read = key.clone();
-        let value = self.kvs.with(move |client| client.get(&read)).await?;
-        Ok(value.and_then(|v| decode(&key, v)))
+        crate::register::get(&self.kvs, keys::trigger(&self.namespace, name)).await
     }
 
     /// Every trigger, by name.
     pub async fn list(&self) -> Result<Vec<Trigger>> {
-        let prefix = keys::trigger(&self.namespace, "");
-        Ok(self
-            .kvs
-            .entries_with_prefix(&prefix)
-            .await?
-            .into_iter()
-            .filter_map(|(key, value)| decode(&key, value))
-            .collect())
+        crate::register::list(&self.kvs, &keys::trigger(&self.namespace, "")).await
     }
 
     /// Deletes trigger `name` (and where its schedule stood).

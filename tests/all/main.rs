@@ -11,6 +11,7 @@ mod crash;
 mod durable;
 mod garbage;
 mod gateway;
+mod keys;
 mod squeezenet;
 mod support;
 mod tls;

@@ -36,6 +36,25 @@ pub fn up(log_dir: &Path, extra: &[&str]) -> NodeProcess {
     NodeProcess::spawn(log_dir, &args)
 }
 
+/// A second gateway, in a process of its own, in front of `up`'s store and scheduler, with
+/// bearer token `token`.
+pub fn second_gateway(log_dir: &Path, up: &NodeProcess, token: &str) -> NodeProcess {
+    NodeProcess::spawn(
+        log_dir,
+        &[
+            "gateway",
+            "--http-port",
+            "0",
+            "--kvs",
+            &up.field("kvs"),
+            "--scheduler",
+            &up.field("scheduler"),
+            "--token",
+            token,
+        ],
+    )
+}
+
 /// The roles as separate processes: a store, a scheduler, a gateway, and executors.
 pub struct Roles {
     /// The gateway's base URL.

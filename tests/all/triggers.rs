@@ -7,7 +7,7 @@ use serde_json::Value;
 use squall_proto::poll::Poll;
 
 use crate::durable::{register_misbehave, TOKEN};
-use crate::support::{self, http, NodeProcess};
+use crate::support::{self, http};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -43,20 +43,7 @@ fn a_cron_trigger_with_two_gateways_runs_each_tick_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let up = support::up(dir.path(), &["--token", TOKEN]);
     let base = up.field("http");
-    let second = NodeProcess::spawn(
-        dir.path(),
-        &[
-            "gateway",
-            "--http-port",
-            "0",
-            "--kvs",
-            &up.field("kvs"),
-            "--scheduler",
-            &up.field("scheduler"),
-            "--token",
-            TOKEN,
-        ],
-    );
+    let second = support::second_gateway(dir.path(), &up, TOKEN);
     let other = second.field("http");
     register_misbehave(&base);
 

@@ -1,0 +1,100 @@
+//! `squall key`: make, list and revoke API keys through a gateway (with an `admin` key or
+//! the gateway's token). A key is printed once, when made: the store keeps only its hash.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+
+use crate::http::{json, print_json, request, send, Connection};
+
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(subcommand)]
+    command: KeyCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Make a key; prints it (once: keep it) and its record as JSON on stderr.
+    Create {
+        /// What the key is for.
+        name: String,
+        /// What it may do: read, invoke, deploy or admin (each allows what the ones before
+        /// it allow).
+        #[arg(long)]
+        role: String,
+        /// Seconds until it stops working (default: never).
+        #[arg(long)]
+        expires_in_s: Option<u64>,
+    },
+    /// List keys: id, role, state, name (never their secrets).
+    Ls,
+    /// Revoke a key: it stops working within a second on every gateway.
+    Revoke {
+        /// The key's id (`squall key ls`).
+        id: String,
+    },
+}
+
+pub fn run(args: KeyArgs) -> anyhow::Result<ExitCode> {
+    let c = &args.connection;
+    match args.command {
+        KeyCommand::Create {
+            name,
+            role,
+            expires_in_s,
+        } => {
+            let body = serde_json::to_vec(&serde_json::json!({
+                "name": name,
+                "role": role,
+                "expires_in_s": expires_in_s,
+            }))?;
+            let made = json(&send(
+                c,
+                request(c, "POST", "/v1/keys")
+                    .set("Content-Type", "application/json")
+                    .send_bytes(&body),
+            )?)?;
+            let key = made["key"].as_str().unwrap_or_default().to_string();
+            let mut record = made.clone();
+            if let Some(fields) = record.as_object_mut() {
+                fields.remove("key");
+            }
+            eprintln!("{}", serde_json::to_string_pretty(&record)?);
+            println!("{key}");
+        }
+        KeyCommand::Ls => {
+            let listed = json(&send(c, request(c, "GET", "/v1/keys").call())?)?;
+            let now = squall_lattices::entry::now_ms();
+            let mut out = std::io::stdout().lock();
+            for key in listed["keys"].as_array().into_iter().flatten() {
+                let state = if key["revoked_ms"].is_u64() {
+                    "revoked"
+                } else if key["expires_ms"].as_u64().is_some_and(|at| at <= now) {
+                    "expired"
+                } else {
+                    "active"
+                };
+                writeln!(
+                    out,
+                    "{}  {:<6}  {:<7}  {}",
+                    key["id"].as_str().unwrap_or("?"),
+                    key["role"].as_str().unwrap_or("?"),
+                    state,
+                    key["name"].as_str().unwrap_or("?"),
+                )?;
+            }
+        }
+        KeyCommand::Revoke { id } => {
+            let revoked = json(&send(
+                c,
+                request(c, "DELETE", &format!("/v1/keys/{id}")).call(),
+            )?)?;
+            print_json(&revoked)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,234 @@
+//! API keys with roles: made with the gateway's token, each role doing what it allows and
+//! refused (403) past it; revoked or expired keys refused (401) on every gateway.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use squall_executor::testing::guest;
+use squall_proto::poll::Poll;
+
+use crate::support::{self, http};
+
+const TOKEN: &str = "the-bootstrap-admin-token-of-32ch";
+
+/// Makes a key with `role` through `base` as `by`: the key and its id.
+fn make_key(base: &str, by: &str, role: &str, expires_in_s: Option<u64>) -> (String, String) {
+    let body = serde_json::json!({"name": format!("{role}-key"), "role": role, "expires_in_s": expires_in_s});
+    let made = http(
+        "POST",
+        &format!("{base}/v1/keys"),
+        Some(by),
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(made.status, 201, "{}", made.text());
+    let made = made.json();
+    let key = made["key"].as_str().expect("the key, once").to_string();
+    let id = made["id"].as_str().expect("an id").to_string();
+    assert!(key.starts_with(&format!("sqk_{id}_")), "{key}");
+    (key, id)
+}
+
+fn status(method: &str, url: &str, key: Option<&str>, body: &[u8]) -> u16 {
+    http(method, url, key, body).status
+}
+
+#[test]
+fn keys_do_what_their_role_allows_and_stop_when_revoked_or_expired_on_every_gateway() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = support::up(dir.path(), &["--token", TOKEN]);
+    let base = up.field("http");
+    let second = support::second_gateway(dir.path(), &up, TOKEN);
+    let other = second.field("http");
+
+    let (read, _) = make_key(&base, TOKEN, "read", None);
+    let (invoke, invoke_id) = make_key(&base, TOKEN, "invoke", None);
+    let (deploy, _) = make_key(&base, TOKEN, "deploy", None);
+    let (admin, _) = make_key(&base, TOKEN, "admin", None);
+    // An admin key makes keys too; weaker ones cannot.
+    let (_, _) = make_key(&other, &admin, "read", None);
+    for weaker in [&read, &invoke, &deploy] {
+        let refused = http(
+            "POST",
+            &format!("{base}/v1/keys"),
+            Some(weaker),
+            br#"{"name":"x","role":"admin"}"#,
+        );
+        assert_eq!(refused.status, 403, "{}", refused.text());
+        assert_eq!(refused.error_code(), "forbidden");
+        assert_eq!(
+            status("GET", &format!("{base}/v1/keys"), Some(weaker), b""),
+            403
+        );
+    }
+
+    // Deploy registers; invoke and read cannot.
+    let incr = guest("incr");
+    for weaker in [&read, &invoke] {
+        assert_eq!(
+            status(
+                "PUT",
+                &format!("{base}/v1/functions/incr"),
+                Some(weaker),
+                &incr
+            ),
+            403
+        );
+    }
+    assert_eq!(
+        status(
+            "PUT",
+            &format!("{other}/v1/functions/incr"),
+            Some(&deploy),
+            &incr
+        ),
+        201
+    );
+    // Invoke calls and writes keys; read cannot.
+    let call = format!("{base}/v1/functions/incr/invoke");
+    assert_eq!(status("POST", &call, Some(&read), b"1"), 403);
+    let called = http("POST", &call, Some(&invoke), b"41");
+    assert_eq!((called.status, called.text().as_str()), (200, "42"));
+    assert_eq!(
+        status("PUT", &format!("{base}/v1/kv/k"), Some(&read), b"v"),
+        403
+    );
+    assert_eq!(
+        status("PUT", &format!("{base}/v1/kv/k"), Some(&invoke), b"v"),
+        204
+    );
+    // Read reads.
+    let got = http("GET", &format!("{other}/v1/kv/k"), Some(&read), b"");
+    assert_eq!((got.status, got.text().as_str()), (200, "v"));
+
+    // Bad keys: none, garbage, a real id with another secret.
+    let mut forged = invoke.clone();
+    forged.pop();
+    forged.push(if invoke.ends_with('0') { '1' } else { '0' });
+    for bad in [None, Some("sqk_garbage"), Some(forged.as_str())] {
+        assert_eq!(
+            status("GET", &format!("{base}/v1/functions"), bad, b""),
+            401,
+            "{bad:?}"
+        );
+    }
+
+    // The listing names every key, never a secret or its hash.
+    let listed = http("GET", &format!("{base}/v1/keys"), Some(&admin), b"");
+    assert_eq!(listed.status, 200, "{}", listed.text());
+    let text = listed.text();
+    assert!(!text.contains(&invoke[invoke.len() - 64..]), "{text}");
+    assert!(!text.contains("sha256"), "{text}");
+    let keys: Vec<Value> = listed.json()["keys"].as_array().expect("keys").clone();
+    assert_eq!(keys.len(), 5);
+
+    // Revoked through one gateway, refused by the other as soon as its cache lets go.
+    let revoked = http(
+        "DELETE",
+        &format!("{base}/v1/keys/{invoke_id}"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(revoked.status, 200, "{}", revoked.text());
+    assert!(revoked.json()["revoked_ms"].is_u64());
+    assert_eq!(status("POST", &call, Some(&invoke), b"1"), 401);
+    let at = Instant::now();
+    let refused = Poll::within(Duration::from_secs(10)).until(|| {
+        let answer = http(
+            "POST",
+            &format!("{other}/v1/functions/incr/invoke"),
+            Some(&invoke),
+            b"1",
+        );
+        (answer.status == 401).then(|| answer.text())
+    });
+    let said = refused.expect("the revoked key was refused by the other gateway");
+    assert!(said.contains("revoked"), "{said}");
+    println!(
+        "a revoked key was refused by the other gateway {:.0} ms after the revocation",
+        at.elapsed().as_secs_f64() * 1000.0
+    );
+    assert_eq!(
+        status(
+            "DELETE",
+            &format!("{base}/v1/keys/{}", "0".repeat(16)),
+            Some(TOKEN),
+            b""
+        ),
+        404
+    );
+
+    // An expiring key works until it expires.
+    let (brief, _) = make_key(&base, TOKEN, "read", Some(1));
+    assert_eq!(
+        status("GET", &format!("{base}/v1/functions"), Some(&brief), b""),
+        200
+    );
+    let expired = Poll::within(Duration::from_secs(10)).until(|| {
+        let answer = http("GET", &format!("{base}/v1/functions"), Some(&brief), b"");
+        (answer.status == 401).then(|| answer.text())
+    });
+    let said = expired.expect("the key expired");
+    assert!(said.contains("expired"), "{said}");
+
+    // Bad requests to make a key.
+    for bad in [
+        r#"{"name":"x","role":"root"}"#,
+        r#"{"name":"a b","role":"read"}"#,
+        r#"{"name":"x","role":"read","expires_in_s":0}"#,
+        r#"{"name":"x","role":"read","secret":"mine"}"#,
+        "not json",
+    ] {
+        assert_eq!(
+            status(
+                "POST",
+                &format!("{base}/v1/keys"),
+                Some(TOKEN),
+                bad.as_bytes()
+            ),
+            400,
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn the_cli_makes_lists_and_revokes_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = support::up(dir.path(), &["--token", TOKEN]);
+    let base = up.field("http");
+    let cli = |token: &str, args: &[&str]| {
+        let output = support::squall()
+            .args(args)
+            .args(["--gateway", &base, "--token", token])
+            .output()
+            .expect("run squall");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).trim().to_string(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, key, record) = cli(TOKEN, &["key", "create", "ci", "--role", "deploy"]);
+    assert!(ok, "{record}");
+    assert!(key.starts_with("sqk_"), "{key}");
+    assert!(record.contains("\"role\": \"deploy\""), "{record}");
+    // The new key registers a function through the CLI.
+    let incr = squall_executor::testing::guests().join("incr.wasm");
+    let (ok, _, said) = cli(
+        &key,
+        &["fn", "register", "incr", incr.to_str().expect("path")],
+    );
+    assert!(ok, "{said}");
+    let (ok, listed, said) = cli(TOKEN, &["key", "ls"]);
+    assert!(ok, "{said}");
+    let id = &key[4..20];
+    assert_eq!(listed, format!("{id}  deploy  active   ci"));
+    let (ok, _, said) = cli(TOKEN, &["key", "revoke", id]);
+    assert!(ok, "{said}");
+    let (ok, listed, _) = cli(TOKEN, &["key", "ls"]);
+    assert!(ok);
+    assert_eq!(listed, format!("{id}  deploy  revoked  ci"));
+    let (ok, _, said) = cli(&key, &["fn", "ls"]);
+    assert!(!ok);
+    assert!(said.contains("revoked"), "{said}");
+}
