@@ -89,6 +89,10 @@ pub fn run(args: KeyArgs) -> anyhow::Result<ExitCode> {
             }
         }
         KeyCommand::Revoke { id } => {
+            // Never a path of the caller's making, nor a whole key (its secret) in a URL.
+            if !squall_state::api_keys::is_id(&id) {
+                anyhow::bail!("a key's id is 16 lowercase hex digits (see `squall key ls`)");
+            }
             let revoked = json(&send(
                 c,
                 request(c, "DELETE", &format!("/v1/keys/{id}")).call(),

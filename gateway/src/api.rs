@@ -106,7 +106,7 @@ pub struct Gateway {
     config: GatewayConfig,
     writer: u64,
     api_keys: ApiKeys,
-    key_check: KeyCheck,
+    key_check: Arc<KeyCheck>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -130,7 +130,7 @@ impl Gateway {
             triggers: Triggers::new(kvs.clone()),
             recorder: std::sync::OnceLock::new(),
             api_keys: ApiKeys::new(kvs.clone()),
-            key_check: KeyCheck::new(ApiKeys::new(kvs.clone())),
+            key_check: Arc::new(KeyCheck::new(ApiKeys::new(kvs.clone()))),
             kvs,
             metrics: Arc::new(Metrics::new()),
             config,
@@ -177,6 +177,9 @@ impl Gateway {
     /// once, inside the runtime the gateway serves on.
     pub fn start(self: &Arc<Self>) {
         self.runner().start_scanning();
+        if self.config.token.is_some() {
+            self.key_check.keep_fresh();
+        }
         CronFirer::new(
             self.triggers.clone(),
             self.calls.clone(),
@@ -355,7 +358,7 @@ pub struct ErrorBody {
 /// What went wrong.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
-    /// A stable code: `not_found`, `bad_request`, `unauthorized`, `too_large`,
+    /// A stable code: `not_found`, `bad_request`, `unauthorized`, `forbidden`, `too_large`,
     /// `invalid_component`, `function_failed`, `trap`, `timeout`, `out_of_memory`,
     /// `no_capacity`, `executor_lost`, `unavailable`, `internal`.
     pub code: String,
@@ -470,6 +473,16 @@ type ApiResult<T> = Result<T, ApiError>;
 /// too weak for the request. `GET /healthz` needs none.
 async fn authorize(State(gateway): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
     let Some(token) = &gateway.config.token else {
+        // Keys work on every gateway of the cluster: an open gateway must not make them.
+        if crate::auth::required_role(request.method(), request.uri().path()) == Some(Role::Admin) {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this gateway has no --token: API keys are made and revoked only through a \
+                 gateway that requires them",
+            )
+            .into_response();
+        }
         return next.run(request).await;
     };
     let Some(needed) = crate::auth::required_role(request.method(), request.uri().path()) else {
@@ -478,11 +491,13 @@ async fn authorize(State(gateway): State<Arc<Gateway>>, request: Request, next: 
     let unauthorized = |message: &str| {
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response()
     };
+    // The scheme's name is case-insensitive (RFC 9110).
     let Some(given) = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.split_once(' '))
+        .and_then(|(scheme, key)| scheme.eq_ignore_ascii_case("bearer").then_some(key.trim()))
     else {
         return unauthorized(
             "this endpoint needs `Authorization: Bearer <key>` with an API key or the gateway's token",
@@ -2520,6 +2535,7 @@ async fn create_api_key(
         .create(&asked.name, role, keys::DEFAULT_NAMESPACE, expires_ms)
         .await?;
     tracing::info!(id = %issued.record.id, name = %issued.record.name, %role, "API key made");
+    gateway.key_check.learn(issued.record.clone());
     let mut info = ApiKeyInfo::from(issued.record);
     info.key = Some(issued.key);
     Ok((StatusCode::CREATED, Json(info)))
@@ -2542,15 +2558,17 @@ async fn revoke_api_key(
     State(gateway): State<Arc<Gateway>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ApiKeyInfo>> {
-    if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(ApiError::bad_request("a key's id is 16 hex digits"));
+    if !squall_state::api_keys::is_id(&id) {
+        return Err(ApiError::bad_request(
+            "a key's id is 16 lowercase hex digits",
+        ));
     }
     let revoked = gateway
         .api_keys
         .revoke(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no API key {id}")))?;
-    gateway.key_check.forget(&id);
+    gateway.key_check.learn(revoked.clone());
     tracing::info!(%id, "API key revoked");
     Ok(Json(revoked.into()))
 }

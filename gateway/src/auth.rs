@@ -9,24 +9,29 @@
 //! one with 401.
 //!
 //! # Cost and revocation
-//! Key records are cached per gateway for [`CACHE_FOR`] (unknown ids too, so that garbage keys
-//! do not each cost a store read), so a check costs a SHA-256 of the secret and a map lookup,
-//! and a key revoked through any gateway stops working on every gateway within that time
-//! after the revocation's write. The cache holds at most [`CACHE_MAX`] records; past it, it
-//! is emptied.
+//! Each gateway with a token keeps every key's record in memory, read again from the store
+//! (one listing) every [`REFRESH_EVERY`] by a task of its own ([`KeyCheck::keep_fresh`]), so
+//! a check costs a SHA-256 of the secret and a map lookup, and a key revoked through any
+//! gateway stops working on every gateway within that time after its write. A key not in the
+//! copy (made a moment ago elsewhere, or forged) makes the check read the keys again, one
+//! reading at a time for the whole gateway, so forged keys cost the store at most one listing
+//! in flight. A copy older than [`STALE_AFTER`] (the store did not answer) is not trusted: a
+//! check then reads the store itself, and answers 503 if it cannot, rather than admit a key
+//! that may have been revoked. Keys are cluster-wide: a gateway without a token
+//! cannot make them (403), since one made there would work on every gateway.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::http::Method;
-use squall_state::api_keys::{parse_key, ApiKeyRecord, ApiKeys, Refusal, Role};
+use squall_state::api_keys::{parse_key, same_secret, ApiKeyRecord, ApiKeys, Refusal, Role};
 
-/// How long a key record read from the store is trusted.
-pub const CACHE_FOR: Duration = Duration::from_millis(500);
+/// How often the keys are read again.
+pub const REFRESH_EVERY: Duration = Duration::from_millis(500);
 
-/// The most key records cached at once.
-pub const CACHE_MAX: usize = 10_000;
+/// How old a copy of the keys may be and still be trusted.
+pub const STALE_AFTER: Duration = Duration::from_secs(2);
 
 /// The role a request with `method` on `path` needs; `None`: none (the liveness probe).
 pub fn required_role(method: &Method, path: &str) -> Option<Role> {
@@ -62,10 +67,15 @@ pub enum Verdict {
     Refused(Refusal),
 }
 
+/// The keys as last read: when, and every record by id.
+type Snapshot = (Instant, HashMap<String, ApiKeyRecord>);
+
 /// Checks bearer keys against the bootstrap token and the store's API keys. One per gateway.
 pub struct KeyCheck {
     keys: ApiKeys,
-    cached: Mutex<HashMap<String, (Instant, Option<ApiKeyRecord>)>>,
+    snapshot: RwLock<Option<Snapshot>>,
+    /// One reading of the store at a time, however many checks find the copy stale.
+    reading: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for KeyCheck {
@@ -79,8 +89,23 @@ impl KeyCheck {
     pub fn new(keys: ApiKeys) -> Self {
         Self {
             keys,
-            cached: Mutex::default(),
+            snapshot: RwLock::default(),
+            reading: tokio::sync::Mutex::default(),
         }
+    }
+
+    /// Reads the keys again every [`REFRESH_EVERY`], for as long as the runtime runs. Call
+    /// once, inside it.
+    pub fn keep_fresh(self: &Arc<Self>) {
+        let check = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = check.reload(None).await {
+                    tracing::warn!(cause = %e, "reading API keys");
+                }
+                tokio::time::sleep(REFRESH_EVERY).await;
+            }
+        });
     }
 
     /// The verdict on `presented` (the bearer credential), `token` being the bootstrap token.
@@ -89,7 +114,7 @@ impl KeyCheck {
         presented: &str,
         token: &str,
     ) -> Result<Verdict, squall_state::Error> {
-        if same(presented.as_bytes(), token.as_bytes()) {
+        if same_secret(presented.as_bytes(), token.as_bytes()) {
             return Ok(Verdict::Admitted {
                 role: Role::Admin,
                 key: None,
@@ -98,7 +123,16 @@ impl KeyCheck {
         let Some((id, secret)) = parse_key(presented) else {
             return Ok(Verdict::Refused(Refusal::Unknown));
         };
-        let record = self.record(id).await?;
+        let record = match self.fresh(id) {
+            Some(Some(record)) => Some(record),
+            // Not in the copy (a key made a moment ago through another gateway, or no key at
+            // all), or no copy to trust: the keys are read again, one reading at a time.
+            _ => {
+                let asked = Instant::now();
+                self.reload(Some(asked)).await?;
+                self.fresh(id).flatten()
+            }
+        };
         let now = squall_lattices::entry::now_ms();
         Ok(
             match record
@@ -114,38 +148,39 @@ impl KeyCheck {
         )
     }
 
-    /// Key `id`'s record, from the cache while fresh, else from the store.
-    async fn record(&self, id: &str) -> Result<Option<ApiKeyRecord>, squall_state::Error> {
-        {
-            let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((at, record)) = cached.get(id) {
-                if at.elapsed() < CACHE_FOR {
-                    return Ok(record.clone());
-                }
+    /// Key `id`'s record (`Some(None)`: no such key) from a copy young enough to trust;
+    /// `None` if there is none.
+    fn fresh(&self, id: &str) -> Option<Option<ApiKeyRecord>> {
+        let snapshot = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
+        let (at, records) = snapshot.as_ref()?;
+        (at.elapsed() < STALE_AFTER).then(|| records.get(id).cloned())
+    }
+
+    /// Reads every key from the store, unless a reading that started at or after `unless_since`
+    /// has already landed (a check that found the copy stale waits for one reading, not one
+    /// each).
+    async fn reload(&self, unless_since: Option<Instant>) -> Result<(), squall_state::Error> {
+        let _reading = self.reading.lock().await;
+        if let Some(since) = unless_since {
+            let snapshot = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
+            if snapshot.as_ref().is_some_and(|(at, _)| *at >= since) {
+                return Ok(());
             }
         }
-        let asked = Instant::now();
-        let record = self.keys.get(id).await?;
-        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-        if cached.len() >= CACHE_MAX {
-            cached.clear();
+        let started = Instant::now();
+        let records = self.keys.list().await?;
+        let records = records.into_iter().map(|r| (r.id.clone(), r)).collect();
+        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some((started, records));
+        Ok(())
+    }
+
+    /// Takes `record` (just made or revoked through this gateway) into the copy at once.
+    pub fn learn(&self, record: ApiKeyRecord) {
+        let mut snapshot = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, records)) = snapshot.as_mut() {
+            records.insert(record.id.clone(), record);
         }
-        cached.insert(id.to_string(), (asked, record.clone()));
-        Ok(record)
     }
-
-    /// Forgets key `id`'s record here (a revocation through this gateway holds at once).
-    pub fn forget(&self, id: &str) {
-        self.cached
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-    }
-}
-
-/// Compares in time independent of where the inputs differ.
-pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

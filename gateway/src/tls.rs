@@ -172,6 +172,7 @@ async fn accept_loop(
     ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
 ) {
     let mut handshakes = JoinSet::new();
+    let mut warned: Option<std::time::Instant> = None;
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -185,9 +186,13 @@ async fn accept_loop(
             _ = ready.closed() => return,
         };
         // Past the cap a new connection is closed at once, rather than left waiting unseen
-        // behind the clients that hold the handshakes.
+        // behind the clients that hold the handshakes (said at most once a second).
+        while handshakes.try_join_next().is_some() {}
         if handshakes.len() >= MAX_HANDSHAKES {
-            tracing::warn!(%peer, "{MAX_HANDSHAKES} TLS handshakes under way: a connection refused");
+            if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                tracing::warn!(%peer, "{MAX_HANDSHAKES} TLS handshakes under way: connections refused");
+                warned = Some(std::time::Instant::now());
+            }
             continue;
         }
         // TLS writes a response as records of its own: sent at once, not held back for more.

@@ -10,14 +10,15 @@
 //! time independent of where they differ ([`ApiKeyRecord::admits`]).
 //!
 //! Roles are ordered, each allowing what the ones before it allow: [`Role::Read`] (list, get,
-//! results, activations, logs, metrics), [`Role::Invoke`] (call, cancel a call, write and
-//! delete keys of `/v1/kv`), [`Role::Deploy`] (register and delete functions, models, DAGs,
+//! results, activations, logs, metrics), [`Role::Invoke`] (call, fire a trigger, cancel a
+//! call, write and delete keys of `/v1/kv`), [`Role::Deploy`] (register and delete functions, models, DAGs,
 //! triggers and their policies, redrive dead letters), [`Role::Admin`] (make, list and revoke
 //! keys). Every key belongs to a namespace (`default` until namespaces can be made).
 //!
 //! # Cost
-//! Making or revoking a key is one record write; the gateway caches records it read (see
-//! `squall_gateway::auth`), so checking a key costs a hash of 64 bytes and a map lookup.
+//! Making a key is one record write, revoking one a read and two writes' worth (the write and
+//! its read back); each gateway keeps a copy of every record, read again every half second
+//! (see `squall_gateway::auth`), so checking a key costs a hash of 64 bytes and a map lookup.
 
 use std::fmt;
 use std::str::FromStr;
@@ -28,7 +29,7 @@ use squall_lattices::Timestamp;
 use squall_proto::keys;
 
 use crate::pool::ClientPool;
-use crate::Result;
+use crate::{Error, Result};
 
 /// What a key may do; each role allows what the roles before it allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -36,7 +37,7 @@ use crate::Result;
 pub enum Role {
     /// Read: list, get, results, activations, logs, metrics.
     Read,
-    /// Also call functions and DAGs, cancel calls, write `/v1/kv`.
+    /// Also call functions and DAGs, fire triggers, cancel calls, write `/v1/kv`.
     Invoke,
     /// Also register and delete functions, models, DAGs and triggers, set policies, redrive.
     Deploy,
@@ -111,7 +112,7 @@ pub enum Refusal {
 impl ApiKeyRecord {
     /// The role `secret` (the part after the id) is let in with at `now_ms`, or why not.
     pub fn admits(&self, secret: &str, now_ms: u64) -> std::result::Result<Role, Refusal> {
-        if !same(sha256_hex(secret).as_bytes(), self.secret_sha256.as_bytes()) {
+        if !same_secret(sha256_hex(secret).as_bytes(), self.secret_sha256.as_bytes()) {
             return Err(Refusal::Unknown);
         }
         if self.revoked_ms.is_some() {
@@ -136,12 +137,20 @@ pub struct IssuedKey {
 /// The prefix of every key.
 pub const KEY_PREFIX: &str = "sqk_";
 
-/// The id and secret of `key`, if it has the form of one.
+/// The id and secret of `key`, if it has the form of one (lowercase hex, as made).
 pub fn parse_key(key: &str) -> Option<(&str, &str)> {
     let rest = key.strip_prefix(KEY_PREFIX)?;
     let (id, secret) = rest.split_once('_')?;
-    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
-    (hex(id, 16) && hex(secret, 64)).then_some((id, secret))
+    (is_id(id) && is_hex(secret, 64)).then_some((id, secret))
+}
+
+/// Whether `id` has the form of a key's id: 16 lowercase hex digits.
+pub fn is_id(id: &str) -> bool {
+    is_hex(id, 16)
+}
+
+fn is_hex(text: &str, len: usize) -> bool {
+    text.len() == len && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -151,9 +160,14 @@ fn sha256_hex(text: &str) -> String {
         .collect()
 }
 
-/// Compares in time independent of where the inputs differ.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether `a` and `b` are equal, in time independent of where they differ and of their
+/// lengths (their SHA-256 digests are compared, every byte).
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    let (a, b) = (Sha256::digest(a), Sha256::digest(b));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -223,15 +237,37 @@ impl ApiKeys {
     }
 
     /// Revokes key `id`: its record, revoked, or `None` if there is no such key.
+    ///
+    /// The revoked record is stamped later than the record it replaces, whatever this
+    /// gateway's clock says (a clock behind the one that made the key would otherwise stamp
+    /// it earlier, and the store would keep the key working), then read back: an error if
+    /// the store does not hold it revoked.
     pub async fn revoke(&self, id: &str) -> Result<Option<ApiKeyRecord>> {
-        let Some(mut record) = self.get(id).await? else {
+        let key = keys::api_key(id);
+        let read = key.clone();
+        let Some(value) = self.kvs.with(move |client| client.get(&read)).await? else {
             return Ok(None);
         };
-        if record.revoked_ms.is_none() {
-            record.revoked_ms = Some(squall_lattices::entry::now_ms());
-            self.put(&record).await?;
+        let stored = match &value {
+            squall_lattices::LatticeValue::Lww(register) => register.timestamp,
+            _ => Timestamp::new(0, 0),
+        };
+        let Some(mut record) = crate::register::decode::<ApiKeyRecord>(&key, value) else {
+            return Ok(None);
+        };
+        if record.revoked_ms.is_some() {
+            return Ok(Some(record));
         }
-        Ok(Some(record))
+        record.revoked_ms = Some(squall_lattices::entry::now_ms());
+        let now = Timestamp::now(self.writer);
+        let at = Timestamp::new(now.time.max(stored.time.saturating_add(1)), self.writer);
+        crate::register::put(&self.kvs, key, &record, at).await?;
+        match self.get(id).await? {
+            Some(held) if held.revoked_ms.is_some() => Ok(Some(held)),
+            _ => Err(Error::Internal(format!(
+                "key {id}'s revocation did not take in the store"
+            ))),
+        }
     }
 
     async fn put(&self, record: &ApiKeyRecord) -> Result<()> {
@@ -288,6 +324,7 @@ mod tests {
             &format!("sqk_{id}_{}g", "f".repeat(63)),
             &format!("sqk_{id}x_{secret}"),
             &format!("SQK_{id}_{secret}"),
+            &format!("sqk_{}_{secret}", id.to_uppercase()),
             &format!("sqk_{id}_{secret}_"),
         ] {
             assert_eq!(parse_key(bad), None, "{bad}");

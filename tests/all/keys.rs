@@ -7,7 +7,7 @@ use serde_json::Value;
 use squall_executor::testing::guest;
 use squall_proto::poll::Poll;
 
-use crate::support::{self, http};
+use crate::support::{self, http, http_with};
 
 const TOKEN: &str = "the-bootstrap-admin-token-of-32ch";
 
@@ -121,7 +121,17 @@ fn keys_do_what_their_role_allows_and_stop_when_revoked_or_expired_on_every_gate
     let keys: Vec<Value> = listed.json()["keys"].as_array().expect("keys").clone();
     assert_eq!(keys.len(), 5);
 
-    // Revoked through one gateway, refused by the other as soon as its cache lets go.
+    // Revoked through one gateway, refused by the other once it reads the keys again (the
+    // other used it just before, so it holds the key's record).
+    assert_eq!(
+        status(
+            "POST",
+            &format!("{other}/v1/functions/incr/invoke"),
+            Some(&invoke),
+            b"1"
+        ),
+        200
+    );
     let revoked = http(
         "DELETE",
         &format!("{base}/v1/keys/{invoke_id}"),
@@ -158,7 +168,7 @@ fn keys_do_what_their_role_allows_and_stop_when_revoked_or_expired_on_every_gate
     );
 
     // An expiring key works until it expires.
-    let (brief, _) = make_key(&base, TOKEN, "read", Some(1));
+    let (brief, _) = make_key(&base, TOKEN, "read", Some(3));
     assert_eq!(
         status("GET", &format!("{base}/v1/functions"), Some(&brief), b""),
         200
@@ -169,6 +179,16 @@ fn keys_do_what_their_role_allows_and_stop_when_revoked_or_expired_on_every_gate
     });
     let said = expired.expect("the key expired");
     assert!(said.contains("expired"), "{said}");
+
+    // The scheme's name is case-insensitive.
+    let lower = http_with(
+        "GET",
+        &format!("{base}/v1/functions"),
+        None,
+        &[("Authorization", &format!("bearer {deploy}"))],
+        b"",
+    );
+    assert_eq!(lower.status, 200, "{}", lower.text());
 
     // Bad requests to make a key.
     for bad in [
@@ -189,6 +209,27 @@ fn keys_do_what_their_role_allows_and_stop_when_revoked_or_expired_on_every_gate
             "{bad}"
         );
     }
+}
+
+#[test]
+fn a_gateway_without_a_token_makes_no_keys() {
+    // Keys work on every gateway of the cluster: one made through an open gateway would open
+    // the others.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = support::up(dir.path(), &[]);
+    let base = up.field("http");
+    let refused = http(
+        "POST",
+        &format!("{base}/v1/keys"),
+        None,
+        br#"{"name":"x","role":"admin"}"#,
+    );
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    assert_eq!(status("GET", &format!("{base}/v1/keys"), None, b""), 403);
+    assert_eq!(
+        status("GET", &format!("{base}/v1/functions"), None, b""),
+        200
+    );
 }
 
 #[test]
@@ -231,4 +272,9 @@ fn the_cli_makes_lists_and_revokes_keys() {
     let (ok, _, said) = cli(&key, &["fn", "ls"]);
     assert!(!ok);
     assert!(said.contains("revoked"), "{said}");
+    // Only an id is sent, never a path or a whole key.
+    for bad in ["../functions/incr", key.as_str(), "0123456789ABCDEF"] {
+        let (ok, _, said) = cli(TOKEN, &["key", "revoke", bad]);
+        assert!(!ok && said.contains("16 lowercase hex digits"), "{said}");
+    }
 }
