@@ -105,7 +105,6 @@ pub struct Gateway {
     recorder: std::sync::OnceLock<squall_state::activations::Recorder>,
     config: GatewayConfig,
     writer: u64,
-    api_keys: ApiKeys,
     key_check: Arc<KeyCheck>,
 }
 
@@ -129,8 +128,10 @@ impl Gateway {
             limits: ConcurrencyLimits::default(),
             triggers: Triggers::new(kvs.clone()),
             recorder: std::sync::OnceLock::new(),
-            api_keys: ApiKeys::new(kvs.clone()),
-            key_check: Arc::new(KeyCheck::new(ApiKeys::new(kvs.clone()))),
+            key_check: Arc::new(KeyCheck::new(
+                ApiKeys::new(kvs.clone()),
+                config.token.as_deref(),
+            )),
             kvs,
             metrics: Arc::new(Metrics::new()),
             config,
@@ -472,7 +473,7 @@ type ApiResult<T> = Result<T, ApiError>;
 /// [`crate::auth`]): 401 without one or with one not known, expired or revoked, 403 with one
 /// too weak for the request. `GET /healthz` needs none.
 async fn authorize(State(gateway): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
-    let Some(token) = &gateway.config.token else {
+    if gateway.config.token.is_none() {
         // Keys work on every gateway of the cluster: an open gateway must not make them.
         if crate::auth::required_role(request.method(), request.uri().path()) == Some(Role::Admin) {
             return ApiError::new(
@@ -484,7 +485,7 @@ async fn authorize(State(gateway): State<Arc<Gateway>>, request: Request, next: 
             .into_response();
         }
         return next.run(request).await;
-    };
+    }
     let Some(needed) = crate::auth::required_role(request.method(), request.uri().path()) else {
         return next.run(request).await;
     };
@@ -503,9 +504,9 @@ async fn authorize(State(gateway): State<Arc<Gateway>>, request: Request, next: 
             "this endpoint needs `Authorization: Bearer <key>` with an API key or the gateway's token",
         );
     };
-    match gateway.key_check.check(given, token).await {
-        Ok(Verdict::Admitted { role, .. }) if role >= needed => next.run(request).await,
-        Ok(Verdict::Admitted { role, .. }) => ApiError::new(
+    match gateway.key_check.check(given).await {
+        Ok(Verdict::Admitted(role)) if role >= needed => next.run(request).await,
+        Ok(Verdict::Admitted(role)) => ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             format!("this key's role is {role}; this request needs {needed} or above"),
@@ -2531,7 +2532,8 @@ async fn create_api_key(
         None => None,
     };
     let issued = gateway
-        .api_keys
+        .key_check
+        .keys()
         .create(&asked.name, role, keys::DEFAULT_NAMESPACE, expires_ms)
         .await?;
     tracing::info!(id = %issued.record.id, name = %issued.record.name, %role, "API key made");
@@ -2544,7 +2546,7 @@ async fn create_api_key(
 #[utoipa::path(get, path = "/v1/keys", tag = "keys",
     responses((status = 200, body = ApiKeyList), (status = 403, body = ErrorBody)))]
 async fn list_api_keys(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<ApiKeyList>> {
-    let mut records = gateway.api_keys.list().await?;
+    let mut records = gateway.key_check.keys().list().await?;
     records.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
     Ok(Json(ApiKeyList {
         keys: records.into_iter().map(ApiKeyInfo::from).collect(),
@@ -2564,7 +2566,8 @@ async fn revoke_api_key(
         ));
     }
     let revoked = gateway
-        .api_keys
+        .key_check
+        .keys()
         .revoke(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no API key {id}")))?;

@@ -25,7 +25,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::http::Method;
-use squall_state::api_keys::{parse_key, same_secret, ApiKeyRecord, ApiKeys, Refusal, Role};
+use squall_state::api_keys::{
+    digest, equal_in_constant_time, parse_key, ApiKeyRecord, ApiKeys, Refusal, Role,
+};
 
 /// How often the keys are read again.
 pub const REFRESH_EVERY: Duration = Duration::from_millis(500);
@@ -54,15 +56,10 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
 }
 
 /// What a presented bearer key is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// Let in with this role; `key` names the API key (`None`: the bootstrap token).
-    Admitted {
-        /// What it may do.
-        role: Role,
-        /// The API key's id.
-        key: Option<String>,
-    },
+    /// Let in with this role.
+    Admitted(Role),
     /// Refused, and why (said to the client in general terms only).
     Refused(Refusal),
 }
@@ -73,6 +70,8 @@ type Snapshot = (Instant, HashMap<String, ApiKeyRecord>);
 /// Checks bearer keys against the bootstrap token and the store's API keys. One per gateway.
 pub struct KeyCheck {
     keys: ApiKeys,
+    /// The bootstrap token's digest, taken once.
+    token: Option<[u8; 32]>,
     snapshot: RwLock<Option<Snapshot>>,
     /// One reading of the store at a time, however many checks find the copy stale.
     reading: tokio::sync::Mutex<()>,
@@ -85,10 +84,11 @@ impl std::fmt::Debug for KeyCheck {
 }
 
 impl KeyCheck {
-    /// Checks keys kept by `keys`.
-    pub fn new(keys: ApiKeys) -> Self {
+    /// Checks keys kept by `keys`, and `token` (the bootstrap key) if given.
+    pub fn new(keys: ApiKeys, token: Option<&str>) -> Self {
         Self {
             keys,
+            token: token.map(|t| digest(t.as_bytes())),
             snapshot: RwLock::default(),
             reading: tokio::sync::Mutex::default(),
         }
@@ -108,17 +108,17 @@ impl KeyCheck {
         });
     }
 
-    /// The verdict on `presented` (the bearer credential), `token` being the bootstrap token.
-    pub async fn check(
-        &self,
-        presented: &str,
-        token: &str,
-    ) -> Result<Verdict, squall_state::Error> {
-        if same_secret(presented.as_bytes(), token.as_bytes()) {
-            return Ok(Verdict::Admitted {
-                role: Role::Admin,
-                key: None,
-            });
+    /// The keys it checks against.
+    pub fn keys(&self) -> &ApiKeys {
+        &self.keys
+    }
+
+    /// The verdict on `presented` (the bearer credential).
+    pub async fn check(&self, presented: &str) -> Result<Verdict, squall_state::Error> {
+        if let Some(token) = &self.token {
+            if equal_in_constant_time(&digest(presented.as_bytes()), token) {
+                return Ok(Verdict::Admitted(Role::Admin));
+            }
         }
         let Some((id, secret)) = parse_key(presented) else {
             return Ok(Verdict::Refused(Refusal::Unknown));
@@ -139,10 +139,7 @@ impl KeyCheck {
                 .map(|r| r.admits(secret, now))
                 .unwrap_or(Err(Refusal::Unknown))
             {
-                Ok(role) => Verdict::Admitted {
-                    role,
-                    key: Some(id.to_string()),
-                },
+                Ok(role) => Verdict::Admitted(role),
                 Err(refusal) => Verdict::Refused(refusal),
             },
         )

@@ -48,33 +48,36 @@ fn client(router: &Router) -> Client {
         .unwrap_or_else(|_| panic!("no cluster: {last:?}"))
 }
 
-/// Waits until the router's view has `members` members that all finished their hand-off.
-fn settle(router: &Router, members: usize) {
+/// Waits (at most 20 s) until the router's status passes `done`; else fails, saying `what`
+/// and the last status.
+fn status_until(router: &Router, what: &str, done: impl Fn(&squall_proto::ClusterStatus) -> bool) {
     let mut last = None;
     Poll::within(Duration::from_secs(20))
         .every(Duration::from_millis(50))
         .until(|| {
             let status = squall_kvs::router::status(router.address()).ok()?;
-            let settled = status.settled_with(members);
+            let passed = done(&status);
             last = Some(status);
-            settled.then_some(())
+            passed.then_some(())
         })
-        .unwrap_or_else(|_| panic!("the cluster did not settle with {members} members: {last:?}"));
+        .unwrap_or_else(|_| panic!("{what} never came: {last:?}"));
+}
+
+/// Waits until the router's view has `members` members that all finished their hand-off.
+fn settle(router: &Router, members: usize) {
+    status_until(
+        router,
+        &format!("a cluster settled with {members} members"),
+        |s| s.settled_with(members),
+    );
 }
 
 /// Waits until the members hold `expected` entries in all, as their stats report them (sent
 /// every few hundred milliseconds, so a settled view's last hand-off may not be counted yet).
 fn held_becomes(router: &Router, expected: u64) {
-    let mut last = None;
-    Poll::within(Duration::from_secs(20))
-        .every(Duration::from_millis(50))
-        .until(|| {
-            let status = squall_kvs::router::status(router.address()).ok()?;
-            let held: u64 = status.members.iter().map(|m| m.stats.keys).sum();
-            last = Some((held, status));
-            (held == expected).then_some(())
-        })
-        .unwrap_or_else(|_| panic!("the members never held {expected} entries: {last:?}"));
+    status_until(router, &format!("{expected} entries held"), |s| {
+        s.members.iter().map(|m| m.stats.keys).sum::<u64>() == expected
+    });
 }
 
 fn text(value: Option<LatticeValue>) -> Option<Bytes> {

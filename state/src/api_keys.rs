@@ -29,6 +29,7 @@ use squall_lattices::Timestamp;
 use squall_proto::keys;
 
 use crate::pool::ClientPool;
+use crate::registry::sha256_hex;
 use crate::{Error, Result};
 
 /// What a key may do; each role allows what the roles before it allow.
@@ -112,7 +113,8 @@ pub enum Refusal {
 impl ApiKeyRecord {
     /// The role `secret` (the part after the id) is let in with at `now_ms`, or why not.
     pub fn admits(&self, secret: &str, now_ms: u64) -> std::result::Result<Role, Refusal> {
-        if !same_secret(sha256_hex(secret).as_bytes(), self.secret_sha256.as_bytes()) {
+        let given = sha256_hex(secret.as_bytes());
+        if !equal_in_constant_time(given.as_bytes(), self.secret_sha256.as_bytes()) {
             return Err(Refusal::Unknown);
         }
         if self.revoked_ms.is_some() {
@@ -153,21 +155,16 @@ fn is_hex(text: &str, len: usize) -> bool {
     text.len() == len && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-fn sha256_hex(text: &str) -> String {
-    Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// Whether `a` and `b` are equal, in time independent of where they differ (their lengths
+/// may show: compare digests, whose length is public).
+pub fn equal_in_constant_time(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Whether `a` and `b` are equal, in time independent of where they differ and of their
-/// lengths (their SHA-256 digests are compared, every byte).
-pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    let (a, b) = (Sha256::digest(a), Sha256::digest(b));
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
+/// The SHA-256 digest of `secret`: what secrets are compared by, so that neither where they
+/// differ nor their lengths show.
+pub fn digest(secret: &[u8]) -> [u8; 32] {
+    Sha256::digest(secret).into()
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -217,7 +214,7 @@ impl ApiKeys {
             created_ms: squall_lattices::entry::now_ms(),
             expires_ms,
             revoked_ms: None,
-            secret_sha256: sha256_hex(&secret),
+            secret_sha256: sha256_hex(secret.as_bytes()),
         };
         self.put(&record).await?;
         Ok(IssuedKey {
@@ -289,7 +286,7 @@ mod tests {
             created_ms: 1,
             expires_ms: Some(1_000),
             revoked_ms: None,
-            secret_sha256: sha256_hex(secret),
+            secret_sha256: sha256_hex(secret.as_bytes()),
         }
     }
 
