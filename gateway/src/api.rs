@@ -473,21 +473,56 @@ type ApiResult<T> = Result<T, ApiError>;
 /// [`crate::auth`]): 401 without one or with one not known, expired or revoked, 403 with one
 /// too weak for the request. `GET /healthz` needs none.
 async fn authorize(State(gateway): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
+    let limit = gateway.config.max_body_bytes;
+    let (request, refusal) = match admit(&gateway, request).await {
+        Ok(request) => return next.run(request).await,
+        Err(refused) => refused,
+    };
+    drain(request, limit).await;
+    refusal
+}
+
+/// Reads and drops what is left of a refused request's body, at most `limit` bytes and for at
+/// most [`DRAIN_FOR`], before the refusal goes out. A client still sending a large body (a
+/// component on `PUT /v1/functions/...`) when the answer came and the connection closed would
+/// see a broken pipe instead of the 401 or 403 that tells it why; what is read is dropped chunk
+/// by chunk, so a refused request costs bandwidth, never memory.
+async fn drain(request: Request, limit: usize) {
+    use axum::body::HttpBody;
+    let mut body = request.into_body();
+    let mut read = 0usize;
+    let _ = tokio::time::timeout(DRAIN_FOR, async {
+        while read <= limit {
+            match std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await {
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, |data| data.len()),
+                Some(Err(_)) | None => break,
+            }
+        }
+    })
+    .await;
+}
+
+/// How long a refused request's body is read before the refusal goes out regardless.
+const DRAIN_FOR: Duration = Duration::from_secs(2);
+
+/// The request back if it may go on, else the request with the answer that refuses it.
+async fn admit(gateway: &Gateway, request: Request) -> Result<Request, (Request, Response)> {
     if gateway.config.token.is_none() {
         // Keys work on every gateway of the cluster: an open gateway must not make them.
         if crate::auth::required_role(request.method(), request.uri().path()) == Some(Role::Admin) {
-            return ApiError::new(
+            let refusal = ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 "this gateway has no --token: API keys are made and revoked only through a \
                  gateway that requires them",
             )
             .into_response();
+            return Err((request, refusal));
         }
-        return next.run(request).await;
+        return Ok(request);
     }
     let Some(needed) = crate::auth::required_role(request.method(), request.uri().path()) else {
-        return next.run(request).await;
+        return Ok(request);
     };
     let unauthorized = |message: &str| {
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response()
@@ -500,12 +535,13 @@ async fn authorize(State(gateway): State<Arc<Gateway>>, request: Request, next: 
         .and_then(|v| v.split_once(' '))
         .and_then(|(scheme, key)| scheme.eq_ignore_ascii_case("bearer").then_some(key.trim()))
     else {
-        return unauthorized(
+        let refusal = unauthorized(
             "this endpoint needs `Authorization: Bearer <key>` with an API key or the gateway's token",
         );
+        return Err((request, refusal));
     };
-    match gateway.key_check.check(given).await {
-        Ok(Verdict::Admitted(role)) if role >= needed => next.run(request).await,
+    let refusal = match gateway.key_check.check(given).await {
+        Ok(Verdict::Admitted(role)) if role >= needed => return Ok(request),
         Ok(Verdict::Admitted(role)) => ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -524,7 +560,8 @@ async fn authorize(State(gateway): State<Arc<Gateway>>, request: Request, next: 
             format!("the key could not be checked: {e}"),
         )
         .into_response(),
-    }
+    };
+    Err((request, refusal))
 }
 
 /// `GET /healthz` answer.

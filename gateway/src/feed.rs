@@ -27,7 +27,11 @@
 //! their calls already taken and skips them; it checks each change it delivers until it has
 //! stored a position of its own. Two gateways deliver at once only when a lease is taken over
 //! within one store round trip of its renewal; then a change may run twice (the record shows
-//! it). A change is forgotten by its shard only once a position past it is in the store, and
+//! it). The copies of one write on its replicas, and a write its client sent again, are
+//! delivered once by the deliverer that reads them (it counts them by digest); one that takes over knows
+//! only the calls its predecessor accepted, so a copy on another replica than the one
+//! delivered, still unread at the take-over, runs again.
+//! A change is forgotten by its shard only once a position past it is in the store, and
 //! a position moves only past changes whose calls are in the store: a SIGKILL at any point
 //! loses nothing. A shard whose journal filled up (no deliverer for a long while) drops its
 //! oldest changes and says how many: they are logged as an error and counted under
@@ -231,15 +235,35 @@ async fn wake_on_changes(
     }
 }
 
-/// The writes delivered lately, counted by trigger, digest and shard: a write seen on one
-/// shard is delivered as often as that shard has journaled it beyond what any other shard
-/// journaled of it, so the copies of one write on its replicas are delivered once, and two
-/// writes that look alike on one shard (a counter's same total after a delete, a set's same
-/// element added again) are both delivered. Forgets the oldest digests first.
+/// The writes delivered lately, by trigger and digest: how many copies each shard journaled
+/// and how many were delivered. A write is delivered again only when some shard has
+/// journaled it more often than it was delivered, so the copies of one write on its
+/// replicas are delivered once, and two writes that look alike on one shard (a counter's
+/// same total after a delete, a set's same element added again) are both delivered.
+///
+/// A write stamped by its client (a last-writer-wins value, an expiry, a delete: the stamp is
+/// in the digest) is one write however often a shard journaled it, so it is delivered once:
+/// a client sends a write again, with the same stamp, when a replica did not answer or
+/// answered from another view of the cluster, and the replicas that had applied it journal
+/// it twice. Counting copies per shard alone delivered such a write twice (one replica with
+/// two copies, the other with one).
+///
+/// A failed delivery is taken back (its shard journaled one copy fewer, one fewer was
+/// delivered), so its change, read again, is delivered, even when another replica's copy
+/// was skipped meanwhile. Forgets the oldest digests first.
 #[derive(Default)]
 struct Recent {
-    counts: HashMap<(String, u64), HashMap<String, u32>>,
+    counts: HashMap<(String, u64), Noted>,
     order: std::collections::VecDeque<(String, u64)>,
+}
+
+/// What [`Recent`] knows of one write.
+#[derive(Default)]
+struct Noted {
+    /// Copies journaled, by shard.
+    shards: HashMap<String, u32>,
+    /// Copies delivered (or being delivered).
+    delivered: u32,
 }
 
 /// Digests remembered by [`Recent`]: far more than a round delivers, so that the copies of a
@@ -247,12 +271,12 @@ struct Recent {
 const RECENT: usize = 1 << 18;
 
 impl Recent {
-    /// Notes that `shard` journaled a write with this digest; whether to deliver it (it is
-    /// not a copy of one delivered from another shard).
-    fn note(&mut self, trigger: &str, digest: u64, shard: &str) -> bool {
+    /// Notes that `shard` journaled a write with this digest, `stamped` by its client or
+    /// not; whether to deliver it.
+    fn note(&mut self, trigger: &str, digest: u64, shard: &str, stamped: bool) -> bool {
         let entry = (trigger.to_string(), digest);
-        let counts = match self.counts.get_mut(&entry) {
-            Some(counts) => counts,
+        let noted = match self.counts.get_mut(&entry) {
+            Some(noted) => noted,
             None => {
                 self.order.push_back(entry.clone());
                 while self.order.len() > RECENT {
@@ -263,25 +287,32 @@ impl Recent {
                 self.counts.entry(entry).or_default()
             }
         };
-        let mine = counts.entry(shard.to_string()).or_insert(0);
+        let mine = noted.shards.entry(shard.to_string()).or_insert(0);
         *mine += 1;
-        let mine = *mine;
-        counts
-            .iter()
-            .filter(|(other, _)| other.as_str() != shard)
-            .all(|(_, &theirs)| mine > theirs)
+        let wanted = if stamped { 1 } else { *mine };
+        if wanted > noted.delivered {
+            noted.delivered += 1;
+            true
+        } else {
+            false
+        }
     }
 
     /// Takes back a note whose delivery failed (the change is read and noted again).
     fn undo(&mut self, trigger: &str, digest: u64, shard: &str) {
-        if let Some(count) = self
-            .counts
-            .get_mut(&(trigger.to_string(), digest))
-            .and_then(|counts| counts.get_mut(shard))
-        {
-            *count = count.saturating_sub(1);
+        if let Some(noted) = self.counts.get_mut(&(trigger.to_string(), digest)) {
+            if let Some(count) = noted.shards.get_mut(shard) {
+                *count = count.saturating_sub(1);
+            }
+            noted.delivered = noted.delivered.saturating_sub(1);
         }
     }
+}
+
+/// Whether a change's write carries its client's stamp, which its digest covers: a
+/// last-writer-wins value, or no value (a delete's tombstone, an expiry), both stamped.
+fn stamped(change: &Change) -> bool {
+    matches!(change.written, None | Some(LatticeValue::Lww(_)))
 }
 
 impl ChangeFeed {
@@ -517,7 +548,12 @@ impl ChangeFeed {
                     continue;
                 }
                 if change.digest != 0
-                    && !self.recent.note(&one.trigger.name, change.digest, endpoint)
+                    && !self.recent.note(
+                        &one.trigger.name,
+                        change.digest,
+                        endpoint,
+                        stamped(change),
+                    )
                 {
                     // Another replica's copy of a write delivered already.
                     continue;
@@ -749,24 +785,75 @@ mod tests {
     fn a_write_is_delivered_once_whatever_its_copies_and_alike_writes_each() {
         let mut recent = Recent::default();
         // One write, journaled by two replicas: delivered once.
-        assert!(recent.note("t", 1, "a"));
-        assert!(!recent.note("t", 1, "b"));
+        assert!(recent.note("t", 1, "a", false));
+        assert!(!recent.note("t", 1, "b", false));
         // Another trigger delivers it too.
-        assert!(recent.note("u", 1, "b"));
+        assert!(recent.note("u", 1, "b", false));
         // The same bytes written again (a second write that looks alike): on both replicas,
         // delivered once more.
-        assert!(recent.note("t", 1, "b"));
-        assert!(!recent.note("t", 1, "a"));
+        assert!(recent.note("t", 1, "b", false));
+        assert!(!recent.note("t", 1, "a", false));
         // A failed delivery is taken back: its change, read again, is delivered.
-        assert!(recent.note("t", 7, "a"));
+        assert!(recent.note("t", 7, "a", false));
         recent.undo("t", 7, "a");
-        assert!(recent.note("t", 7, "a"));
+        assert!(recent.note("t", 7, "a", false));
         // Bounded, the oldest forgotten.
         for digest in 100..(RECENT as u64 + 110) {
-            recent.note("t", digest, "a");
+            recent.note("t", digest, "a", false);
         }
         assert!(recent.counts.len() <= RECENT);
-        assert!(recent.note("t", 1, "b"), "forgotten once old");
+        assert!(recent.note("t", 1, "b", false), "forgotten once old");
+    }
+
+    #[test]
+    fn a_stamped_write_sent_again_is_delivered_once() {
+        let mut recent = Recent::default();
+        // Replica a applied the write, b refused it from a newer view; the client sent it
+        // again to both: a journaled it twice, b once.
+        assert!(recent.note("t", 3, "a", true));
+        assert!(!recent.note("t", 3, "a", true));
+        assert!(!recent.note("t", 3, "b", true));
+        // Unstamped, the same copies are two writes alike (the second delivered).
+        assert!(recent.note("t", 4, "a", false));
+        assert!(recent.note("t", 4, "a", false));
+        assert!(!recent.note("t", 4, "b", false));
+    }
+
+    #[test]
+    fn a_failed_delivery_is_delivered_again_though_another_copy_was_skipped() {
+        for stamped in [true, false] {
+            let mut recent = Recent::default();
+            assert!(recent.note("t", 5, "a", stamped));
+            // b's copy skipped (its shard's position moves past it) while a's delivery fails.
+            assert!(!recent.note("t", 5, "b", stamped));
+            recent.undo("t", 5, "a");
+            assert!(recent.note("t", 5, "a", stamped), "stamped: {stamped}");
+        }
+        // Stamped, a later copy on b (the client's resend) is still the same write.
+        let mut recent = Recent::default();
+        assert!(recent.note("t", 6, "a", true));
+        recent.undo("t", 6, "a");
+        assert!(recent.note("t", 6, "b", true));
+        assert!(!recent.note("t", 6, "a", true));
+        assert!(!recent.note("t", 6, "b", true));
+    }
+
+    #[test]
+    fn lww_values_deletes_and_expiries_are_stamped_and_other_lattices_not() {
+        let change = |written: Option<LatticeValue>| Change {
+            seq: 1,
+            ms: 1,
+            key: "k".into(),
+            written,
+            deleted: false,
+            after: None,
+            digest: 1,
+            chain: 0,
+        };
+        let lww = LatticeValue::Lww(Lww::new(Timestamp::new(1, 1), Bytes::from_static(b"v")));
+        assert!(stamped(&change(Some(lww))));
+        assert!(stamped(&change(None)));
+        assert!(!stamped(&change(Some(LatticeValue::Max(Max(1))))));
     }
 
     #[test]

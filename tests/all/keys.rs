@@ -74,6 +74,12 @@ fn keys_do_what_their_role_allows_and_stop_when_revoked_or_expired_on_every_gate
             403
         );
     }
+    // A refusal comes back whole while a large body is still being sent (read, not a broken
+    // pipe), with a key too weak and with none.
+    let large = vec![0u8; 16 << 20];
+    let url = format!("{base}/v1/functions/large");
+    assert_eq!(status("PUT", &url, Some(&read), &large), 403);
+    assert_eq!(status("PUT", &url, None, &large), 401);
     assert_eq!(
         status(
             "PUT",

@@ -265,6 +265,30 @@ impl Drop for NodeProcess {
                 self.log.display(),
                 self.log_text()
             );
+            // A cluster's roles log beside it, under logs/: their warnings and errors.
+            let roles = self.log.parent().map(|dir| dir.join("logs"));
+            let mut files: Vec<_> = roles
+                .and_then(|dir| std::fs::read_dir(dir).ok())
+                .into_iter()
+                .flatten()
+                .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+                .collect();
+            files.sort();
+            for file in files {
+                let text = std::fs::read_to_string(&file).unwrap_or_default();
+                let lines: Vec<_> = text
+                    .lines()
+                    .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+                    .take(60)
+                    .collect();
+                if !lines.is_empty() {
+                    eprintln!(
+                        "--- warnings ({}) ---\n{}",
+                        file.display(),
+                        lines.join("\n")
+                    );
+                }
+            }
         }
     }
 }
