@@ -84,7 +84,15 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
     match args.command {
         ClusterCommand::Up(args) => up(*args),
         ClusterCommand::Manifests(args) => {
-            print!("{}", render(&args)?);
+            // The cluster's secret: the one given, else a fresh one.
+            let secret = match squall_proto::secret::ClusterSecret::installed() {
+                Some(secret) => secret.expose().to_string(),
+                None => {
+                    let bytes: [u8; 24] = rand::random();
+                    bytes.iter().map(|b| format!("{b:02x}")).collect()
+                }
+            };
+            print!("{}", render(&args, &secret)?);
             Ok(())
         }
         ClusterCommand::Status { router } => {
@@ -281,17 +289,28 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         Role::Executor,
         vec!["--capacity".to_string(), args.executor_capacity.to_string()],
     );
-    let mut gateway = vec!["--http-port".to_string(), args.http_port.to_string()];
+    extra.insert(
+        Role::Gateway,
+        vec!["--http-port".to_string(), args.http_port.to_string()],
+    );
+    // Secrets reach the children through their environment, not their command lines.
+    let mut env = Vec::new();
     if let Some(token) = &args.token {
-        gateway.extend(["--token".to_string(), token.clone()]);
+        env.push(("SQUALL_TOKEN".to_string(), token.clone()));
     }
-    extra.insert(Role::Gateway, gateway);
+    if let Some(secret) = squall_proto::secret::ClusterSecret::installed() {
+        env.push((
+            "SQUALL_CLUSTER_SECRET".to_string(),
+            secret.expose().to_string(),
+        ));
+    }
     let mut provisioner = LocalProvisioner::new(LocalConfig {
         binary: std::env::current_exe().context("finding the squall binary")?,
         log_dir: log_dir.clone(),
         host: args.host.clone(),
         extra,
         data_dir: (!args.in_memory).then(|| args.dir.clone()),
+        env,
     });
     let router = provisioner.start(Role::Router)?.id.clone();
     provisioner.add(Role::Storage, args.nodes)?;
@@ -453,12 +472,13 @@ pub struct ManifestArgs {
 }
 
 /// The manifests of cluster/k8s, in the order `kustomization.yaml` lists them.
-const MANIFESTS: [(&str, &str); 8] = [
+const MANIFESTS: [(&str, &str); 9] = [
     (
         "namespace.yaml",
         include_str!("../cluster/k8s/namespace.yaml"),
     ),
     ("config.yaml", include_str!("../cluster/k8s/config.yaml")),
+    ("secret.yaml", include_str!("../cluster/k8s/secret.yaml")),
     ("router.yaml", include_str!("../cluster/k8s/router.yaml")),
     ("kvs.yaml", include_str!("../cluster/k8s/kvs.yaml")),
     (
@@ -480,8 +500,8 @@ fn swap(text: &str, file: &str, from: &str, to: &str) -> anyhow::Result<String> 
     Ok(text.replace(from, to))
 }
 
-/// cluster/k8s with `args` applied.
-fn render(args: &ManifestArgs) -> anyhow::Result<String> {
+/// cluster/k8s with `args` applied and `secret` as the cluster secret.
+fn render(args: &ManifestArgs, secret: &str) -> anyhow::Result<String> {
     let label = |s: &str| {
         !s.is_empty()
             && s.len() <= 63
@@ -511,12 +531,24 @@ fn render(args: &ManifestArgs) -> anyhow::Result<String> {
         "--volume must be a quantity such as 10Gi, not {:?}",
         args.volume
     );
+    anyhow::ensure!(
+        secret
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\'),
+        "a cluster secret for the manifests must be printable ASCII without quotes, \
+         backslashes or spaces"
+    );
     // Which files, the default as it stands in them, and what replaces it.
     type Files = fn(&str) -> bool;
-    let workloads: Files = |f| !matches!(f, "namespace.yaml" | "config.yaml");
+    let workloads: Files = |f| !matches!(f, "namespace.yaml" | "config.yaml" | "secret.yaml");
     let namespaced: Files = |f| f != "namespace.yaml";
     let ns = &args.namespace;
-    let edits: [(Files, &str, String); 9] = [
+    let edits: [(Files, &str, String); 10] = [
+        (
+            |f| f == "secret.yaml",
+            "secret: \"replace-me\"",
+            format!("secret: \"{secret}\""),
+        ),
         (
             workloads,
             "image: squall:latest",
@@ -594,7 +626,11 @@ mod tests {
 
     #[test]
     fn manifests_render_with_every_setting_applied() {
-        let out = render(&args()).expect("renders");
+        let out = render(&args(), "a-fresh-secret-of-30-bytes-now").expect("renders");
+        assert!(out.contains("secret: \"a-fresh-secret-of-30-bytes-now\""));
+        assert!(!out.contains("replace-me"));
+        // Every workload presents it.
+        assert_eq!(out.matches("name: SQUALL_CLUSTER_SECRET").count(), 6);
         assert!(!out.contains("namespace: squall\n"), "{out}");
         assert!(!out.contains("image: squall:latest"));
         assert!(out.contains("  name: prod\n"));
@@ -624,7 +660,13 @@ mod tests {
                 ..args()
             },
         ] {
-            assert!(render(&bad).is_err(), "{bad:?}");
+            assert!(
+                render(&bad, "a-fresh-secret-of-30-bytes-now").is_err(),
+                "{bad:?}"
+            );
+        }
+        for bad in ["with \"quotes\" in it", "a\nnew: line", "back\\slash"] {
+            assert!(render(&args(), bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -43,6 +43,15 @@ struct Cli {
     /// Settings file (default: ./squall.toml if it exists).
     #[arg(long, global = true, env = "SQUALL_CONFIG")]
     config: Option<PathBuf>,
+    /// The cluster's secret (16 to 255 bytes): internal ports (store, router, mailboxes,
+    /// caches) take only peers that present it, and this process presents it to them.
+    #[arg(
+        long,
+        global = true,
+        env = "SQUALL_CLUSTER_SECRET",
+        hide_env_values = true
+    )]
+    cluster_secret: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -205,6 +214,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(secret) = &cli.cluster_secret {
+        // Never printed: a refused secret may still be one in use elsewhere.
+        let installed = squall_proto::secret::ClusterSecret::new(secret)
+            .and_then(squall_proto::secret::ClusterSecret::install);
+        if let Err(e) = installed {
+            eprintln!("error: --cluster-secret: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match cli.command {
         Command::Up(args) => {
             init_tracing("info");

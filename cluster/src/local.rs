@@ -40,6 +40,9 @@ pub struct LocalConfig {
     /// Where storage nodes keep their logs: `kvs-N` for the N-th slot (the lowest free one
     /// when a node starts, so a restarted cluster finds its data). `None`: memory only.
     pub data_dir: Option<PathBuf>,
+    /// Environment variables set for every child: secrets go here rather than on command
+    /// lines, which other users of the machine can read.
+    pub env: Vec<(String, String)>,
 }
 
 /// A running child.
@@ -156,6 +159,7 @@ impl LocalProvisioner {
         let mut command = Command::new(&self.config.binary);
         command
             .args(&args)
+            .envs(self.config.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file));
         exit_with_parent(&mut command);

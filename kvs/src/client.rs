@@ -25,6 +25,7 @@ use bytes::Bytes;
 use hashbrown::HashMap;
 use squall_lattices::entry::expires_at;
 use squall_lattices::{Counter, Entry, Lattice, LatticeValue, Lww, Timestamp, Write, WriterId};
+use squall_proto::secret::ClusterSecret;
 use squall_proto::{Key, KeyError, Request, RequestError, RequestId, Response, Topology};
 
 use crate::exchange::{exchange, round_trip, Exchanged, Retry, MAX_TIMEOUT, RETRY_PAUSE};
@@ -53,14 +54,18 @@ pub struct ClientConfig {
     /// In a cluster, how many of a key's replicas must apply a write before it succeeds
     /// (default: a majority).
     pub acks: Acks,
+    /// The cluster secret presented to the nodes (default: the process's, if one was
+    /// installed; see [`squall_proto::secret`]).
+    pub secret: Option<ClusterSecret>,
 }
 
 impl ClientConfig {
-    /// How an exchange of this client waits and retries.
+    /// How an exchange of this client connects, waits and retries.
     pub(crate) fn retry(&self) -> Retry {
         Retry {
             timeout: self.timeout,
             attempts: self.attempts,
+            secret: self.secret.clone(),
         }
     }
 }
@@ -72,6 +77,7 @@ impl Default for ClientConfig {
             attempts: 3,
             writer: rand::random(),
             acks: Acks::Majority,
+            secret: ClusterSecret::installed(),
         }
     }
 }

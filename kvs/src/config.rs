@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use squall_proto::secret::ClusterSecret;
+
 use crate::cluster::ClusterConfig;
 use crate::{Error, Result};
 
@@ -87,6 +89,11 @@ pub struct Config {
     /// (default one hour). A replica away for longer than this may bring back a value
     /// deleted meanwhile when it returns; see [`squall_lattices::entry`].
     pub tombstone_grace_ms: u64,
+    /// The cluster secret its shards require of every connection, and present to the
+    /// subscribers they push to (default: the process's, if one was installed; see
+    /// [`squall_proto::secret`]). Never read from a settings file.
+    #[serde(skip, default = "ClusterSecret::installed")]
+    pub secret: Option<ClusterSecret>,
 }
 
 impl Default for Config {
@@ -106,6 +113,7 @@ impl Default for Config {
             max_batch: 256,
             cluster: None,
             tombstone_grace_ms: 3_600_000,
+            secret: ClusterSecret::installed(),
         }
     }
 }

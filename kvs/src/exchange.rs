@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use squall_proto::secret::ClusterSecret;
 use squall_proto::{decode_response, encode_request, Request, RequestId, Response};
 
 use crate::zmtp::Connection;
@@ -16,13 +17,16 @@ use crate::{Error, Result};
 pub(crate) const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// The longest timeout honoured (longer ones are cut to this).
 pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
-/// How long an exchange waits, and how often it tries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How an exchange connects (the cluster secret it presents), how long it waits, and how
+/// often it tries.
+#[derive(Debug, Clone)]
 pub(crate) struct Retry {
     /// How long one attempt waits for its answers (at most [`MAX_TIMEOUT`]).
     pub(crate) timeout: Duration,
     /// How many times a request is sent before giving up.
     pub(crate) attempts: u32,
+    /// What new connections present to the nodes (see [`squall_proto::secret`]).
+    pub(crate) secret: Option<ClusterSecret>,
 }
 
 impl Default for Retry {
@@ -30,6 +34,7 @@ impl Default for Retry {
         Self {
             timeout: Duration::from_secs(2),
             attempts: 3,
+            secret: ClusterSecret::installed(),
         }
     }
 }
@@ -109,7 +114,7 @@ pub(crate) fn exchange(
             let endpoint = &endpoints[*target];
             let outcome = match connections[*target].take() {
                 Some(connection) => Ok(connection),
-                None => Connection::connect(endpoint, deadline),
+                None => Connection::connect(endpoint, deadline, retry.secret.as_ref()),
             }
             .and_then(|mut connection| connection.send(&frame, deadline).map(|()| connection));
             match outcome {

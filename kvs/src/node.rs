@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use squall_lattices::Lattice;
+use squall_proto::secret;
 use squall_proto::Topology;
 
 use squall_proto::Member;
@@ -84,6 +85,8 @@ impl Node {
             let context = zmq::Context::new();
             let socket = context.socket(zmq::ROUTER).map_err(zmq_err("socket"))?;
             socket.set_linger(0).map_err(zmq_err("set linger"))?;
+            let gatekeeper = secret::guard(config.secret.as_ref(), &context, &socket)
+                .map_err(|e| Error::Config(format!("shard {index}: {e}")))?;
             // Frames a little over the limit still get a `TooLarge` reply; ZeroMQ drops larger
             // ones (closing the sender's connection) before they are read. With at most
             // `PEER_QUEUE` messages queued per connection, one peer can hold at most about
@@ -109,7 +112,7 @@ impl Node {
                 .get_last_endpoint()
                 .map_err(zmq_err("get endpoint"))?
                 .map_err(|_| Error::Config("bound endpoint is not UTF-8".into()))?;
-            sockets.push((context, socket));
+            sockets.push((context, socket, gatekeeper));
             endpoints.push(bound);
         }
         let ring = Arc::new(Ring::new(config.shards, config.virtual_nodes));
@@ -135,7 +138,7 @@ impl Node {
 
         let shutdown = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::with_capacity(config.shards);
-        for (index, (((context, socket), store), log)) in
+        for (index, (((context, socket, gatekeeper), store), log)) in
             sockets.into_iter().zip(stores).zip(logs).enumerate()
         {
             let journal = Journal::recover(&store);
@@ -153,7 +156,8 @@ impl Node {
                 shutdown: shutdown.clone(),
                 snapshot: None,
                 snapshot_not_before: None,
-                subscriptions: Subscriptions::new(context),
+                subscriptions: Subscriptions::new(context, config.secret.clone()),
+                _gatekeeper: gatekeeper,
                 cluster: shared.clone(),
                 replicas: ReplicaCheck::default(),
                 changed: hashbrown::HashSet::new(),
@@ -186,6 +190,7 @@ impl Node {
                     leave: leave.clone(),
                     left: left.clone(),
                     writer: rand::random(),
+                    secret: config.secret.clone(),
                 };
                 let thread = std::thread::Builder::new()
                     .name("squall-cluster-agent".into())

@@ -28,6 +28,7 @@ use squall_proto::{
 };
 
 use squall_proto::keys::MAX_KEY_BYTES;
+use squall_proto::secret::{self, ClusterSecret};
 
 use crate::exchange::{exchange, Exchanged, Retry};
 use crate::placement::{Placement, MAX_MEMBERS, MAX_OVERRIDES, MAX_REPLICATION};
@@ -48,6 +49,10 @@ pub struct RouterConfig {
     pub dead_after_ms: u64,
     /// Largest request accepted (default 1 MiB: joins and heartbeats are small).
     pub max_request_bytes: usize,
+    /// The cluster secret it requires of every connection (default: the process's, if one
+    /// was installed; see [`squall_proto::secret`]). Never read from a settings file.
+    #[serde(skip, default = "ClusterSecret::installed")]
+    pub secret: Option<ClusterSecret>,
 }
 
 impl Default for RouterConfig {
@@ -58,6 +63,7 @@ impl Default for RouterConfig {
             replication: 2,
             dead_after_ms: 2000,
             max_request_bytes: 1 << 20,
+            secret: ClusterSecret::installed(),
         }
     }
 }
@@ -374,6 +380,8 @@ impl Router {
         let context = zmq::Context::new();
         let socket = context.socket(zmq::ROUTER).map_err(zmq_err("socket"))?;
         socket.set_linger(0).map_err(zmq_err("set linger"))?;
+        let gatekeeper = secret::guard(config.secret.as_ref(), &context, &socket)
+            .map_err(|e| Error::Config(e.to_string()))?;
         let hard_limit = i64::try_from(config.max_request_bytes).unwrap_or(i64::MAX);
         socket
             .set_maxmsgsize(hard_limit)
@@ -398,6 +406,7 @@ impl Router {
             .name("squall-router".into())
             .spawn(move || {
                 let _context = context;
+                let _gatekeeper = gatekeeper;
                 serve(&socket, &mut state, &flag);
             })
             .map_err(io_err("spawning the router thread"))?;

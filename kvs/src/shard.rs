@@ -109,6 +109,8 @@ const MAX_AWAITING: usize = 64;
 pub(crate) struct Shard {
     pub(crate) index: u32,
     pub(crate) socket: zmq::Socket,
+    /// Admits only peers with the cluster secret while the shard runs (if one is set).
+    pub(crate) _gatekeeper: Option<squall_proto::secret::Gatekeeper>,
     pub(crate) store: Store,
     pub(crate) log: Option<ShardLog>,
     pub(crate) ring: Arc<Ring>,

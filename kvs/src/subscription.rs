@@ -63,6 +63,8 @@ struct Subscriber {
 /// One shard's subscribers and the keys each watches. Owned by the shard's thread.
 pub(crate) struct Subscriptions {
     context: zmq::Context,
+    /// What the pushes present to subscribers (see [`squall_proto::secret`]).
+    secret: Option<squall_proto::secret::ClusterSecret>,
     subscribers: HashMap<String, Subscriber>,
     /// Key -> endpoints watching it.
     watchers: HashMap<Key, Vec<String>>,
@@ -72,9 +74,13 @@ pub(crate) struct Subscriptions {
 }
 
 impl Subscriptions {
-    pub(crate) fn new(context: zmq::Context) -> Self {
+    pub(crate) fn new(
+        context: zmq::Context,
+        secret: Option<squall_proto::secret::ClusterSecret>,
+    ) -> Self {
         Self {
             context,
+            secret,
             subscribers: HashMap::new(),
             watchers: HashMap::new(),
             changed: HashSet::new(),
@@ -104,6 +110,9 @@ impl Subscriptions {
             };
             let socket = self.context.socket(zmq::PUSH).map_err(connect)?;
             socket.set_linger(0).map_err(connect)?;
+            if let Some(secret) = &self.secret {
+                secret.secure_client(&socket).map_err(connect)?;
+            }
             socket.set_sndhwm(PUSH_QUEUE).map_err(connect)?;
             socket.connect(endpoint).map_err(connect)?;
             self.subscribers.insert(
@@ -257,7 +266,7 @@ mod tests {
         let pull = context.socket(zmq::PULL).expect("socket");
         pull.bind("tcp://127.0.0.1:*").expect("bind");
         let endpoint = pull.get_last_endpoint().expect("endpoint").expect("utf-8");
-        let mut subs = Subscriptions::new(context.clone());
+        let mut subs = Subscriptions::new(context.clone(), None);
         let session = subs
             .subscribe(&endpoint, ["a".to_string()])
             .expect("subscribe");
@@ -287,7 +296,7 @@ mod tests {
 
     #[test]
     fn bad_endpoints_are_refused_and_unsubscribed_keys_are_not_pushed() {
-        let mut subs = Subscriptions::new(zmq::Context::new());
+        let mut subs = Subscriptions::new(zmq::Context::new(), None);
         assert!(subs.subscribe("http://example", []).is_err());
         assert!(subs.subscribe(&"tcp://".repeat(100), []).is_err());
         subs.subscribe("tcp://127.0.0.1:9", ["k".to_string()])

@@ -9,13 +9,16 @@
 //! clients from 0.51x to 0.62x Redis's, and one client's median GET from 102 µs to 51 µs.
 //! Nodes keep libzmq's ROUTER sockets, which accept these connections as DEALER peers.
 //!
-//! Only what a DEALER client needs is implemented: the NULL security mechanism, the READY
-//! handshake, and single-frame messages (multi-frame replies are an error; commands such as
-//! PING are skipped).
+//! Only what a DEALER client needs is implemented: the NULL security mechanism and PLAIN
+//! (which presents the cluster secret, see [`squall_proto::secret`]), the READY handshake,
+//! and single-frame messages (multi-frame replies are an error; commands such as PING are
+//! skipped).
 
 use std::io::{self, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
+
+use squall_proto::secret::{ClusterSecret, USER};
 
 const FLAG_MORE: u8 = 0x01;
 const FLAG_LONG: u8 = 0x02;
@@ -79,9 +82,13 @@ fn update_timeout(
 }
 
 impl Connection {
-    /// Connects to `endpoint` (`tcp://host:port`) and completes the ZMTP handshake, all before
-    /// `deadline`.
-    pub(crate) fn connect(endpoint: &str, deadline: Instant) -> io::Result<Self> {
+    /// Connects to `endpoint` (`tcp://host:port`) and completes the ZMTP handshake, presenting
+    /// `secret` if given, all before `deadline`.
+    pub(crate) fn connect(
+        endpoint: &str,
+        deadline: Instant,
+        secret: Option<&ClusterSecret>,
+    ) -> io::Result<Self> {
         let address = endpoint
             .strip_prefix("tcp://")
             .ok_or_else(|| invalid(format!("{endpoint:?} is not a tcp:// endpoint")))?;
@@ -98,50 +105,118 @@ impl Connection {
             read_timeout: None,
             write_timeout: None,
         };
-        connection.handshake(deadline)?;
+        connection.handshake(deadline, secret)?;
         Ok(connection)
     }
 
-    fn handshake(&mut self, deadline: Instant) -> io::Result<()> {
-        // Greeting: signature, version 3.0, mechanism NULL, as-server 0, filler.
+    /// ZMTP 3.0's handshake: greetings, then with NULL a READY each way; with PLAIN (RFC 24)
+    /// HELLO (the secret), WELCOME, INITIATE and READY, or the server's ERROR.
+    fn handshake(&mut self, deadline: Instant, secret: Option<&ClusterSecret>) -> io::Result<()> {
+        let mechanism: &[u8] = if secret.is_some() { b"PLAIN" } else { b"NULL" };
+        // Greeting: signature, version 3.0, mechanism, as-server 0, filler.
         let mut greeting = [0u8; 64];
         greeting[0] = 0xFF;
         greeting[9] = 0x7F;
         greeting[10] = 3;
         greeting[11] = 0;
-        greeting[12..16].copy_from_slice(b"NULL");
-        // READY command with the property Socket-Type = DEALER.
-        let mut ready = Vec::with_capacity(32);
-        ready.push(5);
-        ready.extend_from_slice(b"READY");
-        ready.push(11);
-        ready.extend_from_slice(b"Socket-Type");
-        ready.extend_from_slice(&6u32.to_be_bytes());
-        ready.extend_from_slice(b"DEALER");
+        greeting[12..12 + mechanism.len()].copy_from_slice(mechanism);
+        // The metadata both READY and INITIATE carry: Socket-Type = DEALER.
+        let mut metadata = Vec::with_capacity(24);
+        metadata.push(11);
+        metadata.extend_from_slice(b"Socket-Type");
+        metadata.extend_from_slice(&6u32.to_be_bytes());
+        metadata.extend_from_slice(b"DEALER");
+        // The greeting alone first. libzmq closes a connection whose mechanism is not its own
+        // as soon as it has read the greeting, often before its own greeting went out: a close
+        // here is that refusal.
         self.buffer.clear();
         self.buffer.extend_from_slice(&greeting);
-        push_frame_header(&mut self.buffer, FLAG_COMMAND, ready.len());
-        self.buffer.extend_from_slice(&ready);
         self.write_buffer(deadline)?;
-
+        let closed = if secret.is_some() {
+            "the peer closed the connection during the handshake: it takes no cluster secret, \
+             or refused this one"
+        } else {
+            "the peer closed the connection during the handshake: it requires the cluster \
+             secret (--cluster-secret or SQUALL_CLUSTER_SECRET)"
+        };
         let mut peer = [0u8; 64];
-        self.read_exact(&mut peer, deadline)?;
+        self.read_exact(&mut peer, deadline)
+            .map_err(|e| if_closed(e, closed))?;
         if peer[0] != 0xFF || peer[9] != 0x7F {
             return Err(invalid("peer is not a ZeroMQ socket"));
         }
         if peer[10] < 3 {
             return Err(invalid(format!("peer speaks ZMTP {}, not 3", peer[10])));
         }
-        if &peer[12..16] != b"NULL" {
-            return Err(invalid(
-                "peer requires a security mechanism other than NULL",
-            ));
+        let theirs = &peer[12..32];
+        let theirs = &theirs[..theirs.iter().position(|&b| b == 0).unwrap_or(theirs.len())];
+        if theirs != mechanism {
+            return Err(refused(if secret.is_some() {
+                "the peer takes no cluster secret, and this process presents one"
+            } else {
+                "the peer requires the cluster secret (--cluster-secret or SQUALL_CLUSTER_SECRET)"
+            }));
         }
-        let (flags, body) = self.read_frame(deadline)?;
-        if flags & FLAG_COMMAND == 0 || !body.starts_with(b"\x05READY") {
-            return Err(invalid("peer did not send READY"));
+        self.buffer.clear();
+        match secret {
+            None => push_command(&mut self.buffer, b"READY", &metadata),
+            Some(secret) => {
+                let password = secret.expose().as_bytes();
+                let mut hello = Vec::with_capacity(2 + USER.len() + password.len());
+                push_short(&mut hello, USER.as_bytes())?;
+                push_short(&mut hello, password)?;
+                push_command(&mut self.buffer, b"HELLO", &hello);
+            }
         }
-        Ok(())
+        self.write_buffer(deadline)?;
+        if secret.is_some() {
+            self.expect_command(b"WELCOME", deadline)?;
+            self.buffer.clear();
+            push_command(&mut self.buffer, b"INITIATE", &metadata);
+            self.write_buffer(deadline)?;
+        }
+        self.expect_command(b"READY", deadline)
+    }
+
+    /// Reads the handshake command `name`; the peer's ERROR is a refusal.
+    fn expect_command(&mut self, name: &[u8], deadline: Instant) -> io::Result<()> {
+        // libzmq closes the connection after refusing it, sometimes before its ERROR.
+        let (flags, body) = self.read_frame(deadline).map_err(|e| {
+            if_closed(
+                e,
+                "the peer closed the connection during the handshake: it refused this cluster \
+                 secret",
+            )
+        })?;
+        let (got, data) = match body.split_first() {
+            Some((&len, rest)) if flags & FLAG_COMMAND != 0 && rest.len() >= usize::from(len) => {
+                rest.split_at(usize::from(len))
+            }
+            // libzmq 4.3 writes its PLAIN ERROR's name as "\x05ERROR" in C, where the hex
+            // escape takes the `E` too: 0x5E, then "RROR".
+            _ if flags & FLAG_COMMAND != 0 && body.starts_with(b"\x5eRROR") => {
+                (&b"ERROR"[..], &body[5..])
+            }
+            _ => return Err(invalid("peer sent a malformed handshake command")),
+        };
+        if got == name {
+            return Ok(());
+        }
+        if got == b"ERROR" {
+            let reason = data
+                .split_first()
+                .map(|(&len, rest)| &rest[..usize::from(len).min(rest.len())])
+                .unwrap_or_default();
+            return Err(refused(&format!(
+                "the peer refused the connection: {} (a wrong cluster secret?)",
+                String::from_utf8_lossy(reason)
+            )));
+        }
+        Err(invalid(format!(
+            "peer sent {} where {} was due",
+            String::from_utf8_lossy(got),
+            String::from_utf8_lossy(name)
+        )))
     }
 
     /// Sends one single-frame message.
@@ -254,6 +329,35 @@ fn progress(
     }
 }
 
+/// `e`, or the refusal `message` if `e` is the peer closing the connection.
+fn if_closed(e: io::Error, message: &str) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => refused(message),
+        _ => e,
+    }
+}
+
+/// A handshake's refusal, told apart from a broken connection.
+fn refused(message: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, message.to_string())
+}
+
+/// Appends a command frame: `name` (length-prefixed) and its `data`.
+fn push_command(buffer: &mut Vec<u8>, name: &[u8], data: &[u8]) {
+    push_frame_header(buffer, FLAG_COMMAND, 1 + name.len() + data.len());
+    buffer.push(name.len() as u8);
+    buffer.extend_from_slice(name);
+    buffer.extend_from_slice(data);
+}
+
+/// Appends a string of at most 255 bytes with its one-byte length.
+fn push_short(buffer: &mut Vec<u8>, value: &[u8]) -> io::Result<()> {
+    let len = u8::try_from(value.len()).map_err(|_| invalid("a handshake field over 255 bytes"))?;
+    buffer.push(len);
+    buffer.extend_from_slice(value);
+    Ok(())
+}
+
 fn push_frame_header(buffer: &mut Vec<u8>, flags: u8, size: usize) {
     match u8::try_from(size) {
         Ok(short) => {
@@ -285,7 +389,7 @@ mod tests {
     fn talks_to_a_libzmq_router_with_short_and_long_frames() {
         let (router, endpoint) = router();
         let deadline = Instant::now() + Duration::from_secs(5);
-        let mut connection = Connection::connect(&endpoint, deadline).expect("connect");
+        let mut connection = Connection::connect(&endpoint, deadline, None).expect("connect");
         for size in [0usize, 1, 255, 256, 70_000] {
             let payload: Vec<u8> = (0..size).map(|i| i as u8).collect();
             connection.send(&payload, deadline).expect("send");
@@ -303,7 +407,7 @@ mod tests {
     fn a_silent_peer_times_out_at_the_deadline() {
         let (_router, endpoint) = router();
         let mut connection =
-            Connection::connect(&endpoint, Instant::now() + Duration::from_secs(5))
+            Connection::connect(&endpoint, Instant::now() + Duration::from_secs(5), None)
                 .expect("connect");
         let started = Instant::now();
         let error = connection
@@ -311,6 +415,43 @@ mod tests {
             .expect_err("nobody answers");
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
         assert!(started.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn presents_the_cluster_secret_and_is_refused_without_it() {
+        use squall_proto::secret::Gatekeeper;
+        let secret = ClusterSecret::new("the-cluster-secret-of-30-bytes").expect("secret");
+        let context = zmq::Context::new();
+        let _gatekeeper = Gatekeeper::start(&context, secret.clone()).expect("gatekeeper");
+        let router = context.socket(zmq::ROUTER).expect("socket");
+        secret.secure_server(&router).expect("secure");
+        router.bind("tcp://127.0.0.1:*").expect("bind");
+        let endpoint = router
+            .get_last_endpoint()
+            .expect("endpoint")
+            .expect("utf-8");
+        let deadline = || Instant::now() + Duration::from_secs(5);
+        let mut connection =
+            Connection::connect(&endpoint, deadline(), Some(&secret)).expect("connect");
+        connection.send(b"ping", deadline()).expect("send");
+        let frames = router.recv_multipart(0).expect("router receives");
+        assert_eq!(frames[1], b"ping");
+        router.send(&frames[0], zmq::SNDMORE).expect("identity");
+        router.send(&b"pong"[..], 0).expect("reply");
+        assert_eq!(connection.recv(deadline()).expect("recv"), b"pong");
+        let wrong = ClusterSecret::new("another-secret-of-30-bytes!!!!").expect("secret");
+        for presented in [None, Some(&wrong)] {
+            let error = Connection::connect(&endpoint, deadline(), presented)
+                .err()
+                .expect("refused");
+            assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
+        }
+        // An open router refuses a client that presents a secret, clearly.
+        let (_open, open_endpoint) = super::tests::router();
+        let error = Connection::connect(&open_endpoint, deadline(), Some(&secret))
+            .err()
+            .expect("refused");
+        assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
     }
 
     #[test]
@@ -323,7 +464,7 @@ mod tests {
             let mut sink = [0u8; 128];
             let _ = stream.read(&mut sink);
         });
-        let result = Connection::connect(&endpoint, Instant::now() + Duration::from_secs(5));
+        let result = Connection::connect(&endpoint, Instant::now() + Duration::from_secs(5), None);
         assert!(result.is_err());
         server.join().expect("server thread");
     }

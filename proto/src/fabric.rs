@@ -11,6 +11,9 @@
 //! every role in one process, so its calls never touch a socket between gateway and executor,
 //! while executors in other processes still reach it through the same addresses.
 //!
+//! With a cluster secret ([`crate::secret`]), mailboxes take connections only from peers that
+//! present it, and the fabric presents it to every peer.
+//!
 //! A frame that does not decode is logged and dropped; it never stops a mailbox. Sends never
 //! block: a peer that is gone or far behind, in another process or this one, makes
 //! [`Fabric::send`] fail (`Busy`) once its queue of 10,000 messages is full, and the callers' deadlines cover messages queued to a peer that died.
@@ -24,6 +27,7 @@ use hashbrown::HashMap;
 use tokio::sync::mpsc;
 
 use crate::call::{decode_message, encode_message, Message};
+use crate::secret::{ClusterSecret, Gatekeeper};
 
 /// Largest frame a mailbox accepts (a function's code travels in one).
 pub const MAX_FRAME_BYTES: i64 = 256 << 20;
@@ -48,6 +52,9 @@ pub enum FabricError {
     /// The peer's queue is full (it is gone or far behind).
     #[error("peer {0} is not taking messages (its queue is full)")]
     Busy(String),
+    /// The cluster secret's gatekeeper could not start.
+    #[error(transparent)]
+    Secret(#[from] crate::secret::SecretError),
     /// The message could not be encoded.
     #[error(transparent)]
     Encode(#[from] crate::Error),
@@ -55,6 +62,10 @@ pub enum FabricError {
 
 /// The process's side of the fabric. Cheap to share; thread-safe.
 pub struct Fabric {
+    /// Answers the mailboxes' authentication while the fabric lives (declared before the
+    /// context, so it stops first).
+    gatekeeper: Mutex<Option<Gatekeeper>>,
+    secret: Option<ClusterSecret>,
     context: zmq::Context,
     local: RwLock<HashMap<String, mpsc::Sender<Message>>>,
     peers: Mutex<HashMap<String, Arc<Mutex<zmq::Socket>>>>,
@@ -67,9 +78,18 @@ impl std::fmt::Debug for Fabric {
 }
 
 impl Fabric {
-    /// A fabric with no mailboxes yet.
+    /// A fabric with no mailboxes yet, using the process's cluster secret if one was
+    /// installed ([`ClusterSecret::installed`]).
     pub fn new() -> Arc<Self> {
+        Self::with_secret(ClusterSecret::installed())
+    }
+
+    /// A fabric with no mailboxes yet whose mailboxes require `secret` and whose sends
+    /// present it (none: neither).
+    pub fn with_secret(secret: Option<ClusterSecret>) -> Arc<Self> {
         Arc::new(Self {
+            gatekeeper: Mutex::new(None),
+            secret,
             context: zmq::Context::new(),
             local: RwLock::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
@@ -84,6 +104,10 @@ impl Fabric {
         };
         let socket = self.context.socket(zmq::PULL).map_err(fail("create"))?;
         socket.set_linger(0).map_err(fail("linger"))?;
+        if let Some(secret) = &self.secret {
+            self.guard(secret)?;
+            secret.secure_server(&socket).map_err(fail("secret"))?;
+        }
         socket
             .set_maxmsgsize(MAX_FRAME_BYTES)
             .map_err(fail("maxmsgsize"))?;
@@ -160,6 +184,15 @@ impl Fabric {
         }
     }
 
+    /// Starts the context's gatekeeper, once.
+    fn guard(&self, secret: &ClusterSecret) -> Result<(), FabricError> {
+        let mut gatekeeper = self.gatekeeper.lock().unwrap_or_else(|p| p.into_inner());
+        if gatekeeper.is_none() {
+            *gatekeeper = Some(Gatekeeper::start(&self.context, secret.clone())?);
+        }
+        Ok(())
+    }
+
     /// Closes the socket to a peer that is gone (the next send to it connects afresh).
     pub fn forget(&self, to: &str) {
         self.peers
@@ -185,6 +218,9 @@ impl Fabric {
         }
         let socket = self.context.socket(zmq::PUSH).map_err(fail("create"))?;
         socket.set_linger(0).map_err(fail("linger"))?;
+        if let Some(secret) = &self.secret {
+            secret.secure_client(&socket).map_err(fail("secret"))?;
+        }
         socket.set_sndhwm(SEND_QUEUE).map_err(fail("sndhwm"))?;
         socket.connect(to).map_err(fail("connect"))?;
         let socket = Arc::new(Mutex::new(socket));

@@ -45,6 +45,7 @@ pub mod keys;
 pub mod poll;
 pub mod ready;
 pub mod report;
+pub mod secret;
 
 use serde::{Deserialize, Serialize};
 use squall_lattices::{Entry, LatticeValue, TypeMismatch, Write};

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use squall_kvs::ShardSession;
 use squall_lattices::entry::now_ms;
 use squall_lattices::{Entry as Stored, Lattice, LatticeValue, Write};
+use squall_proto::secret::{self, ClusterSecret};
 use squall_proto::{decode_response, Key, Response};
 
 use crate::pool::ClientPool;
@@ -47,6 +48,10 @@ pub struct CacheConfig {
     /// How often the cache renews its subscriptions (default 5 s; storage nodes forget a
     /// subscriber after 30 s of silence).
     pub renew_interval: Duration,
+    /// The cluster secret storage nodes must present to push updates (default: the
+    /// process's, if one was installed; see [`squall_proto::secret`]). Never serialized.
+    #[serde(skip, default = "ClusterSecret::installed")]
+    pub secret: Option<ClusterSecret>,
 }
 
 impl Default for CacheConfig {
@@ -55,6 +60,7 @@ impl Default for CacheConfig {
             capacity_bytes: 64 << 20,
             bind_host: "127.0.0.1".into(),
             renew_interval: Duration::from_secs(5),
+            secret: ClusterSecret::installed(),
         }
     }
 }
@@ -144,6 +150,8 @@ impl Cache {
         let setup = |what: &str, e: zmq::Error| Error::Setup(format!("cache socket {what}: {e}"));
         let socket = context.socket(zmq::PULL).map_err(|e| setup("create", e))?;
         socket.set_linger(0).map_err(|e| setup("linger", e))?;
+        let gatekeeper = secret::guard(config.secret.as_ref(), &context, &socket)
+            .map_err(|e| Error::Setup(format!("cache socket: {e}")))?;
         // Bounds what a peer of this socket can make the executor allocate.
         socket
             .set_maxmsgsize(MAX_PUSH_BYTES)
@@ -179,7 +187,10 @@ impl Cache {
         let weak = Arc::downgrade(&inner);
         let thread = std::thread::Builder::new()
             .name("squall-cache".into())
-            .spawn(move || updates(socket, weak, stop))
+            .spawn(move || {
+                let _gatekeeper = gatekeeper;
+                updates(socket, weak, stop)
+            })
             .map_err(|e| Error::Setup(format!("cache thread: {e}")))?;
         if let Ok(mut slot) = inner.thread.lock() {
             *slot = Some(thread);

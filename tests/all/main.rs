@@ -12,6 +12,7 @@ mod durable;
 mod garbage;
 mod gateway;
 mod keys;
+mod secret;
 mod squeezenet;
 mod support;
 mod tls;

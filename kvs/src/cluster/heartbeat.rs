@@ -63,8 +63,8 @@ pub(super) fn beat_until_stopped(
     shared: &Shared,
     member: &Member,
     stop: &AtomicBool,
+    mut peers: Peers,
 ) {
-    let mut peers = Peers::new();
     let mut down_since: Option<Instant> = None;
     let mut newest = 0;
     while !stop.load(Ordering::Relaxed) {

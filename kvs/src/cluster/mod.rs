@@ -89,6 +89,8 @@ pub(crate) struct Agent {
     pub(crate) left: Arc<AtomicBool>,
     /// The writer id of the load reports.
     pub(crate) writer: squall_lattices::WriterId,
+    /// What its connections to the router and the other nodes present.
+    pub(crate) secret: Option<squall_proto::secret::ClusterSecret>,
 }
 
 impl Agent {
@@ -105,10 +107,11 @@ impl Agent {
                 self.stop.clone(),
             );
             let router = self.config.router.clone();
+            let peers = Peers::new(self.secret.clone());
             std::thread::Builder::new()
                 .name("squall-heartbeat".into())
                 .spawn(move || {
-                    beat_until_stopped(&router, heartbeat, &beat, &shared, &member, &stop)
+                    beat_until_stopped(&router, heartbeat, &beat, &shared, &member, &stop, peers)
                 })
         };
         let heart = match heart {
@@ -118,7 +121,7 @@ impl Agent {
                 return;
             }
         };
-        let mut peers = Peers::new();
+        let mut peers = Peers::new(self.secret.clone());
         let mut handoffs = Handoffs::default();
         let mut gossip = Gossip::new(self.member.shards.len());
         let (shared, member) = (&*self.shared, &self.member);

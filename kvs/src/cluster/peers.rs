@@ -22,13 +22,15 @@ pub(super) struct Peers {
 }
 
 impl Peers {
-    pub(super) fn new() -> Self {
+    /// Connections that present `secret` (see [`squall_proto::secret`]).
+    pub(super) fn new(secret: Option<squall_proto::secret::ClusterSecret>) -> Self {
         Self {
             // Well under the router's `dead_after`: an unreachable peer delays a page by this
             // much, and the router hears from the heartbeat thread meanwhile anyway.
             config: ClientConfig {
                 timeout: PEER_TIMEOUT,
                 attempts: 1,
+                secret,
                 ..ClientConfig::default()
             },
             next_id: rand::random::<u32>() as u64,
