@@ -1,5 +1,6 @@
 //! `squall key`: make, list and revoke API keys through a gateway (with an `admin` key or
 //! the gateway's token). A key is printed once, when made: the store keeps only its hash.
+//! `squall audit`: the audit trail of administrative requests, newest first.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -37,6 +38,58 @@ enum KeyCommand {
         /// The key's id (`squall key ls`).
         id: String,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The most entries shown (1 to 500).
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    /// Entries older than this one (the id `--json` shows as `next`).
+    #[arg(long)]
+    after: Option<String>,
+    /// Print the page as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `squall audit`: when, who (key id, `token` or `open`), role, status, method and path, and
+/// what the path does not say.
+pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
+    let c = &args.connection;
+    let mut asked = request(c, "GET", "/v1/audit").query("limit", &args.limit.to_string());
+    if let Some(after) = &args.after {
+        asked = asked.query("after", after);
+    }
+    let page = json(&send(c, asked.call())?)?;
+    if args.json {
+        print_json(&page)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut out = std::io::stdout().lock();
+    for entry in page["entries"].as_array().into_iter().flatten() {
+        let at = entry["at_ms"]
+            .as_i64()
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .map(|at| at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+            .unwrap_or_else(|| "?".into());
+        writeln!(
+            out,
+            "{at}  {:<16}  {:<6}  {}  {} {}{}",
+            entry["by"].as_str().unwrap_or("?"),
+            entry["role"].as_str().unwrap_or("?"),
+            entry["status"].as_u64().unwrap_or(0),
+            entry["method"].as_str().unwrap_or("?"),
+            entry["path"].as_str().unwrap_or("?"),
+            entry["detail"]
+                .as_str()
+                .map(|d| format!("  ({d})"))
+                .unwrap_or_default(),
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn run(args: KeyArgs) -> anyhow::Result<ExitCode> {

@@ -78,6 +78,9 @@ enum Command {
     DeadLetters(events::DeadLetterArgs),
     /// Make, list and revoke API keys (through a gateway, as admin).
     Key(access::KeyArgs),
+    /// Show the audit trail: who registered, changed or deleted what, and made or revoked
+    /// keys (through a gateway, as admin).
+    Audit(access::AuditArgs),
     /// Run an executor that joins schedulers.
     Executor(roles::ExecutorArgs),
     /// Run a scheduler.
@@ -271,6 +274,10 @@ fn main() -> ExitCode {
         Command::Key(args) => {
             init_tracing("warn");
             access::run(args)
+        }
+        Command::Audit(args) => {
+            init_tracing("warn");
+            access::audit(args)
         }
         Command::DeadLetters(args) => {
             init_tracing("warn");

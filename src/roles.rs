@@ -143,6 +143,9 @@ struct Records {
     /// Mebibytes of activation records kept (fractions allowed): past it, the oldest go.
     #[arg(long, env = "SQUALL_ACTIVATION_RETENTION_MB", default_value_t = 1024.0, value_parser = mebibytes)]
     activation_retention_mb: f64,
+    /// Hours an audit entry (an administrative request: see `squall audit`) is kept.
+    #[arg(long, env = "SQUALL_AUDIT_RETENTION_H", default_value_t = 2160.0, value_parser = hours)]
+    audit_retention_h: f64,
     /// Write no activation records (to measure what they cost).
     #[arg(long, env = "SQUALL_NO_ACTIVATION_RECORDS")]
     no_activation_records: bool,
@@ -184,6 +187,7 @@ impl Records {
             activation_retention_bytes: (self.activation_retention_mb * 1048576.0) as u64,
             runner_id,
             max_trigger_chain: self.max_trigger_chain,
+            audit_retention: Duration::from_secs_f64(self.audit_retention_h * 3600.0),
             ..defaults
         }
     }

@@ -22,6 +22,7 @@ use squall_scheduler::SchedulerClient;
 use squall_state::activations::RecordedError;
 use squall_state::activations::{Filter, Status};
 use squall_state::api_keys::{ApiKeyRecord, ApiKeys, Refusal, Role};
+use squall_state::audit::{AuditEntry, AuditTrail};
 use squall_state::calls::{
     check_idempotency_key, Calls, ConcurrencyLimit, DeadLetter, PendingCall, RetryPolicy,
 };
@@ -65,6 +66,8 @@ pub struct GatewayConfig {
     pub runner_id: String,
     /// The deepest chain of `kv-change` trigger calls delivered (see [`crate::feed`]).
     pub max_trigger_chain: u32,
+    /// How long audit entries are kept (see [`squall_state::audit`]).
+    pub audit_retention: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -79,6 +82,7 @@ impl Default for GatewayConfig {
             activation_retention_bytes: squall_state::activations::DEFAULT_RETENTION_BYTES,
             runner_id: format!("gateway-{:016x}", rand::random::<u64>()),
             max_trigger_chain: crate::feed::DEFAULT_MAX_CHAIN,
+            audit_retention: squall_state::audit::DEFAULT_RETENTION,
         }
     }
 }
@@ -106,6 +110,7 @@ pub struct Gateway {
     config: GatewayConfig,
     writer: u64,
     key_check: Arc<KeyCheck>,
+    audit: AuditTrail,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -123,6 +128,7 @@ impl Gateway {
             models: Registry::direct(kvs.clone()).models(),
             dags: DagRegistry::new(kvs.clone(), None),
             activations: Activations::new(kvs.clone(), config.activation_retention),
+            audit: AuditTrail::new(kvs.clone(), config.audit_retention),
             calls: Calls::new(kvs.clone()).with_result_retention(config.activation_retention),
             runner: std::sync::OnceLock::new(),
             limits: ConcurrencyLimits::default(),
@@ -324,6 +330,7 @@ impl Gateway {
             .route("/v1/activations/{id}/logs", get(activation_logs))
             .route("/v1/keys", get(list_api_keys).post(create_api_key))
             .route("/v1/keys/{id}", axum::routing::delete(revoke_api_key))
+            .route("/v1/audit", get(list_audit))
             .route("/v1/kv", get(list_kv))
             .route("/v1/kv/{*key}", get(get_kv).put(put_kv).delete(delete_kv))
             .fallback(|| async {
@@ -336,6 +343,7 @@ impl Gateway {
                     "this endpoint does not take that method",
                 )
             })
+            .layer(middleware::from_fn_with_state(self.clone(), audit))
             .layer(middleware::from_fn_with_state(self.clone(), authorize))
             .layer(DefaultBodyLimit::max(self.config.max_body_bytes))
             .with_state(self.clone())
@@ -482,6 +490,55 @@ async fn authorize(State(gateway): State<Arc<Gateway>>, request: Request, next: 
     refusal
 }
 
+/// Who a request came from, once let in: what the audit trail names.
+#[derive(Debug, Clone)]
+struct Actor {
+    /// The key's id, `token`, or `open` (a gateway without a token).
+    by: String,
+    /// The role it acts with.
+    role: Role,
+}
+
+/// What an administrative answer adds to its audit entry, beyond its method and path.
+#[derive(Debug, Clone)]
+struct AuditDetail(String);
+
+/// Writes an audit entry (see [`squall_state::audit`]) for each administrative request let in,
+/// once it is answered and before the answer leaves. An entry the store refuses is logged as
+/// an error; the action it describes stands.
+async fn audit(State(gateway): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let actor = request.extensions().get::<Actor>().cloned();
+    let (Some(actor), Some(needs)) = (actor, crate::auth::required_role(&method, &path)) else {
+        return next.run(request).await;
+    };
+    if !squall_state::audit::audited(method.as_str(), needs) {
+        return next.run(request).await;
+    }
+    let response = next.run(request).await;
+    let at_us = Timestamp::now(0).time;
+    let entry = AuditEntry {
+        id: AuditTrail::new_id(at_us),
+        at_ms: at_us / 1000,
+        by: actor.by,
+        role: actor.role.to_string(),
+        method: method.to_string(),
+        path,
+        status: response.status().as_u16(),
+        detail: response
+            .extensions()
+            .get::<AuditDetail>()
+            .map(|detail| detail.0.clone()),
+        gateway: gateway.config.runner_id.clone(),
+    };
+    if let Err(e) = gateway.audit.record(&entry).await {
+        tracing::error!(cause = %e, by = %entry.by, method = %entry.method, path = %entry.path,
+            status = entry.status, "an audit entry could not be written");
+    }
+    response
+}
+
 /// Reads and drops what is left of a refused request's body, at most `limit` bytes and for at
 /// most [`DRAIN_FOR`], before the refusal goes out. A client still sending a large body (a
 /// component on `PUT /v1/functions/...`) when the answer came and the connection closed would
@@ -519,6 +576,11 @@ async fn admit(gateway: &Gateway, request: Request) -> Result<Request, (Request,
             .into_response();
             return Err((request, refusal));
         }
+        let mut request = request;
+        request.extensions_mut().insert(Actor {
+            by: "open".into(),
+            role: Role::Admin,
+        });
         return Ok(request);
     }
     let Some(needed) = crate::auth::required_role(request.method(), request.uri().path()) else {
@@ -541,8 +603,12 @@ async fn admit(gateway: &Gateway, request: Request) -> Result<Request, (Request,
         return Err((request, refusal));
     };
     let refusal = match gateway.key_check.check(given).await {
-        Ok(Verdict::Admitted(role)) if role >= needed => return Ok(request),
-        Ok(Verdict::Admitted(role)) => ApiError::new(
+        Ok(Verdict::Admitted { role, by }) if role >= needed => {
+            let mut request = request;
+            request.extensions_mut().insert(Actor { by, role });
+            return Ok(request);
+        }
+        Ok(Verdict::Admitted { role, .. }) => ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             format!("this key's role is {role}; this request needs {needed} or above"),
@@ -2555,7 +2621,7 @@ pub struct ApiKeyList {
 async fn create_api_key(
     State(gateway): State<Arc<Gateway>>,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<(StatusCode, Json<ApiKeyInfo>)> {
+) -> ApiResult<Response> {
     let asked: NewApiKey = serde_json::from_slice(&body?).map_err(|e| {
         ApiError::bad_request(format!(
             "the body must be {{\"name\":...,\"role\":...,\"expires_in_s\":...}}: {e}"
@@ -2575,9 +2641,51 @@ async fn create_api_key(
         .await?;
     tracing::info!(id = %issued.record.id, name = %issued.record.name, %role, "API key made");
     gateway.key_check.learn(issued.record.clone());
+    let detail = AuditDetail(format!("made key {} ({role})", issued.record.id));
     let mut info = ApiKeyInfo::from(issued.record);
     info.key = Some(issued.key);
-    Ok((StatusCode::CREATED, Json(info)))
+    let mut response = (StatusCode::CREATED, Json(info)).into_response();
+    response.extensions_mut().insert(detail);
+    Ok(response)
+}
+
+/// Which audit entries `GET /v1/audit` lists.
+#[derive(Debug, Deserialize, IntoParams)]
+struct AuditQuery {
+    /// Entries older than this one: the `next` of the previous page.
+    after: Option<String>,
+    /// The most entries answered (1 to 500, default 100).
+    limit: Option<u32>,
+}
+
+/// A page of audit entries, newest first.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AuditPage {
+    /// The entries.
+    #[schema(value_type = Vec<Object>)]
+    pub entries: Vec<AuditEntry>,
+    /// Where the next page starts (`?after=`), if there is one.
+    pub next: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/audit", tag = "keys", params(AuditQuery),
+    responses((status = 200, body = AuditPage), (status = 403, body = ErrorBody)))]
+async fn list_audit(
+    State(gateway): State<Arc<Gateway>>,
+    Query(query): Query<AuditQuery>,
+) -> ApiResult<Json<AuditPage>> {
+    if let Some(after) = &query.after {
+        if ActivationId::parse(after).is_none() {
+            return Err(ApiError::bad_request(
+                "after is an entry's id: 32 lowercase hex digits",
+            ));
+        }
+    }
+    let (entries, next) = gateway
+        .audit
+        .list(query.after.as_deref(), query.limit.unwrap_or(100))
+        .await?;
+    Ok(Json(AuditPage { entries, next }))
 }
 
 #[utoipa::path(get, path = "/v1/keys", tag = "keys",
@@ -2627,11 +2735,12 @@ async fn revoke_api_key(
         put_trigger, list_triggers, get_trigger, delete_trigger, pause_trigger, resume_trigger,
         fire_trigger,
         list_dead_letters, delete_dead_letters, redrive_dead_letters, get_dead_letter,
-        delete_dead_letter, redrive_dead_letter, create_api_key, list_api_keys, revoke_api_key),
+        delete_dead_letter, redrive_dead_letter, create_api_key, list_api_keys, revoke_api_key,
+        list_audit),
     components(schemas(ErrorBody, ErrorDetail, Health, ExecutorInfo, FunctionInfo, FunctionDetail,
         Accepted, DagInfo, DagSpec, Running, KeyList, ActivationPage, RetryPolicy, DeadLetterInfo,
         DeadLetterPage, Handled, ConcurrencyLimit, TriggerSpec, TriggerInfo, ActivationLogs,
-        LogEntry, NewApiKey, ApiKeyInfo, ApiKeyList)),
+        LogEntry, NewApiKey, ApiKeyInfo, ApiKeyList, AuditPage)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -40,7 +40,7 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     if path == "/healthz" {
         return None;
     }
-    if path == "/v1/keys" || path.starts_with("/v1/keys/") {
+    if path == "/v1/keys" || path.starts_with("/v1/keys/") || path == "/v1/audit" {
         return Some(Role::Admin);
     }
     if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
@@ -56,10 +56,15 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
 }
 
 /// What a presented bearer key is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Let in with this role.
-    Admitted(Role),
+    /// Let in with this role, as `by`: the key's id, or `token` for the bootstrap token.
+    Admitted {
+        /// What it may do.
+        role: Role,
+        /// Who it is, as the audit trail names it.
+        by: String,
+    },
     /// Refused, and why (said to the client in general terms only).
     Refused(Refusal),
 }
@@ -117,7 +122,10 @@ impl KeyCheck {
     pub async fn check(&self, presented: &str) -> Result<Verdict, squall_state::Error> {
         if let Some(token) = &self.token {
             if equal_in_constant_time(&digest(presented.as_bytes()), token) {
-                return Ok(Verdict::Admitted(Role::Admin));
+                return Ok(Verdict::Admitted {
+                    role: Role::Admin,
+                    by: "token".into(),
+                });
             }
         }
         let Some((id, secret)) = parse_key(presented) else {
@@ -139,7 +147,10 @@ impl KeyCheck {
                 .map(|r| r.admits(secret, now))
                 .unwrap_or(Err(Refusal::Unknown))
             {
-                Ok(role) => Verdict::Admitted(role),
+                Ok(role) => Verdict::Admitted {
+                    role,
+                    by: id.to_string(),
+                },
                 Err(refusal) => Verdict::Refused(refusal),
             },
         )

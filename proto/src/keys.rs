@@ -22,6 +22,7 @@
 //! squall/ns/{namespace}/limit/{kind}/{name}        a function's or DAG's concurrency limit ([`concurrency_limit`])
 //! squall/ns/{namespace}/trigger/{name}   a trigger ([`trigger`])
 //! squall/ns/{namespace}/trigger-fired/{name}       the latest tick it fired ([`trigger_fired`])
+//! squall/ns/{namespace}/audit/{id}       an administrative request's audit entry ([`audit`])
 //! squall/api-key/{id}                    an API key: its role, namespace and secret's hash ([`api_key`])
 //! squall/code/{sha256}                   content-addressed code, shared by every namespace ([`code`])
 //! squall/code/{sha256}/{index}           its chunks ([`code_chunk`])
@@ -166,6 +167,11 @@ pub fn concurrency_limit(namespace: &str, target: Option<(Kind, &str)>) -> Key {
 /// The key of trigger `name` in `namespace` (`name` empty: the triggers' prefix).
 pub fn trigger(namespace: &str, name: &str) -> Key {
     format!("{RESERVED_PREFIX}ns/{namespace}/trigger/{name}")
+}
+
+/// The key of audit entry `id` in `namespace` (`id` empty: the entries' prefix).
+pub fn audit(namespace: &str, id: &str) -> Key {
+    format!("{RESERVED_PREFIX}ns/{namespace}/audit/{id}")
 }
 
 /// The key of the latest tick trigger `name` fired.

@@ -42,6 +42,7 @@
 
 pub mod activations;
 pub mod api_keys;
+pub mod audit;
 pub mod cache;
 pub mod calls;
 pub mod dag;

@@ -275,6 +275,23 @@ fn the_cli_makes_lists_and_revokes_keys() {
     let (ok, listed, _) = cli(TOKEN, &["key", "ls"]);
     assert!(ok);
     assert_eq!(listed, format!("{id}  deploy  revoked  ci"));
+    // The trail, newest first: the revocation, the registration, the key made.
+    let (ok, trail, said) = cli(TOKEN, &["audit"]);
+    assert!(ok, "{said}");
+    let lines: Vec<&str> = trail.lines().collect();
+    assert_eq!(lines.len(), 3, "{trail}");
+    assert!(
+        lines[0].contains("token") && lines[0].contains(&format!("200  DELETE /v1/keys/{id}")),
+        "{trail}"
+    );
+    assert!(
+        lines[1].contains(id) && lines[1].contains("deploy  201  PUT /v1/functions/incr"),
+        "{trail}"
+    );
+    assert!(
+        lines[2].contains(&format!("201  POST /v1/keys  (made key {id} (deploy))")),
+        "{trail}"
+    );
     let (ok, _, said) = cli(&key, &["fn", "ls"]);
     assert!(!ok);
     assert!(said.contains("revoked"), "{said}");
@@ -283,4 +300,85 @@ fn the_cli_makes_lists_and_revokes_keys() {
         let (ok, _, said) = cli(TOKEN, &["key", "revoke", bad]);
         assert!(!ok && said.contains("16 lowercase hex digits"), "{said}");
     }
+}
+
+#[test]
+fn administrative_requests_leave_an_audit_trail_and_calls_do_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = support::up(dir.path(), &["--token", TOKEN]);
+    let base = up.field("http");
+    let (deploy, deploy_id) = make_key(&base, TOKEN, "deploy", None);
+    let incr = guest("incr");
+    let url = format!("{base}/v1/functions/incr");
+    assert_eq!(status("PUT", &url, Some(&deploy), &incr), 201);
+    // Not administrative: a call, a read; refused: a deploy key making keys.
+    assert_eq!(
+        status("POST", &format!("{url}/invoke"), Some(&deploy), b"1"),
+        200
+    );
+    assert_eq!(status("GET", &url, Some(&deploy), b""), 200);
+    let body = br#"{"name":"x","role":"admin"}"#;
+    assert_eq!(
+        status("POST", &format!("{base}/v1/keys"), Some(&deploy), body),
+        403
+    );
+    assert_eq!(status("DELETE", &url, Some(&deploy), b""), 204);
+    // Only admins read the trail.
+    let audit = format!("{base}/v1/audit");
+    assert_eq!(status("GET", &audit, Some(&deploy), b""), 403);
+    let page = http("GET", &audit, Some(TOKEN), b"").json();
+    let entries = page["entries"].as_array().expect("entries");
+    let seen: Vec<(String, String, String, u64, String)> = entries
+        .iter()
+        .map(|e| {
+            let text = |field: &str| e[field].as_str().unwrap_or_default().to_string();
+            (
+                text("by"),
+                text("role"),
+                text("method"),
+                e["status"].as_u64().unwrap_or(0),
+                text("path"),
+            )
+        })
+        .collect();
+    let entry = |by: &str, role: &str, method: &str, status: u64, path: &str| {
+        (
+            by.to_string(),
+            role.to_string(),
+            method.to_string(),
+            status,
+            path.to_string(),
+        )
+    };
+    // Newest first.
+    assert_eq!(
+        seen,
+        vec![
+            entry(&deploy_id, "deploy", "DELETE", 204, "/v1/functions/incr"),
+            entry(&deploy_id, "deploy", "PUT", 201, "/v1/functions/incr"),
+            entry("token", "admin", "POST", 201, "/v1/keys"),
+        ]
+    );
+    assert_eq!(
+        entries[2]["detail"],
+        format!("made key {deploy_id} (deploy)"),
+        "{page}"
+    );
+    assert!(!page.to_string().contains(&deploy[21..]), "no secret kept");
+    // Paged: one at a time, resuming after the last.
+    let first = http("GET", &format!("{audit}?limit=1"), Some(TOKEN), b"").json();
+    assert_eq!(first["entries"][0]["method"], "DELETE");
+    let next = first["next"].as_str().expect("a next page");
+    let second = http(
+        "GET",
+        &format!("{audit}?limit=1&after={next}"),
+        Some(TOKEN),
+        b"",
+    )
+    .json();
+    assert_eq!(second["entries"][0]["method"], "PUT");
+    assert_eq!(
+        status("GET", &format!("{audit}?after=../x"), Some(TOKEN), b""),
+        400
+    );
 }

@@ -1,0 +1,169 @@
+//! The audit trail: who did what, when, to the platform itself (keys made and revoked,
+//! functions, models, DAGs and triggers registered, changed or deleted, retry policies and
+//! limits set, dead letters redriven or dropped).
+//!
+//! One entry per administrative request a gateway let in ([`audited`]), written to the store
+//! before the request's answer leaves, so an action that was answered has its entry (a
+//! gateway killed between the action and its entry loses that entry, which it never
+//! answered). Calls, reads and writes of `/v1/kv` are not administrative: activation records
+//! cover calls. Entries live under [`keys::audit`], with ids that sort newest first (as
+//! activation ids do), and expire after the gateway's retention ([`DEFAULT_RETENTION`]: 90
+//! days).
+//!
+//! An entry names the key that acted by its id (`token` for the gateway's bootstrap token,
+//! `open` on a gateway without one), never by its secret.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use squall_lattices::{Timestamp, Write};
+use squall_proto::keys;
+
+use crate::activations::ActivationId;
+use crate::pool::ClientPool;
+use crate::{Error, Result};
+
+/// How long entries are kept unless the gateway is told otherwise.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// The most entries one listing answers.
+pub const MAX_PAGE: u32 = 500;
+
+/// Whether a request with `method` is administrative given the role it needs (`deploy` or
+/// `admin` to change something): those get an entry.
+pub fn audited(method: &str, needs: crate::api_keys::Role) -> bool {
+    !matches!(method, "GET" | "HEAD" | "OPTIONS") && needs >= crate::api_keys::Role::Deploy
+}
+
+/// One administrative request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Its id: newest sorts first.
+    pub id: String,
+    /// When it was answered, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Who: the API key's id, `token` (the gateway's bootstrap token) or `open` (a gateway
+    /// without a token).
+    pub by: String,
+    /// The role it acted with.
+    pub role: String,
+    /// The HTTP method.
+    pub method: String,
+    /// The path, without its query.
+    pub path: String,
+    /// The answer's status code.
+    pub status: u16,
+    /// What the path does not say (the id and role of a key made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// The gateway that answered.
+    pub gateway: String,
+}
+
+/// The audit trail of one namespace. Cheap to clone.
+#[derive(Clone)]
+pub struct AuditTrail {
+    kvs: ClientPool,
+    namespace: String,
+    retention: Duration,
+}
+
+impl std::fmt::Debug for AuditTrail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditTrail")
+            .field("namespace", &self.namespace)
+            .field("retention", &self.retention)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditTrail {
+    /// The trail of the default namespace, whose entries expire after `retention`.
+    pub fn new(kvs: ClientPool, retention: Duration) -> Self {
+        Self {
+            kvs,
+            namespace: keys::DEFAULT_NAMESPACE.to_string(),
+            retention,
+        }
+    }
+
+    /// A new entry's id, for a request answered at `at_us` (µs since the Unix epoch).
+    pub fn new_id(at_us: u64) -> String {
+        ActivationId::new(at_us).to_string()
+    }
+
+    /// Writes `entry`, expiring after the retention.
+    pub async fn record(&self, entry: &AuditEntry) -> Result<()> {
+        let key = keys::audit(&self.namespace, &entry.id);
+        let at = Timestamp::new(entry.at_ms.saturating_mul(1000), rand::random());
+        let write = Write::expiring(
+            crate::register::encode(&key, entry, at)?,
+            at,
+            Some(self.retention),
+        );
+        let name = key.clone();
+        let results = self
+            .kvs
+            .with(move |client| client.write_many(vec![(key, write)]))
+            .await?;
+        match results.into_iter().next() {
+            Some(Err(e)) => Err(Error::BadValue {
+                key: name,
+                reason: e.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Up to `limit` entries, newest first, after the id `after`; and the id to resume after
+    /// if more remain.
+    pub async fn list(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<(Vec<AuditEntry>, Option<String>)> {
+        let prefix = keys::audit(&self.namespace, "");
+        let after_key = after.map(|id| keys::audit(&self.namespace, id));
+        let limit = limit.clamp(1, MAX_PAGE);
+        let list_prefix = prefix.clone();
+        let (page, next) = self
+            .kvs
+            .with(move |client| client.list(&list_prefix, after_key.as_deref(), limit))
+            .await?;
+        let reads = page.clone();
+        let values = self.kvs.with(move |client| client.get_many(&reads)).await?;
+        let entries: Vec<AuditEntry> = page
+            .iter()
+            .zip(values)
+            .filter_map(|(key, value)| {
+                let id = key.strip_prefix(&prefix).unwrap_or(key);
+                crate::register::decode(id, value?)
+            })
+            .collect();
+        let resume = next.and_then(|key| key.strip_prefix(&prefix).map(str::to_string));
+        Ok((entries, resume))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api_keys::Role;
+
+    #[test]
+    fn changes_to_the_platform_are_audited_and_calls_and_reads_are_not() {
+        assert!(audited("PUT", Role::Deploy));
+        assert!(audited("DELETE", Role::Deploy));
+        assert!(audited("POST", Role::Admin));
+        assert!(!audited("GET", Role::Admin));
+        assert!(!audited("POST", Role::Invoke));
+        assert!(!audited("GET", Role::Read));
+    }
+
+    #[test]
+    fn later_entries_sort_first() {
+        let older = AuditTrail::new_id(1_000);
+        let newer = AuditTrail::new_id(2_000);
+        assert!(newer < older);
+    }
+}
