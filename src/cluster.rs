@@ -88,6 +88,11 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
             let secret = match squall_proto::secret::ClusterSecret::installed() {
                 Some(secret) => secret.expose().to_string(),
                 None => {
+                    eprintln!(
+                        "squall cluster manifests: a fresh cluster secret is in the Secret \
+                         squall-cluster-secret; render again with the same --cluster-secret, or \
+                         pods restarted after the next apply will not reach the others"
+                    );
                     let bytes: [u8; 24] = rand::random();
                     bytes.iter().map(|b| format!("{b:02x}")).collect()
                 }
@@ -293,16 +298,28 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         Role::Gateway,
         vec!["--http-port".to_string(), args.http_port.to_string()],
     );
-    // Secrets reach the children through their environment, not their command lines.
-    let mut env = Vec::new();
-    if let Some(token) = &args.token {
-        env.push(("SQUALL_TOKEN".to_string(), token.clone()));
-    }
+    // Secrets reach the children through their environment, not their command lines: the
+    // cluster secret every role, the token the gateway alone.
+    let mut env: std::collections::HashMap<Role, Vec<(String, String)>> =
+        std::collections::HashMap::new();
     if let Some(secret) = squall_proto::secret::ClusterSecret::installed() {
-        env.push((
-            "SQUALL_CLUSTER_SECRET".to_string(),
-            secret.expose().to_string(),
-        ));
+        for role in [
+            Role::Router,
+            Role::Storage,
+            Role::Scheduler,
+            Role::Executor,
+            Role::Gateway,
+        ] {
+            env.entry(role).or_default().push((
+                "SQUALL_CLUSTER_SECRET".to_string(),
+                secret.expose().to_string(),
+            ));
+        }
+    }
+    if let Some(token) = &args.token {
+        env.entry(Role::Gateway)
+            .or_default()
+            .push(("SQUALL_TOKEN".to_string(), token.clone()));
     }
     let mut provisioner = LocalProvisioner::new(LocalConfig {
         binary: std::env::current_exe().context("finding the squall binary")?,
@@ -471,7 +488,8 @@ pub struct ManifestArgs {
     volume: String,
 }
 
-/// The manifests of cluster/k8s, in the order `kustomization.yaml` lists them.
+/// The manifests of cluster/k8s, in the order `kustomization.yaml` lists them (with the
+/// Secret, which only the rendered manifests carry, after the settings).
 const MANIFESTS: [(&str, &str); 9] = [
     (
         "namespace.yaml",

@@ -27,7 +27,7 @@ const READY_DEADLINE: Duration = Duration::from_secs(60);
 const STOP_DEADLINE: Duration = Duration::from_secs(90);
 
 /// What the local provisioner starts its children with.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LocalConfig {
     /// The `squall` binary.
     pub binary: PathBuf,
@@ -40,9 +40,27 @@ pub struct LocalConfig {
     /// Where storage nodes keep their logs: `kvs-N` for the N-th slot (the lowest free one
     /// when a node starts, so a restarted cluster finds its data). `None`: memory only.
     pub data_dir: Option<PathBuf>,
-    /// Environment variables set for every child: secrets go here rather than on command
-    /// lines, which other users of the machine can read.
-    pub env: Vec<(String, String)>,
+    /// Environment variables per role: secrets go here rather than on command lines, which
+    /// other users of the machine can read. Never printed (`Debug` shows only their names).
+    pub env: HashMap<Role, Vec<(String, String)>>,
+}
+
+impl std::fmt::Debug for LocalConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let env: HashMap<&Role, Vec<&str>> = self
+            .env
+            .iter()
+            .map(|(role, vars)| (role, vars.iter().map(|(name, _)| name.as_str()).collect()))
+            .collect();
+        f.debug_struct("LocalConfig")
+            .field("binary", &self.binary)
+            .field("log_dir", &self.log_dir)
+            .field("host", &self.host)
+            .field("extra", &self.extra)
+            .field("data_dir", &self.data_dir)
+            .field("env", &env)
+            .finish()
+    }
 }
 
 /// A running child.
@@ -157,9 +175,20 @@ impl LocalProvisioner {
         let log_file = std::fs::File::create(&log)
             .map_err(|e| Error::Provision(format!("creating {}: {e}", log.display())))?;
         let mut command = Command::new(&self.config.binary);
+        // A child gets the secrets its role needs, never one inherited from this process.
+        for name in ["SQUALL_TOKEN", "SQUALL_CLUSTER_SECRET"] {
+            command.env_remove(name);
+        }
         command
             .args(&args)
-            .envs(self.config.env.iter().map(|(k, v)| (k, v)))
+            .envs(
+                self.config
+                    .env
+                    .get(&role)
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k, v)),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file));
         exit_with_parent(&mut command);

@@ -540,12 +540,27 @@ async fn audit(State(gateway): State<Arc<Gateway>>, request: Request, next: Next
 }
 
 /// Reads and drops what is left of a refused request's body, at most `limit` bytes and for at
-/// most [`DRAIN_FOR`], before the refusal goes out. A client still sending a large body (a
-/// component on `PUT /v1/functions/...`) when the answer came and the connection closed would
-/// see a broken pipe instead of the 401 or 403 that tells it why; what is read is dropped chunk
-/// by chunk, so a refused request costs bandwidth, never memory.
+/// most [`DRAIN_FOR`], before the refusal goes out (not when the client waits for `100
+/// Continue`, nor for a body declared larger than `limit`). A client still sending a large
+/// body (a component on `PUT /v1/functions/...`) when the answer came and the connection
+/// closed would see a broken pipe instead of the 401 or 403 that tells it why; what is read
+/// is dropped chunk by chunk, so a refused request costs bandwidth, never memory.
 async fn drain(request: Request, limit: usize) {
     use axum::body::HttpBody;
+    // A client that asked before sending (`Expect: 100-continue`) sends nothing unless told
+    // to, which reading would do; a body larger than the limit is not read whole anyway.
+    let headers = request.headers();
+    let expects = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let too_large = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|length| length > limit as u64);
+    if expects || too_large {
+        return;
+    }
     let mut body = request.into_body();
     let mut read = 0usize;
     let _ = tokio::time::timeout(DRAIN_FOR, async {

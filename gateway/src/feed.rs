@@ -27,8 +27,10 @@
 //! their calls already taken and skips them; it checks each change it delivers until it has
 //! stored a position of its own. Two gateways deliver at once only when a lease is taken over
 //! within one store round trip of its renewal; then a change may run twice (the record shows
-//! it). The copies of one write on its replicas, and a write its client sent again, are
-//! delivered once by the deliverer that reads them (it counts them by digest); one that takes over knows
+//! it). The copies of one write on its replicas, and a last-writer-wins write, delete or
+//! expiry its client sent again, are delivered once by the deliverer that reads them (it
+//! counts them by digest; a counter's or a set's write sent again looks like a second write
+//! and is delivered twice); one that takes over knows
 //! only the calls its predecessor accepted, so a copy on another replica than the one
 //! delivered, still unread at the take-over, runs again.
 //! A change is forgotten by its shard only once a position past it is in the store, and
@@ -123,7 +125,7 @@ pub struct ChangeFeed {
     /// Whether some shard journals (as its last answer said; assumed at the start).
     journals_on: bool,
     /// The writes delivered lately, by trigger and digest: the copies of one write that
-    /// other replicas journaled, and a write its client sent again, are delivered once.
+    /// other replicas journaled, and a stamped write its client sent again, are delivered once.
     recent: Recent,
     /// The deepest trigger chain delivered (see the module docs).
     max_chain: u32,
@@ -235,11 +237,12 @@ async fn wake_on_changes(
     }
 }
 
-/// The writes delivered lately, by trigger and digest: how many copies each shard journaled
-/// and how many were delivered. A write is delivered again only when some shard has
-/// journaled it more often than it was delivered, so the copies of one write on its
-/// replicas are delivered once, and two writes that look alike on one shard (a counter's
-/// same total after a delete, a set's same element added again) are both delivered.
+/// The writes delivered lately, by trigger and digest: which copies each shard journaled
+/// (by sequence number) and how many were chosen for delivery. A write is delivered again
+/// only when some shard has journaled it more often than it was delivered, so the copies of
+/// one write on its replicas are delivered once, and two writes that look alike on one shard
+/// (a counter's same total after a delete, a set's same element added again) are both
+/// delivered.
 ///
 /// A write stamped by its client (a last-writer-wins value, an expiry, a delete: the stamp is
 /// in the digest) is one write however often a shard journaled it, so it is delivered once:
@@ -248,9 +251,11 @@ async fn wake_on_changes(
 /// it twice. Counting copies per shard alone delivered such a write twice (one replica with
 /// two copies, the other with one).
 ///
-/// A failed delivery is taken back (its shard journaled one copy fewer, one fewer was
-/// delivered), so its change, read again, is delivered, even when another replica's copy
-/// was skipped meanwhile. Forgets the oldest digests first.
+/// Noting a copy again (its shard's changes read again after a failed delivery or a
+/// delivery task that panicked) answers what was decided the first time, so a change chosen
+/// for delivery is delivered again (its call, already accepted, is then found and skipped)
+/// and a copy skipped stays skipped, however often its batch is read. Forgets the oldest
+/// digests first.
 #[derive(Default)]
 struct Recent {
     counts: HashMap<(String, u64), Noted>,
@@ -260,9 +265,9 @@ struct Recent {
 /// What [`Recent`] knows of one write.
 #[derive(Default)]
 struct Noted {
-    /// Copies journaled, by shard.
-    shards: HashMap<String, u32>,
-    /// Copies delivered (or being delivered).
+    /// Each copy journaled, by shard and sequence number: whether it was chosen.
+    copies: HashMap<(String, u64), bool>,
+    /// Copies chosen for delivery.
     delivered: u32,
 }
 
@@ -271,9 +276,9 @@ struct Noted {
 const RECENT: usize = 1 << 18;
 
 impl Recent {
-    /// Notes that `shard` journaled a write with this digest, `stamped` by its client or
-    /// not; whether to deliver it.
-    fn note(&mut self, trigger: &str, digest: u64, shard: &str, stamped: bool) -> bool {
+    /// Notes that `shard` journaled a write with this digest as its change `seq`, `stamped`
+    /// by its client or not; whether to deliver it.
+    fn note(&mut self, trigger: &str, digest: u64, shard: &str, seq: u64, stamped: bool) -> bool {
         let entry = (trigger.to_string(), digest);
         let noted = match self.counts.get_mut(&entry) {
             Some(noted) => noted,
@@ -287,25 +292,18 @@ impl Recent {
                 self.counts.entry(entry).or_default()
             }
         };
-        let mine = noted.shards.entry(shard.to_string()).or_insert(0);
-        *mine += 1;
-        let wanted = if stamped { 1 } else { *mine };
-        if wanted > noted.delivered {
+        let copy = (shard.to_string(), seq);
+        if let Some(&chosen) = noted.copies.get(&copy) {
+            return chosen;
+        }
+        let mine = 1 + noted.copies.keys().filter(|(s, _)| s == shard).count() as u32;
+        let wanted = if stamped { 1 } else { mine };
+        let chosen = wanted > noted.delivered;
+        if chosen {
             noted.delivered += 1;
-            true
-        } else {
-            false
         }
-    }
-
-    /// Takes back a note whose delivery failed (the change is read and noted again).
-    fn undo(&mut self, trigger: &str, digest: u64, shard: &str) {
-        if let Some(noted) = self.counts.get_mut(&(trigger.to_string(), digest)) {
-            if let Some(count) = noted.shards.get_mut(shard) {
-                *count = count.saturating_sub(1);
-            }
-            noted.delivered = noted.delivered.saturating_sub(1);
-        }
+        noted.copies.insert(copy, chosen);
+        chosen
     }
 }
 
@@ -532,11 +530,10 @@ impl ChangeFeed {
             return Ok(());
         };
         let check = !self.trusted.contains(endpoint);
-        // Up to DELIVERING tasks at once, each answering its changes' digests with their
-        // outcomes, so a failed one's note is taken back (and only it). One task per trigger
-        // and key, accepting that key's changes one after another in
-        // order, so the runner holds (and runs) them in order; a failed acceptance leaves the
-        // key's later changes to the next pass.
+        // Up to DELIVERING tasks at once, each answering its changes' outcomes. One task per
+        // trigger and key, accepting that key's changes one after another in order, so the
+        // runner holds (and runs) them in order; a failed acceptance leaves the key's later
+        // changes to the next pass, where they are noted as they were (see `Recent`).
         let mut groups: Vec<(usize, Vec<Change>)> = Vec::new();
         let mut group_of: HashMap<(usize, &str), usize> = HashMap::new();
         for change in changes {
@@ -552,6 +549,7 @@ impl ChangeFeed {
                         &one.trigger.name,
                         change.digest,
                         endpoint,
+                        change.seq,
                         stamped(change),
                     )
                 {
@@ -572,7 +570,7 @@ impl ChangeFeed {
         for (trigger, group) in groups {
             while delivering.len() >= DELIVERING {
                 if let Some(joined) = delivering.join_next().await {
-                    self.delivered(joined, endpoint, &mut failed);
+                    self.delivered(joined, &mut failed);
                 }
             }
             let one = &armed[trigger];
@@ -597,13 +595,13 @@ impl ChangeFeed {
                         delivery.deliver(&change, check).await
                     };
                     stopped |= outcome.is_err();
-                    outcomes.push((change.digest, outcome));
+                    outcomes.push(outcome);
                 }
                 (delivery.trigger.name, outcomes)
             });
         }
         while let Some(joined) = delivering.join_next().await {
-            self.delivered(joined, endpoint, &mut failed);
+            self.delivered(joined, &mut failed);
         }
         if let Some(e) = failed {
             // The position stays: the next pass reads these changes again, checking each.
@@ -617,22 +615,17 @@ impl ChangeFeed {
         Ok(())
     }
 
-    /// Takes a delivery task's outcomes: a failure (the first is kept in `failed`) takes
-    /// back its note; a task that panicked counts as failed, its notes kept (its changes are
-    /// read again, and checked, all the same).
+    /// Takes a delivery task's outcomes: the first failure is kept in `failed`; a task that
+    /// panicked counts as failed. Either way its changes are read again, and checked.
     fn delivered(
         &mut self,
         joined: Result<Delivered, tokio::task::JoinError>,
-        endpoint: &str,
         failed: &mut Option<squall_state::Error>,
     ) {
         match joined {
-            Ok((trigger, outcomes)) => {
-                for (digest, outcome) in outcomes {
+            Ok((_, outcomes)) => {
+                for outcome in outcomes {
                     if let Err(e) = outcome {
-                        if digest != 0 {
-                            self.recent.undo(&trigger, digest, endpoint);
-                        }
                         failed.get_or_insert(e);
                     }
                 }
@@ -660,8 +653,8 @@ impl ChangeFeed {
     }
 }
 
-/// What a delivery task did: its trigger, and each change's digest and outcome.
-type Delivered = (String, Vec<(u64, squall_state::Result<()>)>);
+/// What a delivery task did: its trigger, and each change's outcome.
+type Delivered = (String, Vec<squall_state::Result<()>>);
 
 /// One trigger's delivery of a shard's changes: what accepting a call needs, owned, so that
 /// deliveries run as tasks of their own.
@@ -785,24 +778,20 @@ mod tests {
     fn a_write_is_delivered_once_whatever_its_copies_and_alike_writes_each() {
         let mut recent = Recent::default();
         // One write, journaled by two replicas: delivered once.
-        assert!(recent.note("t", 1, "a", false));
-        assert!(!recent.note("t", 1, "b", false));
+        assert!(recent.note("t", 1, "a", 10, false));
+        assert!(!recent.note("t", 1, "b", 20, false));
         // Another trigger delivers it too.
-        assert!(recent.note("u", 1, "b", false));
+        assert!(recent.note("u", 1, "b", 20, false));
         // The same bytes written again (a second write that looks alike): on both replicas,
         // delivered once more.
-        assert!(recent.note("t", 1, "b", false));
-        assert!(!recent.note("t", 1, "a", false));
-        // A failed delivery is taken back: its change, read again, is delivered.
-        assert!(recent.note("t", 7, "a", false));
-        recent.undo("t", 7, "a");
-        assert!(recent.note("t", 7, "a", false));
+        assert!(recent.note("t", 1, "b", 21, false));
+        assert!(!recent.note("t", 1, "a", 11, false));
         // Bounded, the oldest forgotten.
         for digest in 100..(RECENT as u64 + 110) {
-            recent.note("t", digest, "a", false);
+            recent.note("t", digest, "a", digest, false);
         }
         assert!(recent.counts.len() <= RECENT);
-        assert!(recent.note("t", 1, "b", false), "forgotten once old");
+        assert!(recent.note("t", 1, "b", 22, false), "forgotten once old");
     }
 
     #[test]
@@ -810,32 +799,30 @@ mod tests {
         let mut recent = Recent::default();
         // Replica a applied the write, b refused it from a newer view; the client sent it
         // again to both: a journaled it twice, b once.
-        assert!(recent.note("t", 3, "a", true));
-        assert!(!recent.note("t", 3, "a", true));
-        assert!(!recent.note("t", 3, "b", true));
+        assert!(recent.note("t", 3, "a", 10, true));
+        assert!(!recent.note("t", 3, "a", 11, true));
+        assert!(!recent.note("t", 3, "b", 20, true));
         // Unstamped, the same copies are two writes alike (the second delivered).
-        assert!(recent.note("t", 4, "a", false));
-        assert!(recent.note("t", 4, "a", false));
-        assert!(!recent.note("t", 4, "b", false));
+        assert!(recent.note("t", 4, "a", 10, false));
+        assert!(recent.note("t", 4, "a", 11, false));
+        assert!(!recent.note("t", 4, "b", 20, false));
     }
 
     #[test]
-    fn a_failed_delivery_is_delivered_again_though_another_copy_was_skipped() {
+    fn a_copy_read_again_is_decided_as_it_was_the_first_time() {
         for stamped in [true, false] {
             let mut recent = Recent::default();
-            assert!(recent.note("t", 5, "a", stamped));
-            // b's copy skipped (its shard's position moves past it) while a's delivery fails.
-            assert!(!recent.note("t", 5, "b", stamped));
-            recent.undo("t", 5, "a");
-            assert!(recent.note("t", 5, "a", stamped), "stamped: {stamped}");
+            assert!(recent.note("t", 5, "a", 10, stamped));
+            // b's copy skipped (its shard's position moves past it) while a's delivery fails
+            // (or its task panics): a's batch, read again, delivers it again.
+            assert!(!recent.note("t", 5, "b", 20, stamped));
+            assert!(recent.note("t", 5, "a", 10, stamped), "stamped: {stamped}");
+            assert!(recent.note("t", 5, "a", 10, stamped), "stamped: {stamped}");
+            // A batch read again many times does not make a later write that looks alike,
+            // journaled on b alone, a copy of this one.
+            assert!(!recent.note("t", 5, "b", 20, stamped));
+            assert_eq!(recent.note("t", 5, "b", 21, stamped), !stamped);
         }
-        // Stamped, a later copy on b (the client's resend) is still the same write.
-        let mut recent = Recent::default();
-        assert!(recent.note("t", 6, "a", true));
-        recent.undo("t", 6, "a");
-        assert!(recent.note("t", 6, "b", true));
-        assert!(!recent.note("t", 6, "a", true));
-        assert!(!recent.note("t", 6, "b", true));
     }
 
     #[test]

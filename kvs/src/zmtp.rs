@@ -133,11 +133,11 @@ impl Connection {
         self.buffer.extend_from_slice(&greeting);
         self.write_buffer(deadline)?;
         let closed = if secret.is_some() {
-            "the peer closed the connection during the handshake: it takes no cluster secret, \
-             or refused this one"
+            "the peer closed the connection during the handshake (it may take no cluster \
+             secret, or have refused this one)"
         } else {
-            "the peer closed the connection during the handshake: it requires the cluster \
-             secret (--cluster-secret or SQUALL_CLUSTER_SECRET)"
+            "the peer closed the connection during the handshake (it may require the cluster \
+             secret: --cluster-secret or SQUALL_CLUSTER_SECRET)"
         };
         let mut peer = [0u8; 64];
         self.read_exact(&mut peer, deadline)

@@ -129,7 +129,7 @@ impl ClusterSecret {
     }
 
     /// Makes a listening socket require the secret (before `bind`); its context needs a
-    /// running [`Gatekeeper`], or libzmq lets every PLAIN peer in.
+    /// running [`Gatekeeper`] (without one, libzmq 4.3 refuses every PLAIN peer).
     pub fn secure_server(&self, socket: &zmq::Socket) -> Result<(), zmq::Error> {
         socket.set_plain_server(true)?;
         socket.set_zap_domain(DOMAIN)
