@@ -454,6 +454,94 @@ mod tests {
         assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
     }
 
+    /// What a listening ZMTP 3.0 peer sends a DEALER: its greeting (`mechanism`, as server),
+    /// then `commands` and one message frame.
+    fn server_transcript(mechanism: &[u8], commands: &[(&[u8], &[u8])], message: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; 64];
+        out[0] = 0xFF;
+        out[9] = 0x7F;
+        out[10] = 3;
+        out[12..12 + mechanism.len()].copy_from_slice(mechanism);
+        out[32] = 1;
+        for (name, data) in commands {
+            push_command(&mut out, name, data);
+        }
+        push_frame_header(&mut out, 0, message.len());
+        out.extend_from_slice(message);
+        out
+    }
+
+    /// Connects (presenting `secret`, if given) to a peer that answers with `bytes` and then
+    /// closes, and reads one message: whatever the bytes, an answer or an error, in time.
+    fn against(bytes: Vec<u8>, secret: Option<&ClusterSecret>) -> io::Result<Vec<u8>> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let endpoint = format!("tcp://{}", listener.local_addr().expect("addr"));
+        let server = std::thread::spawn(move || {
+            if let Ok((mut stream, _)) = listener.accept() {
+                let _ = stream.write_all(&bytes);
+                // Done sending: the client reads the end at once. What it sends is read until
+                // it closes, so its writes never fail early.
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut sink = [0u8; 1024];
+                while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+            }
+        });
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(2);
+        let outcome = Connection::connect(&endpoint, deadline, secret)
+            .and_then(|mut connection| connection.recv(deadline));
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "past the deadline"
+        );
+        server.join().expect("server thread");
+        outcome
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// A peer that sends arbitrary bytes gets an error (or, by chance, a message), never
+        /// a panic, a hang past the deadline or an allocation its bytes did not pay for.
+        #[test]
+        fn arbitrary_bytes_from_a_peer_are_an_error_not_a_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            plain in proptest::prelude::any::<bool>(),
+        ) {
+            let secret = ClusterSecret::new("the-cluster-secret-of-30-bytes").expect("secret");
+            let _ = against(bytes, plain.then_some(&secret));
+        }
+
+        /// Valid handshakes, mutated: the same, for bytes that get further into the parser.
+        #[test]
+        fn mutated_handshakes_are_an_error_not_a_panic(
+            edits in squall_lattices::testing::edits(6),
+            plain in proptest::prelude::any::<bool>(),
+        ) {
+            let secret = ClusterSecret::new("the-cluster-secret-of-30-bytes").expect("secret");
+            let valid = if plain {
+                server_transcript(
+                    b"PLAIN",
+                    &[(b"WELCOME", b""), (b"READY", b"\x0bSocket-Type\x00\x00\x00\x06ROUTER")],
+                    b"answer",
+                )
+            } else {
+                server_transcript(
+                    b"NULL",
+                    &[(b"READY", b"\x0bSocket-Type\x00\x00\x00\x06ROUTER")],
+                    b"answer",
+                )
+            };
+            let bytes = squall_lattices::testing::mutated(&valid, &edits);
+            let unchanged = bytes == valid;
+            let outcome = against(bytes, plain.then_some(&secret));
+            if unchanged {
+                proptest::prop_assert_eq!(outcome.expect("a valid transcript"), b"answer".to_vec());
+            }
+        }
+    }
+
     #[test]
     fn a_peer_that_is_not_zeromq_is_refused() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -156,7 +156,8 @@ pub fn guard(
 /// Answers libzmq's authentication requests (ZAP) for one ZeroMQ context: lets in a PLAIN
 /// peer whose password is the cluster secret, and nobody else. One per context that has
 /// listening sockets; it runs a thread until dropped (dropping stops and joins it, within
-/// 100 ms), and while it runs the context cannot be terminated.
+/// 100 ms), and while it runs the context cannot be terminated. Should its socket fail, it
+/// logs an error and stops, and libzmq then refuses every new connection: it fails closed.
 pub struct Gatekeeper {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,

@@ -1054,4 +1054,66 @@ mod tests {
         let back: PendingCall = rmp_serde::from_slice(&bytes).expect("decodes");
         assert_eq!(back, pending);
     }
+
+    /// Bodies a client may send as a retry policy or a concurrency limit: structured ones
+    /// with numbers of any size (some negative, some fractional), valid JSON with a few bytes
+    /// changed, and arbitrary bytes.
+    fn policy_body() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+        let number = prop_oneof![
+            any::<u64>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            (0u64..200).prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+        ];
+        let field = prop_oneof![
+            Just("max_retries"),
+            Just("backoff_ms"),
+            Just("max_backoff_ms"),
+            Just("max_age_s"),
+            Just("max_concurrency"),
+            Just("other"),
+        ];
+        let structured = vec((field, number), 0..5).prop_map(|fields| {
+            let object: serde_json::Map<String, serde_json::Value> = fields
+                .into_iter()
+                .map(|(name, value)| (name.to_string(), value))
+                .collect();
+            serde_json::to_vec(&object).expect("JSON")
+        });
+        prop_oneof![
+            3 => structured.clone(),
+            2 => (structured, squall_lattices::testing::edits(3))
+                .prop_map(|(body, edits)| squall_lattices::testing::mutated(&body, &edits)),
+            1 => vec(any::<u8>(), 0..96),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever a client sends, decoding and checking answer a policy within its bounds
+        /// or an error; an accepted policy's waits grow from backoff_ms to max_backoff_ms and
+        /// never past it, however many attempts.
+        #[test]
+        fn policy_bodies_decode_to_checked_policies_or_errors(body in policy_body()) {
+            if let Ok(policy) = serde_json::from_slice::<RetryPolicy>(&body) {
+                if policy.check().is_ok() {
+                    proptest::prop_assert!(policy.max_retries <= 100);
+                    let mut last = Duration::ZERO;
+                    for attempt in [1, 2, 3, 40, 41, u32::MAX] {
+                        let wait = policy.backoff(attempt);
+                        proptest::prop_assert!(wait >= last);
+                        proptest::prop_assert!(wait >= Duration::from_millis(policy.backoff_ms));
+                        proptest::prop_assert!(wait <= Duration::from_millis(policy.max_backoff_ms));
+                        last = wait;
+                    }
+                }
+            }
+            if let Ok(limit) = serde_json::from_slice::<ConcurrencyLimit>(&body) {
+                if limit.check().is_ok() {
+                    proptest::prop_assert!((1..=100_000).contains(&limit.max_concurrency));
+                }
+            }
+        }
+    }
 }

@@ -3,6 +3,8 @@
 //! (a) `squall up` (everything in one process), and
 //! (b) `squall up --executors 0` plus two `squall executor` processes, one serving `incr` and
 //!     one `square`, so every call crosses executor processes;
+//! (c) (a) with `--token`, every call carrying an `invoke` API key (what the key check costs:
+//!     compare with (a));
 //! against, in the same run, an HTTP echo server on the same stack (axum on tokio, a process of
 //! its own) as the floor. Setups alternate over rounds; the table reports medians over rounds
 //! and ratios to the floor.
@@ -36,8 +38,12 @@ fn agent() -> ureq::Agent {
         .build()
 }
 
-fn post(agent: &ureq::Agent, url: &str, body: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let response = agent.post(url).send_bytes(body)?;
+fn post(agent: &ureq::Agent, url: &str, key: Option<&str>, body: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut request = agent.post(url);
+    if let Some(key) = key {
+        request = request.set("Authorization", &format!("Bearer {key}"));
+    }
+    let response = request.send_bytes(body)?;
     let mut out = Vec::new();
     response.into_reader().read_to_end(&mut out)?;
     Ok(out)
@@ -47,32 +53,54 @@ fn post(agent: &ureq::Agent, url: &str, body: &[u8]) -> anyhow::Result<Vec<u8>> 
 struct Setup {
     name: &'static str,
     url: String,
+    /// The API key every call carries, if the gateway requires one.
+    key: Option<String>,
     expect: &'static [u8],
     _processes: Vec<Spawned>,
 }
 
-fn register(base: &str, dag: bool) -> anyhow::Result<()> {
+fn register(base: &str, token: Option<&str>) -> anyhow::Result<()> {
     let agent = agent();
+    let auth = |request: ureq::Request| match token {
+        Some(token) => request.set("Authorization", &format!("Bearer {token}")),
+        None => request,
+    };
     for name in ["incr", "square"] {
-        agent
-            .put(&format!("{base}/v1/functions/{name}"))
+        auth(agent.put(&format!("{base}/v1/functions/{name}")))
             .send_bytes(&squall_executor::testing::guest(name))
             .with_context(|| format!("registering {name}"))?;
     }
-    if dag {
-        agent
-            .put(&format!("{base}/v1/dags/sq_incr"))
-            .send_string(r#"{"functions":["incr","square"],"edges":[["incr","square"]]}"#)
-            .context("creating the DAG")?;
-    }
+    auth(agent.put(&format!("{base}/v1/dags/sq_incr")))
+        .send_string(r#"{"functions":["incr","square"],"edges":[["incr","square"]]}"#)
+        .context("creating the DAG")?;
     Ok(())
 }
 
-fn embedded(squall: &Path, executors: &str) -> anyhow::Result<(Spawned, String, String, String)> {
-    let (up, fields) = spawn(
-        squall,
-        &[&SQUALL_UP[..], &["--executors", executors]].concat(),
-    )?;
+/// Makes an `invoke` API key through `base` with its bootstrap `token`.
+fn invoke_key(base: &str, token: &str) -> anyhow::Result<String> {
+    let answer = agent()
+        .post(&format!("{base}/v1/keys"))
+        .set("Authorization", &format!("Bearer {token}"))
+        .send_string(r#"{"name":"bench","role":"invoke"}"#)
+        .context("making an API key")?
+        .into_string()?;
+    let made: serde_json::Value = serde_json::from_str(&answer)?;
+    made["key"]
+        .as_str()
+        .map(str::to_string)
+        .context("no key in the answer")
+}
+
+fn embedded(
+    squall: &Path,
+    executors: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(Spawned, String, String, String)> {
+    let mut args = [&SQUALL_UP[..], &["--executors", executors]].concat();
+    if let Some(token) = token {
+        args.extend(["--token", token]);
+    }
+    let (up, fields) = spawn(squall, &args)?;
     Ok((
         up,
         field(&fields, "http")?,
@@ -87,27 +115,41 @@ fn setups(args: &Args) -> anyhow::Result<Vec<Setup>> {
     let echo = Setup {
         name: "HTTP echo (floor)",
         url: format!("{}/echo", field(&fields, "http")?),
+        key: None,
         expect: b"3",
         _processes: vec![echo],
     };
-    let (up, base, _, _) = embedded(&args.run.squall, "1")?;
-    register(&base, true)?;
+    let (up, base, _, _) = embedded(&args.run.squall, "1", None)?;
+    register(&base, None)?;
     let one = Setup {
         name: "(a) squall up",
         url: format!("{base}/v1/dags/sq_incr/invoke"),
+        key: None,
         expect: b"16",
         _processes: vec![up],
     };
     let (processes, base) =
         up_with_executors(&args.run.squall, &[("e1", "incr"), ("e2", "square")])?;
-    register(&base, true)?;
+    register(&base, None)?;
     let two = Setup {
         name: "(b) two executor processes",
         url: format!("{base}/v1/dags/sq_incr/invoke"),
+        key: None,
         expect: b"16",
         _processes: processes,
     };
-    Ok(vec![echo, one, two])
+    // Any 16 characters or more: the harness's own gateway, on loopback, for one run.
+    let token = format!("bench-token-{:08}", std::process::id());
+    let (up, base, _, _) = embedded(&args.run.squall, "1", Some(&token))?;
+    register(&base, Some(&token))?;
+    let keyed = Setup {
+        name: "(c) squall up, an API key on every call",
+        url: format!("{base}/v1/dags/sq_incr/invoke"),
+        key: Some(invoke_key(&base, &token)?),
+        expect: b"16",
+        _processes: vec![up],
+    };
+    Ok(vec![echo, one, two, keyed])
 }
 
 fn run(setup: &Setup, clients: usize, seconds: f64) -> anyhow::Result<LoadResult> {
@@ -117,7 +159,7 @@ fn run(setup: &Setup, clients: usize, seconds: f64) -> anyhow::Result<LoadResult
         Duration::from_secs_f64(seconds),
         |_| Ok(agent()),
         |agent, _| {
-            let out = post(agent, &setup.url, b"3")?;
+            let out = post(agent, &setup.url, setup.key.as_deref(), b"3")?;
             if out != setup.expect {
                 bail!("unexpected answer {:?}", String::from_utf8_lossy(&out));
             }
