@@ -77,6 +77,7 @@ impl Node {
     pub fn start(config: Config) -> Result<Node> {
         config.validate()?;
         let config = Arc::new(config);
+        secret::warn_if_open("storage node", &config.host, config.secret.as_ref());
         let mut sockets = Vec::with_capacity(config.shards);
         let mut endpoints = Vec::with_capacity(config.shards);
         for index in 0..config.shards {

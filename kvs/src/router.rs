@@ -380,6 +380,7 @@ impl Router {
         let context = zmq::Context::new();
         let socket = context.socket(zmq::ROUTER).map_err(zmq_err("socket"))?;
         socket.set_linger(0).map_err(zmq_err("set linger"))?;
+        secret::warn_if_open("router", &config.host, config.secret.as_ref());
         let gatekeeper = secret::guard(config.secret.as_ref(), &context, &socket)
             .map_err(|e| Error::Config(e.to_string()))?;
         let hard_limit = i64::try_from(config.max_request_bytes).unwrap_or(i64::MAX);

@@ -104,6 +104,7 @@ impl Fabric {
         };
         let socket = self.context.socket(zmq::PULL).map_err(fail("create"))?;
         socket.set_linger(0).map_err(fail("linger"))?;
+        crate::secret::warn_if_open("mailbox", host, self.secret.as_ref());
         if let Some(secret) = &self.secret {
             self.guard(secret)?;
             secret.secure_server(&socket).map_err(fail("secret"))?;

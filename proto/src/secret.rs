@@ -136,6 +136,29 @@ impl ClusterSecret {
     }
 }
 
+/// Whether `host`, an address to bind, is reachable from this machine only.
+pub fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Warns when `what` (a listening port) binds `host`, reachable from other machines, with no
+/// cluster secret: whoever reaches it can read the store or send calls.
+pub fn warn_if_open(what: &str, host: &str, secret: Option<&ClusterSecret>) {
+    if secret.is_none() && !is_loopback(host) {
+        tracing::warn!(
+            port = what,
+            host,
+            "an internal port listens beyond loopback without a cluster secret: whoever \
+             reaches it can read the store or send calls (set --cluster-secret)"
+        );
+    }
+}
+
 /// Makes `socket`, a listening socket of `context` that is its only one, require `secret`
 /// (if given): the gatekeeper that answers for it runs until dropped, so keep it as long as
 /// the socket. Call before `bind`.
@@ -288,6 +311,16 @@ mod tests {
 
     fn secret() -> ClusterSecret {
         ClusterSecret::new("a-secret-of-28-bytes-at-last").expect("secret")
+    }
+
+    #[test]
+    fn loopback_hosts_are_told_apart() {
+        for local in ["127.0.0.1", "127.8.0.1", "::1", "[::1]", "localhost"] {
+            assert!(is_loopback(local), "{local}");
+        }
+        for open in ["0.0.0.0", "10.0.0.5", "::", "example.com", "*"] {
+            assert!(!is_loopback(open), "{open}");
+        }
     }
 
     #[test]

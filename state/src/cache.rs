@@ -150,6 +150,7 @@ impl Cache {
         let setup = |what: &str, e: zmq::Error| Error::Setup(format!("cache socket {what}: {e}"));
         let socket = context.socket(zmq::PULL).map_err(|e| setup("create", e))?;
         socket.set_linger(0).map_err(|e| setup("linger", e))?;
+        secret::warn_if_open("cache", &config.bind_host, config.secret.as_ref());
         let gatekeeper = secret::guard(config.secret.as_ref(), &context, &socket)
             .map_err(|e| Error::Setup(format!("cache socket: {e}")))?;
         // Bounds what a peer of this socket can make the executor allocate.
