@@ -89,6 +89,9 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_default(),
         )?;
     }
+    if let Some(next) = page["next"].as_str() {
+        eprintln!("older entries: squall audit --after {next}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

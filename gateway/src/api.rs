@@ -2,7 +2,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -503,40 +503,55 @@ struct Actor {
 #[derive(Debug, Clone)]
 struct AuditDetail(String);
 
-/// Writes an audit entry (see [`squall_state::audit`]) for each administrative request let in,
-/// once it is answered and before the answer leaves. An entry the store refuses is logged as
-/// an error; the action it describes stands.
+/// Writes an audit entry (see [`squall_state::audit`]) for each administrative request let in
+/// on a route (not the fallbacks' 404 and 405), once it is answered and before the answer
+/// leaves. Handler and entry run in a task of their own, so a client that hangs up midway
+/// (which drops the request's future) cannot leave an action without its entry. An entry the
+/// store refuses is logged as an error; the action it describes stands.
 async fn audit(State(gateway): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
     let method = request.method().clone();
-    let path = request.uri().path().to_string();
     let actor = request.extensions().get::<Actor>().cloned();
-    let (Some(actor), Some(needs)) = (actor, crate::auth::required_role(&method, &path)) else {
+    let routed = request.extensions().get::<MatchedPath>().is_some();
+    let needs = crate::auth::required_role(&method, request.uri().path());
+    let (Some(actor), Some(needs), true) = (actor, needs, routed) else {
         return next.run(request).await;
     };
     if !squall_state::audit::audited(method.as_str(), needs) {
         return next.run(request).await;
     }
-    let response = next.run(request).await;
-    let at_us = Timestamp::now(0).time;
-    let entry = AuditEntry {
-        id: AuditTrail::new_id(at_us),
-        at_ms: at_us / 1000,
-        by: actor.by,
-        role: actor.role.to_string(),
-        method: method.to_string(),
-        path,
-        status: response.status().as_u16(),
-        detail: response
-            .extensions()
-            .get::<AuditDetail>()
-            .map(|detail| detail.0.clone()),
-        gateway: gateway.config.runner_id.clone(),
-    };
-    if let Err(e) = gateway.audit.record(&entry).await {
-        tracing::error!(cause = %e, by = %entry.by, method = %entry.method, path = %entry.path,
-            status = entry.status, "an audit entry could not be written");
+    let path = squall_state::audit::recorded_path(request.uri().path());
+    let task = tokio::spawn(async move {
+        let response = next.run(request).await;
+        let at_us = Timestamp::now(0).time;
+        let entry = AuditEntry {
+            id: AuditTrail::new_id(at_us),
+            at_ms: at_us / 1000,
+            by: actor.by,
+            role: actor.role.to_string(),
+            method: method.to_string(),
+            path,
+            status: response.status().as_u16(),
+            detail: response
+                .extensions()
+                .get::<AuditDetail>()
+                .map(|detail| detail.0.clone()),
+            gateway: gateway.config.runner_id.clone(),
+        };
+        if let Err(e) = gateway.audit.record(&entry).await {
+            tracing::error!(cause = %e, by = %entry.by, method = %entry.method,
+                path = %entry.path, status = entry.status, "an audit entry could not be written");
+        }
+        response
+    });
+    match task.await {
+        Ok(response) => response,
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the request failed: {e}"),
+        )
+        .into_response(),
     }
-    response
 }
 
 /// Reads and drops what is left of a refused request's body, at most `limit` bytes and for at

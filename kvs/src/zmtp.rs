@@ -499,6 +499,32 @@ mod tests {
         outcome
     }
 
+    /// The valid transcripts the property below mutates, unmutated: each gives the message.
+    #[test]
+    fn valid_null_and_plain_transcripts_give_the_message() {
+        let ready: &[u8] = b"\x0bSocket-Type\x00\x00\x00\x06ROUTER";
+        let null = server_transcript(b"NULL", &[(b"READY", ready)], b"answer");
+        assert_eq!(against(null, None).expect("NULL"), b"answer");
+        let secret = ClusterSecret::new("the-cluster-secret-of-30-bytes").expect("secret");
+        let plain = server_transcript(b"PLAIN", &[(b"WELCOME", b""), (b"READY", ready)], b"answer");
+        assert_eq!(against(plain, Some(&secret)).expect("PLAIN"), b"answer");
+    }
+
+    /// A peer that accepts and then says nothing holds the connection no longer than the
+    /// deadline.
+    #[test]
+    fn a_silent_peer_is_given_up_on_at_the_deadline() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let endpoint = format!("tcp://{}", listener.local_addr().expect("addr"));
+        let started = Instant::now();
+        let error = Connection::connect(&endpoint, started + Duration::from_millis(200), None)
+            .err()
+            .expect("nothing was said");
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut, "{error}");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        drop(listener);
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
 

@@ -35,6 +35,35 @@ pub fn audited(method: &str, needs: crate::api_keys::Role) -> bool {
     !matches!(method, "GET" | "HEAD" | "OPTIONS") && needs >= crate::api_keys::Role::Deploy
 }
 
+/// The longest path an entry keeps (longer ones are cut, and say so).
+pub const MAX_PATH: usize = 1024;
+
+/// `path` as an entry keeps it: at most [`MAX_PATH`] bytes, and a segment that is a whole API
+/// key (a secret sent where an id belongs, as in `DELETE /v1/keys/sqk_..._...`) cut to its id,
+/// so no entry ever holds a secret.
+pub fn recorded_path(path: &str) -> String {
+    let mut kept: String = path
+        .split('/')
+        .map(|segment| match crate::api_keys::parse_key(segment) {
+            Some((id, _)) => format!("sqk_{id}_…"),
+            None if segment.starts_with("sqk_") && segment.len() > 20 => {
+                format!("{}…", segment.chars().take(20).collect::<String>())
+            }
+            None => segment.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("/");
+    if kept.len() > MAX_PATH {
+        let mut end = MAX_PATH;
+        while !kept.is_char_boundary(end) {
+            end -= 1;
+        }
+        kept.truncate(end);
+        kept.push('…');
+    }
+    kept
+}
+
 /// One administrative request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
@@ -158,6 +187,24 @@ mod tests {
         assert!(!audited("GET", Role::Admin));
         assert!(!audited("POST", Role::Invoke));
         assert!(!audited("GET", Role::Read));
+    }
+
+    #[test]
+    fn paths_keep_no_secret_and_stay_short() {
+        let key = format!("sqk_0123456789abcdef_{}", "a".repeat(64));
+        assert_eq!(
+            recorded_path(&format!("/v1/keys/{key}")),
+            "/v1/keys/sqk_0123456789abcdef_…"
+        );
+        let odd = format!("/v1/keys/sqk_{}", "b".repeat(80));
+        assert_eq!(
+            recorded_path(&odd),
+            format!("/v1/keys/sqk_{}…", "b".repeat(16))
+        );
+        assert_eq!(recorded_path("/v1/functions/incr"), "/v1/functions/incr");
+        let long = format!("/v1/functions/{}", "é".repeat(2000));
+        let kept = recorded_path(&long);
+        assert!(kept.len() <= MAX_PATH + '…'.len_utf8() && kept.ends_with('…'));
     }
 
     #[test]

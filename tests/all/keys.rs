@@ -381,4 +381,23 @@ fn administrative_requests_leave_an_audit_trail_and_calls_do_not() {
         status("GET", &format!("{audit}?after=../x"), Some(TOKEN), b""),
         400
     );
+    // No route: no entry. A whole key where its id belongs: refused, and kept as its id.
+    assert_eq!(
+        status("POST", &format!("{base}/v1/nothing"), Some(&deploy), b""),
+        404
+    );
+    let whole = format!("{base}/v1/keys/{deploy}");
+    assert_eq!(status("DELETE", &whole, Some(TOKEN), b""), 400);
+    let newest = http("GET", &format!("{audit}?limit=2"), Some(TOKEN), b"").json();
+    assert_eq!(newest["entries"][0]["status"], 400, "{newest}");
+    assert_eq!(
+        newest["entries"][0]["path"],
+        format!("/v1/keys/sqk_{deploy_id}_…")
+    );
+    assert_eq!(newest["entries"][1]["method"], "DELETE");
+    assert_eq!(newest["entries"][1]["path"], "/v1/functions/incr");
+    assert!(
+        !newest.to_string().contains(&deploy[21..]),
+        "no secret kept"
+    );
 }
