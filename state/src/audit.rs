@@ -16,12 +16,12 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use squall_lattices::{Timestamp, Write};
+use squall_lattices::Timestamp;
 use squall_proto::keys;
 
 use crate::activations::ActivationId;
 use crate::pool::ClientPool;
-use crate::{Error, Result};
+use crate::Result;
 
 /// How long entries are kept unless the gateway is told otherwise.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
@@ -125,23 +125,7 @@ impl AuditTrail {
     pub async fn record(&self, entry: &AuditEntry) -> Result<()> {
         let key = keys::audit(&self.namespace, &entry.id);
         let at = Timestamp::new(entry.at_ms.saturating_mul(1000), rand::random());
-        let write = Write::expiring(
-            crate::register::encode(&key, entry, at)?,
-            at,
-            Some(self.retention),
-        );
-        let name = key.clone();
-        let results = self
-            .kvs
-            .with(move |client| client.write_many(vec![(key, write)]))
-            .await?;
-        match results.into_iter().next() {
-            Some(Err(e)) => Err(Error::BadValue {
-                key: name,
-                reason: e.to_string(),
-            }),
-            _ => Ok(()),
-        }
+        crate::register::put_expiring(&self.kvs, key, entry, at, Some(self.retention)).await
     }
 
     /// Up to `limit` entries, newest first, after the id `after`; and the id to resume after

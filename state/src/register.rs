@@ -23,10 +23,25 @@ pub async fn put<T: Serialize>(
     record: &T,
     at: Timestamp,
 ) -> Result<()> {
+    put_expiring(kvs, key, record, at, None).await
+}
+
+/// Writes `record` under `key` in one round trip, stamped `at`, expiring `after` that long
+/// (`None`: never).
+pub async fn put_expiring<T: Serialize>(
+    kvs: &crate::pool::ClientPool,
+    key: String,
+    record: &T,
+    at: Timestamp,
+    after: Option<std::time::Duration>,
+) -> Result<()> {
     let value = encode(&key, record, at)?;
-    let write = squall_lattices::Write {
-        value: Some(value),
-        expiry: None,
+    let write = match after {
+        Some(after) => squall_lattices::Write::expiring(value, at, Some(after)),
+        None => squall_lattices::Write {
+            value: Some(value),
+            expiry: None,
+        },
     };
     let name = key.clone();
     let results = kvs
