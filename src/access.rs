@@ -1,6 +1,7 @@
 //! `squall key`: make, list and revoke API keys through a gateway (with an `admin` key or
 //! the gateway's token). A key is printed once, when made: the store keeps only its hash.
 //! `squall audit`: the audit trail of administrative requests, newest first.
+//! `squall namespace`: create, list and delete namespaces (as admin).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -38,6 +39,64 @@ enum KeyCommand {
         /// The key's id (`squall key ls`).
         id: String,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct NamespaceArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(subcommand)]
+    command: NamespaceCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum NamespaceCommand {
+    /// Create a namespace.
+    Create {
+        /// Its name (letters, digits, `-`, `_`, `.`).
+        name: String,
+    },
+    /// List namespaces: name and when each was created.
+    Ls,
+    /// Delete a namespace and everything it owns: functions, models, DAGs, triggers, calls,
+    /// results, records and keys are deleted, its API keys revoked.
+    Rm {
+        /// The namespace.
+        name: String,
+    },
+}
+
+/// `squall namespace create|ls|rm`.
+pub fn namespaces(args: NamespaceArgs) -> anyhow::Result<ExitCode> {
+    let c = &args.connection;
+    match args.command {
+        NamespaceCommand::Create { name } => {
+            let body = serde_json::to_vec(&serde_json::json!({ "name": name }))?;
+            send(
+                c,
+                request(c, "POST", "/v1/namespaces")
+                    .set("Content-Type", "application/json")
+                    .send_bytes(&body),
+            )?;
+            println!("{name}");
+        }
+        NamespaceCommand::Ls => {
+            let listed = json(&send(c, request(c, "GET", "/v1/namespaces").call())?)?;
+            let mut out = std::io::stdout().lock();
+            for namespace in listed.as_array().into_iter().flatten() {
+                writeln!(out, "{}", namespace["name"].as_str().unwrap_or("?"))?;
+            }
+        }
+        NamespaceCommand::Rm { name } => {
+            squall_proto::keys::validate_namespace(&name)?;
+            let deleted = json(&send(
+                c,
+                request(c, "DELETE", &format!("/v1/namespaces/{name}")).call(),
+            )?)?;
+            print_json(&deleted)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Args)]
@@ -136,11 +195,17 @@ pub fn run(args: KeyArgs) -> anyhow::Result<ExitCode> {
                 };
                 writeln!(
                     out,
-                    "{}  {:<6}  {:<7}  {}",
+                    "{}  {:<6}  {:<7}  {}  {}",
                     key["id"].as_str().unwrap_or("?"),
                     key["role"].as_str().unwrap_or("?"),
                     state,
                     key["name"].as_str().unwrap_or("?"),
+                    // Admin keys act in every namespace.
+                    if key["role"].as_str() == Some("admin") {
+                        "*"
+                    } else {
+                        key["namespace"].as_str().unwrap_or("?")
+                    },
                 )?;
             }
         }

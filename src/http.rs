@@ -286,8 +286,24 @@ impl ureq::ReadWrite for TlsStream {
     }
 }
 
+/// `path` (`/v1/...`) in the namespace this process addresses: unchanged in the default
+/// namespace, so a gateway from before namespaces is addressed as it was.
+fn in_namespace(path: &str) -> std::borrow::Cow<'_, str> {
+    let namespace = crate::namespace::addressed();
+    match path.strip_prefix("/v1/") {
+        Some(rest) if namespace != squall_proto::keys::DEFAULT_NAMESPACE => {
+            format!("/v1/ns/{namespace}/{rest}").into()
+        }
+        _ => path.into(),
+    }
+}
+
 pub(crate) fn request(connection: &Connection, method: &str, path: &str) -> ureq::Request {
-    let url = format!("{}{path}", connection.gateway.trim_end_matches('/'));
+    let url = format!(
+        "{}{}",
+        connection.gateway.trim_end_matches('/'),
+        in_namespace(path)
+    );
     let request = agent(connection).request(method, &url);
     match &connection.token {
         Some(token) => request.set("Authorization", &format!("Bearer {token}")),

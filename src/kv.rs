@@ -1,4 +1,6 @@
 //! `squall kv get|put|del|ls`: reading, writing, deleting and listing keys from the shell.
+//! Keys are a namespace's (`--ns`, default `default`), as its functions and `/v1/kv` name
+//! them, mapped by `squall_proto::keys::user`; `--raw` names the store's own keys.
 //!
 //! Values are given and shown as text, by lattice type: `lww` (the bytes; `-` reads standard
 //! input), `set`/`ordered-set` (adds one element), `max`/`min` (an integer), `bool`,
@@ -18,6 +20,7 @@ use squall_lattices::{
     BoolLattice, CausalVersion, Counter, Dependencies, LatticeType, LatticeValue, Lww, MapLattice,
     Max, Min, MultiKeyCausal, OrderedSetLattice, Priority, SetLattice, SingleKeyCausal, Timestamp,
 };
+use squall_proto::keys;
 
 /// The port a storage node listens on unless told otherwise.
 pub const DEFAULT_PORT: u16 = 7100;
@@ -30,6 +33,10 @@ pub struct KvArgs {
     /// Seconds to wait for each attempt's answer.
     #[arg(long, global = true, env = "SQUALL_TIMEOUT", default_value_t = 2.0)]
     timeout: f64,
+    /// Name the store's own keys, as they are, instead of the keys of a namespace (`--ns`,
+    /// default `default`) that functions and `/v1/kv` see (`squall/ns/{ns}/kv/{key}`).
+    #[arg(long, global = true)]
+    raw: bool,
     #[command(subcommand)]
     command: KvCommand,
 }
@@ -103,8 +110,18 @@ pub fn run(args: KvArgs) -> anyhow::Result<ExitCode> {
     };
     let mut client = Client::connect(&args.addr, config)
         .with_context(|| format!("connecting to {}", args.addr))?;
+    let namespace = crate::namespace::addressed();
+    let raw = args.raw;
+    // A key as the store holds it: in the namespace, unless --raw.
+    let stored = |key: &str| {
+        if raw {
+            key.to_string()
+        } else {
+            keys::user(namespace, key)
+        }
+    };
     match args.command {
-        KvCommand::Get { key } => match client.get(&key)? {
+        KvCommand::Get { key } => match client.get(&stored(&key))? {
             Some(value) => {
                 let mut out = std::io::stdout().lock();
                 print_value(&mut out, &value, "")?;
@@ -135,6 +152,8 @@ pub fn run(args: KvArgs) -> anyhow::Result<ExitCode> {
                 Some(text) => Some(text.as_bytes().to_vec()),
                 None => None,
             };
+            let key = stored(&key);
+            let deps: Vec<String> = deps.iter().map(|d| stored(d)).collect();
             let lattice_value = build_value(&mut client, &key, lattice, value, priority, &deps)?;
             match ttl {
                 Some(ttl) => client.put_expiring(&key, lattice_value, Some(ttl))?,
@@ -144,7 +163,7 @@ pub fn run(args: KvArgs) -> anyhow::Result<ExitCode> {
         }
         KvCommand::Del { keys } => {
             for key in keys {
-                client.delete(&key)?;
+                client.delete(&stored(&key))?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -153,14 +172,24 @@ pub fn run(args: KvArgs) -> anyhow::Result<ExitCode> {
             limit,
             after,
         } => {
-            let (keys, next) = client.list(&prefix, after.as_deref(), limit)?;
+            let after = after.as_deref().map(stored);
+            let (listed, next) = client.list(&stored(&prefix), after.as_deref(), limit)?;
+            // Shown as the namespace names them.
+            let shown = |key: &str| -> String {
+                if raw {
+                    return key.to_string();
+                }
+                keys::tenant_key(key)
+                    .map_or(key, |(_, key)| key)
+                    .to_string()
+            };
             let mut out = std::io::stdout().lock();
-            for key in &keys {
-                writeln!(out, "{key}")?;
+            for key in &listed {
+                writeln!(out, "{}", shown(key))?;
             }
             out.flush()?;
             if let Some(next) = next {
-                eprintln!("(more: --after {next:?})");
+                eprintln!("(more: --after {:?})", shown(&next));
             }
             Ok(ExitCode::SUCCESS)
         }

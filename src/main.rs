@@ -24,6 +24,7 @@ mod config;
 mod events;
 mod http;
 mod kv;
+mod namespace;
 mod roles;
 mod signals;
 
@@ -52,6 +53,11 @@ struct Cli {
         hide_env_values = true
     )]
     cluster_secret: Option<String>,
+    /// The namespace the command acts in (default: `default`): `squall fn`, `dag`, `model`,
+    /// `call`, `trigger`, `activation`, `logs`, `dead-letters` and `kv` address its
+    /// functions, DAGs, calls and keys; `squall key create` makes keys for it.
+    #[arg(long = "ns", global = true, env = "SQUALL_NS")]
+    namespace: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -81,6 +87,8 @@ enum Command {
     /// Show the audit trail: who registered, changed or deleted what, and made or revoked
     /// keys (through a gateway, as admin).
     Audit(access::AuditArgs),
+    /// Create, list and delete namespaces (through a gateway, as admin).
+    Namespace(access::NamespaceArgs),
     /// Run an executor that joins schedulers.
     Executor(roles::ExecutorArgs),
     /// Run a scheduler.
@@ -226,6 +234,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    if let Some(namespace) = &cli.namespace {
+        if let Err(e) = squall_proto::keys::validate_namespace(namespace) {
+            eprintln!("error: --ns: {e}");
+            return ExitCode::FAILURE;
+        }
+        namespace::address(namespace);
+    }
     let result = match cli.command {
         Command::Up(args) => {
             init_tracing("info");
@@ -278,6 +293,10 @@ fn main() -> ExitCode {
         Command::Audit(args) => {
             init_tracing("warn");
             access::audit(args)
+        }
+        Command::Namespace(args) => {
+            init_tracing("warn");
+            access::namespaces(args)
         }
         Command::DeadLetters(args) => {
             init_tracing("warn");

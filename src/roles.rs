@@ -461,6 +461,9 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         squall_state::legacy::migrate(&pool)
             .await
             .context("moving registries into the namespaced key layout")?;
+        squall_state::legacy::move_tenant_keys(&pool)
+            .await
+            .context("moving keys into the default namespace")?;
         let cache = Cache::start(pool.clone(), CacheConfig::default())?;
         let scheduler = Scheduler::start(
             fabric
@@ -609,6 +612,9 @@ pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
         squall_state::legacy::migrate(&pool)
             .await
             .context("moving registries into the namespaced key layout")?;
+        squall_state::legacy::move_tenant_keys(&pool)
+            .await
+            .context("moving keys into the default namespace")?;
         let cache = Cache::start(pool.clone(), CacheConfig::default())?;
         let scheduler = Scheduler::start(
             fabric

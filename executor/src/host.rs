@@ -13,7 +13,7 @@
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
-use squall_lattices::{Counter, LatticeType, LatticeValue};
+use squall_lattices::{CausalVersion, Counter, LatticeType, LatticeValue, MultiKeyCausal};
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Result as WasmResult};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -98,19 +98,32 @@ impl CallState {
     }
 }
 
-/// Runs a store operation within what is left of the call's deadline.
+/// Runs a store operation within what is left of the call's deadline; its error names keys
+/// as a guest of `namespace` names them.
 async fn bounded<T>(
     remaining: std::time::Duration,
+    namespace: &str,
     op: impl std::future::Future<Output = squall_state::Result<T>>,
 ) -> Result<T, StateError> {
     {
         match tokio::time::timeout(remaining, op).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(state_error(e)),
+            Ok(Err(e)) => Err(in_guest_terms(state_error(e), namespace)),
             Err(_) => Err(StateError::Unavailable(
                 "the call's deadline passed while waiting for the store".into(),
             )),
         }
+    }
+}
+
+/// `error` with the store keys of `namespace` it names shown as its guests name them.
+fn in_guest_terms(error: StateError, namespace: &str) -> StateError {
+    let prefix = keys::user_prefix(namespace);
+    let shown = |message: String| message.replace(&prefix, "");
+    match error {
+        StateError::TypeMismatch(m) => StateError::TypeMismatch(shown(m)),
+        StateError::Invalid(m) => StateError::Invalid(shown(m)),
+        StateError::Unavailable(m) => StateError::Unavailable(shown(m)),
     }
 }
 
@@ -162,6 +175,43 @@ fn decode_lattice(value: &Lattice) -> Result<LatticeValue, StateError> {
     Ok(decoded)
 }
 
+/// `value` with the keys its causal versions depend on renamed by `rename` (dropped where it
+/// answers `None`); other types as they are.
+fn rename_dependencies(
+    value: LatticeValue,
+    rename: impl Fn(&str) -> Option<String>,
+) -> LatticeValue {
+    let LatticeValue::MultiCausal(register) = value else {
+        return value;
+    };
+    let versions = register.versions().iter().map(|version| CausalVersion {
+        clock: version.clock.clone(),
+        dependencies: version
+            .dependencies
+            .iter()
+            .filter_map(|(key, clock)| Some((rename(key)?, clock.clone())))
+            .collect(),
+        value: version.value.clone(),
+    });
+    LatticeValue::MultiCausal(MultiKeyCausal::from_versions(versions))
+}
+
+/// A value from a guest of `namespace`: the keys it says it depends on are that namespace's
+/// ([`keys::user`]), like every key a guest names.
+fn stored_dependencies(value: LatticeValue, namespace: &str) -> LatticeValue {
+    rename_dependencies(value, |key| Some(keys::user(namespace, key)))
+}
+
+/// A value for a guest of `namespace`: its dependencies named as the guest names keys (none
+/// of another namespace's, which no write of this namespace can hold anyway).
+fn shown_dependencies(value: LatticeValue, namespace: &str) -> LatticeValue {
+    rename_dependencies(value, |key| {
+        keys::tenant_key(key)
+            .filter(|(owner, _)| *owner == namespace)
+            .map(|(_, key)| key.to_string())
+    })
+}
+
 fn encode_lattice(value: &LatticeValue) -> Result<Lattice, StateError> {
     Ok(Lattice {
         kind: to_wit_type(value.lattice_type()),
@@ -197,30 +247,35 @@ fn mismatch(key: &str, found: &LatticeValue, wanted: LatticeType) -> StateError 
 
 impl squall::function::state::Host for CallState {
     async fn get(&mut self, key: String) -> WasmResult<Result<Option<Lattice>, StateError>> {
-        if let Err(e) = check_key(&key) {
-            return Ok(Err(e));
-        }
-        let read = bounded(self.remaining(), self.call.session.get(&key)).await;
-        Ok(read.and_then(|value| value.as_ref().map(encode_lattice).transpose()))
+        let read = self.read_named(&key).await;
+        let namespace = self.namespace();
+        Ok(read.and_then(|value| {
+            value
+                .map(|v| encode_lattice(&shown_dependencies(v, namespace)))
+                .transpose()
+        }))
     }
 
     async fn merge(&mut self, key: String, value: Lattice) -> WasmResult<Result<(), StateError>> {
-        if let Err(e) = check_key(&key) {
-            return Ok(Err(e));
-        }
-        let value = match decode_lattice(&value) {
-            Ok(v) => v,
+        let stored = match self.stored_key(&key) {
+            Ok(stored) => stored,
             Err(e) => return Ok(Err(e)),
         };
-        let written = bounded(self.remaining(), self.call.session.merge(&key, value)).await;
+        let value = match decode_lattice(&value) {
+            Ok(v) => stored_dependencies(v, self.namespace()),
+            Err(e) => return Ok(Err(e)),
+        };
+        let written = bounded(
+            self.remaining(),
+            keys::split(&self.call.function).0,
+            self.call.session.merge(&stored, value),
+        )
+        .await;
         Ok(written.map(|_| ()))
     }
 
     async fn get_bytes(&mut self, key: String) -> WasmResult<Result<Option<Vec<u8>>, StateError>> {
-        if let Err(e) = check_key(&key) {
-            return Ok(Err(e));
-        }
-        let read = bounded(self.remaining(), self.call.session.get(&key)).await;
+        let read = self.read_named(&key).await;
         Ok(read.and_then(|value| match value {
             None => Ok(None),
             Some(LatticeValue::Lww(register)) => Ok(Some(register.value.to_vec())),
@@ -241,30 +296,34 @@ impl squall::function::state::Host for CallState {
         key: String,
         value: Vec<u8>,
     ) -> WasmResult<Result<(), StateError>> {
-        if let Err(e) = check_key(&key) {
-            return Ok(Err(e));
-        }
+        let stored = match self.stored_key(&key) {
+            Ok(stored) => stored,
+            Err(e) => return Ok(Err(e)),
+        };
         let stamp = self.executor()?.timestamp();
         let written = bounded(
             self.remaining(),
-            self.call.session.put_bytes(&key, value.into(), stamp),
+            keys::split(&self.call.function).0,
+            self.call.session.put_bytes(&stored, value.into(), stamp),
         )
         .await;
         Ok(written.map(|_| ()))
     }
 
     async fn add(&mut self, key: String, delta: i64) -> WasmResult<Result<i64, StateError>> {
-        if let Err(e) = check_key(&key) {
-            return Ok(Err(e));
-        }
+        let stored = match self.stored_key(&key) {
+            Ok(stored) => stored,
+            Err(e) => return Ok(Err(e)),
+        };
         let executor = self.executor()?;
-        let contribution = executor.contribute(&key, delta);
+        let contribution = executor.contribute(&stored, delta);
         let remaining = self.remaining();
         let written = bounded(
             remaining,
+            keys::split(&self.call.function).0,
             self.call
                 .session
-                .merge(&key, LatticeValue::Counter(contribution)),
+                .merge(&stored, LatticeValue::Counter(contribution)),
         )
         .await;
         Ok(written.and_then(|merged| match merged {
@@ -274,9 +333,35 @@ impl squall::function::state::Host for CallState {
     }
 }
 
+impl CallState {
+    /// The store key of a key the function names: checked ([`check_key`]) and mapped into the
+    /// function's namespace ([`keys::user`]) by the host, whatever the guest wrote.
+    fn stored_key(&self, key: &str) -> Result<String, StateError> {
+        check_key(key)?;
+        Ok(keys::user(self.namespace(), key))
+    }
+
+    /// The namespace of the function being served.
+    fn namespace(&self) -> &str {
+        keys::split(&self.call.function).0
+    }
+
+    /// Reads the key the function names, within the call's deadline.
+    async fn read_named(&mut self, key: &str) -> Result<Option<LatticeValue>, StateError> {
+        let stored = self.stored_key(key)?;
+        bounded(
+            self.remaining(),
+            keys::split(&self.call.function).0,
+            self.call.session.get(&stored),
+        )
+        .await
+    }
+}
+
 /// Checks a key a function names: 1 to [`MAX_KEY_BYTES`] bytes (keys are held in caches and
 /// shard maps, so a guest must not make them arbitrarily large), and outside Squall's reserved
-/// space (the registries and code: one function cannot replace another's).
+/// prefix (a function's keys are mapped into its namespace anyway; a key that looks like
+/// Squall's own is refused so that nobody believes it reached them).
 fn check_key(key: &str) -> Result<(), StateError> {
     if key.is_empty() || key.len() > MAX_KEY_BYTES {
         return Err(StateError::Invalid(format!(
@@ -303,6 +388,11 @@ impl squall::function::invoke::Host for CallState {
         name: String,
         input: Vec<u8>,
     ) -> WasmResult<Result<Vec<u8>, CallError>> {
+        // A guest names functions of its own namespace: a plain name, qualified by the host.
+        if let Err(e) = keys::validate_name(&name) {
+            return Ok(Err(CallError::NotFound(e.to_string())));
+        }
+        let qualified = keys::qualify(keys::split(&self.call.function).0, &name);
         let executor = self.executor()?;
         let depth = self.call.depth + 1;
         let deadline = self.call.deadline;
@@ -323,7 +413,7 @@ impl squall::function::invoke::Host for CallState {
             )
         });
         let nested = executor
-            .call(name, input, depth, deadline, session, scope)
+            .call(qualified, input, depth, deadline, session, scope)
             .await;
         if let (Some(trace), Some((function, input_bytes, start_us, started))) = (trace, noted) {
             let (output_bytes, error) = match &nested {

@@ -90,9 +90,15 @@ impl graph::Host for CallState {
     }
 
     async fn load_by_name(&mut self, name: String) -> Answer<Resource<Graph>> {
+        // Models of the function's own namespace only: a plain name, qualified by the host.
+        if let Err(e) = squall_proto::keys::validate_name(&name) {
+            return self.nn_fail(NnError::new(ErrorCode::NotFound, e.to_string()));
+        }
+        let (namespace, _) = squall_proto::keys::split(&self.call.function);
+        let qualified = squall_proto::keys::qualify(namespace, &name);
         let models = self.executor()?.models().clone();
         let remaining = self.remaining();
-        let loaded = match tokio::time::timeout(remaining, models.get(&name)).await {
+        let loaded = match tokio::time::timeout(remaining, models.get(&qualified)).await {
             Ok(Ok(model)) => Ok(model),
             Ok(Err(e)) => Err(NnError::from(e)),
             Err(_) => Err(NnError::new(

@@ -80,11 +80,21 @@ async fn functions_run_compose_and_keep_state() {
     );
     // The counter is in the store, not just in the cache.
     let mut client = Client::connect(node.address(), ClientConfig::default()).expect("client");
-    match client.get("visits").expect("get") {
+    match client
+        .get(&squall_proto::keys::user(
+            squall_proto::keys::DEFAULT_NAMESPACE,
+            "visits",
+        ))
+        .expect("get")
+    {
         Some(squall_lattices::LatticeValue::Counter(c)) => assert_eq!(c.value(), 6),
         other => panic!("expected a counter, got {other:?}"),
     }
-    let names = executor.registry().names().await.expect("names");
+    let names = executor
+        .registry()
+        .names(squall_proto::keys::DEFAULT_NAMESPACE)
+        .await
+        .expect("names");
     assert_eq!(names, ["compose", "counter", "incr", "square"]);
     let stats = executor.stats();
     assert!(stats.warm_starts > 0, "{stats:?}");
@@ -176,7 +186,12 @@ async fn bad_components_are_refused_with_typed_errors() {
         other => panic!("expected NotFound, got {other:?}"),
     }
     // Nothing was stored for the refused ones.
-    assert!(executor.registry().names().await.expect("names").is_empty());
+    assert!(executor
+        .registry()
+        .names(squall_proto::keys::DEFAULT_NAMESPACE)
+        .await
+        .expect("names")
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,7 +262,13 @@ async fn misbehaving_guests_get_typed_errors_within_the_deadline() {
         "blue"
     );
     let mut client = Client::connect(node.address(), ClientConfig::default()).expect("client");
-    match client.get("color").expect("get") {
+    match client
+        .get(&squall_proto::keys::user(
+            squall_proto::keys::DEFAULT_NAMESPACE,
+            "color",
+        ))
+        .expect("get")
+    {
         Some(squall_lattices::LatticeValue::Lww(v)) => assert_eq!(&v.value[..], b"blue"),
         other => panic!("expected an LWW value, got {other:?}"),
     }

@@ -99,7 +99,7 @@ async fn a_file_that_is_not_a_model_is_refused() {
     assert!(executor
         .models()
         .registry()
-        .list()
+        .list(squall_proto::keys::DEFAULT_NAMESPACE)
         .await
         .expect("list")
         .is_empty());

@@ -2,7 +2,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -27,7 +28,8 @@ use squall_state::calls::{
     check_idempotency_key, Calls, ConcurrencyLimit, DeadLetter, PendingCall, RetryPolicy,
 };
 use squall_state::dag::dag_key;
-use squall_state::registry::{record_key, validate_name};
+use squall_state::namespaces::{NamespaceRecord, Namespaces};
+use squall_state::registry::record_key;
 use squall_state::triggers::{Firing, Trigger, TriggerSpec, Triggers};
 use squall_state::{
     Activation, ActivationId, Activations, ClientPool, DagRecord, DagRegistry, DagSpec,
@@ -40,6 +42,7 @@ use crate::cron::CronFirer;
 use crate::feed::ChangeFeed;
 use crate::limits::ConcurrencyLimits;
 use crate::metrics::Metrics;
+use crate::namespace::{Existing, Namespace};
 use crate::runner::{record_of, Runner};
 
 /// How the gateway behaves.
@@ -111,6 +114,7 @@ pub struct Gateway {
     writer: u64,
     key_check: Arc<KeyCheck>,
     audit: AuditTrail,
+    namespaces: Existing,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -129,6 +133,7 @@ impl Gateway {
             dags: DagRegistry::new(kvs.clone(), None),
             activations: Activations::new(kvs.clone(), config.activation_retention),
             audit: AuditTrail::new(kvs.clone(), config.audit_retention),
+            namespaces: Existing::new(Namespaces::new(kvs.clone())),
             calls: Calls::new(kvs.clone()).with_result_retention(config.activation_retention),
             runner: std::sync::OnceLock::new(),
             limits: ConcurrencyLimits::default(),
@@ -206,44 +211,60 @@ impl Gateway {
         .start();
         if self.config.record_activations {
             // Records past the byte cap go, oldest first.
+            // Records past the byte cap go, oldest first, in each namespace (each has the
+            // cap).
             let (activations, cap, owner) = (
                 self.activations.clone(),
                 self.config.activation_retention_bytes,
                 self.config.runner_id.clone(),
             );
+            let namespaces = self.namespaces.namespaces().clone();
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(TRIM_EVERY).await;
-                    match activations.trim(cap, &owner).await {
-                        Ok(Some(trimmed)) if trimmed.records > 0 => tracing::info!(
-                            records = trimmed.records,
-                            bytes = trimmed.bytes,
-                            "activation records past the byte cap deleted"
-                        ),
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(cause = %e, "trimming activation records"),
+                    let names = match namespaces.names().await {
+                        Ok(names) => names,
+                        Err(e) => {
+                            tracing::warn!(cause = %e, "listing namespaces to trim records");
+                            continue;
+                        }
+                    };
+                    for namespace in names {
+                        let records = activations.in_namespace(&namespace);
+                        match records.trim(cap, &owner).await {
+                            Ok(Some(trimmed)) if trimmed.records > 0 => tracing::info!(
+                                namespace,
+                                records = trimmed.records,
+                                bytes = trimmed.bytes,
+                                "activation records past the byte cap deleted"
+                            ),
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(cause = %e, "trimming activation records")
+                            }
+                        }
                     }
                 }
             });
         }
         // Concurrency limits set through other gateways.
         let (calls, limits) = (self.calls.clone(), self.limits.clone());
+        let namespaces = self.namespaces.namespaces().clone();
         tokio::spawn(async move {
             loop {
                 let generation = limits.generation();
-                match calls.concurrency_limits().await {
-                    Ok(stored) => limits.replace(
-                        stored
-                            .into_iter()
-                            .map(|(target, limit)| (target, limit.max_concurrency))
-                            .collect(),
-                        generation,
-                    ),
+                match concurrency_limits(&calls, &namespaces).await {
+                    Ok(stored) => limits.replace(stored.into_iter().collect(), generation),
                     Err(e) => tracing::warn!(cause = %e, "reading concurrency limits"),
                 }
                 tokio::time::sleep(crate::limits::REFRESH_EVERY).await;
             }
         });
+    }
+
+    /// The namespaces, as this gateway knows them.
+    pub fn namespaces(&self) -> &Existing {
+        &self.namespaces
     }
 
     fn registry(&self, kind: Artifact) -> &Registry {
@@ -253,8 +274,14 @@ impl Gateway {
         }
     }
 
-    /// The HTTP routes.
+    /// The HTTP routes, `/v1/ns/{ns}/...` included (see [`crate::namespace`]).
     pub fn router(self: &Arc<Self>) -> Router {
+        use tower::ServiceExt;
+        let routes = self.routes().map_request(crate::namespace::scope);
+        Router::new().fallback_service(routes)
+    }
+
+    fn routes(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/healthz", get(healthz))
             .route("/metrics", get(metrics))
@@ -331,6 +358,14 @@ impl Gateway {
             .route("/v1/keys", get(list_api_keys).post(create_api_key))
             .route("/v1/keys/{id}", axum::routing::delete(revoke_api_key))
             .route("/v1/audit", get(list_audit))
+            .route(
+                "/v1/namespaces",
+                get(list_namespaces).post(create_namespace),
+            )
+            .route(
+                "/v1/namespaces/{name}",
+                get(get_namespace).delete(delete_namespace),
+            )
             .route("/v1/kv", get(list_kv))
             .route("/v1/kv/{*key}", get(get_kv).put(put_kv).delete(delete_kv))
             .fallback(|| async {
@@ -347,6 +382,67 @@ impl Gateway {
             .layer(middleware::from_fn_with_state(self.clone(), authorize))
             .layer(DefaultBodyLimit::max(self.config.max_body_bytes))
             .with_state(self.clone())
+    }
+}
+
+/// Every concurrency limit of every namespace, its target qualified.
+async fn concurrency_limits(
+    calls: &Calls,
+    namespaces: &Namespaces,
+) -> squall_state::Result<Vec<(Target, u32)>> {
+    let mut all = Vec::new();
+    for namespace in namespaces.names().await? {
+        let stored = calls.in_namespace(&namespace).concurrency_limits().await?;
+        all.extend(
+            stored
+                .into_iter()
+                .map(|(target, limit)| (target, limit.max_concurrency)),
+        );
+    }
+    Ok(all)
+}
+
+/// The namespace a request addresses, as a handler's argument.
+#[derive(Debug, Clone)]
+pub struct Ns(pub String);
+
+impl Ns {
+    /// `name` (checked) as the fabric knows it in this namespace.
+    pub fn qualify(&self, name: &str) -> Result<String, ApiError> {
+        keys::validate_name(name).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        Ok(keys::qualify(&self.0, name))
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Ns {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Ns(crate::namespace::of(parts).to_string()))
+    }
+}
+
+/// The `{name}` of a request's path, checked (no `/`, however it was encoded) and qualified
+/// with the request's namespace: what registries, the scheduler and records take.
+#[derive(Debug, Clone)]
+pub struct Named(pub String);
+
+impl Named {
+    /// The name as its namespace knows it.
+    pub fn plain(&self) -> &str {
+        keys::split(&self.0).1
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Named {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(name) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        let namespace = Ns(crate::namespace::of(parts).to_string());
+        Ok(Named(namespace.qualify(&name)?))
     }
 }
 
@@ -388,7 +484,7 @@ impl ApiError {
         }
     }
 
-    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
         Self {
             status,
             body: ErrorBody {
@@ -401,11 +497,11 @@ impl ApiError {
         }
     }
 
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
-    fn not_found(message: impl Into<String>) -> Self {
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 }
@@ -519,7 +615,14 @@ async fn audit(State(gateway): State<Arc<Gateway>>, request: Request, next: Next
     if !squall_state::audit::audited(method.as_str(), needs) {
         return next.run(request).await;
     }
-    let path = squall_state::audit::recorded_path(request.uri().path());
+    let path = match request.extensions().get::<Namespace>() {
+        Some(Namespace(namespace)) => squall_state::audit::recorded_path(&format!(
+            "{}{namespace}{}",
+            crate::namespace::PREFIX,
+            request.uri().path().strip_prefix("/v1").unwrap_or_default()
+        )),
+        None => squall_state::audit::recorded_path(request.uri().path()),
+    };
     let task = tokio::spawn(async move {
         let response = next.run(request).await;
         let at_us = Timestamp::now(0).time;
@@ -595,13 +698,14 @@ const DRAIN_FOR: Duration = Duration::from_secs(2);
 /// The request back if it may go on, else the request with the answer that refuses it.
 async fn admit(gateway: &Gateway, request: Request) -> Result<Request, (Request, Response)> {
     if gateway.config.token.is_none() {
-        // Keys work on every gateway of the cluster: an open gateway must not make them.
+        // Keys and namespaces work on every gateway of the cluster: an open gateway must not
+        // make them.
         if crate::auth::required_role(request.method(), request.uri().path()) == Some(Role::Admin) {
             let refusal = ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                "this gateway has no --token: API keys are made and revoked only through a \
-                 gateway that requires them",
+                "this gateway has no --token: API keys, namespaces and the audit trail are \
+                 managed only through a gateway that requires keys",
             )
             .into_response();
             return Err((request, refusal));
@@ -611,7 +715,7 @@ async fn admit(gateway: &Gateway, request: Request) -> Result<Request, (Request,
             by: "open".into(),
             role: Role::Admin,
         });
-        return Ok(request);
+        return in_existing_namespace(gateway, request).await;
     }
     let Some(needed) = crate::auth::required_role(request.method(), request.uri().path()) else {
         return Ok(request);
@@ -632,11 +736,24 @@ async fn admit(gateway: &Gateway, request: Request) -> Result<Request, (Request,
         );
         return Err((request, refusal));
     };
+    let addressed = request
+        .extensions()
+        .get::<Namespace>()
+        .map_or(keys::DEFAULT_NAMESPACE, |n| n.0.as_str());
     let refusal = match gateway.key_check.check(given).await {
-        Ok(Verdict::Admitted { role, by }) if role >= needed => {
+        Ok(Verdict::Admitted {
+            namespace: Some(own),
+            ..
+        }) if own != addressed => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this key acts in namespace {own:?} only"),
+        )
+        .into_response(),
+        Ok(Verdict::Admitted { role, by, .. }) if role >= needed => {
             let mut request = request;
             request.extensions_mut().insert(Actor { by, role });
-            return Ok(request);
+            return in_existing_namespace(gateway, request).await;
         }
         Ok(Verdict::Admitted { role, .. }) => ApiError::new(
             StatusCode::FORBIDDEN,
@@ -658,6 +775,34 @@ async fn admit(gateway: &Gateway, request: Request) -> Result<Request, (Request,
         .into_response(),
     };
     Err((request, refusal))
+}
+
+/// The request back if the namespace it addresses exists, else a 404 that says so (told only
+/// to a key that may act there, so namespaces cannot be probed without one).
+async fn in_existing_namespace(
+    gateway: &Gateway,
+    request: Request,
+) -> Result<Request, (Request, Response)> {
+    let Some(Namespace(namespace)) = request.extensions().get::<Namespace>().cloned() else {
+        return Ok(request);
+    };
+    match gateway.namespaces.exists(&namespace).await {
+        Ok(true) => Ok(request),
+        Ok(false) => {
+            let shown: String = namespace.chars().take(keys::MAX_NAME_LEN).collect();
+            let refusal = ApiError::not_found(format!("no namespace {shown:?}")).into_response();
+            Err((request, refusal))
+        }
+        Err(e) => {
+            let refusal = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("whether the namespace exists could not be read: {e}"),
+            )
+            .into_response();
+            Err((request, refusal))
+        }
+    }
 }
 
 /// `GET /healthz` answer.
@@ -804,8 +949,9 @@ pub struct RegisterParams {
     pub reuse: Option<bool>,
 }
 
+/// Checks a name given by a client (in a body), before it is qualified with a namespace.
 fn checked_name(name: &str) -> ApiResult<()> {
-    validate_name(name).map_err(|e| ApiError::bad_request(e.to_string()))
+    keys::validate_name(name).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
 #[utoipa::path(put, path = "/v1/functions/{name}", tag = "functions",
@@ -815,11 +961,10 @@ fn checked_name(name: &str) -> ApiResult<()> {
         (status = 401, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn register_function(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
     Query(params): Query<RegisterParams>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<FunctionInfo>)> {
-    checked_name(&name)?;
     let code = body?;
     if code.is_empty() {
         return Err(ApiError::bad_request(
@@ -860,8 +1005,12 @@ async fn register(
 }
 
 /// The newest version of every function (or model).
-async fn list(gateway: &Gateway, kind: Artifact) -> ApiResult<Json<Vec<FunctionInfo>>> {
-    let list = gateway.registry(kind).list().await?;
+async fn list(
+    gateway: &Gateway,
+    kind: Artifact,
+    namespace: &str,
+) -> ApiResult<Json<Vec<FunctionInfo>>> {
+    let list = gateway.registry(kind).list(namespace).await?;
     Ok(Json(list.into_iter().map(FunctionInfo::from).collect()))
 }
 
@@ -871,7 +1020,6 @@ async fn detail(
     kind: Artifact,
     name: String,
 ) -> ApiResult<Json<FunctionDetail>> {
-    checked_name(&name)?;
     let registry = gateway.registry(kind);
     let versions = registry.versions(&name).await?;
     if versions.is_empty() {
@@ -881,14 +1029,13 @@ async fn detail(
         )));
     }
     Ok(Json(FunctionDetail {
-        name,
+        name: keys::split(&name).1.to_string(),
         versions: versions.into_iter().map(FunctionInfo::from).collect(),
     }))
 }
 
 /// Deletes a function (or model), then has the schedulers and executors re-read the record.
 async fn delete(gateway: &Gateway, kind: Artifact, name: &str) -> ApiResult<StatusCode> {
-    checked_name(name)?;
     let registry = gateway.registry(kind);
     let existed = registry.delete(name).await?;
     gateway
@@ -899,8 +1046,11 @@ async fn delete(gateway: &Gateway, kind: Artifact, name: &str) -> ApiResult<Stat
 
 #[utoipa::path(get, path = "/v1/functions", tag = "functions",
     responses((status = 200, body = Vec<FunctionInfo>)))]
-async fn list_functions(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<Vec<FunctionInfo>>> {
-    list(&gateway, Artifact::Function).await
+async fn list_functions(
+    State(gateway): State<Arc<Gateway>>,
+    Ns(namespace): Ns,
+) -> ApiResult<Json<Vec<FunctionInfo>>> {
+    list(&gateway, Artifact::Function, &namespace).await
 }
 
 #[utoipa::path(get, path = "/v1/functions/{name}", tag = "functions",
@@ -908,7 +1058,7 @@ async fn list_functions(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<V
     responses((status = 200, body = FunctionDetail), (status = 404, body = ErrorBody)))]
 async fn get_function(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
 ) -> ApiResult<Json<FunctionDetail>> {
     detail(&gateway, Artifact::Function, name).await
 }
@@ -918,7 +1068,7 @@ async fn get_function(
     responses((status = 204), (status = 404, body = ErrorBody)))]
 async fn delete_function(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
 ) -> ApiResult<StatusCode> {
     let answer = delete(&gateway, Artifact::Function, &name).await?;
     forget_settings_of(&gateway, Target::Function(name)).await?;
@@ -934,7 +1084,11 @@ async fn forget_settings_of(gateway: &Gateway, target: Target) -> ApiResult<()> 
     gateway.limits.set(target.clone(), None);
     let (kind, name) = crate::runner::kind_and_name(&target);
     let reason = format!("its {kind} {name:?} was deleted");
-    let paused = gateway.triggers.pause_calling(&target, &reason).await?;
+    let paused = gateway
+        .triggers
+        .in_namespace(keys::split(target.name()).0)
+        .pause_calling(&target, &reason)
+        .await?;
     if !paused.is_empty() {
         tracing::info!(?paused, "paused triggers: {reason}");
     }
@@ -948,10 +1102,9 @@ async fn forget_settings_of(gateway: &Gateway, target: Target) -> ApiResult<()> 
         (status = 401, body = ErrorBody), (status = 413, body = ErrorBody)))]
 async fn register_model(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<FunctionInfo>)> {
-    checked_name(&name)?;
     let model = body?;
     if model.is_empty() {
         return Err(ApiError::bad_request("the body must be the ONNX file"));
@@ -968,8 +1121,11 @@ async fn register_model(
 
 #[utoipa::path(get, path = "/v1/models", tag = "models",
     responses((status = 200, body = Vec<FunctionInfo>)))]
-async fn list_models(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<Vec<FunctionInfo>>> {
-    list(&gateway, Artifact::Model).await
+async fn list_models(
+    State(gateway): State<Arc<Gateway>>,
+    Ns(namespace): Ns,
+) -> ApiResult<Json<Vec<FunctionInfo>>> {
+    list(&gateway, Artifact::Model, &namespace).await
 }
 
 #[utoipa::path(get, path = "/v1/models/{name}", tag = "models",
@@ -977,7 +1133,7 @@ async fn list_models(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<Vec<
     responses((status = 200, body = FunctionDetail), (status = 404, body = ErrorBody)))]
 async fn get_model(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
 ) -> ApiResult<Json<FunctionDetail>> {
     detail(&gateway, Artifact::Model, name).await
 }
@@ -987,7 +1143,7 @@ async fn get_model(
     responses((status = 204), (status = 404, body = ErrorBody)))]
 async fn delete_model(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
 ) -> ApiResult<StatusCode> {
     delete(&gateway, Artifact::Model, &name).await
 }
@@ -1056,12 +1212,11 @@ pub const REPLAY_HEADER: &str = "squall-idempotent-replay";
         (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
 async fn invoke_function(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
     Query(params): Query<InvokeParams>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    checked_name(&name)?;
     invoke(&gateway, Target::Function(name), params, &headers, body?).await
 }
 
@@ -1076,12 +1231,11 @@ async fn invoke_function(
         (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
 async fn invoke_dag(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
     Query(params): Query<InvokeParams>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    checked_name(&name)?;
     invoke(&gateway, Target::Dag(name), params, &headers, body?).await
 }
 
@@ -1159,6 +1313,9 @@ async fn run_invocation(
             })
             .transpose()
     };
+    // Everything the call touches is in its target's namespace.
+    let namespace = keys::split(target.name()).0.to_string();
+    let calls = gateway.calls.of(&target);
     let consistency = match text(CONSISTENCY_HEADER)? {
         None => Consistency::default(),
         Some(name) => name.parse().map_err(ApiError::bad_request)?,
@@ -1178,6 +1335,14 @@ async fn run_invocation(
             keys.len()
         )));
     }
+    // The keys as the call's functions will name them: mapped into its namespace.
+    let keys = keys
+        .iter()
+        .map(|key| {
+            writable_key(key)?;
+            Ok(keys::user(&namespace, key))
+        })
+        .collect::<ApiResult<Vec<String>>>()?;
     let session = text(SESSION_HEADER)?.filter(|s| !s.is_empty());
     if let Some(session) = &session {
         if session.len() > MAX_SESSION_ID {
@@ -1207,11 +1372,12 @@ async fn run_invocation(
     let idempotency_key = text(IDEMPOTENCY_HEADER)?.filter(|k| !k.is_empty());
     if let Some(key) = &idempotency_key {
         check_idempotency_key(key).map_err(ApiError::bad_request)?;
-        if let Some(prior) = gateway.calls.idempotent(&target, key).await? {
+        if let Some(prior) = calls.idempotent(&target, key).await? {
             // A key whose call left no result (its acceptance failed midway) is stale.
-            if gateway.calls.result_exists(&prior).await? {
+            if calls.result_exists(&prior).await? {
                 return replay(
                     gateway,
+                    &namespace,
                     &prior,
                     params.asynchronous.unwrap_or(false),
                     timeout,
@@ -1225,7 +1391,7 @@ async fn run_invocation(
         Target::Dag(_) => "dag",
     };
     let name = target.name().to_string();
-    let result_key = keys::result(keys::DEFAULT_NAMESPACE, id.as_str());
+    let result_key = keys::result(&namespace, id.as_str());
     let mut record = Activation {
         id: id.to_string(),
         kind: kind.to_string(),
@@ -1252,11 +1418,7 @@ async fn run_invocation(
     if let Some(key) = &idempotency_key {
         // Kept while the record and the result are.
         let retention = gateway.config.activation_retention;
-        writes.push(
-            gateway
-                .calls
-                .idempotency_write(&target, key, id.as_str(), retention),
-        );
+        writes.push(calls.idempotency_write(&target, key, id.as_str(), retention));
     }
     if params.asynchronous.unwrap_or(false) {
         let mut call = PendingCall::new(
@@ -1275,7 +1437,7 @@ async fn run_invocation(
             .await
             .map_err(|e| Failure::new(FailureCode::Unavailable, e.to_string()))?;
         gateway.metrics.accepted(kind, &name);
-        return Ok(accepted(&id.to_string()));
+        return Ok(accepted(&namespace, &id.to_string()));
     }
     let _slot = match gateway.limits.try_acquire(&target) {
         Ok(slot) => slot,
@@ -1303,16 +1465,12 @@ async fn run_invocation(
     };
     let idempotency_keys: Vec<String> = writes.iter().map(|(key, _)| key.clone()).collect();
     if !writes.is_empty() {
-        writes.push(
-            gateway
-                .calls
-                .result_write(id.as_str(), &CallResult::Running, 1)?,
-        );
-        if let Err(e) = gateway.calls.write_all(writes).await {
+        writes.push(calls.result_write(id.as_str(), &CallResult::Running, 1)?);
+        if let Err(e) = calls.write_all(writes).await {
             // Some may have landed: let the key go, so that a repeat runs the call.
             let mut keys = idempotency_keys.clone();
             keys.push(result_key.clone());
-            if let Err(cleanup) = gateway.calls.delete(keys).await {
+            if let Err(cleanup) = calls.delete(keys).await {
                 tracing::warn!(id = %id, cause = %cleanup, "letting an idempotency key go");
             }
             return Err(Failure::new(FailureCode::Unavailable, e.to_string()).into());
@@ -1344,7 +1502,7 @@ async fn run_invocation(
             {
                 let mut keys = idempotency_keys;
                 keys.push(result_key.clone());
-                if let Err(e) = gateway.calls.delete(keys).await {
+                if let Err(e) = calls.delete(keys).await {
                     tracing::warn!(id = %id, cause = %e, "letting an idempotency key go");
                 }
             }
@@ -1357,8 +1515,8 @@ async fn run_invocation(
                     Err(failure) => CallResult::Failed(failure.clone()),
                 };
                 // Kept as long as the idempotency key's claim and the record.
-                let stored = match gateway.calls.result_write(id.as_str(), &result, 1) {
-                    Ok(write) => gateway.calls.write_all(vec![write]).await,
+                let stored = match calls.result_write(id.as_str(), &result, 1) {
+                    Ok(write) => calls.write_all(vec![write]).await,
                     Err(e) => Err(e),
                 };
                 if let Err(e) = stored {
@@ -1404,12 +1562,16 @@ async fn run_invocation(
 }
 
 /// The 202 answer naming asynchronous call `id`.
-fn accepted(id: &str) -> Response {
+fn accepted(namespace: &str, id: &str) -> Response {
     let mut response = (
         StatusCode::ACCEPTED,
         Json(Accepted {
             id: id.to_string(),
-            result: format!("/v1/results/{id}"),
+            result: if namespace == keys::DEFAULT_NAMESPACE {
+                format!("/v1/results/{id}")
+            } else {
+                format!("{}{namespace}/results/{id}", crate::namespace::PREFIX)
+            },
         }),
     )
         .into_response();
@@ -1424,14 +1586,15 @@ fn accepted(id: &str) -> Response {
 /// the deadline). The function does not run again.
 async fn replay(
     gateway: &Gateway,
+    namespace: &str,
     prior: &str,
     asynchronous: bool,
     timeout: Duration,
 ) -> ApiResult<Response> {
     let mut response = if asynchronous {
-        accepted(prior)
+        accepted(namespace, prior)
     } else {
-        let key = keys::result(keys::DEFAULT_NAMESPACE, prior);
+        let key = keys::result(namespace, prior);
         let kvs = gateway.kvs.clone();
         let finished = Poll::within(timeout)
             .every(Duration::from_millis(20))
@@ -1520,6 +1683,7 @@ const ACTIVATION_SCAN: u32 = 2_000;
     responses((status = 200, body = ActivationPage), (status = 400, body = ErrorBody)))]
 async fn list_activations(
     State(gateway): State<Arc<Gateway>>,
+    namespace: Ns,
     Query(params): Query<ActivationParams>,
 ) -> ApiResult<Json<ActivationPage>> {
     let limit = params.limit.unwrap_or(50);
@@ -1547,19 +1711,18 @@ async fn list_activations(
             "a record is of a function or of a DAG: give function= or dag=, not both",
         ));
     }
-    for name in [&params.function, &params.dag].into_iter().flatten() {
-        checked_name(name)?;
-    }
     let filter = Filter {
-        function: params.function,
-        dag: params.dag,
+        function: params.function.map(|f| namespace.qualify(&f)).transpose()?,
+        dag: params.dag.map(|d| namespace.qualify(&d)).transpose()?,
         status,
         since_ms: params.since,
     };
-    let (mut activations, next) = gateway
+    let (activations, next) = gateway
         .activations
+        .in_namespace(&namespace.0)
         .list(&filter, after.as_ref(), limit, ACTIVATION_SCAN)
         .await?;
+    let mut activations: Vec<Activation> = activations.into_iter().map(shown).collect();
     if params.logs != Some(true) {
         for step in activations.iter_mut().flat_map(|a| a.steps.iter_mut()) {
             step.logs = Vec::new();
@@ -1601,9 +1764,31 @@ pub struct ActivationLogs {
     responses((status = 200, body = ActivationLogs), (status = 404, body = ErrorBody)))]
 async fn activation_logs(
     State(gateway): State<Arc<Gateway>>,
+    Ns(namespace): Ns,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ActivationLogs>> {
-    Ok(Json(logs_of(activation_named(&gateway, &id).await?)))
+    Ok(Json(logs_of(
+        activation_named(&gateway, &namespace, &id).await?,
+    )))
+}
+
+/// A record as its namespace sees it: names without the namespace ([`keys::split`]).
+fn shown(mut record: Activation) -> Activation {
+    let plain = |name: &mut String| {
+        let (_, bare) = keys::split(name);
+        *name = bare.to_string();
+    };
+    plain(&mut record.name);
+    for (function, _) in &mut record.placement {
+        plain(function);
+    }
+    for step in &mut record.steps {
+        plain(&mut step.function);
+        for line in &mut step.logs {
+            plain(&mut line.function);
+        }
+    }
+    record
 }
 
 /// A record's log lines, by step in start order.
@@ -1637,19 +1822,22 @@ fn logs_of(record: Activation) -> ActivationLogs {
     responses((status = 200, description = "The record"), (status = 404, body = ErrorBody)))]
 async fn get_activation(
     State(gateway): State<Arc<Gateway>>,
+    Ns(namespace): Ns,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Activation>> {
-    Ok(Json(activation_named(&gateway, &id).await?))
+    Ok(Json(activation_named(&gateway, &namespace, &id).await?))
 }
 
-/// The record `id`, or 404.
-async fn activation_named(gateway: &Gateway, id: &str) -> ApiResult<Activation> {
+/// The record `id` of `namespace` as the namespace sees it, or 404.
+async fn activation_named(gateway: &Gateway, namespace: &str, id: &str) -> ApiResult<Activation> {
     let not_found = || ApiError::not_found(format!("no activation {id:?}"));
     let parsed = ActivationId::parse(id).ok_or_else(not_found)?;
     gateway
         .activations
+        .in_namespace(namespace)
         .get(&parsed)
         .await?
+        .map(shown)
         .ok_or_else(not_found)
 }
 
@@ -1687,10 +1875,9 @@ impl From<DagRecord> for DagInfo {
     responses((status = 201, body = DagInfo), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 async fn put_dag(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<DagInfo>)> {
-    checked_name(&name)?;
     let spec: DagSpec = serde_json::from_slice(&body?).map_err(|e| {
         ApiError::bad_request(format!(
             "the body must be a DAG, {{\"functions\":[...],\"edges\":[[from,to],...]}}: {e}"
@@ -1702,8 +1889,11 @@ async fn put_dag(
 }
 
 #[utoipa::path(get, path = "/v1/dags", tag = "dags", responses((status = 200, body = Vec<DagInfo>)))]
-async fn list_dags(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<Vec<DagInfo>>> {
-    let list = gateway.dags.list().await?;
+async fn list_dags(
+    State(gateway): State<Arc<Gateway>>,
+    Ns(namespace): Ns,
+) -> ApiResult<Json<Vec<DagInfo>>> {
+    let list = gateway.dags.list(&namespace).await?;
     Ok(Json(list.into_iter().map(DagInfo::from).collect()))
 }
 
@@ -1712,9 +1902,8 @@ async fn list_dags(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<Vec<Da
     responses((status = 200, body = DagInfo), (status = 404, body = ErrorBody)))]
 async fn get_dag(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
 ) -> ApiResult<Json<DagInfo>> {
-    checked_name(&name)?;
     match gateway.dags.get(&name).await? {
         Some(record) => Ok(Json(record.into())),
         None => Err(ApiError::not_found(format!(
@@ -1728,9 +1917,8 @@ async fn get_dag(
     responses((status = 204), (status = 404, body = ErrorBody)))]
 async fn delete_dag(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
 ) -> ApiResult<StatusCode> {
-    checked_name(&name)?;
     let existed = gateway.dags.delete(&name).await?;
     gateway.client.refresh(vec![dag_key(&name)]);
     let answer = deleted(existed, "DAG", &name)?;
@@ -1751,13 +1939,14 @@ pub struct Running {
         (status = 202, body = Running), (status = 404, body = ErrorBody), (status = 500, body = ErrorBody)))]
 async fn get_result(
     State(gateway): State<Arc<Gateway>>,
+    Ns(namespace): Ns,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     {
         return Err(ApiError::not_found(format!("no result {id:?}")));
     }
-    let key = keys::result(keys::DEFAULT_NAMESPACE, &id);
+    let key = keys::result(&namespace, &id);
     let value = gateway.kvs.with(move |c| c.get(&key)).await?;
     let Some(LatticeValue::Lww(register)) = value else {
         return Err(ApiError::not_found(format!("no result {id:?}")));
@@ -1831,6 +2020,7 @@ fn writable_key(key: &str) -> ApiResult<()> {
     responses((status = 200, body = KeyList), (status = 400, body = ErrorBody)))]
 async fn list_kv(
     State(gateway): State<Arc<Gateway>>,
+    Ns(namespace): Ns,
     Query(params): Query<ListParams>,
 ) -> ApiResult<Json<KeyList>> {
     let limit = params.limit.unwrap_or(100);
@@ -1846,17 +2036,23 @@ async fn list_kv(
             keys::RESERVED_PREFIX
         )));
     }
-    let (prefix, after) = (params.prefix.clone(), params.after.clone());
+    // The namespace's keys only: its prefix mapped, the keys listed unmapped.
+    let prefix = keys::user(&namespace, &params.prefix);
+    let after = params.after.as_deref().map(|a| keys::user(&namespace, a));
     let (listed, next) = gateway
         .kvs
         .with(move |c| c.list(&prefix, after.as_deref(), limit))
         .await?;
-    // Squall's own keys are not listed, but the page still ends where the store's did.
-    let keys = listed
-        .into_iter()
-        .filter(|key| !keys::is_reserved(key))
-        .collect();
-    Ok(Json(KeyList { keys, next }))
+    let tenant = |stored: String| {
+        keys::tenant_key(&stored)
+            .filter(|(owner, _)| *owner == namespace)
+            .map(|(_, key)| key.to_string())
+    };
+    let keys = listed.into_iter().filter_map(tenant).collect();
+    Ok(Json(KeyList {
+        keys,
+        next: next.and_then(tenant),
+    }))
 }
 
 #[utoipa::path(delete, path = "/v1/kv/{key}", tag = "kv",
@@ -1864,9 +2060,11 @@ async fn list_kv(
     responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 async fn delete_kv(
     State(gateway): State<Arc<Gateway>>,
+    Ns(namespace): Ns,
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
     writable_key(&key)?;
+    let key = keys::user(&namespace, &key);
     gateway.kvs.with(move |c| c.delete(&key)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -1887,11 +2085,12 @@ fn checked_key(key: &str) -> ApiResult<()> {
         (status = 404, body = ErrorBody)))]
 async fn get_kv(
     State(gateway): State<Arc<Gateway>>,
+    Ns(namespace): Ns,
     Path(key): Path<String>,
 ) -> ApiResult<Response> {
     // Squall's own keys (results, records, registries) are read through their endpoints.
     writable_key(&key)?;
-    let owned = key.clone();
+    let owned = keys::user(&namespace, &key);
     let value = gateway.kvs.with(move |c| c.get(&owned)).await?;
     let Some(value) = value else {
         return Err(ApiError::not_found(format!("key {key:?} does not exist")));
@@ -1926,11 +2125,13 @@ async fn get_kv(
     responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 async fn put_kv(
     State(gateway): State<Arc<Gateway>>,
+    Ns(namespace): Ns,
     Path(key): Path<String>,
     Query(params): Query<KvParams>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<StatusCode> {
     writable_key(&key)?;
+    let key = keys::user(&namespace, &key);
     let ttl = params
         .ttl
         .map(|seconds| {
@@ -1974,9 +2175,10 @@ async fn put_kv(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The function or DAG a path names: `function` or `dag`, and a checked name.
-fn target_of(kind: &str, name: String) -> ApiResult<Target> {
-    checked_name(&name)?;
+/// The function or DAG a path names: `function` or `dag`, and a name, checked and qualified
+/// with the request's namespace.
+fn target_of(namespace: &Ns, kind: &str, name: String) -> ApiResult<Target> {
+    let name = namespace.qualify(&name)?;
     match kind {
         "function" => Ok(Target::Function(name)),
         "dag" => Ok(Target::Dag(name)),
@@ -2030,9 +2232,8 @@ async fn put_retries(
     responses((status = 200, body = RetryPolicy), (status = 404, body = ErrorBody)))]
 async fn get_function_retries(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
 ) -> ApiResult<Json<RetryPolicy>> {
-    checked_name(&name)?;
     get_retries(&gateway, Target::Function(name)).await
 }
 
@@ -2042,10 +2243,9 @@ async fn get_function_retries(
     responses((status = 200, body = RetryPolicy), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn put_function_retries(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<RetryPolicy>> {
-    checked_name(&name)?;
     put_retries(&gateway, Target::Function(name), body).await
 }
 
@@ -2054,9 +2254,8 @@ async fn put_function_retries(
     responses((status = 200, body = RetryPolicy), (status = 404, body = ErrorBody)))]
 async fn get_dag_retries(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
 ) -> ApiResult<Json<RetryPolicy>> {
-    checked_name(&name)?;
     get_retries(&gateway, Target::Dag(name)).await
 }
 
@@ -2066,10 +2265,9 @@ async fn get_dag_retries(
     responses((status = 200, body = RetryPolicy), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn put_dag_retries(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<RetryPolicy>> {
-    checked_name(&name)?;
     put_retries(&gateway, Target::Dag(name), body).await
 }
 
@@ -2112,9 +2310,8 @@ async fn delete_concurrency(gateway: &Gateway, target: Target) -> ApiResult<Stat
     responses((status = 200, body = ConcurrencyLimit), (status = 404, body = ErrorBody)))]
 async fn get_function_concurrency(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
 ) -> ApiResult<Json<ConcurrencyLimit>> {
-    checked_name(&name)?;
     get_concurrency(&gateway, Target::Function(name)).await
 }
 
@@ -2124,10 +2321,9 @@ async fn get_function_concurrency(
     responses((status = 200, body = ConcurrencyLimit), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn put_function_concurrency(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<ConcurrencyLimit>> {
-    checked_name(&name)?;
     put_concurrency(&gateway, Target::Function(name), body).await
 }
 
@@ -2136,9 +2332,8 @@ async fn put_function_concurrency(
     responses((status = 204, description = "The limit is lifted")))]
 async fn delete_function_concurrency(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
 ) -> ApiResult<StatusCode> {
-    checked_name(&name)?;
     delete_concurrency(&gateway, Target::Function(name)).await
 }
 
@@ -2147,9 +2342,8 @@ async fn delete_function_concurrency(
     responses((status = 200, body = ConcurrencyLimit), (status = 404, body = ErrorBody)))]
 async fn get_dag_concurrency(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
 ) -> ApiResult<Json<ConcurrencyLimit>> {
-    checked_name(&name)?;
     get_concurrency(&gateway, Target::Dag(name)).await
 }
 
@@ -2159,10 +2353,9 @@ async fn get_dag_concurrency(
     responses((status = 200, body = ConcurrencyLimit), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn put_dag_concurrency(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<ConcurrencyLimit>> {
-    checked_name(&name)?;
     put_concurrency(&gateway, Target::Dag(name), body).await
 }
 
@@ -2171,9 +2364,8 @@ async fn put_dag_concurrency(
     responses((status = 204, description = "The limit is lifted")))]
 async fn delete_dag_concurrency(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
+    Named(name): Named,
 ) -> ApiResult<StatusCode> {
-    checked_name(&name)?;
     delete_concurrency(&gateway, Target::Dag(name)).await
 }
 
@@ -2213,10 +2405,14 @@ impl From<Trigger> for TriggerInfo {
     }
 }
 
-async fn trigger_named(gateway: &Gateway, name: &str) -> ApiResult<Trigger> {
+/// The triggers of the request's namespace, and `name` checked.
+fn triggers_of(gateway: &Gateway, namespace: &Ns, name: &str) -> ApiResult<Triggers> {
     checked_name(name)?;
-    gateway
-        .triggers
+    Ok(gateway.triggers.in_namespace(&namespace.0))
+}
+
+async fn trigger_named(triggers: &Triggers, name: &str) -> ApiResult<Trigger> {
+    triggers
         .get(name)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no trigger {name:?}")))
@@ -2228,14 +2424,16 @@ async fn trigger_named(gateway: &Gateway, name: &str) -> ApiResult<Trigger> {
     responses((status = 200, body = TriggerInfo), (status = 400, body = ErrorBody)))]
 async fn put_trigger(
     State(gateway): State<Arc<Gateway>>,
+    namespace: Ns,
     Path(name): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<TriggerInfo>> {
-    checked_name(&name)?;
+    let triggers = triggers_of(&gateway, &namespace, &name)?;
     let body = body?;
     let spec: TriggerSpec = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("not a trigger: {e}")))?;
-    let (target, firing) = spec.check().map_err(ApiError::bad_request)?;
+    // Its target is looked for in its own namespace only.
+    let (target, firing) = triggers.check(&spec).map_err(ApiError::bad_request)?;
     match registered(&gateway, &target).await {
         Err(e) if e.status == StatusCode::NOT_FOUND => {
             return Err(ApiError::bad_request(e.body.error.message));
@@ -2261,14 +2459,17 @@ async fn put_trigger(
         salt: rand::random(),
     };
     trigger.touch();
-    gateway.triggers.put(&trigger).await?;
+    triggers.put(&trigger).await?;
     Ok(Json(trigger.into()))
 }
 
 #[utoipa::path(get, path = "/v1/triggers", tag = "triggers",
     responses((status = 200, body = Vec<TriggerInfo>)))]
-async fn list_triggers(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<Vec<TriggerInfo>>> {
-    let triggers = gateway.triggers.list().await?;
+async fn list_triggers(
+    State(gateway): State<Arc<Gateway>>,
+    Ns(namespace): Ns,
+) -> ApiResult<Json<Vec<TriggerInfo>>> {
+    let triggers = gateway.triggers.in_namespace(&namespace).list().await?;
     Ok(Json(triggers.into_iter().map(TriggerInfo::from).collect()))
 }
 
@@ -2277,9 +2478,11 @@ async fn list_triggers(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<Ve
     responses((status = 200, body = TriggerInfo), (status = 404, body = ErrorBody)))]
 async fn get_trigger(
     State(gateway): State<Arc<Gateway>>,
+    namespace: Ns,
     Path(name): Path<String>,
 ) -> ApiResult<Json<TriggerInfo>> {
-    Ok(Json(trigger_named(&gateway, &name).await?.into()))
+    let triggers = triggers_of(&gateway, &namespace, &name)?;
+    Ok(Json(trigger_named(&triggers, &name).await?.into()))
 }
 
 #[utoipa::path(delete, path = "/v1/triggers/{name}", tag = "triggers",
@@ -2287,21 +2490,29 @@ async fn get_trigger(
     responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody)))]
 async fn delete_trigger(
     State(gateway): State<Arc<Gateway>>,
+    namespace: Ns,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    trigger_named(&gateway, &name).await?;
-    gateway.triggers.delete(&name).await?;
+    let triggers = triggers_of(&gateway, &namespace, &name)?;
+    trigger_named(&triggers, &name).await?;
+    triggers.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn set_paused(gateway: &Gateway, name: &str, paused: bool) -> ApiResult<Json<TriggerInfo>> {
-    let mut trigger = trigger_named(gateway, name).await?;
+async fn set_paused(
+    gateway: &Gateway,
+    namespace: &Ns,
+    name: &str,
+    paused: bool,
+) -> ApiResult<Json<TriggerInfo>> {
+    let triggers = triggers_of(gateway, namespace, name)?;
+    let mut trigger = trigger_named(&triggers, name).await?;
     if trigger.paused != paused {
         trigger.paused = paused;
         trigger.paused_reason = None;
         // Ticks passed (and writes made) while paused never fire: it goes on from now.
         trigger.touch();
-        gateway.triggers.put(&trigger).await?;
+        triggers.put(&trigger).await?;
     }
     Ok(Json(trigger.into()))
 }
@@ -2311,9 +2522,10 @@ async fn set_paused(gateway: &Gateway, name: &str, paused: bool) -> ApiResult<Js
     responses((status = 200, body = TriggerInfo), (status = 404, body = ErrorBody)))]
 async fn pause_trigger(
     State(gateway): State<Arc<Gateway>>,
+    namespace: Ns,
     Path(name): Path<String>,
 ) -> ApiResult<Json<TriggerInfo>> {
-    set_paused(&gateway, &name, true).await
+    set_paused(&gateway, &namespace, &name, true).await
 }
 
 #[utoipa::path(post, path = "/v1/triggers/{name}/resume", tag = "triggers",
@@ -2321,9 +2533,10 @@ async fn pause_trigger(
     responses((status = 200, body = TriggerInfo), (status = 404, body = ErrorBody)))]
 async fn resume_trigger(
     State(gateway): State<Arc<Gateway>>,
+    namespace: Ns,
     Path(name): Path<String>,
 ) -> ApiResult<Json<TriggerInfo>> {
-    set_paused(&gateway, &name, false).await
+    set_paused(&gateway, &namespace, &name, false).await
 }
 
 #[utoipa::path(post, path = "/v1/triggers/{name}/fire", tag = "triggers",
@@ -2331,10 +2544,14 @@ async fn resume_trigger(
     responses((status = 202, body = Accepted), (status = 404, body = ErrorBody)))]
 async fn fire_trigger(
     State(gateway): State<Arc<Gateway>>,
+    namespace: Ns,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
-    let trigger = trigger_named(&gateway, &name).await?;
-    let (target, _) = trigger.spec.check().map_err(ApiError::bad_request)?;
+    let triggers = triggers_of(&gateway, &namespace, &name)?;
+    let trigger = trigger_named(&triggers, &name).await?;
+    let (target, _) = triggers
+        .check(&trigger.spec)
+        .map_err(ApiError::bad_request)?;
     let id = ActivationId::new(Timestamp::now(0).time);
     let call = PendingCall::new(
         id.to_string(),
@@ -2359,7 +2576,7 @@ async fn fire_trigger(
         .accept(call, Vec::new())
         .await
         .map_err(|e| Failure::new(FailureCode::Unavailable, e.to_string()))?;
-    Ok(accepted(id.as_str()))
+    Ok(accepted(&namespace.0, id.as_str()))
 }
 
 #[utoipa::path(delete, path = "/v1/calls/{id}", tag = "calls",
@@ -2368,11 +2585,13 @@ async fn fire_trigger(
         (status = 404, body = ErrorBody)))]
 async fn cancel_call(
     State(gateway): State<Arc<Gateway>>,
+    Ns(namespace): Ns,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let not_pending = || ApiError::not_found(format!("no pending call {id:?}"));
     let parsed = ActivationId::parse(&id).ok_or_else(not_pending)?;
-    let Some(call) = gateway.calls.cancel(parsed.as_str()).await? else {
+    let calls = gateway.calls.in_namespace(&namespace);
+    let Some(call) = calls.cancel(parsed.as_str()).await? else {
         return Err(not_pending());
     };
     gateway.runner().cancel(parsed.as_str());
@@ -2453,10 +2672,11 @@ pub struct Handled {
     responses((status = 200, body = DeadLetterPage), (status = 400, body = ErrorBody)))]
 async fn list_dead_letters(
     State(gateway): State<Arc<Gateway>>,
+    namespace: Ns,
     Path((kind, name)): Path<(String, String)>,
     Query(params): Query<DeadLetterParams>,
 ) -> ApiResult<Json<DeadLetterPage>> {
-    let target = target_of(&kind, name)?;
+    let target = target_of(&namespace, &kind, name)?;
     let limit = params.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("limit is between 1 and 1000"));
@@ -2481,9 +2701,10 @@ async fn list_dead_letters(
     responses((status = 200, body = Handled)))]
 async fn delete_dead_letters(
     State(gateway): State<Arc<Gateway>>,
+    namespace: Ns,
     Path((kind, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Handled>> {
-    let target = target_of(&kind, name)?;
+    let target = target_of(&namespace, &kind, name)?;
     let ids = gateway.calls.dead_letter_ids(&target).await?;
     gateway.calls.delete_dead_letters(&target, &ids).await?;
     Ok(Json(Handled {
@@ -2497,9 +2718,10 @@ async fn delete_dead_letters(
     responses((status = 200, body = Handled)))]
 async fn redrive_dead_letters(
     State(gateway): State<Arc<Gateway>>,
+    namespace: Ns,
     Path((kind, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Handled>> {
-    let target = target_of(&kind, name)?;
+    let target = target_of(&namespace, &kind, name)?;
     let mut count = 0;
     for id in gateway.calls.dead_letter_ids(&target).await? {
         if redrive(&gateway, &target, &id).await? {
@@ -2526,11 +2748,12 @@ async fn redrive(gateway: &Gateway, target: &Target, id: &str) -> ApiResult<bool
 
 async fn dead_letter(
     gateway: &Gateway,
+    namespace: &Ns,
     kind: &str,
     name: String,
     id: &str,
 ) -> ApiResult<DeadLetter> {
-    let target = target_of(kind, name)?;
+    let target = target_of(namespace, kind, name)?;
     let not_found = || ApiError::not_found(format!("no dead letter {id:?}"));
     let id = ActivationId::parse(id).ok_or_else(not_found)?;
     gateway
@@ -2547,9 +2770,14 @@ async fn dead_letter(
     responses((status = 200, body = DeadLetterInfo), (status = 404, body = ErrorBody)))]
 async fn get_dead_letter(
     State(gateway): State<Arc<Gateway>>,
+    namespace: Ns,
     Path((kind, name, id)): Path<(String, String, String)>,
 ) -> ApiResult<Json<DeadLetterInfo>> {
-    Ok(Json(dead_letter(&gateway, &kind, name, &id).await?.into()))
+    Ok(Json(
+        dead_letter(&gateway, &namespace, &kind, name, &id)
+            .await?
+            .into(),
+    ))
 }
 
 #[utoipa::path(delete, path = "/v1/dead-letters/{kind}/{name}/{id}", tag = "calls",
@@ -2559,9 +2787,10 @@ async fn get_dead_letter(
     responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody)))]
 async fn delete_dead_letter(
     State(gateway): State<Arc<Gateway>>,
+    namespace: Ns,
     Path((kind, name, id)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
-    let letter = dead_letter(&gateway, &kind, name, &id).await?;
+    let letter = dead_letter(&gateway, &namespace, &kind, name, &id).await?;
     gateway
         .calls
         .delete_dead_letters(&letter.call.target, &[letter.call.id])
@@ -2576,14 +2805,15 @@ async fn delete_dead_letter(
     responses((status = 202, body = Accepted), (status = 404, body = ErrorBody)))]
 async fn redrive_dead_letter(
     State(gateway): State<Arc<Gateway>>,
+    namespace: Ns,
     Path((kind, name, id)): Path<(String, String, String)>,
 ) -> ApiResult<Response> {
-    let letter = dead_letter(&gateway, &kind, name, &id).await?;
+    let letter = dead_letter(&gateway, &namespace, &kind, name, &id).await?;
     let id = letter.call.id.clone();
     if !redrive(&gateway, &letter.call.target, &id).await? {
         return Err(ApiError::not_found(format!("no dead letter {id:?}")));
     }
-    Ok(accepted(&id))
+    Ok(accepted(keys::split(letter.call.target.name()).0, &id))
 }
 
 /// `POST /v1/keys` body.
@@ -2597,6 +2827,10 @@ pub struct NewApiKey {
     /// Seconds until it stops working (default: never).
     #[serde(default)]
     pub expires_in_s: Option<u64>,
+    /// The namespace it acts in (default: the one the request addresses); an `admin` key
+    /// acts in every namespace.
+    #[serde(default)]
+    pub namespace: Option<String>,
 }
 
 /// An API key as listed: never its secret, nor the secret's hash.
@@ -2650,6 +2884,7 @@ pub struct ApiKeyList {
         (status = 403, body = ErrorBody)))]
 async fn create_api_key(
     State(gateway): State<Arc<Gateway>>,
+    Ns(addressed): Ns,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let asked: NewApiKey = serde_json::from_slice(&body?).map_err(|e| {
@@ -2664,10 +2899,20 @@ async fn create_api_key(
         Some(s) => Some(now_ms().saturating_add(s.saturating_mul(1000))),
         None => None,
     };
+    let namespace = asked.namespace.unwrap_or(addressed);
+    if !gateway.namespaces.exists(&namespace).await? {
+        return Err(ApiError::not_found(format!(
+            "no namespace {:?}",
+            namespace
+                .chars()
+                .take(keys::MAX_NAME_LEN)
+                .collect::<String>()
+        )));
+    }
     let issued = gateway
         .key_check
         .keys()
-        .create(&asked.name, role, keys::DEFAULT_NAMESPACE, expires_ms)
+        .create(&asked.name, role, &namespace, expires_ms)
         .await?;
     tracing::info!(id = %issued.record.id, name = %issued.record.name, %role, "API key made");
     gateway.key_check.learn(issued.record.clone());
@@ -2675,6 +2920,119 @@ async fn create_api_key(
     let mut info = ApiKeyInfo::from(issued.record);
     info.key = Some(issued.key);
     let mut response = (StatusCode::CREATED, Json(info)).into_response();
+    response.extensions_mut().insert(detail);
+    Ok(response)
+}
+
+/// `POST /v1/namespaces` body.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct NewNamespace {
+    /// Its name (letters, digits, `-`, `_`, `.`; not dots alone).
+    pub name: String,
+}
+
+/// `DELETE /v1/namespaces/{name}` answer.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct NamespaceDeleted {
+    /// The namespace.
+    pub name: String,
+    /// How many of its keys were deleted (records, results, its tenants' keys).
+    pub keys_deleted: u64,
+    /// The ids of its API keys, revoked.
+    pub keys_revoked: Vec<String>,
+}
+
+#[utoipa::path(get, path = "/v1/namespaces", tag = "namespaces",
+    responses((status = 200, body = Vec<NamespaceRecord>), (status = 403, body = ErrorBody)))]
+async fn list_namespaces(
+    State(gateway): State<Arc<Gateway>>,
+) -> ApiResult<Json<Vec<NamespaceRecord>>> {
+    Ok(Json(gateway.namespaces.namespaces().list().await?))
+}
+
+#[utoipa::path(post, path = "/v1/namespaces", tag = "namespaces", request_body = NewNamespace,
+    responses((status = 201, body = NamespaceRecord), (status = 400, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn create_namespace(
+    State(gateway): State<Arc<Gateway>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let asked: NewNamespace = serde_json::from_slice(&body?)
+        .map_err(|e| ApiError::bad_request(format!("the body must be {{\"name\":...}}: {e}")))?;
+    keys::validate_namespace(&asked.name).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if !gateway.namespaces.namespaces().create(&asked.name).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("namespace {:?} exists", asked.name),
+        ));
+    }
+    gateway.namespaces.learn(&asked.name, true);
+    let record = NamespaceRecord {
+        name: asked.name.clone(),
+        created_ms: now_ms(),
+        deleted: false,
+    };
+    let mut response = (StatusCode::CREATED, Json(record)).into_response();
+    response
+        .extensions_mut()
+        .insert(AuditDetail(format!("created namespace {}", asked.name)));
+    Ok(response)
+}
+
+#[utoipa::path(get, path = "/v1/namespaces/{name}", tag = "namespaces",
+    params(("name" = String, Path, description = "The namespace")),
+    responses((status = 200, body = NamespaceRecord), (status = 404, body = ErrorBody)))]
+async fn get_namespace(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<NamespaceRecord>> {
+    let listed = gateway.namespaces.namespaces().list().await?;
+    listed
+        .into_iter()
+        .find(|n| n.name == name)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no namespace {name:?}")))
+}
+
+#[utoipa::path(delete, path = "/v1/namespaces/{name}", tag = "namespaces",
+    params(("name" = String, Path, description = "The namespace")),
+    responses((status = 200, body = NamespaceDeleted), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+async fn delete_namespace(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    keys::validate_namespace(&name).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if name == keys::DEFAULT_NAMESPACE {
+        return Err(ApiError::bad_request(
+            "the default namespace cannot be deleted",
+        ));
+    }
+    // Its keys first: from here on nothing of it is let in, on any gateway within a second.
+    let mut revoked = Vec::new();
+    for record in gateway.key_check.keys().list().await? {
+        if record.namespace == name && record.revoked_ms.is_none() {
+            if let Some(record) = gateway.key_check.keys().revoke(&record.id).await? {
+                revoked.push(record.id.clone());
+                gateway.key_check.learn(record);
+            }
+        }
+    }
+    let Some(keys_deleted) = gateway.namespaces.namespaces().delete(&name).await? else {
+        return Err(ApiError::not_found(format!("no namespace {name:?}")));
+    };
+    gateway.namespaces.learn(&name, false);
+    let detail = AuditDetail(format!(
+        "deleted namespace {name}: {keys_deleted} keys, {} API keys revoked",
+        revoked.len()
+    ));
+    let mut response = Json(NamespaceDeleted {
+        name,
+        keys_deleted,
+        keys_revoked: revoked,
+    })
+    .into_response();
     response.extensions_mut().insert(detail);
     Ok(response)
 }
@@ -2754,7 +3112,7 @@ async fn revoke_api_key(
 /// The OpenAPI document, generated from the handlers above.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Squall", description = "Stateful functions and DAGs of functions over a lattice key-value store"),
+    info(title = "Squall", description = "Stateful functions and DAGs of functions over a lattice key-value store. Every `/v1/...` path but those of keys, audit and namespaces is also served as `/v1/ns/{ns}/...`, in namespace `ns` (the plain path: the `default` namespace)."),
     paths(healthz, metrics, openapi, executors, register_function, list_functions, get_function,
         delete_function, invoke_function, register_model, list_models, get_model, delete_model,
         invoke_dag, put_dag, list_dags, get_dag, delete_dag,
@@ -2766,11 +3124,12 @@ async fn revoke_api_key(
         fire_trigger,
         list_dead_letters, delete_dead_letters, redrive_dead_letters, get_dead_letter,
         delete_dead_letter, redrive_dead_letter, create_api_key, list_api_keys, revoke_api_key,
-        list_audit),
+        list_audit, list_namespaces, create_namespace, get_namespace, delete_namespace),
     components(schemas(ErrorBody, ErrorDetail, Health, ExecutorInfo, FunctionInfo, FunctionDetail,
         Accepted, DagInfo, DagSpec, Running, KeyList, ActivationPage, RetryPolicy, DeadLetterInfo,
         DeadLetterPage, Handled, ConcurrencyLimit, TriggerSpec, TriggerInfo, ActivationLogs,
-        LogEntry, NewApiKey, ApiKeyInfo, ApiKeyList, AuditPage)),
+        LogEntry, NewApiKey, ApiKeyInfo, ApiKeyList, AuditPage, NewNamespace, NamespaceDeleted,
+        NamespaceRecord)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -8,6 +8,10 @@
 //! key too weak for the request is refused with 403, a missing, unknown, expired or revoked
 //! one with 401.
 //!
+//! An `admin` key (and the token) acts in every namespace; any other key acts only in the
+//! namespace it was made for: a request it makes to another is refused with 403 before any
+//! handler runs, whatever it names.
+//!
 //! # Cost and revocation
 //! Each gateway with a token keeps every key's record in memory, read again from the store
 //! (one listing) every [`REFRESH_EVERY`] by a task of its own ([`KeyCheck::keep_fresh`]), so
@@ -40,7 +44,12 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     if path == "/healthz" {
         return None;
     }
-    if path == "/v1/keys" || path.starts_with("/v1/keys/") || path == "/v1/audit" {
+    if path == "/v1/keys"
+        || path.starts_with("/v1/keys/")
+        || path == "/v1/audit"
+        || path == "/v1/namespaces"
+        || path.starts_with("/v1/namespaces/")
+    {
         return Some(Role::Admin);
     }
     if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
@@ -64,6 +73,9 @@ pub enum Verdict {
         role: Role,
         /// Who it is, as the audit trail names it.
         by: String,
+        /// The namespace it acts in; `None`: every namespace (the token and admin keys,
+        /// which manage namespaces).
+        namespace: Option<String>,
     },
     /// Refused, and why (said to the client in general terms only).
     Refused(Refusal),
@@ -125,6 +137,7 @@ impl KeyCheck {
                 return Ok(Verdict::Admitted {
                     role: Role::Admin,
                     by: "token".into(),
+                    namespace: None,
                 });
             }
         }
@@ -142,18 +155,17 @@ impl KeyCheck {
             }
         };
         let now = squall_lattices::entry::now_ms();
-        Ok(
-            match record
-                .map(|r| r.admits(secret, now))
-                .unwrap_or(Err(Refusal::Unknown))
-            {
-                Ok(role) => Verdict::Admitted {
-                    role,
-                    by: id.to_string(),
-                },
-                Err(refusal) => Verdict::Refused(refusal),
+        let Some(record) = record else {
+            return Ok(Verdict::Refused(Refusal::Unknown));
+        };
+        Ok(match record.admits(secret, now) {
+            Ok(role) => Verdict::Admitted {
+                role,
+                by: id.to_string(),
+                namespace: (role != Role::Admin).then_some(record.namespace),
             },
-        )
+            Err(refusal) => Verdict::Refused(refusal),
+        })
     }
 
     /// Key `id`'s record (`Some(None)`: no such key) from a copy young enough to trust;
@@ -227,6 +239,10 @@ mod tests {
             // Unknown paths need a key too (and then answer 404).
             (Method::POST, "/v1/nowhere", Some(Role::Deploy)),
             (Method::GET, "/v1/keysmith", Some(Role::Read)),
+            // Namespaces are the admin's, listing them included.
+            (Method::GET, "/v1/namespaces", Some(Role::Admin)),
+            (Method::POST, "/v1/namespaces", Some(Role::Admin)),
+            (Method::DELETE, "/v1/namespaces/a", Some(Role::Admin)),
         ];
         for (method, path, role) in cases {
             assert_eq!(required_role(&method, path), role, "{method} {path}");

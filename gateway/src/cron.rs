@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use squall_lattices::entry::now_ms;
 use squall_proto::call::{InvokeOptions, Target};
+use squall_proto::keys;
 use squall_state::calls::{Calls, PendingCall};
+use squall_state::namespaces::Namespaces;
 use squall_state::triggers::{due, input_of, tick_id, Due, Firing, Trigger, Triggers};
 
 use crate::runner::Runner;
@@ -46,20 +48,26 @@ const LEASE_RENEW: Duration = Duration::from_secs(3);
 /// How long before its lease ends a holder stops believing it holds it.
 const LEASE_MARGIN_MS: u64 = 1_000;
 
-/// Where each trigger stands, by name: the latest tick fired or being fired.
+/// Where each trigger stands, by qualified name ([`keys::qualify`]): the latest tick fired
+/// or being fired.
 type Through = Arc<Mutex<HashMap<String, u64>>>;
 
 /// A trigger this gateway fires, as last read.
 struct Armed {
+    /// The triggers of its namespace.
+    triggers: Triggers,
+    /// Its name qualified with its namespace.
+    qualified: String,
     trigger: Trigger,
     target: Target,
     schedule: cron::Schedule,
 }
 
-/// Fires cron triggers. Cheap to clone.
+/// Fires cron triggers, of every namespace. Cheap to clone.
 #[derive(Clone)]
 pub struct CronFirer {
     triggers: Triggers,
+    namespaces: Namespaces,
     calls: Calls,
     runner: Runner,
     timeout: Duration,
@@ -73,6 +81,7 @@ impl CronFirer {
     /// Fires through `runner`; calls get `timeout` as their deadline.
     pub fn new(triggers: Triggers, calls: Calls, runner: Runner, timeout: Duration) -> Self {
         Self {
+            namespaces: Namespaces::new(calls.store().clone()),
             triggers,
             calls,
             runner,
@@ -107,7 +116,7 @@ impl CronFirer {
             wanted.store(!armed.is_empty(), Ordering::Relaxed);
             let now = now_ms();
             for one in &armed {
-                let name = &one.trigger.name;
+                let name = &one.qualified;
                 let tick = {
                     let mut known = through.lock().unwrap_or_else(|p| p.into_inner());
                     // Ticks before the trigger was created, changed or resumed never fire.
@@ -123,17 +132,19 @@ impl CronFirer {
                     tick
                 };
                 if let Some(tick) = tick {
-                    let (firer, trigger, target, through) = (
+                    let (firer, triggers, trigger, target, through, name) = (
                         self.clone(),
+                        one.triggers.clone(),
                         one.trigger.clone(),
                         one.target.clone(),
                         through.clone(),
+                        name.clone(),
                     );
                     tokio::spawn(async move {
-                        if !firer.fire(&trigger, target, tick).await {
+                        if !firer.fire(&triggers, &trigger, target, tick).await {
                             let mut known = through.lock().unwrap_or_else(|p| p.into_inner());
-                            if known.get(&trigger.name) == Some(&tick.tick_ms) {
-                                known.insert(trigger.name.clone(), tick.tick_ms - 1);
+                            if known.get(&name) == Some(&tick.tick_ms) {
+                                known.insert(name, tick.tick_ms - 1);
                             }
                         }
                     });
@@ -171,31 +182,18 @@ impl CronFirer {
         now_ms() < self.leading_until.load(Ordering::Relaxed)
     }
 
-    /// The triggers to fire, and where each stands in the store.
+    /// The triggers to fire, of every namespace, and where each stands in the store.
     async fn refresh(&self, through: &Through) -> squall_state::Result<Vec<Armed>> {
-        let fired = self.triggers.fired_through().await?;
         let mut armed = Vec::new();
-        let mut names = HashSet::new();
-        for trigger in self.triggers.list().await? {
-            if trigger.paused {
-                continue;
+        let mut fired = HashMap::new();
+        for namespace in self.namespaces.names().await? {
+            let triggers = self.triggers.in_namespace(&namespace);
+            for (name, tick) in triggers.fired_through().await? {
+                fired.insert(keys::qualify(&namespace, &name), tick);
             }
-            let (target, schedule) = match trigger.spec.check() {
-                Ok((target, Firing::Cron(schedule))) => (target, *schedule),
-                // Fired by the change feed.
-                Ok((_, Firing::KvChange(_))) => continue,
-                Err(e) => {
-                    tracing::warn!(trigger = %trigger.name, cause = %e, "a stored trigger is not valid");
-                    continue;
-                }
-            };
-            names.insert(trigger.name.clone());
-            armed.push(Armed {
-                trigger,
-                target,
-                schedule,
-            });
+            self.arm(&triggers, &mut armed).await?;
         }
+        let names: HashSet<String> = armed.iter().map(|a| a.qualified.clone()).collect();
         let mut known = through.lock().unwrap_or_else(|p| p.into_inner());
         known.retain(|name, _| names.contains(name));
         for name in names {
@@ -206,10 +204,42 @@ impl CronFirer {
         Ok(armed)
     }
 
+    /// Adds the cron triggers of `triggers`' namespace that are not paused to `armed`.
+    async fn arm(&self, triggers: &Triggers, armed: &mut Vec<Armed>) -> squall_state::Result<()> {
+        for trigger in triggers.list().await? {
+            if trigger.paused {
+                continue;
+            }
+            let (target, schedule) = match triggers.check(&trigger.spec) {
+                Ok((target, Firing::Cron(schedule))) => (target, *schedule),
+                // Fired by the change feed.
+                Ok((_, Firing::KvChange(_))) => continue,
+                Err(e) => {
+                    tracing::warn!(trigger = %trigger.name, cause = %e, "a stored trigger is not valid");
+                    continue;
+                }
+            };
+            armed.push(Armed {
+                triggers: triggers.clone(),
+                qualified: keys::qualify(triggers.namespace(), &trigger.name),
+                trigger,
+                target,
+                schedule,
+            });
+        }
+        Ok(())
+    }
+
     /// Fires `tick` of `trigger`, unless another gateway did (at once while this gateway
     /// holds the lease, else after a fallback); tries again for a while if the store does not
     /// answer. Whether the tick is fired.
-    async fn fire(&self, trigger: &Trigger, target: Target, tick: Due) -> bool {
+    async fn fire(
+        &self,
+        triggers: &Triggers,
+        trigger: &Trigger,
+        target: Target,
+        tick: Due,
+    ) -> bool {
         if !self.leading() {
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
             (self.runner.id(), &trigger.name, tick.tick_ms).hash(&mut hasher);
@@ -218,7 +248,7 @@ impl CronFirer {
         }
         let mut pause = Duration::from_millis(100);
         for _ in 0..10 {
-            match self.fire_once(trigger, &target, tick).await {
+            match self.fire_once(triggers, trigger, &target, tick).await {
                 Ok(()) => return true,
                 Err(e) => {
                     tracing::warn!(trigger = %trigger.name, cause = %e, "firing a trigger; trying again");
@@ -234,12 +264,13 @@ impl CronFirer {
 
     async fn fire_once(
         &self,
+        triggers: &Triggers,
         trigger: &Trigger,
         target: &Target,
         tick: Due,
     ) -> squall_state::Result<()> {
         let id = tick_id(trigger, tick.tick_ms);
-        if !self.calls.taken(id.as_str()).await? {
+        if !self.calls.of(target).taken(id.as_str()).await? {
             if tick.missed > 0 {
                 tracing::warn!(trigger = %trigger.name, missed = tick.missed,
                     "ticks were missed while no gateway ran; the latest fires, late");
@@ -257,6 +288,6 @@ impl CronFirer {
             );
             self.runner.accept(call, Vec::new()).await?;
         }
-        self.triggers.mark_fired(&trigger.name, tick.tick_ms).await
+        triggers.mark_fired(&trigger.name, tick.tick_ms).await
     }
 }

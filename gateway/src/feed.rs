@@ -74,6 +74,7 @@ use squall_lattices::{Counter, LatticeValue, Max, Min};
 use squall_proto::call::{Failure, FailureCode, InvokeOptions, Target};
 use squall_proto::{keys, Change};
 use squall_state::calls::{CallOrder, Calls, PendingCall};
+use squall_state::namespaces::Namespaces;
 use squall_state::triggers::{change_id, Firing, Trigger, Triggers};
 use squall_state::ClientPool;
 
@@ -104,7 +105,11 @@ pub const DEFAULT_MAX_CHAIN: u32 = 16;
 /// A `kv-change` trigger as last read.
 struct Armed {
     trigger: Trigger,
+    /// Its name qualified with its namespace ([`keys::qualify`]): trigger names are a
+    /// namespace's own.
+    qualified: String,
     target: Target,
+    /// The store keys it fires on: its prefix mapped into its namespace ([`keys::user`]).
     prefix: String,
 }
 
@@ -406,19 +411,23 @@ impl ChangeFeed {
         }
     }
 
-    /// The `kv-change` triggers that are not paused.
+    /// The `kv-change` triggers of every namespace that are not paused.
     async fn kv_triggers(&self) -> squall_state::Result<Vec<Armed>> {
         let mut armed = Vec::new();
-        for trigger in self.triggers.list().await? {
-            if trigger.paused {
-                continue;
-            }
-            if let Ok((target, Firing::KvChange(prefix))) = trigger.spec.check() {
-                armed.push(Armed {
-                    trigger,
-                    target,
-                    prefix,
-                });
+        for namespace in Namespaces::new(self.kvs.clone()).names().await? {
+            let triggers = self.triggers.in_namespace(&namespace);
+            for trigger in triggers.list().await? {
+                if trigger.paused {
+                    continue;
+                }
+                if let Ok((target, Firing::KvChange(prefix))) = triggers.check(&trigger.spec) {
+                    armed.push(Armed {
+                        qualified: keys::qualify(&namespace, &trigger.name),
+                        trigger,
+                        target,
+                        prefix: keys::user(&namespace, &prefix),
+                    });
+                }
             }
         }
         Ok(armed)
@@ -546,7 +555,7 @@ impl ChangeFeed {
                 }
                 if change.digest != 0
                     && !self.recent.note(
-                        &one.trigger.name,
+                        &one.qualified,
                         change.digest,
                         endpoint,
                         change.seq,
@@ -575,7 +584,7 @@ impl ChangeFeed {
             }
             let one = &armed[trigger];
             let delivery = Delivery {
-                calls: self.calls.clone(),
+                calls: self.calls.of(&one.target),
                 runner: self.runner.clone(),
                 trigger: one.trigger.clone(),
                 target: one.target.clone(),
@@ -722,17 +731,23 @@ fn chain_too_deep(trigger: &str, change: &Change, max_chain: u32) -> Option<Fail
                 "trigger {trigger:?}: the write of {:?} came from a chain of {} trigger calls, \
                  the limit (--max-trigger-chain); is a function writing what fires its own \
                  trigger?",
-                change.key, change.chain
+                shown_key(&change.key),
+                change.chain
             ),
         )
     })
+}
+
+/// A store key as its namespace's functions name it (the key itself if it is no tenant's).
+fn shown_key(stored: &str) -> &str {
+    keys::tenant_key(stored).map_or(stored, |(_, key)| key)
 }
 
 /// A change as a `kv-change` call's input.
 pub fn event(trigger: &str, change: &Change) -> Value {
     json!({
         "trigger": trigger,
-        "key": change.key,
+        "key": shown_key(&change.key),
         "op": if change.deleted { "delete" } else { "write" },
         "seq": change.seq,
         "ms": change.ms,

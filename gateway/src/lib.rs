@@ -20,6 +20,8 @@
 //! # Layout
 //! - [`api`]: the routes and handlers, their errors and status mapping, and the OpenAPI
 //!   document ([`api::ApiDoc`]).
+//! - [`namespace`]: which namespace a request addresses (`/v1/ns/{ns}/...`), and the names
+//!   it uses there.
 //! - [`auth`]: the role each request needs and the check of its bearer key (the token or an
 //!   API key).
 //! - [`runner`]: runs durable asynchronous calls: attempts, retries, dead letters, and calls
@@ -42,6 +44,8 @@
 //! - `rustls` and `tokio-rustls`: TLS without a system OpenSSL (see [`tls`] for why).
 //! - `squall-scheduler` for its client, `squall-state` for the registries, results, records
 //!   and durable calls.
+//! - `tower`: its `map_request`, to give each request its namespace before routing (axum's
+//!   own middleware runs after routing).
 //! - `tokio`: the runner's tasks, timers and its bound on attempts running at once.
 
 /// The routes and handlers.
@@ -51,6 +55,7 @@ pub mod cron;
 pub mod feed;
 pub mod limits;
 mod metrics;
+pub mod namespace;
 pub mod runner;
 pub mod tls;
 

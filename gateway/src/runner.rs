@@ -50,6 +50,7 @@ use squall_state::calls::{
     after_failure, claimable, AfterFailure, CallOrder, Calls, PendingCall, RetryPolicy,
     LEASE_MARGIN,
 };
+use squall_state::namespaces::Namespaces;
 use squall_state::{Activation, ActivationId, Activations};
 use tokio::sync::Semaphore;
 
@@ -362,7 +363,7 @@ impl Runner {
     /// Renews the lease of a waiting call, read back as a scan's take is; whether this
     /// runner still holds it (a store that does not answer leaves the call waiting here).
     async fn renew_waiting(&self, call: &mut PendingCall) -> bool {
-        match self.inner.calls.get(&call.id).await {
+        match self.inner.calls.of(&call.target).get(&call.id).await {
             Ok(None) => return false,
             Ok(Some(stored)) => {
                 if !self.may_run(&stored) {
@@ -379,7 +380,7 @@ impl Runner {
             tracing::warn!(id = %call.id, cause = %e, "renewing a waiting call's lease");
             return true;
         }
-        match self.inner.calls.get(&call.id).await {
+        match self.inner.calls.of(&call.target).get(&call.id).await {
             Ok(Some(stored)) => stored.lease == call.lease,
             Ok(None) => false,
             Err(_) => true,
@@ -443,10 +444,11 @@ impl Runner {
         let mut cleanup = cleanup;
         cleanup.push(call_write.0.clone());
         writes.push(call_write);
-        let running =
-            self.inner
-                .calls
-                .result_write(&call.id, &CallResult::Running, call.attempt)?;
+        let running = self.inner.calls.of(&call.target).result_write(
+            &call.id,
+            &CallResult::Running,
+            call.attempt,
+        )?;
         cleanup.push(running.0.clone());
         writes.push(running);
         if let Some(activations) = &self.inner.activations {
@@ -548,7 +550,7 @@ impl Runner {
     /// The store side of [`Runner::adopt`], for a call held here.
     async fn take(&self, call: PendingCall) -> squall_state::Result<bool> {
         // What the page said may be stale: the call may have finished (and been let go) since.
-        let Some(mut call) = self.inner.calls.get(&call.id).await? else {
+        let Some(mut call) = self.inner.calls.of(&call.target).get(&call.id).await? else {
             return Ok(false);
         };
         if !claimable(&call, &self.inner.id, false, now_ms()) {
@@ -595,32 +597,33 @@ impl Runner {
         });
     }
 
-    /// One pass over the pending calls: takes those [`claimable`] here. Calls held here are
+    /// One pass over the pending calls of every namespace: takes those [`claimable`] here. Calls held here are
     /// not read.
     pub async fn scan(&self) -> squall_state::Result<usize> {
         let _scanning = Scanning::new(&self.inner);
-        let mut after = None;
         let mut taken = 0;
-        loop {
-            let (page, next) = self
-                .inner
-                .calls
-                .pending(after, SCAN_PAGE, |id| self.holds(id))
-                .await?;
-            for call in page {
-                if self.held() >= MAX_HELD {
-                    return Ok(taken);
+        let namespaces = Namespaces::new(self.inner.calls.store().clone());
+        for namespace in namespaces.names().await? {
+            let calls = self.inner.calls.in_namespace(&namespace);
+            let mut after = None;
+            loop {
+                let (page, next) = calls.pending(after, SCAN_PAGE, |id| self.holds(id)).await?;
+                for call in page {
+                    if self.held() >= MAX_HELD {
+                        return Ok(taken);
+                    }
+                    let here = self.holds(&call.id);
+                    if claimable(&call, &self.inner.id, here, now_ms()) && self.adopt(call).await? {
+                        taken += 1;
+                    }
                 }
-                let here = self.holds(&call.id);
-                if claimable(&call, &self.inner.id, here, now_ms()) && self.adopt(call).await? {
-                    taken += 1;
+                match next {
+                    Some(next) => after = Some(next),
+                    None => break,
                 }
-            }
-            match next {
-                Some(next) => after = Some(next),
-                None => return Ok(taken),
             }
         }
+        Ok(taken)
     }
 
     /// Runs `call`'s attempts until it finishes, is given up, or is cancelled.
@@ -677,7 +680,7 @@ impl Runner {
                 if !landing.landed().await {
                     break;
                 }
-                match self.inner.calls.get(&call.id).await {
+                match self.inner.calls.of(&call.target).get(&call.id).await {
                     Ok(Some(stored)) => {
                         if !self.may_run(&stored) {
                             tracing::info!(id = %call.id, "another runner took the call while it waited here");
@@ -811,7 +814,10 @@ impl Runner {
             AfterFailure::Retry { attempt, at_ms } => {
                 // Cancelled meanwhile (through another gateway): a write now would bring the
                 // deleted call back.
-                let gone = matches!(self.inner.calls.get(&call.id).await, Ok(None));
+                let gone = matches!(
+                    self.inner.calls.of(&call.target).get(&call.id).await,
+                    Ok(None)
+                );
                 if gone || self.is_cancelled(&call.id) {
                     return false;
                 }
@@ -880,7 +886,7 @@ impl Runner {
     /// Writes a finished call's result and deletes it. A result the store refuses (an
     /// output over its limits) is written as a `too_large` failure instead.
     async fn finish(&self, call: &PendingCall, result: CallResult) {
-        let calls = self.inner.calls.clone();
+        let calls = self.inner.calls.of(&call.target);
         let (id, attempt) = (call.id.clone(), call.attempt);
         let write = |result: CallResult| {
             let (calls, id) = (calls.clone(), id.clone());

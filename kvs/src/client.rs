@@ -300,6 +300,16 @@ impl Client {
 
     /// Reads several keys at once (one request per shard, in parallel), in order.
     pub fn get_many(&mut self, keys: &[Key]) -> Result<Vec<Option<LatticeValue>>> {
+        Ok(self
+            .read_entries(keys)?
+            .into_iter()
+            .map(|entry| entry.and_then(Entry::into_live_now))
+            .collect())
+    }
+
+    /// The entries the replicas hold for `keys` (one request per shard, in parallel), in
+    /// order, dead ones included.
+    fn read_entries(&mut self, keys: &[Key]) -> Result<Vec<Option<Entry>>> {
         let results = self.routed(
             keys.len(),
             |i| keys[i].as_str(),
@@ -308,9 +318,18 @@ impl Client {
             },
             Kind::Read,
         )?;
-        Ok(entries_of(results, keys)?
+        entries_of(results, keys)
+    }
+
+    /// Reads several keys' entries at once, in order: each live key's value with its expiry
+    /// (`None`: absent, deleted or expired now), for moving keys as they are, expiry included
+    /// (merge them elsewhere with [`Client::merge_many`]).
+    pub fn get_entries(&mut self, keys: &[Key]) -> Result<Vec<Option<Entry>>> {
+        let now = squall_lattices::entry::now_ms();
+        Ok(self
+            .read_entries(keys)?
             .into_iter()
-            .map(|entry| entry.and_then(Entry::into_live_now))
+            .map(|entry| entry.filter(|e| e.live(now).is_some()))
             .collect())
     }
 

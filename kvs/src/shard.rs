@@ -892,10 +892,11 @@ impl Shard {
     }
 
     /// Whether a client's write of `key` enters the journal: the journal is on and the key
-    /// is not one of Squall's own. The journal's own keys are refused.
+    /// is a tenant's (`squall_proto::keys::is_tenant_key`), not one of Squall's own records.
+    /// The journal's own keys are refused.
     fn journals(&self, key: &str) -> Result<bool, KeyError> {
         refuse_journal_key(key)?;
-        Ok(self.journal.is_on() && !key.starts_with(squall_proto::keys::RESERVED_PREFIX))
+        Ok(self.journal.is_on() && squall_proto::keys::is_tenant_key(key))
     }
 
     /// Journals a write of `key` just merged, with the key's live value after it. Appended

@@ -6,7 +6,7 @@
 //!
 //! Records that belong to a tenant are laid out by namespace from the start, `(namespace,
 //! kind, name) -> key`, so that namespaces, triggers, activation records and dead letters land
-//! in this one layout without moving data. Everything lives in [`DEFAULT_NAMESPACE`] today.
+//! in this one layout without moving data.
 //!
 //! ```text
 //! squall/ns/{namespace}/names/{kind}     the set of names of one kind ([`names`])
@@ -23,6 +23,10 @@
 //! squall/ns/{namespace}/trigger/{name}   a trigger ([`trigger`])
 //! squall/ns/{namespace}/trigger-fired/{name}       the latest tick it fired ([`trigger_fired`])
 //! squall/ns/{namespace}/audit/{id}       an administrative request's audit entry ([`audit`])
+//! squall/ns/{namespace}/kv/{key}         a key a function or client of the namespace names ([`user`])
+//! squall/namespaces                      the set of namespaces ever created ([`namespaces`])
+//! squall/namespace/{namespace}           whether it exists now, since when ([`namespace`])
+//! squall/migrated/tenant-keys            keys from before namespaces were moved ([`tenant_keys_moved`])
 //! squall/api-key/{id}                    an API key: its role, namespace and secret's hash ([`api_key`])
 //! squall/code/{sha256}                   content-addressed code, shared by every namespace ([`code`])
 //! squall/code/{sha256}/{index}           its chunks ([`code_chunk`])
@@ -34,6 +38,18 @@
 //!
 //! Namespace and record names are checked by [`validate_name`] before they are laid out, so
 //! no name can contain a `/` and reach into another record's keys.
+//!
+//! # Tenants' keys
+//!
+//! Every key a function's `state` calls or a client's `/v1/kv` names is mapped by [`user`]
+//! into its namespace, `default` included: `counter` in namespace `a` is stored as
+//! `squall/ns/a/kv/counter`. The mapping is done by the host (the executor, the gateway), never
+//! by the guest, and it is one-to-one and prefix-preserving: a namespace's keys are exactly the
+//! store keys that start with [`user_prefix`], so no name (`../b/kv/x`, `squall/ns/b/...`, a
+//! percent-encoded one) lands outside, listing a prefix lists only the namespace's keys, and
+//! deleting a namespace deletes everything under [`namespace_root`]. Functions and models are
+//! named inside the fabric by [`qualify`]: a name alone in `default`, `ns/name` elsewhere,
+//! which no guest can forge, since names given by guests and clients never contain a `/`.
 
 use crate::Key;
 
@@ -43,7 +59,8 @@ pub const RESERVED_PREFIX: &str = "squall/";
 /// The longest key the store takes from a function, the HTTP API or a replication override.
 pub const MAX_KEY_BYTES: usize = 1024;
 
-/// The namespace everything belongs to until namespaces can be created.
+/// The namespace of the URLs and commands that name none, and of everything from before
+/// namespaces.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
 /// The longest name of a function, model, DAG or namespace.
@@ -216,6 +233,85 @@ pub fn idempotency(namespace: &str, kind: Kind, name: &str, hash: &str) -> Key {
     )
 }
 
+/// The store key of the key `key` a function or client of `namespace` names (see the module
+/// docs). `key` is taken as it is: any bytes, any `/`, nothing outside the namespace.
+pub fn user(namespace: &str, key: &str) -> Key {
+    format!("{RESERVED_PREFIX}ns/{namespace}/kv/{key}")
+}
+
+/// The prefix of every store key [`user`] maps `namespace`'s keys to.
+pub fn user_prefix(namespace: &str) -> Key {
+    format!("{RESERVED_PREFIX}ns/{namespace}/kv/")
+}
+
+/// The namespace and the key as its functions name it, if `stored` is a tenant's key.
+pub fn tenant_key(stored: &str) -> Option<(&str, &str)> {
+    let rest = stored.strip_prefix(RESERVED_PREFIX)?.strip_prefix("ns/")?;
+    let (namespace, rest) = rest.split_once('/')?;
+    let key = rest.strip_prefix("kv/")?;
+    Some((namespace, key))
+}
+
+/// Whether `stored` is a key some namespace's functions or clients name: the keys the store
+/// journals for `kv-change` triggers, with every key outside Squall's reserved space.
+pub fn is_tenant_key(stored: &str) -> bool {
+    !is_reserved(stored) || tenant_key(stored).is_some()
+}
+
+/// The prefix of every key `namespace` owns: its records and its tenants' keys.
+pub fn namespace_root(namespace: &str) -> Key {
+    format!("{RESERVED_PREFIX}ns/{namespace}/")
+}
+
+/// The key of the set of namespaces ever created (a grow-only set; [`namespace`] says which
+/// exist now).
+pub fn namespaces() -> Key {
+    format!("{RESERVED_PREFIX}namespaces")
+}
+
+/// The key of namespace `namespace`'s record: whether it exists, since when.
+pub fn namespace(namespace: &str) -> Key {
+    format!("{RESERVED_PREFIX}namespace/{namespace}")
+}
+
+/// The name the fabric knows function (or model, or DAG) `name` of `namespace` by: `name`
+/// alone in [`DEFAULT_NAMESPACE`], so everything from before namespaces keeps its name, and
+/// `namespace/name` elsewhere. Both parts are checked names (no `/`), so [`split`] undoes it.
+pub fn qualify(namespace: &str, name: &str) -> String {
+    if namespace == DEFAULT_NAMESPACE {
+        name.to_string()
+    } else {
+        format!("{namespace}/{name}")
+    }
+}
+
+/// The namespace and the name of a name made by [`qualify`].
+pub fn split(qualified: &str) -> (&str, &str) {
+    match qualified.split_once('/') {
+        Some((namespace, name)) => (namespace, name),
+        None => (DEFAULT_NAMESPACE, qualified),
+    }
+}
+
+/// Checks a namespace's name: a name ([`validate_name`]) that is not `.` or `..` (which URLs
+/// would resolve away).
+pub fn validate_namespace(name: &str) -> Result<(), InvalidName> {
+    validate_name(name)?;
+    if name.bytes().all(|b| b == b'.') {
+        return Err(InvalidName {
+            name: name.to_string(),
+            reason: "a namespace is not named with dots alone",
+        });
+    }
+    Ok(())
+}
+
+/// The key marking that the keys of the layout before namespaces were moved into the default
+/// namespace (see `squall_state::legacy`).
+pub fn tenant_keys_moved() -> Key {
+    format!("{RESERVED_PREFIX}migrated/tenant-keys")
+}
+
 /// The key of the manifest of the code whose SHA-256 (hex) is `sha256`.
 pub fn code(sha256: &str) -> Key {
     format!("{RESERVED_PREFIX}code/{sha256}")
@@ -302,6 +398,44 @@ mod tests {
                     assert_ne!(names("n", a), names("n", b));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn tenants_keys_stay_in_their_namespace() {
+        assert_eq!(user("a", "counter"), "squall/ns/a/kv/counter");
+        assert_eq!(user(DEFAULT_NAMESPACE, "x"), "squall/ns/default/kv/x");
+        for key in ["../b/kv/x", "squall/ns/b/kv/x", "%2e%2e/b", "", "/", "kv/"] {
+            let stored = user("a", key);
+            assert!(stored.starts_with(&user_prefix("a")), "{key:?}");
+            assert!(!stored.starts_with(&user_prefix("b")), "{key:?}");
+            assert_eq!(tenant_key(&stored), Some(("a", key)));
+            assert!(is_tenant_key(&stored));
+        }
+        assert_eq!(tenant_key("plain"), None);
+        assert!(is_tenant_key("plain"));
+        for own in [
+            record("a", Kind::Function, "f"),
+            result("a", "x"),
+            code("ff"),
+        ] {
+            assert_eq!(tenant_key(&own), None, "{own}");
+            assert!(!is_tenant_key(&own), "{own}");
+        }
+        assert!(user("a", "x").starts_with(&namespace_root("a")));
+        assert!(record("a", Kind::Dag, "d").starts_with(&namespace_root("a")));
+        assert!(!record("ab", Kind::Dag, "d").starts_with(&namespace_root("a")));
+    }
+
+    #[test]
+    fn qualified_names_split_back() {
+        assert_eq!(qualify(DEFAULT_NAMESPACE, "incr"), "incr");
+        assert_eq!(qualify("a", "incr"), "a/incr");
+        assert_eq!(split("incr"), (DEFAULT_NAMESPACE, "incr"));
+        assert_eq!(split("a/incr"), ("a", "incr"));
+        assert!(validate_namespace("team-a").is_ok());
+        for bad in [".", "..", "a/b", ""] {
+            assert!(validate_namespace(bad).is_err(), "{bad:?}");
         }
     }
 

@@ -42,8 +42,10 @@ use squall_proto::call::{
     InvokeOptions, LimitsRequest, Message, Outcome, Plan, Target,
 };
 use squall_proto::fabric::{Fabric, Mailbox};
+use squall_proto::keys;
 use squall_proto::report::StepReport;
 use squall_state::dag::{DagRegistry, Shape};
+use squall_state::namespaces::Namespaces;
 use squall_state::results::store_result;
 use squall_state::{ClientPool, Registry};
 use tokio::task::JoinHandle;
@@ -102,6 +104,7 @@ impl Scheduler {
             fabric: mailbox.fabric().clone(),
             addr: addr.clone(),
             functions: Registry::direct(kvs.clone()),
+            namespaces: Namespaces::new(kvs.clone()),
             kvs,
             dags,
             config,
@@ -130,6 +133,7 @@ struct Shared {
     addr: String,
     kvs: ClientPool,
     functions: Registry,
+    namespaces: Namespaces,
     dags: DagRegistry,
     config: SchedulerConfig,
     state: Mutex<State>,
@@ -506,7 +510,9 @@ async fn invoke(
                     format!("DAG {name:?} is not registered"),
                 )
             })?;
-            Shape::of(&record.spec).map_err(|e| e.failure())?
+            Shape::of(&record.spec)
+                .map_err(|e| e.failure())?
+                .in_namespace(keys::split(name).0)
         }
     };
     let call: CallId = rand::random();
@@ -755,18 +761,31 @@ async fn keep_warm(shared: &Arc<Shared>) {
     if shared.state().executors.is_empty() {
         return;
     }
-    let functions = match shared.functions.list().await {
-        Ok(functions) => functions,
+    let mut functions = Vec::new();
+    let namespaces = match shared.namespaces.names().await {
+        Ok(namespaces) => namespaces,
         Err(e) => {
-            tracing::debug!(cause = %e, "listing functions to keep warm");
+            tracing::debug!(cause = %e, "listing namespaces to keep their functions warm");
             return;
         }
     };
+    for namespace in namespaces {
+        match shared.functions.list(&namespace).await {
+            Ok(listed) => functions.extend(
+                listed
+                    .into_iter()
+                    .map(|f| keys::qualify(&namespace, &f.name)),
+            ),
+            Err(e) => {
+                tracing::debug!(cause = %e, "listing functions to keep warm");
+                return;
+            }
+        }
+    }
     let now = Instant::now();
     let mut state = shared.state();
     let mut asks = Vec::new();
-    for function in functions {
-        let name = function.name;
+    for name in functions {
         let warm_somewhere = state
             .executors
             .values()

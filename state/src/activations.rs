@@ -217,6 +217,14 @@ pub struct Activation {
     pub chain: u32,
 }
 
+impl Activation {
+    /// The namespace of the function or DAG it records (its name is qualified,
+    /// [`keys::qualify`]).
+    pub fn namespace(&self) -> &str {
+        keys::split(&self.name).0
+    }
+}
+
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }
@@ -412,7 +420,8 @@ pub struct Activations {
     retention: Duration,
     /// This handle's contributions to the spans' byte counters (a counter entry of its own
     /// writer, as executors keep theirs), the spans past the retention forgotten.
-    spans: Arc<std::sync::Mutex<std::collections::BTreeMap<u64, Counter>>>,
+    /// By namespace and span: records are counted in the namespace of what they record.
+    spans: Arc<std::sync::Mutex<std::collections::BTreeMap<(String, u64), Counter>>>,
     writer: u64,
 }
 
@@ -437,30 +446,40 @@ impl Activations {
         }
     }
 
-    /// Adds `deltas` (span, bytes) to this handle's contributions to the spans' counters;
-    /// the counters' writes. Forgets the spans past the retention.
-    fn count(&self, deltas: impl IntoIterator<Item = (u64, i64)>) -> Vec<(Key, LatticeValue)> {
+    /// Adds `deltas` (namespace, span, bytes) to this handle's contributions to the spans'
+    /// counters; the counters' writes. Forgets the spans past the retention.
+    fn count(
+        &self,
+        deltas: impl IntoIterator<Item = ((String, u64), i64)>,
+    ) -> Vec<(Key, LatticeValue)> {
         let mut spans = self.spans.lock().unwrap_or_else(|p| p.into_inner());
         let mut writes = Vec::new();
-        for (span, delta) in deltas {
-            let counter = spans.entry(span).or_default();
+        for ((namespace, span), delta) in deltas {
+            let key = keys::activation_bytes(&namespace, &format!("{span:012}"));
+            let counter = spans.entry((namespace, span)).or_default();
             counter.add(self.writer, delta);
-            writes.push((self.span_key(span), LatticeValue::Counter(counter.clone())));
+            writes.push((key, LatticeValue::Counter(counter.clone())));
         }
         let oldest = span_of(squall_lattices::entry::now_ms().saturating_sub(
             (self.retention.as_millis() as u64).saturating_add(SPAN_SECONDS * 1000),
         ));
-        spans.retain(|&span, _| span >= oldest);
+        spans.retain(|(_, span), _| *span >= oldest);
         writes
     }
 
-    fn span_key(&self, span: u64) -> Key {
-        keys::activation_bytes(&self.namespace, &format!("{span:012}"))
+    /// The same records' reader and writer in `namespace`: where records are read, listed
+    /// and trimmed (a record is always written in the namespace of what it records).
+    pub fn in_namespace(&self, namespace: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            ..self.clone()
+        }
     }
 
-    /// The store write of `record`, expiring after the retention.
+    /// The store write of `record`, expiring after the retention, in the namespace of the
+    /// function or DAG it records.
     pub fn write_of(&self, record: &Activation) -> Result<(Key, Write)> {
-        record_write(&self.namespace, self.retention, record)
+        record_write(record.namespace(), self.retention, record)
     }
 
     /// Writes `records` in one round trip per shard, then adds the bytes of the finished
@@ -474,7 +493,12 @@ impl Activations {
             let write = self.write_of(record)?;
             // A record is counted once, finished: a running one is written again.
             let counted = record.status != Status::Running;
-            sizes.push(counted.then(|| (span_of(record.start_ms), stored_bytes(&write))));
+            sizes.push(counted.then(|| {
+                (
+                    (record.namespace().to_string(), span_of(record.start_ms)),
+                    stored_bytes(&write),
+                )
+            }));
             writes.push(write);
             ids.push(record.id.clone());
         }
@@ -484,7 +508,7 @@ impl Activations {
             .kvs
             .with(move |client| {
                 let results = client.write_many(writes)?;
-                let mut spans: std::collections::BTreeMap<u64, i64> = Default::default();
+                let mut spans: std::collections::BTreeMap<(String, u64), i64> = Default::default();
                 for (size, result) in sizes.into_iter().zip(&results) {
                     if let (Some((span, bytes)), Ok(())) = (size, result) {
                         *spans.entry(span).or_default() += bytes;
@@ -548,7 +572,7 @@ impl Activations {
         let oldest_dropped = dropped.iter().map(|(_, span, _)| *span).min();
         if let Some((span, room, bytes)) = plan.crossing.filter(|(_, room, bytes)| room < bytes) {
             let delta = -i64::try_from(bytes - room).unwrap_or(i64::MAX);
-            let counters = self.count([(span, delta)]);
+            let counters = self.count([((self.namespace.clone(), span), delta)]);
             self.kvs
                 .with(move |client| client.put_many(counters))
                 .await?;

@@ -386,6 +386,16 @@ fn all_written(
 
 use crate::register::decode;
 
+/// The namespace of `target` (its name is qualified, [`keys::qualify`]).
+fn namespace_of(target: &Target) -> &str {
+    keys::split(target.name()).0
+}
+
+/// `target`'s name in its namespace.
+fn name_of(target: &Target) -> &str {
+    keys::split(target.name()).1
+}
+
 impl Calls {
     /// Calls of the default namespace.
     pub fn new(kvs: ClientPool) -> Self {
@@ -395,6 +405,32 @@ impl Calls {
             writer: rand::random(),
             result_retention: crate::results::RESULT_RETENTION,
         }
+    }
+
+    /// The same store's calls in `namespace`: where calls by id (pending calls, results) are
+    /// read and written. What belongs to a target (its policy, limit, dead letters,
+    /// idempotency keys) is always in the target's own namespace, whichever handle is used.
+    pub fn in_namespace(&self, namespace: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            ..self.clone()
+        }
+    }
+
+    /// The same store's calls in `target`'s namespace (its name is qualified,
+    /// [`keys::qualify`]).
+    pub fn of(&self, target: &Target) -> Self {
+        self.in_namespace(namespace_of(target))
+    }
+
+    /// The namespace of its calls by id.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The store it keeps calls in.
+    pub fn store(&self) -> &ClientPool {
+        &self.kvs
     }
 
     /// The same calls, their results kept for `retention` after their last write.
@@ -407,9 +443,10 @@ impl Calls {
         crate::register::encode(key, value, Timestamp::now(self.writer))
     }
 
-    /// The store write of `call` (no expiry).
+    /// The store write of `call` (no expiry), in its target's namespace.
     pub fn call_write(&self, call: &PendingCall) -> Result<(Key, Write)> {
-        let key = keys::call(&self.namespace, &call.id);
+        // In the namespace of its target, whichever handle writes it.
+        let key = keys::call(namespace_of(&call.target), &call.id);
         let value = self.register(&key, call)?;
         Ok((
             key,
@@ -521,8 +558,10 @@ impl Calls {
     /// Gives `call` up: a dead letter and a failed result written, then the call deleted,
     /// then the target's oldest dead letters past [`MAX_DEAD_LETTERS`] deleted.
     pub async fn dead_letter(&self, call: PendingCall, error: RecordedError) -> Result<()> {
+        let this = self.of(&call.target);
         let kind = keys::Kind::from(&call.target);
-        let name = call.target.name().to_string();
+        let target = call.target.clone();
+        let name = name_of(&target).to_string();
         let id = call.id.clone();
         let failure = squall_proto::call::Failure {
             code: FailureCode::from_wire(&error.code).unwrap_or(FailureCode::Internal),
@@ -534,19 +573,19 @@ impl Calls {
             error,
             failed_ms: squall_lattices::entry::now_ms(),
         };
-        let letter_key = keys::dead_letter(&self.namespace, kind, &name, &id);
+        let letter_key = keys::dead_letter(namespace_of(&target), kind, &name, &id);
         let at = Timestamp::now(self.writer);
         let letter_write = Write::expiring(
             crate::register::encode(&letter_key, &letter, at)?,
             at,
             Some(DEAD_LETTER_RETENTION),
         );
-        let failed = self.result_write(&id, &CallResult::Failed(failure), letter.call.attempt)?;
-        self.write_all(vec![(letter_key, letter_write), failed])
+        let failed = this.result_write(&id, &CallResult::Failed(failure), letter.call.attempt)?;
+        this.write_all(vec![(letter_key, letter_write), failed])
             .await?;
-        self.delete_keys(vec![keys::call(&self.namespace, &id)])
+        this.delete_keys(vec![keys::call(&this.namespace, &id)])
             .await?;
-        self.trim_dead_letters(kind, &name).await
+        this.trim_dead_letters(kind, &name).await
     }
 
     /// Deletes the oldest dead letters of a target past [`MAX_DEAD_LETTERS`] (ids sort newest
@@ -599,7 +638,7 @@ impl Calls {
 
     /// The ids of every dead letter of `target` (keys only: no input is read).
     pub async fn dead_letter_ids(&self, target: &Target) -> Result<Vec<String>> {
-        let prefix = keys::dead_letter(&self.namespace, target.into(), target.name(), "");
+        let prefix = keys::dead_letter(namespace_of(target), target.into(), name_of(target), "");
         Ok(self
             .kvs
             .keys_with_prefix(&prefix)
@@ -617,7 +656,7 @@ impl Calls {
         after: Option<&str>,
         limit: u32,
     ) -> Result<(Vec<DeadLetter>, Option<String>)> {
-        let prefix = keys::dead_letter(&self.namespace, target.into(), target.name(), "");
+        let prefix = keys::dead_letter(namespace_of(target), target.into(), name_of(target), "");
         let after_key = after.map(|id| format!("{prefix}{id}"));
         let list_prefix = prefix.clone();
         let (page, next) = self
@@ -637,7 +676,7 @@ impl Calls {
 
     /// Dead letter `id` of `target`.
     pub async fn dead_letter_of(&self, target: &Target, id: &str) -> Result<Option<DeadLetter>> {
-        let key = keys::dead_letter(&self.namespace, target.into(), target.name(), id);
+        let key = keys::dead_letter(namespace_of(target), target.into(), name_of(target), id);
         let read = key.clone();
         let value = self.kvs.with(move |client| client.get(&read)).await?;
         Ok(value.and_then(|v| decode(&key, v)))
@@ -647,7 +686,7 @@ impl Calls {
     pub async fn delete_dead_letters(&self, target: &Target, ids: &[String]) -> Result<()> {
         let keys = ids
             .iter()
-            .map(|id| keys::dead_letter(&self.namespace, target.into(), target.name(), id))
+            .map(|id| keys::dead_letter(namespace_of(target), target.into(), name_of(target), id))
             .collect();
         self.delete_keys(keys).await
     }
@@ -667,10 +706,11 @@ impl Calls {
         call.not_before_ms = now;
         call.lease = None;
         call.cause = "redrive".into();
-        let running = self.result_write(&call.id, &CallResult::Running, call.attempt)?;
-        self.write_all(vec![self.call_write(&call)?, running])
+        let this = self.of(target);
+        let running = this.result_write(&call.id, &CallResult::Running, call.attempt)?;
+        this.write_all(vec![this.call_write(&call)?, running])
             .await?;
-        if self.get(&call.id).await?.is_none() {
+        if this.get(&call.id).await?.is_none() {
             return Err(Error::Internal(format!(
                 "redriven call {} did not read back; its dead letter is kept",
                 call.id
@@ -698,7 +738,7 @@ impl Calls {
 
     /// The retry policy of `target` (the default if none was set).
     pub async fn policy(&self, target: &Target) -> Result<RetryPolicy> {
-        let key = keys::retry_policy(&self.namespace, target.into(), target.name());
+        let key = keys::retry_policy(namespace_of(target), target.into(), name_of(target));
         let read = key.clone();
         let value = self.kvs.with(move |client| client.get(&read)).await?;
         Ok(value.and_then(|v| decode(&key, v)).unwrap_or_default())
@@ -708,8 +748,8 @@ impl Calls {
     /// deleted function's settings do not pass to the next one registered under its name).
     pub async fn forget(&self, target: &Target) -> Result<()> {
         self.delete_keys(vec![
-            keys::retry_policy(&self.namespace, target.into(), target.name()),
-            keys::concurrency_limit(&self.namespace, Some((target.into(), target.name()))),
+            keys::retry_policy(namespace_of(target), target.into(), name_of(target)),
+            keys::concurrency_limit(namespace_of(target), Some((target.into(), name_of(target)))),
         ])
         .await
     }
@@ -721,7 +761,7 @@ impl Calls {
 
     /// Sets the retry policy of `target`.
     pub async fn set_policy(&self, target: &Target, policy: &RetryPolicy) -> Result<()> {
-        let key = keys::retry_policy(&self.namespace, target.into(), target.name());
+        let key = keys::retry_policy(namespace_of(target), target.into(), name_of(target));
         let value = self.register(&key, policy)?;
         self.write_all(vec![(
             key,
@@ -739,7 +779,8 @@ impl Calls {
         target: &Target,
         limit: Option<ConcurrencyLimit>,
     ) -> Result<()> {
-        let key = keys::concurrency_limit(&self.namespace, Some((target.into(), target.name())));
+        let key =
+            keys::concurrency_limit(namespace_of(target), Some((target.into(), name_of(target))));
         match limit {
             Some(limit) => {
                 let value = self.register(&key, &limit)?;
@@ -756,14 +797,14 @@ impl Calls {
         }
     }
 
-    /// Every concurrency limit set in the namespace.
+    /// Every concurrency limit set in the namespace, its targets qualified.
     pub async fn concurrency_limits(&self) -> Result<Vec<(Target, ConcurrencyLimit)>> {
         let prefix = keys::concurrency_limit(&self.namespace, None);
         let mut limits = Vec::new();
         for (key, value) in self.kvs.entries_with_prefix(&prefix).await? {
             let target = match key.strip_prefix(&prefix).and_then(|k| k.split_once('/')) {
-                Some(("fn", name)) => Target::Function(name.to_string()),
-                Some(("dag", name)) => Target::Dag(name.to_string()),
+                Some(("fn", name)) => Target::Function(keys::qualify(&self.namespace, name)),
+                Some(("dag", name)) => Target::Dag(keys::qualify(&self.namespace, name)),
                 _ => continue,
             };
             if let Some(limit) = decode::<ConcurrencyLimit>(&key, value) {
@@ -776,7 +817,7 @@ impl Calls {
     fn idempotency_key(&self, target: &Target, idempotency_key: &str) -> Key {
         let hash = Sha256::digest(idempotency_key.as_bytes());
         let hex: String = hash.iter().take(16).map(|b| format!("{b:02x}")).collect();
-        keys::idempotency(&self.namespace, target.into(), target.name(), &hex)
+        keys::idempotency(namespace_of(target), target.into(), name_of(target), &hex)
     }
 
     /// The id of the call `idempotency_key` started on `target`, while its record is kept.

@@ -15,21 +15,22 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use squall_lattices::{LatticeValue, Lww, SetLattice, Timestamp};
 use squall_proto::call::{PlanStep, StepIndex, MAX_STEPS};
-use squall_proto::keys::{self, DEFAULT_NAMESPACE};
+use squall_proto::keys;
 
 use crate::cache::Cache;
 use crate::pool::ClientPool;
 use crate::registry::{validate_name, Registry};
 use crate::{Error, Result};
 
-/// The key of the set of DAG names.
-pub fn names_key() -> String {
-    keys::names(DEFAULT_NAMESPACE, keys::Kind::Dag)
+/// The key of the set of DAG names of `namespace`.
+pub fn names_key(namespace: &str) -> String {
+    keys::names(namespace, keys::Kind::Dag)
 }
 
-/// The key of a DAG's record.
+/// The key of a DAG's record; `name` is qualified ([`keys::qualify`]).
 pub fn dag_key(name: &str) -> String {
-    keys::record(DEFAULT_NAMESPACE, keys::Kind::Dag, name)
+    let (namespace, name) = keys::split(name);
+    keys::record(namespace, keys::Kind::Dag, name)
 }
 
 /// A DAG as its author writes it: `{"functions":["g","f"],"edges":[["g","f"]]}`.
@@ -78,8 +79,9 @@ impl Shape {
         if spec.functions.len() > MAX_STEPS {
             return invalid(format!("a DAG has at most {MAX_STEPS} functions"));
         }
+        // Plain names: a DAG names functions of its own namespace only.
         for name in &spec.functions {
-            validate_name(name).map_err(|e| Error::InvalidDag(e.to_string()))?;
+            keys::validate_name(name).map_err(|e| Error::InvalidDag(e.to_string()))?;
         }
         let index_of = |name: &str| spec.functions.iter().position(|f| f == name);
         for (i, name) in spec.functions.iter().enumerate() {
@@ -159,6 +161,15 @@ impl Shape {
         Ok(Self { steps })
     }
 
+    /// The same shape with its functions named as the fabric knows those of `namespace`
+    /// ([`keys::qualify`]).
+    pub fn in_namespace(mut self, namespace: &str) -> Self {
+        for step in &mut self.steps {
+            step.function = keys::qualify(namespace, &step.function);
+        }
+        self
+    }
+
     /// A single function as a one-step shape.
     pub fn single(function: &str) -> Self {
         Self {
@@ -170,6 +181,10 @@ impl Shape {
             }],
         }
     }
+}
+
+fn namespace_of(name: &str) -> &str {
+    keys::split(name).0
 }
 
 /// Reads and writes DAGs. Cheap to clone; thread-safe.
@@ -191,14 +206,16 @@ impl DagRegistry {
         }
     }
 
-    /// Checks `spec` (its shape, and that every function is registered) and stores it as the
-    /// newest version of `name`.
+    /// Checks `spec` (its shape, and that every function is registered in the DAG's
+    /// namespace) and stores it as the newest version of `name` (qualified).
     pub async fn store(&self, name: &str, spec: DagSpec) -> Result<DagRecord> {
         validate_name(name).map_err(|e| Error::InvalidDag(e.to_string()))?;
         Shape::of(&spec)?;
+        let namespace = keys::split(name).0;
         let mut missing = Vec::new();
         for function in &spec.functions {
-            if self.functions.newest(function).await?.is_none() {
+            let qualified = keys::qualify(namespace, function);
+            if self.functions.newest(&qualified).await?.is_none() {
                 missing.push(function.clone());
             }
         }
@@ -209,13 +226,13 @@ impl DagRegistry {
         }
         let previous = self.read(name, false).await?;
         let record = DagRecord {
-            name: name.to_string(),
+            name: keys::split(name).1.to_string(),
             version: previous.map_or(1, |r| r.version + 1),
             spec,
             registered_ms: Timestamp::now(0).time / 1000,
             deleted: false,
         };
-        self.write(&record).await?;
+        self.write(namespace, &record).await?;
         tracing::info!(dag = name, version = record.version, "DAG registered");
         Ok(record)
     }
@@ -226,9 +243,9 @@ impl DagRegistry {
         Ok(self.read(name, true).await?.filter(|r| !r.deleted))
     }
 
-    /// Every DAG that is not deleted, by name.
-    pub async fn list(&self) -> Result<Vec<DagRecord>> {
-        let names_key = names_key();
+    /// Every DAG of `namespace` that is not deleted, by name.
+    pub async fn list(&self, namespace: &str) -> Result<Vec<DagRecord>> {
+        let names_key = names_key(namespace);
         let names = self.kvs.with(move |c| c.get(&names_key)).await?;
         let mut names: Vec<String> = match names {
             Some(LatticeValue::Set(set)) => set
@@ -239,7 +256,10 @@ impl DagRegistry {
             _ => Vec::new(),
         };
         names.sort();
-        let keys: Vec<String> = names.iter().map(|n| dag_key(n)).collect();
+        let keys: Vec<String> = names
+            .iter()
+            .map(|n| keys::record(namespace, keys::Kind::Dag, n))
+            .collect();
         let values = self.kvs.with(move |c| c.get_many(&keys)).await?;
         let mut records = Vec::new();
         for (name, value) in names.iter().zip(values) {
@@ -261,7 +281,7 @@ impl DagRegistry {
         record.version += 1;
         record.deleted = true;
         record.registered_ms = Timestamp::now(0).time / 1000;
-        self.write(&record).await?;
+        self.write(namespace_of(name), &record).await?;
         tracing::info!(dag = name, "DAG deleted");
         Ok(true)
     }
@@ -282,11 +302,11 @@ impl DagRegistry {
         decode(name, value)
     }
 
-    async fn write(&self, record: &DagRecord) -> Result<()> {
+    async fn write(&self, namespace: &str, record: &DagRecord) -> Result<()> {
         let encoded = rmp_serde::to_vec(record).map_err(|e| Error::Internal(e.to_string()))?;
-        let key = dag_key(&record.name);
+        let key = keys::record(namespace, keys::Kind::Dag, &record.name);
         let name = Bytes::from(record.name.clone());
-        let names_key = names_key();
+        let names_key = names_key(namespace);
         self.kvs
             .with(move |client| {
                 let value =
@@ -376,7 +396,7 @@ mod tests {
         .contains("cycle"));
         assert!(error(&spec(&["a", "b", "c"], &[("a", "b"), ("a", "c")])).contains("exactly one"));
         assert!(error(&spec(&["a", "b"], &[("a", "b"), ("a", "b")])).contains("twice"));
-        assert!(error(&spec(&["bad name"], &[])).contains("invalid function name"));
+        assert!(error(&spec(&["bad name"], &[])).contains("invalid name"));
     }
 
     /// Names that are valid, invalid, repeated or hostile.

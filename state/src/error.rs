@@ -14,7 +14,7 @@ pub enum Error {
         name: String,
     },
     /// A function name that cannot be stored (empty, too long, or with control characters).
-    #[error("invalid function name {name:?}: {reason}")]
+    #[error("invalid name {name:?}: {reason}")]
     InvalidName {
         /// The name given.
         name: String,

@@ -10,6 +10,13 @@
 //! new registrations under the same names, loses and duplicates nothing. The old keys are left
 //! as they are (a grow-only store cannot forget them), and asynchronous results, which live
 //! minutes, are not moved.
+//!
+//! Functions' and clients' keys were stored as they were named, outside `squall/`; they now
+//! live in their namespace ([`keys::user`]). [`move_tenant_keys`] moves every key outside
+//! `squall/` into the default namespace, value and expiry as they are (a merge, so running it
+//! twice, or from two processes at once, moves each once), deletes the old key, and marks the
+//! store done ([`keys::tenant_keys_moved`]) so later starts read one key. A write by a process
+//! of the old version, made to an old key after the move passed it, stays where it is.
 
 use squall_lattices::LatticeValue;
 use squall_proto::keys::{self, Kind, DEFAULT_NAMESPACE, RESERVED_PREFIX};
@@ -65,6 +72,73 @@ pub async fn migrate(kvs: &ClientPool) -> Result<usize> {
         tracing::info!(
             records = moved,
             "registries of the old key layout merged into the new"
+        );
+    }
+    Ok(moved)
+}
+
+/// How many keys one page of [`move_tenant_keys`] lists.
+const MOVE_PAGE: u32 = 500;
+
+/// Moves the keys written before namespaces (every key outside `squall/`) into the default
+/// namespace, once per store; how many it moved (0 on a store already done, or new).
+pub async fn move_tenant_keys(kvs: &ClientPool) -> Result<u64> {
+    if kvs
+        .with(|client| client.get(&keys::tenant_keys_moved()))
+        .await?
+        .is_some()
+    {
+        return Ok(0);
+    }
+    let mut moved = 0u64;
+    let mut after: Option<String> = None;
+    loop {
+        let from = after.clone();
+        let (page, next) = kvs
+            .with(move |client| client.list("", from.as_deref(), MOVE_PAGE))
+            .await?;
+        let old: Vec<String> = page.into_iter().filter(|k| !keys::is_reserved(k)).collect();
+        if !old.is_empty() {
+            moved += kvs
+                .with(move |client| {
+                    let entries = client.get_entries(&old)?;
+                    let copies: Vec<_> = old
+                        .iter()
+                        .zip(entries)
+                        .filter_map(|(key, entry)| {
+                            Some((keys::user(DEFAULT_NAMESPACE, key), entry?))
+                        })
+                        .collect();
+                    let copied = copies.len() as u64;
+                    let results = client.merge_many(copies)?;
+                    if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+                        return Err(squall_kvs::Error::Config(format!(
+                            "moving a key into the default namespace: {e}"
+                        )));
+                    }
+                    for key in &old {
+                        client.delete(key)?;
+                    }
+                    Ok(copied)
+                })
+                .await?;
+        }
+        // Squall's own keys sort together: the listing jumps over them.
+        match next {
+            Some(next) if keys::is_reserved(&next) => {
+                after = Some(format!("{RESERVED_PREFIX}{}", char::MAX));
+            }
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    let done = LatticeValue::Max(squall_lattices::Max(1));
+    kvs.with(move |client| client.put(&keys::tenant_keys_moved(), done))
+        .await?;
+    if moved > 0 {
+        tracing::info!(
+            keys = moved,
+            "keys from before namespaces moved into the default namespace"
         );
     }
     Ok(moved)

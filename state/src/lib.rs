@@ -50,6 +50,7 @@ pub mod error;
 pub mod lease;
 pub mod legacy;
 pub mod limits;
+pub mod namespaces;
 pub mod pins;
 pub mod pool;
 pub mod register;

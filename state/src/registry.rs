@@ -24,20 +24,21 @@ use squall_lattices::{LatticeValue, Lww, MapLattice, SetLattice, Timestamp};
 
 use crate::cache::Cache;
 use squall_proto::call::Artifact;
-use squall_proto::keys::{self, DEFAULT_NAMESPACE};
+use squall_proto::keys;
 
 use crate::limits::Limits;
 use crate::pool::ClientPool;
 use crate::{Error, Result};
 
-/// The key of the set of names of `kind`.
-pub fn names_key(kind: Artifact) -> String {
-    keys::names(DEFAULT_NAMESPACE, kind.into())
+/// The key of the set of names of `kind` in `namespace`.
+pub fn names_key(kind: Artifact, namespace: &str) -> String {
+    keys::names(namespace, kind.into())
 }
 
-/// The key of a name's versions.
+/// The key of a name's versions; `name` is qualified ([`keys::qualify`]): its namespace's.
 pub fn record_key(kind: Artifact, name: &str) -> String {
-    keys::record(DEFAULT_NAMESPACE, kind.into(), name)
+    let (namespace, name) = keys::split(name);
+    keys::record(namespace, kind.into(), name)
 }
 
 /// Code is stored in chunks of this size, well under a storage node's request limit.
@@ -80,10 +81,15 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Checks that a name can be a key segment and a URL path segment: 1 to 128 characters of
-/// ASCII letters, digits, `-`, `_` and `.` ([`keys::validate_name`]).
+/// Checks a qualified name ([`keys::qualify`]): a name of 1 to 128 characters of ASCII
+/// letters, digits, `-`, `_` and `.` ([`keys::validate_name`]), after a namespace and a `/`
+/// outside the default namespace. Names from guests and clients are checked with
+/// [`keys::validate_name`] before they are qualified, so they never name another namespace.
 pub fn validate_name(name: &str) -> Result<()> {
-    Ok(keys::validate_name(name)?)
+    if let Some((namespace, _)) = name.split_once('/') {
+        keys::validate_namespace(namespace)?;
+    }
+    Ok(keys::validate_name(keys::split(name).1)?)
 }
 
 /// Reads and writes the registry. Cheap to clone; thread-safe.
@@ -144,7 +150,8 @@ impl Registry {
         let sha256 = sha256_hex(&code);
         let size = code.len() as u64;
         let key = record_key(self.kind, name);
-        let names_key = names_key(self.kind);
+        let (namespace, name) = keys::split(name);
+        let names_key = names_key(self.kind, namespace);
         let record = {
             let sha256 = sha256.clone();
             let name = name.to_string();
@@ -235,16 +242,19 @@ impl Registry {
         }
     }
 
-    /// The newest version of every function that is not deleted, by name.
-    pub async fn list(&self) -> Result<Vec<FunctionRecord>> {
-        let names = self.names().await?;
-        let kind = self.kind;
-        let keys: Vec<String> = names.iter().map(|n| record_key(kind, n)).collect();
+    /// The newest version of every function of `namespace` that is not deleted, by name.
+    pub async fn list(&self, namespace: &str) -> Result<Vec<FunctionRecord>> {
+        let names = self.names(namespace).await?;
+        let kind = self.kind.into();
+        let keys: Vec<String> = names
+            .iter()
+            .map(|n| keys::record(namespace, kind, n))
+            .collect();
         let values = self.kvs.with(move |c| c.get_many(&keys)).await?;
         let mut newest = Vec::new();
         for (name, value) in names.iter().zip(values) {
             if let Some(value) = value {
-                let key = record_key(self.kind, name);
+                let key = keys::record(namespace, kind, name);
                 if let Some(record) = versions_of(&key, &value)?.pop().filter(|r| !r.deleted) {
                     newest.push(record);
                 }
@@ -258,7 +268,7 @@ impl Registry {
     pub async fn delete(&self, name: &str) -> Result<bool> {
         validate_name(name)?;
         let key = record_key(self.kind, name);
-        let name = name.to_string();
+        let name = keys::split(name).1.to_string();
         let deleted = self
             .kvs
             .with(move |client| {
@@ -287,9 +297,9 @@ impl Registry {
         Ok(deleted)
     }
 
-    /// The registered names, sorted.
-    pub async fn names(&self) -> Result<Vec<String>> {
-        let names_key = names_key(self.kind);
+    /// The names registered in `namespace` (not qualified), sorted.
+    pub async fn names(&self, namespace: &str) -> Result<Vec<String>> {
+        let names_key = names_key(self.kind, namespace);
         let key = names_key.clone();
         let value = self.kvs.with(move |client| client.get(&key)).await?;
         let mut names: Vec<String> = match value {
@@ -415,7 +425,10 @@ mod tests {
         assert!(validate_name("a.b-c_9").is_ok());
         assert!(validate_name("").is_err());
         assert!(validate_name("with space").is_err());
-        assert!(validate_name("slash/no").is_err());
+        assert!(validate_name("team/incr").is_ok(), "qualified");
+        assert!(validate_name("a/b/c").is_err());
+        assert!(validate_name("../incr").is_err());
+        assert!(validate_name("/incr").is_err());
         assert!(validate_name(&"x".repeat(129)).is_err());
     }
 

@@ -438,11 +438,36 @@ impl Triggers {
         Ok(())
     }
 
-    /// Pauses every trigger that calls `target`, saying why.
+    /// The same store's triggers in `namespace`.
+    pub fn in_namespace(&self, namespace: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            ..self.clone()
+        }
+    }
+
+    /// The namespace of its triggers.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Checks `spec` ([`TriggerSpec::check`]) as a trigger of this namespace: its target
+    /// named as the fabric knows it ([`keys::qualify`]): a trigger calls only functions and
+    /// DAGs of its own namespace.
+    pub fn check(&self, spec: &TriggerSpec) -> std::result::Result<(Target, Firing), String> {
+        let (target, firing) = spec.check()?;
+        let target = match target {
+            Target::Function(name) => Target::Function(keys::qualify(&self.namespace, &name)),
+            Target::Dag(name) => Target::Dag(keys::qualify(&self.namespace, &name)),
+        };
+        Ok((target, firing))
+    }
+
+    /// Pauses every trigger that calls `target` (qualified), saying why.
     pub async fn pause_calling(&self, target: &Target, reason: &str) -> Result<Vec<String>> {
         let mut paused = Vec::new();
         for mut trigger in self.list().await? {
-            let calls = match trigger.spec.check() {
+            let calls = match self.check(&trigger.spec) {
                 Ok((t, _)) => &t == target,
                 Err(_) => false,
             };

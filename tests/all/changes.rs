@@ -317,7 +317,12 @@ fn write_all(kvs: String, count: u32, acked: Arc<Mutex<Vec<u32>>>) {
                 }
             },
         };
-        match connected.put_lww(&format!("load/{}", i % 100), i.to_string()) {
+        // The key as the default namespace's functions and triggers name it.
+        let key = squall_proto::keys::user(
+            squall_proto::keys::DEFAULT_NAMESPACE,
+            &format!("load/{}", i % 100),
+        );
+        match connected.put_lww(&key, i.to_string()) {
             Ok(()) => {
                 acked.lock().expect("acked").push(i);
                 i += 1;

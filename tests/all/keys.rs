@@ -269,12 +269,12 @@ fn the_cli_makes_lists_and_revokes_keys() {
     let (ok, listed, said) = cli(TOKEN, &["key", "ls"]);
     assert!(ok, "{said}");
     let id = &key[4..20];
-    assert_eq!(listed, format!("{id}  deploy  active   ci"));
+    assert_eq!(listed, format!("{id}  deploy  active   ci  default"));
     let (ok, _, said) = cli(TOKEN, &["key", "revoke", id]);
     assert!(ok, "{said}");
     let (ok, listed, _) = cli(TOKEN, &["key", "ls"]);
     assert!(ok);
-    assert_eq!(listed, format!("{id}  deploy  revoked  ci"));
+    assert_eq!(listed, format!("{id}  deploy  revoked  ci  default"));
     // The trail, newest first: the revocation, the registration, the key made.
     let (ok, trail, said) = cli(TOKEN, &["audit"]);
     assert!(ok, "{said}");

@@ -12,6 +12,7 @@ mod durable;
 mod garbage;
 mod gateway;
 mod keys;
+mod namespaces;
 mod secret;
 mod squeezenet;
 mod support;

@@ -5,6 +5,9 @@
 //!     one `square`, so every call crosses executor processes;
 //! (c) (a) with `--token`, every call carrying an `invoke` API key (what the key check costs:
 //!     compare with (a));
+//! (d) (c)'s gateway, the functions and the DAG in a namespace of their own, called at
+//!     `/v1/ns/bench/...` with a key of that namespace (what the namespace's admission and the
+//!     mapping of names and keys cost on top of (c): compare with (a) and (c));
 //! against, in the same run, an HTTP echo server on the same stack (axum on tokio, a process of
 //! its own) as the floor. Setups alternate over rounds; the table reports medians over rounds
 //! and ratios to the floor.
@@ -59,29 +62,32 @@ struct Setup {
     _processes: Vec<Spawned>,
 }
 
-fn register(base: &str, token: Option<&str>) -> anyhow::Result<()> {
+/// Registers `incr`, `square` and the DAG `sq_incr` under `v1` (`{base}/v1`, or a
+/// namespace's `{base}/v1/ns/{ns}`).
+fn register(v1: &str, token: Option<&str>) -> anyhow::Result<()> {
     let agent = agent();
     let auth = |request: ureq::Request| match token {
         Some(token) => request.set("Authorization", &format!("Bearer {token}")),
         None => request,
     };
     for name in ["incr", "square"] {
-        auth(agent.put(&format!("{base}/v1/functions/{name}")))
+        auth(agent.put(&format!("{v1}/functions/{name}")))
             .send_bytes(&squall_executor::testing::guest(name))
             .with_context(|| format!("registering {name}"))?;
     }
-    auth(agent.put(&format!("{base}/v1/dags/sq_incr")))
+    auth(agent.put(&format!("{v1}/dags/sq_incr")))
         .send_string(r#"{"functions":["incr","square"],"edges":[["incr","square"]]}"#)
         .context("creating the DAG")?;
     Ok(())
 }
 
-/// Makes an `invoke` API key through `base` with its bootstrap `token`.
-fn invoke_key(base: &str, token: &str) -> anyhow::Result<String> {
+/// Makes an `invoke` API key of `namespace` through `base` with its bootstrap `token`.
+fn invoke_key(base: &str, token: &str, namespace: &str) -> anyhow::Result<String> {
+    let body = serde_json::json!({"name": "bench", "role": "invoke", "namespace": namespace});
     let answer = agent()
         .post(&format!("{base}/v1/keys"))
         .set("Authorization", &format!("Bearer {token}"))
-        .send_string(r#"{"name":"bench","role":"invoke"}"#)
+        .send_string(&body.to_string())
         .context("making an API key")?
         .into_string()?;
     let made: serde_json::Value = serde_json::from_str(&answer)?;
@@ -120,7 +126,7 @@ fn setups(args: &Args) -> anyhow::Result<Vec<Setup>> {
         _processes: vec![echo],
     };
     let (up, base, _, _) = embedded(&args.run.squall, "1", None)?;
-    register(&base, None)?;
+    register(&format!("{base}/v1"), None)?;
     let one = Setup {
         name: "(a) squall up",
         url: format!("{base}/v1/dags/sq_incr/invoke"),
@@ -130,7 +136,7 @@ fn setups(args: &Args) -> anyhow::Result<Vec<Setup>> {
     };
     let (processes, base) =
         up_with_executors(&args.run.squall, &[("e1", "incr"), ("e2", "square")])?;
-    register(&base, None)?;
+    register(&format!("{base}/v1"), None)?;
     let two = Setup {
         name: "(b) two executor processes",
         url: format!("{base}/v1/dags/sq_incr/invoke"),
@@ -141,15 +147,29 @@ fn setups(args: &Args) -> anyhow::Result<Vec<Setup>> {
     // Any 16 characters or more: the harness's own gateway, on loopback, for one run.
     let token = format!("bench-token-{:08}", std::process::id());
     let (up, base, _, _) = embedded(&args.run.squall, "1", Some(&token))?;
-    register(&base, Some(&token))?;
+    register(&format!("{base}/v1"), Some(&token))?;
     let keyed = Setup {
         name: "(c) squall up, an API key on every call",
         url: format!("{base}/v1/dags/sq_incr/invoke"),
-        key: Some(invoke_key(&base, &token)?),
+        key: Some(invoke_key(&base, &token, "default")?),
         expect: b"16",
         _processes: vec![up],
     };
-    Ok(vec![echo, one, two, keyed])
+    agent()
+        .post(&format!("{base}/v1/namespaces"))
+        .set("Authorization", &format!("Bearer {token}"))
+        .send_string(r#"{"name":"bench"}"#)
+        .context("creating the namespace")?;
+    register(&format!("{base}/v1/ns/bench"), Some(&token))?;
+    let namespaced = Setup {
+        name: "(d) (c) in a namespace of its own",
+        url: format!("{base}/v1/ns/bench/dags/sq_incr/invoke"),
+        key: Some(invoke_key(&base, &token, "bench")?),
+        expect: b"16",
+        // (c)'s process.
+        _processes: Vec::new(),
+    };
+    Ok(vec![echo, one, two, keyed, namespaced])
 }
 
 fn run(setup: &Setup, clients: usize, seconds: f64) -> anyhow::Result<LoadResult> {

@@ -9,6 +9,7 @@
 //! - `recurse:NAME`: calls the function NAME with the same input, forever.
 //! - `print`: writes to stdout and stderr, then answers `printed`.
 //! - `state:KEY=VALUE`: writes VALUE to KEY, reads it back, answers it.
+//! - `read:KEY`: answers KEY's bytes, `absent` if it has none, or the error (`error: ...`).
 //! - `fail`: logs a warning, then returns an error.
 //! - `chatty:N`: logs N lines (`log line I`) and prints N lines to stdout (`out line I`),
 //!   answers N.
@@ -70,6 +71,11 @@ fn handle(input: &[u8]) -> Result<Vec<u8>, String> {
             let read = squall_sdk::state::get_bytes(key).map_err(|e| e.to_string())?;
             read.ok_or_else(|| "written value not found".to_string())
         }
+        "read" => Ok(match squall_sdk::state::get_bytes(arg) {
+            Ok(Some(value)) => value,
+            Ok(None) => b"absent".to_vec(),
+            Err(e) => format!("error: {e}").into_bytes(),
+        }),
         "fail" => {
             squall_sdk::log::warn("about to fail");
             Err("asked to fail".into())

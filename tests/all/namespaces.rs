@@ -1,0 +1,434 @@
+//! Two tenants, each trying against the other and failing (403, 404 or a key that is simply
+//! its own) while its own work succeeds: keys from functions and over HTTP (by plain name, by
+//! `../`, by percent-encoding, by the reserved prefix, by the other namespace's mapped name),
+//! functions, DAGs, triggers, results, activations, listings, registrations over the other's
+//! names, keys of the wrong namespace, role or age; both tenants' calls at once on one shared
+//! executor; and a namespace deleted with everything it owned.
+
+use std::time::Duration;
+
+use squall_executor::testing::guest;
+use squall_proto::poll::Poll;
+
+use crate::support::{self, http, Answer};
+
+const TOKEN: &str = "the-bootstrap-admin-token-of-32ch";
+
+/// Makes a key with `role` acting in `namespace`: the key and its id.
+fn make_key(
+    base: &str,
+    namespace: &str,
+    role: &str,
+    expires_in_s: Option<u64>,
+) -> (String, String) {
+    let body = serde_json::json!({
+        "name": format!("{namespace}-{role}"), "role": role,
+        "namespace": namespace, "expires_in_s": expires_in_s,
+    });
+    let made = http(
+        "POST",
+        &format!("{base}/v1/keys"),
+        Some(TOKEN),
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(made.status, 201, "{}", made.text());
+    let made = made.json();
+    assert_eq!(made["namespace"], namespace);
+    (
+        made["key"].as_str().expect("key").to_string(),
+        made["id"].as_str().expect("id").to_string(),
+    )
+}
+
+/// A tenant: its namespace's URL prefix and its keys.
+struct Tenant {
+    url: String,
+    deploy: String,
+    invoke: String,
+    read: String,
+}
+
+impl Tenant {
+    fn new(base: &str, namespace: &str) -> Self {
+        let created = http(
+            "POST",
+            &format!("{base}/v1/namespaces"),
+            Some(TOKEN),
+            format!(r#"{{"name":"{namespace}"}}"#).as_bytes(),
+        );
+        assert_eq!(created.status, 201, "{}", created.text());
+        Self {
+            url: format!("{base}/v1/ns/{namespace}"),
+            deploy: make_key(base, namespace, "deploy", None).0,
+            invoke: make_key(base, namespace, "invoke", None).0,
+            read: make_key(base, namespace, "read", None).0,
+        }
+    }
+
+    /// Calls `misbehave` with `input` as this tenant; its output (which must be a 200).
+    fn call(&self, input: &str) -> String {
+        let answer = self.invoke_as(&self.invoke, input);
+        assert_eq!(answer.status, 200, "{input}: {}", answer.text());
+        answer.text()
+    }
+
+    fn invoke_as(&self, key: &str, input: &str) -> Answer {
+        http(
+            "POST",
+            &format!("{}/functions/misbehave/invoke", self.url),
+            Some(key),
+            input.as_bytes(),
+        )
+    }
+}
+
+fn status(method: &str, url: &str, key: &str, body: &[u8]) -> u16 {
+    http(method, url, Some(key), body).status
+}
+
+#[test]
+fn two_tenants_reach_nothing_of_each_other() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = support::up(dir.path(), &["--token", TOKEN]);
+    let base = up.field("http");
+    let alpha = Tenant::new(&base, "alpha");
+    let beta = Tenant::new(&base, "beta");
+    let misbehave = guest("misbehave");
+    for tenant in [&alpha, &beta] {
+        let url = format!("{}/functions/misbehave", tenant.url);
+        assert_eq!(status("PUT", &url, &tenant.deploy, &misbehave), 201);
+    }
+    // A function only alpha has.
+    let incr = guest("incr");
+    let url = format!("{}/functions/only-alpha", alpha.url);
+    assert_eq!(status("PUT", &url, &alpha.deploy, &incr), 201);
+
+    // The same key name, each tenant its own value.
+    assert_eq!(alpha.call("state:secret=alpha-value"), "alpha-value");
+    assert_eq!(beta.call("state:secret=beta-value"), "beta-value");
+    assert_eq!(alpha.call("read:secret"), "alpha-value");
+    assert_eq!(beta.call("read:secret"), "beta-value");
+    // From a function, every other way to name alpha's key finds nothing of alpha's.
+    for name in [
+        "../alpha/kv/secret",
+        "../../ns/alpha/kv/secret",
+        "%2e%2e/alpha/kv/secret",
+        "squall/ns/alpha/kv/secret",
+        "alpha/secret",
+        "/secret",
+    ] {
+        let read = beta.call(&format!("read:{name}"));
+        assert!(!read.contains("alpha"), "{name}: {read}");
+    }
+    // Over HTTP: its own key, and none of alpha's.
+    let own = http(
+        "GET",
+        &format!("{}/kv/secret", beta.url),
+        Some(&beta.read),
+        b"",
+    );
+    assert_eq!((own.status, own.text()), (200, "beta-value".to_string()));
+    assert_eq!(
+        status("GET", &format!("{}/kv/secret", alpha.url), &beta.read, b""),
+        403
+    );
+    assert_eq!(
+        status(
+            "PUT",
+            &format!("{}/kv/secret", alpha.url),
+            &beta.invoke,
+            b"x"
+        ),
+        403
+    );
+    for path in [
+        "..%2Falpha%2Fkv%2Fsecret",
+        "%2e%2e%2F%2e%2e%2Falpha%2Fkv%2Fsecret",
+    ] {
+        let answer = http(
+            "GET",
+            &format!("{}/kv/{path}", beta.url),
+            Some(&beta.read),
+            b"",
+        );
+        assert_eq!(answer.status, 404, "{path}: {}", answer.text());
+    }
+    let reserved = format!("{}/kv/squall%2Fns%2Falpha%2Fkv%2Fsecret", beta.url);
+    assert_eq!(status("GET", &reserved, &beta.read, b""), 400);
+    // The default namespace's URLs are another namespace's too.
+    let default_url = format!("{base}/v1/kv/secret");
+    assert_eq!(status("GET", &default_url, &beta.read, b""), 403);
+    assert_eq!(status("GET", &default_url, TOKEN, b""), 404);
+    // A listing shows the tenant's keys, named as it names them.
+    let listed = http("GET", &format!("{}/kv", beta.url), Some(&beta.read), b"");
+    assert_eq!(listed.json()["keys"], serde_json::json!(["secret"]));
+
+    // Calls: not alpha's functions, by URL or from a function.
+    let alpha_fn = format!("{}/functions/only-alpha/invoke", alpha.url);
+    assert_eq!(status("POST", &alpha_fn, &beta.invoke, b"1"), 403);
+    let own_ns = format!("{}/functions/only-alpha/invoke", beta.url);
+    assert_eq!(status("POST", &own_ns, &beta.invoke, b"1"), 404);
+    let encoded = format!("{}/functions/alpha%2Fonly-alpha/invoke", beta.url);
+    assert_eq!(status("POST", &encoded, &beta.invoke, b"1"), 400);
+    for name in ["only-alpha", "alpha/only-alpha"] {
+        let nested = beta.invoke_as(&beta.invoke, &format!("recurse:{name}"));
+        assert_ne!(nested.status, 200, "{name}: {}", nested.text());
+        assert!(nested.text().contains("not"), "{name}: {}", nested.text());
+    }
+    // DAGs and triggers name functions of their own namespace only.
+    for functions in [r#"["only-alpha"]"#, r#"["alpha/only-alpha"]"#] {
+        let dag = format!(r#"{{"functions":{functions},"edges":[]}}"#);
+        let answer = http(
+            "PUT",
+            &format!("{}/dags/d", beta.url),
+            Some(&beta.deploy),
+            dag.as_bytes(),
+        );
+        assert_eq!(answer.status, 400, "{functions}: {}", answer.text());
+    }
+    let trigger = br#"{"kind":"cron","schedule":"* * * * *","function":"only-alpha"}"#;
+    let answer = http(
+        "PUT",
+        &format!("{}/triggers/t", beta.url),
+        Some(&beta.deploy),
+        trigger,
+    );
+    assert_eq!(answer.status, 400, "{}", answer.text());
+    // Listings show each its own.
+    let names = |tenant: &Tenant| -> Vec<String> {
+        let listed = http(
+            "GET",
+            &format!("{}/functions", tenant.url),
+            Some(&tenant.read),
+            b"",
+        );
+        assert_eq!(listed.status, 200, "{}", listed.text());
+        let mut names: Vec<String> = listed
+            .json()
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|f| f["name"].as_str().expect("name").to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(&alpha), ["misbehave", "only-alpha"]);
+    assert_eq!(names(&beta), ["misbehave"]);
+    assert_eq!(
+        status("GET", &format!("{}/functions", alpha.url), &beta.read, b""),
+        403
+    );
+    // Registering over alpha's names, or with a key of another role.
+    let over = format!("{}/functions/only-alpha", alpha.url);
+    assert_eq!(status("PUT", &over, &beta.deploy, &incr), 403);
+    assert_eq!(
+        status(
+            "PUT",
+            &format!("{}/functions/x", beta.url),
+            &beta.invoke,
+            &incr
+        ),
+        403
+    );
+    assert_eq!(
+        status(
+            "PUT",
+            &format!("{}/functions/x", beta.url),
+            &beta.read,
+            &incr
+        ),
+        403
+    );
+
+    // Results and activation records: alpha's are alpha's.
+    let accepted = http(
+        "POST",
+        &format!("{}/functions/misbehave/invoke?async=true", alpha.url),
+        Some(&alpha.invoke),
+        b"echo:for-alpha-only",
+    );
+    assert_eq!(accepted.status, 202, "{}", accepted.text());
+    let id = accepted.json()["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        accepted.json()["result"],
+        format!("/v1/ns/alpha/results/{id}")
+    );
+    let result = Poll::within(Duration::from_secs(30))
+        .until(|| {
+            let answer = http(
+                "GET",
+                &format!("{}/results/{id}", alpha.url),
+                Some(&alpha.read),
+                b"",
+            );
+            (answer.status == 200).then(|| answer.text())
+        })
+        .expect("alpha's result");
+    assert_eq!(result, "for-alpha-only");
+    assert_eq!(
+        status(
+            "GET",
+            &format!("{}/results/{id}", beta.url),
+            &beta.read,
+            b""
+        ),
+        404
+    );
+    assert_eq!(
+        status(
+            "GET",
+            &format!("{}/results/{id}", alpha.url),
+            &beta.read,
+            b""
+        ),
+        403
+    );
+    let record = Poll::within(Duration::from_secs(30))
+        .until(|| {
+            let answer = http(
+                "GET",
+                &format!("{}/activations/{id}", alpha.url),
+                Some(&alpha.read),
+                b"",
+            );
+            (answer.status == 200 && answer.json()["status"] == "succeeded").then(|| answer.json())
+        })
+        .expect("alpha's record");
+    assert_eq!(record["name"], "misbehave");
+    for path in [
+        format!("activations/{id}"),
+        format!("activations/{id}/logs"),
+    ] {
+        assert_eq!(
+            status("GET", &format!("{}/{path}", beta.url), &beta.read, b""),
+            404,
+            "{path}"
+        );
+        assert_eq!(
+            status("GET", &format!("{}/{path}", alpha.url), &beta.read, b""),
+            403,
+            "{path}"
+        );
+    }
+    let theirs = http(
+        "GET",
+        &format!("{}/activations?limit=500", beta.url),
+        Some(&beta.read),
+        b"",
+    );
+    assert!(!theirs.text().contains(&id), "{}", theirs.text());
+    assert!(!theirs.text().contains("only-alpha"), "{}", theirs.text());
+
+    // Keys of the default namespace act there only; an unknown namespace is 404.
+    let (default_deploy, _) = make_key(&base, "default", "deploy", None);
+    assert_eq!(
+        status(
+            "GET",
+            &format!("{}/functions", alpha.url),
+            &default_deploy,
+            b""
+        ),
+        403
+    );
+    assert_eq!(
+        status("GET", &format!("{base}/v1/ns/gamma/functions"), TOKEN, b""),
+        404
+    );
+    assert_eq!(
+        status("GET", &format!("{base}/v1/namespaces"), &alpha.deploy, b""),
+        403
+    );
+
+    // Both tenants at once on the one executor: each reads only what it wrote.
+    let threads: Vec<_> = [
+        ("alpha", alpha.url.clone(), alpha.invoke.clone()),
+        ("beta", beta.url.clone(), beta.invoke.clone()),
+    ]
+    .into_iter()
+    .map(|(name, url, key)| {
+        std::thread::spawn(move || {
+            let call = |input: &str| {
+                http(
+                    "POST",
+                    &format!("{url}/functions/misbehave/invoke"),
+                    Some(&key),
+                    input.as_bytes(),
+                )
+            };
+            for i in 0..150 {
+                let wrote = call(&format!("state:shared={name}-{i}"));
+                assert_eq!(wrote.status, 200, "{}", wrote.text());
+                assert_eq!(wrote.text(), format!("{name}-{i}"));
+                let read = call("read:shared");
+                assert!(read.text().starts_with(name), "{name} read {}", read.text());
+            }
+        })
+    })
+    .collect();
+    for thread in threads {
+        thread.join().expect("a tenant's calls");
+    }
+
+    // A key revoked, and one expired, stop working.
+    let (doomed, doomed_id) = make_key(&base, "beta", "invoke", None);
+    assert_eq!(beta.invoke_as(&doomed, "ok").status, 200);
+    let revoked = http(
+        "DELETE",
+        &format!("{base}/v1/keys/{doomed_id}"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(revoked.status, 200, "{}", revoked.text());
+    assert_eq!(beta.invoke_as(&doomed, "ok").status, 401);
+    let (brief, _) = make_key(&base, "beta", "invoke", Some(1));
+    Poll::within(Duration::from_secs(10))
+        .until(|| (beta.invoke_as(&brief, "ok").status == 401).then_some(()))
+        .expect("the expired key refused");
+
+    // Deleting beta: its keys stop working, its data is gone, alpha is untouched; created
+    // again, it starts empty.
+    let deleted = http(
+        "DELETE",
+        &format!("{base}/v1/namespaces/beta"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(deleted.status, 200, "{}", deleted.text());
+    assert!(deleted.json()["keys_deleted"].as_u64().expect("a count") > 0);
+    assert_eq!(beta.invoke_as(&beta.invoke, "ok").status, 401);
+    assert_eq!(
+        status("GET", &format!("{}/functions", beta.url), TOKEN, b""),
+        404
+    );
+    assert_eq!(alpha.call("read:secret"), "alpha-value");
+    let again = http(
+        "POST",
+        &format!("{base}/v1/namespaces"),
+        Some(TOKEN),
+        br#"{"name":"beta"}"#,
+    );
+    assert_eq!(again.status, 201, "{}", again.text());
+    assert_eq!(
+        status("GET", &format!("{}/kv/secret", beta.url), TOKEN, b""),
+        404
+    );
+    assert_eq!(
+        status(
+            "GET",
+            &format!("{}/functions/misbehave", beta.url),
+            TOKEN,
+            b""
+        ),
+        404
+    );
+    let listed = http("GET", &format!("{base}/v1/namespaces"), Some(TOKEN), b"");
+    let names: Vec<String> = listed
+        .json()
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|n| n["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(names, ["default", "alpha", "beta"]);
+}
