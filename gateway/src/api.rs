@@ -28,7 +28,7 @@ use squall_state::calls::{
     check_idempotency_key, Calls, ConcurrencyLimit, DeadLetter, PendingCall, RetryPolicy,
 };
 use squall_state::dag::dag_key;
-use squall_state::namespaces::{NamespaceRecord, Namespaces};
+use squall_state::namespaces::{Created, NamespaceRecord, Namespaces};
 use squall_state::registry::record_key;
 use squall_state::triggers::{Firing, Trigger, TriggerSpec, Triggers};
 use squall_state::{
@@ -826,14 +826,22 @@ async fn healthz(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<Health>>
 
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
+async fn metrics(
+    State(gateway): State<Arc<Gateway>>,
+    actor: Option<axum::Extension<Actor>>,
+) -> Response {
     let executors = gateway
         .client
         .status(Duration::from_secs(2))
         .await
         .unwrap_or_default();
     let dropped = gateway.recorder.get().map_or(0, |r| r.dropped());
-    let text = gateway.metrics.render(&executors, dropped);
+    let mut text = gateway.metrics.render(&executors, dropped);
+    // A key of the default namespace (the only one /metrics lets in but admin keys) reads
+    // the default namespace's series; the token and admin keys read every namespace's.
+    if actor.is_none_or(|actor| actor.role != Role::Admin) {
+        text = crate::metrics::only_namespace(&text, keys::DEFAULT_NAMESPACE);
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -878,20 +886,34 @@ pub struct ExecutorInfo {
 
 #[utoipa::path(get, path = "/v1/executors", tag = "operations",
     responses((status = 200, body = Vec<ExecutorInfo>), (status = 503, body = ErrorBody)))]
-async fn executors(State(gateway): State<Arc<Gateway>>) -> ApiResult<Json<Vec<ExecutorInfo>>> {
+async fn executors(
+    State(gateway): State<Arc<Gateway>>,
+    Ns(namespace): Ns,
+) -> ApiResult<Json<Vec<ExecutorInfo>>> {
+    // Each namespace sees its own functions only, named as it names them.
+    let own = |names: Vec<String>| -> Vec<String> {
+        names
+            .iter()
+            .map(|name| keys::split(name))
+            .filter(|(owner, _)| *owner == namespace)
+            .map(|(_, name)| name.to_string())
+            .collect()
+    };
     let mut executors: Vec<ExecutorInfo> = gateway
         .client
         .status(Duration::from_secs(2))
         .await?
         .into_iter()
+        // An executor that serves only other namespaces' functions is none of this one's.
+        .filter(|s| s.serves.is_empty() || s.serves.iter().any(|n| keys::split(n).0 == namespace))
         .map(|s| ExecutorInfo {
             id: s.id,
             addr: s.addr,
             running: s.running,
             waiting: s.waiting,
             capacity: s.capacity,
-            serves: s.serves,
-            warm: s.warm,
+            serves: own(s.serves),
+            warm: own(s.warm),
             steps: s.steps,
             failures: s.failures,
             draining: s.draining,
@@ -1344,6 +1366,9 @@ async fn run_invocation(
         })
         .collect::<ApiResult<Vec<String>>>()?;
     let session = text(SESSION_HEADER)?.filter(|s| !s.is_empty());
+    // Sessions are a namespace's own: the scheduler keeps them by this name, so that no
+    // tenant reads from (or raises) another's causal floors by naming its session.
+    let session_key = session.as_ref().map(|s| format!("{namespace}/{s}"));
     if let Some(session) = &session {
         if session.len() > MAX_SESSION_ID {
             return Err(ApiError::bad_request(format!(
@@ -1364,7 +1389,7 @@ async fn run_invocation(
         timeout_ms: Some(timeout.as_millis().try_into().unwrap_or(u64::MAX)),
         keys,
         result_key: None,
-        session,
+        session: session_key,
         report: gateway.config.record_activations,
         attempt: 1,
         chain: 0,
@@ -2276,6 +2301,7 @@ async fn get_concurrency(gateway: &Gateway, target: Target) -> ApiResult<Json<Co
     let (kind, name) = crate::runner::kind_and_name(&target);
     gateway
         .calls
+        .of(&target)
         .concurrency_limits()
         .await?
         .into_iter()
@@ -2960,12 +2986,25 @@ async fn create_namespace(
     let asked: NewNamespace = serde_json::from_slice(&body?)
         .map_err(|e| ApiError::bad_request(format!("the body must be {{\"name\":...}}: {e}")))?;
     keys::validate_namespace(&asked.name).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    if !gateway.namespaces.namespaces().create(&asked.name).await? {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!("namespace {:?} exists", asked.name),
-        ));
+    match gateway.namespaces.namespaces().create(&asked.name).await? {
+        Created::New => {}
+        Created::Exists => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("namespace {:?} exists", asked.name),
+            ))
+        }
+        Created::Deleted => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "namespace {:?} was deleted; a deleted namespace's name is not used again",
+                    asked.name
+                ),
+            ))
+        }
     }
     gateway.namespaces.learn(&asked.name, true);
     let record = NamespaceRecord {
@@ -3112,7 +3151,7 @@ async fn revoke_api_key(
 /// The OpenAPI document, generated from the handlers above.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Squall", description = "Stateful functions and DAGs of functions over a lattice key-value store. Every `/v1/...` path but those of keys, audit and namespaces is also served as `/v1/ns/{ns}/...`, in namespace `ns` (the plain path: the `default` namespace)."),
+    info(title = "Squall", description = "Stateful functions and DAGs of functions over a lattice key-value store. Every `/v1/...` path is also served as `/v1/ns/{ns}/...`, in namespace `ns` (the plain path: the `default` namespace); keys made under `/v1/ns/{ns}/keys` act in `ns` unless the body names another."),
     paths(healthz, metrics, openapi, executors, register_function, list_functions, get_function,
         delete_function, invoke_function, register_model, list_models, get_model, delete_model,
         invoke_dag, put_dag, list_dags, get_dag, delete_dag,

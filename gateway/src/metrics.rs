@@ -23,6 +23,7 @@ use squall_proto::call::{ExecutorStatus, FailureCode};
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
     kind: String,
+    namespace: String,
     name: String,
     outcome: String,
 }
@@ -30,7 +31,32 @@ struct CallLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TargetLabels {
     kind: String,
+    namespace: String,
     name: String,
+}
+
+/// The namespace of a qualified name (`squall_proto::keys::qualify`): a label of its own, so
+/// that a namespace's series can be selected (and a reader of one namespace shown only
+/// its own: [`only_namespace`]).
+fn namespace_of(name: &str) -> &str {
+    squall_proto::keys::split(name).0
+}
+
+/// The name within its namespace.
+fn plain(name: &str) -> &str {
+    squall_proto::keys::split(name).1
+}
+
+/// The exposition `text` without the series of functions and DAGs of namespaces other than
+/// `namespace` (the executors' series, which name no function, stay).
+pub fn only_namespace(text: &str, namespace: &str) -> String {
+    let own = format!("namespace=\"{namespace}\"");
+    text.lines()
+        .filter(|line| {
+            line.starts_with('#') || !line.contains("namespace=\"") || line.contains(&own)
+        })
+        .flat_map(|line| [line, "\n"])
+        .collect()
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -172,7 +198,8 @@ impl Metrics {
         self.attempts
             .get_or_create(&CallLabels {
                 kind: kind.into(),
-                name: name.into(),
+                namespace: namespace_of(name).into(),
+                name: plain(name).into(),
                 outcome: failure.map_or("ok", FailureCode::as_str).into(),
             })
             .inc();
@@ -183,7 +210,8 @@ impl Metrics {
         self.retries
             .get_or_create(&TargetLabels {
                 kind: kind.into(),
-                name: name.into(),
+                namespace: namespace_of(name).into(),
+                name: plain(name).into(),
             })
             .inc();
     }
@@ -193,7 +221,8 @@ impl Metrics {
         self.dead_letters
             .get_or_create(&TargetLabels {
                 kind: kind.into(),
-                name: name.into(),
+                namespace: namespace_of(name).into(),
+                name: plain(name).into(),
             })
             .inc();
     }
@@ -211,7 +240,8 @@ impl Metrics {
         self.calls
             .get_or_create(&CallLabels {
                 kind: kind.into(),
-                name: name.into(),
+                namespace: namespace_of(name).into(),
+                name: plain(name).into(),
                 outcome: outcome.into(),
             })
             .inc();
@@ -219,7 +249,8 @@ impl Metrics {
             self.latency
                 .get_or_create(&TargetLabels {
                     kind: kind.into(),
-                    name: name.into(),
+                    namespace: namespace_of(name).into(),
+                    name: plain(name).into(),
                 })
                 .observe(took.as_secs_f64());
         }
@@ -230,7 +261,8 @@ impl Metrics {
         self.calls
             .get_or_create(&CallLabels {
                 kind: kind.into(),
-                name: name.into(),
+                namespace: namespace_of(name).into(),
+                name: plain(name).into(),
                 outcome: "throttled".into(),
             })
             .inc();
@@ -241,7 +273,8 @@ impl Metrics {
         self.calls
             .get_or_create(&CallLabels {
                 kind: kind.into(),
-                name: name.into(),
+                namespace: namespace_of(name).into(),
+                name: plain(name).into(),
                 outcome: "accepted".into(),
             })
             .inc();
@@ -308,16 +341,22 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains(r#"squall_calls_total{kind="dag",name="sq_incr",outcome="ok"} 1"#),
+            text.contains(
+                r#"squall_calls_total{kind="dag",namespace="default",name="sq_incr",outcome="ok"} 1"#
+            ),
             "{text}"
         );
         assert!(
-            text.contains(r#"squall_calls_total{kind="function",name="",outcome="not_found"} 1"#),
+            text.contains(
+                r#"squall_calls_total{kind="function",namespace="default",name="",outcome="not_found"} 1"#
+            ),
             "{text}"
         );
         assert!(text.contains(r#"outcome="trap""#), "{text}");
         assert!(
-            text.contains(r#"squall_call_duration_seconds_count{kind="dag",name="sq_incr"} 1"#),
+            text.contains(
+                r#"squall_call_duration_seconds_count{kind="dag",namespace="default",name="sq_incr"} 1"#
+            ),
             "{text}"
         );
         assert!(
@@ -335,6 +374,43 @@ mod tests {
         assert!(!text.contains(r#"name="nope""#), "{text}");
         assert_eq!(text.matches("# EOF").count(), 1, "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn a_reader_of_one_namespace_sees_its_series_and_the_executors_only() {
+        let metrics = Metrics::new();
+        metrics.observe("function", "incr", Duration::from_micros(300), None);
+        metrics.observe(
+            "function",
+            "team-b/secret",
+            Duration::from_micros(300),
+            None,
+        );
+        let text = metrics.render(
+            &[ExecutorStatus {
+                id: "e1".into(),
+                ..ExecutorStatus::default()
+            }],
+            0,
+        );
+        assert!(
+            text.contains(r#"namespace="team-b",name="secret""#),
+            "{text}"
+        );
+        let seen = only_namespace(&text, "default");
+        assert!(
+            seen.contains(r#"namespace="default",name="incr""#),
+            "{seen}"
+        );
+        assert!(
+            !seen.contains("team-b") && !seen.contains("secret"),
+            "{seen}"
+        );
+        assert!(
+            seen.contains(r#"squall_executor_steps_total{executor="e1"}"#),
+            "{seen}"
+        );
+        assert!(seen.ends_with("# EOF\n"), "{seen}");
     }
 
     #[test]

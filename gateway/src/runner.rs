@@ -127,6 +127,8 @@ struct Inner {
     turns: tokio::sync::Notify,
     /// Scans under way.
     scanning: AtomicUsize,
+    /// Scans started, to start each with another namespace.
+    scans: AtomicUsize,
 }
 
 /// How long a call waiting for its turn sleeps before it looks again, whatever wakes it.
@@ -249,6 +251,7 @@ impl Runner {
                 ordered: Mutex::new(HashMap::new()),
                 turns: tokio::sync::Notify::new(),
                 scanning: AtomicUsize::new(0),
+                scans: AtomicUsize::new(0),
             }),
         }
     }
@@ -602,8 +605,16 @@ impl Runner {
     pub async fn scan(&self) -> squall_state::Result<usize> {
         let _scanning = Scanning::new(&self.inner);
         let mut taken = 0;
-        let namespaces = Namespaces::new(self.inner.calls.store().clone());
-        for namespace in namespaces.names().await? {
+        // A different namespace first each pass, so that one with more pending calls than
+        // a runner holds cannot keep the others' waiting.
+        let mut namespaces = Namespaces::new(self.inner.calls.store().clone())
+            .names()
+            .await?;
+        if !namespaces.is_empty() {
+            let first = self.inner.scans.fetch_add(1, Ordering::Relaxed) % namespaces.len();
+            namespaces.rotate_left(first);
+        }
+        for namespace in namespaces {
             let calls = self.inner.calls.in_namespace(&namespace);
             let mut after = None;
             loop {

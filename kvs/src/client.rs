@@ -372,6 +372,18 @@ impl Client {
         self.write_routed(entries, |entries| Request::Merge { entries })
     }
 
+    /// Merges entries as a replica's copies are merged: like [`Client::merge_many`], but no
+    /// shard journals them, so nothing fires a `kv-change` trigger. For moving keys, never for
+    /// clients' writes.
+    pub fn copy_many(&mut self, entries: Vec<(Key, Entry)>) -> Result<Vec<Result<(), KeyError>>> {
+        self.write_routed(entries, |entries| Request::Copy { entries })
+    }
+
+    /// A tombstone stamped now by this client's clock (see [`Client::delete`]).
+    pub fn tombstone(&mut self) -> Entry {
+        Entry::tombstone(self.next_timestamp())
+    }
+
     /// Deletes `key` as of now (a tombstone at this client's clock): a write stamped later
     /// survives it, see [`squall_lattices::entry`]. Deleting an absent key stores a tombstone
     /// all the same (until it is reclaimed), so that a copy on its way cannot bring it back.

@@ -14,7 +14,8 @@
 //! Functions' and clients' keys were stored as they were named, outside `squall/`; they now
 //! live in their namespace ([`keys::user`]). [`move_tenant_keys`] moves every key outside
 //! `squall/` into the default namespace, value and expiry as they are (a merge, so running it
-//! twice, or from two processes at once, moves each once), deletes the old key, and marks the
+//! twice, or from two processes at once, moves each once), deletes the old key (both written
+//! as replicas' copies are, unjournaled: moving a key fires no trigger), and marks the
 //! store done ([`keys::tenant_keys_moved`]) so later starts read one key. A write by a process
 //! of the old version, made to an old key after the move passed it, stays where it is.
 
@@ -110,14 +111,23 @@ pub async fn move_tenant_keys(kvs: &ClientPool) -> Result<u64> {
                         })
                         .collect();
                     let copied = copies.len() as u64;
-                    let results = client.merge_many(copies)?;
+                    // As copies, moves and deletes alike: journaled, they would fire every
+                    // kv-change trigger on its keys again, and fill the journals.
+                    let results = client.copy_many(copies)?;
                     if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
                         return Err(squall_kvs::Error::Config(format!(
                             "moving a key into the default namespace: {e}"
                         )));
                     }
-                    for key in &old {
-                        client.delete(key)?;
+                    let tombstones = old
+                        .iter()
+                        .map(|key| (key.clone(), client.tombstone()))
+                        .collect();
+                    let results = client.copy_many(tombstones)?;
+                    if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+                        return Err(squall_kvs::Error::Config(format!(
+                            "deleting a key moved into the default namespace: {e}"
+                        )));
                     }
                     Ok(copied)
                 })

@@ -1,22 +1,26 @@
 //! Namespaces: which exist, and deleting one with everything it owns.
 //!
 //! A namespace owns every key under [`keys::namespace_root`]: its functions', models' and
-//! DAGs' records, triggers, results, activation records, dead letters, audit entries and its
-//! tenants' keys ([`keys::user`]). Code is content-addressed and shared, so it is not a
-//! namespace's to delete.
+//! DAGs' records, triggers, retry policies and limits, pending calls, results, activation
+//! records, dead letters and its tenants' keys ([`keys::user`]).
 //!
 //! Keys: [`keys::namespaces`], the grow-only set of names ever created, and
 //! [`keys::namespace`], one [`NamespaceRecord`] per name in a last-writer-wins register:
-//! creating writes `deleted: false`, deleting writes `deleted: true` later, and creating again
-//! later still brings the name back (with nothing of what it had). [`keys::DEFAULT_NAMESPACE`]
+//! creating writes `deleted: false`, deleting writes `deleted: true` later. [`keys::DEFAULT_NAMESPACE`]
 //! always exists and cannot be deleted: it is the namespace of every URL and command that names
 //! none.
 //!
 //! Deleting first marks the namespace deleted (from then on gateways refuse its requests, once
 //! their cache of it has expired, within a second), then deletes its keys page by page. A
-//! write that was already under way when the mark landed can outlive the sweep; it is
-//! unreachable (no request of a deleted namespace is served) and a later delete of the same
-//! name, or its creation again, sweeps once more first.
+//! write that was already under way when the mark landed (a call still running, a batch of
+//! activation records on its way) can outlive the sweep; it is unreachable, since no request
+//! of a deleted namespace is served, and expires with its retention where it has one. That is
+//! why a deleted namespace's name is never used again: a namespace created under it would
+//! find those late writes, and the counters executors keep adding to in memory, as its own.
+//!
+//! What a namespace does not own: content-addressed code (shared), and the audit trail,
+//! which is the cluster's (in the default namespace), so that a namespace's deletion is
+//! itself audited and kept.
 
 use serde::{Deserialize, Serialize};
 use squall_lattices::{LatticeValue, SetLattice, Timestamp};
@@ -41,6 +45,17 @@ pub struct NamespaceRecord {
     pub deleted: bool,
 }
 
+/// What [`Namespaces::create`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    /// Created.
+    New,
+    /// It exists already.
+    Exists,
+    /// The name was a namespace's that was deleted: not used again.
+    Deleted,
+}
+
 /// The namespaces in the store. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Namespaces {
@@ -58,14 +73,20 @@ impl Namespaces {
         Ok(())
     }
 
-    /// Creates `name`; `false` if it exists already. A name deleted before is swept again
-    /// first, so it starts empty.
-    pub async fn create(&self, name: &str) -> Result<bool> {
+    /// Creates `name`: [`Created::Exists`] if it exists already, [`Created::Deleted`] if it
+    /// was deleted (a deleted namespace's name is not used again, see the module docs).
+    pub async fn create(&self, name: &str) -> Result<Created> {
         Self::check(name)?;
-        if self.exists(name).await? {
-            return Ok(false);
+        if name == DEFAULT_NAMESPACE {
+            return Ok(Created::Exists);
         }
-        self.sweep(name).await?;
+        let record: Option<NamespaceRecord> =
+            register::get(&self.kvs, keys::namespace(name)).await?;
+        match record {
+            Some(record) if record.deleted => return Ok(Created::Deleted),
+            Some(_) => return Ok(Created::Exists),
+            None => {}
+        }
         let record = NamespaceRecord {
             name: name.to_string(),
             created_ms: squall_lattices::entry::now_ms(),
@@ -79,7 +100,7 @@ impl Namespaces {
             .with(move |client| client.put(&keys::namespaces(), set))
             .await?;
         tracing::info!(namespace = name, "namespace created");
-        Ok(true)
+        Ok(Created::New)
     }
 
     /// Whether `name` exists now (`default` always does).
@@ -154,19 +175,19 @@ impl Namespaces {
         Ok(Some(swept))
     }
 
-    /// Deletes every key under `name`'s root, page by page; how many.
+    /// Deletes every key under `name`'s root, a page at a time, each page listed after the
+    /// last (a page may come back empty while more follow: a cluster's listing drops keys its
+    /// replicas deleted); how many.
     async fn sweep(&self, name: &str) -> Result<u64> {
         let root = keys::namespace_root(name);
         let mut swept = 0;
+        let mut after: Option<String> = None;
         loop {
-            let prefix = root.clone();
-            let (page, _) = self
+            let (prefix, from) = (root.clone(), after.take());
+            let (page, next) = self
                 .kvs
-                .with(move |client| client.list(&prefix, None, SWEEP_PAGE))
+                .with(move |client| client.list(&prefix, from.as_deref(), SWEEP_PAGE))
                 .await?;
-            if page.is_empty() {
-                return Ok(swept);
-            }
             swept += page.len() as u64;
             self.kvs
                 .with(move |client| {
@@ -176,6 +197,10 @@ impl Namespaces {
                     Ok(())
                 })
                 .await?;
+            match next {
+                Some(next) => after = Some(next),
+                None => return Ok(swept),
+            }
         }
     }
 }

@@ -357,7 +357,9 @@ fn up_serves_functions_dags_async_calls_and_refuses_bad_requests() {
     );
     let metrics = http("GET", &format!("{base}/metrics"), Some(TOKEN), b"").text();
     assert!(
-        metrics.contains(r#"squall_calls_total{kind="dag",name="sq_incr",outcome="ok"} 1"#),
+        metrics.contains(
+            r#"squall_calls_total{kind="dag",namespace="default",name="sq_incr",outcome="ok"} 1"#
+        ),
         "{metrics}"
     );
     let openapi = http("GET", &format!("{base}/v1/openapi.json"), Some(TOKEN), b"").json();

@@ -386,8 +386,8 @@ fn two_tenants_reach_nothing_of_each_other() {
         .until(|| (beta.invoke_as(&brief, "ok").status == 401).then_some(()))
         .expect("the expired key refused");
 
-    // Deleting beta: its keys stop working, its data is gone, alpha is untouched; created
-    // again, it starts empty.
+    // Deleting beta: its keys stop working, its data is gone, alpha is untouched; its name
+    // is not used again (late writes of the deleted namespace would land in a new one).
     let deleted = http(
         "DELETE",
         &format!("{base}/v1/namespaces/beta"),
@@ -408,20 +408,16 @@ fn two_tenants_reach_nothing_of_each_other() {
         Some(TOKEN),
         br#"{"name":"beta"}"#,
     );
-    assert_eq!(again.status, 201, "{}", again.text());
-    assert_eq!(
-        status("GET", &format!("{}/kv/secret", beta.url), TOKEN, b""),
-        404
-    );
-    assert_eq!(
-        status(
-            "GET",
-            &format!("{}/functions/misbehave", beta.url),
-            TOKEN,
-            b""
-        ),
-        404
-    );
+    assert_eq!(again.status, 409, "{}", again.text());
+    assert!(again.text().contains("not used again"), "{}", again.text());
+    let mut store =
+        squall_kvs::Client::connect(&up.field("kvs"), squall_kvs::ClientConfig::default())
+            .expect("a store client");
+    let (left, _) = store
+        .list(&squall_proto::keys::namespace_root("beta"), None, 10)
+        .expect("a listing");
+    assert!(left.is_empty(), "beta left {left:?}");
+    let gamma = Tenant::new(&base, "gamma");
     let listed = http("GET", &format!("{base}/v1/namespaces"), Some(TOKEN), b"");
     let names: Vec<String> = listed
         .json()
@@ -430,5 +426,70 @@ fn two_tenants_reach_nothing_of_each_other() {
         .iter()
         .filter_map(|n| n["name"].as_str().map(str::to_string))
         .collect();
-    assert_eq!(names, ["default", "alpha", "beta"]);
+    assert_eq!(names, ["default", "alpha", "gamma"]);
+
+    // The executors each namespace sees serve and keep warm its own functions only.
+    let seen = http(
+        "GET",
+        &format!("{}/executors", gamma.url),
+        Some(&gamma.read),
+        b"",
+    );
+    assert_eq!(seen.status, 200, "{}", seen.text());
+    assert!(
+        !seen.text().contains("misbehave") && !seen.text().contains("alpha"),
+        "{}",
+        seen.text()
+    );
+    let seen = http(
+        "GET",
+        &format!("{}/executors", alpha.url),
+        Some(&alpha.read),
+        b"",
+    );
+    assert!(!seen.text().contains("alpha/"), "{}", seen.text());
+    // Metrics: a key of the default namespace reads the default namespace's series only;
+    // the token reads every namespace's, labelled.
+    let (default_read, _) = make_key(&base, "default", "read", None);
+    let scraped = http("GET", &format!("{base}/metrics"), Some(&default_read), b"");
+    assert_eq!(scraped.status, 200, "{}", scraped.text());
+    assert!(!scraped.text().contains("alpha"), "{}", scraped.text());
+    let scraped = http("GET", &format!("{base}/metrics"), Some(TOKEN), b"");
+    assert!(
+        scraped
+            .text()
+            .contains(r#"namespace="alpha",name="misbehave""#),
+        "{}",
+        scraped.text()
+    );
+    // Causal sessions are a namespace's own: the same session name in two namespaces is two
+    // sessions (each call runs from its own floors, never the other tenant's keys).
+    let url = format!("{}/functions/misbehave", gamma.url);
+    assert_eq!(status("PUT", &url, &gamma.deploy, &misbehave), 201);
+    for (tenant, value) in [(&alpha, "a"), (&gamma, "g"), (&alpha, "a2")] {
+        let answer = support::http_with(
+            "POST",
+            &format!("{}/functions/misbehave/invoke", tenant.url),
+            Some(&tenant.invoke),
+            &[
+                ("squall-consistency", "causal"),
+                ("squall-session", "shared-session"),
+            ],
+            format!("state:causal-key={value}").as_bytes(),
+        );
+        assert_eq!((answer.status, answer.text()), (200, value.to_string()));
+    }
+    let stored = store
+        .get(&squall_proto::keys::user("gamma", "causal-key"))
+        .expect("a read");
+    let Some(squall_lattices::LatticeValue::MultiCausal(written)) = stored else {
+        panic!("a causal write, not {stored:?}");
+    };
+    let depends: Vec<String> = written.dependencies().into_keys().collect();
+    assert!(
+        depends
+            .iter()
+            .all(|key| key.starts_with(&squall_proto::keys::user_prefix("gamma"))),
+        "gamma's write depends on {depends:?}"
+    );
 }
