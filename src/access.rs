@@ -1,7 +1,7 @@
 //! `squall key`: make, list and revoke API keys through a gateway (with an `admin` key or
 //! the gateway's token). A key is printed once, when made: the store keeps only its hash.
 //! `squall audit`: the audit trail of administrative requests, newest first.
-//! `squall namespace`: create, list and delete namespaces (as admin).
+//! `squall namespace`: create, list and delete namespaces, and set their quotas (as admin).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -64,6 +64,26 @@ enum NamespaceCommand {
         /// The namespace.
         name: String,
     },
+    /// Show a namespace's quotas (JSON); with flags, set those (the others stay as they are).
+    Quota {
+        /// The namespace.
+        name: String,
+        /// Calls running at once through each gateway (429 past it).
+        #[arg(long)]
+        max_in_flight: Option<u32>,
+        /// Calls started per second through each gateway (429 past it).
+        #[arg(long)]
+        max_calls_per_s: Option<f64>,
+        /// Functions registered (403 past it).
+        #[arg(long)]
+        max_functions: Option<u32>,
+        /// The largest memory a function may ask for, in MiB (403 past it).
+        #[arg(long)]
+        max_memory_mb: Option<u64>,
+        /// The longest deadline a function or call may ask for, in ms (403 past it).
+        #[arg(long)]
+        max_timeout_ms: Option<u64>,
+    },
 }
 
 /// `squall namespace create|ls|rm`.
@@ -86,6 +106,46 @@ pub fn namespaces(args: NamespaceArgs) -> anyhow::Result<ExitCode> {
             for namespace in listed.as_array().into_iter().flatten() {
                 writeln!(out, "{}", namespace["name"].as_str().unwrap_or("?"))?;
             }
+        }
+        NamespaceCommand::Quota {
+            name,
+            max_in_flight,
+            max_calls_per_s,
+            max_functions,
+            max_memory_mb,
+            max_timeout_ms,
+        } => {
+            squall_proto::keys::validate_namespace(&name)?;
+            let path = format!("/v1/namespaces/{name}/quotas");
+            let mut quotas = json(&send(c, request(c, "GET", &path).call())?)?;
+            let set = [
+                ("max_in_flight", max_in_flight.map(serde_json::Value::from)),
+                (
+                    "max_calls_per_s",
+                    max_calls_per_s.map(serde_json::Value::from),
+                ),
+                ("max_functions", max_functions.map(serde_json::Value::from)),
+                ("max_memory_mb", max_memory_mb.map(serde_json::Value::from)),
+                (
+                    "max_timeout_ms",
+                    max_timeout_ms.map(serde_json::Value::from),
+                ),
+            ];
+            if set.iter().any(|(_, value)| value.is_some()) {
+                for (field, value) in set {
+                    if let (Some(value), Some(fields)) = (value, quotas.as_object_mut()) {
+                        fields.insert(field.to_string(), value);
+                    }
+                }
+                let body = serde_json::to_vec(&quotas)?;
+                quotas = json(&send(
+                    c,
+                    request(c, "PUT", &path)
+                        .set("Content-Type", "application/json")
+                        .send_bytes(&body),
+                )?)?;
+            }
+            println!("{}", serde_json::to_string(&quotas)?);
         }
         NamespaceCommand::Rm { name } => {
             squall_proto::keys::validate_namespace(&name)?;

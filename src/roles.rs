@@ -69,14 +69,35 @@ struct Schedulers {
 #[derive(Debug, Args)]
 struct Token {
     /// Bearer token required on every HTTP request but `/healthz` (at least 16 characters).
-    #[arg(long, env = "SQUALL_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SQUALL_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
     token: Option<String>,
+    /// A file holding the token (its first line; a mounted Kubernetes Secret, say), instead
+    /// of `--token`.
+    #[arg(long, env = "SQUALL_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
 }
 
 impl Token {
     /// The token, if one is given and it is long enough (checked at start, and never
     /// printed: a refused secret may still be one in use elsewhere).
     fn checked(&self) -> anyhow::Result<Option<String>> {
+        if let Some(path) = &self.token_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--token-file: reading {}", path.display()))?;
+            let token = text
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim_end_matches('\r');
+            return Ok(Some(secret(token).map_err(|e| {
+                anyhow::anyhow!("--token-file {}: {e}", path.display())
+            })?));
+        }
         match &self.token {
             Some(token) => Ok(Some(
                 secret(token).map_err(|e| anyhow::anyhow!("--token: {e}"))?,

@@ -28,7 +28,7 @@ use squall_state::calls::{
     check_idempotency_key, Calls, ConcurrencyLimit, DeadLetter, PendingCall, RetryPolicy,
 };
 use squall_state::dag::dag_key;
-use squall_state::namespaces::{Created, NamespaceRecord, Namespaces};
+use squall_state::namespaces::{Created, NamespaceRecord, Namespaces, Quotas};
 use squall_state::registry::record_key;
 use squall_state::triggers::{Firing, Trigger, TriggerSpec, Triggers};
 use squall_state::{
@@ -43,6 +43,7 @@ use crate::feed::ChangeFeed;
 use crate::limits::ConcurrencyLimits;
 use crate::metrics::Metrics;
 use crate::namespace::{Existing, Namespace};
+use crate::quotas::NamespaceQuotas;
 use crate::runner::{record_of, Runner};
 
 /// How the gateway behaves.
@@ -115,6 +116,7 @@ pub struct Gateway {
     key_check: Arc<KeyCheck>,
     audit: AuditTrail,
     namespaces: Existing,
+    quotas: Arc<NamespaceQuotas>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -134,6 +136,7 @@ impl Gateway {
             activations: Activations::new(kvs.clone(), config.activation_retention),
             audit: AuditTrail::new(kvs.clone(), config.audit_retention),
             namespaces: Existing::new(Namespaces::new(kvs.clone())),
+            quotas: NamespaceQuotas::new(Namespaces::new(kvs.clone())),
             calls: Calls::new(kvs.clone()).with_result_retention(config.activation_retention),
             runner: std::sync::OnceLock::new(),
             limits: ConcurrencyLimits::default(),
@@ -180,6 +183,7 @@ impl Gateway {
                 records,
                 self.metrics.clone(),
                 self.limits.clone(),
+                self.quotas.clone(),
             )
         })
     }
@@ -366,6 +370,10 @@ impl Gateway {
                 "/v1/namespaces/{name}",
                 get(get_namespace).delete(delete_namespace),
             )
+            .route(
+                "/v1/namespaces/{name}/quotas",
+                get(get_quotas).put(put_quotas),
+            )
             .route("/v1/kv", get(list_kv))
             .route("/v1/kv/{*key}", get(get_kv).put(put_kv).delete(delete_kv))
             .fallback(|| async {
@@ -463,7 +471,8 @@ pub struct ErrorBody {
 /// What went wrong.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
-    /// A stable code: `not_found`, `bad_request`, `unauthorized`, `forbidden`, `too_large`,
+    /// A stable code: `not_found`, `bad_request`, `unauthorized`, `forbidden`,
+    /// `quota_exceeded`, `conflict`, `too_large`,
     /// `invalid_component`, `function_failed`, `trap`, `timeout`, `out_of_memory`,
     /// `no_capacity`, `executor_lost`, `unavailable`, `internal`.
     pub code: String,
@@ -566,6 +575,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
     }
@@ -993,9 +1007,42 @@ async fn register_function(
             "the body must be the function's component",
         ));
     }
+    // The namespace's quotas: how many functions, how much memory and time each may ask for
+    // (asking for nothing gets the defaults, capped to them).
+    let (namespace, plain) = keys::split(&name);
+    let quotas = gateway.quotas.of(namespace).await?;
+    // (The functions are listed only under a quota on their number.)
+    let live: Vec<String> = match quotas.max_functions {
+        Some(_) => gateway
+            .functions
+            .list(namespace)
+            .await?
+            .into_iter()
+            .map(|f| f.name)
+            .collect(),
+        None => Vec::new(),
+    };
+    let new_name = !live.iter().any(|n| n == plain);
+    crate::quotas::check_registration(
+        &quotas,
+        live.len(),
+        new_name,
+        params.memory_mb,
+        params.timeout_ms,
+    )
+    .map_err(|e| over_quota(namespace, e, StatusCode::FORBIDDEN))?;
+    let defaults = squall_state::Limits::default();
     let limits = LimitsRequest {
-        timeout_ms: params.timeout_ms,
-        memory_bytes: params.memory_mb.map(|mb| mb.saturating_mul(1 << 20)),
+        timeout_ms: params.timeout_ms.or(quotas
+            .max_timeout_ms
+            .map(|max| max.min(defaults.timeout_ms))),
+        memory_bytes: params.memory_mb.or(quotas.max_memory_mb).map(|mb| {
+            let asked = mb.saturating_mul(1 << 20);
+            match params.memory_mb {
+                Some(_) => asked,
+                None => asked.min(defaults.memory_bytes),
+            }
+        }),
         reuse_instances: params.reuse,
     };
     register(&gateway, Artifact::Function, &name, code, limits).await
@@ -1381,9 +1428,17 @@ async fn run_invocation(
             )));
         }
     }
+    // The namespace's quotas: the deadline asked for here; its rate and calls in flight
+    // below, once the call is known to run.
+    let quotas = gateway.quotas.of(&namespace).await?;
+    crate::quotas::check_timeout(&quotas, params.timeout_ms)
+        .map_err(|e| over_quota(&namespace, e, StatusCode::FORBIDDEN))?;
     let timeout = params
         .timeout_ms
         .map_or(gateway.config.default_timeout, Duration::from_millis);
+    let timeout = quotas
+        .max_timeout_ms
+        .map_or(timeout, |max| timeout.min(Duration::from_millis(max)));
     let options = InvokeOptions {
         consistency,
         timeout_ms: Some(timeout.as_millis().try_into().unwrap_or(u64::MAX)),
@@ -1455,6 +1510,14 @@ async fn run_invocation(
             now_ms(),
         );
         call.idempotency_key = idempotency_key;
+        if let Err(exceeded) = gateway.quotas.admit(&namespace, false).await? {
+            gateway.metrics.throttled(kind, &name);
+            return Err(over_quota(
+                &namespace,
+                exceeded,
+                StatusCode::TOO_MANY_REQUESTS,
+            ));
+        }
         // The 202 promises the call is in the store.
         gateway
             .runner()
@@ -1464,15 +1527,31 @@ async fn run_invocation(
         gateway.metrics.accepted(kind, &name);
         return Ok(accepted(&namespace, &id.to_string()));
     }
-    let _slot = match gateway.limits.try_acquire(&target) {
-        Ok(slot) => slot,
-        Err(max) => {
+    let admitted = match gateway.quotas.admit(&namespace, true).await? {
+        Ok(in_flight) => gateway
+            .limits
+            .try_acquire(&target)
+            .map(|slot| (in_flight, slot))
+            .map_err(|max| {
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_requests",
+                    format!(
+                        "{kind} {:?} runs at most {max} calls at once through this gateway",
+                        keys::split(&name).1
+                    ),
+                )
+            }),
+        Err(exceeded) => Err(over_quota(
+            &namespace,
+            exceeded,
+            StatusCode::TOO_MANY_REQUESTS,
+        )),
+    };
+    let _slots = match admitted {
+        Ok(slots) => slots,
+        Err(refused) => {
             gateway.metrics.throttled(kind, &name);
-            let refused = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_requests",
-                format!("{kind} {name:?} runs at most {max} calls at once through this gateway"),
-            );
             if gateway.config.record_activations {
                 record.status = Status::Failed;
                 record.end_ms = Some(now_ms());
@@ -1480,10 +1559,8 @@ async fn run_invocation(
                 record.error = Some(refused.recorded());
                 gateway.recorder().record(record);
             }
+            // 429s carry `Retry-After` (see `ApiError::into_response`).
             let mut response = refused.into_response();
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             with_activation(&mut response, id);
             return Ok(response);
         }
@@ -1584,6 +1661,18 @@ async fn run_invocation(
         gateway.recorder().record(record);
     }
     Ok(response)
+}
+
+/// The refusal of a call or registration over `namespace`'s quota, naming it.
+fn over_quota(namespace: &str, exceeded: crate::quotas::Exceeded, status: StatusCode) -> ApiError {
+    ApiError::new(
+        status,
+        "quota_exceeded",
+        format!(
+            "namespace {namespace:?} is over its quota {} ({})",
+            exceeded.quota, exceeded.limit
+        ),
+    )
 }
 
 /// The 202 answer naming asynchronous call `id`.
@@ -3076,6 +3165,58 @@ async fn delete_namespace(
     Ok(response)
 }
 
+/// The namespace `name` of a path, which must exist.
+async fn existing_namespace(gateway: &Gateway, name: &str) -> ApiResult<()> {
+    keys::validate_namespace(name).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if gateway.namespaces.namespaces().exists(name).await? {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!("no namespace {name:?}")))
+    }
+}
+
+#[utoipa::path(get, path = "/v1/namespaces/{name}/quotas", tag = "namespaces",
+    params(("name" = String, Path, description = "The namespace")),
+    responses((status = 200, body = Quotas), (status = 404, body = ErrorBody)))]
+async fn get_quotas(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Quotas>> {
+    existing_namespace(&gateway, &name).await?;
+    Ok(Json(gateway.namespaces.namespaces().quotas(&name).await?))
+}
+
+#[utoipa::path(put, path = "/v1/namespaces/{name}/quotas", tag = "namespaces",
+    params(("name" = String, Path, description = "The namespace")), request_body = Quotas,
+    responses((status = 200, body = Quotas), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+async fn put_quotas(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    existing_namespace(&gateway, &name).await?;
+    let quotas: Quotas = serde_json::from_slice(&body?).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body must be {{\"max_in_flight\":...,\"max_calls_per_s\":...,\"max_functions\":...,\"max_memory_mb\":...,\"max_timeout_ms\":...}} (each optional): {e}"
+        ))
+    })?;
+    quotas.check().map_err(ApiError::bad_request)?;
+    gateway
+        .namespaces
+        .namespaces()
+        .set_quotas(&name, &quotas)
+        .await?;
+    gateway.quotas.learn(&name, quotas.clone());
+    let detail = AuditDetail(format!(
+        "quotas of {name}: {}",
+        serde_json::to_string(&quotas).unwrap_or_default()
+    ));
+    let mut response = Json(quotas).into_response();
+    response.extensions_mut().insert(detail);
+    Ok(response)
+}
+
 /// Which audit entries `GET /v1/audit` lists.
 #[derive(Debug, Deserialize, IntoParams)]
 struct AuditQuery {
@@ -3163,12 +3304,13 @@ async fn revoke_api_key(
         fire_trigger,
         list_dead_letters, delete_dead_letters, redrive_dead_letters, get_dead_letter,
         delete_dead_letter, redrive_dead_letter, create_api_key, list_api_keys, revoke_api_key,
-        list_audit, list_namespaces, create_namespace, get_namespace, delete_namespace),
+        list_audit, list_namespaces, create_namespace, get_namespace, delete_namespace,
+        get_quotas, put_quotas),
     components(schemas(ErrorBody, ErrorDetail, Health, ExecutorInfo, FunctionInfo, FunctionDetail,
         Accepted, DagInfo, DagSpec, Running, KeyList, ActivationPage, RetryPolicy, DeadLetterInfo,
         DeadLetterPage, Handled, ConcurrencyLimit, TriggerSpec, TriggerInfo, ActivationLogs,
         LogEntry, NewApiKey, ApiKeyInfo, ApiKeyList, AuditPage, NewNamespace, NamespaceDeleted,
-        NamespaceRecord)),
+        NamespaceRecord, Quotas)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -28,6 +28,7 @@
 //!   other runners left behind.
 //! - [`cron`]: fires cron triggers' due ticks as durable calls.
 //! - [`limits`]: concurrency limits per function and DAG, held per gateway.
+//! - [`quotas`]: quotas per namespace (calls in flight, rate, functions, memory, deadline).
 //! - `metrics`: the Prometheus metrics served at `/metrics`.
 //! - [`tls`]: HTTPS on the gateway's port (`--tls-cert`, `--tls-key`).
 //!
@@ -56,6 +57,7 @@ pub mod feed;
 pub mod limits;
 mod metrics;
 pub mod namespace;
+pub mod quotas;
 pub mod runner;
 pub mod tls;
 

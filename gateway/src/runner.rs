@@ -43,7 +43,7 @@ use squall_lattices::Write;
 use squall_proto::call::{CallResult, Failure, FailureCode, Target};
 use squall_proto::poll::Poll;
 use squall_proto::report::StepReport;
-use squall_proto::Key;
+use squall_proto::{keys, Key};
 use squall_scheduler::SchedulerClient;
 use squall_state::activations::{Attempt, RecordedError, Recorder, Status};
 use squall_state::calls::{
@@ -56,6 +56,7 @@ use tokio::sync::Semaphore;
 
 use crate::limits::ConcurrencyLimits;
 use crate::metrics::Metrics;
+use crate::quotas::NamespaceQuotas;
 
 /// How often a runner looks for calls nobody runs (and once at its start): other runners'
 /// leases outlive their calls' deadlines by [`LEASE_MARGIN`], so looking more often finds
@@ -115,6 +116,8 @@ struct Inner {
     activations: Option<Activations>,
     metrics: Arc<Metrics>,
     limits: ConcurrencyLimits,
+    /// Its namespaces' quotas (calls in flight).
+    quotas: Arc<NamespaceQuotas>,
     /// The calls this runner runs now.
     held: Mutex<HashSet<String>>,
     /// Calls cancelled through this gateway while it held them: nothing more is written for
@@ -234,6 +237,7 @@ impl Runner {
         records: Option<(Recorder, Activations)>,
         metrics: Arc<Metrics>,
         limits: ConcurrencyLimits,
+        quotas: Arc<NamespaceQuotas>,
     ) -> Self {
         let (recorder, activations) = records.unzip();
         Self {
@@ -245,6 +249,7 @@ impl Runner {
                 activations,
                 metrics,
                 limits,
+                quotas,
                 held: Mutex::new(HashSet::new()),
                 cancelled: Mutex::new(HashSet::new()),
                 running: Semaphore::new(MAX_RUNNING),
@@ -678,6 +683,17 @@ impl Runner {
             else {
                 break;
             };
+            // And one under its namespace's calls in flight (see `crate::quotas`).
+            let Ok(in_flight) = self
+                .inner
+                .quotas
+                .acquire(keys::split(call.target.name()).0, || {
+                    self.is_cancelled(&call.id)
+                })
+                .await
+            else {
+                break;
+            };
             let Ok(permit) = self.inner.running.acquire().await else {
                 break;
             };
@@ -735,7 +751,7 @@ impl Runner {
                     call.timeout() + Duration::from_secs(2),
                 )
                 .await;
-            drop((permit, slot));
+            drop((permit, slot, in_flight));
             let took = started.elapsed();
             // Nothing of the attempt is written before the call itself is in the store.
             if !landing.landed().await {

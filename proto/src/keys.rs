@@ -24,6 +24,7 @@
 //! squall/ns/{namespace}/trigger-fired/{name}       the latest tick it fired ([`trigger_fired`])
 //! squall/ns/{namespace}/audit/{id}       an administrative request's audit entry ([`audit`])
 //! squall/ns/{namespace}/kv/{key}         a key a function or client of the namespace names ([`user`])
+//! squall/ns/{namespace}/quotas           the namespace's quotas ([`quotas`])
 //! squall/namespaces                      the set of namespaces ever created ([`namespaces`])
 //! squall/namespace/{namespace}           whether it exists now, since when ([`namespace`])
 //! squall/migrated/tenant-keys            keys from before namespaces were moved ([`tenant_keys_moved`])
@@ -272,6 +273,11 @@ pub fn namespaces() -> Key {
 /// The key of namespace `namespace`'s record: whether it exists, since when.
 pub fn namespace(namespace: &str) -> Key {
     format!("{RESERVED_PREFIX}namespace/{namespace}")
+}
+
+/// The key of namespace `namespace`'s quotas.
+pub fn quotas(namespace: &str) -> Key {
+    format!("{RESERVED_PREFIX}ns/{namespace}/quotas")
 }
 
 /// The name the fabric knows function (or model, or DAG) `name` of `namespace` by: `name`

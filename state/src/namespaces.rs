@@ -45,6 +45,58 @@ pub struct NamespaceRecord {
     pub deleted: bool,
 }
 
+/// A namespace's quotas; an absent one does not bound. Set by an admin, enforced by each
+/// gateway (see `squall_gateway::quotas`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Quotas {
+    /// Calls of the namespace running at once through one gateway (synchronous calls and
+    /// asynchronous attempts): past it, a synchronous call is refused (429) and an attempt
+    /// waits for a slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
+    /// Calls started per second through one gateway, sustained (bursts up to the rate, at
+    /// least one): past it, a call is refused (429).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_calls_per_s: Option<f64>,
+    /// Functions registered in the namespace: past it, a registration of a new name is
+    /// refused (403).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_functions: Option<u32>,
+    /// The largest memory a function may ask for, in MiB (its default is capped to it): a
+    /// registration asking for more is refused (403).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mb: Option<u64>,
+    /// The longest deadline a function or a call may ask for, in milliseconds (the defaults
+    /// are capped to it): a registration or call asking for more is refused (403).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_timeout_ms: Option<u64>,
+}
+
+impl Quotas {
+    /// Checks that each bound can hold something: counts and sizes at least 1, a rate above 0.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let positive = [
+            ("max_in_flight", self.max_in_flight.map(u64::from)),
+            ("max_functions", self.max_functions.map(u64::from)),
+            ("max_memory_mb", self.max_memory_mb),
+            ("max_timeout_ms", self.max_timeout_ms),
+        ];
+        for (name, value) in positive {
+            if value == Some(0) {
+                return Err(format!("{name} is at least 1"));
+            }
+        }
+        if let Some(rate) = self.max_calls_per_s {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err("max_calls_per_s is a number above 0".into());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What [`Namespaces::create`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Created {
@@ -173,6 +225,24 @@ impl Namespaces {
         let swept = self.sweep(name).await?;
         tracing::info!(namespace = name, keys = swept, "namespace deleted");
         Ok(Some(swept))
+    }
+
+    /// The quotas of `name` (none set: every bound absent).
+    pub async fn quotas(&self, name: &str) -> Result<Quotas> {
+        Self::check(name)?;
+        Ok(register::get(&self.kvs, keys::quotas(name))
+            .await?
+            .unwrap_or_default())
+    }
+
+    /// Sets the quotas of `name` (checked: [`Quotas::check`]).
+    pub async fn set_quotas(&self, name: &str, quotas: &Quotas) -> Result<()> {
+        Self::check(name)?;
+        quotas.check().map_err(|reason| Error::BadValue {
+            key: keys::quotas(name),
+            reason,
+        })?;
+        register::put(&self.kvs, keys::quotas(name), quotas, Timestamp::now(0)).await
     }
 
     /// Deletes every key under `name`'s root, a page at a time, each page listed after the

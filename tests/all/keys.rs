@@ -401,3 +401,33 @@ fn administrative_requests_leave_an_audit_trail_and_calls_do_not() {
         "no secret kept"
     );
 }
+
+#[test]
+fn the_bootstrap_key_comes_from_a_file_and_a_short_one_stops_the_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("{TOKEN}\n")).expect("a token file");
+    let up = support::up(
+        dir.path(),
+        &["--token-file", file.to_str().expect("a path")],
+    );
+    let base = up.field("http");
+    let url = format!("{base}/v1/functions");
+    assert_eq!(status("GET", &url, Some(TOKEN), b""), 200);
+    assert_eq!(status("GET", &url, None, b""), 401);
+    for (name, text) in [("short", "short\n"), ("empty", "")] {
+        let bad = dir.path().join(name);
+        std::fs::write(&bad, text).expect("a token file");
+        let output = support::squall()
+            .args(["gateway", "--http-port", "0", "--token-file"])
+            .arg(&bad)
+            .output()
+            .expect("squall gateway runs");
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{said}");
+        assert!(
+            said.contains("--token-file") && said.contains("16"),
+            "{said}"
+        );
+    }
+}

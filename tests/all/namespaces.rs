@@ -493,3 +493,153 @@ fn two_tenants_reach_nothing_of_each_other() {
         "gamma's write depends on {depends:?}"
     );
 }
+
+#[test]
+fn quotas_bound_a_namespace_and_its_burst_leaves_the_executor_to_others() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = support::up(dir.path(), &["--token", TOKEN]);
+    let base = up.field("http");
+    let noisy = Tenant::new(&base, "noisy");
+    let quiet = Tenant::new(&base, "quiet");
+    let misbehave = guest("misbehave");
+    for tenant in [&noisy, &quiet] {
+        let url = format!("{}/functions/misbehave", tenant.url);
+        assert_eq!(status("PUT", &url, &tenant.deploy, &misbehave), 201);
+    }
+    let set = |namespace: &str, quotas: &str, key: &str| {
+        http(
+            "PUT",
+            &format!("{base}/v1/namespaces/{namespace}/quotas"),
+            Some(key),
+            quotas.as_bytes(),
+        )
+    };
+    // Only an admin sets quotas; nonsense is refused.
+    assert_eq!(
+        set("noisy", r#"{"max_in_flight":2}"#, &noisy.deploy).status,
+        403
+    );
+    assert_eq!(set("noisy", r#"{"max_in_flight":0}"#, TOKEN).status, 400);
+    assert_eq!(set("noisy", r#"{"max_inflight":2}"#, TOKEN).status, 400);
+    let answer = set("noisy", r#"{"max_in_flight":2,"max_functions":1}"#, TOKEN);
+    assert_eq!(answer.status, 200, "{}", answer.text());
+
+    // A burst of eight slow calls: two run, six are refused at once, naming the quota.
+    let finished = Arc::new(AtomicUsize::new(0));
+    let refusals = Arc::new(Mutex::new(Vec::new()));
+    let burst: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, key) = (noisy.url.clone(), noisy.invoke.clone());
+            let (finished, refusals) = (finished.clone(), refusals.clone());
+            std::thread::spawn(move || {
+                let answer = http(
+                    "POST",
+                    &format!("{url}/functions/misbehave/invoke"),
+                    Some(&key),
+                    b"sleep:8000",
+                );
+                if answer.status == 200 {
+                    finished.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    refusals.lock().expect("refusals").push(answer);
+                }
+            })
+        })
+        .collect();
+    Poll::within(Duration::from_secs(30))
+        .until(|| (refusals.lock().expect("refusals").len() >= 6).then_some(()))
+        .expect("six refusals");
+    for refused in refusals.lock().expect("refusals").iter() {
+        assert_eq!(refused.status, 429, "{}", refused.text());
+        assert_eq!(refused.error_code(), "quota_exceeded");
+        assert!(
+            refused.text().contains("max_in_flight (2)"),
+            "{}",
+            refused.text()
+        );
+        assert_eq!(refused.retry_after.as_deref(), Some("1"));
+    }
+    // While its two run, the other tenant's calls go through on the same executor, which
+    // runs no more of the burst than the quota.
+    for i in 0..5 {
+        assert_eq!(quiet.call(&format!("echo:{i}")), i.to_string());
+    }
+    let executors = http("GET", &format!("{base}/v1/executors"), Some(TOKEN), b"").json();
+    let running: u64 = executors
+        .as_array()
+        .expect("executors")
+        .iter()
+        .map(|e| e["running"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(running <= 2, "{executors}");
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        0,
+        "the burst's calls ended before the other tenant's: the check proves nothing"
+    );
+    for thread in burst {
+        thread.join().expect("a burst call");
+    }
+    assert_eq!(finished.load(Ordering::SeqCst), 2);
+
+    // Sizes: a second function, more memory or time than allowed: 403 naming the quota.
+    let incr = guest("incr");
+    let second = http(
+        "PUT",
+        &format!("{}/functions/incr", noisy.url),
+        Some(&noisy.deploy),
+        &incr,
+    );
+    assert_eq!(second.status, 403, "{}", second.text());
+    assert!(
+        second.text().contains("max_functions (1)"),
+        "{}",
+        second.text()
+    );
+    // A new version of the function it has is no new function.
+    let again = format!("{}/functions/misbehave", noisy.url);
+    assert_eq!(status("PUT", &again, &noisy.deploy, &misbehave), 201);
+    assert_eq!(
+        set(
+            "quiet",
+            r#"{"max_memory_mb":16,"max_timeout_ms":2000,"max_calls_per_s":0.05}"#,
+            TOKEN
+        )
+        .status,
+        200
+    );
+    let big = http(
+        "PUT",
+        &format!("{}/functions/incr?memory_mb=64", quiet.url),
+        Some(&quiet.deploy),
+        &incr,
+    );
+    assert_eq!(big.status, 403, "{}", big.text());
+    assert!(big.text().contains("max_memory_mb (16)"), "{}", big.text());
+    let slow = http(
+        "PUT",
+        &format!("{}/functions/incr?timeout_ms=5000", quiet.url),
+        Some(&quiet.deploy),
+        &incr,
+    );
+    assert_eq!(slow.status, 403, "{}", slow.text());
+    // The rate: one call per 20 s, so the first goes and the next is refused.
+    assert_eq!(quiet.call("ok"), "ok");
+    let refused = quiet.invoke_as(&quiet.invoke, "ok");
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert!(
+        refused.text().contains("max_calls_per_s"),
+        "{}",
+        refused.text()
+    );
+    let read = http(
+        "GET",
+        &format!("{base}/v1/namespaces/quiet/quotas"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(read.json()["max_memory_mb"], 16);
+}
