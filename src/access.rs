@@ -83,6 +83,9 @@ enum NamespaceCommand {
         /// The longest deadline a function or call may ask for, in ms (403 past it).
         #[arg(long)]
         max_timeout_ms: Option<u64>,
+        /// Lift every quota first (then set the ones given).
+        #[arg(long)]
+        clear: bool,
     },
 }
 
@@ -114,10 +117,15 @@ pub fn namespaces(args: NamespaceArgs) -> anyhow::Result<ExitCode> {
             max_functions,
             max_memory_mb,
             max_timeout_ms,
+            clear,
         } => {
             squall_proto::keys::validate_namespace(&name)?;
             let path = format!("/v1/namespaces/{name}/quotas");
-            let mut quotas = json(&send(c, request(c, "GET", &path).call())?)?;
+            let mut quotas = if clear {
+                serde_json::json!({})
+            } else {
+                json(&send(c, request(c, "GET", &path).call())?)?
+            };
             let set = [
                 ("max_in_flight", max_in_flight.map(serde_json::Value::from)),
                 (
@@ -131,7 +139,7 @@ pub fn namespaces(args: NamespaceArgs) -> anyhow::Result<ExitCode> {
                     max_timeout_ms.map(serde_json::Value::from),
                 ),
             ];
-            if set.iter().any(|(_, value)| value.is_some()) {
+            if clear || set.iter().any(|(_, value)| value.is_some()) {
                 for (field, value) in set {
                     if let (Some(value), Some(fields)) = (value, quotas.as_object_mut()) {
                         fields.insert(field.to_string(), value);

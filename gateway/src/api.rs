@@ -1286,7 +1286,7 @@ async fn invoke_function(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    invoke(&gateway, Target::Function(name), params, &headers, body?).await
+    invoke_owned(gateway, Target::Function(name), params, headers, body?).await
 }
 
 #[utoipa::path(post, path = "/v1/dags/{name}/invoke", tag = "calls",
@@ -1305,7 +1305,28 @@ async fn invoke_dag(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    invoke(&gateway, Target::Dag(name), params, &headers, body?).await
+    invoke_owned(gateway, Target::Dag(name), params, headers, body?).await
+}
+
+/// [`invoke`] in a task of its own: a client that hangs up (which drops the request's
+/// future) leaves the call running to its end, holding its slots under the namespace's
+/// quota and the target's limit until then, so hanging up cannot free a slot whose call
+/// still runs.
+async fn invoke_owned(
+    gateway: Arc<Gateway>,
+    target: Target,
+    params: InvokeParams,
+    headers: HeaderMap,
+    input: Bytes,
+) -> ApiResult<Response> {
+    let task = tokio::spawn(async move { invoke(&gateway, target, params, &headers, input).await });
+    task.await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the call failed: {e}"),
+        )
+    })?
 }
 
 async fn invoke(
@@ -1527,25 +1548,25 @@ async fn run_invocation(
         gateway.metrics.accepted(kind, &name);
         return Ok(accepted(&namespace, &id.to_string()));
     }
-    let admitted = match gateway.quotas.admit(&namespace, true).await? {
-        Ok(in_flight) => gateway
-            .limits
-            .try_acquire(&target)
-            .map(|slot| (in_flight, slot))
-            .map_err(|max| {
-                ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too_many_requests",
-                    format!(
-                        "{kind} {:?} runs at most {max} calls at once through this gateway",
-                        keys::split(&name).1
-                    ),
-                )
-            }),
-        Err(exceeded) => Err(over_quota(
-            &namespace,
-            exceeded,
+    // The target's limit first, then the namespace's quota: a call refused by the limit
+    // spends none of the namespace's rate (a slot taken under the limit goes back if the
+    // quota refuses).
+    let admitted = match gateway.limits.try_acquire(&target) {
+        Ok(slot) => match gateway.quotas.admit(&namespace, true).await? {
+            Ok(in_flight) => Ok((in_flight, slot)),
+            Err(exceeded) => Err(over_quota(
+                &namespace,
+                exceeded,
+                StatusCode::TOO_MANY_REQUESTS,
+            )),
+        },
+        Err(max) => Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            format!(
+                "{kind} {:?} runs at most {max} calls at once through this gateway",
+                keys::split(&name).1
+            ),
         )),
     };
     let _slots = match admitted {
@@ -2667,6 +2688,14 @@ async fn fire_trigger(
     let (target, _) = triggers
         .check(&trigger.spec)
         .map_err(ApiError::bad_request)?;
+    // A call made over HTTP: under the namespace's rate, as an invocation is.
+    if let Err(exceeded) = gateway.quotas.admit(&namespace.0, false).await? {
+        return Err(over_quota(
+            &namespace.0,
+            exceeded,
+            StatusCode::TOO_MANY_REQUESTS,
+        ));
+    }
     let id = ActivationId::new(Timestamp::now(0).time);
     let call = PendingCall::new(
         id.to_string(),

@@ -20,8 +20,13 @@
 //!
 //! # Cost
 //! Each gateway reads a namespace's quotas from the store at most once per
-//! [`NamespaceQuotas::FRESH_FOR`] (quotas set through it apply at once); a call then costs
-//! one uncontended lock and a map lookup.
+//! [`NamespaceQuotas::FRESH_FOR`], one reading at a time (quotas set through it apply at
+//! once); a call then costs one uncontended lock and a map lookup.
+//!
+//! `max_in_flight` counts calls, not their steps: a DAG's call is one, whatever its width,
+//! and nested calls made by functions do not pass through the gateway. A synchronous call
+//! holds its slot until it ends, even if its client hangs up (the API runs it in a task of
+//! its own).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -118,6 +123,8 @@ impl Bucket {
 pub struct NamespaceQuotas {
     namespaces: Namespaces,
     held: Mutex<HashMap<String, Held>>,
+    /// One reading of the store at a time, however many calls find a copy stale.
+    reading: tokio::sync::Mutex<()>,
 }
 
 /// A call's slot under its namespace's `max_in_flight`, given back when dropped.
@@ -144,6 +151,7 @@ impl NamespaceQuotas {
         Arc::new(Self {
             namespaces,
             held: Mutex::default(),
+            reading: tokio::sync::Mutex::default(),
         })
     }
 
@@ -151,21 +159,38 @@ impl NamespaceQuotas {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reads `namespace`'s quotas again if the copy is older than [`Self::FRESH_FOR`].
-    async fn refresh(&self, namespace: &str) -> Result<(), squall_state::Error> {
-        let fresh = self
-            .lock()
+    fn fresh(&self, namespace: &str) -> bool {
+        self.lock()
             .get(namespace)
-            .is_some_and(|held| held.read_at.elapsed() < Self::FRESH_FOR);
-        if !fresh {
-            let read_at = Instant::now();
-            let quotas = self.namespaces.quotas(namespace).await?;
-            self.learn_at(namespace, quotas, read_at);
+            .is_some_and(|held| held.read_at.elapsed() < Self::FRESH_FOR)
+    }
+
+    /// Reads `namespace`'s quotas again if the copy is older than [`Self::FRESH_FOR`], one
+    /// reading at a time. A store that does not answer leaves the copy held (none: no
+    /// quotas) for another [`Self::FRESH_FOR`]: quotas bound resources, and a call that
+    /// finds the store down fails on its own.
+    async fn refresh(&self, namespace: &str) -> Result<(), squall_state::Error> {
+        if self.fresh(namespace) {
+            return Ok(());
+        }
+        let _reading = self.reading.lock().await;
+        if self.fresh(namespace) {
+            return Ok(());
+        }
+        let read_at = Instant::now();
+        match self.namespaces.quotas(namespace).await {
+            Ok(quotas) => self.learn_at(namespace, Some(quotas), read_at),
+            Err(e) => {
+                tracing::warn!(namespace, cause = %e, "reading a namespace's quotas; the copy held stays");
+                self.learn_at(namespace, None, read_at);
+            }
         }
         Ok(())
     }
 
-    fn learn_at(&self, namespace: &str, quotas: Quotas, read_at: Instant) {
+    /// Takes `quotas` (`None`: keeps the copy) as of `read_at`, unless the copy is newer (a
+    /// reading that started before quotas were set here must not undo them).
+    fn learn_at(&self, namespace: &str, quotas: Option<Quotas>, read_at: Instant) {
         let mut held = self.lock();
         let entry = held.entry(namespace.to_string()).or_insert_with(|| Held {
             quotas: Quotas::default(),
@@ -173,13 +198,18 @@ impl NamespaceQuotas {
             running: 0,
             bucket: Bucket::full(read_at),
         });
-        entry.quotas = quotas;
+        if read_at < entry.read_at {
+            return;
+        }
+        if let Some(quotas) = quotas {
+            entry.quotas = quotas;
+        }
         entry.read_at = read_at;
     }
 
     /// Takes quotas just set through this gateway at once.
     pub fn learn(&self, namespace: &str, quotas: Quotas) {
-        self.learn_at(namespace, quotas, Instant::now());
+        self.learn_at(namespace, Some(quotas), Instant::now());
     }
 
     /// `namespace`'s quotas, at most [`Self::FRESH_FOR`] old.

@@ -672,24 +672,25 @@ impl Runner {
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
-            // A slot under the target's concurrency limit first: waiting for it holds none of
-            // the runner's own. A cancel ends the wait.
+            // A slot under the namespace's calls in flight (see `crate::quotas`), then one
+            // under the target's concurrency limit, first: waiting for them holds none of the
+            // runner's own, and an attempt waiting on its namespace holds no slot of its
+            // function, which synchronous calls of it would find taken. A cancel ends the wait.
             let waiting = Instant::now();
-            let Ok(slot) = self
-                .inner
-                .limits
-                .acquire(&call.target, || self.is_cancelled(&call.id))
-                .await
-            else {
-                break;
-            };
-            // And one under its namespace's calls in flight (see `crate::quotas`).
             let Ok(in_flight) = self
                 .inner
                 .quotas
                 .acquire(keys::split(call.target.name()).0, || {
                     self.is_cancelled(&call.id)
                 })
+                .await
+            else {
+                break;
+            };
+            let Ok(slot) = self
+                .inner
+                .limits
+                .acquire(&call.target, || self.is_cancelled(&call.id))
                 .await
             else {
                 break;

@@ -584,6 +584,24 @@ fn quotas_bound_a_namespace_and_its_burst_leaves_the_executor_to_others() {
         thread.join().expect("a burst call");
     }
     assert_eq!(finished.load(Ordering::SeqCst), 2);
+    // A client that hangs up leaves its call's slot taken until the call ends.
+    let answer = set("noisy", r#"{"max_in_flight":1,"max_functions":1}"#, TOKEN);
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let hasty = ureq::AgentBuilder::new()
+        .timeout(Duration::from_millis(500))
+        .build();
+    let gone = hasty
+        .post(&format!("{}/functions/misbehave/invoke", noisy.url))
+        .set("Authorization", &format!("Bearer {}", noisy.invoke))
+        .send_bytes(b"sleep:6000");
+    assert!(gone.is_err(), "the client was to give up first: {gone:?}");
+    let refused = noisy.invoke_as(&noisy.invoke, "ok");
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert!(
+        refused.text().contains("max_in_flight (1)"),
+        "{}",
+        refused.text()
+    );
 
     // Sizes: a second function, more memory or time than allowed: 403 naming the quota.
     let incr = guest("incr");
