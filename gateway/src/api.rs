@@ -435,13 +435,6 @@ impl<S: Send + Sync> FromRequestParts<S> for Ns {
 #[derive(Debug, Clone)]
 pub struct Named(pub String);
 
-impl Named {
-    /// The name as its namespace knows it.
-    pub fn plain(&self) -> &str {
-        keys::split(&self.0).1
-    }
-}
-
 impl<S: Send + Sync> FromRequestParts<S> for Named {
     type Rejection = ApiError;
 

@@ -423,11 +423,6 @@ impl Calls {
         self.in_namespace(namespace_of(target))
     }
 
-    /// The namespace of its calls by id.
-    pub fn namespace(&self) -> &str {
-        &self.namespace
-    }
-
     /// The store it keeps calls in.
     pub fn store(&self) -> &ClientPool {
         &self.kvs
