@@ -1,14 +1,15 @@
 //! `squall key`: make, list and revoke API keys through a gateway (with an `admin` key or
 //! the gateway's token). A key is printed once, when made: the store keeps only its hash.
 //! `squall audit`: the audit trail of administrative requests, newest first.
-//! `squall namespace`: create, list and delete namespaces, and set their quotas (as admin).
+//! `squall namespace`: create, list and delete namespaces, and set their quotas (as admin);
+//! what a namespace stores (with a `read` key of it).
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use crate::http::{json, print_json, request, send, Connection};
+use crate::http::{json, print_json, request, request_in, send, Connection};
 
 #[derive(Debug, Args)]
 pub struct KeyArgs {
@@ -83,13 +84,23 @@ enum NamespaceCommand {
         /// The longest deadline a function or call may ask for, in ms (403 past it).
         #[arg(long)]
         max_timeout_ms: Option<u64>,
+        /// The bytes the namespace's keys may take in the store, as measured every few
+        /// seconds: at or past it, its writes are refused until deletes bring it under.
+        #[arg(long)]
+        max_stored_bytes: Option<u64>,
         /// Lift every quota first (then set the ones given).
         #[arg(long)]
         clear: bool,
     },
+    /// What a namespace stores: its keys and their bytes, measured at most a few seconds
+    /// ago, and its `max_stored_bytes` quota.
+    Usage {
+        /// The namespace (default: the one `--ns` names).
+        name: Option<String>,
+    },
 }
 
-/// `squall namespace create|ls|rm`.
+/// `squall namespace create|ls|rm|quota|usage`.
 pub fn namespaces(args: NamespaceArgs) -> anyhow::Result<ExitCode> {
     let c = &args.connection;
     match args.command {
@@ -117,6 +128,7 @@ pub fn namespaces(args: NamespaceArgs) -> anyhow::Result<ExitCode> {
             max_functions,
             max_memory_mb,
             max_timeout_ms,
+            max_stored_bytes,
             clear,
         } => {
             squall_proto::keys::validate_namespace(&name)?;
@@ -138,6 +150,10 @@ pub fn namespaces(args: NamespaceArgs) -> anyhow::Result<ExitCode> {
                     "max_timeout_ms",
                     max_timeout_ms.map(serde_json::Value::from),
                 ),
+                (
+                    "max_stored_bytes",
+                    max_stored_bytes.map(serde_json::Value::from),
+                ),
             ];
             if clear || set.iter().any(|(_, value)| value.is_some()) {
                 for (field, value) in set {
@@ -154,6 +170,12 @@ pub fn namespaces(args: NamespaceArgs) -> anyhow::Result<ExitCode> {
                 )?)?;
             }
             println!("{}", serde_json::to_string(&quotas)?);
+        }
+        NamespaceCommand::Usage { name } => {
+            let name = name.unwrap_or_else(|| crate::namespace::addressed().to_string());
+            squall_proto::keys::validate_namespace(&name)?;
+            let usage = json(&send(c, request_in(c, "GET", &name, "/v1/usage").call())?)?;
+            println!("{}", serde_json::to_string(&usage)?);
         }
         NamespaceCommand::Rm { name } => {
             squall_proto::keys::validate_namespace(&name)?;

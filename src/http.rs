@@ -289,7 +289,11 @@ impl ureq::ReadWrite for TlsStream {
 /// `path` (`/v1/...`) in the namespace this process addresses: unchanged in the default
 /// namespace, so a gateway from before namespaces is addressed as it was.
 fn in_namespace(path: &str) -> std::borrow::Cow<'_, str> {
-    let namespace = crate::namespace::addressed();
+    in_namespace_of(crate::namespace::addressed(), path)
+}
+
+/// `path` (under `/v1/`) as namespace `namespace` addresses it.
+fn in_namespace_of<'a>(namespace: &str, path: &'a str) -> std::borrow::Cow<'a, str> {
     match path.strip_prefix("/v1/") {
         Some(rest) if namespace != squall_proto::keys::DEFAULT_NAMESPACE => {
             format!("/v1/ns/{namespace}/{rest}").into()
@@ -299,11 +303,21 @@ fn in_namespace(path: &str) -> std::borrow::Cow<'_, str> {
 }
 
 pub(crate) fn request(connection: &Connection, method: &str, path: &str) -> ureq::Request {
-    let url = format!(
-        "{}{}",
-        connection.gateway.trim_end_matches('/'),
-        in_namespace(path)
-    );
+    request_to(connection, method, &in_namespace(path))
+}
+
+/// A request for `path` in namespace `namespace`, whatever `--ns` says.
+pub(crate) fn request_in(
+    connection: &Connection,
+    method: &str,
+    namespace: &str,
+    path: &str,
+) -> ureq::Request {
+    request_to(connection, method, &in_namespace_of(namespace, path))
+}
+
+fn request_to(connection: &Connection, method: &str, path: &str) -> ureq::Request {
+    let url = format!("{}{}", connection.gateway.trim_end_matches('/'), path);
     let request = agent(connection).request(method, &url);
     match &connection.token {
         Some(token) => request.set("Authorization", &format!("Bearer {token}")),

@@ -31,6 +31,7 @@ use squall_state::cache::{Cache, CacheStats};
 use squall_state::pins::{PinTable, RunContext};
 use squall_state::registry::{function_key, FunctionRecord, Registry};
 use squall_state::session::{Consistency, Session};
+use squall_state::stored_bytes::StoredBytesGuard;
 use squall_state::{ClientPool, Error as StateError, Limits};
 
 use crate::bindings::{Handler, HandlerPre};
@@ -137,6 +138,8 @@ pub(crate) struct Inner {
     writer: WriterId,
     last_time: AtomicU64,
     counters: Mutex<HashMap<Key, Counter>>,
+    /// Refuses functions' writes in a namespace measured at its `max_stored_bytes`.
+    stored_bytes: StoredBytesGuard,
     warm_starts: AtomicU64,
     /// Warm instances kept, over all functions.
     warm_total: Arc<AtomicUsize>,
@@ -174,6 +177,7 @@ impl Executor {
             .map_err(|e| Error::Setup(format!("linking the handler world: {e}")))?;
         let kvs = ClientPool::connect(kvs, config.kvs_timeout)?;
         let cache = Cache::start(kvs.clone(), config.cache.clone())?;
+        let stored_bytes = StoredBytesGuard::new(kvs.clone());
         let registry = Registry::new(kvs, cache.clone());
         let models = Models::new(registry.models(), cache.clone());
         let stop = Arc::new(AtomicBool::new(false));
@@ -212,6 +216,7 @@ impl Executor {
                 writer: rand::random(),
                 last_time: AtomicU64::new(0),
                 counters: Mutex::new(HashMap::new()),
+                stored_bytes,
                 warm_starts: AtomicU64::new(0),
                 warm_total: Arc::new(AtomicUsize::new(0)),
                 cold_starts: AtomicU64::new(0),
@@ -868,6 +873,10 @@ impl Runtime for Inner {
 
     fn models(&self) -> &Models {
         &self.models
+    }
+
+    fn stored_bytes(&self) -> &StoredBytesGuard {
+        &self.stored_bytes
     }
 
     fn call(

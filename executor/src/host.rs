@@ -257,7 +257,7 @@ impl squall::function::state::Host for CallState {
     }
 
     async fn merge(&mut self, key: String, value: Lattice) -> WasmResult<Result<(), StateError>> {
-        let stored = match self.stored_key(&key) {
+        let stored = match self.writable_key(&key).await? {
             Ok(stored) => stored,
             Err(e) => return Ok(Err(e)),
         };
@@ -296,7 +296,7 @@ impl squall::function::state::Host for CallState {
         key: String,
         value: Vec<u8>,
     ) -> WasmResult<Result<(), StateError>> {
-        let stored = match self.stored_key(&key) {
+        let stored = match self.writable_key(&key).await? {
             Ok(stored) => stored,
             Err(e) => return Ok(Err(e)),
         };
@@ -311,7 +311,7 @@ impl squall::function::state::Host for CallState {
     }
 
     async fn add(&mut self, key: String, delta: i64) -> WasmResult<Result<i64, StateError>> {
-        let stored = match self.stored_key(&key) {
+        let stored = match self.writable_key(&key).await? {
             Ok(stored) => stored,
             Err(e) => return Ok(Err(e)),
         };
@@ -339,6 +339,20 @@ impl CallState {
     fn stored_key(&self, key: &str) -> Result<String, StateError> {
         check_key(key)?;
         Ok(keys::user(self.namespace(), key))
+    }
+
+    /// The store key of a key the function writes ([`Self::stored_key`]), if its namespace
+    /// may store more now (its `max_stored_bytes` quota, checked by the host).
+    async fn writable_key(&mut self, key: &str) -> WasmResult<Result<String, StateError>> {
+        let stored = match self.stored_key(key) {
+            Ok(stored) => stored,
+            Err(e) => return Ok(Err(e)),
+        };
+        let guard = self.executor()?.stored_bytes().clone();
+        Ok(match guard.check(self.namespace()).await {
+            Ok(()) => Ok(stored),
+            Err(over) => Err(StateError::Invalid(over.to_string())),
+        })
     }
 
     /// The namespace of the function being served.

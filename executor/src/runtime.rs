@@ -1,7 +1,8 @@
 //! The narrow handle through which a guest's imports reach the executor running it.
 //!
-//! The imports (`host`, `nn_host`) need four things of the executor: a timestamp for a write,
-//! its share of a counter, the models loaded for `wasi:nn`, and a way to run a nested call.
+//! The imports (`host`, `nn_host`) need five things of the executor: a timestamp for a write,
+//! its share of a counter, whether the namespace may store more, the models loaded for
+//! `wasi:nn`, and a way to run a nested call.
 //! They get exactly that, as a [`Runtime`], rather than the executor's whole state: what a
 //! guest can reach is what this trait says, and the executor's internals can change without
 //! touching the imports. A store holds it weakly, so a warm instance never keeps its executor
@@ -14,6 +15,7 @@ use std::time::Instant;
 
 use squall_lattices::{Counter, Timestamp};
 use squall_state::session::Session;
+use squall_state::stored_bytes::StoredBytesGuard;
 
 use crate::nn::Models;
 use crate::report::StepTrace;
@@ -43,6 +45,9 @@ pub(crate) trait Runtime: Send + Sync {
 
     /// The models loaded for `wasi:nn`.
     fn models(&self) -> &Models;
+
+    /// What says whether a namespace may store more (its `max_stored_bytes` quota).
+    fn stored_bytes(&self) -> &StoredBytesGuard;
 
     /// Runs `name` as a call nested `depth` deep, within `deadline`, in the caller's `session`,
     /// logging into the caller's step `trace` if it has one.

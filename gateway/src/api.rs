@@ -30,6 +30,7 @@ use squall_state::calls::{
 use squall_state::dag::dag_key;
 use squall_state::namespaces::{Created, NamespaceRecord, Namespaces, Quotas};
 use squall_state::registry::record_key;
+use squall_state::stored_bytes::{self, StoredBytesGuard};
 use squall_state::triggers::{Firing, Trigger, TriggerSpec, Triggers};
 use squall_state::{
     Activation, ActivationId, Activations, ClientPool, DagRecord, DagRegistry, DagSpec,
@@ -117,6 +118,8 @@ pub struct Gateway {
     audit: AuditTrail,
     namespaces: Existing,
     quotas: Arc<NamespaceQuotas>,
+    /// Refuses `/v1/kv` writes of a namespace measured at its `max_stored_bytes`.
+    stored_bytes: StoredBytesGuard,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -137,6 +140,7 @@ impl Gateway {
             audit: AuditTrail::new(kvs.clone(), config.audit_retention),
             namespaces: Existing::new(Namespaces::new(kvs.clone())),
             quotas: NamespaceQuotas::new(Namespaces::new(kvs.clone())),
+            stored_bytes: StoredBytesGuard::new(kvs.clone()),
             calls: Calls::new(kvs.clone()).with_result_retention(config.activation_retention),
             runner: std::sync::OnceLock::new(),
             limits: ConcurrencyLimits::default(),
@@ -213,8 +217,19 @@ impl Gateway {
         )
         .with_max_chain(self.config.max_trigger_chain)
         .start();
+        // What the namespaces with a stored-bytes quota store (one gateway at a time).
+        let (kvs, owner) = (self.kvs.clone(), self.config.runner_id.clone());
+        let namespaces = self.namespaces.namespaces().clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(stored_bytes::MEASURE_EVERY).await;
+                if let Err(e) = stored_bytes::measure_quota_holders(&kvs, &namespaces, &owner).await
+                {
+                    tracing::warn!(cause = %e, "measuring what namespaces store");
+                }
+            }
+        });
         if self.config.record_activations {
-            // Records past the byte cap go, oldest first.
             // Records past the byte cap go, oldest first, in each namespace (each has the
             // cap).
             let (activations, cap, owner) = (
@@ -375,6 +390,7 @@ impl Gateway {
                 get(get_quotas).put(put_quotas),
             )
             .route("/v1/kv", get(list_kv))
+            .route("/v1/usage", get(get_usage))
             .route("/v1/kv/{*key}", get(get_kv).put(put_kv).delete(delete_kv))
             .fallback(|| async {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
@@ -1004,7 +1020,12 @@ async fn register_function(
     // (asking for nothing gets the defaults, capped to them).
     let (namespace, plain) = keys::split(&name);
     let quotas = gateway.quotas.of(namespace).await?;
-    // (The functions are listed only under a quota on their number.)
+    // (The functions are counted only under a quota on their number, one registration of
+    // the namespace at a time, until this one is in the store.)
+    let _turn = match quotas.max_functions {
+        Some(_) => Some(gateway.quotas.registration_turn(namespace).await),
+        None => None,
+    };
     let live: Vec<String> = match quotas.max_functions {
         Some(_) => gateway
             .functions
@@ -2259,6 +2280,11 @@ async fn put_kv(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<StatusCode> {
     writable_key(&key)?;
+    gateway
+        .stored_bytes
+        .check(&namespace)
+        .await
+        .map_err(|over| ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", over.to_string()))?;
     let key = keys::user(&namespace, &key);
     let ttl = params
         .ttl
@@ -3220,7 +3246,7 @@ async fn put_quotas(
     existing_namespace(&gateway, &name).await?;
     let quotas: Quotas = serde_json::from_slice(&body?).map_err(|e| {
         ApiError::bad_request(format!(
-            "the body must be {{\"max_in_flight\":...,\"max_calls_per_s\":...,\"max_functions\":...,\"max_memory_mb\":...,\"max_timeout_ms\":...}} (each optional): {e}"
+            "the body must be {{\"max_in_flight\":...,\"max_calls_per_s\":...,\"max_functions\":...,\"max_memory_mb\":...,\"max_timeout_ms\":...,\"max_stored_bytes\":...}} (each optional): {e}"
         ))
     })?;
     quotas.check().map_err(ApiError::bad_request)?;
@@ -3230,6 +3256,7 @@ async fn put_quotas(
         .set_quotas(&name, &quotas)
         .await?;
     gateway.quotas.learn(&name, quotas.clone());
+    gateway.stored_bytes.forget(&name);
     let detail = AuditDetail(format!(
         "quotas of {name}: {}",
         serde_json::to_string(&quotas).unwrap_or_default()
@@ -3237,6 +3264,35 @@ async fn put_quotas(
     let mut response = Json(quotas).into_response();
     response.extensions_mut().insert(detail);
     Ok(response)
+}
+
+/// What a namespace stores, and its quota on it.
+#[derive(Debug, Serialize, ToSchema)]
+struct StoredUsage {
+    /// The namespace.
+    namespace: String,
+    /// What it stored when measured.
+    #[serde(flatten)]
+    usage: stored_bytes::Usage,
+    /// Its quota on the bytes (absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_stored_bytes: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/v1/usage", tag = "namespaces",
+    responses((status = 200, body = StoredUsage)))]
+/// What the namespace's keys take in the store: measured now, or at most a few seconds ago.
+async fn get_usage(
+    State(gateway): State<Arc<Gateway>>,
+    Ns(namespace): Ns,
+) -> ApiResult<Json<StoredUsage>> {
+    let usage = stored_bytes::recent(&gateway.kvs, &namespace).await?;
+    let quotas = gateway.namespaces.namespaces().quotas(&namespace).await?;
+    Ok(Json(StoredUsage {
+        namespace,
+        usage,
+        max_stored_bytes: quotas.max_stored_bytes,
+    }))
 }
 
 /// Which audit entries `GET /v1/audit` lists.
@@ -3327,12 +3383,12 @@ async fn revoke_api_key(
         list_dead_letters, delete_dead_letters, redrive_dead_letters, get_dead_letter,
         delete_dead_letter, redrive_dead_letter, create_api_key, list_api_keys, revoke_api_key,
         list_audit, list_namespaces, create_namespace, get_namespace, delete_namespace,
-        get_quotas, put_quotas),
+        get_quotas, put_quotas, get_usage),
     components(schemas(ErrorBody, ErrorDetail, Health, ExecutorInfo, FunctionInfo, FunctionDetail,
         Accepted, DagInfo, DagSpec, Running, KeyList, ActivationPage, RetryPolicy, DeadLetterInfo,
         DeadLetterPage, Handled, ConcurrencyLimit, TriggerSpec, TriggerInfo, ActivationLogs,
         LogEntry, NewApiKey, ApiKeyInfo, ApiKeyList, AuditPage, NewNamespace, NamespaceDeleted,
-        NamespaceRecord, Quotas)),
+        NamespaceRecord, Quotas, StoredUsage)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -14,7 +14,9 @@
 //!   that asks for nothing gets the executor's default capped to the quota.
 //!
 //! Like concurrency limits, the rate and in-flight quotas hold per gateway, not across a
-//! cluster: with several gateways, up to their number times the quota. Bounding them
+//! cluster: with several gateways, up to their number times the quota. So does the count of
+//! functions: a gateway registers one name of a namespace at a time under `max_functions`,
+//! but two gateways registering new names at the same instant can both pass it. Bounding them
 //! cluster-wide would need the gateways to agree on every call, which the coordination-free
 //! store cannot give without leases on every call's path.
 //!
@@ -125,6 +127,9 @@ pub struct NamespaceQuotas {
     held: Mutex<HashMap<String, Held>>,
     /// One reading of the store at a time, however many calls find a copy stale.
     reading: tokio::sync::Mutex<()>,
+    /// Per namespace: one registration at a time under `max_functions`, so two new names
+    /// registered at once through this gateway cannot both pass the count.
+    registering: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// A call's slot under its namespace's `max_in_flight`, given back when dropped.
@@ -152,6 +157,7 @@ impl NamespaceQuotas {
             namespaces,
             held: Mutex::default(),
             reading: tokio::sync::Mutex::default(),
+            registering: Mutex::default(),
         })
     }
 
@@ -207,6 +213,20 @@ impl NamespaceQuotas {
         entry.read_at = read_at;
     }
 
+    /// Waits for `namespace`'s turn to register (held until the guard drops): between
+    /// counting its functions and registering one, no other registration of it through this
+    /// gateway runs.
+    pub async fn registration_turn(&self, namespace: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let turn = self
+            .registering
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(namespace.to_string())
+            .or_default()
+            .clone();
+        turn.lock_owned().await
+    }
+
     /// Takes quotas just set through this gateway at once.
     pub fn learn(&self, namespace: &str, quotas: Quotas) {
         self.learn_at(namespace, Some(quotas), Instant::now());
@@ -251,6 +271,29 @@ impl NamespaceQuotas {
         }))
     }
 
+    /// A token of `namespace`'s rate (`max_calls_per_s`), waiting for one: the delivery of an
+    /// event is delayed, never refused. Waits about until the next token (10 ms to 1 s
+    /// between tries); `Err(())` once `give_up` says so.
+    pub async fn wait_for_rate(
+        self: &Arc<Self>,
+        namespace: &str,
+        give_up: impl Fn() -> bool,
+    ) -> Result<(), ()> {
+        let until_next_token = |quotas: &Self, _: Duration| {
+            let rate = quotas
+                .lock()
+                .get(namespace)
+                .and_then(|held| held.quotas.max_calls_per_s)
+                .unwrap_or(1.0);
+            Duration::try_from_secs_f64(1.0 / rate)
+                .unwrap_or(Duration::from_secs(1))
+                .clamp(Duration::from_millis(10), Duration::from_secs(1))
+        };
+        self.keep_trying(namespace, false, true, give_up, until_next_token)
+            .await
+            .map(|_| ())
+    }
+
     /// A slot under `namespace`'s `max_in_flight` (`None` when it has none), waiting for one:
     /// 10 ms, doubling up to 500 ms between tries; `Err(())` once `give_up` says so.
     pub async fn acquire(
@@ -258,24 +301,49 @@ impl NamespaceQuotas {
         namespace: &str,
         give_up: impl Fn() -> bool,
     ) -> Result<Option<InFlight>, ()> {
-        let mut pause = Duration::from_millis(10);
+        let doubling = |_: &Self, last: Duration| {
+            (last * 2).clamp(Duration::from_millis(10), Duration::from_millis(500))
+        };
+        self.keep_trying(namespace, true, false, give_up, doubling)
+            .await
+    }
+
+    /// Tries [`Self::try_admit`] until it admits (`Err(())` once `give_up` says so), reading
+    /// the quotas again before each try (the store unreadable: the copy held, or none,
+    /// decides) and pausing `pause(self, last pause)` after each refusal.
+    async fn keep_trying(
+        self: &Arc<Self>,
+        namespace: &str,
+        in_flight: bool,
+        rate: bool,
+        give_up: impl Fn() -> bool,
+        pause: impl Fn(&Self, Duration) -> Duration,
+    ) -> Result<Option<InFlight>, ()> {
+        let mut paused = Duration::ZERO;
         loop {
             if give_up() {
                 return Err(());
             }
-            // The store unreadable: the copy held (or none) decides.
             if let Err(e) = self.refresh(namespace).await {
                 tracing::debug!(namespace, cause = %e, "reading quotas");
             }
-            match self.try_admit(namespace, true, false) {
+            match self.try_admit(namespace, in_flight, rate) {
                 Ok(slot) => return Ok(slot),
                 Err(_) => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(500));
+                    paused = pause(self, paused);
+                    tokio::time::sleep(paused).await;
                 }
             }
         }
     }
+}
+
+/// Whether an asynchronous call made for `cause` takes a token of its namespace's rate when
+/// it first runs: calls a trigger delivers (`cron`, `cron-late`, `kv-change`) and redriven
+/// dead letters do; calls accepted over HTTP (`http-async`, `trigger-fire`) paid at
+/// acceptance, where a call over the rate is refused instead.
+pub fn pays_rate_when_run(cause: &str) -> bool {
+    !matches!(cause, "http-async" | "trigger-fire")
 }
 
 /// Checks a registration in a namespace with `quotas` that has `registered` functions (the
@@ -358,6 +426,16 @@ mod tests {
         assert_eq!(both.running, 1);
         // An attempt waiting for a slot takes no token.
         assert_eq!(both.admit(true, false, now), Ok(true));
+    }
+
+    #[test]
+    fn deliveries_and_redrives_pay_the_rate_when_run_and_http_calls_at_acceptance() {
+        for cause in ["cron", "cron-late", "kv-change", "redrive"] {
+            assert!(pays_rate_when_run(cause), "{cause}");
+        }
+        for cause in ["http-async", "trigger-fire"] {
+            assert!(!pays_rate_when_run(cause), "{cause}");
+        }
     }
 
     #[test]

@@ -665,6 +665,21 @@ impl Runner {
                 }
             }
         }
+        // A call no client made (a trigger's delivery, a redrive) is under its namespace's
+        // rate as a runner takes it up: it waits for a token (see `crate::quotas`); its
+        // retries within this runner take none, as an accepted call's do not.
+        if crate::quotas::pays_rate_when_run(&call.cause)
+            && self
+                .inner
+                .quotas
+                .wait_for_rate(keys::split(call.target.name()).0, || {
+                    self.is_cancelled(&call.id)
+                })
+                .await
+                .is_err()
+        {
+            return;
+        }
         // Attempts in a row that found no executor with room: each waits longer.
         let mut crowded = 0u32;
         loop {

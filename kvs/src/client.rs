@@ -39,6 +39,12 @@ const UNSETTLED_REFRESH: Duration = Duration::from_millis(500);
 /// Shards and virtual nodes accepted in a node's layout: a bound on the ring a client builds.
 const MAX_SHARDS: usize = 4096;
 const MAX_VIRTUAL_NODES: u32 = 65_536;
+/// A page of a listing: keys, each with an item, in key order, and the key to ask from next
+/// (`None`: no more).
+pub type Page<T> = (Vec<(Key, T)>, Option<Key>);
+
+/// Keys asked per page by [`Client::stored_bytes`].
+const STORED_BYTES_PAGE: u32 = 5_000;
 
 /// How a client waits and retries.
 #[derive(Debug, Clone)]
@@ -450,7 +456,65 @@ impl Client {
             after: after.map(str::to_string),
             limit,
         };
-        let (exchanged, clustered) = self.send_to_every_shard(&request)?;
+        let (listed, next) =
+            self.page_of_every_shard(&request, limit, |response| match response {
+                Response::Keys { keys, more } => {
+                    Ok((keys.into_iter().map(|k| (k, ())).collect(), more))
+                }
+                other => Err(other),
+            })?;
+        Ok((listed.into_iter().map(|(key, ())| key).collect(), next))
+    }
+
+    /// Up to `limit` live keys that start with `prefix`, after `after`, in key order, each
+    /// with the bytes it takes in the store (its length and its entry's encoded size; in a
+    /// cluster, the largest of its replicas' copies), and the key to ask from next, as
+    /// [`Client::list`] pages.
+    pub fn sizes(&mut self, prefix: &str, after: Option<&str>, limit: u32) -> Result<Page<u64>> {
+        if limit == 0 {
+            return Ok((Vec::new(), None));
+        }
+        let request = Request::Sizes {
+            prefix: prefix.to_string(),
+            after: after.map(str::to_string),
+            limit,
+        };
+        self.page_of_every_shard(&request, limit, |response| match response {
+            Response::Sizes { sizes, more } => Ok((sizes, more)),
+            other => Err(other),
+        })
+    }
+
+    /// The keys that start with `prefix` and the bytes they take, all pages of
+    /// [`Client::sizes`] summed: what a namespace stores. Costs a read of every such key's
+    /// size on every shard (and a read of each key in a cluster, see [`Client::list`]).
+    pub fn stored_bytes(&mut self, prefix: &str) -> Result<(u64, u64)> {
+        let (mut keys, mut bytes) = (0u64, 0u64);
+        let mut after: Option<Key> = None;
+        loop {
+            let (page, next) = self.sizes(prefix, after.as_deref(), STORED_BYTES_PAGE)?;
+            keys += page.len() as u64;
+            bytes = page
+                .iter()
+                .fold(bytes, |sum, (_, size)| sum.saturating_add(*size));
+            match next {
+                Some(next) => after = Some(next),
+                None => return Ok((keys, bytes)),
+            }
+        }
+    }
+
+    /// Sends a paged request (LIST or SIZES) to every shard and merges the pages: items in
+    /// key order, one per key (of replicas' copies, the greatest item), at most `limit`, and
+    /// the key to ask from next (`None`: no more). In a cluster, keys that a read finds
+    /// deleted are left out.
+    fn page_of_every_shard<T: Ord>(
+        &mut self,
+        request: &Request,
+        limit: u32,
+        page: impl Fn(Response) -> std::result::Result<(Vec<(Key, T)>, bool), Response>,
+    ) -> Result<Page<T>> {
+        let (exchanged, clustered) = self.send_to_every_shard(request)?;
         // In a cluster every key is on several nodes: a member that does not answer (it may
         // have just died) leaves its keys to the others.
         let responses: Vec<Response> = if clustered {
@@ -458,41 +522,45 @@ impl Client {
         } else {
             exchanged.into_all()?
         };
-        let mut keys = Vec::new();
+        let mut items = Vec::new();
         let mut more = false;
         for response in responses {
-            match response {
-                Response::Keys {
-                    keys: some,
-                    more: m,
-                } => {
-                    keys.extend(some);
+            match page(response) {
+                Ok((some, m)) => {
+                    items.extend(some);
                     more |= m;
                 }
-                Response::Error(e) => return Err(Error::Request(e)),
-                other => {
+                Err(Response::Error(e)) => return Err(Error::Request(e)),
+                Err(other) => {
                     return Err(Error::UnexpectedResponse(format!(
-                        "a list answered {}",
+                        "a {} answered {}",
+                        request.kind(),
                         other.kind()
                     )))
                 }
             }
         }
-        keys.sort_unstable();
-        keys.dedup();
-        if keys.len() > limit as usize {
-            keys.truncate(limit as usize);
+        // Greatest first within a key, so the dedup keeps it.
+        items.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(&a.1)));
+        items.dedup_by(|later, kept| later.0 == kept.0);
+        if items.len() > limit as usize {
+            items.truncate(limit as usize);
             more = true;
         }
-        let next = if more { keys.last().cloned() } else { None };
-        if clustered && !keys.is_empty() {
+        let next = if more {
+            items.last().map(|(key, _)| key.clone())
+        } else {
+            None
+        };
+        if clustered && !items.is_empty() {
             // A replica that missed a delete, or a copy left on a node that is no longer a
             // replica, lists a key its replicas have deleted: keep the keys a read finds.
+            let keys: Vec<Key> = items.iter().map(|(key, _)| key.clone()).collect();
             let values = self.get_many(&keys)?;
             let mut live = values.iter().map(Option::is_some);
-            keys.retain(|_| live.next().unwrap_or(false));
+            items.retain(|_| live.next().unwrap_or(false));
         }
-        Ok((keys, next))
+        Ok((items, next))
     }
 
     /// Every shard's endpoint (every member's, in a cluster), in the layout's order: what

@@ -578,6 +578,11 @@ impl Shard {
                 after,
                 limit,
             } => self.list(id, &prefix, after.as_deref(), limit),
+            Request::Sizes {
+                prefix,
+                after,
+                limit,
+            } => self.sizes(id, &prefix, after.as_deref(), limit),
             Request::Routed { .. } => error_reply(
                 id,
                 RequestError::Malformed {
@@ -801,6 +806,40 @@ impl Shard {
             keys.push(key.clone());
         }
         Outgoing::Keys { id, keys, more }
+    }
+
+    /// SIZES: up to `limit` (at most [`MAX_LIST`]) live keys with `prefix` after `after`,
+    /// in order, each with its key's length plus its entry's encoded size; answered after
+    /// the batch's commit, like a GET. Costs an encoding of each entry answered, so a page
+    /// holds at most about `SCAN_BYTES` of entries (at least one key).
+    fn sizes(&self, id: RequestId, prefix: &str, after: Option<&str>, limit: u32) -> Outgoing {
+        let limit = limit.min(MAX_LIST);
+        use std::ops::Bound;
+        let start = match after {
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
+        };
+        let now = now_ms();
+        let (mut sizes, mut bytes, mut more) = (Vec::new(), 0usize, false);
+        for (key, entry) in self.store.range::<str, _>((start, Bound::Unbounded)) {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if entry.live(now).is_none() || journal::is_journal_key(key) {
+                continue;
+            }
+            if sizes.len() >= limit as usize || (bytes >= SCAN_BYTES && !sizes.is_empty()) {
+                more = true;
+                break;
+            }
+            let size = key.len() + encoded_len(entry);
+            bytes += size;
+            sizes.push((key.clone(), size as u64));
+        }
+        Outgoing::Committed {
+            id,
+            frame: encode(id, &Response::Sizes { sizes, more }),
+        }
     }
 
     /// Up to `limit` entries after `after`, in key order, and at most about `SCAN_BYTES`
@@ -1345,7 +1384,8 @@ fn key_count(request: &Request) -> usize {
         | Request::Changes { .. }
         | Request::AwaitChange { .. }
         | Request::Journal { .. }
-        | Request::List { .. } => 0,
+        | Request::List { .. }
+        | Request::Sizes { .. } => 0,
     }
 }
 

@@ -266,5 +266,15 @@ fn deletes_move_with_their_keys_and_a_late_old_copy_cannot_undo_them() {
         }
     }
     assert_eq!(client.list("k", None, 1000).expect("list").0.len(), 300);
+    // Sizes count each live key once, whatever its number of replicas.
+    let (keys, bytes) = client.stored_bytes("k").expect("sizes");
+    assert_eq!(keys, 300);
+    let (sized, next) = client.sizes("k", None, 1000).expect("sizes");
+    assert_eq!((sized.len(), next), (300, None));
+    assert_eq!(bytes, sized.iter().map(|(_, size)| size).sum::<u64>());
+    let smallest = sized.iter().map(|(_, size)| *size).min().unwrap_or(0);
+    let largest = sized.iter().map(|(_, size)| *size).max().unwrap_or(0);
+    // Keys and values of 1 to 3 digits: sizes differ by at most 4 bytes, never twice over.
+    assert!(smallest > 0 && largest <= smallest + 4, "{sized:?}");
     drop((a, b, c));
 }

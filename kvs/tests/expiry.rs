@@ -191,3 +191,55 @@ fn a_prefix_lists_in_order_over_every_shard_in_pages() {
     assert_eq!(listed, expected);
     assert!(client.list("nobody/", None, 10).expect("list").0.is_empty());
 }
+
+#[test]
+fn sizes_of_a_prefix_count_live_keys_over_every_shard_in_pages() {
+    let node = Node::start(config(None, 3_600_000)).expect("start");
+    let mut client = client(&node);
+    for i in 0..40 {
+        let value = if i % 2 == 0 {
+            "s".repeat(100)
+        } else {
+            "b".repeat(1100)
+        };
+        client
+            .put_lww(&format!("tenant/{i:02}"), value)
+            .expect("put");
+    }
+    client.put_lww("tenantless", "x".repeat(5000)).expect("put");
+    client.delete("tenant/03").expect("delete");
+    client
+        .put_lww_expiring("tenant/05", "u", Some(Duration::from_millis(1)))
+        .expect("put");
+    std::thread::sleep(Duration::from_millis(20));
+    let mut sized = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let (page, next) = client.sizes("tenant/", after.as_deref(), 7).expect("sizes");
+        assert!(page.len() <= 7);
+        sized.extend(page);
+        match next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    let keys: Vec<&str> = sized.iter().map(|(key, _)| key.as_str()).collect();
+    let expected: Vec<String> = (0..40)
+        .filter(|i| *i != 3 && *i != 5)
+        .map(|i| format!("tenant/{i:02}"))
+        .collect();
+    assert_eq!(keys, expected);
+    // A size is the key, the value and the entry's own few bytes (stamp, expiry).
+    let small = sized[0].1;
+    assert!(small > 100 + 9 && small < 100 + 9 + 64, "{small}");
+    // 1000 bytes more value, and a length prefix that may be a byte longer.
+    let big = sized[1].1;
+    assert!(
+        (small + 1000..=small + 1002).contains(&big),
+        "{small} {big}"
+    );
+    assert!(sized.iter().all(|(_, size)| *size == small || *size == big));
+    let total: u64 = sized.iter().map(|(_, size)| size).sum();
+    assert_eq!(client.stored_bytes("tenant/").expect("bytes"), (38, total));
+    assert_eq!(client.stored_bytes("nobody/").expect("bytes"), (0, 0));
+}

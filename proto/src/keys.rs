@@ -280,6 +280,11 @@ pub fn quotas(namespace: &str) -> Key {
     format!("{RESERVED_PREFIX}ns/{namespace}/quotas")
 }
 
+/// The key of namespace `namespace`'s last measured stored bytes.
+pub fn usage(namespace: &str) -> Key {
+    format!("{RESERVED_PREFIX}ns/{namespace}/usage")
+}
+
 /// The name the fabric knows function (or model, or DAG) `name` of `namespace` by: `name`
 /// alone in [`DEFAULT_NAMESPACE`], so everything from before namespaces keeps its name, and
 /// `namespace/name` elsewhere. Both parts are checked names (no `/`), so [`split`] undoes it.

@@ -224,6 +224,18 @@ pub enum Request {
         /// Keys and the values to merge into them, answered in the same order.
         entries: Vec<(Key, LatticeValue)>,
     },
+    /// To a shard: up to `limit` of its live keys that start with `prefix`, after `after`, in
+    /// key order, each with the bytes it takes in the store's encoding (the key's length and
+    /// its entry's MessagePack size). Answered with [`Response::Sizes`]; what a namespace's
+    /// stored bytes are measured with.
+    Sizes {
+        /// The keys' common start (may be empty).
+        prefix: Key,
+        /// Start after this key (`None`: from the first).
+        after: Option<Key>,
+        /// The most keys answered.
+        limit: u32,
+    },
 }
 
 /// A client's write as a shard's change journal keeps it (see [`Request::Changes`]).
@@ -324,6 +336,13 @@ pub enum Response {
         /// Whether the shard journals.
         on: bool,
     },
+    /// A shard's answer to [`Request::Sizes`].
+    Sizes {
+        /// Keys and their sizes in bytes, in key order.
+        sizes: Vec<(Key, u64)>,
+        /// Whether more follow (ask again from the last key answered).
+        more: bool,
+    },
 }
 
 impl Request {
@@ -352,6 +371,7 @@ impl Request {
             Request::AwaitChange { .. } => "await-change",
             Request::Journal { .. } => "journal",
             Request::PutChained { .. } => "put-chained",
+            Request::Sizes { .. } => "sizes",
         }
     }
 }
@@ -375,6 +395,7 @@ impl Response {
             Response::Keys { .. } => "keys",
             Response::Changes { .. } => "changes",
             Response::Journaled { .. } => "journaled",
+            Response::Sizes { .. } => "sizes",
         }
     }
 }
@@ -756,6 +777,13 @@ mod tests {
             }),
             (".{0,8}", proptest::option::of(".{0,8}"), any::<u32>()).prop_map(
                 |(prefix, after, limit)| Request::List {
+                    prefix,
+                    after,
+                    limit
+                }
+            ),
+            (".{0,8}", proptest::option::of(".{0,8}"), any::<u32>()).prop_map(
+                |(prefix, after, limit)| Request::Sizes {
                     prefix,
                     after,
                     limit

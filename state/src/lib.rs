@@ -57,6 +57,7 @@ pub mod register;
 pub mod registry;
 pub mod results;
 pub mod session;
+pub mod stored_bytes;
 pub mod triggers;
 
 pub use activations::{Activation, ActivationId, Activations};

@@ -72,6 +72,11 @@ pub struct Quotas {
     /// are capped to it): a registration or call asking for more is refused (403).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_timeout_ms: Option<u64>,
+    /// The bytes the namespace's keys may take in the store (as measured, see
+    /// the `stored_bytes` module): at or past it, writes of its functions and of `/v1/kv` are
+    /// refused (403) until deletes or expiries bring it under; deletes always pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_stored_bytes: Option<u64>,
 }
 
 impl Quotas {
@@ -82,6 +87,7 @@ impl Quotas {
             ("max_functions", self.max_functions.map(u64::from)),
             ("max_memory_mb", self.max_memory_mb),
             ("max_timeout_ms", self.max_timeout_ms),
+            ("max_stored_bytes", self.max_stored_bytes),
         ];
         for (name, value) in positive {
             if value == Some(0) {

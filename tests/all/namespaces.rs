@@ -661,3 +661,135 @@ fn quotas_bound_a_namespace_and_its_burst_leaves_the_executor_to_others() {
     );
     assert_eq!(read.json()["max_memory_mb"], 16);
 }
+
+#[test]
+fn a_namespace_at_its_stored_bytes_quota_writes_nothing_until_it_deletes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = support::up(dir.path(), &["--token", TOKEN]);
+    let base = up.field("http");
+    let hoarder = Tenant::new(&base, "hoarder");
+    let other = Tenant::new(&base, "other");
+    let misbehave = guest("misbehave");
+    for tenant in [&hoarder, &other] {
+        let url = format!("{}/functions/misbehave", tenant.url);
+        assert_eq!(status("PUT", &url, &tenant.deploy, &misbehave), 201);
+    }
+    let quotas = http(
+        "PUT",
+        &format!("{base}/v1/namespaces/hoarder/quotas"),
+        Some(TOKEN),
+        br#"{"max_stored_bytes":4000}"#,
+    );
+    assert_eq!(quotas.status, 200, "{}", quotas.text());
+    // Five values of 1 000 bytes: accepted, since nothing measured reached the quota yet.
+    let blob = vec![b'x'; 1000];
+    for i in 0..5 {
+        let url = format!("{}/kv/blob/{i}", hoarder.url);
+        assert_eq!(status("PUT", &url, &hoarder.invoke, &blob), 204);
+    }
+    // A tenant reads what it stores (a read key of its own suffices).
+    let usage = http(
+        "GET",
+        &format!("{}/usage", hoarder.url),
+        Some(&hoarder.read),
+        b"",
+    );
+    assert_eq!(usage.status, 200, "{}", usage.text());
+    let usage = usage.json();
+    assert_eq!(usage["keys"], 5, "{usage}");
+    assert!(usage["bytes"].as_u64().unwrap_or(0) >= 5000, "{usage}");
+    assert_eq!(usage["max_stored_bytes"], 4000);
+    // Measured over it: writes over HTTP and from its functions are refused, naming the
+    // quota, while the other tenant writes on.
+    let refused = Poll::within(Duration::from_secs(30))
+        .every(Duration::from_millis(200))
+        .until(|| {
+            let url = format!("{}/kv/more", hoarder.url);
+            let answer = http("PUT", &url, Some(&hoarder.invoke), b"1");
+            (answer.status != 204).then_some(answer)
+        })
+        .expect("refused once measured over its quota");
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    assert_eq!(refused.error_code(), "quota_exceeded");
+    assert!(
+        refused.text().contains("max_stored_bytes is 4000"),
+        "{}",
+        refused.text()
+    );
+    let from_function = hoarder.invoke_as(&hoarder.invoke, "state:k=v");
+    assert_ne!(from_function.status, 200, "{}", from_function.text());
+    assert!(
+        from_function.text().contains("max_stored_bytes"),
+        "{}",
+        from_function.text()
+    );
+    assert_eq!(hoarder.call("read:blob/0").len(), 1000, "reads go on");
+    assert_eq!(other.call("state:k=v"), "v");
+    let url = format!("{}/kv/more", other.url);
+    assert_eq!(status("PUT", &url, &other.invoke, &blob), 204);
+    // Deletes always pass; once a measurement finds it under, it writes again.
+    for i in 0..3 {
+        let url = format!("{}/kv/blob/{i}", hoarder.url);
+        assert_eq!(status("DELETE", &url, &hoarder.invoke, b""), 204);
+    }
+    Poll::within(Duration::from_secs(30))
+        .every(Duration::from_millis(200))
+        .until(|| (hoarder.invoke_as(&hoarder.invoke, "state:k=v").status == 200).then_some(()))
+        .expect("writes again once measured under its quota");
+}
+
+#[test]
+fn new_names_registered_at_once_pass_max_functions_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = support::up(dir.path(), &["--token", TOKEN]);
+    let base = up.field("http");
+    let tenant = Tenant::new(&base, "racer");
+    let quotas = http(
+        "PUT",
+        &format!("{base}/v1/namespaces/racer/quotas"),
+        Some(TOKEN),
+        br#"{"max_functions":2}"#,
+    );
+    assert_eq!(quotas.status, 200, "{}", quotas.text());
+    let misbehave = std::sync::Arc::new(guest("misbehave"));
+    let url = format!("{}/functions/first", tenant.url);
+    assert_eq!(status("PUT", &url, &tenant.deploy, &misbehave), 201);
+    // Four new names at once for the one place left: one gets it.
+    let racers: Vec<_> = (0..4)
+        .map(|i| {
+            let url = format!("{}/functions/racer-{i}", tenant.url);
+            let (key, code) = (tenant.deploy.clone(), misbehave.clone());
+            std::thread::spawn(move || http("PUT", &url, Some(&key), &code))
+        })
+        .collect();
+    let answers: Vec<_> = racers
+        .into_iter()
+        .map(|racer| racer.join().expect("a registration"))
+        .collect();
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    for refused in answers.iter().filter(|a| a.status != 201) {
+        assert_eq!(refused.status, 403, "{}", refused.text());
+        assert!(
+            refused.text().contains("max_functions (2)"),
+            "{}",
+            refused.text()
+        );
+    }
+    let listed = http(
+        "GET",
+        &format!("{}/functions", tenant.url),
+        Some(&tenant.read),
+        b"",
+    );
+    assert_eq!(
+        listed.json().as_array().map(Vec::len),
+        Some(2),
+        "{}",
+        listed.text()
+    );
+}

@@ -314,3 +314,46 @@ fn the_cli_manages_triggers_dead_letters_and_idempotent_calls() {
         assert_eq!(answer.trim(), "1");
     }
 }
+
+#[test]
+fn a_namespace_rate_spaces_out_its_triggers_deliveries_without_dropping_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = support::up(dir.path(), &["--token", TOKEN]);
+    let base = up.field("http");
+    register_misbehave(&base);
+    // One call every four seconds in the default namespace, where a tick fires every second.
+    let quotas = http(
+        "PUT",
+        &format!("{base}/v1/namespaces/default/quotas"),
+        Some(TOKEN),
+        br#"{"max_calls_per_s":0.25}"#,
+    );
+    assert_eq!(quotas.status, 200, "{}", quotas.text());
+    let created = put_trigger(
+        &base,
+        "every-second",
+        r#"{"kind":"cron","schedule":"* * * * * *","function":"misbehave","input":"ok"}"#,
+    );
+    assert_eq!(created.status, 200, "{}", created.text());
+    // A record starts at its tick; it ends once its call ran.
+    let ends = Poll::within(WAIT)
+        .every(Duration::from_millis(250))
+        .until(|| {
+            let mut ends: Vec<u64> = cron_records(&base)
+                .iter()
+                .filter_map(|r| r["end_ms"].as_u64())
+                .collect();
+            ends.sort_unstable();
+            (ends.len() >= 3).then_some(ends)
+        })
+        .expect("three deliveries ran");
+    // The ticks' calls waited for the rate's tokens: no two ran a second apart, as they
+    // would have without it (the bucket holds one token, refilled every four seconds).
+    for pair in ends.windows(2) {
+        assert!(pair[1] - pair[0] >= 3_000, "ends {ends:?}");
+    }
+    // They wait; none is refused or lost: pending calls queue up behind the rate.
+    assert!(cron_records(&base)
+        .iter()
+        .all(|r| r["status"] == "succeeded" || r["status"] == "running"));
+}
