@@ -35,6 +35,7 @@ use squall_state::stored_bytes::StoredBytesGuard;
 use squall_state::{ClientPool, Error as StateError, Limits};
 
 use crate::bindings::{Handler, HandlerPre};
+use crate::children::{Children, Spawner};
 use crate::config::Config;
 use crate::host::{log_output, CallContext, CallState, Limiter};
 use crate::nn::Models;
@@ -63,6 +64,9 @@ pub struct CallOptions {
     /// How many `kv-change` deliveries led to this call: its writes (and its nested calls')
     /// carry it to the store's journal.
     pub chain: u32,
+    /// Where the children it starts run (`squall:compose/futures`); `None`: on this
+    /// executor, as nested calls. An [`crate::ExecutorNode`] gives its scheduler-placing one.
+    pub spawner: Option<Arc<dyn Spawner>>,
 }
 
 /// Counters of an executor's calls.
@@ -292,6 +296,7 @@ impl Executor {
             CallScope {
                 trace: options.trace,
                 attempt: options.attempt.max(1),
+                spawner: options.spawner,
             },
         )
         .await
@@ -327,6 +332,8 @@ impl Executor {
             fatal: None,
             trace: None,
             attempt: 1,
+            spawner: None,
+            children: Children::default(),
         };
         let (store, handler, uses) = inner.instance(&loaded, call, false).await?;
         let mut warm = loaded.warm.lock().unwrap_or_else(|p| p.into_inner());
@@ -677,7 +684,11 @@ pub(crate) async fn run(
     session: Session,
     scope: CallScope,
 ) -> Result<Vec<u8>> {
-    let CallScope { trace, attempt } = scope;
+    let CallScope {
+        trace,
+        attempt,
+        spawner,
+    } = scope;
     if depth > inner.config.max_call_depth {
         return Err(Error::CallDepthExceeded {
             function: name,
@@ -718,6 +729,8 @@ pub(crate) async fn run(
         fatal: None,
         trace: trace.clone(),
         attempt,
+        spawner,
+        children: Children::default(),
     };
     let tick = inner.config.epoch_tick.max(Duration::from_millis(1));
     let (mut store, handler, uses) = inner.instance(&loaded, call, true).await?;
@@ -745,6 +758,8 @@ pub(crate) async fn run(
         );
     }
     let fatal = state.call.fatal.take();
+    // Children the call did not await stop now (a warm instance keeps its state).
+    drop(std::mem::take(&mut state.call.children));
     let memory_hit = state.limiter.hit;
     let result = match outcome {
         Err(_) => Err(Error::Timeout {

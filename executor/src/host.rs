@@ -20,6 +20,7 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use crate::children::{Children, Spawner};
 use crate::report::StepTrace;
 use crate::runtime::{CallScope, Runtime};
 use crate::Error;
@@ -68,6 +69,10 @@ pub struct CallContext {
     pub trace: Option<StepTrace>,
     /// Which attempt of its call this is (1: the first).
     pub attempt: u32,
+    /// Where the call's children run (`None`: on this executor).
+    pub spawner: Option<Arc<dyn Spawner>>,
+    /// The children the call started; dropped with the call, which cancels those running.
+    pub children: Children,
 }
 
 impl CallState {
@@ -349,10 +354,16 @@ impl CallState {
             Err(e) => return Ok(Err(e)),
         };
         let guard = self.executor()?.stored_bytes().clone();
-        Ok(match guard.check(self.namespace()).await {
-            Ok(()) => Ok(stored),
-            Err(over) => Err(StateError::Invalid(over.to_string())),
-        })
+        let remaining = self.remaining();
+        Ok(
+            match tokio::time::timeout(remaining, guard.check(self.namespace())).await {
+                Ok(Ok(())) => Ok(stored),
+                Ok(Err(over)) => Err(StateError::Invalid(over.to_string())),
+                Err(_) => Err(StateError::Unavailable(
+                    "the call's deadline passed while reading its namespace's quota".into(),
+                )),
+            },
+        )
     }
 
     /// The namespace of the function being served.
@@ -416,6 +427,7 @@ impl squall::function::invoke::Host for CallState {
         let scope = CallScope {
             trace: trace.clone(),
             attempt: self.call.attempt,
+            spawner: self.call.spawner.clone(),
         };
         // What the step's record keeps of the call (when it asks for a report).
         let noted = trace.as_ref().map(|_| {

@@ -22,7 +22,9 @@
 //! - `bindings`: the host bindings of the WIT world (generated).
 //! - `runtime`: the narrow handle through which imports reach the executor.
 //! - `host`: a store's host state and the `squall:function` imports (state, nested calls,
-//!   logging, captured stdio).
+//!   logging, captured stdio); `futures_host`: the `squall:compose/futures` imports.
+//! - [`children`]: the calls a running call starts and awaits later, and where they run
+//!   ([`children::Spawner`]: on the fabric, a scheduler places them).
 //! - [`nn`]: models loaded once per executor, inference with tract; `nn_host`: the `wasi:nn`
 //!   imports over them.
 //! - [`error`]: [`Error`]: how a registration or call fails, and its code on the wire.
@@ -30,8 +32,9 @@
 //!   memory).
 //! - `testing` (feature `testing`): builds the example guests for tests and benchmarks.
 //!
-//! Modules depend downward only: `executor` -> `host`, `nn_host` -> `host`, `runtime` ->
-//! `nn`; `host` and `nn_host` -> `bindings` -> `nn`. Nothing imports `executor` back.
+//! Modules depend downward only: `executor` -> `host`, `nn_host` -> `host`, `futures_host`
+//! -> `host`, `children`; `runtime` -> `nn`, `children`; `host` and `nn_host` -> `bindings`
+//! -> `nn`. Nothing imports `executor` back.
 //!
 //! # Why these dependencies
 //! - `wasmtime` (pinned to 48, the newest that builds with the project's toolchain) with only
@@ -47,9 +50,11 @@
 //!   without an `unsafe` call into libc here.
 
 mod bindings;
+pub mod children;
 pub mod config;
 pub mod error;
 pub mod executor;
+mod futures_host;
 mod host;
 pub mod nn;
 mod nn_host;

@@ -10,7 +10,12 @@
 //! asynchronous one, after it has written the output to the call's result key. A failing step
 //! reports its failure, named by its function, so the call fails at once rather than at its
 //! deadline; the scheduler then cancels the call on its other executors, which drop the steps
-//! still waiting for inputs (and the call's late outputs).
+//! still waiting for inputs (and the call's late outputs) and abort those running.
+//!
+//! The calls a step starts as children (`squall:compose/futures`) go to a scheduler like any
+//! invocation ([`Message::Invoke`], answered to this node's mailbox); a child whose parent
+//! ended or cancelled it is abandoned ([`Message::Abandon`]), and the scheduler cancels it
+//! wherever it runs.
 //!
 //! Plans come from the network: one naming steps it does not have is refused before any of it
 //! runs, and an output is taken only from a step the plan lists as an input.
@@ -35,7 +40,8 @@ use hashbrown::HashMap;
 use squall_lattices::Dependencies;
 use squall_proto::call::{
     Artifact, CallId, CallResult, Consistency, ExecutorStatus, Failure, FailureCode,
-    FunctionVersion, LimitsRequest, Message, Outcome, PinRef, Plan, StepIndex, MAX_STEPS,
+    FunctionVersion, Invocation, InvokeOptions, LimitsRequest, Message, Outcome, PinRef, Plan,
+    StepIndex, Target, MAX_STEPS,
 };
 use squall_proto::fabric::{Fabric, Mailbox};
 use squall_proto::report::{merge_reports, StepReport};
@@ -45,6 +51,7 @@ use squall_state::pins::{PinFuture, PinSource, PinnedValues, RunContext};
 use squall_state::results::store_result;
 use squall_state::{ClientPool, FunctionRecord};
 
+use crate::children::{ChildFuture, Spawner};
 use crate::report::{now_us, StepTrace};
 use crate::{CallOptions, Error, Executor};
 use squall_lattices::causal::{raise, raise_all};
@@ -136,6 +143,15 @@ impl ExecutorNode {
                 next: AtomicU64::new(1),
                 waiting: Arc::default(),
             }),
+            children: Arc::new(FabricChildren {
+                fabric: mailbox.fabric().clone(),
+                addr: addr.clone(),
+                schedulers: config.schedulers.clone(),
+                next_scheduler: AtomicU64::new(0),
+                next: AtomicU64::new(1),
+                waiting: Arc::default(),
+            }),
+            steps_running: Mutex::new(HashMap::new()),
             results,
             config,
             running: AtomicU32::new(0),
@@ -212,6 +228,10 @@ struct Shared {
     fabric: Arc<Fabric>,
     addr: String,
     pins: Arc<FabricPins>,
+    /// Starts the children of calls run here through the schedulers.
+    children: Arc<FabricChildren>,
+    /// The steps running here, by call: a cancelled call's are aborted.
+    steps_running: Mutex<HashMap<(CallId, StepIndex), tokio::task::AbortHandle>>,
     results: ClientPool,
     config: NodeConfig,
     running: AtomicU32,
@@ -304,6 +324,9 @@ fn handle(shared: &Arc<Shared>, waiting: &mut Waiting, message: Message) {
             reply_to,
         } => fetch_pins(shared, request, call, keys, reply_to),
         Message::Pins { request, result } => shared.pins.answered(request, result),
+        Message::Invoked {
+            request, result, ..
+        } => shared.children.answered(request, result),
         Message::Register {
             request,
             reply_to,
@@ -419,6 +442,14 @@ fn refresh(shared: &Shared, keys: Vec<String>) {
 /// A call failed or was given up: drop its waiting steps and its pins, and ignore its late outputs.
 fn cancel(shared: &Shared, waiting: &mut Waiting, call: CallId) {
     waiting.steps.retain(|(c, _), _| *c != call);
+    // Its steps running here stop (a child whose parent ended, a DAG whose other step
+    // failed): their calls' futures are dropped, instances and all.
+    lock_steps(&shared.steps_running).retain(|(c, _), task| {
+        if *c == call {
+            task.abort();
+        }
+        *c != call
+    });
     waiting.ended.insert(call, Instant::now() + ORPHAN_WAIT);
     shared.executor.pins().release(call);
 }
@@ -579,8 +610,39 @@ fn spawn_step(
     upstream: (Vec<PinRef>, Vec<StepReport>),
     deadline: Instant,
 ) {
-    let shared = shared.clone();
-    tokio::spawn(async move { run_step(shared, plan, step, input, upstream, deadline).await });
+    let key = (plan.call, step);
+    // Registered under the lock the step's end takes too, so a step that ends at once
+    // cannot leave its entry behind.
+    let mut running = lock_steps(&shared.steps_running);
+    let task = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _ended = StepEnded {
+                shared: shared.clone(),
+                key,
+            };
+            run_step(shared, plan, step, input, upstream, deadline).await
+        })
+    };
+    running.insert(key, task.abort_handle());
+}
+
+/// Takes a step out of [`Shared::steps_running`] when its task ends, however it ends.
+struct StepEnded {
+    shared: Arc<Shared>,
+    key: (CallId, StepIndex),
+}
+
+impl Drop for StepEnded {
+    fn drop(&mut self) {
+        lock_steps(&self.shared.steps_running).remove(&self.key);
+    }
+}
+
+fn lock_steps(
+    steps: &Mutex<HashMap<(CallId, StepIndex), tokio::task::AbortHandle>>,
+) -> std::sync::MutexGuard<'_, HashMap<(CallId, StepIndex), tokio::task::AbortHandle>> {
+    steps.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn run_step(
@@ -635,7 +697,7 @@ async fn run_step(
             },
         }
     });
-    shared.running.fetch_add(1, Ordering::Relaxed);
+    let running = RunningStep::new(&shared);
     let trace = plan.report.then(StepTrace::new);
     let options = CallOptions {
         consistency: plan.consistency,
@@ -644,6 +706,7 @@ async fn run_step(
         trace: trace.clone(),
         attempt: plan.attempt,
         chain: plan.chain,
+        spawner: Some(shared.children.clone() as Arc<dyn Spawner>),
     };
     let started = trace.as_ref().map(|_| (now_us(), Instant::now()));
     let result = shared.executor.call(&spec.function, &input, options).await;
@@ -652,7 +715,7 @@ async fn run_step(
         let report = trace.report(step, &spec.function, id, start_us, started.elapsed());
         reports.push(report);
     }
-    shared.running.fetch_sub(1, Ordering::Relaxed);
+    drop(running);
     shared.steps.fetch_add(1, Ordering::Relaxed);
     let output = match result {
         Ok(output) => Bytes::from(output),
@@ -716,6 +779,189 @@ async fn run_step(
             );
             return;
         }
+    }
+}
+
+/// Counts a step in [`Shared::running`] while it runs, also when its task is aborted.
+struct RunningStep<'a>(&'a Shared);
+
+impl<'a> RunningStep<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.running.fetch_add(1, Ordering::Relaxed);
+        Self(shared)
+    }
+}
+
+impl Drop for RunningStep<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Starts children ([`Spawner`]) through the schedulers: a [`Message::Invoke`] answered by a
+/// [`Message::Invoked`] to this node's mailbox. A child whose future is dropped before its
+/// answer (its parent ended, or cancelled it) is abandoned: the scheduler is told
+/// ([`Message::Abandon`]) and cancels it on its executors.
+#[derive(Debug)]
+struct FabricChildren {
+    fabric: Arc<Fabric>,
+    addr: String,
+    schedulers: Vec<String>,
+    next_scheduler: AtomicU64,
+    next: AtomicU64,
+    waiting: Arc<Mutex<HashMap<u64, ChildWaiter>>>,
+}
+
+type ChildWaiter = tokio::sync::oneshot::Sender<Result<Invocation, Failure>>;
+
+/// How long past a child's deadline its answer is awaited (the scheduler answers a call
+/// that ran out of time itself, at its deadline).
+const CHILD_ANSWER_SLACK: Duration = Duration::from_secs(2);
+
+impl FabricChildren {
+    fn answered(&self, request: u64, result: Result<Invocation, Failure>) {
+        let waiter = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&request);
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(result);
+        }
+    }
+}
+
+/// Abandons a child whose answer nobody waits for any more (see [`FabricChildren`]).
+struct Abandon {
+    fabric: Arc<Fabric>,
+    waiting: Arc<Mutex<HashMap<u64, ChildWaiter>>>,
+    scheduler: String,
+    addr: String,
+    request: u64,
+    answered: bool,
+}
+
+impl Abandon {
+    /// Nothing to abandon: the child answered, or was never sent.
+    fn settled(&mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.request);
+        let message = Message::Abandon {
+            request: self.request,
+            reply_to: self.addr.clone(),
+        };
+        if let Err(e) = self.fabric.send(&self.scheduler, message) {
+            tracing::debug!(scheduler = %self.scheduler, cause = %e, "abandoning a child");
+        }
+    }
+}
+
+impl Spawner for FabricChildren {
+    fn spawn(
+        &self,
+        target: Target,
+        input: Bytes,
+        deadline: Instant,
+        consistency: Consistency,
+    ) -> ChildFuture {
+        if self.schedulers.is_empty() {
+            return Box::pin(async {
+                Err(Failure::new(
+                    FailureCode::Unavailable,
+                    "this executor knows no scheduler to start children through",
+                ))
+            });
+        }
+        let turn = self.next_scheduler.fetch_add(1, Ordering::Relaxed) as usize;
+        let scheduler = self.schedulers[turn % self.schedulers.len()].clone();
+        let request = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(request, tx);
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let options = InvokeOptions {
+            consistency,
+            timeout_ms: Some(
+                u64::try_from(remaining.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            ),
+            ..InvokeOptions::default()
+        };
+        let sent = self.fabric.send(
+            &scheduler,
+            Message::Invoke {
+                request,
+                reply_to: Some(self.addr.clone()),
+                target,
+                input,
+                options,
+            },
+        );
+        let mut abandon = Abandon {
+            fabric: self.fabric.clone(),
+            waiting: self.waiting.clone(),
+            scheduler: scheduler.clone(),
+            addr: self.addr.clone(),
+            request,
+            answered: false,
+        };
+        Box::pin(async move {
+            if let Err(e) = sent {
+                abandon.settled();
+                abandon
+                    .waiting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&request);
+                return Err(Failure::new(
+                    FailureCode::Unavailable,
+                    format!("sending the child to scheduler {scheduler}: {e}"),
+                ));
+            }
+            let answer = tokio::time::timeout(remaining + CHILD_ANSWER_SLACK, rx).await;
+            let answer = match answer {
+                Err(_) => {
+                    return Err(Failure::new(
+                        FailureCode::Timeout,
+                        format!("scheduler {scheduler} did not answer by the child's deadline"),
+                    ))
+                }
+                Ok(Err(_)) => {
+                    abandon.settled();
+                    return Err(Failure::new(
+                        FailureCode::Unavailable,
+                        "the executor stopped while the child ran",
+                    ));
+                }
+                Ok(Ok(answer)) => answer,
+            };
+            abandon.settled();
+            match answer {
+                Ok(Invocation {
+                    output: Some(output),
+                    ..
+                }) => Ok(output),
+                Ok(Invocation { output: None, .. }) => Err(Failure::new(
+                    FailureCode::Internal,
+                    "the child's call answered no output",
+                )),
+                Err(failure) => Err(failure),
+            }
+        })
     }
 }
 

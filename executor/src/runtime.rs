@@ -17,6 +17,7 @@ use squall_lattices::{Counter, Timestamp};
 use squall_state::session::Session;
 use squall_state::stored_bytes::StoredBytesGuard;
 
+use crate::children::Spawner;
 use crate::nn::Models;
 use crate::report::StepTrace;
 use crate::Result;
@@ -25,13 +26,15 @@ use crate::Result;
 pub(crate) type NestedCall = Pin<Box<dyn Future<Output = Result<Vec<u8>>> + Send>>;
 
 /// What a call hands on to its nested calls besides its session: its step's trace (when the
-/// record asks for a report) and its attempt.
+/// record asks for a report), its attempt, and where its children run.
 #[derive(Debug, Clone, Default)]
 pub struct CallScope {
     /// The step's trace, shared by its nested calls.
     pub trace: Option<StepTrace>,
     /// The attempt of the call (1: the first).
     pub attempt: u32,
+    /// Where children started by the call (and its nested calls) run; `None`: here.
+    pub spawner: Option<Arc<dyn Spawner>>,
 }
 
 /// What the imports may ask of the executor.

@@ -392,3 +392,48 @@ async fn a_spinning_guest_does_not_hold_the_runtime() {
         other => panic!("expected Failed, got {other:?}"),
     }
 }
+
+/// Without a fabric, an executor runs a call's children itself: fan-out, a race whose loser
+/// is cancelled, children cancelled with their parent, typed errors. (With a fabric, a
+/// scheduler places them: `tests/all/futures.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executor_alone_runs_a_calls_children_itself() {
+    let node = node();
+    let executor = executor(&node);
+    register_misbehave_and_incr(&executor, Limits::default()).await;
+    let expected: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+    assert_eq!(
+        call(&executor, "misbehave", "fanout:100")
+            .await
+            .expect("fanout"),
+        expected.join(",")
+    );
+    assert_eq!(
+        call(&executor, "misbehave", "race").await.expect("race"),
+        "fast"
+    );
+    // A parent that fails with a child running: the child never writes its key.
+    let failed = call(&executor, "misbehave", "orphan:orphan-here").await;
+    assert!(matches!(failed, Err(Error::Failed { .. })), "{failed:?}");
+    let mut store = Client::connect(node.address(), ClientConfig::default()).expect("client");
+    let started_key = squall_proto::keys::user("default", "started/orphan-here");
+    assert!(
+        store.get(&started_key).expect("get").is_some(),
+        "the child had started"
+    );
+    let key = squall_proto::keys::user("default", "orphan-here");
+    // An absence: the child would have written 3 s after it started, so look after that.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert!(
+        store.get(&key).expect("get").is_none(),
+        "a child outlived its parent"
+    );
+    let unknown = call(&executor, "misbehave", "child-of:nobody")
+        .await
+        .expect("answered");
+    assert!(unknown.contains("not found"), "{unknown}");
+    let twice = call(&executor, "misbehave", "twice")
+        .await
+        .expect("answered");
+    assert!(twice.contains("awaited already"), "{twice}");
+}

@@ -120,6 +120,8 @@ pub struct Gateway {
     quotas: Arc<NamespaceQuotas>,
     /// Refuses `/v1/kv` writes of a namespace measured at its `max_stored_bytes`.
     stored_bytes: StoredBytesGuard,
+    /// One on-demand measurement (`GET /v1/usage`) at a time.
+    measuring: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -141,6 +143,7 @@ impl Gateway {
             namespaces: Existing::new(Namespaces::new(kvs.clone())),
             quotas: NamespaceQuotas::new(Namespaces::new(kvs.clone())),
             stored_bytes: StoredBytesGuard::new(kvs.clone()),
+            measuring: tokio::sync::Mutex::new(()),
             calls: Calls::new(kvs.clone()).with_result_retention(config.activation_retention),
             runner: std::sync::OnceLock::new(),
             limits: ConcurrencyLimits::default(),
@@ -1022,7 +1025,7 @@ async fn register_function(
     let quotas = gateway.quotas.of(namespace).await?;
     // (The functions are counted only under a quota on their number, one registration of
     // the namespace at a time, until this one is in the store.)
-    let _turn = match quotas.max_functions {
+    let turn = match quotas.max_functions {
         Some(_) => Some(gateway.quotas.registration_turn(namespace).await),
         None => None,
     };
@@ -1059,7 +1062,19 @@ async fn register_function(
         }),
         reuse_instances: params.reuse,
     };
-    register(&gateway, Artifact::Function, &name, code, limits).await
+    // In a task of its own, holding the turn until the record is in the store even if the
+    // client hangs up meanwhile.
+    let registering = tokio::spawn(async move {
+        let _turn = turn;
+        register(&gateway, Artifact::Function, &name, code, limits).await
+    });
+    registering.await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the registration's task failed: {e}"),
+        )
+    })?
 }
 
 /// Registers through an executor, then has the schedulers and executors re-read the record.
@@ -3286,7 +3301,11 @@ async fn get_usage(
     State(gateway): State<Arc<Gateway>>,
     Ns(namespace): Ns,
 ) -> ApiResult<Json<StoredUsage>> {
-    let usage = stored_bytes::recent(&gateway.kvs, &namespace).await?;
+    // One measurement at a time per gateway: requests meanwhile find it recent.
+    let usage = {
+        let _one = gateway.measuring.lock().await;
+        stored_bytes::recent(&gateway.kvs, &namespace).await?
+    };
     let quotas = gateway.namespaces.namespaces().quotas(&namespace).await?;
     Ok(Json(StoredUsage {
         namespace,

@@ -271,27 +271,24 @@ impl NamespaceQuotas {
         }))
     }
 
-    /// A token of `namespace`'s rate (`max_calls_per_s`), waiting for one: the delivery of an
-    /// event is delayed, never refused. Waits about until the next token (10 ms to 1 s
-    /// between tries); `Err(())` once `give_up` says so.
-    pub async fn wait_for_rate(
-        self: &Arc<Self>,
-        namespace: &str,
-        give_up: impl Fn() -> bool,
-    ) -> Result<(), ()> {
-        let until_next_token = |quotas: &Self, _: Duration| {
-            let rate = quotas
-                .lock()
-                .get(namespace)
-                .and_then(|held| held.quotas.max_calls_per_s)
-                .unwrap_or(1.0);
-            Duration::try_from_secs_f64(1.0 / rate)
-                .unwrap_or(Duration::from_secs(1))
-                .clamp(Duration::from_millis(10), Duration::from_secs(1))
-        };
-        self.keep_trying(namespace, false, true, give_up, until_next_token)
-            .await
-            .map(|_| ())
+    /// Takes a token of `namespace`'s rate (`max_calls_per_s`) if there is one; else how long
+    /// until the next (10 ms to 1 s). For calls that wait for the rate rather than be
+    /// refused (see [`pays_rate_when_run`]); the store unreadable, the copy held decides.
+    pub async fn take_rate(self: &Arc<Self>, namespace: &str) -> Result<(), Duration> {
+        if let Err(e) = self.refresh(namespace).await {
+            tracing::debug!(namespace, cause = %e, "reading quotas");
+        }
+        if self.try_admit(namespace, false, true).is_ok() {
+            return Ok(());
+        }
+        let rate = self
+            .lock()
+            .get(namespace)
+            .and_then(|held| held.quotas.max_calls_per_s)
+            .unwrap_or(1.0);
+        Err(Duration::try_from_secs_f64(1.0 / rate)
+            .unwrap_or(Duration::from_secs(1))
+            .clamp(Duration::from_millis(10), Duration::from_secs(1)))
     }
 
     /// A slot under `namespace`'s `max_in_flight` (`None` when it has none), waiting for one:
@@ -301,37 +298,20 @@ impl NamespaceQuotas {
         namespace: &str,
         give_up: impl Fn() -> bool,
     ) -> Result<Option<InFlight>, ()> {
-        let doubling = |_: &Self, last: Duration| {
-            (last * 2).clamp(Duration::from_millis(10), Duration::from_millis(500))
-        };
-        self.keep_trying(namespace, true, false, give_up, doubling)
-            .await
-    }
-
-    /// Tries [`Self::try_admit`] until it admits (`Err(())` once `give_up` says so), reading
-    /// the quotas again before each try (the store unreadable: the copy held, or none,
-    /// decides) and pausing `pause(self, last pause)` after each refusal.
-    async fn keep_trying(
-        self: &Arc<Self>,
-        namespace: &str,
-        in_flight: bool,
-        rate: bool,
-        give_up: impl Fn() -> bool,
-        pause: impl Fn(&Self, Duration) -> Duration,
-    ) -> Result<Option<InFlight>, ()> {
-        let mut paused = Duration::ZERO;
+        let mut pause = Duration::from_millis(10);
         loop {
             if give_up() {
                 return Err(());
             }
+            // The store unreadable: the copy held (or none) decides.
             if let Err(e) = self.refresh(namespace).await {
                 tracing::debug!(namespace, cause = %e, "reading quotas");
             }
-            match self.try_admit(namespace, in_flight, rate) {
+            match self.try_admit(namespace, true, false) {
                 Ok(slot) => return Ok(slot),
                 Err(_) => {
-                    paused = pause(self, paused);
-                    tokio::time::sleep(paused).await;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
                 }
             }
         }
@@ -343,7 +323,7 @@ impl NamespaceQuotas {
 /// dead letters do; calls accepted over HTTP (`http-async`, `trigger-fire`) paid at
 /// acceptance, where a call over the rate is refused instead.
 pub fn pays_rate_when_run(cause: &str) -> bool {
-    !matches!(cause, "http-async" | "trigger-fire")
+    matches!(cause, "cron" | "cron-late" | "kv-change" | "redrive")
 }
 
 /// Checks a registration in a namespace with `quotas` that has `registered` functions (the

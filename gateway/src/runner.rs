@@ -359,6 +359,35 @@ impl Runner {
         }
     }
 
+    /// Waits for a token of `call`'s namespace's rate, renewing its lease in the store every
+    /// `LEASE_MARGIN / 2` (so no other runner takes it meanwhile, and a cancel through
+    /// another gateway is seen). A call cancelled here goes on, to end at its next check.
+    async fn wait_rate(&self, call: &mut PendingCall, landing: &mut Landing) -> Turn {
+        let namespace = keys::split(call.target.name()).0.to_string();
+        let mut waited = false;
+        let mut renewed = Instant::now();
+        loop {
+            let pause = match self.inner.quotas.take_rate(&namespace).await {
+                Ok(()) => return Turn::Go { waited },
+                Err(pause) => pause,
+            };
+            if self.is_cancelled(&call.id) {
+                return Turn::Go { waited };
+            }
+            waited = true;
+            if !landing.landed().await {
+                return Turn::Lost;
+            }
+            tokio::time::sleep(pause).await;
+            if renewed.elapsed() >= LEASE_MARGIN / 2 {
+                renewed = Instant::now();
+                if !self.renew_waiting(call).await {
+                    return Turn::Lost;
+                }
+            }
+        }
+    }
+
     /// Whether this runner may go on running `stored` (the call as the store has it): its
     /// lease is this runner's, ran out, or there is none.
     fn may_run(&self, stored: &PendingCall) -> bool {
@@ -666,19 +695,17 @@ impl Runner {
             }
         }
         // A call no client made (a trigger's delivery, a redrive) is under its namespace's
-        // rate as a runner takes it up: it waits for a token (see `crate::quotas`); its
-        // retries within this runner take none, as an accepted call's do not.
-        if crate::quotas::pays_rate_when_run(&call.cause)
-            && self
-                .inner
-                .quotas
-                .wait_for_rate(keys::split(call.target.name()).0, || {
-                    self.is_cancelled(&call.id)
-                })
-                .await
-                .is_err()
-        {
-            return;
+        // rate as a runner takes it up: it waits for a token (see `crate::quotas`), renewing
+        // its lease as a call waiting for its turn does; its retries here take none, as an
+        // accepted call's do not.
+        if crate::quotas::pays_rate_when_run(&call.cause) {
+            match self.wait_rate(&mut call, &mut landing).await {
+                Turn::Go { waited } => fresh &= !waited,
+                Turn::Lost => {
+                    tracing::info!(id = %call.id, "another runner took the call, or it was cancelled, while it waited for its namespace's rate");
+                    return;
+                }
+            }
         }
         // Attempts in a row that found no executor with room: each waits longer.
         let mut crowded = 0u32;

@@ -523,12 +523,18 @@ impl Client {
             exchanged.into_all()?
         };
         let mut items = Vec::new();
-        let mut more = false;
+        // A shard with more stopped at its last key: nothing past the first such stop is
+        // complete (a shard may stop short of `limit`, as a SIZES page does at its byte cap).
+        let mut cut: Option<Key> = None;
         for response in responses {
             match page(response) {
-                Ok((some, m)) => {
+                Ok((some, more)) => {
+                    if let (true, Some((last, _))) = (more, some.last()) {
+                        if cut.as_ref().is_none_or(|cut| last < cut) {
+                            cut = Some(last.clone());
+                        }
+                    }
                     items.extend(some);
-                    more |= m;
                 }
                 Err(Response::Error(e)) => return Err(Error::Request(e)),
                 Err(other) => {
@@ -543,6 +549,10 @@ impl Client {
         // Greatest first within a key, so the dedup keeps it.
         items.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(&a.1)));
         items.dedup_by(|later, kept| later.0 == kept.0);
+        let mut more = cut.is_some();
+        if let Some(cut) = &cut {
+            items.retain(|(key, _)| key <= cut);
+        }
         if items.len() > limit as usize {
             items.truncate(limit as usize);
             more = true;

@@ -243,3 +243,22 @@ fn sizes_of_a_prefix_count_live_keys_over_every_shard_in_pages() {
     assert_eq!(client.stored_bytes("tenant/").expect("bytes"), (38, total));
     assert_eq!(client.stored_bytes("nobody/").expect("bytes"), (0, 0));
 }
+
+#[test]
+fn sizes_count_every_key_when_a_shard_stops_its_page_at_its_byte_cap() {
+    let node = Node::start(config(None, 3_600_000)).expect("start");
+    let mut client = client(&node);
+    // Ten values of 1 MiB sort first: a shard holding five or more stops its page at its
+    // 4 MiB cap, short of the page's key limit, while the other answers many small keys.
+    for i in 0..10 {
+        client
+            .put_lww(&format!("p/big{i}"), vec![b'x'; 1 << 20])
+            .expect("put");
+    }
+    for i in 0..4000 {
+        client.put_lww(&format!("p/small{i:04}"), "s").expect("put");
+    }
+    let (keys, bytes) = client.stored_bytes("p/").expect("sizes");
+    assert_eq!(keys, 4010);
+    assert!(bytes > 10 << 20, "{bytes}");
+}

@@ -570,8 +570,9 @@ pub enum Message {
         #[serde(default)]
         reports: Vec<StepReport>,
     },
-    /// Scheduler to executor: the call has ended (one of its steps failed, or its deadline
-    /// passed); drop its steps still waiting for inputs.
+    /// Scheduler to executor: the call has ended (one of its steps failed, its deadline
+    /// passed, or its caller abandoned it); drop its steps still waiting for inputs, and
+    /// stop those running.
     Cancel {
         /// The call.
         call: CallId,
@@ -651,6 +652,15 @@ pub enum Message {
         /// Their last heartbeats.
         executors: Vec<ExecutorStatus>,
     },
+    /// Caller to scheduler: nobody waits for the answer to this [`Message::Invoke`] any more
+    /// (an executor's call that started it as a child ended, or cancelled it): cancel the
+    /// call on its executors.
+    Abandon {
+        /// The request, as sent.
+        request: u64,
+        /// Its `reply_to`, as sent: with the request, it names the call.
+        reply_to: String,
+    },
 }
 
 impl Message {
@@ -671,6 +681,7 @@ impl Message {
             Message::Registered { .. } => "registered",
             Message::Invoke { .. } => "invoke",
             Message::Invoked { .. } => "invoked",
+            Message::Abandon { .. } => "abandon",
             Message::Status { .. } => "status",
             Message::StatusReport { .. } => "status-report",
         }
@@ -739,6 +750,10 @@ mod tests {
                 input: Bytes::from_static(b"3"),
             },
             Message::Cancel { call: 7 },
+            Message::Abandon {
+                request: 9,
+                reply_to: "tcp://127.0.0.1:4".into(),
+            },
             Message::Output {
                 call: 7,
                 step: 1,

@@ -250,6 +250,7 @@ fn handle(shared: &Arc<Shared>, message: Message) {
         } => register(shared, request, reply_to, kind, name, code, limits),
         Message::Refresh { keys } => refresh(shared, keys),
         Message::Status { request, reply_to } => status(shared, request, reply_to),
+        Message::Abandon { request, reply_to } => abandon(shared, request, &reply_to),
         other => {
             tracing::warn!(
                 message = other.kind(),
@@ -657,6 +658,25 @@ fn finish(
             reports,
         },
     );
+}
+
+/// Cancels the call that `reply_to` started with `request`, whose caller no longer waits (a
+/// child call whose parent ended or cancelled it): its executors drop it, running steps
+/// included. A call already answered is not tracked any more, and nothing happens.
+fn abandon(shared: &Arc<Shared>, request: u64, reply_to: &str) {
+    let call = shared
+        .state()
+        .calls
+        .values()
+        .find(|t| t.request == request && t.reply_to.as_deref() == Some(reply_to))
+        .map(|t| t.call);
+    if let Some(tracked) = call.and_then(|call| untrack(shared, call)) {
+        let failure = Failure::new(
+            FailureCode::Cancelled,
+            "the call that started it ended or cancelled it",
+        );
+        finish(shared, tracked, Err(failure), Vec::new());
+    }
 }
 
 /// Tells each of an ended call's executors, once: [`Message::Cancel`] (a failed call: drop its

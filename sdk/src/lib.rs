@@ -19,7 +19,8 @@
 //! - [`handler!`]: exports a function as the component's `handle`.
 //! - [`state`]: keys of the store, through the executor's cache: bytes, counters, and any
 //!   lattice of `squall-lattices`.
-//! - [`call`]: calls another registered function.
+//! - [`call`]: calls another registered function; [`futures`]: starts calls now (placed by
+//!   the scheduler, on any executor) and awaits them later.
 //! - [`log`]: messages into the node's log.
 //! - [`nn`]: inference with models registered in Squall (`wasi:nn`), run natively by the host.
 //! - [`bindings`]: the raw generated bindings, for what the typed helpers do not cover.
@@ -138,6 +139,7 @@ impl std::fmt::Display for CallError {
 
 impl std::error::Error for CallError {}
 
+pub mod futures;
 pub mod nn;
 
 /// Logging into the node's log, tagged with the function's name.

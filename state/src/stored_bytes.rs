@@ -18,7 +18,8 @@
 //! write is refused (a typed `invalid` error to a function, 403 `quota_exceeded` over HTTP)
 //! until deletes or expiries bring a later measurement under the quota. Deletes are always
 //! accepted. A store that cannot be read leaves writers with what they last read (none at
-//! first: writes pass), so the quota never stops a namespace because the upkeep is down.
+//! first: writes pass), and a measurement older than [`TRUSTED_FOR`] refuses nothing, so
+//! the quota never stops a namespace because the upkeep is down.
 //!
 //! What counts: the namespace's own keys ([`keys::user_prefix`]), what its functions and
 //! clients write. Its activation records and results are bounded by their retention, its
@@ -45,6 +46,11 @@ use crate::{register, Result};
 
 /// How often the upkeep measures each namespace that has a `max_stored_bytes` quota.
 pub const MEASURE_EVERY: Duration = Duration::from_secs(5);
+
+/// A measurement older than this no longer refuses writes: the upkeep has stopped measuring
+/// the namespace (no gateway runs it, or its measurements fail), and a namespace is not
+/// held to what it stored long ago.
+pub const TRUSTED_FOR: Duration = Duration::from_secs(30);
 
 /// A namespace's stored keys and bytes, as last measured.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,21 +110,29 @@ pub async fn measure_quota_holders(
         return Ok(None);
     }
     let mut measured = 0;
+    // One namespace that cannot be measured leaves the others measured.
     for namespace in namespaces.names().await? {
-        if namespaces
-            .quotas(&namespace)
-            .await?
-            .max_stored_bytes
-            .is_some()
-        {
-            let usage = measure(kvs, &namespace).await?;
-            tracing::debug!(
-                namespace,
-                keys = usage.keys,
-                bytes = usage.bytes,
-                "measured"
-            );
-            measured += 1;
+        let quotas = match namespaces.quotas(&namespace).await {
+            Ok(quotas) => quotas,
+            Err(e) => {
+                tracing::warn!(namespace, cause = %e, "reading quotas to measure stored bytes");
+                continue;
+            }
+        };
+        if quotas.max_stored_bytes.is_none() {
+            continue;
+        }
+        match measure(kvs, &namespace).await {
+            Ok(usage) => {
+                tracing::debug!(
+                    namespace,
+                    keys = usage.keys,
+                    bytes = usage.bytes,
+                    "measured"
+                );
+                measured += 1;
+            }
+            Err(e) => tracing::warn!(namespace, cause = %e, "measuring stored bytes"),
         }
     }
     Ok(Some(measured))
@@ -138,11 +152,13 @@ pub struct OverStoredBytes {
     pub limit: u64,
 }
 
-/// Whether a namespace with quota `limit` that stored `usage` when last measured may write:
-/// the bytes over which it may not (`Some((stored, limit))`), or `None`.
-pub fn over(limit: Option<u64>, usage: Option<&Usage>) -> Option<(u64, u64)> {
+/// Whether a namespace with quota `limit` that stored `usage` when last measured may write
+/// at `now_ms`: the bytes over which it may not (`Some((stored, limit))`), or `None` (also
+/// for a measurement older than [`TRUSTED_FOR`]).
+pub fn over(limit: Option<u64>, usage: Option<&Usage>, now_ms: u64) -> Option<(u64, u64)> {
     let (limit, usage) = (limit?, usage?);
-    (usage.bytes >= limit).then_some((usage.bytes, limit))
+    let recent = now_ms.saturating_sub(usage.measured_ms) <= TRUSTED_FOR.as_millis() as u64;
+    (recent && usage.bytes >= limit).then_some((usage.bytes, limit))
 }
 
 /// What a writer holds of one namespace.
@@ -154,6 +170,9 @@ struct Held {
     read_at: Option<Instant>,
     /// A reading is under way: others use what is held meanwhile.
     reading: bool,
+    /// Counts [`StoredBytesGuard::forget`]s: a reading that started before one does not
+    /// count as fresh.
+    forgotten: u64,
 }
 
 impl Held {
@@ -206,6 +225,7 @@ impl StoredBytesGuard {
                             usage: None,
                             read_at: None,
                             reading: true,
+                            forgotten: 0,
                         },
                     );
                     true
@@ -216,12 +236,14 @@ impl StoredBytesGuard {
             // In a task of its own, so a caller dropped meanwhile (a call past its deadline)
             // cannot leave the reading marked under way for good.
             let (guard, owned) = (self.clone(), namespace.to_string());
+            let forgotten = self.forgotten(namespace);
             let reading = tokio::spawn(async move {
                 let reading = guard.read(&owned).await;
                 let mut held = guard.held.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(entry) = held.get_mut(&owned) {
                     entry.reading = false;
-                    entry.read_at = Some(Instant::now());
+                    // Quotas set here while it read: read again at the next check.
+                    entry.read_at = (entry.forgotten == forgotten).then(Instant::now);
                     match reading {
                         Ok((limit, usage)) => {
                             entry.limit = limit;
@@ -239,7 +261,8 @@ impl StoredBytesGuard {
         }
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let entry = held.get(namespace);
-        match entry.and_then(|e| over(e.limit, e.usage.as_ref())) {
+        let now = squall_lattices::entry::now_ms();
+        match entry.and_then(|e| over(e.limit, e.usage.as_ref(), now)) {
             Some((stored, limit)) => Err(OverStoredBytes {
                 namespace: namespace.to_string(),
                 stored,
@@ -253,9 +276,15 @@ impl StoredBytesGuard {
     /// check reads them.
     pub fn forget(&self, namespace: &str) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if held.get(namespace).is_some_and(|e| !e.reading) {
-            held.remove(namespace);
+        if let Some(entry) = held.get_mut(namespace) {
+            entry.read_at = None;
+            entry.forgotten += 1;
         }
+    }
+
+    fn forgotten(&self, namespace: &str) -> u64 {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.get(namespace).map_or(0, |e| e.forgotten)
     }
 
     /// The quota and the last measurement of `namespace`, in one round trip.
@@ -293,11 +322,19 @@ mod tests {
 
     #[test]
     fn a_namespace_writes_until_a_measurement_reaches_its_quota() {
-        assert_eq!(over(None, Some(&usage(1 << 40))), None, "no quota");
-        assert_eq!(over(Some(100), None), None, "never measured");
-        assert_eq!(over(Some(100), Some(&usage(99))), None);
-        assert_eq!(over(Some(100), Some(&usage(100))), Some((100, 100)));
-        assert_eq!(over(Some(100), Some(&usage(250))), Some((250, 100)));
+        let now = 1_000;
+        assert_eq!(over(None, Some(&usage(1 << 40)), now), None, "no quota");
+        assert_eq!(over(Some(100), None, now), None, "never measured");
+        assert_eq!(over(Some(100), Some(&usage(99)), now), None);
+        assert_eq!(over(Some(100), Some(&usage(100)), now), Some((100, 100)));
+        assert_eq!(over(Some(100), Some(&usage(250)), now), Some((250, 100)));
+        // A measurement the upkeep has not renewed for long refuses nothing.
+        let trusted = TRUSTED_FOR.as_millis() as u64;
+        assert_eq!(
+            over(Some(100), Some(&usage(250)), trusted),
+            Some((250, 100))
+        );
+        assert_eq!(over(Some(100), Some(&usage(250)), trusted + 1), None);
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod commands;
 mod consistency;
 mod crash;
 mod durable;
+mod futures;
 mod garbage;
 mod gateway;
 mod keys;

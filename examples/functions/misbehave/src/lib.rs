@@ -28,6 +28,21 @@
 //!   under retries, attempt N is the first to succeed), then answers the counter.
 //! - `tally:KEY:MS`: adds 1 to the counter KEY, sleeps MS milliseconds, answers the counter
 //!   (so a call that ran twice answers 2).
+//! - `late:KEY:MS`: writes `1` to `started/KEY`, sleeps MS milliseconds, then writes `late`
+//!   to KEY, answers `late`.
+//!
+//! Children (`squall_sdk::futures`), each of the function `misbehave` of its namespace:
+//! - `fanout:N`: starts N children `echo:I` (at most 64 running: past that it awaits the
+//!   oldest first), awaits them all, answers their outputs joined by `,` in the order
+//!   started. `sequential:N` makes the same N calls one after another (`squall_sdk::call`,
+//!   on its own executor), for comparison.
+//! - `race`: starts `sleep:20000` and `echo:fast`, answers the first to finish (`fast`); the
+//!   other is cancelled when dropped.
+//! - `orphan:KEY`: starts `late:KEY:3000`, waits until it has started (`started/KEY`), then
+//!   fails without awaiting it (the child must be cancelled: KEY is never written).
+//!   `abandon:KEY` does the same but answers `left`.
+//! - `child-of:NAME`: starts function NAME on `ok` and answers its output, or `error: ...`.
+//! - `twice`: awaits one child twice (through the raw bindings), answers the second error.
 
 use std::hint::black_box;
 
@@ -129,6 +144,97 @@ fn handle(input: &[u8]) -> Result<Vec<u8>, String> {
             let runs = squall_sdk::state::add(key, 1).map_err(|e| e.to_string())?;
             std::thread::sleep(std::time::Duration::from_millis(ms));
             Ok(runs.to_string().into_bytes())
+        }
+        "late" => {
+            let (key, ms) = arg.rsplit_once(':').ok_or("expected late:KEY:MS")?;
+            let ms: u64 = ms.parse().map_err(|e| format!("bad duration: {e}"))?;
+            squall_sdk::state::put_bytes(&format!("started/{key}"), b"1")
+                .map_err(|e| e.to_string())?;
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            squall_sdk::state::put_bytes(key, b"late").map_err(|e| e.to_string())?;
+            Ok(b"late".to_vec())
+        }
+        "fanout" => {
+            let n: usize = arg.parse().map_err(|e| format!("bad count: {e}"))?;
+            // At most 64 children run at once: past that, the oldest is awaited first.
+            let mut running = std::collections::VecDeque::new();
+            let mut outputs = Vec::with_capacity(n);
+            for i in 0..n {
+                if running.len() == 64 {
+                    if let Some(oldest) = running.pop_front() {
+                        let oldest: squall_sdk::futures::Child = oldest;
+                        outputs.push(oldest.wait().map_err(|e| e.to_string())?);
+                    }
+                }
+                let input = format!("echo:{i}");
+                running.push_back(
+                    squall_sdk::futures::start("misbehave", input.as_bytes())
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            for child in running {
+                outputs.push(child.wait().map_err(|e| e.to_string())?);
+            }
+            let outputs: Vec<String> = outputs
+                .into_iter()
+                .map(|o| String::from_utf8_lossy(&o).into_owned())
+                .collect();
+            Ok(outputs.join(",").into_bytes())
+        }
+        "sequential" => {
+            let n: usize = arg.parse().map_err(|e| format!("bad count: {e}"))?;
+            let mut outputs = Vec::with_capacity(n);
+            for i in 0..n {
+                let output = squall_sdk::call("misbehave", format!("echo:{i}").as_bytes())
+                    .map_err(|e| e.to_string())?;
+                outputs.push(String::from_utf8_lossy(&output).into_owned());
+            }
+            Ok(outputs.join(",").into_bytes())
+        }
+        "race" => {
+            let mut children = vec![
+                squall_sdk::futures::start("misbehave", b"sleep:20000")
+                    .map_err(|e| e.to_string())?,
+                squall_sdk::futures::start("misbehave", b"echo:fast").map_err(|e| e.to_string())?,
+            ];
+            squall_sdk::futures::wait_any(&mut children).map_err(|e| e.to_string())
+        }
+        "orphan" | "abandon" => {
+            let child =
+                squall_sdk::futures::start("misbehave", format!("late:{arg}:3000").as_bytes())
+                    .map_err(|e| e.to_string())?;
+            let started = format!("started/{arg}");
+            for _ in 0..500 {
+                if squall_sdk::state::get_bytes(&started)
+                    .map_err(|e| e.to_string())?
+                    .is_some()
+                {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            // Not awaited, not dropped here: the call's end is what must cancel it.
+            std::mem::forget(child);
+            if verb == "orphan" {
+                Err("failing with a child still running".into())
+            } else {
+                Ok(b"left".to_vec())
+            }
+        }
+        "child-of" => Ok(
+            match squall_sdk::futures::start(arg, b"ok").and_then(|c| c.wait()) {
+                Ok(output) => output,
+                Err(e) => format!("error: {e}").into_bytes(),
+            },
+        ),
+        "twice" => {
+            use squall_sdk::bindings::squall::compose::futures as raw;
+            let child = raw::start("misbehave", b"echo:once").map_err(|e| format!("{e:?}"))?;
+            raw::wait(child).map_err(|e| format!("{e:?}"))?;
+            match raw::wait(child) {
+                Ok(_) => Err("a child was awaited twice".into()),
+                Err(e) => Ok(format!("{e:?}").into_bytes()),
+            }
         }
         other => Err(format!("unknown request {other:?}")),
     }
