@@ -28,8 +28,10 @@ use hashbrown::HashMap;
 use squall_proto::call::{Consistency, Failure, FailureCode, Target};
 use tokio::task::JoinHandle;
 
-/// Children a call may have running at once: well under an executor's instance pool (256
-/// by default), so one call's fan-out cannot take every instance of the executors it lands on.
+/// Children a call may hold at once, running or finished but not yet awaited: well under an
+/// executor's instance pool (256 by default), so one call's fan-out cannot take every
+/// instance of the executors it lands on, and the outputs it holds stay bounded (this many
+/// times a function's largest output).
 pub const MAX_RUNNING_CHILDREN: usize = 64;
 
 /// Children a call may start in all.
@@ -42,16 +44,23 @@ pub type ChildOutcome = Result<Bytes, Failure>;
 /// cancelled wherever it runs.
 pub type ChildFuture = Pin<Box<dyn Future<Output = ChildOutcome> + Send>>;
 
+/// What a child inherits from its parent.
+#[derive(Debug, Clone, Copy)]
+pub struct Inherited {
+    /// The parent's deadline.
+    pub deadline: Instant,
+    /// The parent's consistency mode.
+    pub consistency: Consistency,
+    /// How deep the child is in its chain of calls: its parent's depth and one.
+    pub depth: u32,
+    /// How many `kv-change` deliveries led to the parent (its writes carry it on).
+    pub chain: u32,
+}
+
 /// Where a call's children run.
 pub trait Spawner: Send + Sync + std::fmt::Debug {
-    /// Starts `target` on `input`, to be over by `deadline`, in `consistency`; its answer.
-    fn spawn(
-        &self,
-        target: Target,
-        input: Bytes,
-        deadline: Instant,
-        consistency: Consistency,
-    ) -> ChildFuture;
+    /// Starts `target` on `input` with what it inherits from its parent; its answer.
+    fn spawn(&self, target: Target, input: Bytes, inherited: Inherited) -> ChildFuture;
 }
 
 /// Why a child could not be started or awaited (besides its own failure).
@@ -70,6 +79,8 @@ pub enum ChildError {
 enum Child {
     Running(JoinHandle<ChildOutcome>),
     Finished(ChildOutcome),
+    /// Cancelled before it was awaited; its output (if any) dropped.
+    Cancelled,
     Taken,
 }
 
@@ -79,6 +90,8 @@ enum Child {
 pub struct Children {
     next: u64,
     started: u32,
+    /// Children running or finished and not yet awaited.
+    held: usize,
     table: HashMap<u64, Child>,
 }
 
@@ -102,14 +115,6 @@ impl Drop for Children {
 }
 
 impl Children {
-    /// Children still running.
-    fn running(&self) -> usize {
-        self.table
-            .values()
-            .filter(|c| matches!(c, Child::Running(task) if !task.is_finished()))
-            .count()
-    }
-
     /// Starts the child `spawn` makes, in a task of its own, if the call may have another;
     /// its handle. `spawn` is not called past a limit.
     pub fn start(&mut self, spawn: impl FnOnce() -> ChildFuture) -> Result<u64, ChildError> {
@@ -118,12 +123,13 @@ impl Children {
                 "a call starts at most {MAX_CHILDREN} children"
             )));
         }
-        if self.running() >= MAX_RUNNING_CHILDREN {
+        if self.held >= MAX_RUNNING_CHILDREN {
             return Err(ChildError::Limit(format!(
-                "a call has at most {MAX_RUNNING_CHILDREN} children running at once; wait for some first"
+                "a call holds at most {MAX_RUNNING_CHILDREN} children not yet awaited; wait for (or cancel) some first"
             )));
         }
         self.started += 1;
+        self.held += 1;
         self.next += 1;
         let handle = self.next;
         self.table
@@ -136,14 +142,22 @@ impl Children {
         let child = self.table.get_mut(&handle).ok_or_else(|| unknown(handle))?;
         let outcome = match child {
             Child::Taken => return Err(awaited(handle)),
+            Child::Cancelled => {
+                *child = Child::Taken;
+                return Err(cancelled(handle));
+            }
             Child::Finished(_) => match std::mem::replace(child, Child::Taken) {
-                Child::Finished(outcome) => outcome,
+                Child::Finished(outcome) => {
+                    self.held -= 1;
+                    outcome
+                }
                 _ => return Err(awaited(handle)),
             },
             Child::Running(task) => match tokio::time::timeout(remaining, task).await {
                 Err(_) => return Err(ChildError::Timeout),
                 Ok(joined) => {
                     *child = Child::Taken;
+                    self.held -= 1;
                     joined.unwrap_or_else(|e| Err(ended(e)))
                 }
             },
@@ -177,7 +191,7 @@ impl Children {
                     continue;
                 };
                 match child {
-                    Child::Finished(_) => return Poll::Ready(index),
+                    Child::Finished(_) | Child::Cancelled => return Poll::Ready(index),
                     Child::Running(task) => {
                         if let Poll::Ready(joined) = Pin::new(task).poll(cx) {
                             *child = Child::Finished(joined.unwrap_or_else(|e| Err(ended(e))));
@@ -195,26 +209,28 @@ impl Children {
         }
     }
 
-    /// Cancels child `handle` if it runs: it stops wherever it runs, and its `wait` answers
-    /// cancelled. Does nothing to a child finished, awaited or unknown.
+    /// Cancels child `handle` not yet awaited: it stops wherever it runs, its output (if it
+    /// had finished) is dropped, and its `wait` answers cancelled. Does nothing to a child
+    /// awaited, cancelled or unknown.
     pub fn cancel(&mut self, handle: u64) {
         let Some(child) = self.table.get_mut(&handle) else {
             return;
         };
-        let running = match child {
-            Child::Running(task) if !task.is_finished() => {
-                task.abort();
-                true
-            }
-            _ => false,
-        };
-        if running {
-            *child = Child::Finished(Err(Failure::new(
-                FailureCode::Cancelled,
-                format!("child {handle} was cancelled by its parent"),
-            )));
+        match child {
+            Child::Running(task) => task.abort(),
+            Child::Finished(_) => {}
+            Child::Cancelled | Child::Taken => return,
         }
+        *child = Child::Cancelled;
+        self.held -= 1;
     }
+}
+
+fn cancelled(handle: u64) -> ChildError {
+    ChildError::Failed(Failure::new(
+        FailureCode::Cancelled,
+        format!("child {handle} was cancelled by its parent"),
+    ))
 }
 
 fn unknown(handle: u64) -> ChildError {
@@ -319,6 +335,26 @@ mod tests {
         });
         assert!(matches!(refused, Err(ChildError::Limit(_))), "{refused:?}");
         assert!(!spawned, "a refused child must not be sent anywhere");
+        // Finished but not awaited still holds its place (and its output); cancelling it
+        // (as dropping an SDK child does) frees the place.
+        let mut held = Children::default();
+        let handles: Vec<u64> = (0..MAX_RUNNING_CHILDREN)
+            .map(|_| {
+                held.start(|| answer(Duration::ZERO, ok("x")))
+                    .expect("start")
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(matches!(
+            held.start(|| answer(Duration::ZERO, ok("x"))),
+            Err(ChildError::Limit(_))
+        ));
+        held.cancel(handles[0]);
+        assert!(held.start(|| answer(Duration::ZERO, ok("x"))).is_ok());
+        assert!(matches!(
+            held.wait(handles[0], Duration::from_secs(1)).await,
+            Err(ChildError::Failed(f)) if f.code == FailureCode::Cancelled
+        ));
     }
 
     #[tokio::test]

@@ -67,6 +67,9 @@ pub struct CallOptions {
     /// Where the children it starts run (`squall:compose/futures`); `None`: on this
     /// executor, as nested calls. An [`crate::ExecutorNode`] gives its scheduler-placing one.
     pub spawner: Option<Arc<dyn Spawner>>,
+    /// How deep in a chain of calls it starts (0 from outside; a child one more than its
+    /// parent): past the executor's call depth, the call is refused.
+    pub depth: u32,
 }
 
 /// Counters of an executor's calls.
@@ -290,7 +293,7 @@ impl Executor {
             self.inner.clone(),
             name.to_string(),
             input.to_vec(),
-            0,
+            options.depth,
             deadline,
             session,
             CallScope {

@@ -8,7 +8,7 @@ use squall_proto::keys;
 use wasmtime::Result as WasmResult;
 
 use crate::bindings::squall::compose::futures::{self as wit, CallError, Handle};
-use crate::children::{ChildError, ChildFuture};
+use crate::children::{ChildError, ChildFuture, Inherited};
 use crate::host::CallState;
 use crate::runtime::CallScope;
 
@@ -70,7 +70,13 @@ impl CallState {
                 } else {
                     Target::Function(qualified)
                 };
-                Box::new(move || spawner.spawn(target, Bytes::from(input), deadline, consistency))
+                let inherited = Inherited {
+                    deadline,
+                    consistency,
+                    depth: self.call.depth + 1,
+                    chain: self.call.session.chain(),
+                };
+                Box::new(move || spawner.spawn(target, Bytes::from(input), inherited))
             }
             None if dag => {
                 return Ok(Err(CallError::Unavailable(

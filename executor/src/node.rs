@@ -51,7 +51,7 @@ use squall_state::pins::{PinFuture, PinSource, PinnedValues, RunContext};
 use squall_state::results::store_result;
 use squall_state::{ClientPool, FunctionRecord};
 
-use crate::children::{ChildFuture, Spawner};
+use crate::children::{ChildFuture, Inherited, Spawner};
 use crate::report::{now_us, StepTrace};
 use crate::{CallOptions, Error, Executor};
 use squall_lattices::causal::{raise, raise_all};
@@ -148,7 +148,9 @@ impl ExecutorNode {
                 addr: addr.clone(),
                 schedulers: config.schedulers.clone(),
                 next_scheduler: AtomicU64::new(0),
-                next: AtomicU64::new(1),
+                // Random, so a restarted node on the same address never takes the answer
+                // to a request of its previous life as one of its own.
+                next: AtomicU64::new(rand::random::<u64>() >> 1),
                 waiting: Arc::default(),
             }),
             steps_running: Mutex::new(HashMap::new()),
@@ -707,6 +709,7 @@ async fn run_step(
         attempt: plan.attempt,
         chain: plan.chain,
         spawner: Some(shared.children.clone() as Arc<dyn Spawner>),
+        depth: plan.depth,
     };
     let started = trace.as_ref().map(|_| (now_us(), Instant::now()));
     let result = shared.executor.call(&spec.function, &input, options).await;
@@ -868,13 +871,13 @@ impl Drop for Abandon {
 }
 
 impl Spawner for FabricChildren {
-    fn spawn(
-        &self,
-        target: Target,
-        input: Bytes,
-        deadline: Instant,
-        consistency: Consistency,
-    ) -> ChildFuture {
+    fn spawn(&self, target: Target, input: Bytes, inherited: Inherited) -> ChildFuture {
+        let Inherited {
+            deadline,
+            consistency,
+            depth,
+            chain,
+        } = inherited;
         if self.schedulers.is_empty() {
             return Box::pin(async {
                 Err(Failure::new(
@@ -894,6 +897,8 @@ impl Spawner for FabricChildren {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let options = InvokeOptions {
             consistency,
+            depth,
+            chain,
             timeout_ms: Some(
                 u64::try_from(remaining.as_millis())
                     .unwrap_or(u64::MAX)

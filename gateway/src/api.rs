@@ -1498,6 +1498,7 @@ async fn run_invocation(
         report: gateway.config.record_activations,
         attempt: 1,
         chain: 0,
+        depth: 0,
     };
     let idempotency_key = text(IDEMPOTENCY_HEADER)?.filter(|k| !k.is_empty());
     if let Some(key) = &idempotency_key {

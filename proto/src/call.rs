@@ -174,6 +174,9 @@ pub struct Plan {
     /// How many `kv-change` deliveries led to this run ([`InvokeOptions::chain`]).
     #[serde(default)]
     pub chain: u32,
+    /// How deep in a chain of calls its steps start ([`InvokeOptions::depth`]).
+    #[serde(default)]
+    pub depth: u32,
 }
 
 /// One step of a plan.
@@ -276,6 +279,11 @@ pub struct InvokeOptions {
     /// function writes what fires it stops at the gateway's limit instead of looping.
     #[serde(default)]
     pub chain: u32,
+    /// How deep in a chain of calls it starts: 0 from outside, one more than its parent's
+    /// for a child a function started. Executors refuse calls past their call depth, so
+    /// children that start children cannot recurse without bound.
+    #[serde(default)]
+    pub depth: u32,
 }
 
 /// What a registration stores.
@@ -743,6 +751,7 @@ mod tests {
             report: true,
             attempt: 2,
             chain: 3,
+            depth: 2,
         });
         let messages = vec![
             Message::Schedule {

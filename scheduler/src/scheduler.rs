@@ -144,6 +144,9 @@ struct Shared {
 struct State {
     executors: HashMap<String, Known>,
     calls: HashMap<CallId, Tracked>,
+    /// Invocations abandoned before they were tracked (an `Abandon` that overtook its
+    /// `Invoke`'s placement), by (reply_to, request), until when they are remembered.
+    abandoned: HashMap<(String, u64), Instant>,
     warm_asked: HashMap<String, Instant>,
     /// Causal sessions: the cut of each session's calls so far.
     sessions: lru::LruCache<String, Dependencies>,
@@ -157,6 +160,7 @@ impl Default for State {
         Self {
             executors: HashMap::new(),
             calls: HashMap::new(),
+            abandoned: HashMap::new(),
             warm_asked: HashMap::new(),
             sessions: lru::LruCache::new(
                 std::num::NonZeroUsize::new(SESSIONS).unwrap_or(std::num::NonZeroUsize::MIN),
@@ -312,9 +316,19 @@ fn invoke_message(
 ) {
     let shared = shared.clone();
     tokio::spawn(async move {
-        if let Err(failure) =
+        if let Err(mut failure) =
             invoke(&shared, request, reply_to.clone(), &target, input, &options).await
         {
+            // No executor serves a function that is not registered at all: say so.
+            if let (FailureCode::NoCapacity, Some(function)) = (failure.code, &failure.step) {
+                if let Ok(None) = shared.functions.newest(function).await {
+                    failure = Failure {
+                        code: FailureCode::NotFound,
+                        message: format!("function {function:?} is not registered"),
+                        step: failure.step.clone(),
+                    };
+                }
+            }
             // Never placed: no executor to cancel on.
             let tracked = Tracked {
                 call: 0,
@@ -549,6 +563,16 @@ async fn invoke(
             chosen.push(addr);
         }
         let deadline = started + timeout;
+        let abandoned = reply_to
+            .as_ref()
+            .is_some_and(|to| state.abandoned.remove(&(to.clone(), request)).is_some());
+        if abandoned {
+            undispatch(&mut state, &chosen);
+            return Err(Failure::new(
+                FailureCode::Cancelled,
+                "the call that started it ended or cancelled it",
+            ));
+        }
         state.calls.insert(
             call,
             Tracked {
@@ -591,6 +615,7 @@ async fn invoke(
         report: options.report,
         attempt: options.attempt,
         chain: options.chain,
+        depth: options.depth,
     });
     tracing::trace!(call, name = %plan.name, ?placement, "call placed");
     let mut sent: HashSet<&str> = HashSet::new();
@@ -660,16 +685,32 @@ fn finish(
     );
 }
 
+/// How long an `Abandon` that found no call is remembered, for the `Invoke` it overtook.
+const ABANDONED_FOR: Duration = Duration::from_secs(30);
+
+/// Abandons remembered at most (each a few dozen bytes).
+const MAX_ABANDONED: usize = 100_000;
+
 /// Cancels the call that `reply_to` started with `request`, whose caller no longer waits (a
 /// child call whose parent ended or cancelled it): its executors drop it, running steps
 /// included. A call already answered is not tracked any more, and nothing happens.
 fn abandon(shared: &Arc<Shared>, request: u64, reply_to: &str) {
-    let call = shared
-        .state()
-        .calls
-        .values()
-        .find(|t| t.request == request && t.reply_to.as_deref() == Some(reply_to))
-        .map(|t| t.call);
+    let call = {
+        let mut state = shared.state();
+        let call = state
+            .calls
+            .values()
+            .find(|t| t.request == request && t.reply_to.as_deref() == Some(reply_to))
+            .map(|t| t.call);
+        if call.is_none() && state.abandoned.len() < MAX_ABANDONED {
+            // Not placed yet (or answered already): placement looks here first.
+            state.abandoned.insert(
+                (reply_to.to_string(), request),
+                Instant::now() + ABANDONED_FOR,
+            );
+        }
+        call
+    };
     if let Some(tracked) = call.and_then(|call| untrack(shared, call)) {
         let failure = Failure::new(
             FailureCode::Cancelled,
@@ -753,6 +794,28 @@ fn expire(shared: &Arc<Shared>) {
             shared.fabric.forget(addr);
         }
         let mut failed = fail_calls_on(&mut state, &gone, "stopped answering");
+        state.abandoned.retain(|_, until| *until > now);
+        // Children whose parent's executor is gone: nobody waits for them.
+        let orphans: Vec<CallId> = state
+            .calls
+            .iter()
+            .filter(|(_, t)| {
+                t.reply_to
+                    .as_ref()
+                    .is_some_and(|to| gone.iter().any(|(addr, _)| addr == to))
+            })
+            .map(|(call, _)| *call)
+            .collect();
+        for call in orphans {
+            if let Some(tracked) = state.calls.remove(&call) {
+                undispatch(&mut state, &tracked.executors);
+                let failure = Failure::new(
+                    FailureCode::Cancelled,
+                    "the executor of the call that started it stopped answering",
+                );
+                failed.push((tracked, failure));
+            }
+        }
         let late: Vec<CallId> = state
             .calls
             .iter()

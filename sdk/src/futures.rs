@@ -12,8 +12,8 @@
 //!
 //! A [`Child`] runs while its parent goes on, wherever the scheduler places it, with what is
 //! left of the parent's deadline. Dropping a `Child` that was not awaited cancels it, and so
-//! does the parent's end: no child outlives the call that started it. A call has at most 64
-//! children running at once and 10 000 in all ([`ChildError::Limit`] past either).
+//! does the parent's end: no child outlives the call that started it. A call holds at most 64
+//! children not yet awaited and starts 10 000 in all ([`ChildError::Limit`] past either).
 
 use crate::bindings::squall::compose::futures as raw;
 

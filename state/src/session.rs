@@ -97,6 +97,11 @@ impl Session {
         self
     }
 
+    /// How many `kv-change` deliveries led to the call this session serves.
+    pub fn chain(&self) -> u32 {
+        self.chain
+    }
+
     /// The mode this session reads in.
     pub fn mode(&self) -> Consistency {
         self.mode

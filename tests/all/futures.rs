@@ -102,15 +102,17 @@ fn children_run_on_another_executor_and_never_outlive_their_parent() {
         );
     }
 
-    // Typed errors. (Here no executor serves the unknown name, so the scheduler answers
-    // first; an executor that serves everything answers `not-found`, as the executor's own
-    // test shows.)
+    // Typed errors.
     let unknown = call(base, "parent", "child-of:nobody");
     assert!(
-        unknown.text().starts_with("error: child") && unknown.text().contains("\"nobody\""),
+        unknown.text().contains("not found") && unknown.text().contains("\"nobody\""),
         "{}",
         unknown.text()
     );
+    // Children that start children forever stop at the executors' call depth.
+    let deep = call(base, "parent", "descend");
+    assert_eq!(deep.status, 200, "{}", deep.text());
+    assert!(deep.text().contains("deeper than"), "{}", deep.text());
     let twice = call(base, "parent", "twice");
     assert!(
         twice.text().contains("Invalid") && twice.text().contains("awaited already"),

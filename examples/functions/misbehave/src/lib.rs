@@ -42,6 +42,8 @@
 //!   fails without awaiting it (the child must be cancelled: KEY is never written).
 //!   `abandon:KEY` does the same but answers `left`.
 //! - `child-of:NAME`: starts function NAME on `ok` and answers its output, or `error: ...`.
+//! - `descend`: starts a child `descend` and answers what it answers: children without end,
+//!   until the call depth refuses one (`error: ...`).
 //! - `twice`: awaits one child twice (through the raw bindings), answers the second error.
 
 use std::hint::black_box;
@@ -221,6 +223,12 @@ fn handle(input: &[u8]) -> Result<Vec<u8>, String> {
                 Ok(b"left".to_vec())
             }
         }
+        "descend" => Ok(
+            match squall_sdk::futures::start("misbehave", b"descend").and_then(|c| c.wait()) {
+                Ok(output) => output,
+                Err(e) => format!("error: {e}").into_bytes(),
+            },
+        ),
         "child-of" => Ok(
             match squall_sdk::futures::start(arg, b"ok").and_then(|c| c.wait()) {
                 Ok(output) => output,
