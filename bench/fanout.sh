@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fan-out cost: one call that starts and awaits N trivial children (`misbehave fanout:N`:
-# each child is placed by the scheduler on either of two executor processes) against one
+# each child is placed by the scheduler on either of two executors, in one process) against one
 # call that makes the same N calls one after another (`misbehave sequential:N`: nested
 # synchronous calls on its own executor), both through `squall up --executors 2`,
 # interleaved round by round. Prints each round, then the medians and their ratio.
@@ -26,7 +26,7 @@ base=$(grep '^READY ' "$dir/up.log" | tr ' ' '\n' | sed -n 's/^http=//p')
 curl -sf -X PUT --data-binary @examples/functions/target/wasm32-wasip2/release/misbehave.wasm \
   "$base/v1/functions/misbehave?timeout_ms=60000" > /dev/null
 call() {
-  curl -s -o "$dir/out" -w '%{http_code} %{time_total}' -X POST \
+  curl -s -o "$dir/out" -w '%{http_code} %{time_total}\n' -X POST \
     "$base/v1/functions/misbehave/invoke?timeout_ms=60000" -d "$1"
 }
 # Warm both executors and check both answers once.

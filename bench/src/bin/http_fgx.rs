@@ -9,8 +9,8 @@
 //!     `/v1/ns/bench/...` with a key of that namespace (what the namespace's admission and the
 //!     mapping of names and keys cost on top of (c): compare with (a) and (c));
 //! against, in the same run, an HTTP echo server on the same stack (axum on tokio, a process of
-//! its own) as the floor. Setups alternate over rounds; the table reports medians over rounds
-//! and ratios to the floor.
+//! its own) as the floor. Setups alternate over rounds, each round starting with the next
+//! one; the table reports medians over rounds and ratios to the floor.
 
 use std::io::Read;
 use std::path::Path;
@@ -213,7 +213,10 @@ fn main() -> anyhow::Result<()> {
     let n = setups.len();
     let (mut p50, mut p99, mut ops) = (vec![vec![]; n], vec![vec![]; n], vec![vec![]; n]);
     for round in 0..args.run.rounds {
-        for (i, setup) in setups.iter().enumerate() {
+        // Each round starts with another setup, so none always follows the same one.
+        for k in 0..n {
+            let i = (k + round) % n;
+            let setup = &setups[i];
             let latency = run(setup, 1, args.run.seconds)?;
             let load = run(setup, args.clients, args.run.seconds)?;
             if latency.errors + load.errors > 0 {
