@@ -99,7 +99,7 @@ impl std::fmt::Debug for Children {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Children")
             .field("started", &self.started)
-            .field("held", &self.table.len())
+            .field("held", &self.held)
             .finish()
     }
 }

@@ -300,6 +300,7 @@ impl Executor {
                 trace: options.trace,
                 attempt: options.attempt.max(1),
                 spawner: options.spawner,
+                outermost: true,
             },
         )
         .await
@@ -691,6 +692,7 @@ pub(crate) async fn run(
         trace,
         attempt,
         spawner,
+        outermost,
     } = scope;
     if depth > inner.config.max_call_depth {
         return Err(Error::CallDepthExceeded {
@@ -743,7 +745,7 @@ pub(crate) async fn run(
     let bound = deadline.saturating_duration_since(Instant::now()) + tick * 4;
     let outcome = match &trace {
         // The step's own call measures its CPU time (its nested calls run within its polls).
-        Some(trace) if depth == 0 => {
+        Some(trace) if outermost => {
             let timed = CpuTimed::new(handler.call_handle(&mut store, &input), trace.clone());
             tokio::time::timeout(bound, timed).await
         }
@@ -752,7 +754,7 @@ pub(crate) async fn run(
     let state = store.data_mut();
     log_output(&function, "stdout", &state.stdout, trace.as_ref());
     log_output(&function, "stderr", &state.stderr, trace.as_ref());
-    if let (Some(trace), 0) = (&trace, depth) {
+    if let (Some(trace), true) = (&trace, outermost) {
         let memory = state.limiter.memory_in_use;
         trace.ran(
             loaded.record.version,
@@ -809,7 +811,7 @@ pub(crate) async fn run(
         Err(e @ (Error::Failed { .. } | Error::State(StateError::NotFound { .. }))) => {
             tracing::debug!(function = %name, depth, cause = %e, "call failed")
         }
-        Err(e) if depth == 0 => tracing::warn!(function = %name, cause = %e, "call failed"),
+        Err(e) if outermost => tracing::warn!(function = %name, cause = %e, "call failed"),
         Err(e) => tracing::debug!(function = %name, depth, cause = %e, "nested call failed"),
         Ok(output) => tracing::trace!(function = %name, depth, bytes = output.len(), "call done"),
     }

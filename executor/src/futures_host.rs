@@ -92,6 +92,7 @@ impl CallState {
                     trace: None,
                     attempt: self.call.attempt,
                     spawner: None,
+                    outermost: false,
                 };
                 Box::new(move || -> ChildFuture {
                     let nested = executor.call(qualified, input, depth, deadline, session, scope);

@@ -428,6 +428,7 @@ impl squall::function::invoke::Host for CallState {
             trace: trace.clone(),
             attempt: self.call.attempt,
             spawner: self.call.spawner.clone(),
+            outermost: false,
         };
         // What the step's record keeps of the call (when it asks for a report).
         let noted = trace.as_ref().map(|_| {

@@ -140,7 +140,9 @@ impl ExecutorNode {
             pins: Arc::new(FabricPins {
                 fabric: mailbox.fabric().clone(),
                 addr: addr.clone(),
-                next: AtomicU64::new(1),
+                // Random, as the children's: a restarted node must not take an answer meant
+                // for its previous life.
+                next: AtomicU64::new(rand::random::<u64>() >> 1),
                 waiting: Arc::default(),
             }),
             children: Arc::new(FabricChildren {

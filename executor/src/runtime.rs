@@ -35,6 +35,10 @@ pub struct CallScope {
     pub attempt: u32,
     /// Where children started by the call (and its nested calls) run; `None`: here.
     pub spawner: Option<Arc<dyn Spawner>>,
+    /// Whether this is the step's own call (from [`crate::Executor::call`]), not one it
+    /// nested: it times the step's CPU, reports its memory and logs its failure. A child's
+    /// steps start deeper than 0, so depth alone cannot tell.
+    pub outermost: bool,
 }
 
 /// What the imports may ask of the executor.

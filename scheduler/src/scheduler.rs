@@ -277,7 +277,9 @@ fn heartbeat(shared: &Arc<Shared>, status: ExecutorStatus) {
         // A new executor on a gone one's address: the old one's steps are lost.
         tracing::warn!(old = %old, new = %status.id, addr = %status.addr, "executor restarted");
         state.executors.remove(&status.addr);
-        let failed = fail_calls_on(&mut state, &[(status.addr.clone(), old)], "restarted");
+        let lost = [(status.addr.clone(), old)];
+        let mut failed = fail_calls_on(&mut state, &lost, "restarted");
+        failed.extend(orphans_of(&mut state, &lost));
         drop(state);
         for (tracked, failure) in failed {
             finish(shared, tracked, Err(failure), Vec::new());
@@ -739,6 +741,34 @@ fn reply(shared: &Shared, to: &str, message: Message) {
     }
 }
 
+/// Stops tracking the children that calls on the `lost` executors (address, id) started:
+/// nobody waits for them, so they are cancelled (and not answered: their caller is gone).
+fn orphans_of(state: &mut State, lost: &[(String, String)]) -> Vec<(Tracked, Failure)> {
+    let orphans: Vec<CallId> = state
+        .calls
+        .iter()
+        .filter(|(_, t)| {
+            t.reply_to
+                .as_ref()
+                .is_some_and(|to| lost.iter().any(|(addr, _)| addr == to))
+        })
+        .map(|(call, _)| *call)
+        .collect();
+    let mut cancelled = Vec::with_capacity(orphans.len());
+    for call in orphans {
+        if let Some(mut tracked) = state.calls.remove(&call) {
+            undispatch(state, &tracked.executors);
+            tracked.reply_to = None;
+            let failure = Failure::new(
+                FailureCode::Cancelled,
+                "the executor of the call that started it was lost",
+            );
+            cancelled.push((tracked, failure));
+        }
+    }
+    cancelled
+}
+
 /// Stops tracking the calls holding steps on the `lost` executors (address, id), and says
 /// why each fails.
 fn fail_calls_on(
@@ -795,27 +825,7 @@ fn expire(shared: &Arc<Shared>) {
         }
         let mut failed = fail_calls_on(&mut state, &gone, "stopped answering");
         state.abandoned.retain(|_, until| *until > now);
-        // Children whose parent's executor is gone: nobody waits for them.
-        let orphans: Vec<CallId> = state
-            .calls
-            .iter()
-            .filter(|(_, t)| {
-                t.reply_to
-                    .as_ref()
-                    .is_some_and(|to| gone.iter().any(|(addr, _)| addr == to))
-            })
-            .map(|(call, _)| *call)
-            .collect();
-        for call in orphans {
-            if let Some(tracked) = state.calls.remove(&call) {
-                undispatch(&mut state, &tracked.executors);
-                let failure = Failure::new(
-                    FailureCode::Cancelled,
-                    "the executor of the call that started it stopped answering",
-                );
-                failed.push((tracked, failure));
-            }
-        }
+        failed.extend(orphans_of(&mut state, &gone));
         let late: Vec<CallId> = state
             .calls
             .iter()
